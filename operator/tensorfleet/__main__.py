@@ -1,0 +1,3 @@
+from tensorfleet.cli import main
+
+main()

@@ -1,0 +1,78 @@
+"""The one entry point: `tensorfleet <command>` for the operator, the sidecar, engine Jobs and tools.
+
+Each command imports what it needs when it runs, so the gateway sidecar never loads kopf.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from tensorfleet import __version__, config
+from tensorfleet.settings import OperatorSettings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="tensorfleet")
+def main() -> None:
+    """tensorfleet: metered, autoscaled GPU inference of LLMs on Kubernetes."""
+
+
+@main.command()
+@config.click_options(OperatorSettings)
+def run(**options: Any) -> None:
+    """Run the operator. Without a cluster, run it end to end against an embedded API emulator."""
+    from tensorfleet import runner
+
+    try:
+        settings = config.from_click(OperatorSettings, options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    runner.configure_logging(settings)
+    try:
+        connection = runner.resolve_connection(settings)
+    except runner.NoClusterError as exc:
+        if settings.cluster not in ("auto", "emulator"):
+            raise click.ClickException(f"--cluster={settings.cluster}: {exc}") from None
+        from tensorfleet.sandbox import quickstart
+
+        quiet = config.from_click(OperatorSettings, {**options, "log_level": options.get("log_level") or "warning",
+                                                       "log_format": options.get("log_format") or "plain"})
+        runner.configure_logging(quiet)
+        sys.exit(quickstart.run(quiet))
+    from tensorfleet import kube
+
+    kube.check_crds(connection)
+    runner.run_operator(settings)
+
+
+@main.command()
+@click.option("-f", "--filename", "filename", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="InferenceService manifest(s); - reads standard input.")
+@click.option("--gpu-product", "gpu_product", default=None,
+              help="Render as if this GPU product (nvidia.com/gpu.product) were the one in the cluster.")
+@click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+@config.click_options(OperatorSettings)
+def render(filename: str, gpu_product: str | None, output: str, **options: Any) -> None:
+    """Print the objects the operator would create for FILE, without a cluster.
+
+    The manifests are validated first with the CRD's schema and CEL rules, exactly as the API server
+    would; invalid input exits with status 1 and one line per invalid field.
+    """
+    from tensorfleet import manifests
+
+    settings = config.from_click(OperatorSettings, options)
+    with click.open_file(filename) as stream:
+        text = stream.read()
+    result = manifests.render_text(text, settings.render_context(), gpu_product=gpu_product)
+    for problem in [*result.warnings, *result.errors]:
+        click.echo(problem, err=True)
+    if result.objects:
+        if output == "json":
+            click.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": result.objects}, indent=2))
+        else:
+            click.echo(manifests.to_yaml(result.objects), nl=False)
+    sys.exit(1 if result.errors else 0)

@@ -1,0 +1,129 @@
+"""Typed settings objects whose every field is also a command-line flag and an environment variable.
+
+A settings class is a frozen dataclass with ``ENV_PREFIX``; each field's metadata carries its help.
+``from_env`` builds it from the environment (how pods are configured), ``click_options`` turns the
+same fields into flags whose values default to the environment (how people run it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import click
+
+
+class SettingsClass(Protocol):
+    ENV_PREFIX: ClassVar[str]
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+
+S = TypeVar("S", bound=SettingsClass)
+
+
+def setting(default: Any, help: str) -> Any:
+    """A settings field with its help text."""
+    factory_free = default if not isinstance(default, list | dict | set) else None
+    return dataclasses.field(default=factory_free, metadata={"help": help})
+
+
+def env_name(cls: type[SettingsClass], field_name: str) -> str:
+    return f"{cls.ENV_PREFIX}{field_name.upper()}"
+
+
+def _kind(hint: Any) -> tuple[type, tuple[str, ...] | None, bool]:
+    """(base type, choices, optional) for the annotation of a settings field."""
+    optional = False
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+        origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return str, tuple(typing.get_args(hint)), optional
+    if origin is tuple:
+        return tuple, None, optional
+    return hint, None, optional
+
+
+def _parse(raw: str, base: type, name: str) -> Any:
+    if base is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{name}={raw!r}: expected true or false")
+    if base is tuple:
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    try:
+        return base(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected {base.__name__}") from None
+
+
+def from_env(cls: type[S], environ: Mapping[str, str] | None = None, **overrides: Any) -> S:
+    """Settings from ``environ`` (default: the process environment), then explicit overrides."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        name = env_name(cls, field.name)
+        if name in environ:
+            base, choices, _ = _kind(hints[field.name])
+            value = _parse(environ[name], base, name)
+            if choices and value not in choices:
+                raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+            values[field.name] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+
+def click_options(cls: type[SettingsClass]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a click command with one option per settings field (envvar ``PREFIX_FIELD``)."""
+    hints = typing.get_type_hints(cls)
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for field in reversed(dataclasses.fields(cls)):
+            base, choices, _ = _kind(hints[field.name])
+            flag = "--" + field.name.replace("_", "-")
+            kwargs: dict[str, Any] = {
+                "envvar": env_name(cls, field.name), "show_envvar": True, "default": None,
+                "help": f"{field.metadata.get('help', '')} [default: {_shown(field.default)}]",
+            }
+            if base is bool:
+                flag = f"{flag}/--no-{field.name.replace('_', '-')}"
+            elif base is tuple:
+                kwargs["type"] = click.STRING
+            elif choices:
+                kwargs["type"] = click.Choice(choices)
+            else:
+                kwargs["type"] = base
+            command = click.option(flag, field.name, **kwargs)(command)
+        return command
+
+    return decorate
+
+
+def from_click(cls: type[S], values: Mapping[str, Any]) -> S:
+    """Settings from the options ``click_options`` added (unset ones keep their defaults)."""
+    hints = typing.get_type_hints(cls)
+    chosen: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        value = values.get(field.name)
+        if value is None:
+            continue
+        base, _, _ = _kind(hints[field.name])
+        chosen[field.name] = _parse(value, base, field.name) if base is tuple and isinstance(value, str) else value
+    return cls(**chosen)
+
+
+def _shown(default: Any) -> str:
+    if default is None or default == ():
+        return "unset"
+    if isinstance(default, tuple):
+        return ",".join(default)
+    return str(default)

@@ -1,0 +1,284 @@
+"""kopf wiring: thin handlers around the one pure reconcile.
+
+Level-based, as kopf's own reconciliation guide recommends: in-memory indices of the children
+(fed by watch streams, no polling), raw event handlers that only poke a per-service trigger, and
+one daemon per InferenceService that reconciles when poked and at least every ``resync_seconds``.
+No kopf state-tracking handlers are used, so kopf itself writes nothing to a converged service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from tensorfleet import API_GROUP, API_VERSION, config, diff, kube
+from tensorfleet.metrics import OperatorMetrics
+from tensorfleet.reconcile import Observed, Plan, child_key, reconcile
+from tensorfleet.render import labels
+from tensorfleet.render.context import RenderContext
+from tensorfleet.settings import OperatorSettings
+
+logger = logging.getLogger(__name__)
+PLURAL = "inferenceservices"
+FINALIZER = f"{API_GROUP}/finalizer"
+CATCH_UP_SECONDS = 5.0  # after writing, wait this long at most for the watch to show our writes
+_ISVC = f"{API_GROUP}/{API_VERSION}"
+
+
+@dataclasses.dataclass
+class Runtime:
+    """Process-wide state of the operator, kept in kopf's memo."""
+
+    settings: OperatorSettings
+    client: kube.KubeClient
+    ctx: RenderContext
+    metrics: OperatorMetrics
+    triggers: dict[tuple[str, str], asyncio.Event] = dataclasses.field(default_factory=dict)
+
+    def trigger(self, namespace: str, name: str) -> asyncio.Event:
+        return self.triggers.setdefault((namespace, name), asyncio.Event())
+
+    def poke(self, namespace: str | None, name: str | None) -> None:
+        if namespace and name:
+            self.trigger(namespace, name).set()
+
+
+def _settings(memo: Any) -> OperatorSettings:
+    found = memo.get("settings") if hasattr(memo, "get") else None
+    return found if isinstance(found, OperatorSettings) else config.from_env(OperatorSettings)
+
+
+def connection_for(settings: OperatorSettings) -> kube.Connection:
+    if settings.server:
+        return kube.Connection(server=settings.server, insecure=True)
+    found = kube.discover_connection(settings.kubeconfig, settings.context)
+    if found is None:
+        raise kopf.LoginError("no in-cluster service account and no kubeconfig: nothing to connect to")
+    return found
+
+
+@kopf.on.login()
+def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
+    conn = connection_for(_settings(memo))
+    return kopf.ConnectionInfo(
+        server=conn.server, ca_path=conn.ca_path, insecure=conn.insecure, scheme="Bearer" if conn.token else None,
+        token=conn.current_token(), certificate_path=conn.certificate_path, private_key_path=conn.private_key_path,
+        default_namespace=conn.default_namespace,
+    )
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    ours = _settings(memo)
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
+    settings.posting.enabled = False  # we post our own Events, on transitions only
+    settings.watching.server_timeout = 300
+    memo.runtime = Runtime(
+        settings=ours,
+        client=kube.KubeClient(connection_for(ours)),
+        ctx=ours.render_context(),
+        metrics=memo.get("metrics") or OperatorMetrics(),
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: Any, **_: Any) -> None:
+    runtime: Runtime | None = getattr(memo, "runtime", None)
+    if runtime is not None:
+        await runtime.client.aclose()
+
+
+@kopf.on.probe(id="api")
+def probe_api(memo: Any, **_: Any) -> int:
+    runtime: Runtime = memo.runtime
+    return runtime.client.writes
+
+
+# ---- children indices: watch streams keep them current; each change pokes its owner --------------------
+
+
+def _index_child(body: kopf.Body, memo: Any) -> dict[tuple[str, str], dict[str, Any]] | None:
+    owner = (body.metadata.labels or {}).get(labels.ISVC_LABEL)
+    namespace = body.metadata.namespace
+    if not owner or not namespace:
+        return None
+    runtime: Runtime | None = getattr(memo, "runtime", None)
+    if runtime is not None:
+        runtime.poke(namespace, owner)
+    return {(namespace, owner): copy.deepcopy(dict(body))}
+
+
+_OURS = {labels.MANAGED_BY: labels.MANAGER}
+CHILD_INDICES = ("deployments_idx", "services_idx", "configmaps_idx", "pdbs_idx")
+
+
+@kopf.index("apps", "v1", "deployments", labels=_OURS)
+async def deployments_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
+    return _index_child(body, memo)
+
+
+@kopf.index("", "v1", "services", labels=_OURS)
+async def services_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
+    return _index_child(body, memo)
+
+
+@kopf.index("", "v1", "configmaps", labels=_OURS)
+async def configmaps_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
+    return _index_child(body, memo)
+
+
+@kopf.index("policy", "v1", "poddisruptionbudgets", labels=_OURS)
+async def pdbs_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
+    return _index_child(body, memo)
+
+
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+async def inferenceservice_event(namespace: str | None, name: str | None, memo: Any, **_: Any) -> None:
+    runtime: Runtime | None = getattr(memo, "runtime", None)
+    if runtime is not None:
+        runtime.poke(namespace, name)
+
+
+# ---- the reconcile daemon -------------------------------------------------------------------------
+
+
+def _children(indices: Mapping[str, Any], key: tuple[str, str]) -> list[Mapping[str, Any]]:
+    found: list[Mapping[str, Any]] = []
+    for index in indices.values():
+        found.extend(index.get(key, ()))
+    return found
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+@kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_backoff=1.0, cancellation_timeout=10.0)
+async def reconcile_daemon(stopped: Any, body: kopf.Body, namespace: str | None, name: str, memo: Any,
+                           **kwargs: Any) -> None:
+    runtime: Runtime = memo.runtime
+    namespace = namespace or ""
+    indices = {index: kwargs[index] for index in CHILD_INDICES}
+    trigger = runtime.trigger(namespace, name)
+    trigger.set()  # reconcile at once on create, resume and operator restart
+    runtime.metrics.services.inc()
+    failures = 0
+    try:
+        while not stopped:
+            delay = runtime.settings.resync_seconds if failures == 0 else min(60.0, 2.0**failures)
+            if await _wait_for_trigger(trigger, stopped, delay):
+                await asyncio.sleep(runtime.settings.debounce_seconds)  # coalesce bursts
+            trigger.clear()
+            if stopped:
+                break
+            ok = await reconcile_once(runtime, body, lambda: _children(indices, (namespace, name)))
+            failures = 0 if ok else failures + 1
+    finally:
+        runtime.metrics.services.dec()
+        runtime.triggers.pop((namespace, name), None)
+
+
+async def _wait_for_trigger(trigger: asyncio.Event, stopped: Any, delay: float) -> bool:
+    """Wait for a poke, the daemon's stop, or ``delay`` seconds (the resync). True when poked."""
+    poked = asyncio.ensure_future(trigger.wait())
+    halted = asyncio.ensure_future(stopped.wait())
+    try:
+        await asyncio.wait({poked, halted}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        poked.cancel()
+        halted.cancel()
+    return trigger.is_set() and not stopped
+
+
+async def reconcile_once(runtime: Runtime, body: Mapping[str, Any], children: Any) -> bool:
+    """Observe, plan, write the difference. Returns False when a write failed (retried with backoff)."""
+    started = time.monotonic()
+    snapshot = copy.deepcopy(dict(body))
+    observed = children()
+    apply_error = None
+    try:
+        plan = reconcile(snapshot, Observed(tuple(observed)), runtime.ctx, _now())
+        replaced = await _write_children(runtime, plan, observed)
+    except kube.APIError as exc:
+        runtime.metrics.errors.labels(reason=str(exc.status)).inc()
+        logger.warning("reconcile of %s/%s failed: %s", snapshot["metadata"].get("namespace"),
+                       snapshot["metadata"].get("name"), exc)
+        apply_error = f"writing child objects failed: {exc}"
+        plan = reconcile(snapshot, Observed(tuple(observed), apply_error=apply_error), runtime.ctx, _now())
+        replaced = {}
+    except Exception:  # never let one bad object take the operator down
+        runtime.metrics.errors.labels(reason="exception").inc()
+        logger.exception("reconcile crashed")
+        return False
+    try:
+        status_replaced = await _write_status(runtime, snapshot, plan)
+    except kube.APIError as exc:
+        runtime.metrics.errors.labels(reason=str(exc.status)).inc()
+        logger.warning("status update failed: %s", exc)
+        return False
+    finally:
+        runtime.metrics.duration.observe(time.monotonic() - started)
+    await _catch_up(replaced, children, body, status_replaced)
+    runtime.metrics.reconciles.labels(result="error" if apply_error else "ok").inc()
+    return apply_error is None
+
+
+async def _write_children(runtime: Runtime, plan: Plan,
+                          observed: list[Mapping[str, Any]]) -> dict[Any, str | None]:
+    """Apply what differs, delete what is no longer wanted; the resourceVersion each write replaced."""
+    current: dict[Any, Mapping[str, Any]] = {child_key(c): c for c in observed}
+    written: dict[Any, str | None] = {}
+    for obj in plan.desired:
+        why = diff.needs_apply(obj, current.get(child_key(obj)))
+        if why is None:
+            continue
+        await runtime.client.apply(obj)
+        runtime.metrics.writes.labels(kind=obj["kind"], why=why).inc()
+        before = current.get(child_key(obj))
+        written[child_key(obj)] = before.get("metadata", {}).get("resourceVersion") if before else None
+        if why == "drift":
+            logger.info("restored %s %s edited outside tensorfleet", obj["kind"], obj["metadata"]["name"])
+    for stale in plan.prune:
+        meta = stale["metadata"]
+        await runtime.client.delete(stale["apiVersion"], stale["kind"], meta.get("namespace"), meta["name"])
+        runtime.metrics.writes.labels(kind=stale["kind"], why="prune").inc()
+    return written
+
+
+async def _write_status(runtime: Runtime, body: Mapping[str, Any], plan: Plan) -> str | None:
+    """Patch the status subresource when it changed; the resourceVersion it replaced, or None."""
+    current = body.get("status") or {}
+    if all(current.get(k) == v for k, v in plan.status.items()):
+        return None  # converged: no write
+    meta = body["metadata"]
+    await runtime.client.patch(_ISVC, "InferenceService", meta["namespace"], meta["name"],
+                               {"status": plan.status}, subresource="status")
+    runtime.metrics.writes.labels(kind="InferenceService", why="status").inc()
+    for event in plan.events:
+        await runtime.client.post_event(body, event.type, event.reason, event.message, _now())
+    return str(meta.get("resourceVersion", ""))
+
+
+async def _catch_up(replaced: Mapping[Any, str | None], children: Any, body: Mapping[str, Any],
+                    status_replaced: str | None) -> None:
+    """Wait until the watch streams show our writes (a newer version than the one each replaced),
+    so the next pass does not write the same thing again."""
+    deadline = time.monotonic() + CATCH_UP_SECONDS
+    while time.monotonic() < deadline:
+        seen = {child_key(c): c.get("metadata", {}).get("resourceVersion") for c in children()}
+        children_seen = all(key in seen and seen[key] != rv for key, rv in replaced.items())
+        body_rv = body.get("metadata", {}).get("resourceVersion")
+        body_seen = status_replaced is None or body_rv != status_replaced
+        if children_seen and body_seen:
+            return
+        await asyncio.sleep(0.05)

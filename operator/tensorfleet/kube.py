@@ -1,0 +1,292 @@
+"""All Kubernetes API I/O of the operator: one async client with retries, and where credentials come from.
+
+Writes of child objects use server-side apply (field manager ``tensorfleet``), status goes through the
+status subresource with a merge patch. 409 conflicts, 429 and 5xx answers and dropped connections
+are retried with exponential backoff and jitter (``Retry-After`` is honoured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import os
+import pathlib
+import random
+import ssl
+import uuid
+from collections.abc import Callable, Generator, Mapping
+from typing import Any, Literal
+
+import httpx
+
+from tensorfleet import API_GROUP, API_VERSION, FIELD_MANAGER
+
+logger = logging.getLogger(__name__)
+
+RETRIED_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+PatchType = Literal["merge", "apply"]
+_CONTENT_TYPES = {"merge": "application/merge-patch+json", "apply": "application/apply-patch+yaml"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Resource:
+    group: str
+    version: str
+    plural: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
+        base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        if self.namespaced and namespace:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        if name:
+            base += f"/{name}"
+        if subresource:
+            base += f"/{subresource}"
+        return base
+
+
+RESOURCES: dict[tuple[str, str], Resource] = {
+    ("v1", "ConfigMap"): Resource("", "v1", "configmaps"),
+    ("v1", "Service"): Resource("", "v1", "services"),
+    ("v1", "Pod"): Resource("", "v1", "pods"),
+    ("v1", "Secret"): Resource("", "v1", "secrets"),
+    ("v1", "Event"): Resource("", "v1", "events"),
+    ("v1", "Node"): Resource("", "v1", "nodes", namespaced=False),
+    ("apps/v1", "Deployment"): Resource("apps", "v1", "deployments"),
+    ("batch/v1", "Job"): Resource("batch", "v1", "jobs"),
+    ("policy/v1", "PodDisruptionBudget"): Resource("policy", "v1", "poddisruptionbudgets"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): Resource("autoscaling", "v2", "horizontalpodautoscalers"),
+    ("keda.sh/v1alpha1", "ScaledObject"): Resource("keda.sh", "v1alpha1", "scaledobjects"),
+    (f"{API_GROUP}/{API_VERSION}", "InferenceService"): Resource(API_GROUP, API_VERSION, "inferenceservices"),
+    (f"{API_GROUP}/{API_VERSION}", "Engine"): Resource(API_GROUP, API_VERSION, "engines"),
+}
+
+
+def resource_for(api_version: str, kind: str) -> Resource:
+    try:
+        return RESOURCES[(api_version, kind)]
+    except KeyError:
+        raise ValueError(f"tensorfleet does not manage {kind} of {api_version}") from None
+
+
+class APIError(Exception):
+    """The API server refused a request (after retries, where retrying made sense)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class Connection:
+    """Where the API server is and how to authenticate; the same for kopf and for our client."""
+
+    server: str
+    ca_path: str | None = None
+    insecure: bool = False
+    token: str | None = None
+    certificate_path: str | None = None
+    private_key_path: str | None = None
+    default_namespace: str | None = None
+    # Called before each request for a fresh token (in-cluster tokens rotate, exec plugins expire).
+    token_source: Callable[[], str | None] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def current_token(self) -> str | None:
+        return self.token_source() if self.token_source is not None else self.token
+
+
+class _BearerAuth(httpx.Auth):
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        token = self._connection.current_token()
+        if token:
+            request.headers["Authorization"] = f"Bearer {token}"
+        yield request
+
+
+def discover_connection(kubeconfig: str | None = None, context: str | None = None) -> Connection | None:
+    """In-cluster service account, else kubeconfig (with exec plugins), else None when neither exists."""
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    namespace = None
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
+        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        ns_file = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+        namespace = pathlib.Path(ns_file).read_text().strip() if os.path.exists(ns_file) else None
+    else:
+        path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        if not any(os.path.exists(p) for p in path.split(os.pathsep)):
+            return None
+        config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=path, context=context, client_configuration=cfg)
+
+    def token() -> str | None:
+        # The kubernetes client refreshes expiring tokens (exec plugins, rotated files) in this call.
+        value = cfg.get_api_key_with_prefix("authorization") or cfg.get_api_key_with_prefix("BearerToken")
+        return value[7:] if value and value.lower().startswith("bearer ") else value
+
+    return Connection(
+        server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl, token=token(),
+        certificate_path=cfg.cert_file, private_key_path=cfg.key_file, default_namespace=namespace,
+        token_source=token,
+    )
+
+
+@dataclasses.dataclass
+class RetryPolicy:
+    attempts: int = 6
+    base_delay: float = 0.2
+    max_delay: float = 10.0
+
+    def delay(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after and retry_after.isdigit():
+            return min(float(retry_after), self.max_delay)
+        backoff = min(self.max_delay, self.base_delay * 2**attempt)
+        return backoff * (0.5 + random.random() / 2)  # jitter keeps retries of many objects apart
+
+
+class KubeClient:
+    def __init__(self, connection: Connection, retry: RetryPolicy | None = None, timeout: float = 30.0) -> None:
+        self.connection = connection
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.AsyncClient(
+            base_url=connection.server, verify=_ssl_context(connection), auth=_BearerAuth(connection), timeout=timeout,
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+        )
+        self.requests: dict[str, int] = {}  # by HTTP method, for metrics and the benchmark
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, *, json: Any = None, params: Mapping[str, str] | None = None,
+                       content_type: str | None = None) -> httpx.Response:
+        headers = {"Content-Type": content_type} if content_type else None
+        for attempt in range(self.retry.attempts):
+            self.requests[method] = self.requests.get(method, 0) + 1
+            try:
+                response = await self._http.request(method, path, json=json, params=params, headers=headers)
+            except httpx.TransportError as exc:
+                if attempt + 1 == self.retry.attempts:
+                    raise APIError(503, "Unavailable", f"{method} {path}: {exc!r}") from exc
+                await asyncio.sleep(self.retry.delay(attempt, None))
+                continue
+            retriable = response.status_code in RETRIED_STATUSES and not _is_already_exists(method, response)
+            if not retriable or attempt + 1 == self.retry.attempts:
+                return response
+            logger.info("retrying %s %s after %s", method, path, response.status_code)
+            await asyncio.sleep(self.retry.delay(attempt, response.headers.get("Retry-After")))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _check(response: httpx.Response) -> dict[str, Any]:
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {}
+            raise APIError(response.status_code, body.get("reason") or response.reason_phrase,
+                           body.get("message") or response.text[:500])
+        return response.json() if response.content else {}
+
+    async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        response = await self._request("GET", resource_for(api_version, kind).path(namespace, name))
+        if response.status_code == 404:
+            return None
+        return self._check(response)
+
+    async def list(self, api_version: str, kind: str, namespace: str | None = None,
+                   label_selector: str | None = None) -> list[dict[str, Any]]:
+        params = {"labelSelector": label_selector} if label_selector else None
+        response = await self._request("GET", resource_for(api_version, kind).path(namespace), params=params)
+        return list(self._check(response).get("items") or [])
+
+    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply of an object we own (created when missing)."""
+        meta = obj["metadata"]
+        path = resource_for(obj["apiVersion"], obj["kind"]).path(meta.get("namespace"), meta["name"])
+        params = {"fieldManager": FIELD_MANAGER, "force": "true"}
+        response = await self._request("PATCH", path, json=obj, params=params, content_type=_CONTENT_TYPES["apply"])
+        return self._check(response)
+
+    async def patch(self, api_version: str, kind: str, namespace: str | None, name: str, patch: Mapping[str, Any],
+                    subresource: str | None = None) -> dict[str, Any]:
+        path = resource_for(api_version, kind).path(namespace, name, subresource)
+        response = await self._request("PATCH", path, json=patch, content_type=_CONTENT_TYPES["merge"])
+        return self._check(response)
+
+    async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        path = resource_for(obj["apiVersion"], obj["kind"]).path(meta.get("namespace"))
+        return self._check(await self._request("POST", path, json=obj))
+
+    async def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> bool:
+        path = resource_for(api_version, kind).path(namespace, name)
+        response = await self._request("DELETE", path, json={"propagationPolicy": "Background"})
+        if response.status_code == 404:
+            return False
+        self._check(response)
+        return True
+
+    async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str,
+                         now: datetime.datetime) -> None:
+        """A core/v1 Event about ``involved``; failures are logged, never raised (events are advisory)."""
+        meta = involved.get("metadata", {})
+        stamp = now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta.get('name')}.{uuid.uuid4().hex[:12]}", "namespace": meta.get("namespace")},
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"),
+                "name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            await self.create(event)
+        except APIError as exc:
+            logger.warning("could not post event %s: %s", reason, exc)
+
+    @property
+    def writes(self) -> int:
+        return sum(n for method, n in self.requests.items() if method in WRITE_METHODS)
+
+
+def _ssl_context(connection: Connection) -> ssl.SSLContext | bool:
+    """TLS verification (the cluster CA) and client certificates, as the kubeconfig says."""
+    if connection.insecure:
+        return False
+    context = ssl.create_default_context(cafile=connection.ca_path)
+    if connection.certificate_path:
+        context.load_cert_chain(connection.certificate_path, connection.private_key_path)
+    return context
+
+
+def _is_already_exists(method: str, response: httpx.Response) -> bool:
+    return method == "POST" and response.status_code == 409
+
+
+def check_crds(connection: Connection) -> None:
+    """Fail early, with the fix, when the tensorfleet API is not served (CRDs not installed)."""
+    with httpx.Client(verify=_ssl_context(connection), auth=_BearerAuth(connection), timeout=15) as http:
+        response = http.get(f"{connection.server}/apis/{API_GROUP}/{API_VERSION}")
+    if response.status_code == 404:
+        raise SystemExit(f"the {API_GROUP}/{API_VERSION} API is not served: install the CRDs first "
+                         "(kubectl apply -f crds/, or helm install tensorfleet charts/tensorfleet)")
+    response.raise_for_status()

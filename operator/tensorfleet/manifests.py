@@ -1,0 +1,64 @@
+"""`tensorfleet render`: manifests in, the objects the operator would create out, no cluster needed."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import yaml
+
+from tensorfleet.api.types import InferenceService
+from tensorfleet.api.validation import validate_body
+from tensorfleet.reconcile import desired_objects
+from tensorfleet.render.context import RenderContext
+
+
+@dataclasses.dataclass
+class RenderResult:
+    objects: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    errors: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+def render_text(text: str, ctx: RenderContext, gpu_product: str | None = None) -> RenderResult:
+    result = RenderResult()
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        result.errors.append(f"error: the input is not valid YAML: {exc}")
+        return result
+    for index, doc in enumerate(docs):
+        if not isinstance(doc, dict) or doc.get("kind") != "InferenceService":
+            kind = doc.get("kind") if isinstance(doc, dict) else type(doc).__name__
+            result.warnings.append(f"document {index}: skipped {kind}: only InferenceService is rendered")
+            continue
+        name = (doc.get("metadata") or {}).get("name", f"document {index}")
+        errors = validate_body(doc)
+        if errors:
+            result.errors.extend(f"InferenceService {name}: {error}" for error in errors)
+            continue
+        isvc = InferenceService.from_body(doc)
+        products = (gpu_product,) if gpu_product else None
+        if gpu_product and isvc.spec.gpu.products and gpu_product not in isvc.spec.gpu.products:
+            allowed = ", ".join(isvc.spec.gpu.products)
+            result.errors.append(f"InferenceService {name}: spec.gpu.products: Unsupported value: "
+                                 f"{gpu_product!r}: the service allows {allowed}")
+            continue
+        result.objects.extend(desired_objects(isvc, ctx, products))
+    return result
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the gateway's JSON configuration) as readable literal blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def to_yaml(objects: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, default_flow_style=False)

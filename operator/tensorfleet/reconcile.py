@@ -1,0 +1,215 @@
+"""The one reconcile: an InferenceService and what exists in the cluster in, desired objects and status out.
+
+Pure and idempotent. The controller runs it on create, update, resume, child changes and a timer,
+and writes only the difference. Nothing here talks to the API server or reads the clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from tensorfleet import diff
+from tensorfleet.api.schema import FieldError
+from tensorfleet.api.types import InferenceService
+from tensorfleet.api.validation import validate_body
+from tensorfleet.render import labels
+from tensorfleet.render.context import RenderContext
+from tensorfleet.render.gateway import render_config_map
+from tensorfleet.render.workload import render_deployment, render_pdb, render_service, service_url
+from tensorfleet.status import Condition, Event, merge_conditions, transitions
+
+MAX_LISTED_ERRORS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """What exists now: the children labelled as ours, the GPU products in the cluster, the last write failure.
+
+    ``gpu_products`` is None when nothing is known about the cluster's GPUs (no discovery yet).
+    """
+
+    children: tuple[Mapping[str, Any], ...] = ()
+    apply_error: str | None = None
+    gpu_products: tuple[str, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    desired: tuple[dict[str, Any], ...]
+    prune: tuple[Mapping[str, Any], ...]
+    status: dict[str, Any]
+    events: tuple[Event, ...]
+    errors: tuple[FieldError, ...]
+
+
+def child_key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
+    return (str(obj.get("apiVersion")), str(obj.get("kind")), str(obj.get("metadata", {}).get("name")))
+
+
+def eligible_products(isvc: InferenceService, present: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The allow-list in preference order, narrowed to the products present (all present when empty)."""
+    allowed = isvc.spec.gpu.products
+    if present is None:
+        return allowed
+    if not allowed:
+        return present
+    return tuple(p for p in allowed if p in present)
+
+
+def split_replicas(total: int, products: tuple[str, ...]) -> dict[str, int]:
+    """Spread replicas over products, the preferred ones first: 3 over (A, B) gives A 2 and B 1."""
+    if not products:
+        return {}
+    base, extra = divmod(total, len(products))
+    return {p: base + (1 if rank < extra else 0) for rank, p in enumerate(products)}
+
+
+def desired_objects(isvc: InferenceService, ctx: RenderContext,
+                    gpu_products: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Every child the service should have, stamped with the hash of its rendered content."""
+    replicas = isvc.spec.desired_replicas
+    products = eligible_products(isvc, gpu_products)
+    if isvc.spec.runtime.name == "vllm":
+        deployments = [render_deployment(isvc, ctx, replicas, products=products)]
+    else:
+        deployments = [render_deployment(isvc, ctx, count, variant=labels.product_slug(product), gpu_product=product)
+                       for product, count in split_replicas(replicas, products).items()]
+    objects = [render_config_map(isvc), *deployments, render_service(isvc), render_pdb(isvc)]
+    return [diff.stamp(obj) for obj in objects]
+
+
+def reconcile(body: Mapping[str, Any], observed: Observed, ctx: RenderContext, now: datetime.datetime) -> Plan:
+    meta = body.get("metadata", {})
+    generation = int(meta.get("generation") or 0)
+    previous = (body.get("status") or {}).get("conditions") or []
+    errors = validate_body(body)
+    owned = [c for c in observed.children if _owned_by(c, meta.get("uid"))]
+    deployments = [c for c in owned if c.get("kind") == "Deployment"]
+    if errors:
+        desired: list[dict[str, Any]] = []
+        prune: list[Mapping[str, Any]] = []  # keep serving what runs until the spec is fixed
+        status = _status(body, deployments, _invalid_conditions(errors, deployments), None, ctx)
+    else:
+        isvc = InferenceService.from_body(body)
+        desired = desired_objects(isvc, ctx, observed.gpu_products)
+        wanted = {child_key(obj) for obj in desired}
+        prune = [c for c in owned if child_key(c) not in wanted]
+        rendered = [d for d in desired if d["kind"] == "Deployment"]
+        conditions = _serving_conditions(rendered, deployments, observed.apply_error)
+        if not rendered:
+            conditions = _no_products_conditions(isvc, observed.gpu_products)
+        status = _status(body, deployments, conditions, isvc, ctx)
+    status["observedGeneration"] = generation
+    status["conditions"] = merge_conditions(previous, status.pop("_conditions"), generation, now)
+    events = transitions(previous, status["conditions"])
+    return Plan(tuple(desired), tuple(prune), status, tuple(events), tuple(errors))
+
+
+def _owned_by(child: Mapping[str, Any], uid: str | None) -> bool:
+    refs = child.get("metadata", {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
+
+
+def _status(body: Mapping[str, Any], deployments: Sequence[Mapping[str, Any]], conditions: list[Condition],
+            isvc: InferenceService | None, ctx: RenderContext) -> dict[str, Any]:
+    name = body["metadata"].get("name", "")
+    replicas = sum(int((d.get("status") or {}).get("replicas") or 0) for d in deployments)
+    ready = sum(int((d.get("status") or {}).get("readyReplicas") or 0) for d in deployments)
+    status: dict[str, Any] = {
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "selector": labels.selector_string(name),
+        "_conditions": conditions,
+    }
+    if isvc is not None:
+        status["url"] = service_url(isvc, ctx)
+        products = ",".join(isvc.spec.gpu.products) or "any"
+        status["gpu"] = f"{isvc.spec.gpu.count}x {products}"
+    else:  # keep what an earlier valid spec reported
+        for key in ("url", "gpu"):
+            if key in (body.get("status") or {}):
+                status[key] = body["status"][key]
+    return status
+
+
+def _invalid_conditions(errors: Sequence[FieldError], deployments: Sequence[Mapping[str, Any]]) -> list[Condition]:
+    listed = "; ".join(str(e) for e in errors[:MAX_LISTED_ERRORS])
+    more = f" (and {len(errors) - MAX_LISTED_ERRORS} more)" if len(errors) > MAX_LISTED_ERRORS else ""
+    message = f"invalid spec, nothing was changed: {listed}{more}"
+    ready = _ready_condition(deployments, sum(_spec_replicas(d) for d in deployments), "InvalidSpec")
+    return [
+        ready,
+        Condition("Progressing", "False", "InvalidSpec", "waiting for a valid spec"),
+        Condition("Degraded", "True", "InvalidSpec", message),
+    ]
+
+
+def _no_products_conditions(isvc: InferenceService, present: tuple[str, ...] | None) -> list[Condition]:
+    allowed = ", ".join(isvc.spec.gpu.products) or "any"
+    found = ", ".join(present) if present else "none"
+    message = (f"no GPU product to run on: spec.gpu.products allows {allowed}, the cluster has {found}; "
+               "triton needs a product to build its engine for")
+    return [
+        Condition("Ready", "False", "NoGPUProducts", message),
+        Condition("Progressing", "False", "NoGPUProducts", message),
+        Condition("Degraded", "True", "NoGPUProducts", message),
+    ]
+
+
+def _serving_conditions(rendered: Sequence[Mapping[str, Any]], observed: Sequence[Mapping[str, Any]],
+                        apply_error: str | None) -> list[Condition]:
+    by_name = {d["metadata"]["name"]: d for d in observed}
+    desired_total = sum(_spec_replicas(d) for d in rendered)
+    rollout = [_rollout(want, by_name.get(want["metadata"]["name"])) for want in rendered]
+    pending = [msg for done, _, msg in rollout if not done]
+    failures = [msg for _, failed, msg in rollout if failed]
+    live = [by_name[w["metadata"]["name"]] for w in rendered if w["metadata"]["name"] in by_name]
+    progressing = (Condition("Progressing", "True", "RollingOut", "; ".join(pending)) if pending
+                   else Condition("Progressing", "False", "RolloutComplete", "all replicas are updated and ready"))
+    if apply_error:
+        degraded = Condition("Degraded", "True", "ApplyFailed", apply_error)
+    elif failures:
+        degraded = Condition("Degraded", "True", "RolloutFailed", "; ".join(failures))
+    else:
+        degraded = Condition("Degraded", "False", "AsExpected", "no problems found")
+    return [_ready_condition(live, desired_total, None), progressing, degraded]
+
+
+def _ready_condition(deployments: Iterable[Mapping[str, Any]], desired: int, reason_if_not: str | None) -> Condition:
+    ready = sum(int((d.get("status") or {}).get("readyReplicas") or 0) for d in deployments)
+    if desired == 0:
+        return Condition("Ready", "False", reason_if_not or "ScaledToZero", "no replicas are requested")
+    if ready >= desired:
+        return Condition("Ready", "True", "Available", f"{ready}/{desired} replicas ready")
+    return Condition("Ready", "False", reason_if_not or "ReplicasNotReady", f"{ready}/{desired} replicas ready")
+
+
+def _spec_replicas(deployment: Mapping[str, Any]) -> int:
+    return int((deployment.get("spec") or {}).get("replicas") or 0)
+
+
+def _rollout(want: Mapping[str, Any], have: Mapping[str, Any] | None) -> tuple[bool, bool, str]:
+    """(complete, failed, message) for one Deployment, from its status as the controller reports it."""
+    name = want["metadata"]["name"]
+    if have is None:
+        return False, False, f"Deployment {name} is being created"
+    status = have.get("status") or {}
+    replicas = _spec_replicas(want)
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            return False, True, f"Deployment {name}: {cond.get('message') or 'progress deadline exceeded'}"
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            return False, True, f"Deployment {name}: {cond.get('message') or cond.get('reason')}"
+    generation = int(have.get("metadata", {}).get("generation") or 0)
+    seen = int(status.get("observedGeneration") or 0)
+    updated = int(status.get("updatedReplicas") or 0)
+    available = int(status.get("availableReplicas") or 0)
+    total = int(status.get("replicas") or 0)
+    if seen < generation:
+        return False, False, f"Deployment {name}: waiting for the controller to observe generation {generation}"
+    if updated < replicas or total > replicas or available < replicas:
+        return False, False, f"Deployment {name}: {updated}/{replicas} updated, {available}/{replicas} available"
+    return True, False, f"Deployment {name} complete"

@@ -1,0 +1,1 @@
+"""Pure manifest builders: spec in, Kubernetes objects (plain dicts) out. No I/O here."""

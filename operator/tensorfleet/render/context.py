@@ -1,0 +1,31 @@
+"""What the renderers need besides the InferenceService: images, ports and cluster conventions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tensorfleet import __version__
+
+GATEWAY_PORT = 8000  # client traffic: the gateway is the only door to the engine
+ADMIN_PORT = 9090  # gateway /metrics, /readyz, /livez (not exposed by the Service)
+ENGINE_PORT = 8081  # engine HTTP on 127.0.0.1 inside the pod
+SERVICE_PORT = 80
+
+CONFIG_DIR = "/etc/tensorfleet"
+GATEWAY_CONFIG_FILE = "gateway.json"
+USAGE_DIR = "/var/lib/tensorfleet"
+SHARED_RUN_DIR = "/run/tensorfleet"  # engine and gateway exchange facts (visible GPUs) here
+MODEL_CACHE_DIR = "/models"
+ENGINE_DIR = "/engines"
+PVC_MODEL_DIR = "/mnt/model"
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderContext:
+    """Cluster-wide rendering choices, taken from the operator's settings."""
+
+    gateway_image: str = f"ghcr.io/tensorfleet/tensorfleet:{__version__}"
+    vllm_image: str = "vllm/vllm-openai:v0.11.0"
+    triton_image_template: str = "nvcr.io/nvidia/tritonserver:25.08-trtllm-python-py3"
+    cluster_domain: str = "cluster.local"
+    image_pull_policy: str = "IfNotPresent"

@@ -1,0 +1,123 @@
+"""The gateway sidecar container and the ConfigMap that carries its configuration.
+
+The gateway re-reads its mounted configuration when the ConfigMap changes, so token-policy, auth
+and billing edits take effect without restarting GPU pods (a restart costs a cold start and a
+warm-up). Changes that do need a new pod (image, model, GPUs) live in the pod template.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from tensorfleet.api.types import InferenceService
+from tensorfleet.render import context as c
+from tensorfleet.render import labels
+
+_PROBE_PERIOD_SECONDS = 5
+
+
+def config_map_name(isvc_name: str) -> str:
+    return f"{isvc_name}-gateway"
+
+
+def gateway_config(isvc: InferenceService) -> dict[str, Any]:
+    """Everything the gateway needs to know about its service; one JSON document."""
+    spec = isvc.spec
+    return {
+        "service": {"namespace": isvc.namespace, "name": isvc.name},
+        "model": {
+            "servedName": spec.model.served_name,
+            "uri": spec.model.uri,
+            "digest": spec.model.digest,
+            "maxModelLen": spec.model.max_model_len,
+        },
+        "runtime": spec.runtime.name,
+        "gpusPerReplica": spec.gpu.count,
+        "engine": {
+            "precision": spec.engine.precision if spec.engine else "fp16",
+            "maxInputLen": spec.engine.max_input_len if spec.engine else None,
+            "maxBatchSize": spec.engine.max_batch_size if spec.engine else None,
+        },
+        "warmup": dict(spec.warmup),
+        "tokenPolicy": dict(spec.token_policy),
+        "auth": dict(spec.auth),
+        "billing": dict(spec.billing),
+    }
+
+
+def render_config_map(isvc: InferenceService) -> dict[str, Any]:
+    document = json.dumps(gateway_config(isvc), sort_keys=True, indent=2)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": labels.metadata(config_map_name(isvc.name), isvc.namespace, isvc.name, isvc.uid, "gateway"),
+        "data": {c.GATEWAY_CONFIG_FILE: document},
+    }
+
+
+def _probe(path: str, failure_threshold: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "admin"},
+        "periodSeconds": _PROBE_PERIOD_SECONDS,
+        "timeoutSeconds": 3,
+        "failureThreshold": failure_threshold,
+    }
+
+
+def _env(isvc: InferenceService, gpu_product: str | None) -> list[dict[str, Any]]:
+    def field(path: str) -> dict[str, Any]:
+        return {"fieldRef": {"fieldPath": path}}
+
+    return [
+        {"name": "TENSORFLEET_GATEWAY_CONFIG", "value": f"{c.CONFIG_DIR}/{c.GATEWAY_CONFIG_FILE}"},
+        {"name": "TENSORFLEET_GATEWAY_UPSTREAM", "value": f"http://127.0.0.1:{c.ENGINE_PORT}"},
+        {"name": "TENSORFLEET_GATEWAY_RUNTIME", "value": isvc.spec.runtime.name},
+        {"name": "TENSORFLEET_GATEWAY_PORT", "value": str(c.GATEWAY_PORT)},
+        {"name": "TENSORFLEET_GATEWAY_ADMIN_PORT", "value": str(c.ADMIN_PORT)},
+        {"name": "TENSORFLEET_GATEWAY_USAGE_DIR", "value": c.USAGE_DIR},
+        {"name": "TENSORFLEET_GATEWAY_DEVICES_FILE", "value": f"{c.SHARED_RUN_DIR}/visible-devices"},
+        {"name": "TENSORFLEET_GATEWAY_GPU_PRODUCT", "value": gpu_product or ""},
+        {"name": "POD_NAME", "valueFrom": field("metadata.name")},
+        {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+        {"name": "NODE_NAME", "valueFrom": field("spec.nodeName")},
+        # NVML read access (utility capability only) to sample the GPUs the engine was given.
+        {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"},
+        {"name": "NVIDIA_DRIVER_CAPABILITIES", "value": "utility"},
+    ]
+
+
+def render_gateway_container(isvc: InferenceService, ctx: c.RenderContext,
+                             gpu_product: str | None) -> dict[str, Any]:
+    startup_failures = max(1, math.ceil(int(isvc.spec.warmup["timeoutSeconds"]) / _PROBE_PERIOD_SECONDS))
+    return {
+        "name": "gateway",
+        "image": ctx.gateway_image,
+        "imagePullPolicy": ctx.image_pull_policy,
+        "args": ["gateway"],
+        "env": _env(isvc, gpu_product),
+        "ports": [
+            {"name": "http", "containerPort": c.GATEWAY_PORT, "protocol": "TCP"},
+            {"name": "admin", "containerPort": c.ADMIN_PORT, "protocol": "TCP"},
+        ],
+        # Ready only once the engine is healthy and warm: cold start and warm-up are never billed.
+        "startupProbe": _probe("/readyz", startup_failures),
+        "readinessProbe": _probe("/readyz", 2),
+        "livenessProbe": _probe("/livez", 3),
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 65532,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "gateway-config", "mountPath": c.CONFIG_DIR, "readOnly": True},
+            {"name": "usage", "mountPath": c.USAGE_DIR},
+            {"name": "run", "mountPath": c.SHARED_RUN_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }

@@ -1,0 +1,51 @@
+"""Small builders for test objects (instead of pasted YAML)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+API_VERSION = "tensorfleet.io/v1alpha1"
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def inference_service(name: str = "llama", namespace: str = "default", **spec: Any) -> dict[str, Any]:
+    """A valid InferenceService; keyword arguments deep-merge into spec."""
+    base_spec: dict[str, Any] = {
+        "model": {"uri": "hf://meta-llama/Meta-Llama-3-8B-Instruct@main", "maxModelLen": 8192},
+        "gpu": {"count": 1},
+        "replicas": 1,
+    }
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "InferenceService",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": deep_merge(base_spec, spec),
+    }
+
+
+def triton_service(name: str = "llama-trt", **spec: Any) -> dict[str, Any]:
+    base = {
+        "runtime": {"name": "triton"},
+        "engine": {"precision": "fp16", "maxBatchSize": 32, "maxInputLen": 4096, "maxSeqLen": 8192},
+        "gpu": {"count": 1, "products": ["NVIDIA-H100-80GB-HBM3"]},
+    }
+    return inference_service(name, **deep_merge(base, spec))
+
+
+def stored(obj: dict[str, Any], uid: str = "uid-1", generation: int = 1, **status: Any) -> dict[str, Any]:
+    """``obj`` as the API server returns it: with a uid, generation and optional status."""
+    out = copy.deepcopy(obj)
+    out["metadata"].update(uid=uid, generation=generation, resourceVersion="1")
+    if status:
+        out["status"] = status
+    return out

@@ -1,0 +1,91 @@
+"""A synchronous test client for the embedded API emulator, and a polling helper."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import httpx
+
+from tensorfleet.kube import resource_for
+from tensorfleet.sandbox.apiserver import EmulatorThread
+
+T = TypeVar("T")
+ISVC = "tensorfleet.io/v1alpha1"
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> T:
+    """Poll until ``predicate`` returns something truthy; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}: last value {last!r}")
+
+
+class Cluster:
+    """What a user does with kubectl, against the emulator."""
+
+    def __init__(self, emulator: EmulatorThread, namespace: str = "default") -> None:
+        self.emulator = emulator
+        self.namespace = namespace
+        self.http = httpx.Client(base_url=emulator.url, timeout=10)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _path(self, api_version: str, kind: str, name: str | None = None, sub: str | None = None) -> str:
+        return resource_for(api_version, kind).path(self.namespace, name, sub)
+
+    def create(self, obj: dict[str, Any]) -> httpx.Response:
+        obj["metadata"].setdefault("namespace", self.namespace)
+        return self.http.post(self._path(obj["apiVersion"], obj["kind"]), json=obj)
+
+    def get(self, api_version: str, kind: str, name: str) -> dict[str, Any] | None:
+        response = self.http.get(self._path(api_version, kind, name))
+        return response.json() if response.status_code == 200 else None
+
+    def list(self, api_version: str, kind: str) -> list[dict[str, Any]]:
+        return list(self.http.get(self._path(api_version, kind)).json()["items"])
+
+    def patch(self, api_version: str, kind: str, name: str, patch: dict[str, Any], sub: str | None = None
+              ) -> httpx.Response:
+        return self.http.patch(self._path(api_version, kind, name, sub), json=patch,
+                               headers={"Content-Type": "application/merge-patch+json"})
+
+    def delete(self, api_version: str, kind: str, name: str) -> httpx.Response:
+        return self.http.delete(self._path(api_version, kind, name))
+
+    def isvc(self, name: str) -> dict[str, Any] | None:
+        return self.get(ISVC, "InferenceService", name)
+
+    def condition(self, name: str, kind: str) -> dict[str, Any] | None:
+        for cond in ((self.isvc(name) or {}).get("status") or {}).get("conditions") or ():
+            if cond["type"] == kind:
+                return dict(cond)
+        return None
+
+    def children(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for api_version, kind in (("v1", "ConfigMap"), ("apps/v1", "Deployment"), ("v1", "Service"),
+                                  ("policy/v1", "PodDisruptionBudget")):
+            found += [o for o in self.list(api_version, kind)
+                      if (o["metadata"].get("labels") or {}).get("tensorfleet.io/inferenceservice") == name]
+        return found
+
+    def mark_deployments_ready(self, name: str) -> None:
+        """Play the Deployment controller and kubelets: every pod of the service is up and ready."""
+        for deployment in self.list("apps/v1", "Deployment"):
+            if (deployment["metadata"].get("labels") or {}).get("tensorfleet.io/inferenceservice") != name:
+                continue
+            replicas = deployment["spec"]["replicas"]
+            status = {"observedGeneration": deployment["metadata"]["generation"], "replicas": replicas,
+                      "updatedReplicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas}
+            self.patch("apps/v1", "Deployment", deployment["metadata"]["name"], {"status": status}, sub="status")
+
+    def writes(self) -> list[tuple[str, str]]:
+        return list(self.emulator.server.writes)

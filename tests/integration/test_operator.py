@@ -1,0 +1,164 @@
+"""The operator in kopf.testing.KopfRunner against the embedded Kubernetes API emulator, over real sockets."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import kopf
+import pytest
+from kopf.testing import KopfRunner
+
+import tensorfleet.controller  # noqa: F401  (registers the handlers in kopf's default registry)
+from builders import inference_service
+from cluster import ISVC, Cluster, wait_for
+from tensorfleet.sandbox.apiserver import EmulatorThread
+
+pytestmark = pytest.mark.integration
+
+RESYNC = 1.0  # short, so that "no writes while converged" covers several timer passes
+
+
+@pytest.fixture
+def cluster(emulator: EmulatorThread) -> Iterator[Cluster]:
+    client = Cluster(emulator)
+    yield client
+    client.close()
+
+
+def operator(emulator: EmulatorThread, monkeypatch: pytest.MonkeyPatch) -> KopfRunner:
+    monkeypatch.setenv("TENSORFLEET_SERVER", emulator.url)
+    monkeypatch.setenv("TENSORFLEET_RESYNC_SECONDS", str(RESYNC))
+    monkeypatch.setenv("TENSORFLEET_DEBOUNCE_SECONDS", "0.05")
+    return KopfRunner(["run", "--standalone", "--all-namespaces", "--verbose"],
+                      registry=kopf.get_default_registry(), timeout=60)
+
+
+def converge(cluster: Cluster, name: str, replicas: int = 1) -> None:
+    wait_for(lambda: len(cluster.children(name)) == 4, what="4 children")
+    wait_for(lambda: cluster.condition(name, "Progressing"), what="status conditions")
+    cluster.mark_deployments_ready(name)
+    wait_for(lambda: (cluster.condition(name, "Ready") or {}).get("status") == "True", what="Ready=True")
+
+
+def writes_during(cluster: Cluster, seconds: float) -> list[tuple[str, str]]:
+    before = len(cluster.writes())
+    time.sleep(seconds)
+    return cluster.writes()[before:]
+
+
+def test_create_converges_then_makes_zero_writes(emulator: EmulatorThread, cluster: Cluster,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    with operator(emulator, monkeypatch) as runner:
+        assert cluster.create(inference_service("llama", replicas=2)).status_code == 201
+        converge(cluster, "llama", replicas=2)
+        status = cluster.isvc("llama")["status"]
+        assert status["observedGeneration"] == 1
+        assert status["readyReplicas"] == 2
+        assert status["url"] == "http://llama.default.svc.cluster.local"
+        assert {c["type"] for c in status["conditions"]} == {"Ready", "Progressing", "Degraded"}
+        assert all(c["observedGeneration"] == 1 for c in status["conditions"])
+        time.sleep(2 * RESYNC)  # let the last status write echo back
+        assert writes_during(cluster, 4 * RESYNC) == []  # several resyncs, no writes
+    assert runner.exit_code == 0
+
+
+def test_spec_update_rolls_children_and_observed_generation(emulator: EmulatorThread, cluster: Cluster,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    with operator(emulator, monkeypatch):
+        cluster.create(inference_service("llama"))
+        converge(cluster, "llama")
+        cluster.patch(ISVC, "InferenceService", "llama", {"spec": {"replicas": 3, "model": {"maxModelLen": 4096}}})
+        deployment = wait_for(lambda: (d := cluster.get("apps/v1", "Deployment", "llama")) and
+                              d["spec"]["replicas"] == 3 and d, what="3 replicas")
+        assert "4096" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        wait_for(lambda: cluster.isvc("llama")["status"]["observedGeneration"] == 2, what="observedGeneration 2")
+        assert cluster.condition("llama", "Progressing")["status"] == "True"
+
+
+def test_hand_edited_child_is_restored(emulator: EmulatorThread, cluster: Cluster,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    with operator(emulator, monkeypatch):
+        cluster.create(inference_service("llama"))
+        converge(cluster, "llama")
+        deployment = cluster.get("apps/v1", "Deployment", "llama")
+        containers = deployment["spec"]["template"]["spec"]["containers"]
+        containers[0]["image"] = "attacker/vllm:latest"
+        cluster.patch("apps/v1", "Deployment", "llama", {"spec": {"template": {"spec": {"containers": containers}}}})
+        wait_for(lambda: cluster.get("apps/v1", "Deployment", "llama")["spec"]["template"]["spec"]["containers"][0]
+                 ["image"] == "vllm/vllm-openai:v0.11.0", what="the image restored")
+        cluster.delete("v1", "Service", "llama")
+        wait_for(lambda: cluster.get("v1", "Service", "llama"), what="the deleted Service recreated")
+
+
+def test_delete_cascades_to_children(emulator: EmulatorThread, cluster: Cluster,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    with operator(emulator, monkeypatch):
+        cluster.create(inference_service("llama"))
+        converge(cluster, "llama")
+        assert all(c["metadata"]["ownerReferences"][0]["uid"] == cluster.isvc("llama")["metadata"]["uid"]
+                   for c in cluster.children("llama"))
+        cluster.delete(ISVC, "InferenceService", "llama")
+        wait_for(lambda: cluster.isvc("llama") is None, what="the finalizer released")
+        wait_for(lambda: cluster.children("llama") == [], what="children garbage-collected")
+
+
+def test_restarted_operator_converges_without_duplicates(emulator: EmulatorThread, cluster: Cluster,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    with operator(emulator, monkeypatch):
+        cluster.create(inference_service("llama"))
+        converge(cluster, "llama")
+    uids = sorted(c["metadata"]["uid"] for c in cluster.children("llama"))
+    before = len(cluster.writes())
+    with operator(emulator, monkeypatch):
+        time.sleep(4 * RESYNC)
+    after_restart = cluster.writes()[before:]
+    assert not [w for w in after_restart if w[0] == "POST" and "/events" not in w[1]], after_restart
+    assert sorted(c["metadata"]["uid"] for c in cluster.children("llama")) == uids
+    assert [w for w in after_restart if "/events" not in w[1]] == []
+
+
+def test_conflicts_and_server_errors_are_retried(emulator: EmulatorThread, cluster: Cluster,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    emulator.server.inject_fault("PATCH", r"/deployments/llama$", 500, times=2)
+    emulator.server.inject_fault("PATCH", r"/services/llama$", 503, times=1)
+    emulator.server.inject_fault("PATCH", r"/inferenceservices/llama/status$", 409, times=2)
+    with operator(emulator, monkeypatch) as runner:
+        cluster.create(inference_service("llama"))
+        converge(cluster, "llama")
+    assert all(f.remaining == 0 for f in emulator.server.faults)
+    assert runner.exit_code == 0
+
+
+def test_persistent_failure_is_reported_as_degraded(emulator: EmulatorThread, cluster: Cluster,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    emulator.server.inject_fault("PATCH", r"/deployments/llama$", 500, times=100)
+    with operator(emulator, monkeypatch):
+        cluster.create(inference_service("llama"))
+        degraded = wait_for(lambda: (c := cluster.condition("llama", "Degraded")) and c["status"] == "True" and c,
+                            what="Degraded=True")
+        assert degraded["reason"] == "ApplyFailed"
+        assert "500" in degraded["message"]
+        emulator.server.faults.clear()
+        wait_for(lambda: (cluster.condition("llama", "Degraded") or {}).get("status") == "False",
+                 timeout=60, what="recovery after the fault clears")
+
+
+def test_cross_field_error_sets_invalid_spec_with_the_field(emulator: EmulatorThread, cluster: Cluster,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    with operator(emulator, monkeypatch):
+        body = inference_service("llama", tokenPolicy={"maxInputTokens": 9000})  # the context window is 8192
+        assert cluster.create(body).status_code == 201  # the schema cannot see this; the operator can
+        degraded = wait_for(lambda: cluster.condition("llama", "Degraded"), what="Degraded")
+        assert (degraded["status"], degraded["reason"]) == ("True", "InvalidSpec")
+        assert "spec.tokenPolicy.maxInputTokens" in degraded["message"]
+        assert cluster.children("llama") == []
+        events = [e for e in cluster.list("v1", "Event") if e["reason"] == "InvalidSpec"]
+        assert events
+        assert events[0]["involvedObject"]["name"] == "llama"
+
+
+def test_api_server_rejects_schema_errors_before_the_operator(cluster: Cluster) -> None:
+    response = cluster.create(inference_service("llama", gpu={"count": 0}))
+    assert response.status_code == 422
+    assert "spec.gpu.count" in response.json()["message"]

@@ -1,0 +1,162 @@
+"""Bad input is rejected by the CRD's OpenAPI schema and CEL rules, with a message naming the field.
+
+The validator is a real OpenAPI 3.0 validator (openapi-schema-validator) plus a real CEL interpreter
+(cel-python) evaluating the CRD's x-kubernetes-validations, after the CRD's defaults are applied,
+in the API server's order. The same table of invalid objects must fail for the right field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from builders import deep_merge, inference_service, triton_service
+from tensorfleet.api import crds, schema
+
+LONG = "x" * 600
+
+
+def with_spec(**spec: Any) -> dict[str, Any]:
+    return inference_service(**spec)
+
+
+def set_path(obj: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    parts = dotted.split(".")
+    patch: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        patch = {part: patch}
+    return deep_merge(obj, patch)
+
+
+def without(obj: dict[str, Any], dotted: str) -> dict[str, Any]:
+    out = deep_merge(obj, {})
+    *parents, last = dotted.split(".")
+    node = out
+    for part in parents:
+        node = node[part]
+    del node[last]
+    return out
+
+
+# (case id, invalid object, field path that must be named, text the message must contain)
+INVALID: list[tuple[str, dict[str, Any], str, str]] = [
+    ("model missing", without(inference_service(), "spec.model"), "spec.model", "Required value"),
+    ("uri scheme", with_spec(model={"uri": "http://example.com/model"}), "spec.model.uri", "must be hf://ORG/NAME"),
+    ("uri without repo name", with_spec(model={"uri": "hf://meta-llama"}), "spec.model.uri", "must be hf://"),
+    ("uri too long", with_spec(model={"uri": "hf://a/" + LONG}), "spec.model.uri", "Too long"),
+    ("digest format", with_spec(model={"digest": "sha256:abc"}), "spec.model.digest", "64 lower-case hex"),
+    ("served name chars", with_spec(model={"servedName": "my model"}), "spec.model.servedName", "may contain"),
+    ("max model len too small", with_spec(model={"maxModelLen": 8}), "spec.model.maxModelLen",
+     "greater than or equal to 16"),
+    ("runtime enum", with_spec(runtime={"name": "tgi"}), "spec.runtime.name", 'supported values: "vllm", "triton"'),
+    ("gpu count zero", with_spec(gpu={"count": 0}), "spec.gpu.count", "greater than or equal to 1"),
+    ("gpu count too high", with_spec(gpu={"count": 32}), "spec.gpu.count", "less than or equal to 16"),
+    ("gpu count type", with_spec(gpu={"count": "two"}), "spec.gpu.count", "must be of type integer"),
+    ("gpu product label", with_spec(gpu={"products": ["NVIDIA H100"]}), "spec.gpu.products[0]", "valid label values"),
+    ("gpu product duplicate", with_spec(gpu={"products": ["NVIDIA-L4", "NVIDIA-L4"]}), "spec.gpu.products",
+     "Duplicate value"),
+    ("replicas negative", with_spec(replicas=-1), "spec.replicas", "greater than or equal to 0"),
+    ("autoscaling bounds", with_spec(autoscaling={"mode": "tensorfleet", "minReplicas": 5, "maxReplicas": 2},
+                                     replicas=5),
+     "spec.autoscaling.minReplicas", "less than or equal to spec.autoscaling.maxReplicas"),
+    ("autoscaling mode", with_spec(autoscaling={"mode": "aggressive"}), "spec.autoscaling.mode", "Unsupported value"),
+    ("replicas outside bounds", with_spec(autoscaling={"mode": "tensorfleet", "minReplicas": 1, "maxReplicas": 3},
+                                          replicas=7), "spec.replicas", "must lie within"),
+    ("triton needs engine", with_spec(runtime={"name": "triton"}, model={"uri": "hf://a/b@rev"}), "spec.engine",
+     "spec.engine is required when spec.runtime.name is triton"),
+    ("triton needs pinned model", triton_service(model={"uri": "hf://meta-llama/Llama-3"}), "spec.model.uri",
+     "must pin a revision"),
+    ("tensor parallel mismatch", triton_service(engine={"tensorParallelSize": 2}), "spec.engine.tensorParallelSize",
+     "must equal spec.gpu.count"),
+    ("input longer than sequence", triton_service(engine={"maxInputLen": 9000, "maxSeqLen": 8192}),
+     "spec.engine.maxInputLen", "must not exceed spec.engine.maxSeqLen"),
+    ("precision enum", triton_service(engine={"precision": "fp4"}), "spec.engine.precision", "Unsupported value"),
+    ("engine store both", triton_service(engine={"storeRef": {"pvc": {"claimName": "a"}, "s3": {"bucket": "b"}}}),
+     "spec.engine.storeRef", "exactly one of pvc or s3"),
+    ("gpu in resources", with_spec(resources={"limits": {"nvidia.com/gpu": 1}}), "spec.resources",
+     "must not set nvidia.com/gpu"),
+    ("quantity syntax", with_spec(resources={"requests": {"memory": "lots"}}), "spec.resources.requests.memory",
+     "should match"),
+    ("managed engine flag", with_spec(runtime={"extraArgs": ["--port", "9000"]}), "spec.runtime.extraArgs",
+     "must not set --port"),
+    ("unknown field", with_spec(replica=2), "spec.replica", 'unknown field "spec.replica"'),
+    ("name not DNS-1035", inference_service(name="Llama_3"), "", "metadata.name must be a DNS-1035 label"),
+    ("name too long", inference_service(name="a" * 50), "", "metadata.name must be at most 45 characters"),
+    ("toleration exists with value",
+     with_spec(tolerations=[{"key": "gpu", "operator": "Exists", "value": "yes"}]), "spec.tolerations[0]",
+     "operator Exists must not have a value"),
+    ("warmup prompt and tokens", with_spec(warmup={"requests": [{"prompt": "hi", "promptTokens": 10}]}),
+     "spec.warmup.requests[0]", "exactly one of prompt or promptTokens"),
+    ("context strategy enum", with_spec(tokenPolicy={"contextStrategy": "drop"}), "spec.tokenPolicy.contextStrategy",
+     "Unsupported value"),
+    ("price not decimal", with_spec(billing={"pricePerResourceUnit": "-0.1"}), "spec.billing.pricePerResourceUnit",
+     "non-negative decimal"),
+    ("tenant names unique", with_spec(tokenPolicy={"tenants": [{"name": "a"}, {"name": "a"}]}),
+     "spec.tokenPolicy.tenants[1]", "Duplicate value"),
+]
+
+
+@pytest.mark.parametrize(("obj", "path", "text"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_spec_is_rejected_naming_the_field(obj: dict[str, Any], path: str, text: str) -> None:
+    errors = crds.validate(obj)
+    assert errors, "the schema accepted an invalid object"
+    matching = [e for e in errors if e.path == path and text in e.message]
+    assert matching, f"expected an error at {path!r} containing {text!r}, got: {[str(e) for e in errors]}"
+
+
+def test_the_table_is_large_enough() -> None:
+    assert len(INVALID) >= 20
+
+
+@pytest.mark.parametrize("obj", [inference_service(), triton_service(model={"uri": "hf://a/b@v1"})],
+                         ids=["vllm", "triton"])
+def test_valid_specs_pass(obj: dict[str, Any]) -> None:
+    assert crds.validate(obj) == []
+
+
+def test_defaults_are_applied_like_the_api_server() -> None:
+    defaulted = crds.default(inference_service())
+    spec = defaulted["spec"]
+    assert spec["runtime"] == {"name": "vllm", "imagePullPolicy": "IfNotPresent"}
+    assert spec["autoscaling"]["mode"] == "none"
+    assert spec["tokenPolicy"]["contextStrategy"] == "reject"
+    assert spec["tokenPolicy"]["runaway"]["enabled"] is False
+    assert spec["shmSize"] == "16Gi"
+    assert "engine" not in spec  # no default: its presence means something
+
+
+def test_cel_transition_rules_see_old_self() -> None:
+    rules = {"type": "object", "x-kubernetes-validations": [
+        {"rule": "self.precision == oldSelf.precision", "message": "precision is immutable"}],
+        "properties": {"precision": {"type": "string"}}}
+    assert schema.validate(rules, {"precision": "fp8"}) == []  # create: transition rules skipped
+    errors = schema.validate(rules, {"precision": "fp8"}, old={"precision": "fp16"})
+    assert [e.message for e in errors] == ['Invalid value: "object": precision is immutable']
+
+
+def _walk(node: Any, path: str = "") -> Any:
+    if isinstance(node, dict):
+        yield path, node
+        for key in ("properties", "additionalProperties", "items"):
+            child = node.get(key)
+            if key == "properties" and isinstance(child, dict):
+                for name, sub in child.items():
+                    yield from _walk(sub, f"{path}.{name}")
+            elif isinstance(child, dict):
+                yield from _walk(child, f"{path}[{key}]")
+
+
+@pytest.mark.parametrize("crd", crds.definitions(), ids=lambda c: c["metadata"]["name"])
+def test_crd_schemas_are_structural(crd: dict[str, Any]) -> None:
+    """What the API server checks on a CRD: every node typed, no additionalProperties beside properties,
+    and every default valid against its own schema."""
+    for version in crd["spec"]["versions"]:
+        root = version["schema"]["openAPIV3Schema"]
+        for path, node in _walk(root):
+            typed = "type" in node or node.get("x-kubernetes-int-or-string") or \
+                node.get("x-kubernetes-preserve-unknown-fields")
+            assert typed, f"{path} has no type"
+            assert not ("properties" in node and "additionalProperties" in node), path
+            if "default" in node:
+                assert schema.validate(node, schema.apply_defaults(node, node["default"])) == [], path

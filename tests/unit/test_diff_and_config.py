@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+import pytest
+from click.testing import CliRunner
+
+from tensorfleet import config, diff
+
+
+def test_subset_ignores_fields_added_by_the_server() -> None:
+    want = {"spec": {"ports": [{"port": 80, "targetPort": "http"}]}}
+    have = {"spec": {"ports": [{"port": 80, "targetPort": "http", "protocol": "TCP"}], "clusterIP": "10.0.0.1"}}
+    assert diff.is_subset(want, have)
+
+
+def test_subset_sees_changed_values_and_list_lengths() -> None:
+    assert not diff.is_subset({"a": {"b": 1}}, {"a": {"b": 2}})
+    assert not diff.is_subset({"a": [1, 2]}, {"a": [1]})
+
+
+def test_empty_values_match_their_absence() -> None:
+    assert diff.is_subset({"metadata": {"annotations": {}}, "spec": {"x": []}}, {"metadata": {}, "spec": {}})
+
+
+def test_quantities_compare_by_value() -> None:
+    assert diff.is_subset({"resources": {"limits": {"cpu": "1000m", "memory": "1Gi"}}},
+                          {"resources": {"limits": {"cpu": "1", "memory": "1024Mi"}}})
+    assert diff.is_subset({"emptyDir": {"sizeLimit": "1Gi"}}, {"emptyDir": {"sizeLimit": "1024Mi"}})
+    assert not diff.is_subset({"image": "1"}, {"image": "1.0"})  # not a quantity field
+
+
+def test_hash_changes_with_content_only() -> None:
+    obj = {"kind": "X", "metadata": {"name": "a"}, "spec": {"v": 1}}
+    stamped = diff.stamp(obj)
+    assert diff.content_hash(stamped) == diff.content_hash(obj)
+    assert diff.content_hash({**obj, "spec": {"v": 2}}) != diff.content_hash(obj)
+    assert diff.needs_apply(stamped, None) == "create"
+    assert diff.needs_apply(stamped, stamped) is None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    ENV_PREFIX: ClassVar[str] = "TF_TEST_"
+    port: int = config.setting(8000, "port")
+    names: tuple[str, ...] = config.setting((), "names")
+    mode: Literal["a", "b"] = config.setting("a", "mode")
+    enabled: bool = config.setting(False, "enabled")
+    url: str | None = config.setting(None, "url")
+
+
+def test_settings_from_env() -> None:
+    env = {"TF_TEST_PORT": "9000", "TF_TEST_NAMES": "x, y", "TF_TEST_MODE": "b", "TF_TEST_ENABLED": "true"}
+    assert config.from_env(Sample, env) == Sample(port=9000, names=("x", "y"), mode="b", enabled=True)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"TF_TEST_PORT": "eighty"}, "TF_TEST_PORT='eighty': expected int"),
+    ({"TF_TEST_MODE": "c"}, "TF_TEST_MODE='c': expected one of a, b"),
+    ({"TF_TEST_ENABLED": "maybe"}, "TF_TEST_ENABLED='maybe': expected true or false"),
+])
+def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match="expected") as info:
+        config.from_env(Sample, env)
+    assert str(info.value) == message
+
+
+def test_every_field_is_a_flag_and_an_env_var() -> None:
+    import click
+
+    @click.command()
+    @config.click_options(Sample)
+    def command(**options: object) -> None:
+        click.echo(repr(config.from_click(Sample, options)))
+
+    result = CliRunner().invoke(command, ["--port", "1", "--names", "a,b", "--enabled"], env={"TF_TEST_MODE": "b"})
+    assert result.output.strip() == repr(Sample(port=1, names=("a", "b"), mode="b", enabled=True))
+    help_text = CliRunner().invoke(command, ["--help"]).output
+    for field in dataclasses.fields(Sample):
+        assert config.env_name(Sample, field.name) in help_text

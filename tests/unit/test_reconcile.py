@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import copy
+import datetime
+from typing import Any
+
+from builders import inference_service, stored
+from tensorfleet import diff
+from tensorfleet.reconcile import Observed, child_key, reconcile
+from tensorfleet.render.context import RenderContext
+from tensorfleet.status import condition
+
+CTX = RenderContext()
+T0 = datetime.datetime(2026, 11, 21, 12, 0, tzinfo=datetime.UTC)
+T1 = T0 + datetime.timedelta(minutes=5)
+
+
+def as_created(objects: tuple[dict[str, Any], ...], rv: int = 10) -> list[dict[str, Any]]:
+    """Children as the API server stores them (server fields added)."""
+    out = []
+    for obj in objects:
+        created = copy.deepcopy(obj)
+        created["metadata"].update(uid=f"child-{rv}", resourceVersion=str(rv), generation=1)
+        out.append(created)
+    return out
+
+
+def deployment_status(children: list[dict[str, Any]], ready: int) -> list[dict[str, Any]]:
+    for child in children:
+        if child["kind"] == "Deployment":
+            want = child["spec"]["replicas"]
+            child["status"] = {"observedGeneration": 1, "replicas": want, "updatedReplicas": want,
+                               "readyReplicas": ready, "availableReplicas": ready}
+    return children
+
+
+def test_first_reconcile_creates_children_and_reports_progress() -> None:
+    body = stored(inference_service(replicas=2))
+    plan = reconcile(body, Observed(), CTX, T0)
+    assert sorted(o["kind"] for o in plan.desired) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"]
+    assert plan.status["observedGeneration"] == 1
+    assert condition(plan.status, "Ready")["status"] == "False"
+    assert condition(plan.status, "Progressing")["status"] == "True"
+    assert condition(plan.status, "Degraded")["status"] == "False"
+    assert plan.status["url"] == "http://llama.default.svc.cluster.local"
+    assert plan.status["selector"] == "tensorfleet.io/inferenceservice=llama"
+
+
+def test_ready_once_every_replica_is_ready() -> None:
+    body = stored(inference_service(replicas=2))
+    children = deployment_status(as_created(reconcile(body, Observed(), CTX, T0).desired), ready=2)
+    plan = reconcile(body, Observed(tuple(children)), CTX, T1)
+    ready = condition(plan.status, "Ready")
+    assert (ready["status"], ready["reason"], ready["message"]) == ("True", "Available", "2/2 replicas ready")
+    assert condition(plan.status, "Progressing")["reason"] == "RolloutComplete"
+    assert plan.status["readyReplicas"] == 2
+    assert [e.reason for e in plan.events] == ["Ready"]
+
+
+def test_converged_service_needs_no_write() -> None:
+    body = stored(inference_service(replicas=1))
+    children = deployment_status(as_created(reconcile(body, Observed(), CTX, T0).desired), ready=1)
+    first = reconcile(body, Observed(tuple(children)), CTX, T0)
+    body["status"] = first.status
+    again = reconcile(body, Observed(tuple(children)), CTX, T1)
+    current = {child_key(c): c for c in children}
+    assert [diff.needs_apply(o, current[child_key(o)]) for o in again.desired] == [None] * 4
+    assert again.status == body["status"]  # byte-identical: lastTransitionTime kept
+    assert again.events == ()
+
+
+def test_spec_change_is_an_update_and_hand_edits_are_drift() -> None:
+    body = stored(inference_service(replicas=1))
+    children = as_created(reconcile(body, Observed(), CTX, T0).desired)
+    changed = stored(inference_service(replicas=3), generation=2)
+    plan = reconcile(changed, Observed(tuple(children)), CTX, T1)
+    current = {child_key(c): c for c in children}
+    reasons = {o["kind"]: diff.needs_apply(o, current[child_key(o)]) for o in plan.desired}
+    assert reasons["Deployment"] == "update"
+    assert reasons["Service"] is None
+    deployment = next(c for c in children if c["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:latest"
+    plan = reconcile(body, Observed(tuple(children)), CTX, T1)
+    wanted = next(o for o in plan.desired if o["kind"] == "Deployment")
+    assert diff.needs_apply(wanted, deployment) == "drift"
+
+
+def test_invalid_spec_degrades_with_field_path_and_renders_nothing() -> None:
+    body = stored(inference_service(tokenPolicy={"maxInputTokens": 9000}))  # maxModelLen is 8192
+    plan = reconcile(body, Observed(), CTX, T0)
+    assert plan.desired == ()
+    degraded = condition(plan.status, "Degraded")
+    assert degraded["status"] == "True"
+    assert degraded["reason"] == "InvalidSpec"
+    assert "spec.tokenPolicy.maxInputTokens" in degraded["message"]
+    assert [e.reason for e in plan.events] == ["InvalidSpec"]
+
+
+def test_schema_invalid_body_does_not_crash_reconcile() -> None:
+    body = stored(inference_service(gpu={"count": "many"}, bogus=1))
+    plan = reconcile(body, Observed(), CTX, T0)
+    assert condition(plan.status, "Degraded")["reason"] == "InvalidSpec"
+    assert "spec.gpu.count" in condition(plan.status, "Degraded")["message"]
+
+
+def test_children_of_other_owners_are_never_pruned() -> None:
+    body = stored(inference_service())
+    stray = {"apiVersion": "apps/v1", "kind": "Deployment",
+             "metadata": {"name": "old", "namespace": "default", "ownerReferences": [{"uid": "someone-else",
+                                                                                      "controller": True}]}}
+    ours = copy.deepcopy(stray)
+    ours["metadata"]["name"] = "llama-leftover"
+    ours["metadata"]["ownerReferences"][0]["uid"] = "uid-1"
+    plan = reconcile(body, Observed((stray, ours)), CTX, T0)
+    assert [p["metadata"]["name"] for p in plan.prune] == ["llama-leftover"]
+
+
+def test_rollout_failure_is_degraded() -> None:
+    body = stored(inference_service())
+    children = as_created(reconcile(body, Observed(), CTX, T0).desired)
+    for child in children:
+        if child["kind"] == "Deployment":
+            child["status"] = {"observedGeneration": 1, "conditions": [
+                {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                 "message": "ReplicaSet has timed out progressing."}]}
+    plan = reconcile(body, Observed(tuple(children)), CTX, T0)
+    degraded = condition(plan.status, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "RolloutFailed")
+
+
+def test_transition_time_moves_only_when_status_flips() -> None:
+    body = stored(inference_service())
+    first = reconcile(body, Observed(), CTX, T0)
+    body["status"] = first.status
+    children = deployment_status(as_created(first.desired), ready=1)
+    second = reconcile(body, Observed(tuple(children)), CTX, T1)
+    assert condition(second.status, "Ready")["lastTransitionTime"] == "2026-11-21T12:05:00Z"
+    assert condition(second.status, "Degraded")["lastTransitionTime"] == "2026-11-21T12:00:00Z"

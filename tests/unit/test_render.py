@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+from typing import Any
+
+from builders import inference_service, triton_service
+from tensorfleet.api.types import InferenceService
+from tensorfleet.reconcile import desired_objects, eligible_products, split_replicas
+from tensorfleet.render import labels
+from tensorfleet.render.context import RenderContext
+from tensorfleet.render.workload import render_deployment, render_pdb, render_service
+
+CTX = RenderContext(gateway_image="gw:1", vllm_image="vllm:1", triton_image_template="triton:1")
+
+
+def isvc(**spec: Any) -> InferenceService:
+    body = inference_service(**spec)
+    body["metadata"]["uid"] = "uid-1"
+    return InferenceService.from_body(body)
+
+
+def containers(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+
+
+def test_vllm_arguments_come_from_the_spec() -> None:
+    deployment = render_deployment(isvc(model={"servedName": "llama3", "maxModelLen": 4096}, gpu={"count": 2}), CTX, 3)
+    engine = containers(deployment)["engine"]
+    args = engine["args"]
+    assert args[:3] == ["vllm", "serve", "meta-llama/Meta-Llama-3-8B-Instruct"]
+    assert args[args.index("--revision") + 1] == "main"
+    assert args[args.index("--served-model-name") + 1] == "llama3"
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert args[args.index("--max-model-len") + 1] == "4096"
+    assert args[args.index("--host") + 1] == "127.0.0.1"  # only the gateway reaches the engine
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert engine["resources"]["requests"]["nvidia.com/gpu"] == "2"
+    assert deployment["spec"]["replicas"] == 3
+
+
+def test_pod_has_shm_model_cache_and_gateway_sidecar() -> None:
+    deployment = render_deployment(isvc(shmSize="8Gi", modelCache={"sizeLimit": "50Gi"}), CTX, 1)
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["shm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert volumes["model-cache"]["emptyDir"] == {"sizeLimit": "50Gi"}
+    mounts = {m["name"]: m["mountPath"] for m in containers(deployment)["engine"]["volumeMounts"]}
+    assert mounts["shm"] == "/dev/shm"
+    assert mounts["model-cache"] == "/models"
+    gateway = containers(deployment)["gateway"]
+    assert gateway["image"] == "gw:1"
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert gateway["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_model_cache_can_be_a_claim() -> None:
+    pod = render_deployment(isvc(modelCache={"claimName": "weights"}), CTX, 1)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["model-cache"] == {"name": "model-cache", "persistentVolumeClaim": {"claimName": "weights"}}
+
+
+def test_pvc_model_is_mounted_read_only() -> None:
+    deployment = render_deployment(isvc(model={"uri": "pvc://models/llama3"}), CTX, 1)
+    assert containers(deployment)["engine"]["args"][2] == "/mnt/model/llama3"
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["model"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+
+
+def test_products_become_required_and_preferred_node_affinity() -> None:
+    user_affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}
+    products = ("NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB")
+    service = isvc(gpu={"products": list(products)}, affinity=user_affinity)
+    pod = render_deployment(service, CTX, 1, products=products)["spec"]["template"]["spec"]
+    node = pod["affinity"]["nodeAffinity"]
+    (term,) = node["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert {"key": "zone", "operator": "In", "values": ["a"]} in term["matchExpressions"]  # the user's, kept
+    assert {"key": "nvidia.com/gpu.product", "operator": "In", "values": list(products)} in term["matchExpressions"]
+    weights = [p["weight"] for p in node["preferredDuringSchedulingIgnoredDuringExecution"]]
+    assert weights == sorted(weights, reverse=True)  # earlier products preferred
+
+
+def test_gpu_toleration_is_always_added() -> None:
+    pod = render_deployment(isvc(tolerations=[{"key": "team", "operator": "Equal", "value": "a"}]), CTX, 1)
+    tolerations = pod["spec"]["template"]["spec"]["tolerations"]
+    assert tolerations[0]["key"] == "team"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+
+
+def test_service_and_pdb_select_all_serving_pods() -> None:
+    service = isvc()
+    assert render_service(service)["spec"]["selector"] == {labels.ISVC_LABEL: "llama"}
+    assert render_pdb(service)["spec"]["selector"]["matchLabels"] == {labels.ISVC_LABEL: "llama"}
+    assert render_pdb(service)["spec"]["maxUnavailable"] == 1
+
+
+def test_every_child_has_a_controller_owner_reference() -> None:
+    for obj in desired_objects(isvc(), CTX):
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert ref == {"apiVersion": "tensorfleet.io/v1alpha1", "kind": "InferenceService", "name": "llama",
+                       "uid": "uid-1", "controller": True, "blockOwnerDeletion": True}
+
+
+def test_triton_renders_one_deployment_per_product() -> None:
+    body = triton_service(gpu={"products": ["NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB"]}, replicas=3)
+    body["metadata"]["uid"] = "u"
+    service = InferenceService.from_body(body)
+    deployments = [o for o in desired_objects(service, CTX) if o["kind"] == "Deployment"]
+    assert [d["spec"]["replicas"] for d in deployments] == [2, 1]
+    selectors = [d["spec"]["template"]["spec"]["affinity"]["nodeAffinity"] for d in deployments]
+    pinned = [s["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"][0]
+              for s in selectors]
+    assert [p["values"] for p in pinned] == [["NVIDIA-H100-80GB-HBM3"], ["NVIDIA-A100-SXM4-80GB"]]
+    assert containers(deployments[0])["engine"]["args"][0] == "tritonserver"
+    assert all(len(d["metadata"]["name"]) <= 63 for d in deployments)
+
+
+def test_eligible_products_follow_the_allow_list_order() -> None:
+    service = isvc(gpu={"products": ["B", "A"]})
+    assert eligible_products(service, ("A", "B", "C")) == ("B", "A")
+    assert eligible_products(service, ("A",)) == ("A",)
+    assert eligible_products(service, None) == ("B", "A")
+    assert eligible_products(isvc(), ("A", "C")) == ("A", "C")
+
+
+def test_split_replicas_puts_the_remainder_on_preferred_products() -> None:
+    assert split_replicas(5, ("a", "b")) == {"a": 3, "b": 2}
+    assert split_replicas(0, ("a",)) == {"a": 0}
+    assert split_replicas(3, ()) == {}
+
+
+def test_product_slug_is_short_stable_and_distinct() -> None:
+    slugs = {labels.product_slug(p) for p in ("NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-80GB-PCIe", "NVIDIA-L4")}
+    assert len(slugs) == 3
+    assert all(len(s) <= 17 for s in slugs)
+    assert labels.product_slug("NVIDIA-L4") == labels.product_slug("NVIDIA-L4")
