@@ -1,0 +1,1 @@
+"""Per-request GPU metering: NVML sampling, attribution, resource units, the signed ledger, export."""
