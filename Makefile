@@ -54,8 +54,8 @@ test: install tools lint verify ## Everything CI runs: install, lint, generated-
 	$(BIN)/pytest -q
 
 .PHONY: bench
-bench: install ## Run the benchmarks in bench/ and write bench/results/
-	$(BIN)/python -m bench
+bench: install ## Run benchmarks: make bench BENCH="operator_scale ..." (no BENCH: list them)
+	$(BIN)/python -m bench $(BENCH)
 
 .PHONY: clean
 clean: ## Remove the virtual environment, tools and caches

@@ -21,6 +21,8 @@ It is not a cluster: nothing schedules pods or runs controllers (see ``sandbox.k
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -68,6 +70,8 @@ def _error(status: int, reason: str, message: str, causes: list[dict[str, str]] 
 class EmulatedAPIServer(kmock.KubernetesEmulator):
     faults: list[Fault] = attrs.field(factory=list)
     writes: list[tuple[str, str]] = attrs.field(factory=list)  # (method, path) of every write received
+    write_ports: list[int | None] = attrs.field(factory=list)  # the port each write came in on (one per client)
+    requests_by_port: collections.Counter[int | None] = attrs.field(factory=collections.Counter)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -107,8 +111,10 @@ class EmulatedAPIServer(kmock.KubernetesEmulator):
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         method = str(request.method.value).upper()
+        self.requests_by_port[request.url.port] += 1
         if method in ("POST", "PUT", "PATCH", "DELETE"):
             self.writes.append((method, request.url.path))
+            self.write_ports.append(request.url.port)
         fault = self._take_fault(request)
         if fault is not None:
             reason = {409: "Conflict", 429: "TooManyRequests"}.get(fault.status, "InternalError")
@@ -400,8 +406,10 @@ def _selector(text: str) -> Callable[[Mapping[str, str]], bool]:
 class EmulatorThread:
     """Runs an ``EmulatedAPIServer`` on a loopback port in a background thread with its own event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, ports: int = 1) -> None:
         self.server = EmulatedAPIServer()
+        self.ports = ports
+        self.urls: list[str] = []
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -426,8 +434,12 @@ class EmulatorThread:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        async with self.server, kmock.Server(self.server) as http:
-            self.url = str(http.url).rstrip("/")
+        async with self.server, contextlib.AsyncExitStack() as stack:
+            # Several ports for one server, so tests can tell two clients' requests apart.
+            for _ in range(self.ports):
+                http = await stack.enter_async_context(kmock.Server(self.server))
+                self.urls.append(str(http.url).rstrip("/"))
+            self.url = self.urls[0]
             self._started.set()
             await self._stop.wait()
 

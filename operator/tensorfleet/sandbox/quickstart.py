@@ -207,12 +207,23 @@ def _converge(emulator: EmulatorThread, narrator: Narrator, created: list[tuple[
         out.write(f"\nnot Ready within {timeout:.0f} s\n")
         return 1
     narrator.say("converged: every service is Ready")
+    _settle(emulator)  # the last pass may still post its Ready event
     before = _writes(emulator)
     time.sleep(QUIET_SECONDS)
     quiet_writes = _writes(emulator) - before
     narrator.say(f"API writes in the next {QUIET_SECONDS:.0f} s (must be 0)", str(quiet_writes))
     out.write("\n" + _table(watchers))
     return 0 if quiet_writes == 0 else 1
+
+
+def _settle(emulator: EmulatorThread, quiet: float = 1.0, limit: float = 10.0) -> None:
+    """Wait until no write has arrived for ``quiet`` seconds (at most ``limit``)."""
+    deadline = time.monotonic() + limit
+    count, since = _writes(emulator), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(0.05)
+        if _writes(emulator) != count:
+            count, since = _writes(emulator), time.monotonic()
 
 
 def _table(watchers: list[Watcher]) -> str:

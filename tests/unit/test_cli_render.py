@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import json
+import pathlib
+
+import yaml
+from click.testing import CliRunner
+
+from builders import inference_service
+from tensorfleet.cli import main
+
+
+def write(tmp_path: pathlib.Path, *docs: object) -> str:
+    path = tmp_path / "in.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    return str(path)
+
+
+def test_render_prints_the_children(tmp_path: pathlib.Path) -> None:
+    result = CliRunner().invoke(main, ["render", "-f", write(tmp_path, inference_service("a"))])
+    assert result.exit_code == 0, result.output
+    kinds = [d["kind"] for d in yaml.safe_load_all(result.stdout)]
+    assert kinds == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
+
+
+def test_render_json_output(tmp_path: pathlib.Path) -> None:
+    result = CliRunner().invoke(main, ["render", "-o", "json", "-f", write(tmp_path, inference_service("a"))])
+    assert json.loads(result.stdout)["kind"] == "List"
+
+
+def test_gpu_product_pins_the_deployment(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, inference_service("a"))
+    result = CliRunner().invoke(main, ["render", "-f", path, "--gpu-product", "NVIDIA-L4"])
+    deployment = next(d for d in yaml.safe_load_all(result.stdout) if d["kind"] == "Deployment")
+    term = deployment["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-L4"]}]
+
+
+def test_invalid_input_exits_1_naming_each_field(tmp_path: pathlib.Path) -> None:
+    bad = inference_service("a", gpu={"count": 0}, runtime={"name": "tgi"})
+    result = CliRunner().invoke(main, ["render", "-f", write(tmp_path, bad)])
+    assert result.exit_code == 1
+    assert "InferenceService a: spec.gpu.count: Invalid value: 0: must be greater than or equal to 1" in result.stderr
+    assert 'InferenceService a: spec.runtime.name: Unsupported value: "tgi"' in result.stderr
+    assert result.stdout == ""
+
+
+def test_disallowed_gpu_product_is_an_error(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, inference_service("a", gpu={"products": ["NVIDIA-L4"]}))
+    result = CliRunner().invoke(main, ["render", "-f", path, "--gpu-product", "NVIDIA-A10G"])
+    assert result.exit_code == 1
+    assert "spec.gpu.products: Unsupported value: 'NVIDIA-A10G'" in result.stderr
+
+
+def test_other_kinds_are_skipped_with_a_warning(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}, inference_service("a"))
+    result = CliRunner().invoke(main, ["render", "-f", path])
+    assert result.exit_code == 0
+    assert "skipped Namespace" in result.stderr
+
+
+def test_broken_yaml_is_reported(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "in.yaml"
+    path.write_text("spec: [unclosed")
+    result = CliRunner().invoke(main, ["render", "-f", str(path)])
+    assert result.exit_code == 1
+    assert "not valid YAML" in result.stderr
