@@ -208,7 +208,7 @@ async def reconcile_once(runtime: Runtime, body: Mapping[str, Any], children: An
     apply_error = None
     try:
         plan = reconcile(snapshot, Observed(tuple(observed)), runtime.ctx, _now())
-        replaced = await _write_children(runtime, plan, observed)
+        replaced = await _write_children(runtime, snapshot, plan, observed)
     except kube.APIError as exc:
         runtime.metrics.errors.labels(reason=str(exc.status)).inc()
         logger.warning("reconcile of %s/%s failed: %s", snapshot["metadata"].get("namespace"),
@@ -233,11 +233,12 @@ async def reconcile_once(runtime: Runtime, body: Mapping[str, Any], children: An
     return apply_error is None
 
 
-async def _write_children(runtime: Runtime, plan: Plan,
+async def _write_children(runtime: Runtime, body: Mapping[str, Any], plan: Plan,
                           observed: list[Mapping[str, Any]]) -> dict[Any, str | None]:
     """Apply what differs, delete what is no longer wanted; the resourceVersion each write replaced."""
     current: dict[Any, Mapping[str, Any]] = {child_key(c): c for c in observed}
     written: dict[Any, str | None] = {}
+    drift_events: list[str] = []
     for obj in plan.desired:
         why = diff.needs_apply(obj, current.get(child_key(obj)))
         if why is None:
@@ -247,11 +248,15 @@ async def _write_children(runtime: Runtime, plan: Plan,
         before = current.get(child_key(obj))
         written[child_key(obj)] = before.get("metadata", {}).get("resourceVersion") if before else None
         if why == "drift":
-            logger.info("restored %s %s edited outside tensorfleet", obj["kind"], obj["metadata"]["name"])
+            message = f"restored {obj['kind']} {obj['metadata']['name']}: it was changed outside tensorfleet"
+            logger.info(message)
+            drift_events.append(message)
     for stale in plan.prune:
         meta = stale["metadata"]
         await runtime.client.delete(stale["apiVersion"], stale["kind"], meta.get("namespace"), meta["name"])
         runtime.metrics.writes.labels(kind=stale["kind"], why="prune").inc()
+    for message in drift_events:
+        await runtime.client.post_event(body, "Normal", "DriftRestored", message, _now())
     return written
 
 

@@ -87,6 +87,8 @@ def test_hand_edited_child_is_restored(emulator: EmulatorThread, cluster: Cluste
         cluster.patch("apps/v1", "Deployment", "llama", {"spec": {"template": {"spec": {"containers": containers}}}})
         wait_for(lambda: cluster.get("apps/v1", "Deployment", "llama")["spec"]["template"]["spec"]["containers"][0]
                  ["image"] == "vllm/vllm-openai:v0.11.0", what="the image restored")
+        wait_for(lambda: [e for e in cluster.list("v1", "Event") if e["reason"] == "DriftRestored"],
+                 what="a DriftRestored event")
         cluster.delete("v1", "Service", "llama")
         wait_for(lambda: cluster.get("v1", "Service", "llama"), what="the deleted Service recreated")
 
