@@ -47,7 +47,7 @@ def _rows() -> list[tuple[str, list[Panel]]]:
                 Query(f"sum by (tenant) (rate(tensorfleet_metering_gpu_milliseconds_total{{{SVC}}}[{RATE}]))",
                       "{{tenant}}"),
             ), stack=True),
-            Panel("Resource units by tenant", "Resource units billed in the selected time range, per tenant and tier.", (
+            Panel("Resource units by tenant", "Resource units billed in the time range, per tenant and tier.", (
                 Query(f"sum by (tenant, tier) (increase(tensorfleet_metering_resource_units_total{{{SVC}}}[$__range]))",
                       "{{tenant}} ({{tier}})"),
             ), kind="bargauge"),
@@ -81,7 +81,7 @@ def _rows() -> list[tuple[str, list[Panel]]]:
             )),
         ]),
         ("Cold starts and engines", [
-            Panel("Cold starts in the last hour", "Serving pods that started (and are still running) within the hour.", (
+            Panel("Cold starts in the last hour", "Serving pods started (and still running) within the hour.", (
                 Query(f"count by ({BY_SVC}) (tensorfleet_gateway_startup_seconds{{{SVC}}} "
                       f"unless tensorfleet_gateway_startup_seconds{{{SVC}}} offset 1h)",
                       "{{namespace}}/{{inferenceservice}}"),

@@ -13,9 +13,8 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
-import yaml
-
 import dashboard
+import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CRDS = ROOT / "crds"

@@ -53,7 +53,8 @@ def _parse_path(path: str) -> parsing.ParsedPath:
     the start of a namespaced path); kopf lists and watches them when it serves named namespaces."""
     parts = path.strip("/").split("/")
     if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
-        return parsing.ParsedPath(group="", version="v1", plural="namespaces", name=(parts[3:] or [None])[0])
+        name = parts[3] if len(parts) == 4 else None
+        return parsing.ParsedPath(group="", version="v1", plural="namespaces", name=name)
     return _kmock_parse_path(path)
 
 
