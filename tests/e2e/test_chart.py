@@ -370,3 +370,24 @@ def test_notes_tell_how_to_check_peering_and_upgrade_crds() -> None:
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "kubectl get clusterkopfpeering tensorfleet" in notes
     assert "kubectl apply --server-side -f" in notes
+
+
+@pytest.mark.parametrize("value_set", ["defaults", "namespaced"])
+def test_two_replicas_from_the_chart_peer_with_distinct_priorities(
+        rendered: dict[str, list[dict[str, Any]]], value_set: str) -> None:
+    """What each replica's `tensorfleet run` hands to kopf, from the environment the chart gives it."""
+    from tensorfleet import runner
+
+    docs = rendered[value_set]
+    env = _env(_container(docs))
+    replicas = [runner.operator_kwargs(config.from_env(OperatorSettings, env))
+                for _ in range(one(docs, "Deployment", "-operator")["spec"]["replicas"])]
+    peering_objects = of_kind(docs, "ClusterKopfPeering") + of_kind(docs, "KopfPeering")
+    for kwargs in replicas:
+        assert kwargs["standalone"] is False
+        assert {kwargs["peering_name"]} == {p["metadata"]["name"] for p in peering_objects}
+        assert kwargs["clusterwide"] is (value_set == "defaults")
+        served = sorted(p["metadata"]["namespace"] for p in of_kind(docs, "KopfPeering"))
+        assert sorted(kwargs["namespaces"]) == served
+    # Equal priorities would freeze both replicas; random ones let exactly one act.
+    assert len({kwargs["priority"] for kwargs in replicas}) == len(replicas) == 2
