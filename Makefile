@@ -38,12 +38,12 @@ lint: install ## ruff, mypy and the import-layer contracts
 	$(BIN)/lint-imports
 
 .PHONY: generate
-generate: install ## Regenerate files derived from crds/ (chart CRDs, docs/api.md)
+generate: install ## Regenerate derived files (chart CRDs, docs/api.md, Grafana dashboard, Argo CD health config)
 	$(BIN)/python hack/generate.py
 
 .PHONY: verify
 verify: generate ## Fail when generated files are stale
-	git diff --exit-code -- charts docs/api.md || (echo "generated files are stale: run make generate" && exit 1)
+	git diff --exit-code -- charts docs/api.md examples/gitops/argocd-cm-health.yaml || (echo "generated files are stale: run make generate" && exit 1)
 
 .PHONY: unit
 unit: install ## Fast tests only (no sockets)

@@ -1,7 +1,9 @@
 """Regenerate every file derived from crds/ (CI fails when they drift: `make verify`).
 
-* charts/tensorfleet/crds/*.yaml: byte copies of crds/*.yaml (when the chart exists);
-* docs/api.md: the API reference, one table per object, from the CRDs' OpenAPI schemas.
+* charts/tensorfleet/crds/*.yaml: byte copies of crds/*.yaml and of kopf's peering CRDs in crds/kopf/;
+* docs/api.md: the API reference, one table per object, from the CRDs' OpenAPI schemas;
+* charts/tensorfleet/files/grafana/tensorfleet.json: the Grafana dashboard, from hack/dashboard.py;
+* examples/gitops/argocd-cm-health.yaml: the Argo CD health checks, from the chart's Lua script.
 """
 
 from __future__ import annotations
@@ -11,23 +13,63 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
+import dashboard
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CRDS = ROOT / "crds"
-CHART_CRDS = ROOT / "charts" / "tensorfleet" / "crds"
+KOPF_CRDS = CRDS / "kopf"  # kopf's peering CRDs: the chart installs them, docs/api.md leaves them out
+CHART = ROOT / "charts" / "tensorfleet"
+CHART_CRDS = CHART / "crds"
+DASHBOARD = CHART / "files" / "grafana" / "tensorfleet.json"
+HEALTH_LUA = CHART / "files" / "argocd" / "health.lua"
+ARGOCD_HEALTH = ROOT / "examples" / "gitops" / "argocd-cm-health.yaml"
 API_DOC = ROOT / "docs" / "api.md"
+HEALTH_KINDS = ("InferenceService", "Engine")
 
 
 def copy_chart_crds() -> None:
-    if not CHART_CRDS.parent.exists():
+    if not CHART.exists():
         return
     CHART_CRDS.mkdir(exist_ok=True)
+    sources = {crd.name: crd for crd in [*CRDS.glob("*.yaml"), *KOPF_CRDS.glob("*.yaml")]}
     for stale in CHART_CRDS.glob("*.yaml"):
-        if not (CRDS / stale.name).exists():
+        if stale.name not in sources:
             stale.unlink()
-    for crd in sorted(CRDS.glob("*.yaml")):
-        shutil.copyfile(crd, CHART_CRDS / crd.name)
+    for name, crd in sorted(sources.items()):
+        shutil.copyfile(crd, CHART_CRDS / name)
+
+
+class _LiteralDumper(yaml.SafeDumper):
+    """Multi-line strings (the Lua script) as readable literal blocks."""
+
+
+_LiteralDumper.add_representer(
+    str, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value,
+                                                       style="|" if "\n" in value else None))
+
+
+def argocd_health_config() -> str:
+    """The argocd-cm entries that register the chart's Lua health check for tensorfleet's kinds."""
+    script = HEALTH_LUA.read_text()
+    data = {f"resource.customizations.health.tensorfleet.io_{kind}": script for kind in HEALTH_KINDS}
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap",
+                  "metadata": {"name": "argocd-cm", "namespace": "argocd",
+                               "labels": {"app.kubernetes.io/part-of": "argocd"}},
+                  "data": data}
+    header = ("# Generated from charts/tensorfleet/files/argocd/health.lua by `make generate`; do not edit.\n"
+              "# Merge into Argo CD's argocd-cm (e.g. as a kustomize patch of your Argo CD install) so Argo CD\n"
+              "# reports InferenceService and Engine health from their conditions (docs/gitops.md).\n")
+    return header + yaml.dump(config_map, Dumper=_LiteralDumper, sort_keys=False, width=120)
+
+
+def write_chart_files() -> None:
+    if not CHART.exists():
+        return
+    DASHBOARD.parent.mkdir(parents=True, exist_ok=True)
+    DASHBOARD.write_text(dashboard.render())
+    ARGOCD_HEALTH.parent.mkdir(parents=True, exist_ok=True)
+    ARGOCD_HEALTH.write_text(argocd_health_config())
 
 
 def _type(node: dict[str, Any]) -> str:
@@ -94,6 +136,7 @@ def api_reference() -> str:
 
 def main() -> None:
     copy_chart_crds()
+    write_chart_files()
     API_DOC.parent.mkdir(exist_ok=True)
     API_DOC.write_text(api_reference())
 

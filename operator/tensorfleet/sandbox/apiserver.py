@@ -13,7 +13,9 @@ emulator leaves out:
 * for tensorfleet's own CRDs: defaults and OpenAPI/CEL validation from the CRD (422 Invalid);
 * finalizers and the garbage collector: deleting an owner deletes what it owns;
 * ``labelSelector`` on lists;
-* injected faults (``inject_fault``) that reject a request before it changes anything.
+* injected faults (``inject_fault``) that reject a request before it changes anything;
+* a record of every resource request as the RBAC authorizer sees it (``requests``: verb, API group,
+  resource, subresource, namespace), so tests can prove the chart grants exactly what the code uses.
 
 It is not a cluster: nothing schedules pods or runs controllers (see ``sandbox.kubelet``).
 """
@@ -40,11 +42,25 @@ import attrs
 import jsonpatch
 import jsonpointer
 import kmock
-from kmock._internal import enums, k8s, rendering
+from kmock._internal import enums, k8s, parsing, rendering
 
 from tensorfleet.api import crds
 
 T = TypeVar("T")
+_kmock_parse_path = parsing.parse_path
+
+
+def _parse_path(path: str) -> parsing.ParsedPath:
+    """kmock 0.8 cannot parse the Namespace paths /api/v1/namespaces[/NAME] (it reads "namespaces" as
+    the start of a namespaced path); kopf lists and watches them when it serves named namespaces."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+        name = parts[3] if len(parts) == 4 else None
+        return parsing.ParsedPath(group="", version="v1", plural="namespaces", name=name)
+    return _kmock_parse_path(path)
+
+
+parsing.parse_path = _parse_path  # process-wide, but only the sandbox (tests, quickstart) imports kmock
 _SUBRESOURCE_OWNERS = {"status", "scale"}
 _SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp")
 
@@ -55,6 +71,30 @@ class Fault:
     path: re.Pattern[str]
     status: int
     remaining: int
+
+
+@dataclasses.dataclass(frozen=True)
+class APIRequest:
+    """One resource request, as the API server's RBAC authorizer sees it."""
+
+    verb: str  # get, list, watch, create, update, patch, delete, deletecollection
+    group: str  # "" for the core group
+    resource: str  # the plural, e.g. deployments
+    subresource: str  # "" when none, e.g. status or scale
+    namespace: str | None  # None for cluster-scoped requests and requests across all namespaces
+    name: str | None  # from the URL: None for lists, collection watches and POST creates
+    user_agent: str  # who asked: kopf/VERSION, tensorfleet/VERSION, or a test client
+
+
+def rbac_verb(method: str, name: str | None, params: Mapping[str, str]) -> str:
+    """The RBAC verb of an HTTP request on a resource path (as kube-apiserver's request info resolver does)."""
+    if method == "GET":
+        if params.get("watch", "").lower() in ("1", "true"):
+            return "watch"
+        return "get" if name else "list"
+    if method == "DELETE":
+        return "delete" if name else "deletecollection"
+    return {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, method.lower())
 
 
 def _now() -> str:
@@ -72,6 +112,7 @@ class EmulatedAPIServer(kmock.KubernetesEmulator):
     writes: list[tuple[str, str]] = attrs.field(factory=list)  # (method, path) of every write received
     write_ports: list[int | None] = attrs.field(factory=list)  # the port each write came in on (one per client)
     requests_by_port: collections.Counter[int | None] = attrs.field(factory=collections.Counter)
+    requests: list[APIRequest] = attrs.field(factory=list)  # every resource request, as RBAC sees it
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -109,12 +150,24 @@ class EmulatedAPIServer(kmock.KubernetesEmulator):
 
     # ---- request handling -----------------------------------------------------------------------
 
+    def _record(self, request: rendering.Request, method: str, verb: str | None = None) -> None:
+        resource: Any = request.resource
+        if not resource.plural:
+            return  # API discovery (/api/v1, /apis/GROUP/VERSION): not a resource request
+        self.requests.append(APIRequest(
+            verb=verb or rbac_verb(method, request.name, request.params),
+            group=resource.group or "", resource=resource.plural, subresource=request.subresource or "",
+            namespace=request.namespace, name=request.name,
+            user_agent=request.headers.get("User-Agent", "")))
+
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         method = str(request.method.value).upper()
         self.requests_by_port[request.url.port] += 1
         if method in ("POST", "PUT", "PATCH", "DELETE"):
             self.writes.append((method, request.url.path))
             self.write_ports.append(request.url.port)
+        if request.resource is not None:
+            self._record(request, method)
         fault = self._take_fault(request)
         if fault is not None:
             reason = {409: "Conflict", 429: "TooManyRequests"}.get(fault.status, "InternalError")
@@ -132,6 +185,9 @@ class EmulatedAPIServer(kmock.KubernetesEmulator):
             await self._buses[resource].put(event)
         response = await k8s.KubernetesScaffold._handle(self, request)
         created = any(event["type"] == "ADDED" for _, event in events)
+        if created and method == "PATCH":
+            # A server-side apply that creates the object is authorized for "create" as well as "patch".
+            self._record(request, method, verb="create")
         if created and response.status == 200 and not response.prepared:
             response.set_status(201)  # the API server answers a create with 201 Created
         return response

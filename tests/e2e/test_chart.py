@@ -1,0 +1,393 @@
+"""The Helm chart, with the real helm binary: lint, template, Kubernetes OpenAPI validation, contracts."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from typing import Any
+
+import kubernetes_validate
+import promql_parser
+import pytest
+import yaml
+from openapi_schema_validator import OAS30Validator
+
+from chart import CHART, KUBERNETES_VERSIONS, NAMESPACE, ROOT, helm, of_kind, one, render, run, tool
+from contracts import PENDING_METRICS, PENDING_SETTINGS, exported_metrics
+from tensorfleet import __version__, config
+from tensorfleet.render import labels
+from tensorfleet.render.context import RenderContext
+from tensorfleet.render.workload import render_deployment
+from tensorfleet.settings import OperatorSettings
+
+pytestmark = pytest.mark.e2e
+
+MONITORING = {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
+              "prometheusRule": {"enabled": True, "runbookBaseURL": "https://docs.example.com/operations.md"},
+              "dashboard": {"enabled": True}}
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "namespaced": {"operator": {"watchNamespaces": ["team-a", "team-b"]}},
+    "everything": {
+        "image": {"digest": "sha256:" + "a" * 64},
+        "imagePullSecrets": ["registry"],
+        "operator": {"extraEnv": [{"name": "EXTRA", "value": "1"}], "priorityClassName": "system-cluster-critical"},
+        "engines": {"builderImage": "nvcr.io/nvidia/tensorrt-llm/release:0.21.0",
+                    "store": {"type": "s3", "s3": {"bucket": "engines", "endpoint": "https://s3.example.com",
+                                                   "region": "eu-west-1", "credentialsSecret": "engine-store"}}},
+        "metering": {"sink": {"url": "https://billing.example.com/events", "tokenSecret": {"name": "sink-token"}},
+                     "signingKey": {"secretName": "tensorfleet-signing-key"},
+                     "resourceUnits": {"NVIDIA-H100-80GB-HBM3": 2.0, "NVIDIA-A100-SXM4-80GB": 1.0}},
+        "autoscaling": {"hpa": True, "keda": True},
+        "metrics": MONITORING,
+    },
+    "pvc-store": {"engines": {"store": {"type": "pvc", "pvc": {"claimName": "engines", "path": "/trt"}}}},
+}
+# Kinds of the prometheus-operator: their schemas do not ship with Kubernetes (checked separately below).
+MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {name: render(values) for name, values in VALUE_SETS.items()}
+
+
+@pytest.mark.parametrize("value_set", ["defaults", "everything", "namespaced"])
+def test_helm_lint_is_clean(value_set: str) -> None:
+    result = helm("lint", VALUE_SETS[value_set])
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize(("values", "complaint"), [
+    ({"operator": {"replicas": 0}}, "/operator/replicas"),
+    ({"operatr": {"replicas": 2}}, "'operatr' not allowed"),
+    ({"operator": {"logLevel": "verbose"}}, "/operator/logLevel"),
+    ({"operator": {"watchNamespaces": ["Team_A"]}}, "/operator/watchNamespaces/0"),
+    ({"engines": {"store": {"type": "s3"}}}, "/engines/store/s3/bucket"),
+    ({"engines": {"store": {"type": "gcs"}}}, "/engines/store/type"),
+    ({"metering": {"sink": {"url": "ftp://billing"}}}, "/metering/sink/url"),
+    ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": -1}}}, "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3"),
+    ({"metrics": {"podMonitor": {"interval": "fast"}}}, "/metrics/podMonitor/interval"),
+])
+def test_invalid_values_are_rejected_naming_the_field(values: dict[str, Any], complaint: str) -> None:
+    for command in ("lint", "template"):
+        result = helm(command, values, check=False)
+        assert result.returncode != 0, f"helm {command} accepted {values}"
+        assert complaint in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("value_set", list(VALUE_SETS))
+def test_manifests_validate_against_the_kubernetes_openapi_schema(
+        rendered: dict[str, list[dict[str, Any]]], value_set: str, version: str) -> None:
+    kinds = set()
+    for doc in rendered[value_set]:
+        kinds.add(doc["kind"])
+        if doc["kind"] in MONITORING_KINDS:
+            continue
+        if doc["apiVersion"] == "kopf.dev/v1":
+            _validate_against_crd(doc)
+            continue
+        # strict: unknown fields are errors, as `kubectl apply --validate=strict` makes them.
+        kubernetes_validate.validate(doc, version, strict=True)
+    assert {"Deployment", "ServiceAccount", "CustomResourceDefinition"} <= kinds
+    helm("template", VALUE_SETS[value_set], "--kube-version", f"{version}.0")  # the chart's kubeVersion allows it
+
+
+def test_kube_version_below_the_minimum_is_refused() -> None:
+    result = helm("template", None, "--kube-version", "1.29.0", check=False)
+    assert result.returncode != 0
+    assert "kubeVersion" in result.stderr or "incompatible" in result.stderr
+
+
+def _validate_against_crd(doc: dict[str, Any]) -> None:
+    crd = yaml.safe_load((CHART / "crds" / f"{doc['kind'].lower()}s.kopf.dev.yaml").read_text())
+    OAS30Validator(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]).validate(doc)
+
+
+def test_chart_crds_are_generated_from_crds() -> None:
+    canonical = {p.name: p.read_text() for p in [*(ROOT / "crds").glob("*.yaml"), *(ROOT / "crds/kopf").glob("*.yaml")]}
+    chart = {p.name: p.read_text() for p in (CHART / "crds").glob("*.yaml")}
+    assert chart == canonical
+
+
+def test_peering_crds_have_no_status_subresource() -> None:
+    # kopf patches status through the main resource: a status subresource would drop its keep-alives.
+    for name in ("clusterkopfpeerings.kopf.dev.yaml", "kopfpeerings.kopf.dev.yaml"):
+        crd = yaml.safe_load((CHART / "crds" / name).read_text())
+        assert "subresources" not in crd["spec"]["versions"][0]
+
+
+# ---- values.yaml and values.schema.json ------------------------------------------------------------
+
+
+def _schema_paths(node: dict[str, Any], prefix: str = "") -> set[str]:
+    paths = set()
+    for key, sub in node.get("properties", {}).items():
+        path = f"{prefix}.{key}" if prefix else key
+        paths.add(path)
+        paths |= _schema_paths(sub, path)
+    return paths
+
+
+def _values_paths_with_comments() -> tuple[set[str], set[str]]:
+    """(paths of keys in values.yaml, paths of those with a comment line right above them)."""
+    stack: list[tuple[int, str]] = []
+    keys, commented = set(), set()
+    previous = ""
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        match = re.match(r"^( *)([A-Za-z][\w.-]*):", line)
+        if match and not line.lstrip().startswith("-"):
+            indent = len(match.group(1))
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            path = ".".join([p for _, p in stack] + [match.group(2)])
+            stack.append((indent, match.group(2)))
+            keys.add(path)
+            if previous.lstrip().startswith("#"):
+                commented.add(path)
+        if line.strip():
+            previous = line
+    return keys, commented
+
+
+def test_every_value_is_commented_and_in_the_schema() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    declared = _schema_paths(schema) - {"global"}
+    keys, commented = _values_paths_with_comments()
+    chart_values = {k for k in keys if k in declared}
+    assert declared == chart_values, f"schema and values.yaml disagree: {sorted(declared ^ chart_values)}"
+    # Keys inside free-form objects (resources, security contexts) are Kubernetes fields, not chart values.
+    missing = sorted(chart_values - commented)
+    assert missing == [], f"values without a comment: {missing}"
+
+
+# ---- the operator Deployment --------------------------------------------------------------------
+
+
+def _container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    deployment = one(docs, "Deployment", "-operator")
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return dict(containers[0])
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+def test_operator_runs_two_peered_replicas_as_non_root_on_a_read_only_filesystem(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["defaults"]
+    deployment = one(docs, "Deployment", "-operator")
+    pod = deployment["spec"]["template"]["spec"]
+    container = _container(docs)
+    env = _env(container)
+    assert deployment["spec"]["replicas"] == 2
+    assert env["TENSORFLEET_PEERING"] == one(docs, "ClusterKopfPeering")["metadata"]["name"]
+    assert "TENSORFLEET_STANDALONE" not in env
+    assert "TENSORFLEET_PRIORITY" not in env
+    assert env["TENSORFLEET_CLUSTER"] == "incluster"  # never the quickstart emulator in a pod
+    assert any(e["name"] == "POD_ID" for e in container["env"])  # kopf's peer identity
+    assert container["args"] == ["run"]
+    assert container["image"] == f"ghcr.io/tensorfleet/tensorfleet:{__version__}"
+    assert env["TENSORFLEET_GATEWAY_IMAGE"] == container["image"]  # one image for operator and gateway
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == _dockerfile_user()
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": OperatorSettings.metrics_port, "liveness": OperatorSettings.liveness_port}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
+    assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+def _dockerfile_user() -> int:
+    users = re.findall(r"^USER (\d+):(\d+)$", (ROOT / "Dockerfile").read_text(), flags=re.M)
+    assert len(users) == 1
+    return int(users[0][0])
+
+
+def test_gateway_containers_run_as_the_image_user() -> None:
+    from builders import inference_service
+    from tensorfleet.api.types import InferenceService
+
+    isvc = InferenceService.from_body({**inference_service(), "metadata": {"name": "x", "namespace": "d", "uid": "u"}})
+    pod = render_deployment(isvc, RenderContext(), 1)["spec"]["template"]["spec"]
+    gateway = next(c for c in pod["containers"] if c["name"] == "gateway")
+    assert gateway["securityContext"]["runAsUser"] == _dockerfile_user()
+    assert gateway["args"] == ["gateway"]  # the image's entrypoint supplies `tensorfleet`
+    assert re.search(r'^ENTRYPOINT \["tensorfleet"\]$', (ROOT / "Dockerfile").read_text(), flags=re.M)
+
+
+@pytest.mark.parametrize("value_set", list(VALUE_SETS))
+def test_operator_environment_is_settings_or_a_listed_contract(
+        rendered: dict[str, list[dict[str, Any]]], value_set: str) -> None:
+    env = _env(_container(rendered[value_set]))
+    known = {config.env_name(OperatorSettings, name) for name in OperatorSettings.__dataclass_fields__}
+    ours = {name for name in env if name.startswith("TENSORFLEET_")}
+    assert ours - known - set(PENDING_SETTINGS) == set(), "add it to OperatorSettings or tests/contracts.py"
+    config.from_env(OperatorSettings, env)  # every value the chart sets parses as the operator reads it
+
+
+def test_pending_settings_are_not_settings_yet() -> None:
+    known = {config.env_name(OperatorSettings, name) for name in OperatorSettings.__dataclass_fields__}
+    landed = set(PENDING_SETTINGS) & known
+    assert landed == set(), f"now real settings: remove them from tests/contracts.py PENDING_SETTINGS: {landed}"
+
+
+def test_everything_renders_every_pending_setting(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    env = {**_env(_container(rendered["everything"])), **_env(_container(rendered["pvc-store"]))}
+    everything = _container(rendered["everything"])["env"]
+    token = [e for e in everything if e["name"] == "TENSORFLEET_METERING_SINK_TOKEN_SECRET"]
+    assert token
+    assert token[0]["value"] == "sink-token"
+    assert set(PENDING_SETTINGS) <= set(env)
+    assert json.loads(env["TENSORFLEET_METERING_RESOURCE_UNITS"]) == {"NVIDIA-H100-80GB-HBM3": 2.0,
+                                                                      "NVIDIA-A100-SXM4-80GB": 1.0}
+    assert _container(rendered["everything"])["image"].endswith("@sha256:" + "a" * 64)
+
+
+# ---- RBAC shape (exactness against the code: tests/integration/test_rbac.py) ----------------------
+
+
+def _rules(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [rule for doc in of_kind(docs, kind) for rule in doc.get("rules", ())]
+
+
+@pytest.mark.parametrize("value_set", list(VALUE_SETS))
+def test_no_access_to_secrets_and_no_wildcards(rendered: dict[str, list[dict[str, Any]]], value_set: str) -> None:
+    for rule in _rules(rendered[value_set], "ClusterRole") + _rules(rendered[value_set], "Role"):
+        assert "secrets" not in rule["resources"]
+        assert "*" not in rule["resources"] + rule["verbs"] + rule["apiGroups"]
+
+
+def test_namespaced_mode_writes_nothing_cluster_wide(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["namespaced"]
+    operator_roles = [d for d in of_kind(docs, "ClusterRole") if "inferenceservices-" not in d["metadata"]["name"]]
+    assert [verb for rule in _rules(operator_roles, "ClusterRole") for verb in rule["verbs"]
+            if verb not in ("list", "watch")] == []
+    assert sorted(r["metadata"]["namespace"] for r in of_kind(docs, "Role")) == ["team-a", "team-b"]
+    assert sorted(p["metadata"]["namespace"] for p in of_kind(docs, "KopfPeering")) == ["team-a", "team-b"]
+    assert of_kind(docs, "ClusterKopfPeering") == []
+    assert _env(_container(docs))["TENSORFLEET_NAMESPACES"] == "team-a,team-b"
+    for binding in of_kind(docs, "RoleBinding") + of_kind(docs, "ClusterRoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tf-tensorfleet", "namespace": NAMESPACE}]
+
+
+# ---- monitoring ------------------------------------------------------------------------------------
+
+
+def _queries(docs: list[dict[str, Any]]) -> list[str]:
+    rules = one(docs, "PrometheusRule")["spec"]["groups"]
+    exprs = [rule["expr"] for group in rules for rule in group["rules"]]
+    board = json.loads(one(docs, "ConfigMap", "-dashboard")["data"]["tensorfleet.json"])
+    exprs += [t["expr"] for p in board["panels"] for t in p.get("targets", ())]
+    return exprs
+
+
+def _metric_names(expr: str) -> set[str]:
+    # Grafana's variables are not PromQL: substitute what Grafana would.
+    concrete = (expr.replace("$__rate_interval", "1m").replace("$__range", "6h")
+                .replace("$namespace", ".*").replace("$inferenceservice", ".*"))
+    names: set[str] = set()
+    promql_parser.walk(promql_parser.parse(concrete),
+                       lambda node: names.add(node.name) if isinstance(node, promql_parser.VectorSelector) else None)
+    return names
+
+
+def test_alerts_and_dashboard_are_valid_promql_over_known_metrics(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    used: set[str] = set()
+    for expr in _queries(rendered["everything"]):
+        used |= _metric_names(expr)
+    exported = exported_metrics()
+    assert used - exported - set(PENDING_METRICS) == set(), "unknown metric: export it or list it in tests/contracts.py"
+    assert set(PENDING_METRICS) & exported == set(), "now exported: remove it from PENDING_METRICS"
+    assert set(PENDING_METRICS) <= used, "listed as a contract but no longer used"
+
+
+def test_alerts_cover_billing_engines_and_cold_starts(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    rule = one(rendered["everything"], "PrometheusRule")
+    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert {"TensorfleetUsageExportBacklog", "TensorfleetEngineBuildFailures", "TensorfleetSlowColdStart",
+            "TensorfleetFrequentColdStarts", "TensorfleetLedgerVerificationFailed"} <= set(alerts)
+    assert "> 600" in alerts["TensorfleetSlowColdStart"]["expr"]  # the chart's threshold
+    assert alerts["TensorfleetLedgerVerificationFailed"]["labels"]["severity"] == "critical"
+    for alert in alerts.values():
+        assert alert["annotations"]["runbook_url"].startswith("https://docs.example.com/operations.md#")
+        anchor = alert["annotations"]["runbook_url"].split("#")[1]
+        assert anchor in _anchors(ROOT / "docs" / "operations.md"), f"docs/operations.md has no section #{anchor}"
+
+
+def _anchors(path: pathlib.Path) -> set[str]:
+    return {re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in path.read_text().splitlines() if line.startswith("#")}
+
+
+def test_dashboard_shows_what_platform_teams_bill_and_watch(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    board = json.loads(one(rendered["everything"], "ConfigMap", "-dashboard")["data"]["tensorfleet.json"])
+    titles = " | ".join(p["title"] for p in board["panels"]).lower()
+    for needed in ("tokens/s by tenant", "gpu-ms", "resource units", "queue depth", "ready and desired",
+                   "cold start", "engine builds"):
+        assert needed in titles
+    assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
+    assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in board["panels"])
+    assert one(rendered["everything"], "ConfigMap", "-dashboard")["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def test_podmonitor_selects_the_serving_pods_on_the_gateway_admin_port(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from builders import triton_service
+    from tensorfleet.api.types import InferenceService
+
+    monitor = one(rendered["everything"], "PodMonitor")
+    isvc = InferenceService.from_body({**triton_service(), "metadata": {"name": "x", "namespace": "d", "uid": "u"}})
+    pod = render_deployment(isvc, RenderContext(), 1, variant="h100", gpu_product="NVIDIA-H100-80GB-HBM3")
+    template = pod["spec"]["template"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    gateway = next(c for c in template["spec"]["containers"] if c["name"] == "gateway")
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] in {p["name"] for p in gateway["ports"]}
+    # The relabelling reads the pod labels the renderer sets (Prometheus maps . and / to _).
+    sources = {r["sourceLabels"][0] for r in endpoint["relabelings"]}
+    for label in (labels.ISVC_LABEL, labels.GPU_PRODUCT_LABEL):
+        assert "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label) in sources
+
+
+def test_servicemonitor_scrapes_the_operator_metrics_service(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["everything"]
+    monitor, service = one(docs, "ServiceMonitor"), one(docs, "Service", "-metrics")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    deployment = one(docs, "Deployment", "-operator")
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_notes_tell_how_to_check_peering_and_upgrade_crds() -> None:
+    result = run([tool("helm"), "install", "tf", str(CHART), "--dry-run=client", "--namespace", NAMESPACE])
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "kubectl get clusterkopfpeering tensorfleet" in notes
+    assert "kubectl apply --server-side -f" in notes
+
+
+@pytest.mark.parametrize("value_set", ["defaults", "namespaced"])
+def test_two_replicas_from_the_chart_peer_with_distinct_priorities(
+        rendered: dict[str, list[dict[str, Any]]], value_set: str) -> None:
+    """What each replica's `tensorfleet run` hands to kopf, from the environment the chart gives it."""
+    from tensorfleet import runner
+
+    docs = rendered[value_set]
+    env = _env(_container(docs))
+    replicas = [runner.operator_kwargs(config.from_env(OperatorSettings, env))
+                for _ in range(one(docs, "Deployment", "-operator")["spec"]["replicas"])]
+    peering_objects = of_kind(docs, "ClusterKopfPeering") + of_kind(docs, "KopfPeering")
+    for kwargs in replicas:
+        assert kwargs["standalone"] is False
+        assert {kwargs["peering_name"]} == {p["metadata"]["name"] for p in peering_objects}
+        assert kwargs["clusterwide"] is (value_set == "defaults")
+        served = sorted(p["metadata"]["namespace"] for p in of_kind(docs, "KopfPeering"))
+        assert sorted(kwargs["namespaces"]) == served
+    # Equal priorities would freeze both replicas; random ones let exactly one act.
+    assert len({kwargs["priority"] for kwargs in replicas}) == len(replicas) == 2
