@@ -17,9 +17,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 # A small corpus made here: the tokenizer only needs a vocabulary, not good segmentation.
-WORDS = ("the quick brown fox jumps over a lazy dog while engineers meter tokens on many gpus and "
-         "gateways stream every chunk to clients who pay for what they use hello world warm up "
-         "system user assistant prompt long short batch tenant budget cache hit miss").split()
+WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "engineers", "meter",
+         "tokens", "on", "many", "gpus", "and", "gateways", "stream", "every", "chunk", "to", "clients",
+         "who", "pay", "for", "what", "they", "use", "hello", "world", "warm", "up", "system", "user",
+         "assistant", "prompt", "long", "short", "batch", "tenant", "budget", "cache", "hit", "miss")
 
 
 def corpus() -> list[str]:

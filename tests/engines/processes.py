@@ -46,10 +46,9 @@ def wait_http(url: str, seconds: float, process: subprocess.Popen[bytes], log: p
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the engine exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
         time.sleep(0.5)
     raise RuntimeError(f"{url} not healthy after {seconds:g} s:\n{log.read_text()[-4000:]}")
 
@@ -95,6 +94,30 @@ def vllm_server(log_dir: pathlib.Path) -> Iterator[str]:
                                    start_new_session=True, cwd=log_dir)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 300, process, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(process)
+
+
+@contextlib.contextmanager
+def triton_server(log_dir: pathlib.Path) -> Iterator[str]:
+    """tritonserver (from nvidia-pytriton) with the test models, on free loopback ports; yields its URL."""
+    require(TRITON_PYTHON, "Triton (nvidia-pytriton)")
+    port = free_port()
+    while port + 2 > 65535:
+        port = free_port()
+    libdir = subprocess.run([str(TRITON_PYTHON), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    # Triton's Python-backend stub links libpython3.11 dynamically: give it the one the virtualenv's
+    # standard library belongs to, not an older system copy.
+    env = {**os.environ, "LD_LIBRARY_PATH": ":".join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)}
+    log = log_dir / "triton.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen([str(TRITON_PYTHON), str(ROOT / "tests" / "engines" / "triton_models.py"),
+                                    str(port)], stdout=output, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True, cwd=log_dir)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v2/models/tiny/ready", 120, process, log)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_group(process)

@@ -49,9 +49,10 @@ class StandinEngine:
         return web.Response(status=200 if self.healthy else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        text = (f'# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{engine="0",model_name="{self.model}"}} '
-                f'{self.waiting_metric}\nvllm:num_requests_waiting_by_reason{{reason="capacity"}} 99.0\n'
-                f'vllm:kv_cache_usage_perc{{engine="0",model_name="{self.model}"}} {self.kv_metric}\n')
+        labels = f'{{engine="0",model_name="{self.model}"}}'
+        text = (f"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{labels} {self.waiting_metric}\n"
+                f'vllm:num_requests_waiting_by_reason{{reason="capacity"}} 99.0\n'
+                f"vllm:kv_cache_usage_perc{labels} {self.kv_metric}\n")
         return web.Response(text=text)
 
     async def models(self, request: web.Request) -> web.Response:

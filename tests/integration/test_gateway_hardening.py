@@ -63,9 +63,11 @@ async def test_malformed_requests_get_json_4xx(tmp_path: pathlib.Path) -> None:
             assert (got, answer["error"]["code"]) == (status, code), name
             assert headers["Content-Type"].startswith("application/json"), name
         async with session.get(url(gw, "/v1/completions")) as response:
-            assert response.status == 405 and (await response.json())["error"]["code"] == "method_not_allowed"
+            assert response.status == 405
+            assert (await response.json())["error"]["code"] == "method_not_allowed"
         async with session.get(url(gw, "/v2/models/x/generate")) as response:
-            assert response.status == 404 and "error" in await response.json()
+            assert response.status == 404
+            assert "error" in await response.json()
     assert all(r.get("prompt") == "warm up" for r in engine.received)  # nothing malformed reached the engine
 
 
@@ -76,7 +78,8 @@ async def test_body_and_header_limits(tmp_path: pathlib.Path) -> None:
             aiohttp.ClientSession() as session:
         big = json.dumps({"model": "tiny", "prompt": "a " * 2000})
         status, body, _ = await post(session, url(gw, "/v1/completions"), big)
-        assert status == 413 and "2048 bytes" in body["error"]["message"]
+        assert status == 413
+        assert "2048 bytes" in body["error"]["message"]
         async with session.post(url(gw, "/v1/completions"), json={"model": "tiny", "prompt": "a"},
                                 headers={"X-Big": "x" * 4000}) as response:
             assert response.status == 400  # rejected by the HTTP parser before any handler runs
@@ -117,7 +120,8 @@ async def test_streams_longer_than_any_timeout_keep_going(tmp_path: pathlib.Path
         async with session.post(url(gw, "/v1/chat/completions"), json=body) as response:
             raw = await response.read()
         assert time.monotonic() - started > 2.0
-    assert events_of(raw)[-1] == b"data: [DONE]" and len(events_of(raw)) == 26
+    assert events_of(raw)[-1] == b"data: [DONE]"
+    assert len(events_of(raw)) == 26
 
 
 async def test_client_disconnect_aborts_the_engine_request(tmp_path: pathlib.Path) -> None:
@@ -132,7 +136,8 @@ async def test_client_disconnect_aborts_the_engine_request(tmp_path: pathlib.Pat
         await wait_until(lambda: engine.aborted == 1, 5, "the engine request aborted")
         await wait_until(lambda: len(sink.client_requests()) == 1, 5, "the event")
     (event,) = sink.client_requests()
-    assert event.status == 499 and event.error == "client_disconnected"
+    assert event.status == 499
+    assert event.error == "client_disconnected"
     assert 0 < event.completion_tokens < 60  # only what was produced
 
 
@@ -142,11 +147,14 @@ async def test_engine_down_is_503_and_engine_errors_are_502(tmp_path: pathlib.Pa
             aiohttp.ClientSession() as session:
         engine.fail_status = 500
         status, body, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
-        assert status == 502 and body["error"]["code"] == "engine_error"
+        assert status == 502
+        assert body["error"]["code"] == "engine_error"
         engine.fail_status = None
         gw.services.client.base_url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
         status, body, headers = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
-        assert status == 503 and body["error"]["code"] == "engine_unavailable" and headers["Retry-After"] == "1"
+        assert status == 503
+        assert body["error"]["code"] == "engine_unavailable"
+        assert headers["Retry-After"] == "1"
         assert not gw.state.ready  # marked down: the readiness probe takes the pod out
 
 
@@ -160,11 +168,13 @@ async def test_drain_turns_not_ready_first_then_lets_in_flight_finish(tmp_path: 
         drain = asyncio.create_task(gw.drain())
         await asyncio.sleep(0.05)
         async with session.get(url(gw, "/readyz", admin=True)) as response:
-            assert response.status == 503 and (await response.json())["phase"] == "draining"
+            assert response.status == 503
+            assert (await response.json())["phase"] == "draining"
         assert not drain.done()
         status, raw, _ = await request
         assert await drain is True
-    assert status == 200 and raw.endswith(b"data: [DONE]\n\n")
+    assert status == 200
+    assert raw.endswith(b"data: [DONE]\n\n")
 
 
 def test_sigterm_drains_a_real_process(tmp_path: pathlib.Path) -> None:
@@ -192,8 +202,9 @@ def test_sigterm_drains_a_real_process(tmp_path: pathlib.Path) -> None:
         sys.exit(asyncio.run(main()))
     """)
     port, admin = _free_port(), _free_port()
-    process = subprocess.Popen([sys.executable, "-c", script.replace("{port}", str(port)).replace("{admin}", str(admin))],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    script = script.replace("{port}", str(port)).replace("{admin}", str(admin))
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     try:
         asyncio.run(_drain_scenario(process, port, admin))
         output, _ = process.communicate(timeout=20)
@@ -224,7 +235,8 @@ async def _drain_scenario(process: subprocess.Popen[str], port: int, admin: int)
         async with session.get(f"http://127.0.0.1:{admin}/readyz") as response:
             assert response.status == 503
         status, raw, _ = await request
-        assert status == 200 and raw.endswith(b"data: [DONE]\n\n")
+        assert status == 200
+        assert raw.endswith(b"data: [DONE]\n\n")
 
 
 class _RewriteHook:
@@ -270,7 +282,10 @@ async def test_hooks_rewrite_requests_and_stop_streams_cleanly(tmp_path: pathlib
     assert final["choices"] == [{"index": 0, "finish_reason": "length", "delta": {}}]
     assert usage["usage"]["completion_tokens"] == 3
     (event,) = sink.client_requests()
-    assert event.runaway_stopped and event.truncated and event.completion_tokens == 3
+    assert event.runaway_stopped
+    assert event.truncated
+    assert event.completion_tokens == 3
+    assert event.prompt_tokens == usage["usage"]["prompt_tokens"] == 5  # the last turn only, from the engine
 
 
 async def test_metrics_export_the_autoscaler_names_with_bounded_labels(tmp_path: pathlib.Path) -> None:
@@ -289,7 +304,8 @@ async def test_metrics_export_the_autoscaler_names_with_bounded_labels(tmp_path:
     names = [telemetry.QUEUE_DEPTH, telemetry.ENGINE_WAITING, telemetry.IN_FLIGHT, telemetry.KV_CACHE_USAGE,
              telemetry.READY, telemetry.STARTUP_SECONDS]
     assert all(f"\n{name} " in text for name in names)
-    assert f"{telemetry.ENGINE_WAITING} 3.0" in text and f"{telemetry.KV_CACHE_USAGE} 0.25" in text
+    assert f"{telemetry.ENGINE_WAITING} 3.0" in text
+    assert f"{telemetry.KV_CACHE_USAGE} 0.25" in text
     assert telemetry.GPU_UTILIZATION not in text  # no GPU, no sample
     assert 'tensorfleet_gateway_tokens_total{kind="output",model="tiny",tier="standard"} 8.0' in text
     tenants = {line.split('tenant="')[1].split('"')[0] for line in text.splitlines()
@@ -303,13 +319,17 @@ async def test_configuration_reload_applies_and_a_broken_file_is_ignored(tmp_pat
     async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream) as gw, \
             aiohttp.ClientSession() as session:
         path = pathlib.Path(gw.settings.config)
-        path.write_text(json.dumps(gateway_document(tokenPolicy={"maxOutputTokens": 5})))
+        _write(path, json.dumps(gateway_document(tokenPolicy={"maxOutputTokens": 5})))
         assert gw.reload()
         await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
-        path.write_text('{"model": {}}')
+        _write(path, '{"model": {}}')
         assert not gw.reload()
         await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
     assert [r["max_tokens"] for r in engine.received[-2:]] == [5, 5]
+
+
+def _write(path: pathlib.Path, text: str) -> None:
+    path.write_text(text)
 
 
 def _free_port() -> int:

@@ -17,7 +17,6 @@ import pytest
 from engines.standin import FINGERPRINT, StandinEngine
 from gateway_support import RecordingSinkDouble, gateway_document, running_gateway, serving, url, wait_until
 from tensorfleet import telemetry
-from tensorfleet.gateway.hooks import ProxyRequest, Stop, TokenCounter
 
 pytestmark = pytest.mark.integration
 
@@ -44,10 +43,10 @@ async def test_stream_gets_exactly_what_the_client_asked_for(tmp_path: pathlib.P
     engine = StandinEngine()
     sink = RecordingSinkDouble()
     async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, sink=sink) as gw, \
-            aiohttp.ClientSession() as session:
-        async with session.post(url(gw, "/v1/chat/completions"), json={**CHAT, "stream": True}) as response:
-            assert response.status == 200
-            raw = await response.read()
+            aiohttp.ClientSession() as session, \
+            session.post(url(gw, "/v1/chat/completions"), json={**CHAT, "stream": True}) as response:
+        assert response.status == 200
+        raw = await response.read()
     sent = engine.received[-1]
     assert sent["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}  # asked upstream
     events = events_of(raw)
@@ -57,9 +56,14 @@ async def test_stream_gets_exactly_what_the_client_asked_for(tmp_path: pathlib.P
     assert all(c["choices"] for c in chunks)  # no usage-only event
     assert chunks[-1]["system_fingerprint"] == FINGERPRINT  # put back where vLLM puts it without usage
     (event,) = sink.client_requests()
-    assert event.completion_tokens == 3 and sum(c.tokens for c in event.chunks) == 3
-    assert event.prompt_tokens == engine.count(CHAT) and event.streaming and event.billable
-    assert event.first_token is not None and event.admitted is not None and event.received <= event.admitted
+    assert event.completion_tokens == 3
+    assert sum(c.tokens for c in event.chunks) == 3
+    assert event.prompt_tokens == engine.count(CHAT)
+    assert event.streaming
+    assert event.billable
+    assert event.first_token is not None
+    assert event.admitted is not None
+    assert event.received <= event.admitted
 
 
 async def test_stream_keeps_usage_the_client_asked_for(tmp_path: pathlib.Path) -> None:
@@ -69,7 +73,8 @@ async def test_stream_keeps_usage_the_client_asked_for(tmp_path: pathlib.Path) -
         body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
         async with session.post(url(gw, "/v1/chat/completions"), json=body) as response:
             chunks = [json.loads(e[6:]) for e in events_of(await response.read())[:-1]]
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
     assert all("usage" not in c for c in chunks[:-1])  # continuous usage was the gateway's, taken out
 
 
@@ -94,9 +99,11 @@ async def test_over_long_input_is_400_naming_the_limit_and_count(tmp_path: pathl
         status, body, _ = await post(session, url(gw, "/v1/completions"),
                                      {"model": "tiny", "prompt": "one two three four five six"})
         ok, _, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "one two"})
-    assert status == 400 and ok == 200
+    assert status == 400
+    assert ok == 200
     assert body["error"]["code"] == "context_length_exceeded"
-    assert "6 tokens" in body["error"]["message"] and "limit of 5" in body["error"]["message"]
+    assert "6 tokens" in body["error"]["message"]
+    assert "limit of 5" in body["error"]["message"]
 
 
 async def test_tenant_budget_reserves_then_settles(tmp_path: pathlib.Path) -> None:
@@ -110,12 +117,14 @@ async def test_tenant_budget_reserves_then_settles(tmp_path: pathlib.Path) -> No
                                       {"model": "tiny", "prompt": "a b", "max_tokens": 4})
             assert status == 200
         available = gw.services.limiter.available("default")
-        assert available is not None and available > 60
+        assert available is not None
+        assert available > 60
         status, body, headers = await post(session, url(gw, "/v1/completions"),
                                            {"model": "tiny", "prompt": "a " * 300, "max_tokens": 40})
     assert status == 429
     assert int(headers["Retry-After"]) >= 1
-    assert body["error"]["code"] == "rate_limit_exceeded" and "100 tokens per minute" in body["error"]["message"]
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert "100 tokens per minute" in body["error"]["message"]
 
 
 async def test_deterministic_requests_are_cached(tmp_path: pathlib.Path) -> None:
@@ -133,12 +142,16 @@ async def test_deterministic_requests_are_cached(tmp_path: pathlib.Path) -> None
             streamed = await response.read()
         async with session.post(url(gw, "/v1/completions"), json=stream) as response:
             replayed, hit = await response.read(), response.headers.get("X-TensorFleet-Cache")
-    assert first[2]["X-TensorFleet-Cache"] == "miss" and second[2]["X-TensorFleet-Cache"] == "hit"
-    assert first[1] == second[1] and "X-TensorFleet-Cache" not in sampled[2]
-    assert replayed == streamed and hit == "hit"
+    assert first[2]["X-TensorFleet-Cache"] == "miss"
+    assert second[2]["X-TensorFleet-Cache"] == "hit"
+    assert first[1] == second[1]
+    assert "X-TensorFleet-Cache" not in sampled[2]
+    assert replayed == streamed
+    assert hit == "hit"
     assert len([r for r in engine.received if r["prompt"] == "a b"]) == 3  # the hits never reached the engine
     hits = [e for e in sink.client_requests() if e.cache_hit]
-    assert len(hits) == 2 and all(e.admitted is None and e.completion_tokens == 4 for e in hits)
+    assert len(hits) == 2
+    assert all(e.admitted is None and e.completion_tokens == 4 for e in hits)
 
 
 def write_keys(folder: pathlib.Path, keys: dict[str, str]) -> str:
@@ -171,8 +184,10 @@ async def test_api_keys_identify_tenants_and_headers_cannot_bill_others(tmp_path
         gw.reload()
         rotated = await post(session, target, body, headers={"Authorization": "Bearer key-c"})
     assert [missing[0], unknown[0], spoofed[0], good[0], rotated[0]] == [401, 401, 401, 200, 200]
-    assert unknown[1]["error"]["code"] == "invalid_api_key" and missing[1]["error"]["code"] == "missing_api_key"
-    assert models_status == 401 and listed["data"][0]["id"] == "tiny"
+    assert unknown[1]["error"]["code"] == "invalid_api_key"
+    assert missing[1]["error"]["code"] == "missing_api_key"
+    assert models_status == 401
+    assert listed["data"][0]["id"] == "tiny"
     assert [e.tenant for e in sink.client_requests()] == ["team-a", "team-c"]
     assert "Authorization" not in engine.headers[-1]  # the tenant's key never reaches the engine
 
@@ -187,8 +202,10 @@ async def test_trusted_proxy_may_name_the_tenant(tmp_path: pathlib.Path) -> None
                                   headers={"X-Tenant": "team-z"})
         bad, body, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"},
                                   headers={"X-Tenant": "team z!"})
-    assert status == 200 and sink.client_requests()[0].tenant == "team-z"
-    assert bad == 401 and body["error"]["code"] == "invalid_tenant"
+    assert status == 200
+    assert sink.client_requests()[0].tenant == "team-z"
+    assert bad == 401
+    assert body["error"]["code"] == "invalid_tenant"
 
 
 async def test_not_ready_until_warm_and_nothing_before_ready_is_billed(tmp_path: pathlib.Path) -> None:
@@ -199,9 +216,11 @@ async def test_not_ready_until_warm_and_nothing_before_ready_is_billed(tmp_path:
             aiohttp.ClientSession() as session:
         await asyncio.sleep(0.3)
         async with session.get(url(gw, "/readyz", admin=True)) as response:
-            assert response.status == 503 and (await response.json())["phase"] == "waiting_for_engine"
+            assert response.status == 503
+            assert (await response.json())["phase"] == "waiting_for_engine"
         status, body, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
-        assert status == 503 and body["error"]["code"] == "engine_unavailable"
+        assert status == 503
+        assert body["error"]["code"] == "engine_unavailable"
         engine.healthy = True
         await wait_until(lambda: gw.state.ready, 10, "ready")
         async with session.get(url(gw, "/readyz", admin=True)) as response:
@@ -209,7 +228,8 @@ async def test_not_ready_until_warm_and_nothing_before_ready_is_billed(tmp_path:
         async with session.get(url(gw, "/metrics", admin=True)) as response:
             metrics = await response.text()
     warmups = [e for e in sink.requests if e.tenant == "tensorfleet:warmup"]
-    assert len(warmups) == 2 and all(e.status == 200 for e in warmups)
+    assert len(warmups) == 2
+    assert all(e.status == 200 for e in warmups)
     assert not any(e.billable for e in sink.requests if e.status != 200 or e.tenant == "tensorfleet:warmup")
     assert [e.billable for e in sink.client_requests()] == [False]  # the 503 before ready
     (cold,) = sink.cold_starts
@@ -225,4 +245,5 @@ async def test_warmup_latency_bound_holds_readiness(tmp_path: pathlib.Path) -> N
     async with serving(engine.app()) as upstream, \
             running_gateway(tmp_path, upstream, document, wait_ready=False) as gw:
         await wait_until(lambda: gw.state.failed is not None, 10, "warm-up failure")
-        assert not gw.state.ready and "maxLatencyMs 20" in (gw.state.failed or "")
+        assert not gw.state.ready
+        assert "maxLatencyMs 20" in (gw.state.failed or "")

@@ -67,11 +67,14 @@ async def test_usage_and_chunks_are_exact(vllm_url: str, tmp_path: pathlib.Path)
         status2, plain = await fetch(session, url(gw, "/v1/completions"), {**COMPLETION, "max_tokens": 5})
     assert status == status2 == 200
     streamed, unstreamed = sink.client_requests()
-    assert streamed.completion_tokens == 7 and sum(c.tokens for c in streamed.chunks) == 7
+    assert streamed.completion_tokens == 7
+    assert sum(c.tokens for c in streamed.chunks) == 7
     assert streamed.prompt_tokens == counted["count"]
-    assert streamed.first_token is not None and streamed.first_token <= streamed.chunks[-1].at <= streamed.done
+    assert streamed.first_token is not None
+    assert streamed.first_token <= streamed.chunks[-1].at <= streamed.done
     assert unstreamed.completion_tokens == 5 == json.loads(plain)["usage"]["completion_tokens"]
-    assert len(unstreamed.chunks) == 1 and all(e.billable for e in (streamed, unstreamed))
+    assert len(unstreamed.chunks) == 1
+    assert all(e.billable for e in (streamed, unstreamed))
 
 
 async def test_input_is_counted_with_the_engines_tokenizer(vllm_url: str, tmp_path: pathlib.Path) -> None:
@@ -81,7 +84,8 @@ async def test_input_is_counted_with_the_engines_tokenizer(vllm_url: str, tmp_pa
         _, counted, _ = await post(session, vllm_url + "/tokenize", {"model": "tiny", "prompt": prompt})
         status, body, _ = await post(session, url(gw, "/v1/completions"), {**COMPLETION, "prompt": prompt})
     assert counted["count"] > 20
-    assert status == 400 and f"has {counted['count']} tokens" in body["error"]["message"]
+    assert status == 400
+    assert f"has {counted['count']} tokens" in body["error"]["message"]
     assert "limit of 20" in body["error"]["message"]
 
 
@@ -104,7 +108,8 @@ async def test_a_client_that_leaves_aborts_the_request_in_vllm(vllm_url: str, tm
         assert await engine_metric(session, vllm_url, "vllm:request_success_total", finished) == completed
         await wait_until(lambda: len(sink.client_requests()) == 1, 5, "the event")
     (event,) = sink.client_requests()
-    assert event.status == 499 and event.completion_tokens < 1000
+    assert event.status == 499
+    assert event.completion_tokens < 1000
 
 
 async def test_default_warmup_gates_readiness_and_is_never_billed(vllm_url: str, tmp_path: pathlib.Path) -> None:
@@ -121,5 +126,6 @@ async def test_default_warmup_gates_readiness_and_is_never_billed(vllm_url: str,
     assert not sink.client_requests()
     (cold,) = sink.cold_starts
     assert dict(cold.stages)["warmed_up"] > 0
-    assert f"\n{telemetry.KV_CACHE_USAGE} " in metrics and f"\n{telemetry.ENGINE_WAITING} 0.0" in metrics
+    assert f"\n{telemetry.KV_CACHE_USAGE} " in metrics
+    assert f"\n{telemetry.ENGINE_WAITING} 0.0" in metrics
     assert MAX_MODEL_LEN > 600

@@ -83,6 +83,9 @@ class VLLMEngine:
     def upstream_path(self, request: ProxyRequest) -> str:
         return request.endpoint
 
+    async def ensure_model(self, client: EngineClient, path_model: str | None) -> None:
+        return None  # the served name was checked against the body in validate
+
     def validate(self, request: ProxyRequest, path_model: str | None) -> None:
         body = request.body
         model = body.get("model")
@@ -232,16 +235,27 @@ class TritonEngine:
         return request.flags["_path"]
 
     def validate(self, request: ProxyRequest, path_model: str | None) -> None:
-        if path_model is None or (self.models and path_model not in self.models):
-            known = ", ".join(sorted(self.models)) or "none"
-            raise GatewayError(404, f"The model `{str(path_model)[:200]}` does not exist; ready models: {known}.",
-                               "model_not_found", "model")
         body = request.body
         text = body.get("text_input")
         if text is not None and not isinstance(text, str):
             raise bad_request("'text_input' must be a string", "text_input", "invalid_type")
         _int_or_none(body, "max_tokens")
         request.streaming = request.endpoint == TRITON_STREAM
+
+    async def ensure_model(self, client: EngineClient, path_model: str | None) -> None:
+        """404 unless the repository has ``path_model`` ready (asked once per name, then remembered)."""
+        if path_model is not None and path_model not in self.models:
+            try:
+                async with client.session.get(f"{client.base_url}/v2/models/{path_model}/ready",
+                                              timeout=aiohttp.ClientTimeout(total=5)) as response:
+                    ready = response.status == 200
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise engine_unavailable(str(exc) or type(exc).__name__) from None
+            if ready:
+                self.models = self.models | {path_model}
+        if path_model is None or path_model not in self.models:
+            raise GatewayError(404, f"The model `{str(path_model)[:200]}` is not ready in the Triton repository.",
+                               "model_not_found", "model")
 
     def clamp_output(self, request: ProxyRequest, limit: int) -> int:
         current = request.body.get("max_tokens")
@@ -306,9 +320,11 @@ class TritonEngine:
         return None
 
     async def load_models(self, client: EngineClient) -> None:
+        """The ready models, from the repository index when the server allows it (it may be restricted)."""
         status, answer = await client.post_json("/v2/repository/index", {"ready": True})
         if status == 200 and isinstance(answer, list):
-            self.models = frozenset(str(m["name"]) for m in answer if isinstance(m, dict) and "name" in m)
+            self.models = frozenset(str(m["name"]) for m in answer
+                                    if isinstance(m, dict) and "name" in m and m.get("state", "READY") == "READY")
 
 
 Engine = VLLMEngine | TritonEngine

@@ -171,6 +171,7 @@ class Proxy:
         s = self.s
         if not s.state.engine_up:
             raise engine_unavailable("it is starting or failed its health check")
+        await s.engine.ensure_model(s.client, request.match_info.get("model"))
         original_options = proxied.body.get("stream_options")
         max_tokens = s.engine.clamp_output(proxied, s.config.token_policy.max_output_tokens)
         for hook in s.request_hooks:
@@ -283,12 +284,21 @@ class Proxy:
         return web.Response(status=outcome.status, body=data, content_type=upstream.content_type, headers=headers)
 
     async def _count_triton_output(self, proxied: ProxyRequest, body: Any) -> Usage | None:
+        """Triton answers carry no usage: count the output (and the prompt, if not yet) with its tokenizer model."""
         engine = self.s.engine
         if not isinstance(engine, TritonEngine) or not isinstance(body, dict) \
                 or not isinstance(body.get("text_output"), str):
             return None
-        completion = await engine.count_text(self.s.client, body["text_output"])
-        return Usage(proxied.prompt_tokens or 0, completion or 0)
+        completion, prompt = await asyncio.gather(engine.count_text(self.s.client, body["text_output"]),
+                                                  self._triton_prompt(proxied))
+        return Usage(prompt, completion or 0)
+
+    async def _triton_prompt(self, proxied: ProxyRequest) -> int:
+        engine = self.s.engine
+        if proxied.prompt_tokens is not None or not isinstance(engine, TritonEngine):
+            return proxied.prompt_tokens or 0
+        text = proxied.body.get("text_input")
+        return (await engine.count_text(self.s.client, text) or 0) if isinstance(text, str) else 0
 
     async def _stream(self, request: web.Request, proxied: ProxyRequest, outcome: Outcome,
                       upstream: aiohttp.ClientResponse, original_options: Any, guard: ResponseGuard | None,
@@ -319,15 +329,18 @@ class Proxy:
         if stopped is not None:
             upstream.close()
             proxied.flags[f"{stopped.reason}_stopped"] = True
-            await response.write(b"".join(stream.stopped(stopped, proxied.prompt_tokens or 0)))
+            await response.write(b"".join(stream.stopped(stopped, proxied.prompt_tokens or stream.prompt_tokens or 0)))
         else:
             tail = stream.finish()
             if tail:
                 await response.write(b"".join(tail))
                 if sent is not None:
                     sent.extend(tail)
-        outcome.usage = stream.usage or Usage(proxied.prompt_tokens or 0, outcome.streamed_tokens)
         await response.write_eof()
+        if stream.usage is None and proxied.prompt_tokens is None:
+            proxied.prompt_tokens = stream.prompt_tokens if stream.prompt_tokens is not None \
+                else await self._triton_prompt(proxied)
+        outcome.usage = stream.usage or Usage(proxied.prompt_tokens or 0, outcome.streamed_tokens)
         if sent is not None and key is not None and stopped is None and stream.done:
             self.s.cache.put(key, 200, response.content_type, tuple(sent), outcome.usage.prompt_tokens,
                              outcome.usage.completion_tokens)

@@ -47,6 +47,7 @@ class VLLMStream:
         self.client_continuous = client_continuous
         self.usage: Usage | None = None
         self.completion_tokens = 0
+        self.prompt_tokens: int | None = None  # from the continuous usage, for streams stopped before the end
         self._per_choice: dict[int, int] = {}
         self._held: list[bytes] = []
         self.last_chunk: bytes | None = None
@@ -74,6 +75,8 @@ class VLLMStream:
         cumulative = sse.int_field(payload, b"completion_tokens", span[0])
         if cumulative is None:
             return 0
+        if self.prompt_tokens is None:
+            self.prompt_tokens = sse.int_field(payload, b"prompt_tokens", span[0])
         index = sse.int_field(payload, b"index", payload.find(_CHOICES)) or 0
         tokens = cumulative - self._per_choice.get(index, 0)
         self._per_choice[index] = cumulative
@@ -135,6 +138,7 @@ class TritonStream:
     def __init__(self) -> None:
         self.usage: Usage | None = None
         self.completion_tokens = 0
+        self.prompt_tokens: int | None = None
         self.last_chunk: bytes | None = None
         self.done = False
 

@@ -85,7 +85,7 @@ def _env(isvc: InferenceService, gpu_product: str | None) -> list[dict[str, Any]
     def field(path: str) -> dict[str, Any]:
         return {"fieldRef": {"fieldPath": path}}
 
-    env = [
+    env: list[dict[str, Any]] = [
         {"name": "TENSORFLEET_GATEWAY_CONFIG", "value": f"{c.CONFIG_DIR}/{c.GATEWAY_CONFIG_FILE}"},
         {"name": "TENSORFLEET_GATEWAY_UPSTREAM", "value": f"http://127.0.0.1:{c.ENGINE_PORT}"},
         {"name": "TENSORFLEET_GATEWAY_RUNTIME", "value": isvc.spec.runtime.name},
