@@ -22,8 +22,10 @@ FINGERPRINT = "standin-1"
 
 
 class StandinEngine:
-    def __init__(self, token_delay: float = 0.0, healthy: bool = True, model: str = "tiny") -> None:
+    def __init__(self, token_delay: float = 0.0, healthy: bool = True, model: str = "tiny",
+                 stamp: bool = False) -> None:
         self.token_delay = token_delay
+        self.stamp = stamp  # put the send time (ns) into every streamed chunk, for forwarding-delay benchmarks
         self.healthy = healthy
         self.model = model
         self.received: list[dict[str, Any]] = []
@@ -134,6 +136,8 @@ class StandinEngine:
             chunk: dict[str, Any] = {**head, "choices": [choice]}
             if continuous:
                 chunk["usage"] = self._usage(body, i)
+            if self.stamp:
+                chunk["sent_ns"] = time.time_ns()
             if finish and not usage:
                 chunk["system_fingerprint"] = FINGERPRINT
             await response.write(b"data: " + _compact(chunk).encode() + b"\n\n")
@@ -153,6 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=18081)
     parser.add_argument("--token-delay", type=float, default=0.0)
+    parser.add_argument("--stamp", action="store_true", help="stamp streamed chunks with their send time")
     args = parser.parse_args()
     try:
         import uvloop
@@ -160,7 +165,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(StandinEngine(args.token_delay).app(), host="127.0.0.1", port=args.port, print=None,
+    web.run_app(StandinEngine(args.token_delay, stamp=args.stamp).app(), host="127.0.0.1", port=args.port, print=None,
                 access_log=None)
 
 

@@ -65,17 +65,14 @@ def object_span(payload: bytes, name: bytes) -> tuple[int, int] | None:
     start = payload.find(key)
     if start < 0:
         return None
-    depth, at = 0, start + len(key) - 1
-    while at < len(payload):
-        char = payload[at]
-        if char == 0x7B:  # {
-            depth += 1
-        elif char == 0x7D:  # }
-            depth -= 1
-            if depth == 0:
-                return start, at + 1
-        at += 1
-    return None
+    # Find the matching brace with find() rather than a byte loop: usage objects nest at most one level.
+    opened = start + len(key)
+    end = payload.find(b"}", opened)
+    inner = payload.find(b"{", opened, end)
+    while inner >= 0 and end >= 0:
+        end = payload.find(b"}", end + 1)
+        inner = payload.find(b"{", inner + 1, end)
+    return None if end < 0 else (start, end + 1)
 
 
 def drop_object(payload: bytes, name: bytes) -> bytes:

@@ -1,0 +1,5 @@
+"""`python -m bench` (make bench): the gateway benchmark. See bench/gateway.py."""
+
+from bench.gateway import main
+
+main()
