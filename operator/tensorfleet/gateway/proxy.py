@@ -37,6 +37,7 @@ from tensorfleet.metering.events import EventSink, RequestEvent, TokenChunk
 log = logging.getLogger(__name__)
 
 CACHE_HEADER = "X-TensorFleet-Cache"
+_STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 CLIENT_CLOSED = 499  # nginx's code for "client closed the connection", used in metering records only
 
 
@@ -153,7 +154,8 @@ class Proxy:
         if request.content_length is not None and request.content_length > settings.max_body_bytes:
             raise _too_large(settings.max_body_bytes)
         try:
-            raw = await asyncio.wait_for(request.read(), settings.body_read_timeout_seconds)
+            async with asyncio.timeout(settings.body_read_timeout_seconds):  # no extra task, unlike wait_for
+                raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(settings.max_body_bytes) from None
         except TimeoutError:
@@ -423,18 +425,17 @@ class Proxy:
         self._observe(proxied, outcome, usage, done)
 
     def _observe(self, proxied: ProxyRequest, outcome: Outcome, usage: Usage, done: float) -> None:
-        m, model = self.s.metrics, self.s.config.served_model
-        m.requests.labels(model, proxied.endpoint, f"{outcome.status // 100}xx").inc()
-        m.latency.labels(model, proxied.endpoint, "true" if proxied.streaming else "false").observe(
-            done - proxied.received)
+        m, model, endpoint = self.s.metrics, self.s.config.served_model, proxied.endpoint
+        m.child(m.requests, model, endpoint, _STATUS_CLASS[min(outcome.status // 100, 5)]).inc()
+        m.child(m.latency, model, endpoint, "true" if proxied.streaming else "false").observe(done - proxied.received)
         if outcome.first_token is not None and not outcome.cache_hit:
-            m.ttft.labels(model).observe(outcome.first_token - proxied.received)
+            m.child(m.ttft, model).observe(outcome.first_token - proxied.received)
         if usage.prompt_tokens or usage.completion_tokens:
             tier, tenant = self.s.config.tier, m.tenant_label(proxied.tenant)
-            m.tokens.labels(model, tier, "input").inc(usage.prompt_tokens)
-            m.tokens.labels(model, tier, "output").inc(usage.completion_tokens)
-            m.tenant_tokens.labels(tenant, "input").inc(usage.prompt_tokens)
-            m.tenant_tokens.labels(tenant, "output").inc(usage.completion_tokens)
+            m.child(m.tokens, model, tier, "input").inc(usage.prompt_tokens)
+            m.child(m.tokens, model, tier, "output").inc(usage.completion_tokens)
+            m.child(m.tenant_tokens, tenant, "input").inc(usage.prompt_tokens)
+            m.child(m.tenant_tokens, tenant, "output").inc(usage.completion_tokens)
 
 
 class _ClientGone(Exception):
