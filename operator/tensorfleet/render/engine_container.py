@@ -51,7 +51,7 @@ def triton_args(isvc: InferenceService) -> list[str]:
             "--http-address=127.0.0.1",
             "--allow-grpc=false",
             "--allow-metrics=true",
-            f"--metrics-port={c.ENGINE_PORT + 2}",
+            f"--metrics-port={c.ENGINE_METRICS_PORT}",
             "--model-control-mode=none",
             "--exit-on-error=true",
             *isvc.spec.runtime.extra_args]

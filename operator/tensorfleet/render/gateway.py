@@ -66,11 +66,26 @@ def _probe(path: str, failure_threshold: int) -> dict[str, Any]:
     }
 
 
+def api_keys_secret(isvc: InferenceService) -> str | None:
+    """The Secret of hashed API keys the gateway checks, when spec.auth names one."""
+    ref = isvc.spec.auth.get("apiKeysSecretRef") or {}
+    return ref.get("name") or None
+
+
+def api_keys_volume(isvc: InferenceService) -> dict[str, Any] | None:
+    """The auth Secret as a volume: the kubelet refreshes it in place and the gateway reloads it, so the
+    operator never reads Secrets and key rotation needs no restart."""
+    secret = api_keys_secret(isvc)
+    if secret is None:
+        return None
+    return {"name": "api-keys", "secret": {"secretName": secret, "defaultMode": 0o444}}
+
+
 def _env(isvc: InferenceService, gpu_product: str | None) -> list[dict[str, Any]]:
     def field(path: str) -> dict[str, Any]:
         return {"fieldRef": {"fieldPath": path}}
 
-    return [
+    env: list[dict[str, Any]] = [
         {"name": "TENSORFLEET_GATEWAY_CONFIG", "value": f"{c.CONFIG_DIR}/{c.GATEWAY_CONFIG_FILE}"},
         {"name": "TENSORFLEET_GATEWAY_UPSTREAM", "value": f"http://127.0.0.1:{c.ENGINE_PORT}"},
         {"name": "TENSORFLEET_GATEWAY_RUNTIME", "value": isvc.spec.runtime.name},
@@ -86,6 +101,12 @@ def _env(isvc: InferenceService, gpu_product: str | None) -> list[dict[str, Any]
         {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"},
         {"name": "NVIDIA_DRIVER_CAPABILITIES", "value": "utility"},
     ]
+    if api_keys_secret(isvc):
+        env.append({"name": "TENSORFLEET_GATEWAY_API_KEYS_DIR", "value": c.API_KEYS_DIR})
+    if isvc.spec.runtime.name == "triton":
+        env.append({"name": "TENSORFLEET_GATEWAY_ENGINE_METRICS_URL",
+                    "value": f"http://127.0.0.1:{c.ENGINE_METRICS_PORT}/metrics"})
+    return env
 
 
 def render_gateway_container(isvc: InferenceService, ctx: c.RenderContext,
@@ -114,10 +135,17 @@ def render_gateway_container(isvc: InferenceService, ctx: c.RenderContext,
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [
-            {"name": "gateway-config", "mountPath": c.CONFIG_DIR, "readOnly": True},
-            {"name": "usage", "mountPath": c.USAGE_DIR},
-            {"name": "run", "mountPath": c.SHARED_RUN_DIR, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": _mounts(isvc),
     }
+
+
+def _mounts(isvc: InferenceService) -> list[dict[str, Any]]:
+    mounts: list[dict[str, Any]] = [
+        {"name": "gateway-config", "mountPath": c.CONFIG_DIR, "readOnly": True},
+        {"name": "usage", "mountPath": c.USAGE_DIR},
+        {"name": "run", "mountPath": c.SHARED_RUN_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if api_keys_secret(isvc):
+        mounts.append({"name": "api-keys", "mountPath": c.API_KEYS_DIR, "readOnly": True})
+    return mounts

@@ -9,7 +9,7 @@ from tensorfleet.api.types import InferenceService, InferenceServiceSpec
 from tensorfleet.render import context as c
 from tensorfleet.render import labels
 from tensorfleet.render.engine_container import render_engine_container
-from tensorfleet.render.gateway import config_map_name, render_gateway_container
+from tensorfleet.render.gateway import api_keys_volume, config_map_name, render_gateway_container
 
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 GRACE_PERIOD_SECONDS = 120  # the gateway drains in-flight requests on SIGTERM
@@ -41,6 +41,11 @@ def _volumes(spec: InferenceServiceSpec, isvc_name: str) -> list[dict[str, Any]]
     return volumes
 
 
+def _gateway_volumes(isvc: InferenceService) -> list[dict[str, Any]]:
+    keys = api_keys_volume(isvc)
+    return [keys] if keys is not None else []
+
+
 def _product_affinity(spec: InferenceServiceSpec, products: list[str]) -> dict[str, Any]:
     """The user's affinity, with the GPU-product requirement ANDed into every node-selector term."""
     affinity = copy.deepcopy(dict(spec.affinity))
@@ -69,7 +74,7 @@ def _pod_spec(isvc: InferenceService, ctx: c.RenderContext, gpu_product: str | N
     spec = isvc.spec
     pod: dict[str, Any] = {
         "containers": [render_engine_container(isvc, ctx), render_gateway_container(isvc, ctx, gpu_product)],
-        "volumes": _volumes(spec, isvc.name),
+        "volumes": [*_volumes(spec, isvc.name), *_gateway_volumes(isvc)],
         "tolerations": [*(dict(t) for t in spec.tolerations), GPU_TOLERATION],
         "terminationGracePeriodSeconds": GRACE_PERIOD_SECONDS,
         "enableServiceLinks": False,

@@ -1,0 +1,98 @@
+"""Minimal pass-through proxies on two HTTP stacks, to measure what the stack itself costs (no policy).
+
+    python bench/_stack_probe.py aiohttp UPSTREAM PORT     # aiohttp server + aiohttp client on uvloop
+    python bench/_stack_probe.py uvicorn UPSTREAM PORT     # uvicorn + httptools, raw ASGI, aiohttp client
+    python bench/_stack_probe.py granian UPSTREAM PORT     # granian (Rust HTTP), the same raw ASGI app
+
+Both forward the body, stream the response chunk by chunk and reuse upstream connections, which is
+all the gateway's proxy core needs from a stack. uvicorn runs from .venv-vllm, which has it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import aiohttp
+
+
+def run_aiohttp(upstream: str, port: int) -> None:
+    from aiohttp import web
+
+    session: dict[str, aiohttp.ClientSession] = {}
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        async with session["s"].post(upstream + request.path, data=body,
+                                     headers={"Content-Type": "application/json"}) as up:
+            response = web.StreamResponse(status=up.status, headers={"Content-Type": up.content_type})
+            await response.prepare(request)
+            async for chunk in up.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def start(app: web.Application) -> None:
+        session["s"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    app = web.Application()
+    app.on_startup.append(start)
+    app.router.add_post("/{tail:.*}", handle)
+    import uvloop
+
+    uvloop.install()
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+_state: dict[str, Any] = {}
+
+
+async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A raw ASGI pass-through proxy (upstream from TF_PROBE_UPSTREAM)."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if "s" not in _state:
+        _state["s"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    upstream = os.environ["TF_PROBE_UPSTREAM"]
+    async with _state["s"].post(upstream + scope["path"], data=body,
+                                headers={"Content-Type": "application/json"}) as up:
+        await send({"type": "http.response.start", "status": up.status,
+                    "headers": [(b"content-type", up.content_type.encode())]})
+        async for chunk in up.content.iter_any():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def run_uvicorn(upstream: str, port: int) -> None:
+    import uvicorn
+
+    os.environ["TF_PROBE_UPSTREAM"] = upstream
+    uvicorn.run(asgi_app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning",
+                access_log=False, lifespan="off")
+
+
+def run_granian(upstream: str, port: int) -> None:
+    from granian import Granian
+
+    os.environ["TF_PROBE_UPSTREAM"] = upstream
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    Granian("_stack_probe:asgi_app", address="127.0.0.1", port=port, interface="asgi", loop="uvloop",
+            workers=1, log_enabled=False).serve()
+
+
+if __name__ == "__main__":
+    stack, target, listen = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    {"aiohttp": run_aiohttp, "uvicorn": run_uvicorn, "granian": run_granian}[stack](target.rstrip("/"), listen)

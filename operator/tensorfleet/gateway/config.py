@@ -1,0 +1,234 @@
+"""gateway.json, the service's configuration the operator renders into a ConfigMap, as typed objects.
+
+The operator renders it from an InferenceService the API server has validated, but the file can be
+edited by hand, so it is checked again here and every problem names its field. The gateway re-reads it
+when it changes (``ConfigWatcher``); a broken edit keeps the previous configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TENANT = "default"
+
+
+class ConfigError(ValueError):
+    """gateway.json is unusable; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupRequest:
+    prompt: str | None
+    prompt_tokens: int | None
+    max_tokens: int
+    concurrency: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupConfig:
+    enabled: bool = True
+    timeout_seconds: float = 1800.0
+    max_latency_ms: int | None = None
+    requests: tuple[WarmupRequest, ...] = ()  # empty: the defaults (short, long, concurrent batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    enabled: bool = False
+    ttl_seconds: float = 300.0
+    max_entries: int = 10000
+    max_bytes: int = 256 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenPolicyConfig:
+    max_input_tokens: int | None = None
+    max_output_tokens: int = 4096
+    tenant_tokens_per_minute: int | None = None
+    tenants: Mapping[str, int] = dataclasses.field(default_factory=dict)  # tenant -> tokens per minute
+    cache: CacheConfig = CacheConfig()
+    raw: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the whole section, for later policies
+
+    def tokens_per_minute(self, tenant: str) -> int | None:
+        return self.tenants.get(tenant, self.tenant_tokens_per_minute)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthConfig:
+    api_keys: bool = False  # an API-key Secret is mounted
+    trusted_tenant_header: str | None = None
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    anonymous_tenant: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.api_keys or self.trusted_tenant_header is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewayConfig:
+    namespace: str = "default"
+    service: str = ""
+    served_model: str = "model"
+    max_model_len: int | None = None
+    engine_max_batch_size: int | None = None
+    runtime: str = "vllm"
+    tier: str = "standard"
+    warmup: WarmupConfig = WarmupConfig()
+    token_policy: TokenPolicyConfig = TokenPolicyConfig()
+    auth: AuthConfig = AuthConfig()
+
+
+def _obj(doc: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
+    value = doc.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}.{key}: expected an object")
+    return value
+
+
+def _int(doc: Mapping[str, Any], key: str, path: str, default: int | None, minimum: int = 1) -> int | None:
+    value = doc.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{path}.{key}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{path}.{key}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _str(doc: Mapping[str, Any], key: str, path: str) -> str | None:
+    value = doc.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{path}.{key}: expected a string, got {value!r}")
+    return value or None
+
+
+def _warmup(doc: Mapping[str, Any]) -> WarmupConfig:
+    path = "warmup"
+    requests = []
+    raw_requests = doc.get("requests") or []
+    if not isinstance(raw_requests, list):
+        raise ConfigError("warmup.requests: expected a list")
+    for index, item in enumerate(raw_requests):
+        where = f"{path}.requests[{index}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{where}: expected an object")
+        prompt, tokens = _str(item, "prompt", where), _int(item, "promptTokens", where, None)
+        if (prompt is None) == (tokens is None):
+            raise ConfigError(f"{where}: set exactly one of prompt or promptTokens")
+        requests.append(WarmupRequest(prompt, tokens, _int(item, "maxTokens", where, 16) or 16,
+                                      _int(item, "concurrency", where, 1) or 1))
+    return WarmupConfig(
+        enabled=bool(doc.get("enabled", True)),
+        timeout_seconds=float(_int(doc, "timeoutSeconds", path, 1800) or 1800),
+        max_latency_ms=_int(doc, "maxLatencyMs", path, None),
+        requests=tuple(requests),
+    )
+
+
+def _token_policy(doc: Mapping[str, Any]) -> TokenPolicyConfig:
+    path = "tokenPolicy"
+    tenants: dict[str, int] = {}
+    raw_tenants = doc.get("tenants") or []
+    if not isinstance(raw_tenants, list):
+        raise ConfigError("tokenPolicy.tenants: expected a list")
+    for index, item in enumerate(raw_tenants):
+        where = f"{path}.tenants[{index}]"
+        name = _str(item, "name", where) if isinstance(item, Mapping) else None
+        if not name:
+            raise ConfigError(f"{where}.name: required")
+        limit = _int(item, "tokensPerMinute", where, None)
+        if limit is not None:
+            tenants[name] = limit
+    cache = _obj(doc, "responseCache", path)
+    where = f"{path}.responseCache"
+    return TokenPolicyConfig(
+        max_input_tokens=_int(doc, "maxInputTokens", path, None),
+        max_output_tokens=_int(doc, "maxOutputTokens", path, 4096) or 4096,
+        tenant_tokens_per_minute=_int(doc, "tenantTokensPerMinute", path, None),
+        tenants=tenants,
+        cache=CacheConfig(
+            enabled=bool(cache.get("enabled", False)),
+            ttl_seconds=float(_int(cache, "ttlSeconds", where, 300) or 300),
+            max_entries=_int(cache, "maxEntries", where, 10000) or 10000,
+            max_bytes=_int(cache, "maxBytes", where, 256 * 1024 * 1024, minimum=1024) or 1024,
+        ),
+        raw=dict(doc),
+    )
+
+
+def _auth(doc: Mapping[str, Any], api_keys_mounted: bool) -> AuthConfig:
+    proxies = []
+    raw = doc.get("trustedProxies") or []
+    if not isinstance(raw, list):
+        raise ConfigError("auth.trustedProxies: expected a list of CIDRs")
+    for index, cidr in enumerate(raw):
+        try:
+            proxies.append(ipaddress.ip_network(str(cidr), strict=False))
+        except ValueError:
+            raise ConfigError(f"auth.trustedProxies[{index}]: {cidr!r} is not an IP network (CIDR)") from None
+    header = _str(doc, "trustedTenantHeader", "auth")
+    if header and not proxies:
+        log.warning("auth.trustedTenantHeader is set but auth.trustedProxies is empty: the header is never honoured")
+    return AuthConfig(
+        api_keys=api_keys_mounted or bool(doc.get("apiKeysSecretRef")),
+        trusted_tenant_header=header.lower() if header else None,
+        trusted_proxies=tuple(proxies),
+        anonymous_tenant=_str(doc, "anonymousTenant", "auth"),
+    )
+
+
+def parse(doc: Mapping[str, Any], api_keys_mounted: bool = False) -> GatewayConfig:
+    """A GatewayConfig from the gateway.json document; ConfigError names the first bad field."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError("gateway.json: expected a JSON object")
+    model = _obj(doc, "model", "")
+    engine = _obj(doc, "engine", "")
+    service = _obj(doc, "service", "")
+    served = _str(model, "servedName", "model")
+    if not served:
+        raise ConfigError("model.servedName: required")
+    return GatewayConfig(
+        namespace=str(service.get("namespace") or "default"),
+        service=str(service.get("name") or ""),
+        served_model=served,
+        max_model_len=_int(model, "maxModelLen", "model", None),
+        engine_max_batch_size=_int(engine, "maxBatchSize", "engine", None),
+        runtime=str(doc.get("runtime") or "vllm"),
+        tier=str(_obj(doc, "billing", "").get("tier") or "standard"),
+        warmup=_warmup(_obj(doc, "warmup", "")),
+        token_policy=_token_policy(_obj(doc, "tokenPolicy", "")),
+        auth=_auth(_obj(doc, "auth", ""), api_keys_mounted),
+    )
+
+
+def load(path: str, api_keys_mounted: bool = False) -> GatewayConfig:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            doc = json.load(stream)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the gateway configuration: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    return parse(doc, api_keys_mounted)
+
+
+def file_version(path: str) -> tuple[int, int] | None:
+    """(mtime_ns, size) of the file a ConfigMap mount points at, or None when it is missing.
+
+    Kubernetes swaps the ``..data`` symlink of the mount on updates, so the resolved file changes.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size

@@ -1,0 +1,336 @@
+"""What differs between engines: routes, request validation, the tokenizer, usage and streams.
+
+``VLLMEngine`` speaks the OpenAI-compatible API and counts tokens with vLLM's ``/tokenize``;
+``TritonEngine`` serves Triton's generate extension and counts with TensorRT-LLM's preprocessing model.
+Both only describe and transform requests; the proxy does the I/O through ``EngineClient``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+from tensorfleet.gateway.errors import GatewayError, bad_request, engine_unavailable
+from tensorfleet.gateway.hooks import ProxyRequest
+from tensorfleet.gateway.streams import TritonStream, Usage, VLLMStream
+
+log = logging.getLogger(__name__)
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+TRITON_GENERATE = "/v2/models/{model}/generate"
+TRITON_STREAM = "/v2/models/{model}/generate_stream"
+_TOKENIZE_CHAT_KEYS = ("add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs",
+                       "tools", "add_special_tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    generates: bool  # runs the token policy and metering; otherwise a plain pass-through
+
+
+def _int_or_none(body: Mapping[str, Any], key: str, minimum: int = 1, maximum: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"'{key}' must be an integer, got {json.dumps(value)[:40]}", key, "invalid_type")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise bad_request(f"'{key}' must be {bound}, got {value}", key, "invalid_value")
+    return value
+
+
+class EngineClient:
+    """The gateway's connection pool to the engine, with the error mapping every caller needs."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+
+    async def post_json(self, path: str, body: Mapping[str, Any], seconds: float = 30.0) -> tuple[int, Any]:
+        try:
+            async with self.session.post(self.base_url + path, json=body,
+                                         timeout=aiohttp.ClientTimeout(total=seconds)) as response:
+                data = await response.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise engine_unavailable(str(exc) or type(exc).__name__) from None
+        except TimeoutError:
+            raise GatewayError(504, f"the engine did not answer {path} within {seconds:g} s",
+                               "engine_timeout") from None
+        try:
+            return response.status, json.loads(data) if data else None
+        except ValueError:
+            return response.status, None
+
+
+class VLLMEngine:
+    runtime = "vllm"
+    health_path = "/health"
+    routes = (Route("POST", CHAT, True), Route("POST", COMPLETIONS, True), Route("GET", "/v1/models", False))
+
+    def __init__(self, served_model: str) -> None:
+        self.served_model = served_model
+
+    def upstream_path(self, request: ProxyRequest) -> str:
+        return request.endpoint
+
+    async def ensure_model(self, client: EngineClient, path_model: str | None) -> None:
+        return None  # the served name was checked against the body in validate
+
+    def validate(self, request: ProxyRequest, path_model: str | None) -> None:
+        body = request.body
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise bad_request("'model' is required and must be a string", "model", "missing_model")
+        if model != self.served_model:
+            raise GatewayError(404, f"The model `{model[:200]}` does not exist; this service serves "
+                                    f"`{self.served_model}`.", "model_not_found", "model")
+        stream = body.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):
+            raise bad_request("'stream' must be a boolean", "stream", "invalid_type")
+        for key in ("max_tokens", "max_completion_tokens"):
+            _int_or_none(body, key)
+        _int_or_none(body, "n", 1, 128)
+        temperature = body.get("temperature")
+        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, int | float)):
+            raise bad_request("'temperature' must be a number", "temperature", "invalid_type")
+        if request.endpoint == CHAT:
+            self._validate_messages(body.get("messages"))
+        else:
+            self._validate_prompt(body.get("prompt"))
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise bad_request("'stream_options' must be an object", "stream_options", "invalid_type")
+        request.streaming = bool(stream)
+        request.client_wants_usage = bool(options and options.get("include_usage"))
+
+    @staticmethod
+    def _validate_messages(messages: Any) -> None:
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("'messages' must be a non-empty array", "messages", "invalid_type")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise bad_request(f"'messages[{index}]' must be an object with a string 'role'",
+                                  f"messages[{index}]", "invalid_type")
+
+    @staticmethod
+    def _validate_prompt(prompt: Any) -> None:
+        ok = isinstance(prompt, str) or (
+            isinstance(prompt, list) and prompt and (
+                all(isinstance(p, str) for p in prompt)
+                or all(isinstance(p, int) and not isinstance(p, bool) for p in prompt)
+                or all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt)))
+        if not ok:
+            raise bad_request("'prompt' must be a string, an array of strings, an array of token ids or an "
+                              "array of arrays of token ids", "prompt", "invalid_type")
+
+    def clamp_output(self, request: ProxyRequest, limit: int) -> int:
+        """Clamp the client's max_tokens (or max_completion_tokens) to ``limit``, or set it; the effective value."""
+        body = request.body
+        keys = [k for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None]
+        changed = dict(body)
+        if not keys:
+            changed["max_tokens"] = limit
+        for key in keys:
+            changed[key] = min(int(body[key]), limit)
+        if changed != body:
+            request.replace_body(changed)
+        return min(int(changed[k]) for k in ("max_tokens", "max_completion_tokens") if changed.get(k) is not None)
+
+    def choices(self, request: ProxyRequest) -> int:
+        prompts = request.body.get("prompt")
+        batch = len(prompts) if isinstance(prompts, list) and prompts and not isinstance(prompts[0], int) else 1
+        return int(request.body.get("n") or 1) * batch
+
+    def prepare_upstream(self, request: ProxyRequest) -> None:
+        """Ask the engine for per-event usage on streams (the client's own options are kept in the stream)."""
+        if not request.streaming:
+            return
+        options = request.body.get("stream_options") or {}
+        wanted = {**options, "include_usage": True, "continuous_usage_stats": True}
+        if options != wanted:
+            request.replace_body({**request.body, "stream_options": wanted})
+
+    def new_stream(self, request: ProxyRequest, original_options: Mapping[str, Any] | None) -> VLLMStream:
+        options = original_options or {}
+        usage = bool(options.get("include_usage"))
+        return VLLMStream(usage, usage and bool(options.get("continuous_usage_stats")))
+
+    @staticmethod
+    def usage_from_body(body: Any) -> Usage | None:
+        return Usage.from_openai(body.get("usage")) if isinstance(body, dict) else None
+
+    async def count_prompt(self, client: EngineClient, endpoint: str, body: Mapping[str, Any]) -> list[int]:
+        if endpoint == CHAT:
+            request = {"model": self.served_model, "messages": body["messages"]}
+            request.update({k: body[k] for k in _TOKENIZE_CHAT_KEYS if k in body})
+            return [await self._tokenize(client, request)]
+        prompt = body["prompt"]
+        if isinstance(prompt, str):
+            prompts: list[Any] = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            return [len(prompt)]
+        else:
+            prompts = prompt
+        extra = {k: body[k] for k in ("add_special_tokens",) if k in body}
+        counts = await asyncio.gather(*(
+            self._tokenize(client, {"model": self.served_model, "prompt": p, **extra}) if isinstance(p, str)
+            else asyncio.sleep(0, len(p)) for p in prompts))
+        return [int(c) for c in counts]
+
+    @staticmethod
+    async def _tokenize(client: EngineClient, request: Mapping[str, Any]) -> int:
+        status, answer = await client.post_json("/tokenize", request)
+        if status == 200 and isinstance(answer, dict) and isinstance(answer.get("count"), int):
+            return int(answer["count"])
+        message = answer.get("error", {}).get("message") if isinstance(answer, dict) else None
+        if 400 <= status < 500:
+            raise bad_request(f"the engine's tokenizer rejected the prompt: {message or status}", None,
+                              "invalid_prompt")
+        raise engine_unavailable(f"/tokenize answered {status}")
+
+    def warmup_request(self, prompt: str | list[int], max_tokens: int) -> tuple[str, dict[str, Any]]:
+        return COMPLETIONS, {"model": self.served_model, "prompt": prompt, "max_tokens": max_tokens,
+                             "temperature": 0, "ignore_eos": True}
+
+    async def token_for_padding(self, client: EngineClient) -> int:
+        status, answer = await client.post_json("/tokenize", {"model": self.served_model, "prompt": "hello",
+                                                              "add_special_tokens": False})
+        if status == 200 and isinstance(answer, dict) and answer.get("tokens"):
+            return int(answer["tokens"][0])
+        return 0
+
+    async def context_window(self, client: EngineClient) -> int | None:
+        try:
+            async with client.session.get(client.base_url + "/v1/models",
+                                          timeout=aiohttp.ClientTimeout(total=10)) as response:
+                models = await response.json()
+            return int(models["data"][0]["max_model_len"])
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError, IndexError, TypeError):
+            return None
+
+
+class TritonEngine:
+    runtime = "triton"
+    health_path = "/v2/health/ready"
+    routes = (Route("POST", TRITON_GENERATE, True), Route("POST", TRITON_STREAM, True),
+              Route("GET", "/v2/models/{model}", False), Route("GET", "/v2/models/{model}/config", False))
+
+    def __init__(self, served_model: str, tokenizer_model: str = "preprocessing") -> None:
+        self.served_model = served_model
+        self.tokenizer_model = tokenizer_model
+        self.models: frozenset[str] = frozenset()  # READY models in the repository, read at warm-up
+        self._tokenizer_missing_logged = False
+
+    def upstream_path(self, request: ProxyRequest) -> str:
+        return request.flags["_path"]
+
+    def validate(self, request: ProxyRequest, path_model: str | None) -> None:
+        body = request.body
+        text = body.get("text_input")
+        if text is not None and not isinstance(text, str):
+            raise bad_request("'text_input' must be a string", "text_input", "invalid_type")
+        _int_or_none(body, "max_tokens")
+        request.streaming = request.endpoint == TRITON_STREAM
+
+    async def ensure_model(self, client: EngineClient, path_model: str | None) -> None:
+        """404 unless the repository has ``path_model`` ready (asked once per name, then remembered)."""
+        if path_model is not None and path_model not in self.models:
+            try:
+                async with client.session.get(f"{client.base_url}/v2/models/{path_model}/ready",
+                                              timeout=aiohttp.ClientTimeout(total=5)) as response:
+                    ready = response.status == 200
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise engine_unavailable(str(exc) or type(exc).__name__) from None
+            if ready:
+                self.models = self.models | {path_model}
+        if path_model is None or path_model not in self.models:
+            raise GatewayError(404, f"The model `{str(path_model)[:200]}` is not ready in the Triton repository.",
+                               "model_not_found", "model")
+
+    def clamp_output(self, request: ProxyRequest, limit: int) -> int:
+        current = request.body.get("max_tokens")
+        effective = limit if current is None else min(int(current), limit)
+        if effective != current:
+            request.replace_body({**request.body, "max_tokens": effective})
+        return effective
+
+    def choices(self, request: ProxyRequest) -> int:
+        return 1
+
+    def prepare_upstream(self, request: ProxyRequest) -> None:
+        return None
+
+    def new_stream(self, request: ProxyRequest, original_options: Mapping[str, Any] | None) -> TritonStream:
+        return TritonStream()
+
+    @staticmethod
+    def usage_from_body(body: Any) -> Usage | None:
+        return None
+
+    async def count_prompt(self, client: EngineClient, endpoint: str, body: Mapping[str, Any]) -> list[int]:
+        text = body.get("text_input")
+        if not isinstance(text, str):
+            return []
+        count = await self.count_text(client, text)
+        return [] if count is None else [count]
+
+    async def count_text(self, client: EngineClient, text: str) -> int | None:
+        """Tokens in ``text`` by the model repository's tokenizer model; None when there is none."""
+        request = {"inputs": [
+            {"name": "QUERY", "shape": [1, 1], "datatype": "BYTES", "data": [text]},
+            {"name": "REQUEST_OUTPUT_LEN", "shape": [1, 1], "datatype": "INT32", "data": [1]}],
+            "outputs": [{"name": "REQUEST_INPUT_LEN"}]}
+        status, answer = await client.post_json(f"/v2/models/{self.tokenizer_model}/infer", request)
+        if status != 200 or not isinstance(answer, dict):
+            if not self._tokenizer_missing_logged:
+                log.warning("no tokenizer model %r in the Triton repository (status %s): input tokens are not "
+                            "counted by the gateway", self.tokenizer_model, status)
+                self._tokenizer_missing_logged = True
+            return None
+        for output in answer.get("outputs", ()):
+            if output.get("name") == "REQUEST_INPUT_LEN" and output.get("data"):
+                return int(output["data"][0])
+        return None
+
+    def warmup_request(self, prompt: str | list[int], max_tokens: int) -> tuple[str, dict[str, Any]]:
+        text = prompt if isinstance(prompt, str) else " ".join("hello" for _ in prompt)
+        return f"/v2/models/{self.generate_model}/generate", {"text_input": text, "max_tokens": max_tokens}
+
+    @property
+    def generate_model(self) -> str:
+        """The model warm-up talks to: the served name when the repository has it, else TensorRT-LLM's ensemble."""
+        if not self.models or self.served_model in self.models:
+            return self.served_model
+        return "ensemble" if "ensemble" in self.models else sorted(self.models)[0]
+
+    async def token_for_padding(self, client: EngineClient) -> int:
+        return 0
+
+    async def context_window(self, client: EngineClient) -> int | None:
+        return None
+
+    async def load_models(self, client: EngineClient) -> None:
+        """The ready models, from the repository index when the server allows it (it may be restricted)."""
+        status, answer = await client.post_json("/v2/repository/index", {"ready": True})
+        if status == 200 and isinstance(answer, list):
+            self.models = frozenset(str(m["name"]) for m in answer
+                                    if isinstance(m, dict) and "name" in m and m.get("state", "READY") == "READY")
+
+
+Engine = VLLMEngine | TritonEngine
+
+
+def engine_for(runtime: str, served_model: str, tokenizer_model: str) -> Engine:
+    if runtime == "triton":
+        return TritonEngine(served_model, tokenizer_model)
+    return VLLMEngine(served_model)

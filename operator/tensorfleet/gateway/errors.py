@@ -1,0 +1,55 @@
+"""Errors the gateway answers with: always JSON in the OpenAI error shape, always a 4xx or 503/502/504."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from aiohttp import web
+
+
+class GatewayError(Exception):
+    """A request the gateway refuses or cannot serve; becomes a JSON response with ``status``."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None,
+                 headers: Mapping[str, str] | None = None, type_: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+        self.type = type_ or _type_for(status)
+
+    def response(self, request_id: str | None = None) -> web.Response:
+        return error_response(self.status, self.message, self.code, self.param, self.headers, self.type, request_id)
+
+
+def _type_for(status: int) -> str:
+    return {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(status: int, message: str, code: str, param: str | None = None, type_: str | None = None) -> bytes:
+    error = {"message": message, "type": type_ or _type_for(status), "param": param, "code": code}
+    return json.dumps({"error": error}).encode()
+
+
+def error_response(status: int, message: str, code: str, param: str | None = None,
+                   headers: Mapping[str, str] | None = None, type_: str | None = None,
+                   request_id: str | None = None) -> web.Response:
+    extra = dict(headers or {})
+    if request_id:
+        extra["X-Request-Id"] = request_id
+    return web.Response(status=status, body=error_body(status, message, code, param, type_),
+                        content_type="application/json", headers=extra)
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_request") -> GatewayError:
+    return GatewayError(400, message, code, param)
+
+
+def engine_unavailable(detail: str) -> GatewayError:
+    return GatewayError(503, f"the engine is unavailable: {detail}", "engine_unavailable",
+                        headers={"Retry-After": "1"})

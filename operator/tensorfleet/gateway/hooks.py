@@ -1,0 +1,77 @@
+"""The request pipeline's extension points, and the request as it moves through the gateway.
+
+Two kinds of policy plug in beside the token policy:
+
+* a ``RequestHook`` runs after authentication, validation and the max-tokens clamp and before the input
+  count, the rate limit and the engine. It may rewrite ``ProxyRequest.body`` (``replace_body``), add
+  response headers and flags, or refuse the request by raising ``GatewayError``;
+* a ``ResponseGuard`` (one per request, from ``ResponseHook.open``) sees every event the engine streams
+  (and a non-streamed body) before the client does. Returning ``Stop`` aborts the engine request and
+  ends the response cleanly: the client gets a final chunk with ``finish_reason`` and ``[DONE]``, and
+  only the tokens produced are billed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """Stop the generation now; ``reason`` is recorded in the request's flags (e.g. ``runaway``)."""
+
+    reason: str
+    finish_reason: str = "length"
+
+
+@dataclasses.dataclass
+class ProxyRequest:
+    request_id: str
+    endpoint: str  # the route, e.g. /v1/chat/completions or /v2/models/{model}/generate
+    tenant: str
+    body: dict[str, Any]
+    raw: bytes  # the body as received: sent upstream unchanged unless something rewrote it
+    streaming: bool
+    received: float  # monotonic
+    received_at: float  # wall clock
+    billable: bool
+    modified: bool = False
+    client_wants_usage: bool = False
+    prompt_tokens: int | None = None  # counted with the engine's tokenizer, when the policy needed a count
+    response_headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. truncated, truncated_tokens
+
+    def replace_body(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.modified = True
+
+    def upstream_bytes(self) -> bytes:
+        if not self.modified:
+            return self.raw
+        return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class TokenCounter(Protocol):
+    async def count_prompt(self, endpoint: str, body: Mapping[str, Any]) -> list[int]:
+        """Prompt tokens of each sequence in the request, counted with the engine's own tokenizer."""
+
+
+class RequestHook(Protocol):
+    async def before_upstream(self, request: ProxyRequest, tokens: TokenCounter) -> None:
+        """Rewrite or refuse the request (raise GatewayError) before it is counted and admitted."""
+
+
+class ResponseGuard(Protocol):
+    def on_event(self, payload: bytes) -> Stop | None:
+        """One streamed event's JSON payload, before the client sees it."""
+
+    def on_body(self, body: Mapping[str, Any]) -> Stop | None:
+        """A whole (non-streamed) response body."""
+
+
+class ResponseHook(Protocol):
+    def open(self, request: ProxyRequest) -> ResponseGuard | None:
+        """A guard for this request's response, or None to let it through unwatched."""

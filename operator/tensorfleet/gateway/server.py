@@ -1,0 +1,279 @@
+"""The gateway process: the client and admin HTTP servers, background tasks, reloads and the drain.
+
+``Gateway`` wires the parts together around an injected metering sink, so tests and the CLI build the
+same thing. The CLI runs ``serve``: start, wait for SIGTERM/SIGINT, drain (not-ready first, then let
+in-flight requests finish within the grace period), flush the sink, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from tensorfleet.gateway import config as gwconfig
+from tensorfleet.gateway.auth import KeyStore, TenantResolver
+from tensorfleet.gateway.cache import ResponseCache
+from tensorfleet.gateway.engine import EngineClient, engine_for
+from tensorfleet.gateway.errors import error_response
+from tensorfleet.gateway.hooks import RequestHook, ResponseHook
+from tensorfleet.gateway.metrics import GatewayMetrics
+from tensorfleet.gateway.proxy import Proxy, Services
+from tensorfleet.gateway.ratelimit import TokenRateLimiter
+from tensorfleet.gateway.settings import GatewaySettings
+from tensorfleet.gateway.state import ActiveRequests, Admission, GatewayState
+from tensorfleet.gateway.warmup import EngineMonitor, WarmupGate
+from tensorfleet.metering.events import ColdStartEvent, EventSink, RequestEvent
+
+log = logging.getLogger(__name__)
+
+_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 400: "bad_request"}
+
+
+class MeteringSink(Protocol):
+    """What the metering module's sink offers the gateway process (see tensorfleet.metering.sink)."""
+
+    def submit(self, event: RequestEvent | ColdStartEvent) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def gpu_utilization(self) -> float | None: ...
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, sink: EventSink, *,
+                 gpu_utilization: Callable[[], float | None] | None = None,
+                 config: gwconfig.GatewayConfig | None = None, pod: str = "",
+                 request_hooks: Sequence[RequestHook] = (), response_hooks: Sequence[ResponseHook] = ()) -> None:
+        self.settings = settings
+        self.pod = pod
+        self.config = config or gwconfig.load(settings.config, api_keys_mounted=bool(settings.api_keys_dir))
+        self._config_version = gwconfig.file_version(settings.config)
+        self.metrics = GatewayMetrics(CollectorRegistry(), settings.max_tenant_labels)
+        if gpu_utilization is not None:
+            self.metrics.watch_gpu(gpu_utilization)
+        self.state = GatewayState(self.metrics)
+        self.keys = KeyStore(settings.api_keys_dir)
+        self.keys.reload()
+        self.engine = engine_for(settings.runtime, self.config.served_model, settings.triton_tokenizer_model)
+        self.sink = sink
+        self._request_hooks = list(request_hooks)
+        self._response_hooks = list(response_hooks)
+        self.services: Services | None = None
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.ports: dict[str, int] = {}
+
+    # ---- building ------------------------------------------------------------------------------
+
+    def _services(self, session: aiohttp.ClientSession) -> Services:
+        limiter = TokenRateLimiter(lambda tenant: self.config.token_policy.tokens_per_minute(tenant))
+        return Services(
+            settings=self.settings, config=self.config, engine=self.engine,
+            client=EngineClient(session, self.settings.upstream),
+            resolver=TenantResolver(self.config.auth, self.keys), limiter=limiter,
+            cache=ResponseCache(self.config.token_policy.cache), metrics=self.metrics, sink=self.sink,
+            state=self.state, admission=Admission(self.metrics, self.settings.max_in_flight, self.settings.max_queue),
+            active=ActiveRequests(), request_hooks=self._request_hooks, response_hooks=self._response_hooks)
+
+    def client_app(self, services: Services) -> web.Application:
+        proxy = Proxy(services)
+        app = web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[self._errors])
+        for route in self.engine.routes:
+            app.router.add_route(route.method, route.path, proxy.generate if route.generates else proxy.passthrough)
+        return app
+
+    def admin_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors])
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/livez", self._livez)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """Framework errors (unknown path, wrong method, body too large) as JSON; close connections while draining."""
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = error_response(exc.status, exc.reason if exc.status != 404 else f"no route {request.path}",
+                                      _HTTP_ERROR_CODES.get(exc.status, "http_error"))
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            log.exception("unexpected error serving %s %s", request.method, request.path)
+            response = error_response(500, "internal gateway error", "internal_error")
+        if self.state.draining:
+            response.force_close()  # keep-alive clients move to another replica
+        return response
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        state = self.state
+        body = {"ready": state.ready, "phase": state.phase, "engineUp": state.engine_up}
+        if state.failed:
+            body["reason"] = state.failed
+        return web.json_response(body, status=200 if state.ready else 503)
+
+    async def _livez(self, request: web.Request) -> web.Response:
+        failed = self.state.failed
+        return web.json_response({"alive": failed is None, **({"reason": failed} if failed else {})},
+                                 status=503 if failed else 200)
+
+    # ---- running -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.upstream_connect_timeout_seconds,
+                                        sock_read=s.upstream_idle_timeout_seconds)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=60)
+        session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                        skip_auto_headers=("User-Agent", "Accept-Encoding"))
+        self.services = self._services(session)
+        self._session = session
+        handler_options: dict[str, Any] = {
+            "handler_cancellation": True, "keepalive_timeout": s.idle_timeout_seconds,
+            "max_line_size": s.max_header_bytes, "max_field_size": s.max_header_bytes, "max_headers": s.max_headers,
+            "access_log": logging.getLogger("tensorfleet.gateway.access") if s.access_log else None,
+        }
+        for name, app, port in (("admin", self.admin_app(), s.admin_port),
+                                ("client", self.client_app(self.services), s.port)):
+            runner = web.AppRunner(app, **handler_options)
+            await runner.setup()
+            site = web.TCPSite(runner, s.host, port, backlog=1024, reuse_address=True)
+            await site.start()
+            self._runners.append(runner)
+            self.ports[name] = _bound_port(runner, port)
+        self._spawn(self._warm_up(), "warm-up")
+        monitor = EngineMonitor(self.engine, self.services.client, self.state, self.metrics, s.metrics_url,
+                                s.engine_poll_seconds)
+        self._spawn(monitor.run(), "engine monitor")
+        self._spawn(self._reload_forever(), "reload")
+        log.info("gateway listening on %s:%d (admin %d), engine %s (%s)", s.host, self.ports["client"],
+                 self.ports["admin"], s.upstream, s.runtime)
+
+    def _spawn(self, coroutine: Any, name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.append(task)
+
+    async def _warm_up(self) -> None:
+        assert self.services is not None
+        gate = WarmupGate(self.config, self.engine, self.services.client, self.state, self.metrics, self.sink,
+                          self.pod, self.settings.health_interval_seconds)
+        try:
+            await gate.run()
+        except Exception as exc:
+            if self.state.failed is None:
+                log.exception("warm-up failed")
+                self.state.fail(f"warm-up failed: {exc}")
+
+    async def _reload_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_seconds)
+            self.reload()
+
+    def reload(self) -> bool:
+        """Apply a changed gateway.json and API keys; a broken file keeps the previous configuration."""
+        self.keys.reload()
+        version = gwconfig.file_version(self.settings.config)
+        if version is None or version == self._config_version:
+            return False
+        self._config_version = version
+        try:
+            new = gwconfig.load(self.settings.config, api_keys_mounted=bool(self.settings.api_keys_dir))
+        except gwconfig.ConfigError as exc:
+            log.error("configuration change ignored: %s", exc)
+            self.metrics.config_reloads.labels("error").inc()
+            return False
+        self.apply(new)
+        self.metrics.config_reloads.labels("ok").inc()
+        return True
+
+    def apply(self, new: gwconfig.GatewayConfig) -> None:
+        old, self.config = self.config, new
+        self.engine.served_model = new.served_model
+        if self.services is not None:
+            self.services.config = new
+            self.services.resolver.config = new.auth
+            if new.token_policy != old.token_policy:
+                self.services.cache.config = new.token_policy.cache
+                self.services.cache.clear()  # answers cached under another policy may no longer be allowed
+        log.info("configuration reloaded")
+
+    async def drain(self) -> bool:
+        """Turn not-ready, keep serving while endpoints update, then wait for in-flight requests."""
+        assert self.services is not None
+        self.state.start_drain()
+        log.info("draining: not ready; %d request(s) in flight", self.services.active.count)
+        await asyncio.sleep(self.settings.drain_delay_seconds)
+        started = time.monotonic()
+        finished = await self.services.active.wait_idle(self.settings.drain_timeout_seconds)
+        log.info("drain %s after %.1f s", "complete" if finished else "timed out; aborting the rest",
+                 time.monotonic() - started)
+        return finished
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        if self.services is not None:
+            await self._session.close()
+
+
+def _bound_port(runner: web.AppRunner, requested: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return requested
+
+
+def read_config_document(path: str) -> Mapping[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            doc = json.load(stream)
+    except (OSError, ValueError) as exc:
+        raise gwconfig.ConfigError(f"{path}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise gwconfig.ConfigError(f"{path}: expected a JSON object")
+    return doc
+
+
+async def serve(settings: GatewaySettings, sink: MeteringSink, pod: str = "",
+                stop: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or ``stop``), drain, flush metering; the exit status."""
+    await sink.start()
+    gateway = Gateway(settings, sink, gpu_utilization=sink.gpu_utilization, pod=pod)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await gateway.start()
+        await stop.wait()
+        log.info("stop signal received")
+        await gateway.drain()
+    finally:
+        await gateway.close()
+        await sink.close()
+    return 0

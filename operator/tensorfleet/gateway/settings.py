@@ -1,0 +1,64 @@
+"""The gateway's settings: one object, every field a flag and a TENSORFLEET_GATEWAY_* environment variable."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+from tensorfleet.config import setting
+
+RuntimeName = Literal["vllm", "triton"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewaySettings:
+    ENV_PREFIX: ClassVar[str] = "TENSORFLEET_GATEWAY_"
+
+    config: str = setting("/etc/tensorfleet/gateway.json",
+                          "Path of gateway.json (the service's model, warm-up, token policy, auth and billing).")
+    upstream: str = setting("http://127.0.0.1:8081", "Base URL of the engine.")
+    runtime: RuntimeName = setting("vllm", "Engine runtime: vllm (OpenAI API) or triton (generate endpoints).")
+    host: str = setting("0.0.0.0", "Address to listen on for clients and the admin endpoints.")
+    port: int = setting(8000, "Client port (the OpenAI-compatible API).")
+    admin_port: int = setting(9090, "Admin port: /metrics, /readyz, /livez.")
+    usage_dir: str = setting("/var/lib/tensorfleet", "Where the metering sink keeps its ledger.")
+    devices_file: str | None = setting(None, "File naming the GPUs the engine was given (NVIDIA_VISIBLE_DEVICES).")
+    gpu_product: str | None = setting(None, "GPU product of this node (nvidia.com/gpu.product).")
+    api_keys_dir: str | None = setting(
+        None, "Folder of the mounted API-key Secret: one file per tenant holding the sha256 of its key.")
+    engine_metrics_url: str | None = setting(
+        None, "Engine Prometheus endpoint. Default: UPSTREAM/metrics for vllm, port+2 of UPSTREAM for triton.")
+    triton_tokenizer_model: str = setting(
+        "preprocessing", "Triton model that tokenizes (TensorRT-LLM's preprocessing model) for input counting.")
+    max_body_bytes: int = setting(4 * 1024 * 1024, "Largest request body accepted (413 beyond).")
+    max_header_bytes: int = setting(8190, "Longest request line and header field accepted (400 beyond).")
+    max_headers: int = setting(64, "Most header fields in one request.")
+    idle_timeout_seconds: float = setting(
+        75.0, "Close a client connection that has not sent a complete request header for this long "
+        "(a new connection or an idle keep-alive one): bounds both header reads and idle connections.")
+    body_read_timeout_seconds: float = setting(30.0, "Most time a client may take to send a request body (408).")
+    upstream_connect_timeout_seconds: float = setting(5.0, "Connect timeout to the engine.")
+    upstream_idle_timeout_seconds: float = setting(
+        600.0, "Most time between two reads from the engine. There is no total timeout: long streams run on.")
+    max_in_flight: int = setting(0, "Requests sent to the engine at once; 0 leaves queueing to the engine.")
+    max_queue: int = setting(1024, "Requests waiting in the gateway beyond max_in_flight before 503.")
+    drain_delay_seconds: float = setting(
+        5.0, "On SIGTERM, keep accepting this long after turning not-ready, while endpoints update.")
+    drain_timeout_seconds: float = setting(
+        110.0, "On SIGTERM, wait at most this long for in-flight requests (keep below the pod's grace period).")
+    health_interval_seconds: float = setting(0.5, "How often the engine's health is polled before it is up.")
+    engine_poll_seconds: float = setting(2.0, "How often engine health and metrics are read once up.")
+    reload_seconds: float = setting(10.0, "How often the configuration file and the API keys are checked for changes.")
+    max_tenant_labels: int = setting(100, "Distinct tenant label values in metrics; others are counted as 'other'.")
+    log_level: Literal["debug", "info", "warning", "error"] = setting("info", "Log level.")
+    access_log: bool = setting(False, "Log one line per request.")
+
+    @property
+    def metrics_url(self) -> str:
+        if self.engine_metrics_url:
+            return self.engine_metrics_url
+        if self.runtime == "vllm":
+            return self.upstream.rstrip("/") + "/metrics"
+        scheme, _, rest = self.upstream.partition("://")
+        host, _, port = rest.rstrip("/").rpartition(":")
+        return f"{scheme}://{host}:{int(port) + 2}/metrics"

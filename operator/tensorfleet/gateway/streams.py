@@ -1,0 +1,155 @@
+"""Per-request processing of an engine's event stream: token counts per event, and usage the client did
+not ask for taken out again, so the client sees exactly the stream it asked for.
+
+vLLM: the gateway always asks for ``stream_options: {include_usage, continuous_usage_stats}``; each event
+then carries cumulative usage per choice, which gives the exact tokens of every forwarded event. When
+the client did not ask for that, the per-event ``usage`` object is cut out; when it did not ask for
+usage at all, the final usage-only event is dropped and the ``system_fingerprint`` vLLM moves onto it is
+put back on the terminal event(s), which are held until the usage event arrives (same engine step).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tensorfleet.gateway import sse
+from tensorfleet.gateway.hooks import Stop
+
+_CHOICES = b'"choices":['
+_EMPTY_CHOICES = b'"choices":[]'
+_FINISHED = b'"finish_reason":"'
+_FINGERPRINT = b'"system_fingerprint":"'
+
+
+class Usage:
+    __slots__ = ("cached_tokens", "completion_tokens", "prompt_tokens")
+
+    def __init__(self, prompt_tokens: int = 0, completion_tokens: int = 0, cached_tokens: int = 0) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.cached_tokens = cached_tokens
+
+    @classmethod
+    def from_openai(cls, usage: Any) -> Usage | None:
+        if not isinstance(usage, dict):
+            return None
+        details = usage.get("prompt_tokens_details") or {}
+        return cls(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                   int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0)
+
+
+class VLLMStream:
+    """Edits one vLLM stream; ``process`` returns the events to forward and the tokens they carry."""
+
+    def __init__(self, client_usage: bool, client_continuous: bool) -> None:
+        self.client_usage = client_usage
+        self.client_continuous = client_continuous
+        self.usage: Usage | None = None
+        self.completion_tokens = 0
+        self.prompt_tokens: int | None = None  # from the continuous usage, for streams stopped before the end
+        self._per_choice: dict[int, int] = {}
+        self._held: list[bytes] = []
+        self.last_chunk: bytes | None = None
+        self.done = False
+
+    def process(self, payload: bytes) -> tuple[list[bytes], int]:
+        if payload == sse.DONE:
+            self.done = True
+            return [*self._flush(None), sse.event(payload)], 0
+        if _EMPTY_CHOICES in payload and b'"usage":{' in payload:
+            return self._usage_event(payload), 0
+        tokens = self._count(payload)
+        self.last_chunk = payload
+        if not self.client_continuous:
+            payload = sse.drop_object(payload, b"usage")
+        if not self.client_usage and _FINISHED in payload:
+            self._held.append(payload)
+            return [], tokens
+        return [*self._flush(None), sse.event(payload)], tokens
+
+    def _count(self, payload: bytes) -> int:
+        span = sse.object_span(payload, b"usage")
+        if span is None:
+            return 0
+        cumulative = sse.int_field(payload, b"completion_tokens", span[0])
+        if cumulative is None:
+            return 0
+        if self.prompt_tokens is None:
+            self.prompt_tokens = sse.int_field(payload, b"prompt_tokens", span[0])
+        index = sse.int_field(payload, b"index", payload.find(_CHOICES)) or 0
+        tokens = cumulative - self._per_choice.get(index, 0)
+        self._per_choice[index] = cumulative
+        self.completion_tokens += max(tokens, 0)
+        return max(tokens, 0)
+
+    def _usage_event(self, payload: bytes) -> list[bytes]:
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            chunk = {}
+        self.usage = Usage.from_openai(chunk.get("usage"))
+        if self.client_usage:
+            return [*self._flush(None), sse.event(payload)]
+        return self._flush(chunk.get("system_fingerprint"))
+
+    def _flush(self, fingerprint: str | None) -> list[bytes]:
+        if not self._held:
+            return []
+        held, self._held = self._held, []
+        if fingerprint is None:
+            return [sse.event(p) for p in held]
+        stamp = b',"system_fingerprint":' + json.dumps(fingerprint).encode() + b"}"
+        return [sse.event(p if _FINGERPRINT in p else p[:-1] + stamp) for p in held]
+
+    def finish(self) -> list[bytes]:
+        """Events still held when the engine closed the stream."""
+        return self._flush(None)
+
+    def stopped(self, stop: Stop, prompt_tokens: int) -> list[bytes]:
+        """The events that end a stream cleanly when a guard stops it: a final chunk, usage if asked, [DONE]."""
+        base: dict[str, Any] = {}
+        if self.last_chunk is not None:
+            try:
+                base = json.loads(self.last_chunk)
+            except ValueError:
+                base = {}
+        chat = base.get("object") == "chat.completion.chunk"
+        choice: dict[str, Any] = {"index": 0, "finish_reason": stop.finish_reason}
+        if chat:
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        final: dict[str, Any] = {k: base[k] for k in ("id", "object", "created", "model") if k in base}
+        final["choices"] = [choice]
+        events = [*self._flush(None), sse.event(json.dumps(final, separators=(",", ":")).encode())]
+        if self.client_usage:
+            usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + self.completion_tokens,
+                     "completion_tokens": self.completion_tokens}
+            usage_chunk: dict[str, Any] = {**final, "choices": [], "usage": usage}
+            events.append(sse.event(json.dumps(usage_chunk, separators=(",", ":")).encode()))
+        events.append(sse.event(sse.DONE))
+        return events
+
+
+class TritonStream:
+    """Triton's generate_stream: one JSON event per response; TensorRT-LLM streams one token per event."""
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.completion_tokens = 0
+        self.prompt_tokens: int | None = None
+        self.last_chunk: bytes | None = None
+        self.done = False
+
+    def process(self, payload: bytes) -> tuple[list[bytes], int]:
+        self.last_chunk = payload
+        tokens = 0 if b'"error"' in payload[:12] else 1
+        self.completion_tokens += tokens
+        return [sse.event(payload)], tokens
+
+    def finish(self) -> list[bytes]:
+        return []
+
+    def stopped(self, stop: Stop, prompt_tokens: int) -> list[bytes]:
+        return []

@@ -1,0 +1,259 @@
+"""Start-up: wait for the engine, warm it up, then turn ready; and keep watching the engine afterwards.
+
+Cold start is measured from the container start (this process's start time, read from /proc) through
+engine healthy and warmed up to ready, exported as metrics and submitted once as a ``ColdStartEvent``.
+Warm-up requests go straight to the engine and are recorded as non-billable events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+
+from tensorfleet.gateway.config import GatewayConfig, WarmupRequest
+from tensorfleet.gateway.engine import Engine, EngineClient, TritonEngine
+from tensorfleet.gateway.errors import GatewayError
+from tensorfleet.gateway.metrics import GatewayMetrics
+from tensorfleet.gateway.state import GatewayState
+from tensorfleet.metering.events import ColdStartEvent, EventSink, RequestEvent, TokenChunk
+
+log = logging.getLogger(__name__)
+
+WARMUP_TENANT = "tensorfleet:warmup"
+SHORT_PROMPT = "Hello! Please introduce yourself in one sentence."
+DEFAULT_BATCH = 8
+
+
+def process_age_seconds() -> float:
+    """How long ago this process (so, near enough, its container) started; 0 when /proc cannot tell."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stream:
+            fields = stream.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as stream:
+            uptime = float(stream.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupResult:
+    ok: bool
+    detail: str
+
+
+class WarmupGate:
+    def __init__(self, config: GatewayConfig, engine: Engine, client: EngineClient, state: GatewayState,
+                 metrics: GatewayMetrics, sink: EventSink, pod: str, health_interval: float = 0.5) -> None:
+        self.config = config
+        self.engine = engine
+        self.client = client
+        self.state = state
+        self.metrics = metrics
+        self.sink = sink
+        self.pod = pod
+        self.health_interval = health_interval
+        self.created = time.monotonic()
+        self.container_started = self.created - process_age_seconds()
+        self.container_started_at = time.time() - (time.monotonic() - self.container_started)
+
+    async def run(self) -> None:
+        # The deadline runs from this gateway's start; the cold-start record below measures from the
+        # container's (the process's) start. They differ only when the gateway runs inside a longer-lived
+        # process, as in tests.
+        deadline = self.created + self.config.warmup.timeout_seconds
+        await self._wait_healthy(deadline)
+        healthy = time.monotonic()
+        self.state.set_engine_up(True)
+        self.state.set_phase("warming_up")
+        if isinstance(self.engine, TritonEngine):
+            await self.engine.load_models(self.client)
+        if self.config.warmup.enabled:
+            await self._warm_up(deadline)
+        warm = time.monotonic()
+        self.state.mark_warm()
+        ready = time.monotonic()
+        self._report({"engine_healthy": healthy - self.container_started, "warmed_up": warm - healthy,
+                      "ready": ready - warm}, ready - self.container_started)
+
+    async def _wait_healthy(self, deadline: float) -> None:
+        log.info("waiting for the engine at %s%s", self.client.base_url, self.engine.health_path)
+        while True:
+            if await engine_healthy(self.client, self.engine.health_path):
+                log.info("the engine is healthy")
+                return
+            if time.monotonic() > deadline:
+                self._fail(f"the engine was not healthy within warmup.timeoutSeconds "
+                           f"({self.config.warmup.timeout_seconds:g} s)")
+            await asyncio.sleep(self.health_interval)
+
+    async def _warm_up(self, deadline: float) -> None:
+        requests = await self._requests()
+        attempt = 0
+        while True:
+            attempt += 1
+            result = await self._round(requests)
+            if result.ok:
+                log.info("warm-up done (%d round(s)): %s", attempt, result.detail)
+                return
+            log.warning("warm-up round %d did not pass: %s", attempt, result.detail)
+            if time.monotonic() > deadline:
+                self._fail(f"warm-up did not pass within warmup.timeoutSeconds: {result.detail}")
+            await asyncio.sleep(1.0)
+
+    def _fail(self, reason: str) -> None:
+        log.error("%s", reason)
+        self.state.fail(reason)
+        raise GatewayError(503, reason, "warmup_failed")
+
+    async def _requests(self) -> list[WarmupRequest]:
+        if self.config.warmup.requests:
+            return list(self.config.warmup.requests)
+        batch = min(DEFAULT_BATCH, self.config.engine_max_batch_size or DEFAULT_BATCH)
+        defaults = [WarmupRequest(SHORT_PROMPT, None, 16, 1)]
+        longest = await self._longest_prompt()
+        if longest:
+            defaults.append(WarmupRequest(None, longest, 16, 1))
+        defaults.append(WarmupRequest(SHORT_PROMPT, None, 16, batch))
+        return defaults
+
+    async def _longest_prompt(self) -> int | None:
+        """A prompt near the max input length: maxInputTokens, else the context window less the output."""
+        limit = self.config.token_policy.max_input_tokens
+        window = self.config.max_model_len or await self.engine.context_window(self.client)
+        if window is not None:
+            limit = min(limit or window, window - 16 - 1)
+        if not limit or limit < 2:
+            log.info("no max input length known: the long warm-up prompt is skipped")
+            return None
+        return limit
+
+    async def _round(self, requests: list[WarmupRequest]) -> WarmupResult:
+        bound = self.config.warmup.max_latency_ms
+        padding = await self.engine.token_for_padding(self.client)
+        details = []
+        for item in requests:
+            prompt: str | list[int] = item.prompt if item.prompt is not None else [padding] * (item.prompt_tokens or 1)
+            results = await asyncio.gather(*(self._one(prompt, item.max_tokens) for _ in range(item.concurrency)))
+            slowest = max(latency for _, latency in results)
+            failed = [status for status, _ in results if status != 200]
+            size = f"{len(prompt)} tokens" if isinstance(prompt, list) else f"{len(prompt)} chars"
+            details.append(f"{item.concurrency}x {size}: {slowest * 1000:.0f} ms")
+            if failed:
+                return WarmupResult(False, f"{len(failed)} of {item.concurrency} request(s) of {size} failed "
+                                           f"with status {failed[0]}")
+            if bound is not None and slowest * 1000 > bound:
+                return WarmupResult(False, f"{size} took {slowest * 1000:.0f} ms, over warmup.maxLatencyMs {bound}")
+        return WarmupResult(True, "; ".join(details))
+
+    async def _one(self, prompt: str | list[int], max_tokens: int) -> tuple[int, float]:
+        path, body = self.engine.warmup_request(prompt, max_tokens)
+        received, received_at = time.monotonic(), time.time()
+        try:
+            status, answer = await self.client.post_json(path, body, seconds=self.config.warmup.timeout_seconds)
+        except GatewayError as exc:
+            status, answer = exc.status, None
+        done = time.monotonic()
+        self._record(path, received, received_at, done, status, answer)
+        return status, done - received
+
+    def _record(self, path: str, received: float, received_at: float, done: float, status: int, answer: Any) -> None:
+        usage = self.engine.usage_from_body(answer)
+        completion = usage.completion_tokens if usage else 0
+        self.sink.submit(RequestEvent(
+            request_id=f"tf-warmup-{uuid.uuid4().hex}", tenant=WARMUP_TENANT, model=self.config.served_model,
+            endpoint=path, received_at=received_at, received=received, admitted=received,
+            first_token=done if completion else None, done=done,
+            chunks=(TokenChunk(done, completion),) if completion else (),
+            prompt_tokens=usage.prompt_tokens if usage else 0, completion_tokens=completion,
+            cached_tokens=usage.cached_tokens if usage else 0, status=status, streaming=False, billable=False,
+            error=None if status == 200 else "warmup_failed"))
+
+    def _report(self, stages: dict[str, float], total: float) -> None:
+        for stage, seconds in stages.items():
+            self.metrics.cold_start.labels(stage).observe(seconds)
+        self.metrics.startup_seconds.set(total)
+        log.info("ready %.1f s after the container started (%s)", total,
+                 ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()))
+        self.sink.submit(ColdStartEvent(pod=self.pod, started_at=self.container_started_at,
+                                        stages=tuple(stages.items()), total_seconds=total))
+
+
+async def engine_healthy(client: EngineClient, path: str, seconds: float = 5.0) -> bool:
+    try:
+        async with client.session.get(client.base_url + path, timeout=aiohttp.ClientTimeout(total=seconds)) as resp:
+            await resp.read()
+            return resp.status == 200
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return False
+
+
+def scrape_sum(text: str, name: str, label: str = "") -> float | None:
+    """The sum of a metric's samples (optionally only those whose labels contain ``label``) in Prometheus text."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        rest = line[len(name):]
+        if rest[:1] not in ("{", " ") or (label and label not in rest):
+            continue
+        fields = rest.rsplit("}", 1)[-1].split()
+        try:
+            total += float(fields[0])
+            found = True
+        except (IndexError, ValueError):
+            continue
+    return total if found else None
+
+
+class EngineMonitor:
+    """Polls the engine's health and re-exports its queue and KV-cache gauges."""
+
+    def __init__(self, engine: Engine, client: EngineClient, state: GatewayState, metrics: GatewayMetrics,
+                 metrics_url: str, interval: float) -> None:
+        self.engine = engine
+        self.client = client
+        self.state = state
+        self.metrics = metrics
+        self.metrics_url = metrics_url
+        self.interval = interval
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            if self.state.warm:
+                self.state.set_engine_up(await engine_healthy(self.client, self.engine.health_path))
+            await self.scrape()
+
+    async def scrape(self) -> None:
+        try:
+            async with self.client.session.get(self.metrics_url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                if resp.status != 200:
+                    return
+                text = await resp.text()
+        except (aiohttp.ClientError, OSError, TimeoutError, UnicodeDecodeError):
+            return
+        self.export(text)
+
+    def export(self, text: str) -> None:
+        if self.engine.runtime == "vllm":
+            waiting = scrape_sum(text, "vllm:num_requests_waiting")
+            kv = scrape_sum(text, "vllm:kv_cache_usage_perc")
+            if kv is None:
+                kv = scrape_sum(text, "vllm:gpu_cache_usage_perc")
+        else:
+            waiting = scrape_sum(text, "nv_inference_pending_request_count")
+            used = scrape_sum(text, "nv_trt_llm_kv_cache_block_metrics", 'kv_cache_block_type="used"')
+            total = scrape_sum(text, "nv_trt_llm_kv_cache_block_metrics", 'kv_cache_block_type="max"')
+            kv = used / total if used is not None and total else None
+        if waiting is not None:
+            self.metrics.engine_waiting.set(waiting)
+        if kv is not None:
+            self.metrics.kv_cache.set(kv)

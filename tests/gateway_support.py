@@ -1,0 +1,108 @@
+"""Helpers for the gateway's tests: a recording metering sink (a test double), config builders, servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from builders import deep_merge
+from tensorfleet.gateway.server import Gateway
+from tensorfleet.gateway.settings import GatewaySettings
+from tensorfleet.metering.events import ColdStartEvent, RequestEvent
+
+
+class RecordingSinkDouble:
+    """Test double of the metering sink: keeps every event in memory."""
+
+    def __init__(self) -> None:
+        self.events: list[RequestEvent | ColdStartEvent] = []
+
+    def submit(self, event: RequestEvent | ColdStartEvent) -> None:
+        self.events.append(event)
+
+    @property
+    def requests(self) -> list[RequestEvent]:
+        return [e for e in self.events if isinstance(e, RequestEvent)]
+
+    @property
+    def cold_starts(self) -> list[ColdStartEvent]:
+        return [e for e in self.events if isinstance(e, ColdStartEvent)]
+
+    def client_requests(self) -> list[RequestEvent]:
+        return [e for e in self.requests if e.tenant != "tensorfleet:warmup"]
+
+
+def gateway_document(model: str = "tiny", **sections: Any) -> dict[str, Any]:
+    """gateway.json as the operator renders it; keyword arguments deep-merge into it."""
+    base: dict[str, Any] = {
+        "service": {"namespace": "default", "name": "svc"},
+        "model": {"servedName": model, "uri": "hf://org/tiny@main", "digest": None, "maxModelLen": 1024},
+        "runtime": "vllm",
+        "gpusPerReplica": 1,
+        "engine": {"precision": "fp16", "maxInputLen": None, "maxBatchSize": None},
+        "warmup": {"enabled": True, "timeoutSeconds": 120, "requests": [{"prompt": "warm up", "maxTokens": 2,
+                                                                        "concurrency": 2}]},
+        "tokenPolicy": {"maxOutputTokens": 64, "contextStrategy": "reject", "runaway": {"enabled": False},
+                        "responseCache": {"enabled": False, "ttlSeconds": 300, "maxEntries": 100,
+                                          "maxBytes": 1048576}},
+        "auth": {},
+        "billing": {"tier": "standard", "currency": "USD"},
+    }
+    return deep_merge(base, sections)
+
+
+def write_document(folder: pathlib.Path, document: dict[str, Any]) -> str:
+    path = folder / "gateway.json"
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on a free loopback port; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(folder: pathlib.Path, upstream: str, document: dict[str, Any] | None = None,
+                          sink: RecordingSinkDouble | None = None, wait_ready: bool = True,
+                          hooks: dict[str, Any] | None = None, **settings: Any) -> AsyncIterator[Gateway]:
+    config = write_document(folder, document or gateway_document())
+    options: dict[str, Any] = {"config": config, "upstream": upstream, "host": "127.0.0.1", "port": 0,
+                               "admin_port": 0, "drain_delay_seconds": 0.0, "health_interval_seconds": 0.05,
+                               "engine_poll_seconds": 0.2, **settings}
+    gateway = Gateway(GatewaySettings(**options), sink or RecordingSinkDouble(), **(hooks or {}))
+    await gateway.start()
+    try:
+        if wait_ready:
+            await wait_until(lambda: gateway.state.ready, 60, "gateway ready")
+        yield gateway
+    finally:
+        await gateway.close()
+
+
+async def wait_until(predicate: Any, seconds: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def url(gateway: Gateway, path: str, admin: bool = False) -> str:
+    return f"http://127.0.0.1:{gateway.ports['admin' if admin else 'client']}{path}"

@@ -1,0 +1,338 @@
+"""Hardening: limits, timeouts, long streams, disconnects, engine failures, drain, malformed input, hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from engines.standin import StandinEngine
+from gateway_support import RecordingSinkDouble, gateway_document, running_gateway, serving, url, wait_until
+from integration.test_gateway_pipeline import CHAT, events_of, post
+from tensorfleet import telemetry
+from tensorfleet.gateway.hooks import ProxyRequest, Stop, TokenCounter
+
+pytestmark = pytest.mark.integration
+
+MALFORMED: list[tuple[str, bytes | str, int, str]] = [
+    ("not json", b"{nope", 400, "invalid_json"),
+    ("not an object", b"[1, 2]", 400, "invalid_json"),
+    ("bad utf-8", b'{"model": "\xff"}', 400, "invalid_json"),
+    ("empty", b"", 400, "invalid_json"),
+    ("model missing", json.dumps({"prompt": "a"}), 400, "missing_model"),
+    ("model wrong type", json.dumps({"model": 3, "prompt": "a"}), 400, "missing_model"),
+    ("unknown model", json.dumps({"model": "gpt-9", "prompt": "a"}), 404, "model_not_found"),
+    ("max_tokens string", json.dumps({"model": "tiny", "prompt": "a", "max_tokens": "9"}), 400, "invalid_type"),
+    ("max_tokens bool", json.dumps({"model": "tiny", "prompt": "a", "max_tokens": True}), 400, "invalid_type"),
+    ("max_tokens zero", json.dumps({"model": "tiny", "prompt": "a", "max_tokens": 0}), 400, "invalid_value"),
+    ("n too big", json.dumps({"model": "tiny", "prompt": "a", "n": 1000}), 400, "invalid_value"),
+    ("stream not bool", json.dumps({"model": "tiny", "prompt": "a", "stream": "yes"}), 400, "invalid_type"),
+    ("temperature string", json.dumps({"model": "tiny", "prompt": "a", "temperature": "hot"}), 400, "invalid_type"),
+    ("prompt missing", json.dumps({"model": "tiny"}), 400, "invalid_type"),
+    ("prompt object", json.dumps({"model": "tiny", "prompt": {"a": 1}}), 400, "invalid_type"),
+    ("prompt mixed list", json.dumps({"model": "tiny", "prompt": ["a", 1]}), 400, "invalid_type"),
+    ("stream options not object", json.dumps({"model": "tiny", "prompt": "a", "stream": True,
+                                              "stream_options": 1}), 400, "invalid_type"),
+]
+CHAT_MALFORMED = [
+    ("messages missing", json.dumps({"model": "tiny"}), 400, "invalid_type"),
+    ("messages empty", json.dumps({"model": "tiny", "messages": []}), 400, "invalid_type"),
+    ("message without role", json.dumps({"model": "tiny", "messages": [{"content": "a"}]}), 400, "invalid_type"),
+    ("message not object", json.dumps({"model": "tiny", "messages": ["hi"]}), 400, "invalid_type"),
+]
+
+
+async def test_malformed_requests_get_json_4xx(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream) as gw, \
+            aiohttp.ClientSession() as session:
+        cases = [(c, "/v1/completions") for c in MALFORMED] + [(c, "/v1/chat/completions") for c in CHAT_MALFORMED]
+        for (name, body, status, code), path in cases:
+            got, answer, headers = await post(session, url(gw, path), body)
+            assert (got, answer["error"]["code"]) == (status, code), name
+            assert headers["Content-Type"].startswith("application/json"), name
+        async with session.get(url(gw, "/v1/completions")) as response:
+            assert response.status == 405
+            assert (await response.json())["error"]["code"] == "method_not_allowed"
+        async with session.get(url(gw, "/v2/models/x/generate")) as response:
+            assert response.status == 404
+            assert "error" in await response.json()
+    assert all(r.get("prompt") == "warm up" for r in engine.received)  # nothing malformed reached the engine
+
+
+async def test_body_and_header_limits(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, max_body_bytes=2048, max_header_bytes=1024) as gw, \
+            aiohttp.ClientSession() as session:
+        big = json.dumps({"model": "tiny", "prompt": "a " * 2000})
+        status, body, _ = await post(session, url(gw, "/v1/completions"), big)
+        assert status == 413
+        assert "2048 bytes" in body["error"]["message"]
+        async with session.post(url(gw, "/v1/completions"), json={"model": "tiny", "prompt": "a"},
+                                headers={"X-Big": "x" * 4000}) as response:
+            assert response.status == 400  # rejected by the HTTP parser before any handler runs
+
+
+def test_slow_headers_are_cut_off_by_the_idle_timeout(tmp_path: pathlib.Path) -> None:
+    async def scenario() -> float:
+        engine = StandinEngine()
+        async with serving(engine.app()) as upstream, \
+                running_gateway(tmp_path, upstream, idle_timeout_seconds=0.5) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports["client"])
+            started = time.monotonic()
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            for _ in range(40):  # a header byte every 0.1 s, never finishing: slowloris
+                await asyncio.sleep(0.1)
+                try:
+                    writer.write(b"X")
+                    await writer.drain()
+                except ConnectionError:
+                    break
+                if reader.at_eof() or writer.is_closing():
+                    break
+            closed_after = time.monotonic() - started
+            writer.close()
+            return closed_after
+
+    assert asyncio.run(scenario()) < 2.0
+
+
+async def test_streams_longer_than_any_timeout_keep_going(tmp_path: pathlib.Path) -> None:
+    """No total timeout: a stream outlives the upstream idle timeout many times over as long as tokens flow."""
+    engine = StandinEngine(token_delay=0.1)
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, upstream_idle_timeout_seconds=0.4, idle_timeout_seconds=0.4) as gw, \
+            aiohttp.ClientSession() as session:
+        started = time.monotonic()
+        body = {**CHAT, "max_tokens": 25, "stream": True}
+        async with session.post(url(gw, "/v1/chat/completions"), json=body) as response:
+            raw = await response.read()
+        assert time.monotonic() - started > 2.0
+    assert events_of(raw)[-1] == b"data: [DONE]"
+    assert len(events_of(raw)) == 26
+
+
+async def test_client_disconnect_aborts_the_engine_request(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine(token_delay=0.05)
+    sink = RecordingSinkDouble()
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, sink=sink) as gw:
+        async with aiohttp.ClientSession() as session:
+            body = {**CHAT, "max_tokens": 60, "stream": True}
+            async with session.post(url(gw, "/v1/chat/completions"), json=body) as response:
+                await response.content.readline()
+                response.close()
+        await wait_until(lambda: engine.aborted == 1, 5, "the engine request aborted")
+        await wait_until(lambda: len(sink.client_requests()) == 1, 5, "the event")
+    (event,) = sink.client_requests()
+    assert event.status == 499
+    assert event.error == "client_disconnected"
+    assert 0 < event.completion_tokens < 60  # only what was produced
+
+
+async def test_engine_down_is_503_and_engine_errors_are_502(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream) as gw, \
+            aiohttp.ClientSession() as session:
+        engine.fail_status = 500
+        status, body, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
+        assert status == 502
+        assert body["error"]["code"] == "engine_error"
+        engine.fail_status = None
+        gw.services.client.base_url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+        status, body, headers = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
+        assert status == 503
+        assert body["error"]["code"] == "engine_unavailable"
+        assert headers["Retry-After"] == "1"
+        assert not gw.state.ready  # marked down: the readiness probe takes the pod out
+
+
+async def test_drain_turns_not_ready_first_then_lets_in_flight_finish(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine(token_delay=0.05)
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream) as gw, \
+            aiohttp.ClientSession() as session:
+        body = {**CHAT, "max_tokens": 20, "stream": True}
+        request = asyncio.create_task(post(session, url(gw, "/v1/chat/completions"), body))
+        await wait_until(lambda: engine.active == 1, 5, "the request in flight")
+        drain = asyncio.create_task(gw.drain())
+        await asyncio.sleep(0.05)
+        async with session.get(url(gw, "/readyz", admin=True)) as response:
+            assert response.status == 503
+            assert (await response.json())["phase"] == "draining"
+        assert not drain.done()
+        status, raw, _ = await request
+        assert await drain is True
+    assert status == 200
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+def test_sigterm_drains_a_real_process(tmp_path: pathlib.Path) -> None:
+    """The `serve` loop in its own process: SIGTERM -> not ready -> in-flight stream completes -> exit 0."""
+    script = textwrap.dedent(f"""
+        import asyncio, sys
+        sys.path.insert(0, {str(pathlib.Path(__file__).parent.parent)!r})
+        from engines.standin import StandinEngine
+        from gateway_support import gateway_document, serving, write_document
+        from tensorfleet.gateway import server
+        from tensorfleet.gateway.settings import GatewaySettings
+
+        class SinkDouble:  # test double of the metering sink
+            def submit(self, event): pass
+            async def start(self): pass
+            async def close(self): print("sink closed", flush=True)
+            def gpu_utilization(self): return None
+
+        async def main():
+            async with serving(StandinEngine(token_delay=0.05).app()) as upstream:
+                config = write_document(__import__("pathlib").Path({str(tmp_path)!r}), gateway_document())
+                settings = GatewaySettings(config=config, upstream=upstream, host="127.0.0.1", port={{port}},
+                                           admin_port={{admin}}, drain_delay_seconds=0.2, health_interval_seconds=0.05)
+                return await server.serve(settings, SinkDouble())
+        sys.exit(asyncio.run(main()))
+    """)
+    port, admin = _free_port(), _free_port()
+    script = script.replace("{port}", str(port)).replace("{admin}", str(admin))
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        asyncio.run(_drain_scenario(process, port, admin))
+        output, _ = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "sink closed" in output
+
+
+async def _drain_scenario(process: subprocess.Popen[str], port: int, admin: int) -> None:
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                async with session.get(f"http://127.0.0.1:{admin}/readyz") as response:
+                    if response.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < deadline, "the gateway did not become ready"
+            await asyncio.sleep(0.1)
+        body = {**CHAT, "max_tokens": 30, "stream": True}
+        request = asyncio.create_task(post(session, f"http://127.0.0.1:{port}/v1/chat/completions", body))
+        await asyncio.sleep(0.3)
+        os.kill(process.pid, signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        async with session.get(f"http://127.0.0.1:{admin}/readyz") as response:
+            assert response.status == 503
+        status, raw, _ = await request
+        assert status == 200
+        assert raw.endswith(b"data: [DONE]\n\n")
+
+
+class _RewriteHook:
+    async def before_upstream(self, request: ProxyRequest, tokens: TokenCounter) -> None:
+        counts = await tokens.count_prompt(request.endpoint, request.body)
+        request.replace_body({**request.body, "messages": request.body["messages"][-1:]})
+        request.flags.update(truncated=True, truncated_tokens=counts[0])
+        request.response_headers["X-Test-Dropped"] = "1"
+
+
+class _StopAfter:
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.seen = 0
+
+    def open(self, request: ProxyRequest) -> _StopAfter:
+        return _StopAfter(self.tokens)
+
+    def on_event(self, payload: bytes) -> Stop | None:
+        self.seen += 1
+        return Stop("runaway") if self.seen >= self.tokens else None
+
+    def on_body(self, body: Any) -> Stop | None:
+        return None
+
+
+async def test_hooks_rewrite_requests_and_stop_streams_cleanly(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine(token_delay=0.01)
+    sink = RecordingSinkDouble()
+    hooks = {"request_hooks": [_RewriteHook()], "response_hooks": [_StopAfter(3)]}
+    body = {"model": "tiny", "stream": True, "max_tokens": 50, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "old turn"}, {"role": "user", "content": "new turn"}]}
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, sink=sink, hooks=hooks) as gw, \
+            aiohttp.ClientSession() as session:
+        async with session.post(url(gw, "/v1/chat/completions"), json=body) as response:
+            raw, headers = await response.read(), response.headers
+        await wait_until(lambda: engine.aborted == 1, 5, "the engine request aborted")
+    assert engine.received[-1]["messages"] == [{"role": "user", "content": "new turn"}]
+    assert headers["X-Test-Dropped"] == "1"
+    events = events_of(raw)
+    assert events[-1] == b"data: [DONE]"
+    final, usage = json.loads(events[-3][6:]), json.loads(events[-2][6:])
+    assert final["choices"] == [{"index": 0, "finish_reason": "length", "delta": {}}]
+    assert usage["usage"]["completion_tokens"] == 3
+    (event,) = sink.client_requests()
+    assert event.runaway_stopped
+    assert event.truncated
+    assert event.completion_tokens == 3
+    assert event.prompt_tokens == usage["usage"]["prompt_tokens"] == 5  # the last turn only, from the engine
+
+
+async def test_metrics_export_the_autoscaler_names_with_bounded_labels(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    engine.waiting_metric, engine.kv_metric = 3.0, 0.25
+    document = gateway_document(auth={"trustedTenantHeader": "X-Tenant", "trustedProxies": ["127.0.0.0/8"]})
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, document, max_tenant_labels=2) as gw, \
+            aiohttp.ClientSession() as session:
+        for tenant in ("a", "b", "c", "d"):
+            await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "x y", "max_tokens": 2},
+                       headers={"X-Tenant": tenant})
+        await asyncio.sleep(0.5)  # one engine poll
+        async with session.get(url(gw, "/metrics", admin=True)) as response:
+            text = await response.text()
+    names = [telemetry.QUEUE_DEPTH, telemetry.ENGINE_WAITING, telemetry.IN_FLIGHT, telemetry.KV_CACHE_USAGE,
+             telemetry.READY, telemetry.STARTUP_SECONDS]
+    assert all(f"\n{name} " in text for name in names)
+    assert f"{telemetry.ENGINE_WAITING} 3.0" in text
+    assert f"{telemetry.KV_CACHE_USAGE} 0.25" in text
+    assert telemetry.GPU_UTILIZATION not in text  # no GPU, no sample
+    assert 'tensorfleet_gateway_tokens_total{kind="output",model="tiny",tier="standard"} 8.0' in text
+    tenants = {line.split('tenant="')[1].split('"')[0] for line in text.splitlines()
+               if line.startswith("tensorfleet_gateway_tenant_tokens_total{")}
+    assert tenants == {"a", "b", "other"}
+    assert "tensorfleet_gateway_time_to_first_token_seconds_bucket" in text
+
+
+async def test_configuration_reload_applies_and_a_broken_file_is_ignored(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream) as gw, \
+            aiohttp.ClientSession() as session:
+        path = pathlib.Path(gw.settings.config)
+        _write(path, json.dumps(gateway_document(tokenPolicy={"maxOutputTokens": 5})))
+        assert gw.reload()
+        await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
+        _write(path, '{"model": {}}')
+        assert not gw.reload()
+        await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
+    assert [r["max_tokens"] for r in engine.received[-2:]] == [5, 5]
+
+
+def _write(path: pathlib.Path, text: str) -> None:
+    path.write_text(text)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

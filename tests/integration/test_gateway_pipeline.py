@@ -1,0 +1,249 @@
+"""The gateway's request pipeline over real sockets, against the stand-in engine (fast, controllable).
+
+What only a real engine can show (exact stream bytes, its tokenizer, aborts) is in test_gateway_vllm.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import pathlib
+from typing import Any
+
+import aiohttp
+import pytest
+
+from engines.standin import FINGERPRINT, StandinEngine
+from gateway_support import RecordingSinkDouble, gateway_document, running_gateway, serving, url, wait_until
+from tensorfleet import telemetry
+
+pytestmark = pytest.mark.integration
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 3}
+
+
+async def post(session: aiohttp.ClientSession, target: str, body: Any, **kwargs: Any) -> tuple[int, Any, Any]:
+    data = body if isinstance(body, bytes | str) else json.dumps(body)
+    async with session.post(target, data=data, headers={"Content-Type": "application/json",
+                                                        **kwargs.pop("headers", {})}, **kwargs) as response:
+        raw = await response.read()
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = raw
+        return response.status, parsed, response.headers
+
+
+def events_of(raw: bytes) -> list[bytes]:
+    return [e for e in raw.split(b"\n\n") if e]
+
+
+async def test_stream_gets_exactly_what_the_client_asked_for(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    sink = RecordingSinkDouble()
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, sink=sink) as gw, \
+            aiohttp.ClientSession() as session, \
+            session.post(url(gw, "/v1/chat/completions"), json={**CHAT, "stream": True}) as response:
+        assert response.status == 200
+        raw = await response.read()
+    sent = engine.received[-1]
+    assert sent["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}  # asked upstream
+    events = events_of(raw)
+    assert events[-1] == b"data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all("usage" not in c for c in chunks)  # nothing the client did not ask for
+    assert all(c["choices"] for c in chunks)  # no usage-only event
+    assert chunks[-1]["system_fingerprint"] == FINGERPRINT  # put back where vLLM puts it without usage
+    (event,) = sink.client_requests()
+    assert event.completion_tokens == 3
+    assert sum(c.tokens for c in event.chunks) == 3
+    assert event.prompt_tokens == engine.count(CHAT)
+    assert event.streaming
+    assert event.billable
+    assert event.first_token is not None
+    assert event.admitted is not None
+    assert event.received <= event.admitted
+
+
+async def test_stream_keeps_usage_the_client_asked_for(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream) as gw, \
+            aiohttp.ClientSession() as session:
+        body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        async with session.post(url(gw, "/v1/chat/completions"), json=body) as response:
+            chunks = [json.loads(e[6:]) for e in events_of(await response.read())[:-1]]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+    assert all("usage" not in c for c in chunks[:-1])  # continuous usage was the gateway's, taken out
+
+
+async def test_max_tokens_is_clamped_and_set(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream) as gw, \
+            aiohttp.ClientSession() as session:
+        await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a b"})
+        await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a b", "max_tokens": 5000})
+        await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a b", "max_tokens": 7})
+        raw = b'{"model": "tiny", "prompt": "a b", "max_tokens": 9}'
+        await post(session, url(gw, "/v1/completions"), raw)
+    assert [r["max_tokens"] for r in engine.received[-4:]] == [64, 64, 7, 9]
+    assert engine.headers[-1]["Content-Length"] == str(len(raw))  # an untouched request goes up byte for byte
+
+
+async def test_over_long_input_is_400_naming_the_limit_and_count(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    document = gateway_document(tokenPolicy={"maxInputTokens": 5})
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document) as gw, \
+            aiohttp.ClientSession() as session:
+        status, body, _ = await post(session, url(gw, "/v1/completions"),
+                                     {"model": "tiny", "prompt": "one two three four five six"})
+        ok, _, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "one two"})
+    assert status == 400
+    assert ok == 200
+    assert body["error"]["code"] == "context_length_exceeded"
+    assert "6 tokens" in body["error"]["message"]
+    assert "limit of 5" in body["error"]["message"]
+
+
+async def test_tenant_budget_reserves_then_settles(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    document = gateway_document(tokenPolicy={"tenantTokensPerMinute": 100, "maxOutputTokens": 40})
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document) as gw, \
+            aiohttp.ClientSession() as session:
+        # Reserves ~prompt + 40, uses prompt + 4: the unused part comes back, so a second one fits.
+        for _ in range(2):
+            status, _, _ = await post(session, url(gw, "/v1/completions"),
+                                      {"model": "tiny", "prompt": "a b", "max_tokens": 4})
+            assert status == 200
+        available = gw.services.limiter.available("default")
+        assert available is not None
+        assert available > 60
+        status, body, headers = await post(session, url(gw, "/v1/completions"),
+                                           {"model": "tiny", "prompt": "a " * 300, "max_tokens": 40})
+    assert status == 429
+    assert int(headers["Retry-After"]) >= 1
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert "100 tokens per minute" in body["error"]["message"]
+
+
+async def test_deterministic_requests_are_cached(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    sink = RecordingSinkDouble()
+    document = gateway_document(tokenPolicy={"responseCache": {"enabled": True}})
+    body = {"model": "tiny", "prompt": "a b", "max_tokens": 4, "temperature": 0}
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document, sink) as gw, \
+            aiohttp.ClientSession() as session:
+        first = await post(session, url(gw, "/v1/completions"), body)
+        second = await post(session, url(gw, "/v1/completions"), body)
+        sampled = await post(session, url(gw, "/v1/completions"), {**body, "temperature": 0.7})
+        stream = {**body, "stream": True}
+        async with session.post(url(gw, "/v1/completions"), json=stream) as response:
+            streamed = await response.read()
+        async with session.post(url(gw, "/v1/completions"), json=stream) as response:
+            replayed, hit = await response.read(), response.headers.get("X-TensorFleet-Cache")
+    assert first[2]["X-TensorFleet-Cache"] == "miss"
+    assert second[2]["X-TensorFleet-Cache"] == "hit"
+    assert first[1] == second[1]
+    assert "X-TensorFleet-Cache" not in sampled[2]
+    assert replayed == streamed
+    assert hit == "hit"
+    assert len([r for r in engine.received if r["prompt"] == "a b"]) == 3  # the hits never reached the engine
+    hits = [e for e in sink.client_requests() if e.cache_hit]
+    assert len(hits) == 2
+    assert all(e.admitted is None and e.completion_tokens == 4 for e in hits)
+
+
+def write_keys(folder: pathlib.Path, keys: dict[str, str]) -> str:
+    folder.mkdir(exist_ok=True)
+    for tenant, key in keys.items():
+        (folder / tenant).write_text(hashlib.sha256(key.encode()).hexdigest() + "\n")
+    return str(folder)
+
+
+async def test_api_keys_identify_tenants_and_headers_cannot_bill_others(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    sink = RecordingSinkDouble()
+    keys = write_keys(tmp_path / "keys", {"team-a": "key-a", "team-b": "key-b"})
+    document = gateway_document(auth={"apiKeysSecretRef": {"name": "keys"}, "trustedTenantHeader": "X-Tenant",
+                                      "trustedProxies": ["10.0.0.0/8"]})
+    body = {"model": "tiny", "prompt": "a", "max_tokens": 1}
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, document, sink, api_keys_dir=keys) as gw, \
+            aiohttp.ClientSession() as session:
+        target = url(gw, "/v1/completions")
+        missing = await post(session, target, body)
+        unknown = await post(session, target, body, headers={"Authorization": "Bearer nope"})
+        spoofed = await post(session, target, body, headers={"X-Tenant": "team-b"})  # 127.0.0.1 is not trusted
+        good = await post(session, target, body, headers={"Authorization": "Bearer key-a", "X-Tenant": "team-b"})
+        async with session.get(url(gw, "/v1/models"), headers={"Authorization": "Bearer nope"}) as response:
+            models_status = response.status
+        async with session.get(url(gw, "/v1/models"), headers={"Authorization": "Bearer key-b"}) as response:
+            listed = await response.json()
+        write_keys(tmp_path / "keys", {"team-c": "key-c"})
+        gw.reload()
+        rotated = await post(session, target, body, headers={"Authorization": "Bearer key-c"})
+    assert [missing[0], unknown[0], spoofed[0], good[0], rotated[0]] == [401, 401, 401, 200, 200]
+    assert unknown[1]["error"]["code"] == "invalid_api_key"
+    assert missing[1]["error"]["code"] == "missing_api_key"
+    assert models_status == 401
+    assert listed["data"][0]["id"] == "tiny"
+    assert [e.tenant for e in sink.client_requests()] == ["team-a", "team-c"]
+    assert "Authorization" not in engine.headers[-1]  # the tenant's key never reaches the engine
+
+
+async def test_trusted_proxy_may_name_the_tenant(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    sink = RecordingSinkDouble()
+    document = gateway_document(auth={"trustedTenantHeader": "X-Tenant", "trustedProxies": ["127.0.0.1/32"]})
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document, sink) as gw, \
+            aiohttp.ClientSession() as session:
+        status, _, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"},
+                                  headers={"X-Tenant": "team-z"})
+        bad, body, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"},
+                                  headers={"X-Tenant": "team z!"})
+    assert status == 200
+    assert sink.client_requests()[0].tenant == "team-z"
+    assert bad == 401
+    assert body["error"]["code"] == "invalid_tenant"
+
+
+async def test_not_ready_until_warm_and_nothing_before_ready_is_billed(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine(healthy=False)
+    sink = RecordingSinkDouble()
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, sink=sink, wait_ready=False) as gw, \
+            aiohttp.ClientSession() as session:
+        await asyncio.sleep(0.3)
+        async with session.get(url(gw, "/readyz", admin=True)) as response:
+            assert response.status == 503
+            assert (await response.json())["phase"] == "waiting_for_engine"
+        status, body, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
+        assert status == 503
+        assert body["error"]["code"] == "engine_unavailable"
+        engine.healthy = True
+        await wait_until(lambda: gw.state.ready, 10, "ready")
+        async with session.get(url(gw, "/readyz", admin=True)) as response:
+            assert response.status == 200
+        async with session.get(url(gw, "/metrics", admin=True)) as response:
+            metrics = await response.text()
+    warmups = [e for e in sink.requests if e.tenant == "tensorfleet:warmup"]
+    assert len(warmups) == 2
+    assert all(e.status == 200 for e in warmups)
+    assert not any(e.billable for e in sink.requests if e.status != 200 or e.tenant == "tensorfleet:warmup")
+    assert [e.billable for e in sink.client_requests()] == [False]  # the 503 before ready
+    (cold,) = sink.cold_starts
+    assert [name for name, _ in cold.stages] == ["engine_healthy", "warmed_up", "ready"]
+    assert cold.total_seconds >= 0.3
+    assert f"{telemetry.READY} 1.0" in metrics
+    assert 'tensorfleet_gateway_warmup_state{tensorfleet_gateway_warmup_state="ready"} 1.0' in metrics
+
+
+async def test_warmup_latency_bound_holds_readiness(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine(token_delay=0.05)  # 2 tokens: ~100 ms per warm-up request
+    document = gateway_document(warmup={"maxLatencyMs": 20, "timeoutSeconds": 1})
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, document, wait_ready=False) as gw:
+        await wait_until(lambda: gw.state.failed is not None, 10, "warm-up failure")
+        assert not gw.state.ready
+        assert "maxLatencyMs 20" in (gw.state.failed or "")

@@ -1,0 +1,68 @@
+"""The gateway in front of a real tritonserver: generate and generate_stream, tokens from the repository's
+tokenizer model (TensorRT-LLM's preprocessing), max_tokens clamped, Triton's pending count re-exported."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+
+import aiohttp
+import pytest
+
+from gateway_support import RecordingSinkDouble, gateway_document, running_gateway, url
+from integration.test_gateway_pipeline import events_of, post
+from tensorfleet import telemetry
+
+pytestmark = pytest.mark.integration
+
+GENERATE = "/v2/models/tiny/generate"
+STREAM = "/v2/models/tiny/generate_stream"
+
+
+def triton_document(**token_policy: object) -> dict[str, object]:
+    return gateway_document(runtime="triton", tokenPolicy={"maxOutputTokens": 5, **token_policy},
+                            warmup={"requests": [{"prompt": "warm up", "maxTokens": 2}]})
+
+
+async def test_generate_and_stream_through_the_gateway(triton_url: str, tmp_path: pathlib.Path) -> None:
+    sink = RecordingSinkDouble()
+    body = {"text_input": "a b c", "max_tokens": 3}
+    async with running_gateway(tmp_path, triton_url, triton_document(), sink, runtime="triton") as gw, \
+            aiohttp.ClientSession() as session:
+        direct = await post(session, triton_url + GENERATE, body)
+        proxied = await post(session, url(gw, GENERATE), body)
+        async with session.post(triton_url + STREAM, json={**body, "stream": True}) as response:
+            direct_stream = await response.read()
+        async with session.post(url(gw, STREAM), json={**body, "stream": True}) as response:
+            proxied_stream = await response.read()
+        clamped = await post(session, url(gw, GENERATE), {"text_input": "a", "max_tokens": 50})
+    assert proxied[0] == 200
+    assert proxied[1] == direct[1] == {"model_name": "tiny", "model_version": "1",
+                                                             "text_output": "w0 w1 w2"}
+    assert proxied_stream == direct_stream
+    assert len(events_of(proxied_stream)) == 3
+    assert clamped[1]["text_output"].split() == ["w0", "w1", "w2", "w3", "w4"]  # maxOutputTokens 5
+    plain, streamed, _ = sink.client_requests()
+    assert (plain.prompt_tokens, plain.completion_tokens) == (3, 3)  # counted by the tokenizer model
+    assert (streamed.prompt_tokens, streamed.completion_tokens) == (3, 3)
+    assert [c.tokens for c in streamed.chunks]
+    assert sum(c.tokens for c in streamed.chunks) == 3
+
+
+async def test_input_limit_and_unknown_models(triton_url: str, tmp_path: pathlib.Path) -> None:
+    async with running_gateway(tmp_path, triton_url, triton_document(maxInputTokens=3), runtime="triton") as gw, \
+            aiohttp.ClientSession() as session:
+        over = await post(session, url(gw, GENERATE), {"text_input": "a b c d", "max_tokens": 2})
+        fits = await post(session, url(gw, GENERATE), {"text_input": "a b c", "max_tokens": 2})
+        unknown = await post(session, url(gw, "/v2/models/nope/generate"), {"text_input": "a"})
+        await asyncio.sleep(0.5)  # an engine metrics poll
+        async with session.get(url(gw, "/metrics", admin=True)) as response:
+            metrics = await response.text()
+    assert over[0] == 400
+    assert "has 4 tokens" in over[1]["error"]["message"]
+    assert fits[0] == 200
+    assert json.dumps(fits[1])
+    assert unknown[0] == 404
+    assert unknown[1]["error"]["code"] == "model_not_found"
+    assert f"\n{telemetry.ENGINE_WAITING} 0.0" in metrics  # nv_inference_pending_request_count, re-exported

@@ -1,0 +1,131 @@
+"""The gateway in front of a real vLLM (CPU, a tiny random Llama made by the test setup).
+
+These show what a stand-in cannot: byte-exact streams, the engine's own tokenizer and usage, aborts
+inside the engine, and the default warm-up against a real model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import re
+from typing import Any
+
+import aiohttp
+import pytest
+
+from engines.processes import MAX_MODEL_LEN
+from gateway_support import RecordingSinkDouble, gateway_document, running_gateway, url, wait_until
+from integration.test_gateway_pipeline import post
+from tensorfleet import telemetry
+from tensorfleet.gateway.warmup import scrape_sum
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+_VOLATILE = re.compile(rb'"(id|created)":("[^"]*"|\d+)')
+CHAT = {"model": "tiny", "messages": [{"role": "system", "content": "be brief"},
+                                      {"role": "user", "content": "hello world"}],
+        "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+COMPLETION = {"model": "tiny", "prompt": "the quick brown fox", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+
+
+def normalized(raw: bytes) -> bytes:
+    return _VOLATILE.sub(rb'"\1":0', raw)
+
+
+async def fetch(session: aiohttp.ClientSession, target: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    async with session.post(target, json=body) as response:
+        return response.status, await response.read()
+
+
+async def engine_metric(session: aiohttp.ClientSession, vllm_url: str, name: str, label: str = "") -> float:
+    async with session.get(vllm_url + "/metrics") as response:
+        return scrape_sum(await response.text(), name, label) or 0.0
+
+
+@pytest.mark.parametrize(("path", "base"), [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)],
+                         ids=["chat", "completions"])
+async def test_the_client_sees_exactly_what_vllm_sends(vllm_url: str, tmp_path: pathlib.Path, path: str,
+                                                       base: dict[str, Any]) -> None:
+    variants = [base, {**base, "stream": True}, {**base, "stream": True, "stream_options": {"include_usage": True}},
+                {**base, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}]
+    async with running_gateway(tmp_path, vllm_url) as gw, aiohttp.ClientSession() as session:
+        for body in variants:
+            direct = await fetch(session, vllm_url + path, body)
+            proxied = await fetch(session, url(gw, path), body)
+            assert direct[0] == proxied[0] == 200
+            assert normalized(proxied[1]) == normalized(direct[1]), body
+
+
+async def test_usage_and_chunks_are_exact(vllm_url: str, tmp_path: pathlib.Path) -> None:
+    sink = RecordingSinkDouble()
+    async with running_gateway(tmp_path, vllm_url, sink=sink) as gw, aiohttp.ClientSession() as session:
+        _, counted, _ = await post(session, vllm_url + "/tokenize", {"model": "tiny", "messages": CHAT["messages"],
+                                                                     "add_generation_prompt": True})
+        status, _ = await fetch(session, url(gw, "/v1/chat/completions"), {**CHAT, "max_tokens": 7, "stream": True})
+        status2, plain = await fetch(session, url(gw, "/v1/completions"), {**COMPLETION, "max_tokens": 5})
+    assert status == status2 == 200
+    streamed, unstreamed = sink.client_requests()
+    assert streamed.completion_tokens == 7
+    assert sum(c.tokens for c in streamed.chunks) == 7
+    assert streamed.prompt_tokens == counted["count"]
+    assert streamed.first_token is not None
+    assert streamed.first_token <= streamed.chunks[-1].at <= streamed.done
+    assert unstreamed.completion_tokens == 5 == json.loads(plain)["usage"]["completion_tokens"]
+    assert len(unstreamed.chunks) == 1
+    assert all(e.billable for e in (streamed, unstreamed))
+
+
+async def test_input_is_counted_with_the_engines_tokenizer(vllm_url: str, tmp_path: pathlib.Path) -> None:
+    document = gateway_document(tokenPolicy={"maxInputTokens": 20})
+    prompt = " ".join(["gateway stream every chunk"] * 8)
+    async with running_gateway(tmp_path, vllm_url, document) as gw, aiohttp.ClientSession() as session:
+        _, counted, _ = await post(session, vllm_url + "/tokenize", {"model": "tiny", "prompt": prompt})
+        status, body, _ = await post(session, url(gw, "/v1/completions"), {**COMPLETION, "prompt": prompt})
+    assert counted["count"] > 20
+    assert status == 400
+    assert f"has {counted['count']} tokens" in body["error"]["message"]
+    assert "limit of 20" in body["error"]["message"]
+
+
+async def test_a_client_that_leaves_aborts_the_request_in_vllm(vllm_url: str, tmp_path: pathlib.Path) -> None:
+    sink = RecordingSinkDouble()
+    finished = 'finished_reason="length"'
+    async with running_gateway(tmp_path, vllm_url, sink=sink) as gw, aiohttp.ClientSession() as session:
+        completed = await engine_metric(session, vllm_url, "vllm:request_success_total", finished)
+        body = {**COMPLETION, "max_tokens": 1000, "stream": True}
+        async with aiohttp.ClientSession() as client, client.post(url(gw, "/v1/completions"), json=body) as response:
+            await response.content.readline()
+            assert await engine_metric(session, vllm_url, "vllm:num_requests_running") == 1
+            response.close()
+        for _ in range(50):
+            if await engine_metric(session, vllm_url, "vllm:num_requests_running") == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await engine_metric(session, vllm_url, "vllm:num_requests_running") == 0
+        # Stopped, not finished: the engine never counted it as run to its length.
+        assert await engine_metric(session, vllm_url, "vllm:request_success_total", finished) == completed
+        await wait_until(lambda: len(sink.client_requests()) == 1, 5, "the event")
+    (event,) = sink.client_requests()
+    assert event.status == 499
+    assert event.completion_tokens < 1000
+
+
+async def test_default_warmup_gates_readiness_and_is_never_billed(vllm_url: str, tmp_path: pathlib.Path) -> None:
+    sink = RecordingSinkDouble()
+    document = gateway_document(warmup={"requests": []}, tokenPolicy={"maxInputTokens": 600})
+    async with running_gateway(tmp_path, vllm_url, document, sink) as gw, aiohttp.ClientSession() as session:
+        await asyncio.sleep(0.5)  # an engine metrics poll
+        async with session.get(url(gw, "/metrics", admin=True)) as response:
+            metrics = await response.text()
+    warmups = [e for e in sink.requests if e.tenant == "tensorfleet:warmup"]
+    assert len(warmups) == 1 + 1 + 8  # short, long, a batch of 8
+    assert all(e.status == 200 and not e.billable for e in warmups)
+    assert max(e.prompt_tokens for e in warmups) == 600  # near the max input length
+    assert not sink.client_requests()
+    (cold,) = sink.cold_starts
+    assert dict(cold.stages)["warmed_up"] > 0
+    assert f"\n{telemetry.KV_CACHE_USAGE} " in metrics
+    assert f"\n{telemetry.ENGINE_WAITING} 0.0" in metrics
+    assert MAX_MODEL_LEN > 600

@@ -1,0 +1,228 @@
+"""Token budgets, the response cache, tenant auth, configuration parsing and metric labels (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import pathlib
+import sys
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from builders import inference_service
+from gateway_support import gateway_document, write_document
+from tensorfleet import cli
+from tensorfleet.api.types import InferenceService
+from tensorfleet.config import from_env
+from tensorfleet.gateway import config as gwconfig
+from tensorfleet.gateway.auth import AuthError, KeyStore, TenantResolver
+from tensorfleet.gateway.cache import ResponseCache, cache_key, is_deterministic
+from tensorfleet.gateway.metrics import GatewayMetrics
+from tensorfleet.gateway.ratelimit import RateLimited, TokenRateLimiter
+from tensorfleet.gateway.settings import GatewaySettings
+from tensorfleet.gateway.state import Admission
+from tensorfleet.gateway.warmup import scrape_sum
+from tensorfleet.render.context import RenderContext
+from tensorfleet.render.workload import render_deployment
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_budget_reserves_then_settles_and_debt_delays() -> None:
+    clock = Clock()
+    limiter = TokenRateLimiter(lambda tenant: 600 if tenant == "a" else None, clock)
+    assert limiter.reserve("b", 10**9) is None  # unlimited tenant
+    first = limiter.reserve("a", 500)
+    with pytest.raises(RateLimited) as refused:
+        limiter.reserve("a", 200)
+    assert refused.value.retry_after == 10  # 100 missing at 10 tokens/s
+    limiter.settle(first, 100)  # used 100 of 500: 400 come back
+    assert limiter.available("a") == 500
+    second = limiter.reserve("a", 100)
+    limiter.settle(second, 700)  # a long generation overran its reservation: debt
+    assert limiter.available("a") == -200
+    clock.now = 30  # 300 tokens refilled
+    assert limiter.available("a") == 100
+
+
+def test_a_reservation_never_exceeds_one_minutes_budget() -> None:
+    limiter = TokenRateLimiter(lambda tenant: 100, Clock())
+    reservation = limiter.reserve("a", 5000)
+    assert reservation is not None
+    assert reservation.tokens == 100
+
+
+def test_cache_bounds_ttl_entries_and_bytes() -> None:
+    clock = Clock()
+    cache = ResponseCache(gwconfig.CacheConfig(True, ttl_seconds=10, max_entries=2, max_bytes=2000), clock)
+    for key in ("a", "b", "c"):
+        assert cache.put(key, 200, "application/json", (b"x" * 100,), 1, 1)
+    assert cache.get("a") is None  # evicted: at most 2 entries
+    assert cache.get("b") is not None
+    assert not cache.put("big", 200, "application/json", (b"x" * 5000,), 1, 1)  # larger than the cache
+    clock.now = 11
+    assert cache.get("b") is None  # expired
+    assert cache.bytes <= 2000
+
+
+@pytest.mark.parametrize(("body", "cacheable"), [
+    ({"temperature": 0}, True), ({"temperature": 0.0, "n": 1}, True), ({}, False), ({"temperature": 0.2}, False),
+    ({"temperature": 0, "n": 2}, False), ({"temperature": False}, False), ({"temperature": 0, "logprobs": 5}, False)])
+def test_only_deterministic_requests_are_cacheable(body: dict[str, Any], cacheable: bool) -> None:
+    assert is_deterministic(body) is cacheable
+
+
+def test_cache_keys_ignore_key_order_but_not_values() -> None:
+    assert cache_key("/v1/completions", {"a": 1, "b": 2}) == cache_key("/v1/completions", {"b": 2, "a": 1})
+    assert cache_key("/v1/completions", {"a": 1}) != cache_key("/v1/chat/completions", {"a": 1})
+
+
+def keys(folder: pathlib.Path, **tenants: str) -> KeyStore:
+    folder.mkdir(exist_ok=True)
+    for tenant, key in tenants.items():
+        (folder / tenant).write_text(f"sha256:{hashlib.sha256(key.encode()).hexdigest()}\n")
+    (folder / "..data").mkdir(exist_ok=True)  # the kubelet's own entries are skipped
+    store = KeyStore(str(folder))
+    store.reload()
+    return store
+
+
+def test_hashed_keys_identify_tenants_and_reload(tmp_path: pathlib.Path) -> None:
+    store = keys(tmp_path / "k", alpha="secret-a")
+    auth = gwconfig.AuthConfig(api_keys=True)
+    resolver = TenantResolver(auth, store)
+    assert resolver.resolve("Bearer secret-a", None, "10.1.2.3") == "alpha"
+    with pytest.raises(AuthError):
+        resolver.resolve("Bearer secret-b", None, "10.1.2.3")
+    with pytest.raises(AuthError):
+        resolver.resolve("Basic secret-a", None, "10.1.2.3")
+    (tmp_path / "k" / "beta").write_text("not a hash")
+    assert store.reload()
+    assert [p.file for p in store.problems] == ["beta"]
+    assert not store.reload()  # unchanged
+
+
+def test_the_tenant_header_counts_only_from_trusted_proxies(tmp_path: pathlib.Path) -> None:
+    store = keys(tmp_path / "k", alpha="secret-a")
+    config = gwconfig.parse(gateway_document(auth={"trustedTenantHeader": "X-Tenant",
+                                                   "trustedProxies": ["10.0.0.0/8"]}), api_keys_mounted=True)
+    resolver = TenantResolver(config.auth, store)
+    assert resolver.resolve(None, "beta", "10.9.9.9") == "beta"
+    assert resolver.resolve("Bearer secret-a", "beta", "192.168.1.1") == "alpha"  # header ignored
+    with pytest.raises(AuthError):
+        resolver.resolve(None, "beta", "192.168.1.1")
+
+
+def test_without_auth_everything_goes_to_the_anonymous_tenant() -> None:
+    resolver = TenantResolver(gwconfig.AuthConfig(), KeyStore(None))
+    assert resolver.resolve(None, "someone", None) == "default"
+    anonymous = TenantResolver(gwconfig.AuthConfig(api_keys=True, anonymous_tenant="public"), KeyStore(None))
+    assert anonymous.resolve(None, None, None) == "public"
+
+
+@pytest.mark.parametrize(("section", "field"), [
+    ({"tokenPolicy": {"maxOutputTokens": "many"}}, "tokenPolicy.maxOutputTokens"),
+    ({"tokenPolicy": {"tenants": [{"tokensPerMinute": 5}]}}, "tokenPolicy.tenants[0].name"),
+    ({"warmup": {"requests": [{"maxTokens": 3}]}}, "warmup.requests[0]"),
+    ({"auth": {"trustedProxies": ["not-an-ip"]}}, "auth.trustedProxies[0]"),
+    ({"model": {"servedName": None}}, "model.servedName"),
+])
+def test_bad_configuration_names_the_field(section: dict[str, Any], field: str) -> None:
+    with pytest.raises(gwconfig.ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        gwconfig.parse(gateway_document(**section))
+
+
+def test_the_operators_rendered_config_parses() -> None:
+    from tensorfleet.render.gateway import gateway_config
+
+    body = inference_service(tokenPolicy={"maxInputTokens": 100, "tenants": [{"name": "a", "tokensPerMinute": 9}]},
+                             auth={"apiKeysSecretRef": {"name": "keys"}})
+    body["metadata"]["uid"] = "u"
+    parsed = gwconfig.parse(gateway_config(InferenceService.from_body(body)))
+    assert parsed.token_policy.max_input_tokens == 100
+    assert parsed.token_policy.tokens_per_minute("a") == 9
+    assert parsed.auth.api_keys
+
+
+def test_api_key_secret_is_mounted_into_the_gateway_only() -> None:
+    body = inference_service(auth={"apiKeysSecretRef": {"name": "team-keys"}})
+    body["metadata"]["uid"] = "u"
+    pod = render_deployment(InferenceService.from_body(body), RenderContext(), 1)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == "team-keys"
+    gateway, engine = (next(c for c in pod["containers"] if c["name"] == n) for n in ("gateway", "engine"))
+    assert any(m["name"] == "api-keys" for m in gateway["volumeMounts"])
+    assert not any(m["name"] == "api-keys" for m in engine["volumeMounts"])
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    assert env["TENSORFLEET_GATEWAY_API_KEYS_DIR"] == "/var/run/secrets/tensorfleet/api-keys"
+
+
+def test_settings_come_from_the_environment() -> None:
+    settings = from_env(GatewaySettings, {"TENSORFLEET_GATEWAY_RUNTIME": "triton",
+                                          "TENSORFLEET_GATEWAY_UPSTREAM": "http://127.0.0.1:8081",
+                                          "TENSORFLEET_GATEWAY_MAX_IN_FLIGHT": "8"})
+    assert settings.runtime == "triton"
+    assert settings.max_in_flight == 8
+    assert settings.metrics_url == "http://127.0.0.1:8083/metrics"
+    assert GatewaySettings().metrics_url == "http://127.0.0.1:8081/metrics"
+
+
+def test_the_command_explains_a_missing_metering_module(tmp_path: pathlib.Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorfleet.metering.sink", None)  # as in a build without it
+    config = write_document(tmp_path, gateway_document())
+    result = CliRunner().invoke(cli.main, ["gateway", "--config", config])
+    assert result.exit_code == 1
+    assert "tensorfleet.metering.sink" in result.output
+
+
+def test_the_command_names_a_bad_configuration_field(tmp_path: pathlib.Path) -> None:
+    config = write_document(tmp_path, gateway_document(tokenPolicy={"maxOutputTokens": 0}))
+    result = CliRunner().invoke(cli.main, ["gateway", "--config", config])
+    assert result.exit_code == 1
+    assert "tokenPolicy.maxOutputTokens: must be at least 1" in result.output
+
+
+def test_tenant_labels_are_capped() -> None:
+    metrics = GatewayMetrics(max_tenant_labels=2)
+    assert [metrics.tenant_label(t) for t in ("a", "b", "c", "a")] == ["a", "b", "other", "a"]
+
+
+def test_engine_metrics_are_read_without_a_full_parse() -> None:
+    text = ('# HELP vllm:num_requests_waiting x\nvllm:num_requests_waiting{engine="0"} 2.0\n'
+            'vllm:num_requests_waiting{engine="1"} 3.0\nvllm:num_requests_waiting_by_reason{r="x"} 9.0\n'
+            'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="used",model="m"} 5\n')
+    assert scrape_sum(text, "vllm:num_requests_waiting") == 5.0
+    assert scrape_sum(text, "nv_trt_llm_kv_cache_block_metrics", 'kv_cache_block_type="used"') == 5.0
+    assert scrape_sum(text, "vllm:kv_cache_usage_perc") is None
+
+
+def test_admission_hands_slots_over_in_order() -> None:
+    async def scenario() -> list[str]:
+        admission = Admission(GatewayMetrics(), max_in_flight=1, max_queue=1)
+        order: list[str] = []
+        await admission.acquire()
+
+        async def waiter(name: str) -> None:
+            await admission.acquire()
+            order.append(name)
+            admission.release()
+
+        task = asyncio.create_task(waiter("queued"))
+        await asyncio.sleep(0)
+        with pytest.raises(Exception, match="queue is full"):
+            await admission.acquire()
+        admission.release()
+        await task
+        assert admission.in_flight == 0
+        return order
+
+    assert asyncio.run(scenario()) == ["queued"]

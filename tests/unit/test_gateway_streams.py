@@ -1,0 +1,94 @@
+"""The streaming hot path on recorded vLLM 0.32 output: counts, usage taken out again, clean stops."""
+
+from __future__ import annotations
+
+import json
+
+from tensorfleet.gateway import sse
+from tensorfleet.gateway.hooks import Stop
+from tensorfleet.gateway.streams import VLLMStream
+
+# Recorded from vLLM 0.32.0 (the tiny test Llama): the same request with continuous usage ...
+WITH_USAGE = [
+    b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"tiny","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":4,"total_tokens":4,"completion_tokens":0,"completion_tokens_details":null},"prompt_token_ids":null,"prompt_text":null}',
+    b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"tiny","choices":[{"index":0,"delta":{"content":" the"},"logprobs":null,"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":4,"total_tokens":5,"completion_tokens":1,"completion_tokens_details":null}}',  # noqa: E501
+    b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"tiny","choices":[{"index":0,"delta":{"content":"fox"},"logprobs":null,"finish_reason":"length","stop_reason":null,"token_ids":null}],"usage":{"prompt_tokens":4,"total_tokens":6,"completion_tokens":2,"completion_tokens_details":null}}',
+    b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"tiny","choices":[],"usage":{"prompt_tokens":4,"total_tokens":6,"completion_tokens":2},"system_fingerprint":"vllm-0.32.0-6cbbe294"}',
+    b"[DONE]",
+]
+# ... and as vLLM sends it when the client asks for nothing.
+WITHOUT_USAGE = [
+    b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"tiny","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}',
+    b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"tiny","choices":[{"index":0,"delta":{"content":" the"},"logprobs":null,"finish_reason":null,"token_ids":null}]}',  # noqa: E501
+    b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"tiny","choices":[{"index":0,"delta":{"content":"fox"},"logprobs":null,"finish_reason":"length","stop_reason":null,"token_ids":null}],"system_fingerprint":"vllm-0.32.0-6cbbe294"}',
+    b"[DONE]",
+]
+
+
+def run(stream: VLLMStream, payloads: list[bytes]) -> tuple[bytes, list[int]]:
+    out, counts = [], []
+    for payload in payloads:
+        events, tokens = stream.process(payload)
+        out.extend(events)
+        counts.append(tokens)
+    out.extend(stream.finish())
+    return b"".join(out), counts
+
+
+def test_a_client_that_asked_for_nothing_gets_the_plain_stream_byte_for_byte() -> None:
+    stream = VLLMStream(client_usage=False, client_continuous=False)
+    out, counts = run(stream, WITH_USAGE)
+    assert out == b"".join(sse.event(p) for p in WITHOUT_USAGE)
+    assert counts == [0, 1, 1, 0, 0]
+    assert stream.usage is not None
+    assert (stream.usage.prompt_tokens, stream.usage.completion_tokens) == (4, 2)
+
+
+def test_a_client_that_asked_for_usage_gets_the_usage_event() -> None:
+    out, _ = run(VLLMStream(client_usage=True, client_continuous=False), WITH_USAGE)
+    events = [json.loads(e[6:]) for e in sse.EventSplitter().feed(out)[:-1]]
+    assert "usage" in events[-1]
+    assert events[-1]["choices"] == []
+    assert all("usage" not in e for e in events[:-1])
+
+
+def test_continuous_usage_passes_through_when_asked() -> None:
+    out, _ = run(VLLMStream(client_usage=True, client_continuous=True), WITH_USAGE)
+    assert out == b"".join(sse.event(p) for p in WITH_USAGE)
+
+
+def test_tokens_are_counted_per_choice() -> None:
+    stream = VLLMStream(False, False)
+    a1 = b'{"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":4,"completion_tokens":1}}'
+    b1 = b'{"choices":[{"index":1,"delta":{}}],"usage":{"prompt_tokens":4,"completion_tokens":1}}'
+    a3 = b'{"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":4,"completion_tokens":3}}'
+    assert [stream.process(p)[1] for p in (a1, b1, a3)] == [1, 1, 2]
+    assert stream.completion_tokens == 4
+    assert stream.prompt_tokens == 4
+
+
+def test_a_stopped_stream_ends_with_a_final_chunk_and_done() -> None:
+    stream = VLLMStream(client_usage=True, client_continuous=False)
+    run(stream, WITH_USAGE[:2])
+    events = sse.EventSplitter().feed(b"".join(stream.stopped(Stop("runaway"), 4)))
+    final, usage = json.loads(events[0][6:]), json.loads(events[1][6:])
+    assert final == {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "tiny",
+                     "choices": [{"index": 0, "finish_reason": "length", "delta": {}}]}
+    assert usage["usage"] == {"prompt_tokens": 4, "total_tokens": 5, "completion_tokens": 1}
+    assert events[2] == b"data: [DONE]"
+
+
+def test_the_splitter_keeps_partial_events_for_the_next_read() -> None:
+    splitter = sse.EventSplitter()
+    assert splitter.feed(b'data: {"a":1}\n\ndata: {"b"') == [b'data: {"a":1}']
+    assert splitter.feed(b':2}\r\n\r\n') == [b'data: {"b":2}']
+    assert splitter.pending == b""
+
+
+def test_byte_level_field_helpers() -> None:
+    payload = b'{"x":1,"usage":{"a":{"b":2},"completion_tokens":17},"y":2}'
+    assert sse.int_field(payload, b"completion_tokens") == 17
+    assert sse.int_field(payload, b"missing") is None
+    assert sse.drop_object(payload, b"usage") == b'{"x":1,"y":2}'
+    assert sse.drop_object(b'{"x":1}', b"usage") == b'{"x":1}'
+    assert sse.payload(b": comment") is None
