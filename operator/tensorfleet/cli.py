@@ -76,3 +76,6 @@ def render(filename: str, gpu_product: str | None, output: str, **options: Any) 
         else:
             click.echo(manifests.to_yaml(result.objects), nl=False)
     sys.exit(1 if result.errors else 0)
+
+
+main.add_command(config.lazy_group("usage", "tensorfleet.metering.cli:usage", "Verify, report on and sign usage."))
