@@ -39,7 +39,7 @@ class NvmlDouble:
     NVML_GPM_METRIC_GRAPHICS_UTIL = pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL
     NVMLError = NVMLError
 
-    class c_nvmlGpmMetricsGet_t:  # noqa: N801 - NVML's name
+    class c_nvmlGpmMetricsGet_t:
         def __init__(self) -> None:
             self.version = self.numMetrics = 0
             self.sample1: dict[str, Any] | None = None
@@ -112,7 +112,8 @@ class NvmlDouble:
 
     def nvmlGpmMetricsGet(self, request: Any) -> Any:
         # The real call compares two opaque samples; here the newer one carries the scripted activity.
-        assert request.version == self.NVML_GPM_METRICS_GET_VERSION and request.numMetrics == 1
+        assert request.version == self.NVML_GPM_METRICS_GET_VERSION
+        assert request.numMetrics == 1
         assert request.sample1["device"] is request.sample2["device"], "samples of two devices"
         assert request.sample1["taken"] < request.sample2["taken"], "sample2 must be the newer sample"
         assert request.metrics[0].metricId == self.NVML_GPM_METRIC_GRAPHICS_UTIL

@@ -7,8 +7,8 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from metering_builders import attribute, batched_timeline, exact_intervals, request
 
+from metering_builders import attribute, batched_timeline, exact_intervals, request
 from tensorfleet.metering.attribution import Attributor, time_shares, work_spans
 
 
@@ -56,7 +56,8 @@ def test_requests_that_never_reached_the_gpu_cost_nothing() -> None:
     assert work_spans(rejected) == []
     assert work_spans(cached) == []
     settled, _, finalised = attribute([rejected, cached], [(0.0, 0.1, 80.0)])
-    assert settled["rejected"].share.gpu_ms == 0.0 and settled["cached"].share.gpu_ms == 0.0
+    assert settled["rejected"].share.gpu_ms == 0.0
+    assert settled["cached"].share.gpu_ms == 0.0
     assert sum(f.unattributed_ms for f in finalised) == pytest.approx(80.0)
 
 
@@ -64,7 +65,8 @@ def test_cached_prompt_tokens_are_not_work_and_chunks_scale_to_the_engines_count
     event = request("r", admitted=0.0, first_token=0.1, chunks=((0.2, 3), (0.3, 1)), done=0.3,
                     prompt=120, cached=100, completion=8)
     spans = work_spans(event)
-    assert spans[0].tokens == 20 and (spans[0].start, spans[0].end) == (0.0, 0.1)
+    assert spans[0].tokens == 20
+    assert (spans[0].start, spans[0].end) == (0.0, 0.1)
     assert [s.tokens for s in spans[1:]] == [6.0, 2.0]  # 4 forwarded tokens stand for the engine's 8
     assert (spans[1].start, spans[1].end) == (0.0, 0.2)
 
@@ -162,7 +164,7 @@ def test_conservation_and_no_negative_shares(raw_requests: list, raw_intervals: 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(request_strategy, max_size=6), interval_strategy)
 def test_idle_time_is_billed_to_nobody(raw_requests: list, raw_intervals: list) -> None:
-    settled, finalised, intervals = _run(raw_requests, raw_intervals, 1)
+    settled, finalised, _intervals = _run(raw_requests, raw_intervals, 1)
     for item in finalised:
         if item.busy_ms == 0:
             assert item.billed_ms == item.excluded_ms == 0

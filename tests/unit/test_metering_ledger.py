@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from metering_builders import CONFIG, request
 
+from metering_builders import CONFIG, request
 from tensorfleet.metering import chain, export, records, units, verify
 from tensorfleet.metering.attribution import Settled, Share
 from tensorfleet.metering.cli import usage
@@ -167,7 +167,8 @@ def test_exported_cloudevents_verify_with_duplicates_and_detect_tampering(tmp_pa
     make_ledger(tmp_path / "u.db").close()
     events = _exported_events(tmp_path / "u.db")
     assert all(e["specversion"] == "1.0" and e["id"] and e["source"] and e["subject"] for e in events)
-    assert events[0]["subject"] == "acme" and events[0]["type"] == "io.tensorfleet.usage.request.v1"
+    assert events[0]["subject"] == "acme"
+    assert events[0]["type"] == "io.tensorfleet.usage.request.v1"
     recs, points = verify.from_events(events + events[:3])  # at-least-once: some came twice
     assert verify.verify(recs, points, VERIFIER).ok
     edited = copy.deepcopy(events)
@@ -185,14 +186,16 @@ def test_verify_command_exit_codes(tmp_path: Path) -> None:
     (tmp_path / "pub.pem").write_bytes(chain.public_pem(KEY.public_key()))
     runner = CliRunner()
     ok = runner.invoke(usage, ["verify", "--ledger", str(tmp_path / "u.db"), "--public-key", str(tmp_path / "pub.pem")])
-    assert ok.exit_code == 0 and "OK" in ok.output
+    assert ok.exit_code == 0
+    assert "OK" in ok.output
     attacker(tmp_path / "u.db").execute("DELETE FROM records WHERE seq = 2")
     bad = runner.invoke(usage, ["verify", "--ledger", str(tmp_path / "u.db"), "--public-key",
                                 str(tmp_path / "pub.pem"), "-o", "json"])
     assert bad.exit_code == 1
     assert "deleted" in {p["kind"] for p in json.loads(bad.output)["problems"]}
     missing = runner.invoke(usage, ["verify", "--ledger", str(tmp_path / "u.db")])
-    assert missing.exit_code == 2 and "--public-key is required" in missing.output
+    assert missing.exit_code == 2
+    assert "--public-key is required" in missing.output
 
 
 def test_keygen_writes_a_pair_that_signs_and_verifies(tmp_path: Path) -> None:
@@ -204,7 +207,8 @@ def test_keygen_writes_a_pair_that_signs_and_verifies(tmp_path: Path) -> None:
     assert chain.Verifier(chain.load_public_key(tmp_path / "k.pub")).record_ok("ab" * 32, signer.sign_record("ab" * 32))
     again = CliRunner().invoke(usage, ["keygen", "--private-key", str(tmp_path / "k.pem"),
                                        "--public-key", str(tmp_path / "x.pub")])
-    assert again.exit_code == 2 and "refusing to overwrite" in again.output
+    assert again.exit_code == 2
+    assert "refusing to overwrite" in again.output
 
 
 def test_a_ledger_refuses_a_different_signing_key(tmp_path: Path) -> None:

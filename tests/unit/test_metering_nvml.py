@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 
 import pytest
-from nvml_double import DeviceDouble, NvmlDouble
 
+from nvml_double import DeviceDouble, NvmlDouble
 from tensorfleet.metering import nvml
 
 
@@ -49,7 +50,9 @@ def test_without_gpm_the_utilization_rate_is_used() -> None:
     sampler, _, clock = sampler_on([device], ["0"])
     clock.now += 0.2
     interval = sampler.sample()
-    assert interval is not None and interval.kind == "utilization" and sampler.kind == "utilization"
+    assert interval is not None
+    assert interval.kind == "utilization"
+    assert sampler.kind == "utilization"
     assert interval.busy_ms == pytest.approx(160.0)
     assert sampler.product == "NVIDIA-A100-SXM4-80GB"
 
@@ -63,14 +66,16 @@ def test_an_unreadable_device_yields_no_interval_rather_than_a_guess() -> None:
     device.lost = False
     clock.now += 0.1
     after = sampler.sample()
-    assert after is not None and after.start == pytest.approx(100.1)  # the lost period is a gap
+    assert after is not None
+    assert after.start == pytest.approx(100.1)
 
 
 def test_energy_is_absent_where_the_gpu_has_no_counter() -> None:
     sampler, _, clock = sampler_on([DeviceDouble("GPU-a", energy_supported=False)], None)
     clock.now += 0.1
     interval = sampler.sample()
-    assert interval is not None and interval.energy_mj is None
+    assert interval is not None
+    assert interval.energy_mj is None
 
 
 def test_no_driver_means_no_gpu_and_nothing_is_sampled() -> None:
@@ -83,14 +88,16 @@ def test_unknown_device_of_the_engine_means_no_gpu() -> None:
     double = NvmlDouble([DeviceDouble("GPU-a")])
     with pytest.raises(nvml.NoGpu, match="cannot read"):
         nvml.NvmlSampler(double, ["GPU-missing"]).open()
-    assert not double.initialised and double.samples_alive == 0
+    assert not double.initialised
+    assert double.samples_alive == 0
 
 
 def test_close_frees_gpm_samples_and_shuts_nvml_down() -> None:
     sampler, double, _ = sampler_on([DeviceDouble("GPU-a"), DeviceDouble("GPU-b")], None)
     assert double.samples_alive == 4
     sampler.close()
-    assert double.samples_alive == 0 and not double.initialised
+    assert double.samples_alive == 0
+    assert not double.initialised
 
 
 @pytest.mark.parametrize(("text", "expected"), [("all", None), ("", []), ("void", []), ("none", []),
@@ -132,6 +139,7 @@ def test_sampler_thread_samples_on_its_period_and_stops() -> None:
     assert done.wait(5)
     thread.stop()
     thread.join(5)
-    assert not thread.is_alive() and not double.initialised
+    assert not thread.is_alive()
+    assert not double.initialised
     assert all(g.kind == "gpm" and g.activity == pytest.approx(0.4) for g in got)
-    assert all(a.end == pytest.approx(b.start) for a, b in zip(got, got[1:], strict=False))
+    assert all(a.end == pytest.approx(b.start) for a, b in itertools.pairwise(got))

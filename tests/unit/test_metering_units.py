@@ -8,8 +8,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from metering_builders import CONFIG, request
 
+from metering_builders import CONFIG, request
 from tensorfleet import config
 from tensorfleet.metering import records, report, units
 from tensorfleet.metering.attribution import Settled, Share
@@ -57,7 +57,8 @@ def test_prices_are_exact_decimals_from_the_rounded_figures() -> None:
               "pricePerMillionOutputTokens": "0.4"}
     out = units.price(1234.5678911, 1000, 500, prices)
     assert out["resourceUnits"] == "0.002469135782"
-    assert out["inputTokens"] == "0.0001" and out["outputTokens"] == "0.0002"
+    assert out["inputTokens"] == "0.0001"
+    assert out["outputTokens"] == "0.0002"
     assert Decimal(out["total"]) == Decimal("0.002469135782") + Decimal("0.0003")
 
 
@@ -67,7 +68,7 @@ def test_prices_come_from_billing_then_tier_defaults() -> None:
     ctx = records.context_from_config({**CONFIG, "billing": {"tier": "economy", "pricePerMillionInputTokens": "1"}},
                                       "pod", "NVIDIA-L4", table)
     assert ctx.prices == {"pricePerResourceUnit": "0.5", "pricePerMillionInputTokens": "1"}
-    with pytest.raises(ValueError, match="spec.billing.pricePerResourceUnit='abc'"):
+    with pytest.raises(ValueError, match=r"spec\.billing\.pricePerResourceUnit='abc'"):
         records.context_from_config({**CONFIG, "billing": {"pricePerResourceUnit": "abc"}}, "p", "x", table)
 
 
@@ -75,14 +76,20 @@ def test_request_record_has_every_field_and_a_deterministic_id() -> None:
     ctx = records.context_from_config(CONFIG, "pod-1", "NVIDIA-H100-80GB-HBM3", units.load_table())
     event = request("req-9", received=9.0, admitted=10.0, first_token=10.25, chunks=((10.25, 1), (10.5, 4)),
                     prompt=300, cached=100)
-    body = records.request_record(event, ctx, Settled("k", Share(gpu_ms=12.3456, covered_tokens=205), 205, True), "gpm")
-    again = records.request_record(event, ctx, Settled("k", Share(gpu_ms=12.3456, covered_tokens=205), 205, True), "gpm")
+    settled = Settled("k", Share(gpu_ms=12.3456, covered_tokens=205), 205, True)
+    body = records.request_record(event, ctx, settled, "gpm")
+    again = records.request_record(event, ctx, settled, "gpm")
     assert body["id"] == again["id"] == records.request_record_id(ctx, "req-9")
     assert (body["queueMs"], body["ttftMs"], body["durationMs"]) == (1000.0, 1250.0, 1500.0)
-    assert body["gpuMs"] == 12.346 and body["resourceUnits"] == round(12.346 * ctx.ru_per_gpu_ms, 6)
+    assert body["gpuMs"] == 12.346
+    assert body["resourceUnits"] == round(12.346 * ctx.ru_per_gpu_ms, 6)
     assert (body["inputTokens"], body["outputTokens"], body["cachedTokens"]) == (300, 5, 100)
-    assert body["engineFingerprint"] == "sha256:abc" and body["precision"] == "fp16" and body["tier"] == "standard"
-    assert body["estimated"] is False and body["measurement"] == "gpm" and body["coverage"] == 1.0
+    assert body["engineFingerprint"] == "sha256:abc"
+    assert body["precision"] == "fp16"
+    assert body["tier"] == "standard"
+    assert body["estimated"] is False
+    assert body["measurement"] == "gpm"
+    assert body["coverage"] == 1.0
     assert {"cacheHit", "truncated", "error", "tenant", "namespace", "service", "model", "gpuProduct"} <= set(body)
     assert body["time"].endswith("Z")
 
@@ -91,7 +98,9 @@ def test_cold_start_record_is_not_billable() -> None:
     ctx = records.context_from_config(CONFIG, "pod-1", "NVIDIA-L4", units.load_table())
     body = records.cold_start_record(ColdStartEvent("pod-1", 1_700_000_000.0, (("engine", 40.0), ("warm", 5.0)),
                                                     45.0), ctx)
-    assert body["billable"] is False and body["kind"] == "coldStart" and body["price"] == "0"
+    assert body["billable"] is False
+    assert body["kind"] == "coldStart"
+    assert body["price"] == "0"
 
 
 def test_events_round_trip_through_the_journal() -> None:
@@ -114,7 +123,8 @@ def test_report_totals_per_tenant_and_window() -> None:
     rows = report.aggregate(_bodies(), ["tenant", "window"], datetime.timedelta(hours=1))
     acme = [r for r in rows if r["tenant"] == "acme"]
     assert [r["requests"] for r in acme] == [2, 1]
-    assert acme[0]["gpuMs"] == 200.0 and acme[0]["resourceUnits"] == 200.0
+    assert acme[0]["gpuMs"] == 200.0
+    assert acme[0]["resourceUnits"] == 200.0
     assert Decimal(acme[0]["cost"]) == 2 * Decimal(_bodies()[0]["price"])
     csv_text = report.render(rows, "csv")
     assert csv_text.splitlines()[0].startswith("tenant,window,requests,inputTokens")

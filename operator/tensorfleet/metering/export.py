@@ -143,9 +143,11 @@ class ExporterThread(threading.Thread):
         self.failures = 0
 
     def run(self) -> None:
+        """Export until stopped, then make one last attempt (what fails waits in the ledger for the next start)."""
         try:
             while not self.stop_event.is_set():
                 self.stop_event.wait(self.step())
+            self.step()
         finally:
             self.exporter.close()
             self.exporter.ledger.close()

@@ -191,12 +191,9 @@ class MeteringSink:
         for thread in self._threads:
             if thread is not self._exporter:
                 thread.join()
-        if self._exporter is not None:
+        if self._exporter is not None:  # stopped after the writer's last cycle, so it ships the final records
             self._exporter.stop()
             self._exporter.join()
-            self._exporter.step()  # one last attempt; what fails stays in the ledger for the next start
-            self._exporter.exporter.close()
-            self._exporter.exporter.ledger.close()
         if self._writer is not None:
             self._writer.ledger.close()
 
