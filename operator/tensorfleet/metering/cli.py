@@ -119,7 +119,10 @@ def report_command(ledgers: tuple[str, ...], exports: tuple[str, ...], by: str, 
         raise click.UsageError(str(exc)) from None
     click.echo(report.render(rows, output), nl=False)
     if chart:
-        report.chart(selected, size, chart)
+        try:
+            report.chart(selected, size, chart)
+        except ImportError:
+            raise click.ClickException("--chart needs matplotlib: pip install 'tensorfleet[reports]'") from None
         click.echo(f"chart written to {chart}", err=True)
 
 
