@@ -181,3 +181,16 @@ def test_warm_up_before_the_first_billable_request_is_never_billed(raw_requests:
     settled_warm, finalised, _ = _run(warm, raw_intervals, 1)
     assert sum(f.billed_ms for f in finalised) == 0
     assert all(not s.billable for s in settled_warm.values())
+
+
+def test_a_prompt_arriving_mid_step_is_not_billed_for_the_step_in_progress() -> None:
+    # d decodes (chunks end every step); a's 2000-token prefill runs [0, 0.066]; b arrives at 0.033, mid-step,
+    # and its prefill runs [0.066, 0.1]. The engine could not have started b before 0.066: d's next chunk says so.
+    d = request("d", admitted=-0.05, first_token=-0.01, chunks=((-0.01, 1), (0.0, 1), (0.066, 1), (0.1, 1)),
+                done=0.1, prompt=10)
+    a = request("a", admitted=0.0, first_token=0.066, chunks=((0.066, 1),), done=0.066, prompt=2000)
+    b = request("b", admitted=0.033, first_token=0.1, chunks=((0.1, 1),), done=0.1, prompt=1000)
+    intervals = [(-0.1, 0.0, 50.0), (0.0, 0.05, 50.0), (0.05, 0.1, 50.0)]
+    settled, _, _ = attribute([d, a, b], intervals)
+    assert settled["a"].share.gpu_ms == pytest.approx(66.0 * 2001 / 2002, rel=1e-6)
+    assert settled["b"].share.gpu_ms == pytest.approx(34.0 * 1001 / 1002, rel=1e-6)

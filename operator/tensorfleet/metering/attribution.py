@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 from collections.abc import Iterable
 from typing import Literal
 
@@ -40,16 +41,17 @@ class WorkSpan:
     start: float
     end: float
     tokens: float
+    prompt: bool = False  # the prompt's span (its end is the first token, not a decode step's end)
 
     @property
     def density(self) -> float:
         return self.tokens / (self.end - self.start)
 
 
-def _span(start: float, end: float, tokens: float) -> WorkSpan:
+def _span(start: float, end: float, tokens: float, prompt: bool = False) -> WorkSpan:
     if end - start < MIN_SPAN_SECONDS:
         start = end - MIN_SPAN_SECONDS
-    return WorkSpan(start, end, tokens)
+    return WorkSpan(start, end, tokens, prompt)
 
 
 def work_spans(event: RequestEvent, prefill_weight: float = 1.0) -> list[WorkSpan]:
@@ -61,7 +63,7 @@ def work_spans(event: RequestEvent, prefill_weight: float = 1.0) -> list[WorkSpa
     prompt = prefill_weight * max(0, event.prompt_tokens - event.cached_tokens)
     prompt_end = min(max(event.first_token, admitted), done) if event.first_token is not None else done
     if prompt > 0:
-        spans.append(_span(admitted, prompt_end, prompt))
+        spans.append(_span(admitted, prompt_end, prompt, prompt=True))
     spans.extend(_generated_spans(event, admitted, done))
     return spans
 
@@ -118,6 +120,15 @@ class _Request:
     total_tokens: float
     last_k: int = -1  # index of the last interval it has work in; -1 until placed
     placed: bool = False
+
+    @property
+    def admitted(self) -> float:
+        return self.spans[0].start if self.spans else math.inf
+
+    @property
+    def step_ends(self) -> list[float]:
+        """When this request's decode steps ended, as far as the gateway saw (its chunks' times)."""
+        return [s.end for s in self.spans if not s.prompt]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,32 +212,60 @@ class Attributor:
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, key: str, spans: list[WorkSpan], billable: bool, share: Share | None = None) -> None:
-        """Take a request; it is placed once intervals cover its last span. ``share``: restored progress."""
+        """Take a request; it is placed when the interval its work starts in is finalised (by then every
+        request that was in flight when it was admitted is known). ``share``: progress restored from a journal."""
         request = _Request(key, spans, billable, share or Share(), sum(s.tokens for s in spans))
         self._requests[key] = request
         self._unplaced[key] = request
-        self.place_ready()
 
-    def place_ready(self) -> None:
-        """Place the requests whose work is covered by intervals."""
-        if self._last_end is None:
-            return
-        for key in [k for k, r in self._unplaced.items() if not r.spans or r.spans[-1].end <= self._last_end]:
-            self._place(self._unplaced.pop(key))
+    def _placeable(self, request: _Request) -> bool:
+        return self._last_end is not None and (not request.spans or request.spans[-1].end <= self._last_end)
 
     def place_all(self) -> None:
         """Place every request now (closing down): work past the last interval is left uncovered."""
-        for request in self._unplaced.values():
+        for request in sorted(self._unplaced.values(), key=lambda r: r.admitted):
             self._place(request)
         self._unplaced.clear()
 
-    def earliest_unplaced(self) -> float | None:
-        starts = [r.spans[0].start for r in self._unplaced.values() if r.spans]
+    def _place_due(self, before: float) -> None:
+        """Place the placeable requests whose work starts before ``before``."""
+        due = [r for r in self._unplaced.values() if r.admitted < before and self._placeable(r)]
+        for request in sorted(due, key=lambda r: r.admitted):
+            del self._unplaced[request.key]
+            self._place(request)
+
+    def earliest_unplaceable(self) -> float | None:
+        """Start of the earliest request whose work is not covered by intervals yet."""
+        starts = [r.admitted for r in self._unplaced.values() if r.spans and not self._placeable(r)]
         return min(starts) if starts else None
+
+    def _engine_free_after(self, request: _Request) -> float | None:
+        """The end of the engine step in progress when ``request`` was admitted: the first chunk, after the
+        admission, of any request that was then in flight. The engine cannot start a new prompt earlier."""
+        admitted = request.admitted
+        ends = []
+        for other in self._requests.values():
+            if other is request or not other.spans or other.admitted > admitted or other.spans[-1].end <= admitted:
+                continue
+            times = other.step_ends
+            index = bisect.bisect_right(times, admitted)
+            if index < len(times):
+                ends.append(times[index])
+        return min(ends) if ends else None
+
+    def _aligned(self, request: _Request) -> list[WorkSpan]:
+        """The request's spans, those that begin at its admission moved to when the engine was free."""
+        free = self._engine_free_after(request)
+        if free is None:
+            return request.spans
+        admitted = request.admitted
+        return [WorkSpan(free, span.end, span.tokens, span.prompt)
+                if span.start == admitted and free < span.end - MIN_SPAN_SECONDS else span
+                for span in request.spans]
 
     def _place(self, request: _Request) -> None:
         request.placed = True
-        for span in request.spans:
+        for span in self._aligned(request):
             first = max(bisect.bisect_right(self._starts, span.start) - 1, 0)
             for index in range(first, len(self._intervals)):
                 interval = self._intervals[index]
@@ -242,13 +281,14 @@ class Attributor:
     # -- finalise and settle -------------------------------------------------------------------
     def finalise(self, watermark: float) -> list[Finalised]:
         """Finalise every open interval that ends at or before ``watermark``, oldest first."""
-        if (earliest := self.earliest_unplaced()) is not None:
+        if (earliest := self.earliest_unplaceable()) is not None:
             watermark = min(watermark, earliest)
         done: list[Finalised] = []
         while self._final - self._base < len(self._intervals):
             interval = self._intervals[self._final - self._base]
             if interval.end > watermark:
                 break
+            self._place_due(interval.end)
             done.append(self._finalise_one(self._final, interval))
             self._final += 1
         self._drop_final()

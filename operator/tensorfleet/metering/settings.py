@@ -29,13 +29,14 @@ class MeteringSettings:
     retry_initial_seconds: float = setting(1.0, "First retry delay after a failed export; doubles each time.")
     retry_max_seconds: float = setting(300.0, "Longest delay between export retries.")
     spool_max_records: int = setting(
-        2_000_000, "Records not yet exported that the pod may hold; beyond it the spool is full (records are "
-        "still never dropped) and tensorfleet_metering_spool_full is 1.")
+        500_000, "Records not yet exported that the pod may hold (about 1.6 KB each on the usage volume); beyond "
+        "it the spool is full (records are still never dropped) and tensorfleet_metering_spool_full is 1.")
     spool_alert_ratio: float = setting(0.5, "Fill ratio of the spool at which tensorfleet_metering_spool_alert is 1.")
     checkpoint_every_records: int = setting(1000, "Sign a checkpoint at least every this many records.")
     checkpoint_interval_seconds: float = setting(30.0, "Sign a checkpoint at least this often when records were added.")
     retention_seconds: float = setting(
-        7 * 86400.0, "Keep exported records this long in the pod's ledger before pruning them; 0 keeps all.")
+        3600.0, "Keep exported records this long in the pod's ledger before pruning them (the sink keeps them); "
+        "0 keeps all.")
     flush_interval_ms: float = setting(200.0, "How often events are journalled and settled records appended.")
     settle_after_seconds: float = setting(
         300.0, "Longest request life the attribution waits for before finalising an interval, unless the "

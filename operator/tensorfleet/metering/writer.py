@@ -103,7 +103,6 @@ class UsageWriter:
         with self.ledger.transaction():
             self._take_intervals(intervals, now, final)
             cold = self._take_events(submitted)
-            self.attributor.place_ready()
             if final:
                 self.attributor.place_all()
             finalised = self.attributor.finalise(watermark)
