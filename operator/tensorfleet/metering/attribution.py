@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable
 from typing import Literal
@@ -125,7 +126,7 @@ class _Request:
     def admitted(self) -> float:
         return self.spans[0].start if self.spans else math.inf
 
-    @property
+    @functools.cached_property
     def step_ends(self) -> list[float]:
         """When this request's decode steps ended, as far as the gateway saw (its chunks' times)."""
         return [s.end for s in self.spans if not s.prompt]
@@ -241,16 +242,19 @@ class Attributor:
 
     def _engine_free_after(self, request: _Request) -> float | None:
         """The end of the engine step in progress when ``request`` was admitted: the first chunk, after the
-        admission, of any request that was then in flight. The engine cannot start a new prompt earlier."""
+        admission, of any request that then had work (already placed: placement goes in admission order).
+        The engine cannot start a new prompt earlier."""
         admitted = request.admitted
+        index = bisect.bisect_right(self._starts, admitted) - 1
+        if index < 0 or index >= len(self._intervals) or self._base + index < self._final:
+            return None
+        running = {key for key, lo, hi, _ in self._intervals[index].pieces if lo <= admitted < hi}
         ends = []
-        for other in self._requests.values():
-            if other is request or not other.spans or other.admitted > admitted or other.spans[-1].end <= admitted:
-                continue
-            times = other.step_ends
-            index = bisect.bisect_right(times, admitted)
-            if index < len(times):
-                ends.append(times[index])
+        for key in running - {request.key}:
+            times = self._requests[key].step_ends
+            after = bisect.bisect_right(times, admitted)
+            if after < len(times):
+                ends.append(times[after])
         return min(ends) if ends else None
 
     def _aligned(self, request: _Request) -> list[WorkSpan]:

@@ -236,7 +236,9 @@ class MeteringSink:
             if not self._hints:
                 return now - self.settings.settle_after_seconds
             horizon = now - self.settings.settle_after_seconds
-            open_admissions = [at for at in self._admissions.values() if at >= horizon]
+            for request_id in [r for r, at in self._admissions.items() if at < horizon]:
+                del self._admissions[request_id]  # admitted but never reported: stop waiting for it
+            open_admissions = list(self._admissions.values())
         return min([now - lag, *open_admissions])
 
     def _cycle(self, final: bool, failures: int) -> int:
