@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import pathlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -22,9 +22,17 @@ class RecordingSinkDouble:
 
     def __init__(self) -> None:
         self.events: list[RequestEvent | ColdStartEvent] = []
+        self.admissions: dict[str, float] = {}
+        self.configs: list[Mapping[str, Any]] = []
 
     def submit(self, event: RequestEvent | ColdStartEvent) -> None:
         self.events.append(event)
+
+    def admitted(self, request_id: str, at: float) -> None:
+        self.admissions[request_id] = at
+
+    def reconfigure(self, config: Mapping[str, Any]) -> None:
+        self.configs.append(config)
 
     @property
     def requests(self) -> list[RequestEvent]:

@@ -80,3 +80,4 @@ def render(filename: str, gpu_product: str | None, output: str, **options: Any) 
 
 
 main.add_command(gateway_command.gateway)
+main.add_command(config.lazy_group("usage", "tensorfleet.metering.cli:usage", "Verify, report on and sign usage."))

@@ -127,3 +127,31 @@ def _shown(default: Any) -> str:
     if isinstance(default, tuple):
         return ",".join(default)
     return str(default)
+
+
+class _LazyGroup(click.Group):
+    """A command group whose module is imported only when the group is used (``--help`` lists it for free)."""
+
+    def __init__(self, name: str, target: str, short_help: str) -> None:
+        super().__init__(name=name, short_help=short_help, help=short_help)
+        self._target = target
+        self._loaded: click.Group | None = None
+
+    def _group(self) -> click.Group:
+        if self._loaded is None:
+            import importlib
+
+            module, attribute = self._target.split(":")
+            self._loaded = getattr(importlib.import_module(module), attribute)
+        return self._loaded
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return self._group().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self._group().get_command(ctx, cmd_name)
+
+
+def lazy_group(name: str, target: str, short_help: str) -> click.Group:
+    """``lazy_group("usage", "tensorfleet.metering.cli:usage", "...")``: register without importing."""
+    return _LazyGroup(name, target, short_help)

@@ -77,7 +77,7 @@ def desired_objects(isvc: InferenceService, ctx: RenderContext,
     else:
         deployments = [render_deployment(isvc, ctx, count, variant=labels.product_slug(product), gpu_product=product)
                        for product, count in split_replicas(replicas, products).items()]
-    objects = [render_config_map(isvc), *deployments, render_service(isvc), render_pdb(isvc)]
+    objects = [render_config_map(isvc, ctx), *deployments, render_service(isvc), render_pdb(isvc)]
     return [diff.stamp(obj) for obj in objects]
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from tensorfleet import __version__
 from tensorfleet.config import setting
+from tensorfleet.metering import units
 from tensorfleet.render.context import RenderContext
 
 ClusterMode = Literal["auto", "kubeconfig", "incluster", "emulator"]
@@ -42,9 +43,26 @@ class OperatorSettings:
     example: str = setting("examples/inferenceservice.yaml",
                            "Quickstart only: the manifest applied to the embedded emulator.")
     demo_timeout_seconds: float = setting(60.0, "Quickstart only: how long to wait for convergence.")
+    metering_sink_url: str | None = setting(
+        None, "CloudEvents endpoint every gateway exports usage records to (e.g. OpenMeter's /api/v1/events).")
+    metering_secret: str = setting(
+        "tensorfleet-metering", "Secret, in each service's namespace, with the Ed25519 `signing-key` and optional "
+        "`sink-token` that gateways mount (optional; empty mounts none). The operator never reads it.")
+    metering_ru_table_file: str | None = setting(
+        None, "YAML/JSON resource-unit overrides {product: {precision: RU per GPU-ms}} (the chart's "
+        "metering.resourceUnits), passed to every gateway in its configuration.")
 
     def render_context(self) -> RenderContext:
+        """The renderers' context; ValueError names the field of a bad resource-unit file."""
+        overrides: dict[str, Any] = {}
+        if self.metering_ru_table_file:
+            data = units.read_override_file(self.metering_ru_table_file)
+            units.parse_overrides(data, self.metering_ru_table_file)  # validate before any gateway sees it
+            overrides = dict(data or {})
         return RenderContext(
+            metering_sink_url=self.metering_sink_url,
+            metering_secret=self.metering_secret,
+            resource_units=overrides,
             gateway_image=self.gateway_image,
             vllm_image=self.vllm_image,
             triton_image_template=self.triton_image,

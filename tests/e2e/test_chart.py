@@ -36,9 +36,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "engines": {"builderImage": "nvcr.io/nvidia/tensorrt-llm/release:0.21.0",
                     "store": {"type": "s3", "s3": {"bucket": "engines", "endpoint": "https://s3.example.com",
                                                    "region": "eu-west-1", "credentialsSecret": "engine-store"}}},
-        "metering": {"sink": {"url": "https://billing.example.com/events", "tokenSecret": {"name": "sink-token"}},
-                     "signingKey": {"secretName": "tensorfleet-signing-key"},
-                     "resourceUnits": {"NVIDIA-H100-80GB-HBM3": 2.0, "NVIDIA-A100-SXM4-80GB": 1.0}},
+        "metering": {"sinkUrl": "https://billing.example.com/events", "secretName": "billing-keys",
+                     "resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"fp16": 2.0, "fp8": 3.6},
+                                       "NVIDIA-A100-SXM4-80GB": {"fp16": 1.0}}},
         "autoscaling": {"hpa": True, "keda": True},
         "metrics": MONITORING,
     },
@@ -66,8 +66,10 @@ def test_helm_lint_is_clean(value_set: str) -> None:
     ({"operator": {"watchNamespaces": ["Team_A"]}}, "/operator/watchNamespaces/0"),
     ({"engines": {"store": {"type": "s3"}}}, "/engines/store/s3/bucket"),
     ({"engines": {"store": {"type": "gcs"}}}, "/engines/store/type"),
-    ({"metering": {"sink": {"url": "ftp://billing"}}}, "/metering/sink/url"),
+    ({"metering": {"sinkUrl": "ftp://billing"}}, "/metering/sinkUrl"),
     ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": -1}}}, "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3"),
+    ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"fp16": 0}}}},
+     "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3/fp16"),
     ({"metrics": {"podMonitor": {"interval": "fast"}}}, "/metrics/podMonitor/interval"),
 ])
 def test_invalid_values_are_rejected_naming_the_field(values: dict[str, Any], complaint: str) -> None:
@@ -240,14 +242,25 @@ def test_pending_settings_are_not_settings_yet() -> None:
 
 def test_everything_renders_every_pending_setting(rendered: dict[str, list[dict[str, Any]]]) -> None:
     env = {**_env(_container(rendered["everything"])), **_env(_container(rendered["pvc-store"]))}
-    everything = _container(rendered["everything"])["env"]
-    token = [e for e in everything if e["name"] == "TENSORFLEET_METERING_SINK_TOKEN_SECRET"]
-    assert token
-    assert token[0]["value"] == "sink-token"
     assert set(PENDING_SETTINGS) <= set(env)
-    assert json.loads(env["TENSORFLEET_METERING_RESOURCE_UNITS"]) == {"NVIDIA-H100-80GB-HBM3": 2.0,
-                                                                      "NVIDIA-A100-SXM4-80GB": 1.0}
     assert _container(rendered["everything"])["image"].endswith("@sha256:" + "a" * 64)
+
+
+def test_metering_values_reach_the_operator(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The sink URL and the Secret's name as settings; the RU table as a file the operator validates."""
+    container = _container(rendered["everything"])
+    env = _env(container)
+    assert env["TENSORFLEET_METERING_SINK_URL"] == "https://billing.example.com/events"
+    assert env["TENSORFLEET_METERING_SECRET"] == "billing-keys"
+    path = env["TENSORFLEET_METERING_RU_TABLE_FILE"]
+    table = next(o for o in rendered["everything"]
+                 if o["kind"] == "ConfigMap" and "resource-units" in o["metadata"]["name"])
+    assert yaml.safe_load(table["data"][path.rsplit("/", 1)[1]]) == {
+        "NVIDIA-H100-80GB-HBM3": {"fp16": 2.0, "fp8": 3.6}, "NVIDIA-A100-SXM4-80GB": {"fp16": 1.0}}
+    assert any(m["mountPath"] == path.rsplit("/", 1)[0] for m in container["volumeMounts"])
+    defaults = _env(_container(rendered["defaults"]))
+    assert "TENSORFLEET_METERING_RU_TABLE_FILE" not in defaults
+    assert defaults["TENSORFLEET_METERING_SECRET"] == "tensorfleet-metering"
 
 
 # ---- RBAC shape (exactness against the code: tests/integration/test_rbac.py) ----------------------

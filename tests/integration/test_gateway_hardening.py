@@ -189,6 +189,8 @@ def test_sigterm_drains_a_real_process(tmp_path: pathlib.Path) -> None:
 
         class SinkDouble:  # test double of the metering sink
             def submit(self, event): pass
+            def admitted(self, request_id, at): pass
+            def reconfigure(self, config): pass
             async def start(self): pass
             async def close(self): print("sink closed", flush=True)
             def gpu_utilization(self): return None
@@ -316,7 +318,8 @@ async def test_metrics_export_the_autoscaler_names_with_bounded_labels(tmp_path:
 
 async def test_configuration_reload_applies_and_a_broken_file_is_ignored(tmp_path: pathlib.Path) -> None:
     engine = StandinEngine()
-    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream) as gw, \
+    sink = RecordingSinkDouble()
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, sink=sink) as gw, \
             aiohttp.ClientSession() as session:
         path = pathlib.Path(gw.settings.config)
         _write(path, json.dumps(gateway_document(tokenPolicy={"maxOutputTokens": 5})))
@@ -326,6 +329,8 @@ async def test_configuration_reload_applies_and_a_broken_file_is_ignored(tmp_pat
         assert not gw.reload()
         await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
     assert [r["max_tokens"] for r in engine.received[-2:]] == [5, 5]
+    # metering saw the one good change (new prices apply from then on), not the broken file
+    assert [c["tokenPolicy"]["maxOutputTokens"] for c in sink.configs] == [5]
 
 
 def _write(path: pathlib.Path, text: str) -> None:

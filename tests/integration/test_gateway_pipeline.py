@@ -64,6 +64,7 @@ async def test_stream_gets_exactly_what_the_client_asked_for(tmp_path: pathlib.P
     assert event.first_token is not None
     assert event.admitted is not None
     assert event.received <= event.admitted
+    assert sink.admissions[event.request_id] == event.admitted  # metering heard of it while in flight
 
 
 async def test_stream_keeps_usage_the_client_asked_for(tmp_path: pathlib.Path) -> None:

@@ -22,17 +22,6 @@ reads each). Until then the operator ignores them: it reads only the TENSORFLEET
 {{- with $store.s3.region }}{{ $env = append $env (dict "name" "TENSORFLEET_ENGINE_STORE_S3_REGION" "value" .) }}{{ end -}}
 {{- with $store.s3.credentialsSecret }}{{ $env = append $env (dict "name" "TENSORFLEET_ENGINE_STORE_S3_CREDENTIALS_SECRET" "value" .) }}{{ end -}}
 {{- end }}
-{{- /* issue 5: metering */ -}}
-{{- with $v.metering.sink.url }}{{ $env = append $env (dict "name" "TENSORFLEET_METERING_SINK_URL" "value" .) }}{{ end -}}
-{{- with $v.metering.sink.tokenSecret.name }}
-{{- $env = append $env (dict "name" "TENSORFLEET_METERING_SINK_TOKEN_SECRET" "value" .) -}}
-{{- $env = append $env (dict "name" "TENSORFLEET_METERING_SINK_TOKEN_SECRET_KEY" "value" $v.metering.sink.tokenSecret.key) -}}
-{{- end }}
-{{- with $v.metering.signingKey.secretName }}
-{{- $env = append $env (dict "name" "TENSORFLEET_METERING_SIGNING_KEY_SECRET" "value" .) -}}
-{{- $env = append $env (dict "name" "TENSORFLEET_METERING_SIGNING_KEY_SECRET_KEY" "value" $v.metering.signingKey.key) -}}
-{{- end }}
-{{- with $v.metering.resourceUnits }}{{ $env = append $env (dict "name" "TENSORFLEET_METERING_RESOURCE_UNITS" "value" (toJson .)) }}{{ end -}}
 {{- /* issue 6: autoscaling */ -}}
 {{- $env = append $env (dict "name" "TENSORFLEET_AUTOSCALING_SCRAPE_INTERVAL_SECONDS" "value" (toString $v.autoscaling.scrapeIntervalSeconds)) -}}
 {{- if $v.autoscaling.hpa }}{{ $env = append $env (dict "name" "TENSORFLEET_AUTOSCALING_HPA" "value" "true") }}{{ end -}}

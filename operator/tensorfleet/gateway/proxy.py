@@ -190,6 +190,7 @@ class Proxy:
         outcome.queued = False
         try:
             outcome.admitted = time.monotonic()
+            self._tell_sink_admitted(proxied.request_id, outcome.admitted)
             response = await self._forward(request, proxied, outcome, original_options, key)
         finally:
             s.admission.release()
@@ -423,6 +424,12 @@ class Proxy:
             s.metrics.dropped_events.inc()
             log.exception("the metering sink raised on submit")
         self._observe(proxied, outcome, usage, done)
+
+    def _tell_sink_admitted(self, request_id: str, at: float) -> None:
+        try:
+            self.s.sink.admitted(request_id, at)
+        except Exception:  # a hint for attribution: it must never fail the request
+            log.exception("the metering sink raised on admitted")
 
     def _observe(self, proxied: ProxyRequest, outcome: Outcome, usage: Usage, done: float) -> None:
         m, model, endpoint = self.s.metrics, self.s.config.served_model, proxied.endpoint

@@ -32,17 +32,15 @@ from tensorfleet.gateway.ratelimit import TokenRateLimiter
 from tensorfleet.gateway.settings import GatewaySettings
 from tensorfleet.gateway.state import ActiveRequests, Admission, GatewayState
 from tensorfleet.gateway.warmup import EngineMonitor, WarmupGate
-from tensorfleet.metering.events import ColdStartEvent, EventSink, RequestEvent
+from tensorfleet.metering.events import EventSink
 
 log = logging.getLogger(__name__)
 
 _HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 400: "bad_request"}
 
 
-class MeteringSink(Protocol):
+class MeteringSink(EventSink, Protocol):
     """What the metering module's sink offers the gateway process (see tensorfleet.metering.sink)."""
-
-    def submit(self, event: RequestEvent | ColdStartEvent) -> None: ...
 
     async def start(self) -> None: ...
 
@@ -203,6 +201,10 @@ class Gateway:
             self.metrics.config_reloads.labels("error").inc()
             return False
         self.apply(new)
+        try:
+            self.sink.reconfigure(read_config_document(self.settings.config))
+        except ValueError as exc:  # prices or resource units the metering half cannot use
+            log.error("metering keeps its previous prices and resource units: %s", exc)
         self.metrics.config_reloads.labels("ok").inc()
         return True
 

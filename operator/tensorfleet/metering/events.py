@@ -11,7 +11,8 @@ Times: ``*_at`` fields are wall-clock seconds (``time.time()``) for records; the
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,3 +61,11 @@ class ColdStartEvent:
 class EventSink(Protocol):
     def submit(self, event: RequestEvent | ColdStartEvent) -> None:
         """Take the event; return at once; never raise."""
+
+    def admitted(self, request_id: str, at: float) -> None:
+        """``request_id`` was sent to the engine at monotonic ``at``: attribution counts its prompt work from
+        then while it is in flight, before its event arrives. Return at once; never raise."""
+
+    def reconfigure(self, config: Mapping[str, Any]) -> None:
+        """gateway.json changed (prices, resource units); applies to requests submitted from now on.
+        ValueError when the new configuration is unusable (the previous one stays)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 from tensorfleet import __version__
 
@@ -31,3 +33,8 @@ class RenderContext:
     triton_image_template: str = "nvcr.io/nvidia/tritonserver:25.08-trtllm-python-py3"
     cluster_domain: str = "cluster.local"
     image_pull_policy: str = "IfNotPresent"
+    # Metering (render/metering.py): where gateways export usage, the per-namespace Secret with the
+    # signing key ("" mounts none), and resource-unit overrides {product: {precision: RU per GPU-ms}}.
+    metering_sink_url: str | None = None
+    metering_secret: str = "tensorfleet-metering"
+    resource_units: Mapping[str, Any] = dataclasses.field(default_factory=dict)

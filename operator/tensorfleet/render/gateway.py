@@ -14,6 +14,7 @@ from typing import Any
 from tensorfleet.api.types import InferenceService
 from tensorfleet.render import context as c
 from tensorfleet.render import labels
+from tensorfleet.render import metering as m
 
 _PROBE_PERIOD_SECONDS = 5
 
@@ -22,9 +23,10 @@ def config_map_name(isvc_name: str) -> str:
     return f"{isvc_name}-gateway"
 
 
-def gateway_config(isvc: InferenceService) -> dict[str, Any]:
+def gateway_config(isvc: InferenceService, ctx: c.RenderContext | None = None) -> dict[str, Any]:
     """Everything the gateway needs to know about its service; one JSON document."""
     spec = isvc.spec
+    ctx = ctx or c.RenderContext()
     return {
         "service": {"namespace": isvc.namespace, "name": isvc.name},
         "model": {
@@ -39,16 +41,18 @@ def gateway_config(isvc: InferenceService) -> dict[str, Any]:
             "precision": spec.engine.precision if spec.engine else "fp16",
             "maxInputLen": spec.engine.max_input_len if spec.engine else None,
             "maxBatchSize": spec.engine.max_batch_size if spec.engine else None,
+            "fingerprint": m.engine_fingerprint(isvc, ctx),
         },
         "warmup": dict(spec.warmup),
         "tokenPolicy": dict(spec.token_policy),
         "auth": dict(spec.auth),
         "billing": dict(spec.billing),
+        "metering": m.metering_config(ctx),
     }
 
 
-def render_config_map(isvc: InferenceService) -> dict[str, Any]:
-    document = json.dumps(gateway_config(isvc), sort_keys=True, indent=2)
+def render_config_map(isvc: InferenceService, ctx: c.RenderContext | None = None) -> dict[str, Any]:
+    document = json.dumps(gateway_config(isvc, ctx), sort_keys=True, indent=2)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -81,7 +85,7 @@ def api_keys_volume(isvc: InferenceService) -> dict[str, Any] | None:
     return {"name": "api-keys", "secret": {"secretName": secret, "defaultMode": 0o444}}
 
 
-def _env(isvc: InferenceService, gpu_product: str | None) -> list[dict[str, Any]]:
+def _env(isvc: InferenceService, gpu_product: str | None, ctx: c.RenderContext) -> list[dict[str, Any]]:
     def field(path: str) -> dict[str, Any]:
         return {"fieldRef": {"fieldPath": path}}
 
@@ -100,6 +104,7 @@ def _env(isvc: InferenceService, gpu_product: str | None) -> list[dict[str, Any]
         # NVML read access (utility capability only) to sample the GPUs the engine was given.
         {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"},
         {"name": "NVIDIA_DRIVER_CAPABILITIES", "value": "utility"},
+        *m.metering_env(ctx),
     ]
     if api_keys_secret(isvc):
         env.append({"name": "TENSORFLEET_GATEWAY_API_KEYS_DIR", "value": c.API_KEYS_DIR})
@@ -117,7 +122,7 @@ def render_gateway_container(isvc: InferenceService, ctx: c.RenderContext,
         "image": ctx.gateway_image,
         "imagePullPolicy": ctx.image_pull_policy,
         "args": ["gateway"],
-        "env": _env(isvc, gpu_product),
+        "env": _env(isvc, gpu_product, ctx),
         "ports": [
             {"name": "http", "containerPort": c.GATEWAY_PORT, "protocol": "TCP"},
             {"name": "admin", "containerPort": c.ADMIN_PORT, "protocol": "TCP"},
@@ -135,16 +140,17 @@ def render_gateway_container(isvc: InferenceService, ctx: c.RenderContext,
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": _mounts(isvc),
+        "volumeMounts": _mounts(isvc, ctx),
     }
 
 
-def _mounts(isvc: InferenceService) -> list[dict[str, Any]]:
+def _mounts(isvc: InferenceService, ctx: c.RenderContext) -> list[dict[str, Any]]:
     mounts: list[dict[str, Any]] = [
         {"name": "gateway-config", "mountPath": c.CONFIG_DIR, "readOnly": True},
         {"name": "usage", "mountPath": c.USAGE_DIR},
         {"name": "run", "mountPath": c.SHARED_RUN_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
+        *m.metering_mounts(ctx),
     ]
     if api_keys_secret(isvc):
         mounts.append({"name": "api-keys", "mountPath": c.API_KEYS_DIR, "readOnly": True})

@@ -10,6 +10,7 @@ from tensorfleet.render import context as c
 from tensorfleet.render import labels
 from tensorfleet.render.engine_container import render_engine_container
 from tensorfleet.render.gateway import api_keys_volume, config_map_name, render_gateway_container
+from tensorfleet.render.metering import metering_volumes
 
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 GRACE_PERIOD_SECONDS = 120  # the gateway drains in-flight requests on SIGTERM
@@ -74,7 +75,7 @@ def _pod_spec(isvc: InferenceService, ctx: c.RenderContext, gpu_product: str | N
     spec = isvc.spec
     pod: dict[str, Any] = {
         "containers": [render_engine_container(isvc, ctx), render_gateway_container(isvc, ctx, gpu_product)],
-        "volumes": [*_volumes(spec, isvc.name), *_gateway_volumes(isvc)],
+        "volumes": [*_volumes(spec, isvc.name), *_gateway_volumes(isvc), *metering_volumes(ctx)],
         "tolerations": [*(dict(t) for t in spec.tolerations), GPU_TOLERATION],
         "terminationGracePeriodSeconds": GRACE_PERIOD_SECONDS,
         "enableServiceLinks": False,

@@ -1,0 +1,381 @@
+"""Split measured GPU busy time across the requests that were in flight: pure, in memory, no I/O.
+
+The model (docs/metering.md has the derivation):
+
+* The sampler yields contiguous intervals ``k = [b_k, b_{k+1})`` with the busy GPU time measured in
+  each (``busy_k`` = length x activity, summed over the engine's GPUs).
+* Each request is a set of *work spans*: its uncached prompt tokens spread uniformly over
+  ``[admitted, first_token]`` (the prompt is processed then) and each forwarded chunk of generated
+  tokens spread over the time since the request's previous chunk (the decode steps that made it).
+  A span's *density* is tokens per second.
+* Within an interval, at every instant the GPU's time goes to the requests with work at that instant in
+  proportion to their density; ``w_ek = integral over k of rho_e(t) / sum_j rho_j(t) dt``.
+  Request e receives ``busy_k * w_ek / sum_j w_jk``. The shares of an interval add up to ``busy_k``
+  exactly (conservation by construction); an interval where nobody had work (idle, or busy with
+  work no request claims) gives nothing to anyone.
+
+Intervals are *finalised* once every request that could overlap them has been reported (the caller
+decides when, with a watermark); only then are their shares computed. A request is *settled* when
+all the intervals it spans are final. Requests that are not billable (warm-up) take their share like
+any other so that billable requests are not charged for them, and that share is then left out.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import math
+from collections.abc import Iterable
+from typing import Literal
+
+from tensorfleet.metering.events import RequestEvent
+
+IntervalKind = Literal["gpm", "utilization", "timing", "gap"]
+MIN_SPAN_SECONDS = 0.001  # work reported at one instant is spread over the millisecond before it
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkSpan:
+    """``tokens`` of work spread uniformly over ``[start, end]`` (monotonic seconds, end > start)."""
+
+    start: float
+    end: float
+    tokens: float
+    prompt: bool = False  # the prompt's span (its end is the first token, not a decode step's end)
+
+    @property
+    def density(self) -> float:
+        return self.tokens / (self.end - self.start)
+
+
+def _span(start: float, end: float, tokens: float, prompt: bool = False) -> WorkSpan:
+    if end - start < MIN_SPAN_SECONDS:
+        start = end - MIN_SPAN_SECONDS
+    return WorkSpan(start, end, tokens, prompt)
+
+
+def work_spans(event: RequestEvent, prefill_weight: float = 1.0) -> list[WorkSpan]:
+    """The GPU work a request did, as spans; empty when it never reached the GPU."""
+    if event.admitted is None or event.cache_hit:
+        return []
+    admitted, done = event.admitted, max(event.done, event.admitted)
+    spans: list[WorkSpan] = []
+    prompt = prefill_weight * max(0, event.prompt_tokens - event.cached_tokens)
+    prompt_end = min(max(event.first_token, admitted), done) if event.first_token is not None else done
+    if prompt > 0:
+        spans.append(_span(admitted, prompt_end, prompt, prompt=True))
+    spans.extend(_generated_spans(event, admitted, done))
+    return spans
+
+
+def _generated_spans(event: RequestEvent, admitted: float, done: float) -> list[WorkSpan]:
+    chunked = sum(max(0, c.tokens) for c in event.chunks)
+    total = event.completion_tokens if event.completion_tokens > 0 else chunked
+    if total <= 0:
+        return []
+    if chunked <= 0:  # usage without chunk timings: spread over the generation phase
+        start = event.first_token if event.first_token is not None else admitted
+        return [_span(min(max(start, admitted), done), done, float(total))]
+    scale = total / chunked
+    spans: list[WorkSpan] = []
+    previous = admitted
+    for chunk in event.chunks:
+        if chunk.tokens <= 0:
+            continue
+        at = min(max(chunk.at, admitted), done)
+        if spans and at - previous < MIN_SPAN_SECONDS:  # forwarded together with the previous chunk
+            last = spans.pop()
+            spans.append(WorkSpan(last.start, last.end, last.tokens + chunk.tokens * scale))
+            continue
+        spans.append(_span(previous, at, chunk.tokens * scale))
+        previous = at
+    return spans
+
+
+@dataclasses.dataclass
+class Share:
+    """What a request has received so far, from the intervals finalised up to now."""
+
+    gpu_ms: float = 0.0
+    energy_mj: float = 0.0
+    covered_tokens: float = 0.0  # work that fell in measured, open intervals
+
+
+@dataclasses.dataclass
+class _Interval:
+    start: float
+    end: float
+    busy_ms: float | None  # None: not measured (timing-only): active time x GPUs
+    energy_mj: float | None
+    kind: IntervalKind
+    pieces: list[tuple[str, float, float, float]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Request:
+    key: str
+    spans: list[WorkSpan]
+    billable: bool
+    share: Share
+    total_tokens: float
+    last_k: int = -1  # index of the last interval it has work in; -1 until placed
+    placed: bool = False
+
+    @property
+    def admitted(self) -> float:
+        return self.spans[0].start if self.spans else math.inf
+
+    @functools.cached_property
+    def step_ends(self) -> list[float]:
+        """When this request's decode steps ended, as far as the gateway saw (its chunks' times)."""
+        return [s.end for s in self.spans if not s.prompt]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finalised:
+    """One interval's outcome: its busy time and who got it."""
+
+    k: int
+    start: float
+    end: float
+    busy_ms: float
+    kind: IntervalKind
+    billed_ms: float
+    excluded_ms: float  # taken by requests that are not billable (warm-up)
+    unattributed_ms: float  # busy while no request had work
+
+
+@dataclasses.dataclass(frozen=True)
+class Settled:
+    key: str
+    share: Share
+    total_tokens: float
+    billable: bool
+
+    @property
+    def coverage(self) -> float:
+        return 1.0 if self.total_tokens <= 0 else min(1.0, self.share.covered_tokens / self.total_tokens)
+
+
+class Attributor:
+    """Online attribution: intervals in, requests in, finalise by watermark, settle requests."""
+
+    def __init__(self, gpus: int = 1, first_k: int = 0) -> None:
+        self.gpus = gpus
+        self._base = first_k  # index of self._intervals[0]
+        self._intervals: list[_Interval] = []
+        self._starts: list[float] = []  # start of each interval in _intervals, for bisect
+        self._final = first_k  # intervals with index < _final are final (and dropped)
+        self._last_end: float | None = None
+        self._requests: dict[str, _Request] = {}
+        self._unplaced: dict[str, _Request] = {}
+        self.touched: set[str] = set()  # requests whose share changed since the caller last cleared this
+
+    # -- intervals -----------------------------------------------------------------------------
+    @property
+    def frontier(self) -> int:
+        """Index of the first interval that is not final."""
+        return self._final
+
+    @property
+    def last_end(self) -> float | None:
+        return self._last_end
+
+    def set_last_end(self, end: float) -> None:
+        """Where the next interval starts (restoring after a restart)."""
+        self._last_end = end
+
+    def add_interval(self, start: float, end: float, busy_ms: float | None, energy_mj: float | None,
+                     kind: IntervalKind) -> list[int]:
+        """Append an interval (a gap interval first when it does not start where the last ended)."""
+        added: list[int] = []
+        if self._last_end is not None and start > self._last_end + 1e-9:
+            added.append(self._append(_Interval(self._last_end, start, 0.0, None, "gap")))
+        elif self._last_end is not None:
+            start = self._last_end
+        if end > start:
+            added.append(self._append(_Interval(start, end, busy_ms, energy_mj, kind)))
+        return added
+
+    def _append(self, interval: _Interval) -> int:
+        self._intervals.append(interval)
+        self._starts.append(interval.start)
+        self._last_end = interval.end
+        return self._base + len(self._intervals) - 1
+
+    def interval(self, k: int) -> tuple[float, float, float | None, float | None, IntervalKind]:
+        item = self._intervals[k - self._base]
+        return item.start, item.end, item.busy_ms, item.energy_mj, item.kind
+
+    def open_intervals(self) -> Iterable[int]:
+        return range(max(self._final, self._base), self._base + len(self._intervals))
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(self, key: str, spans: list[WorkSpan], billable: bool, share: Share | None = None) -> None:
+        """Take a request; it is placed when the interval its work starts in is finalised (by then every
+        request that was in flight when it was admitted is known). ``share``: progress restored from a journal."""
+        request = _Request(key, spans, billable, share or Share(), sum(s.tokens for s in spans))
+        self._requests[key] = request
+        self._unplaced[key] = request
+
+    def _placeable(self, request: _Request) -> bool:
+        return self._last_end is not None and (not request.spans or request.spans[-1].end <= self._last_end)
+
+    def place_all(self) -> None:
+        """Place every request now (closing down): work past the last interval is left uncovered."""
+        for request in sorted(self._unplaced.values(), key=lambda r: r.admitted):
+            self._place(request)
+        self._unplaced.clear()
+
+    def _place_due(self, before: float) -> None:
+        """Place the placeable requests whose work starts before ``before``."""
+        due = [r for r in self._unplaced.values() if r.admitted < before and self._placeable(r)]
+        for request in sorted(due, key=lambda r: r.admitted):
+            del self._unplaced[request.key]
+            self._place(request)
+
+    def earliest_unplaceable(self) -> float | None:
+        """Start of the earliest request whose work is not covered by intervals yet."""
+        starts = [r.admitted for r in self._unplaced.values() if r.spans and not self._placeable(r)]
+        return min(starts) if starts else None
+
+    def _engine_free_after(self, request: _Request) -> float | None:
+        """The end of the engine step in progress when ``request`` was admitted: the first chunk, after the
+        admission, of any request that then had work (already placed: placement goes in admission order).
+        The engine cannot start a new prompt earlier."""
+        admitted = request.admitted
+        index = bisect.bisect_right(self._starts, admitted) - 1
+        if index < 0 or index >= len(self._intervals) or self._base + index < self._final:
+            return None
+        running = {key for key, lo, hi, _ in self._intervals[index].pieces if lo <= admitted < hi}
+        ends = []
+        for key in running - {request.key}:
+            times = self._requests[key].step_ends
+            after = bisect.bisect_right(times, admitted)
+            if after < len(times):
+                ends.append(times[after])
+        return min(ends) if ends else None
+
+    def _aligned(self, request: _Request) -> list[WorkSpan]:
+        """The request's spans, those that begin at its admission moved to when the engine was free."""
+        free = self._engine_free_after(request)
+        if free is None:
+            return request.spans
+        admitted = request.admitted
+        return [WorkSpan(free, span.end, span.tokens, span.prompt)
+                if span.start == admitted and free < span.end - MIN_SPAN_SECONDS else span
+                for span in request.spans]
+
+    def _place(self, request: _Request) -> None:
+        request.placed = True
+        for span in self._aligned(request):
+            first = max(bisect.bisect_right(self._starts, span.start) - 1, 0)
+            for index in range(first, len(self._intervals)):
+                interval = self._intervals[index]
+                if interval.start >= span.end:
+                    break
+                lo, hi = max(span.start, interval.start), min(span.end, interval.end)
+                if hi <= lo:
+                    continue
+                if self._base + index >= self._final:
+                    interval.pieces.append((request.key, lo, hi, span.density))
+                    request.last_k = max(request.last_k, self._base + index)
+
+    # -- finalise and settle -------------------------------------------------------------------
+    def finalise(self, watermark: float) -> list[Finalised]:
+        """Finalise every open interval that ends at or before ``watermark``, oldest first."""
+        if (earliest := self.earliest_unplaceable()) is not None:
+            watermark = min(watermark, earliest)
+        done: list[Finalised] = []
+        while self._final - self._base < len(self._intervals):
+            interval = self._intervals[self._final - self._base]
+            if interval.end > watermark:
+                break
+            self._place_due(interval.end)
+            done.append(self._finalise_one(self._final, interval))
+            self._final += 1
+        self._drop_final()
+        return done
+
+    def _finalise_one(self, k: int, interval: _Interval) -> Finalised:
+        weights = time_shares(interval.pieces)
+        active = sum(weights.values())
+        if interval.busy_ms is None:  # timing only: busy whenever some request had work
+            busy = active * 1000.0 * self.gpus
+        else:
+            busy = interval.busy_ms
+        billed = excluded = 0.0
+        activity = 0.0
+        if interval.energy_mj is not None and interval.end > interval.start:
+            activity = min(1.0, busy / ((interval.end - interval.start) * 1000.0 * self.gpus))
+        if active > 0:
+            for key, weight in weights.items():
+                request = self._requests[key]
+                part = busy * weight / active
+                request.share.gpu_ms += part
+                self.touched.add(key)
+                if interval.energy_mj is not None:
+                    request.share.energy_mj += interval.energy_mj * activity * weight / active
+                if request.billable:
+                    billed += part
+                else:
+                    excluded += part
+        if interval.kind != "gap":
+            for key, lo, hi, density in interval.pieces:
+                self._requests[key].share.covered_tokens += density * (hi - lo)
+                self.touched.add(key)
+        unattributed = busy if active <= 0 else 0.0
+        return Finalised(k, interval.start, interval.end, busy, interval.kind, billed, excluded, unattributed)
+
+    def _drop_final(self) -> None:
+        """Forget final intervals, keeping the list short (placement of late work drops it anyway)."""
+        drop = self._final - self._base
+        if drop > 0:
+            del self._intervals[:drop]
+            del self._starts[:drop]
+            self._base = self._final
+
+    def settle(self) -> list[Settled]:
+        """The placed requests whose intervals are all final, removed from the attributor."""
+        ready = [r for r in self._requests.values() if r.placed and r.last_k < self._final]
+        for request in ready:
+            del self._requests[request.key]
+        return [Settled(r.key, r.share, r.total_tokens, r.billable) for r in ready]
+
+    def shares(self, keys: Iterable[str]) -> dict[str, Share]:
+        return {k: self._requests[k].share for k in keys if k in self._requests}
+
+    def pending(self) -> int:
+        return len(self._requests)
+
+
+def time_shares(pieces: list[tuple[str, float, float, float]]) -> dict[str, float]:
+    """``w_e = integral of rho_e / sum rho``: each request's share of the active time, in seconds.
+
+    Pieces are ``(request, start, end, density)``. A sweep over the breakpoints builds the total
+    density; with ``F(t) = integral dt / sum rho`` a piece's weight is ``density * (F(end) - F(start))``.
+    The weights add up to the measure of the time when some request had work.
+    """
+    if not pieces:
+        return {}
+    points = sorted({p[1] for p in pieces} | {p[2] for p in pieces})
+    index = {t: i for i, t in enumerate(points)}
+    rate = [0.0] * len(points)
+    count = [0] * len(points)
+    for _, lo, hi, density in pieces:
+        rate[index[lo]] += density
+        rate[index[hi]] -= density
+        count[index[lo]] += 1
+        count[index[hi]] -= 1
+    cumulative = [0.0] * len(points)
+    total_rate, active = 0.0, 0
+    for i in range(len(points) - 1):
+        total_rate += rate[i]
+        active += count[i]
+        step = (points[i + 1] - points[i]) / total_rate if active > 0 and total_rate > 0 else 0.0
+        cumulative[i + 1] = cumulative[i] + step
+    weights: dict[str, float] = {}
+    for key, lo, hi, density in pieces:
+        weights[key] = weights.get(key, 0.0) + density * (cumulative[index[hi]] - cumulative[index[lo]])
+    return weights

@@ -1,0 +1,173 @@
+"""Export of ledger records as CloudEvents 1.0 batches (OpenMeter-compatible) over HTTP.
+
+At least once: a batch is marked exported only after the sink answered 2xx; anything else is retried
+with exponential backoff and jitter, forever, so an outage of hours loses nothing (the ledger is the
+spool). Event ids are the records' deterministic ids, so a sink that deduplicates by id (OpenMeter
+does) counts a re-sent record once. Signed checkpoints travel in the same batches, after the records
+they cover.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from tensorfleet.metering import metrics
+from tensorfleet.metering.ledger import Ledger
+from tensorfleet.metering.records import ID_NAMESPACE
+from tensorfleet.metering.settings import MeteringSettings
+
+log = logging.getLogger(__name__)
+CONTENT_TYPE = "application/cloudevents-batch+json"
+EVENT_TYPES = {"request": "io.tensorfleet.usage.request.v1", "coldStart": "io.tensorfleet.usage.coldstart.v1"}
+CHECKPOINT_TYPE = "io.tensorfleet.usage.checkpoint.v1"
+
+
+def source(namespace: str | None, service: str | None) -> str:
+    return f"//tensorfleet.io/namespaces/{namespace or '-'}/inferenceservices/{service or '-'}"
+
+
+def record_event(body_text: str, record_hash: str, signature: str, key_id: str) -> dict[str, Any]:
+    body = json.loads(body_text)
+    subject = body.get("tenant") or f"{body.get('namespace')}/{body.get('service')}"
+    return {
+        "specversion": "1.0", "type": EVENT_TYPES[body["kind"]], "id": body["id"],
+        "source": source(body.get("namespace"), body.get("service")), "subject": subject, "time": body["time"],
+        "datacontenttype": "application/json",
+        "data": {**body, "proof": {"hash": record_hash, "signature": signature, "keyId": key_id}},
+    }
+
+
+def checkpoint_event(body_text: str, signature: str) -> dict[str, Any]:
+    body = json.loads(body_text)
+    return {
+        "specversion": "1.0", "type": CHECKPOINT_TYPE,
+        "id": str(uuid.uuid5(ID_NAMESPACE, f"checkpoint/{body['ledger']}/{body['seq']}")),
+        "source": source(body.get("namespace"), body.get("service")), "subject": f"ledger/{body['ledger']}",
+        "time": body["time"], "datacontenttype": "application/json",
+        "data": {**body, "proof": {"signature": signature}},
+    }
+
+
+class ExportFailed(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def backoff_delays(initial: float, maximum: float, rng: random.Random | None = None) -> Callable[[int], float]:
+    """Delay before retry ``attempt`` (1, 2, ...): exponential, capped, with jitter in [50%, 100%]."""
+    rng = rng or random.Random()
+
+    def delay(attempt: int) -> float:
+        base = min(maximum, initial * (2 ** min(attempt - 1, 32)))
+        return base * (0.5 + rng.random() / 2)
+
+    return delay
+
+
+class Exporter:
+    """Moves records from the ledger to the sink; ``export_once`` is one batch."""
+
+    def __init__(self, ledger: Ledger, settings: MeteringSettings, token: str | None = None,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        assert settings.sink_url, "Exporter needs TENSORFLEET_METERING_SINK_URL"
+        self.ledger, self.settings = ledger, settings
+        headers = {"Content-Type": CONTENT_TYPE, "User-Agent": "tensorfleet-metering"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.client = httpx.Client(timeout=settings.sink_timeout_seconds, headers=headers, transport=transport)
+        self.sink_url = settings.sink_url
+
+    def export_once(self) -> int:
+        """Send the next batch; the number of records the sink accepted (0: nothing to send)."""
+        rows, checkpoints = self.ledger.unexported(self.settings.export_batch_size)
+        if not rows and not checkpoints:
+            return 0
+        key_id = self.ledger.signer.key_id
+        events = [record_event(body, digest, sig, key_id) for _, body, digest, sig in rows]
+        events += [checkpoint_event(body, sig) for _, body, sig in checkpoints]
+        try:
+            response = self.client.post(self.sink_url, content=json.dumps(events, separators=(",", ":")))
+        except httpx.HTTPError as exc:
+            raise ExportFailed(f"sink unreachable: {exc!r}") from None
+        if response.status_code // 100 != 2:
+            raise ExportFailed(f"sink answered {response.status_code}: {response.text[:200]}",
+                               _retry_after(response))
+        upto = rows[-1][0] if rows else 0
+        self.ledger.mark_exported(upto, [seq for seq, _, _ in checkpoints])
+        metrics.EXPORTED.inc(len(rows))
+        metrics.EXPORT_LAST_SUCCESS.set(time.time())
+        return max(len(rows), 1 if checkpoints else 0)
+
+    def drain(self) -> None:
+        """Export until nothing is left (raises ExportFailed on the first failure)."""
+        while self.export_once():
+            pass
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def update_spool_metrics(ledger: Ledger, settings: MeteringSettings) -> int:
+    size = ledger.spool_size()
+    metrics.SPOOL.set(size)
+    metrics.SPOOL_CAPACITY.set(settings.spool_max_records)
+    metrics.SPOOL_ALERT.set(1 if size >= settings.spool_alert_ratio * settings.spool_max_records else 0)
+    metrics.SPOOL_FULL.set(1 if size >= settings.spool_max_records else 0)
+    return size
+
+
+class ExporterThread(threading.Thread):
+    def __init__(self, exporter: Exporter, settings: MeteringSettings) -> None:
+        super().__init__(name="tensorfleet-usage-exporter", daemon=True)
+        self.exporter, self.settings = exporter, settings
+        self.stop_event = threading.Event()
+        self.delay = backoff_delays(settings.retry_initial_seconds, settings.retry_max_seconds)
+        self.failures = 0
+
+    def run(self) -> None:
+        """Export until stopped, then make one last attempt (what fails waits in the ledger for the next start)."""
+        try:
+            while not self.stop_event.is_set():
+                self.stop_event.wait(self.step())
+            self.step()
+        finally:
+            self.exporter.close()
+            self.exporter.ledger.close()
+
+    def step(self) -> float:
+        """Export what there is; how long to wait before the next step."""
+        try:
+            while self.exporter.export_once() and not self.stop_event.is_set():
+                self.failures = 0
+            self.failures = 0
+            self.exporter.ledger.prune(self.settings.retention_seconds)
+            update_spool_metrics(self.exporter.ledger, self.settings)
+            return self.settings.export_interval_seconds
+        except ExportFailed as exc:
+            self.failures += 1
+            metrics.EXPORT_FAILURES.inc()
+            update_spool_metrics(self.exporter.ledger, self.settings)
+            wait = exc.retry_after if exc.retry_after is not None else self.delay(self.failures)
+            log.warning("usage export failed (attempt %d, retry in %.1fs): %s", self.failures, wait, exc)
+            return min(wait, self.settings.retry_max_seconds)
+
+    def stop(self) -> None:
+        self.stop_event.set()

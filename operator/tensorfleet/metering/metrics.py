@@ -1,0 +1,29 @@
+"""Prometheus metrics of metering, in the default registry the gateway serves on /metrics.
+
+No per-request or per-tenant labels: cardinality stays fixed. Suggested alerts (docs/metering.md):
+``tensorfleet_metering_spool_alert == 1`` for 15m, ``increase(tensorfleet_metering_events_dropped_total[5m]) > 0``,
+``time() - tensorfleet_metering_export_last_success_timestamp_seconds > 3600``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+RECORDS = Counter("tensorfleet_metering_records", "Usage records appended to the ledger.", ["kind"])
+GPU_MS = Counter("tensorfleet_metering_gpu_milliseconds", "Measured busy GPU time by where it went: "
+                 "billed (to requests), excluded (warm-up and other non-billable work), unattributed "
+                 "(busy while no request had work).", ["disposition"])
+EVENTS_DROPPED = Counter("tensorfleet_metering_events_dropped", "Events dropped because the journal queue was full.")
+PENDING = Gauge("tensorfleet_metering_pending_requests", "Requests journalled and waiting for their GPU time.")
+SPOOL = Gauge("tensorfleet_metering_spool_records", "Records in the ledger not yet exported.")
+SPOOL_CAPACITY = Gauge("tensorfleet_metering_spool_capacity_records", "Records the spool may hold.")
+SPOOL_ALERT = Gauge("tensorfleet_metering_spool_alert", "1 when the spool is above its alert threshold.")
+SPOOL_FULL = Gauge("tensorfleet_metering_spool_full", "1 when the spool holds its capacity or more.")
+EXPORTED = Counter("tensorfleet_metering_exported_records", "Records the sink accepted.")
+EXPORT_FAILURES = Counter("tensorfleet_metering_export_failures", "Failed export attempts.")
+EXPORT_LAST_SUCCESS = Gauge("tensorfleet_metering_export_last_success_timestamp_seconds",
+                            "Wall-clock time of the last accepted batch.")
+SAMPLER_UP = Gauge("tensorfleet_metering_sampler_up", "1 while NVML sampling runs; 0 in timing-only mode.")
+GPU_MEMORY_USED = Gauge("tensorfleet_metering_gpu_memory_used_bytes", "Memory used on the engine's GPUs (NVML).")
+SIGNING_KEY = Gauge("tensorfleet_metering_signing_key_configured",
+                    "1 when records are signed with the cluster's key, 0 with a pod-local one.")

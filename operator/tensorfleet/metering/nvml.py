@@ -1,0 +1,230 @@
+"""NVML sampling of the engine's GPUs: activity, memory used and energy, one interval per period.
+
+Activity of a device over an interval is, where the GPU offers GPM (Hopper and later), the
+graphics-engine activity between two GPM samples (exactly that interval); otherwise NVML's
+utilization rate, the share of the driver's own last sample period (1/6 s to 1 s by product) in which
+a kernel ran. Busy time is ``interval x activity`` summed over the devices. A device that cannot be
+read yields no interval: the attribution sees a gap and bills nothing for it, never a made-up value.
+
+The ``nvml`` argument is the ``pynvml`` module (nvidia-ml-py); tests pass a test double.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuInterval:
+    start: float  # monotonic seconds
+    end: float
+    busy_ms: float  # sum over devices of (end - start) x activity, in ms
+    energy_mj: float | None  # energy the devices used in the interval; None where unsupported
+    memory_used: int  # bytes, all devices, at the end of the interval
+    activity: float  # mean activity of the devices, 0..1
+    kind: Literal["gpm", "utilization"]
+
+
+class NoGpu(Exception):
+    """NVML is absent, or the engine has no GPU: metering falls back to timing only."""
+
+
+def parse_devices(text: str) -> list[str] | None:
+    """NVIDIA_VISIBLE_DEVICES as the engine saw it: None for all GPUs, [] for none, else UUIDs/indices."""
+    value = text.strip()
+    if value.lower() == "all":
+        return None
+    if value.lower() in ("", "void", "none"):
+        return []
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def gfd_product(name: str) -> str:
+    """The nvidia.com/gpu.product label GPU feature discovery gives a device name ("NVIDIA H100 80GB HBM3")."""
+    return "-".join(name.split())
+
+
+def read_devices_file(path: str | Path, wait_seconds: float, stop: threading.Event) -> list[str] | None:
+    """Wait for the engine container to record its GPUs; NoGpu when it has none or never says."""
+    deadline = time.monotonic() + wait_seconds
+    file = Path(path)
+    while True:
+        if file.exists():
+            devices = parse_devices(file.read_text())
+            if devices == []:
+                raise NoGpu(f"{path}: the engine has no GPU")
+            return devices
+        if time.monotonic() >= deadline or stop.wait(0.5):
+            raise NoGpu(f"{path}: the engine did not record its GPUs within {wait_seconds:g}s")
+
+
+class _Device:
+    def __init__(self, nvml: Any, handle: Any, gpm: bool) -> None:
+        self.nvml, self.handle, self.gpm = nvml, handle, gpm
+        self.energy_ok = True
+        self.previous_energy: int | None = None
+        self.samples = [nvml.nvmlGpmSampleAlloc(), nvml.nvmlGpmSampleAlloc()] if gpm else []
+        self.primed = False
+
+    def gpm_activity(self) -> float | None:
+        nvml = self.nvml
+        nvml.nvmlGpmSampleGet(self.handle, self.samples[1])
+        primed, self.primed = self.primed, True
+        self.samples.reverse()  # samples[0] is now the newest
+        if not primed:
+            return None
+        request = nvml.c_nvmlGpmMetricsGet_t()
+        request.version = nvml.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = 1
+        request.sample1, request.sample2 = self.samples[1], self.samples[0]
+        request.metrics[0].metricId = nvml.NVML_GPM_METRIC_GRAPHICS_UTIL
+        nvml.nvmlGpmMetricsGet(request)
+        if request.metrics[0].nvmlReturn != nvml.NVML_SUCCESS:
+            raise nvml.NVMLError(request.metrics[0].nvmlReturn)
+        return min(1.0, max(0.0, float(request.metrics[0].value) / 100.0))
+
+    def energy_delta(self) -> int | None:
+        if not self.energy_ok:
+            return None
+        try:
+            total = int(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))
+        except self.nvml.NVMLError:
+            self.energy_ok = False
+            return None
+        previous, self.previous_energy = self.previous_energy, total
+        return None if previous is None else max(0, total - previous)
+
+    def close(self) -> None:
+        for sample in self.samples:
+            self.nvml.nvmlGpmSampleFree(sample)
+
+
+class NvmlSampler:
+    """Reads the devices; ``sample()`` returns the interval since the previous call (None the first time)."""
+
+    def __init__(self, nvml: Any, devices: list[str] | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.nvml, self.clock = nvml, clock
+        self._wanted = devices
+        self._devices: list[_Device] = []
+        self._last: float | None = None
+        self.latest: GpuInterval | None = None
+        self.product = ""
+
+    def open(self) -> None:
+        nvml = self.nvml
+        try:
+            nvml.nvmlInit()
+        except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...: no GPU here
+            raise NoGpu(f"NVML unavailable: {exc}") from None
+        try:
+            handles = self._handles()
+            if not handles:
+                raise NoGpu("NVML reports no GPU")
+            self._devices = [_Device(nvml, h, self._gpm_supported(h)) for h in handles]
+            name = nvml.nvmlDeviceGetName(handles[0])
+            self.product = gfd_product(name.decode() if isinstance(name, bytes) else str(name))
+            self._read_all()  # prime GPM and energy counters; fails early on an unreadable device
+        except nvml.NVMLError as exc:
+            self.close()
+            raise NoGpu(f"NVML cannot read the engine's GPUs: {exc}") from None
+        except NoGpu:
+            self.close()
+            raise
+        self._last = self.clock()
+
+    @property
+    def kind(self) -> Literal["gpm", "utilization"]:
+        """gpm when every device offers GPM, else utilization."""
+        return "gpm" if self._devices and all(d.gpm for d in self._devices) else "utilization"
+
+    def _handles(self) -> list[Any]:
+        nvml = self.nvml
+        if self._wanted is None:
+            return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        handles = []
+        for device in self._wanted:
+            if device.isdigit():
+                handles.append(nvml.nvmlDeviceGetHandleByIndex(int(device)))
+            else:
+                handles.append(nvml.nvmlDeviceGetHandleByUUID(device))
+        return handles
+
+    def _gpm_supported(self, handle: Any) -> bool:
+        try:
+            return bool(self.nvml.nvmlGpmQueryDeviceSupport(handle).isSupportedDevice)
+        except (self.nvml.NVMLError, AttributeError):
+            return False
+
+    def _read_all(self) -> tuple[list[float | None], list[float], list[int | None], int]:
+        gpm, util, energy, memory = [], [], [], 0
+        for device in self._devices:
+            gpm.append(device.gpm_activity() if device.gpm else None)
+            util.append(float(self.nvml.nvmlDeviceGetUtilizationRates(device.handle).gpu) / 100.0)
+            memory += int(self.nvml.nvmlDeviceGetMemoryInfo(device.handle).used)
+            energy.append(device.energy_delta())
+        return gpm, util, energy, memory
+
+    def sample(self) -> GpuInterval | None:
+        """The interval since the last call; None when a device could not be read (a gap, not a guess)."""
+        if self._last is None:
+            raise RuntimeError("NvmlSampler.sample() before open()")
+        try:
+            gpm, util, energy, memory = self._read_all()
+        except self.nvml.NVMLError as exc:
+            log.warning("NVML read failed, interval skipped: %s", exc)
+            self._last = self.clock()
+            return None
+        now, start = self.clock(), self._last
+        self._last = now
+        activities = [g if g is not None else u for g, u in zip(gpm, util, strict=True)]
+        kind: Literal["gpm", "utilization"] = "gpm" if all(g is not None for g in gpm) else "utilization"
+        joules = None if any(e is None for e in energy) else float(sum(e or 0 for e in energy))
+        interval = GpuInterval(start, now, (now - start) * 1000.0 * sum(activities), joules, memory,
+                               sum(activities) / len(activities), kind)
+        self.latest = interval
+        return interval
+
+    def close(self) -> None:
+        for device in self._devices:
+            with contextlib.suppress(self.nvml.NVMLError):
+                device.close()
+        self._devices = []
+        with contextlib.suppress(Exception):  # shutting down after a failed init raises; nothing to do
+            self.nvml.nvmlShutdown()
+
+
+class SamplerThread(threading.Thread):
+    """Calls ``sampler.sample()`` every period on the period's grid and hands intervals on."""
+
+    def __init__(self, sampler: NvmlSampler, period: float, deliver: Callable[[GpuInterval], None]) -> None:
+        super().__init__(name="tensorfleet-nvml-sampler", daemon=True)
+        self.sampler, self.period, self.deliver = sampler, period, deliver
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        origin = time.monotonic()
+        ticks = 0
+        while True:
+            ticks += 1
+            delay = origin + ticks * self.period - time.monotonic()
+            if delay < 0:  # fell behind (a stall): skip to the next tick rather than sampling in a burst
+                ticks += int(-delay // self.period) + 1
+                delay = origin + ticks * self.period - time.monotonic()
+            if self.stop_event.wait(max(0.0, delay)):
+                break
+            interval = self.sampler.sample()
+            if interval is not None:
+                self.deliver(interval)
+        self.sampler.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()

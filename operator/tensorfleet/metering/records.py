@@ -1,0 +1,146 @@
+"""Usage records: what one request (or one cold start) cost, as the JSON body the ledger signs.
+
+Ids are deterministic (UUIDv5 of service, pod and the gateway's request id), so a record exported twice
+is the same event to the sink. The chain fields (``ledger``, ``seq``, ``prevHash``) are added by the
+ledger when it appends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from tensorfleet.metering import units
+from tensorfleet.metering.attribution import Settled
+from tensorfleet.metering.events import ColdStartEvent, RequestEvent, TokenChunk
+
+SCHEMA = "tensorfleet.io/usage/v1"
+ID_NAMESPACE = uuid.UUID("5b0d7c8e-2a52-5c1e-9a57-6e7366a1c0de")
+Measurement = Literal["gpm", "utilization", "timing"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordContext:
+    """Where requests ran and how they are priced: captured when an event is submitted."""
+
+    namespace: str
+    service: str
+    pod: str
+    model: str
+    runtime: str
+    engine_fingerprint: str
+    gpu_product: str
+    gpus: int
+    precision: str
+    tier: str
+    currency: str
+    prices: Mapping[str, str]  # pricePerResourceUnit, pricePerMillionInputTokens, pricePerMillionOutputTokens
+    ru_per_gpu_ms: float
+    ru_source: str
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RecordContext:
+        return cls(**json.loads(text))
+
+
+def context_from_config(config: Mapping[str, Any], pod: str, gpu_product: str,
+                        table: units.ResourceUnitTable) -> RecordContext:
+    """The record context for a gateway configuration (gateway.json); ValueError names a bad field."""
+    service = config.get("service", {})
+    model = config.get("model", {})
+    engine = config.get("engine", {}) or {}
+    billing = config.get("billing", {}) or {}
+    precision = str(engine.get("precision") or "fp16")
+    tier = str(billing.get("tier") or "standard")
+    prices = dict(table.tier_prices.get(tier, {}))
+    for name in units.PRICE_FIELDS:
+        if billing.get(name) is not None:
+            prices[name] = str(units.parse_price(billing[name], f"spec.billing.{name}"))
+    factor, source = table.factor(gpu_product, precision)
+    return RecordContext(
+        namespace=str(service.get("namespace", "")), service=str(service.get("name", "")), pod=pod,
+        model=str(model.get("servedName", "")), runtime=str(config.get("runtime", "")),
+        engine_fingerprint=str(engine.get("fingerprint") or ""), gpu_product=gpu_product,
+        gpus=int(config.get("gpusPerReplica") or 1), precision=precision, tier=tier,
+        currency=str(billing.get("currency") or "USD"), prices=prices, ru_per_gpu_ms=factor, ru_source=source,
+    )
+
+
+def rfc3339(wall: float) -> str:
+    moment = datetime.datetime.fromtimestamp(wall, tz=datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def request_record_id(ctx: RecordContext, request_id: str) -> str:
+    return str(uuid.uuid5(ID_NAMESPACE, f"request/{ctx.namespace}/{ctx.service}/{ctx.pod}/{request_id}"))
+
+
+def _ms(later: float | None, earlier: float) -> float | None:
+    return None if later is None else round(max(0.0, later - earlier) * 1000.0, 3)
+
+
+def request_record(event: RequestEvent, ctx: RecordContext, settled: Settled | None,
+                   measurement: Measurement) -> dict[str, Any]:
+    """The body of a billable request's record (without chain fields)."""
+    gpu_ms = round(settled.share.gpu_ms, units.GPU_MS_DECIMALS) if settled else 0.0
+    ru = round(gpu_ms * ctx.ru_per_gpu_ms, units.RU_DECIMALS)
+    price = units.price(ru, event.prompt_tokens, event.completion_tokens, ctx.prices)
+    energy = round(settled.share.energy_mj, 3) if settled and measurement != "timing" else None
+    return {
+        "schema": SCHEMA, "kind": "request", "id": request_record_id(ctx, event.request_id), "billable": True,
+        "requestId": event.request_id, "time": rfc3339(event.received_at),
+        "endTime": rfc3339(event.received_at + max(0.0, event.done - event.received)), "tenant": event.tenant,
+        "namespace": ctx.namespace, "service": ctx.service, "pod": ctx.pod, "model": event.model or ctx.model,
+        "endpoint": event.endpoint, "runtime": ctx.runtime, "engineFingerprint": ctx.engine_fingerprint,
+        "gpuProduct": ctx.gpu_product, "gpuCount": ctx.gpus, "precision": ctx.precision, "tier": ctx.tier,
+        "inputTokens": event.prompt_tokens, "outputTokens": event.completion_tokens,
+        "cachedTokens": event.cached_tokens, "truncatedTokens": event.truncated_tokens,
+        "queueMs": _ms(event.admitted, event.received), "ttftMs": _ms(event.first_token, event.received),
+        "durationMs": _ms(event.done, event.received), "gpuMs": gpu_ms, "energyMj": energy,
+        "resourceUnits": ru, "ruPerGpuMs": ctx.ru_per_gpu_ms, "ruSource": ctx.ru_source,
+        "currency": ctx.currency, "price": price["total"],
+        "priceBreakdown": {k: v for k, v in price.items() if k != "total"},
+        "cacheHit": event.cache_hit, "truncated": event.truncated, "runawayStopped": event.runaway_stopped,
+        "error": event.error, "status": event.status, "streaming": event.streaming,
+        "estimated": measurement == "timing", "measurement": measurement,
+        "coverage": round(settled.coverage, 4) if settled else 1.0,
+    }
+
+
+def cold_start_record(event: ColdStartEvent, ctx: RecordContext) -> dict[str, Any]:
+    """The one non-billable record of a pod start."""
+    key = f"coldstart/{ctx.namespace}/{ctx.service}/{event.pod}/{event.started_at!r}"
+    return {
+        "schema": SCHEMA, "kind": "coldStart", "id": str(uuid.uuid5(ID_NAMESPACE, key)), "billable": False,
+        "time": rfc3339(event.started_at), "tenant": None, "namespace": ctx.namespace, "service": ctx.service,
+        "pod": event.pod, "model": ctx.model, "runtime": ctx.runtime, "engineFingerprint": ctx.engine_fingerprint,
+        "gpuProduct": ctx.gpu_product, "gpuCount": ctx.gpus, "precision": ctx.precision, "tier": ctx.tier,
+        "stages": [{"name": name, "seconds": round(seconds, 3)} for name, seconds in event.stages],
+        "totalSeconds": round(event.total_seconds, 3), "price": "0", "currency": ctx.currency,
+    }
+
+
+# -- events to and from the journal (the pending table keeps them until they are settled) -----------
+def event_to_json(event: RequestEvent | ColdStartEvent) -> str:
+    body = dataclasses.asdict(event)
+    body["type"] = "request" if isinstance(event, RequestEvent) else "coldStart"
+    if isinstance(event, RequestEvent):
+        body["chunks"] = [[c.at, c.tokens] for c in event.chunks]
+    return json.dumps(body, separators=(",", ":"))
+
+
+def event_from_json(text: str) -> RequestEvent | ColdStartEvent:
+    body = json.loads(text)
+    kind = body.pop("type")
+    if kind == "coldStart":
+        body["stages"] = tuple((str(n), float(s)) for n, s in body["stages"])
+        return ColdStartEvent(**body)
+    body["chunks"] = tuple(TokenChunk(at, tokens) for at, tokens in body["chunks"])
+    return RequestEvent(**body)

@@ -1,0 +1,281 @@
+"""The gateway's metering sink: ``open_sink(...)``, ``start``, ``submit`` (never blocks), ``close``.
+
+Three threads do the work, none on the gateway's event loop: the NVML sampler (one interval per
+period), the writer (every flush interval: journal events and intervals, settle, append, checkpoint)
+and the exporter (ship records to the sink). ``submit`` only appends to an in-memory queue; an event
+is durable once the next writer cycle has committed (within ``flush_interval_ms``).
+
+Optional calls the gateway may make: ``admitted(request_id, at)`` when a request is sent to the
+engine (intervals are then final as soon as nothing earlier is in flight, instead of after
+``settle_after_seconds``), ``reconfigure(config)`` when gateway.json changes (new prices apply to
+requests submitted afterwards), ``spool_full()`` to turn not-ready while the spool is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tensorfleet import config as settings_config
+from tensorfleet.metering import chain, metrics, nvml, records, units
+from tensorfleet.metering.events import ColdStartEvent, RequestEvent
+from tensorfleet.metering.export import Exporter, ExporterThread, update_spool_metrics
+from tensorfleet.metering.ledger import Ledger
+from tensorfleet.metering.settings import MeteringSettings
+from tensorfleet.metering.writer import Submitted, UsageWriter
+
+log = logging.getLogger(__name__)
+LOCAL_KEY_FILE = "signing-key.pem"
+MAX_FAILED_CYCLES = 5
+
+
+def open_sink(config: Mapping[str, Any], usage_dir: str | Path, gpu_product: str | None,
+              devices_file: str | Path | None, settings: MeteringSettings | None = None,
+              nvml_module: Any = None) -> MeteringSink:
+    """The sink for a gateway; settings from TENSORFLEET_METERING_* unless given. ValueError on bad input."""
+    settings = settings or settings_config.from_env(MeteringSettings)
+    if problems := settings.validate():
+        raise ValueError("; ".join(problems))
+    if nvml_module is None:
+        import pynvml
+
+        nvml_module = pynvml
+    devices = Path(devices_file) if devices_file else None
+    return MeteringSink(config, Path(usage_dir), gpu_product or "", devices, settings, nvml_module)
+
+
+def _signer(settings: MeteringSettings, usage_dir: Path) -> tuple[chain.Signer, bool]:
+    """The cluster's key from the Secret when mounted, else a key kept on the usage volume."""
+    if settings.signing_key_file and Path(settings.signing_key_file).exists():
+        return chain.Signer(chain.load_private_key(settings.signing_key_file)), True
+    if settings.signing_key_file:
+        log.warning("%s does not exist (is the metering Secret missing?): signing with a pod-local key",
+                    settings.signing_key_file)
+    local = usage_dir / LOCAL_KEY_FILE
+    if not local.exists():
+        descriptor = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(chain.private_pem(chain.generate_key()))
+    return chain.Signer(chain.load_private_key(local)), False
+
+
+def _open_ledger(path: Path, signer: chain.Signer, labels: dict[str, str]) -> Ledger:
+    """The ledger; one signed with another key (the key was rotated) is set aside, not appended to."""
+    try:
+        return Ledger(path, signer, labels)
+    except ValueError as exc:
+        if "signed with key" not in str(exc):
+            raise
+        conn = sqlite3.connect(str(path))
+        old_key = conn.execute("SELECT value FROM meta WHERE key = 'key_id'").fetchone()[0]
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        aside = path.with_name(f"{path.stem}.{old_key}{path.suffix}")
+        path.rename(aside)
+        log.error("the signing key changed: %s set aside as %s (verify and report still read it)", path, aside)
+        return Ledger(path, signer, labels)
+
+
+class MeteringSink:
+    def __init__(self, config: Mapping[str, Any], usage_dir: Path, gpu_product: str, devices_file: Path | None,
+                 settings: MeteringSettings, nvml_module: Any) -> None:
+        self.settings, self.usage_dir, self.devices_file = settings, usage_dir, devices_file
+        self.pod = os.environ.get("POD_NAME") or socket.gethostname()
+        self._nvml = nvml_module
+        self._gpu_product = gpu_product
+        self._config = dict(config)
+        self._table = units.load_table((config.get("metering") or {}).get("resourceUnits"), settings.ru_table_file)
+        self._ctx = records.context_from_config(config, self.pod, gpu_product, self._table)
+        self._queue: collections.deque[Submitted] = collections.deque()
+        self._intervals: collections.deque[nvml.GpuInterval] = collections.deque()
+        self._lock = threading.Lock()
+        self._journal_progress = threading.Condition()
+        self._admissions: dict[str, float] = {}
+        self._hints = False
+        self._submitted = self._journalled = 0
+        self._stop = threading.Event()
+        self._sampler: nvml.SamplerThread | None = None
+        self._timing_from: float | None = None
+        self._writer: UsageWriter | None = None
+        self._threads: list[threading.Thread] = []
+        self._exporter: ExporterThread | None = None
+        self._started = time.monotonic()
+        self._spool_full = False
+
+    # -- the gateway's side ----------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.to_thread(self._start)
+
+    def _start(self) -> None:
+        self.usage_dir.mkdir(parents=True, exist_ok=True)
+        signer, from_secret = _signer(self.settings, self.usage_dir)
+        metrics.SIGNING_KEY.set(1 if from_secret else 0)
+        labels = {"namespace": self._ctx.namespace, "service": self._ctx.service, "pod": self.pod}
+        ledger = _open_ledger(self.usage_dir / self.settings.ledger_file, signer, labels)
+        writer = UsageWriter(ledger, self._ctx.gpus, self.settings.prefill_token_weight,
+                             self.settings.checkpoint_every_records, self.settings.checkpoint_interval_seconds)
+        restored = writer.restore()
+        if restored:
+            log.info("restored %d journalled requests", restored)
+        self._writer = writer
+        self._threads = [threading.Thread(target=self._write_loop, name="tensorfleet-usage-writer", daemon=True),
+                         threading.Thread(target=self._start_measurement, name="tensorfleet-nvml-open", daemon=True)]
+        if self.settings.sink_url:
+            token = Path(self.settings.sink_token_file).read_text().strip() if self.settings.sink_token_file \
+                and Path(self.settings.sink_token_file).exists() else None
+            exporter = Exporter(Ledger(ledger.path, signer), self.settings, token)
+            self._exporter = ExporterThread(exporter, self.settings)
+            self._threads.append(self._exporter)
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, event: RequestEvent | ColdStartEvent) -> None:
+        """Queue the event; never blocks, never raises."""
+        try:
+            if len(self._queue) >= self.settings.max_queued_events:
+                metrics.EVENTS_DROPPED.inc()
+                return
+            self._queue.append((self._ctx, event))
+            self._submitted += 1
+        except Exception:  # the response path must never see metering fail
+            log.exception("metering could not take an event")
+
+    def admitted(self, request_id: str, at: float) -> None:
+        """The gateway sent ``request_id`` to the engine at monotonic time ``at`` (optional hint)."""
+        with self._lock:
+            self._hints = True
+            self._admissions[request_id] = at
+
+    def reconfigure(self, config: Mapping[str, Any]) -> None:
+        """gateway.json changed: prices and RU overrides apply to requests submitted from now on."""
+        table = units.load_table((config.get("metering") or {}).get("resourceUnits"), self.settings.ru_table_file)
+        self._table, self._config = table, dict(config)
+        self._ctx = records.context_from_config(config, self.pod, self._ctx.gpu_product, table)
+
+    def gpu_utilization(self) -> float | None:
+        """Latest mean activity of the engine's GPUs (0..1); None without a GPU."""
+        sampler = self._sampler
+        if sampler is None or sampler.sampler.latest is None:
+            return None
+        return sampler.sampler.latest.activity
+
+    def spool_full(self) -> bool:
+        return self._spool_full
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far is journalled (durable); bound it with asyncio.timeout."""
+        target = self._submitted
+
+        def wait() -> None:
+            with self._journal_progress:
+                self._journal_progress.wait_for(lambda: self._journalled >= target or self._stop.is_set())
+
+        await asyncio.to_thread(wait)
+
+    async def close(self) -> None:
+        """Stop sampling, settle and sign everything, try a last export."""
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.stop()
+            self._sampler.join()
+        self._stop.set()
+        for thread in self._threads:
+            if thread is not self._exporter:
+                thread.join()
+        if self._exporter is not None:  # stopped after the writer's last cycle, so it ships the final records
+            self._exporter.stop()
+            self._exporter.join()
+        if self._writer is not None:
+            self._writer.ledger.close()
+
+    # -- measurement -----------------------------------------------------------------------------
+    def _start_measurement(self) -> None:
+        try:
+            # Without a devices file (the gateway outside a pod) every visible GPU is the engine's.
+            devices = (nvml.read_devices_file(self.devices_file, self.settings.devices_wait_seconds, self._stop)
+                       if self.devices_file is not None else None)
+            sampler = nvml.NvmlSampler(self._nvml, devices)
+            sampler.open()
+        except nvml.NoGpu as exc:
+            log.info("metering by timing only (records are marked estimated): %s", exc)
+            metrics.SAMPLER_UP.set(0)
+            self._timing_from = self._started
+            return
+        if not self._gpu_product and sampler.product:
+            self._gpu_product = sampler.product
+            self._ctx = records.context_from_config(self._config, self.pod, sampler.product, self._table)
+        self._sampler = nvml.SamplerThread(sampler, self.settings.sample_period_ms / 1000.0, self._take_interval)
+        if self._stop.is_set():
+            sampler.close()
+            return
+        metrics.SAMPLER_UP.set(1)
+        self._sampler.start()
+
+    def _take_interval(self, interval: nvml.GpuInterval) -> None:
+        self._intervals.append(interval)
+        metrics.GPU_MEMORY_USED.set(interval.memory_used)
+
+    # -- the writer thread -----------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        period = self.settings.flush_interval_ms / 1000.0
+        failures = 0
+        while not self._stop.wait(period):
+            failures = self._cycle(final=False, failures=failures)
+        self._cycle(final=True, failures=0)
+
+    def _watermark(self, now: float) -> float:
+        lag = 2 * (self.settings.flush_interval_ms + self.settings.sample_period_ms) / 1000.0
+        with self._lock:
+            if not self._hints:
+                return now - self.settings.settle_after_seconds
+            horizon = now - self.settings.settle_after_seconds
+            for request_id in [r for r, at in self._admissions.items() if at < horizon]:
+                del self._admissions[request_id]  # admitted but never reported: stop waiting for it
+            open_admissions = list(self._admissions.values())
+        return min([now - lag, *open_admissions])
+
+    def _cycle(self, final: bool, failures: int) -> int:
+        writer = self._writer
+        assert writer is not None
+        if self._timing_from is not None and writer.measurement is None:
+            writer.start_timing(self._timing_from, self.settings.sample_period_ms / 1000.0)
+        if self._sampler is not None and writer.measurement is None:
+            writer.measurement = self._sampler.sampler.kind
+        taken = [self._queue.popleft() for _ in range(len(self._queue))]
+        intervals = [self._intervals.popleft() for _ in range(len(self._intervals))]
+        with self._lock:
+            for _, event in taken:
+                if isinstance(event, RequestEvent):
+                    self._admissions.pop(event.request_id, None)
+        now = time.monotonic()
+        try:
+            writer.cycle(taken, intervals, float("inf") if final else self._watermark(now), now, final=final)
+        except Exception:
+            if failures == 0:
+                log.exception("metering writer cycle failed; will retry")
+            if failures + 1 >= MAX_FAILED_CYCLES and taken:
+                metrics.EVENTS_DROPPED.inc(len(taken))
+                log.error("dropping %d events that failed %d cycles", len(taken), MAX_FAILED_CYCLES)
+                self._intervals.extendleft(reversed(intervals))
+                return failures + 1
+            self._queue.extendleft(reversed(taken))
+            self._intervals.extendleft(reversed(intervals))
+            return failures + 1
+        with self._journal_progress:
+            self._journalled += len(taken)
+            self._journal_progress.notify_all()
+        self._spool_full = writer.ledger.spool_size() >= self.settings.spool_max_records if taken else self._spool_full
+        if not self.settings.sink_url:
+            update_spool_metrics(writer.ledger, self.settings)
+        return 0

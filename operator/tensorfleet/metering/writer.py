@@ -1,0 +1,203 @@
+"""One writer cycle: journal what came in, finalise GPU intervals, settle requests into signed records.
+
+Everything a cycle does is one SQLite transaction, so ``kill -9`` at any point leaves either the cycle
+done or not started. After a restart ``restore`` rebuilds the attribution from the journal (``pending``
+events with their shares so far, and the ``intervals`` not final yet), and settling goes on where it
+stopped: no record twice, none lost once its event was journalled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tensorfleet.metering import metrics, records
+from tensorfleet.metering.attribution import Attributor, Finalised, Settled, Share, work_spans
+from tensorfleet.metering.events import ColdStartEvent, RequestEvent
+from tensorfleet.metering.ledger import Ledger, boot_id
+from tensorfleet.metering.nvml import GpuInterval
+from tensorfleet.metering.records import Measurement, RecordContext
+
+log = logging.getLogger(__name__)
+Submitted = tuple[RecordContext, RequestEvent | ColdStartEvent]
+
+
+@dataclasses.dataclass
+class CycleResult:
+    records: int = 0
+    billed_ms: float = 0.0
+    excluded_ms: float = 0.0
+    unattributed_ms: float = 0.0
+    measured_ms: float = 0.0
+    finalised: list[Finalised] = dataclasses.field(default_factory=list)
+
+
+class UsageWriter:
+    """Owns the ledger and the attribution; the sink's writer thread calls ``cycle`` periodically."""
+
+    def __init__(self, ledger: Ledger, gpus: int, prefill_token_weight: float = 1.0,
+                 checkpoint_every_records: int = 1000, checkpoint_interval_seconds: float = 30.0) -> None:
+        self.ledger = ledger
+        self.gpus = gpus
+        self.prefill_token_weight = prefill_token_weight
+        self.checkpoint_every = checkpoint_every_records
+        self.checkpoint_interval = checkpoint_interval_seconds
+        self.measurement: Measurement | None = None  # None until the sampler has started or failed
+        self.timing_period = 0.1
+        self.attributor = Attributor(gpus)
+        self._arrival = 0
+        self._last_checkpoint = time.monotonic()
+
+    # -- start-up --------------------------------------------------------------------------------
+    def restore(self) -> int:
+        """Rebuild the attribution from the journal; the number of pending requests restored."""
+        conn = self.ledger.conn
+        same_boot = self.ledger.get_meta("boot_id") == boot_id()
+        frontier = int(self.ledger.get_meta("frontier") or 0)
+        self.attributor = Attributor(self.gpus, first_k=frontier)
+        rows = conn.execute("SELECT k, start, end, busy_ms, energy_mj, kind FROM intervals ORDER BY k").fetchall()
+        for k, start, end, busy, energy, kind in rows:
+            added = self.attributor.add_interval(start, end, busy, energy, kind)
+            if added != [k]:
+                raise RuntimeError(f"{self.ledger.path}: interval journal is not contiguous at k={k}")
+        if not rows and (last_end := self.ledger.get_meta("last_end")) is not None:
+            self.attributor.set_last_end(float(last_end))
+        pending = conn.execute("SELECT key, arrival, event, gpu_ms, energy_mj, covered FROM pending ORDER BY arrival")
+        count = 0
+        for key, arrival, text, gpu_ms, energy, covered in pending.fetchall():
+            event = records.event_from_json(text)
+            if isinstance(event, RequestEvent):
+                self.attributor.add_request(key, work_spans(event, self.prefill_token_weight), event.billable,
+                                            Share(gpu_ms, energy, covered))
+            self._arrival = max(self._arrival, int(arrival))
+            count += 1
+        if not same_boot and (rows or count):
+            log.warning("usage journal from an earlier boot: settling %d pending requests with what was measured",
+                        count)
+            self.cycle([], [], math.inf, final=True)
+            self.attributor = Attributor(self.gpus, first_k=self.attributor.frontier)
+        with self.ledger.transaction():
+            self.ledger.set_meta("boot_id", boot_id())
+        return count
+
+    def start_timing(self, start: float, period: float) -> None:
+        """No GPU: busy time is estimated from request timing on a grid of ``period`` seconds."""
+        self.measurement = "timing"
+        self.timing_period = period
+        if self.attributor.last_end is None:
+            self.attributor.set_last_end(start)
+
+    # -- the cycle -------------------------------------------------------------------------------
+    def cycle(self, submitted: Sequence[Submitted], intervals: Sequence[GpuInterval], watermark: float,
+              now: float | None = None, final: bool = False) -> CycleResult:
+        """Journal, finalise up to ``watermark`` (monotonic), settle and append, in one transaction.
+
+        ``final``: closing down; every request is placed and a checkpoint is signed.
+        """
+        now = time.monotonic() if now is None else now
+        result = CycleResult()
+        with self.ledger.transaction():
+            self._take_intervals(intervals, now, final)
+            cold = self._take_events(submitted)
+            if final:
+                self.attributor.place_all()
+            finalised = self.attributor.finalise(watermark)
+            self._store_progress(finalised)
+            bodies = cold + self._settle(self.attributor.settle(), result)
+            self.ledger.append(bodies)
+            self._maybe_checkpoint(final)
+        result.records = len(bodies)
+        result.finalised = finalised
+        self._count(finalised, result, bodies)
+        return result
+
+    def _take_intervals(self, intervals: Sequence[GpuInterval], now: float, final: bool) -> None:
+        new: list[int] = []
+        for interval in intervals:
+            new += self.attributor.add_interval(interval.start, interval.end, interval.busy_ms, interval.energy_mj,
+                                                interval.kind)
+        if self.measurement == "timing" and (last := self.attributor.last_end) is not None:
+            while last + self.timing_period <= now:
+                new += self.attributor.add_interval(last, last + self.timing_period, None, None, "timing")
+                last += self.timing_period
+            if final and now > last:
+                new += self.attributor.add_interval(last, now, None, None, "timing")
+        rows = [(k, *self.attributor.interval(k)) for k in new]
+        self.ledger.conn.executemany("INSERT INTO intervals(k, start, end, busy_ms, energy_mj, kind) "
+                                     "VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def _take_events(self, submitted: Sequence[Submitted]) -> list[dict[str, Any]]:
+        cold: list[dict[str, Any]] = []
+        for ctx, event in submitted:
+            if isinstance(event, ColdStartEvent):
+                body = records.cold_start_record(event, ctx)
+                if not self.ledger.has_record(body["id"]) and body["id"] not in {b["id"] for b in cold}:
+                    cold.append(body)
+                continue
+            key = records.request_record_id(ctx, event.request_id)
+            if self.ledger.has_record(key) or self._is_pending(key):
+                log.warning("request %s submitted twice; the second is ignored", event.request_id)
+                continue
+            self._arrival += 1
+            self.ledger.conn.execute("INSERT INTO pending(key, arrival, event, context) VALUES (?, ?, ?, ?)",
+                                     (key, self._arrival, records.event_to_json(event), ctx.to_json()))
+            self.attributor.add_request(key, work_spans(event, self.prefill_token_weight), event.billable)
+        return cold
+
+    def _is_pending(self, key: str) -> bool:
+        return self.ledger.conn.execute("SELECT 1 FROM pending WHERE key = ?", (key,)).fetchone() is not None
+
+    def _store_progress(self, finalised: list[Finalised]) -> None:
+        conn = self.ledger.conn
+        frontier = self.attributor.frontier
+        if finalised:
+            conn.execute("DELETE FROM intervals WHERE k < ?", (frontier,))
+        touched = self.attributor.shares(self.attributor.touched)
+        self.attributor.touched.clear()
+        conn.executemany("UPDATE pending SET gpu_ms = ?, energy_mj = ?, covered = ? WHERE key = ?",
+                         [(s.gpu_ms, s.energy_mj, s.covered_tokens, k) for k, s in touched.items()])
+        self.ledger.set_meta("frontier", str(frontier))
+        if self.attributor.last_end is not None:
+            self.ledger.set_meta("last_end", repr(self.attributor.last_end))
+
+    def _settle(self, settled: list[Settled], result: CycleResult) -> list[dict[str, Any]]:
+        if not settled:
+            return []
+        conn = self.ledger.conn
+        bodies = []
+        for item in settled:
+            row = conn.execute("SELECT event, context FROM pending WHERE key = ?", (item.key,)).fetchone()
+            conn.execute("DELETE FROM pending WHERE key = ?", (item.key,))
+            if row is None:
+                continue
+            event = records.event_from_json(row[0])
+            if not isinstance(event, RequestEvent) or not event.billable:
+                continue  # warm-up: its share is excluded (counted in metrics), never billed
+            ctx = RecordContext.from_json(row[1])
+            bodies.append(records.request_record(event, ctx, item, self.measurement or "timing"))
+        return bodies
+
+    def _maybe_checkpoint(self, force: bool) -> None:
+        since = self.ledger.head_seq - self.ledger.last_checkpoint_seq()
+        elapsed = time.monotonic() - self._last_checkpoint >= self.checkpoint_interval
+        no_checkpoint_yet = self.ledger.conn.execute("SELECT 1 FROM checkpoints LIMIT 1").fetchone() is None
+        if since >= self.checkpoint_every or (since > 0 and (elapsed or force)) or (force and no_checkpoint_yet):
+            self.ledger.checkpoint()
+            self._last_checkpoint = time.monotonic()
+
+    def _count(self, finalised: list[Finalised], result: CycleResult, bodies: list[dict[str, Any]]) -> None:
+        for item in finalised:
+            result.billed_ms += item.billed_ms
+            result.excluded_ms += item.excluded_ms
+            result.unattributed_ms += item.unattributed_ms
+            result.measured_ms += item.busy_ms
+        metrics.GPU_MS.labels("billed").inc(result.billed_ms)
+        metrics.GPU_MS.labels("excluded").inc(result.excluded_ms)
+        metrics.GPU_MS.labels("unattributed").inc(result.unattributed_ms)
+        for body in bodies:
+            metrics.RECORDS.labels(body["kind"]).inc()
+        metrics.PENDING.set(self.attributor.pending())

@@ -1,0 +1,101 @@
+"""The product's promise end to end: a pod's gateway process meters real requests into its signed ledger.
+
+`tensorfleet gateway` (the real command, with the real metering sink) runs in front of the stand-in
+engine; two tenants send requests; the gateway is stopped with SIGTERM as the kubelet would; then
+`tensorfleet usage verify` checks the ledger and `tensorfleet usage report` sums it. Warm-up and cold
+start must not be billed, and every client request must be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from gateway_support import gateway_document
+
+pytestmark = pytest.mark.e2e
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_ready(url: str, process: subprocess.Popen[str], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not ready within {seconds} s")
+
+
+def tensorfleet(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tensorfleet", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_gateway_meters_two_tenants_into_a_verifiable_ledger(tmp_path: pathlib.Path) -> None:
+    engine_port, port, admin = free_port(), free_port(), free_port()
+    document = gateway_document(auth={"trustedTenantHeader": "X-Tenant", "trustedProxies": ["127.0.0.1/32"]},
+                                billing={"tier": "standard", "currency": "USD", "pricePerResourceUnit": "0.001",
+                                         "pricePerMillionInputTokens": "1", "pricePerMillionOutputTokens": "2"})
+    config = tmp_path / "gateway.json"
+    config.write_text(json.dumps(document))
+    usage = tmp_path / "usage"
+    usage.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORFLEET_")}
+    env.update(TENSORFLEET_GATEWAY_CONFIG=str(config), TENSORFLEET_GATEWAY_UPSTREAM=f"http://127.0.0.1:{engine_port}",
+               TENSORFLEET_GATEWAY_PORT=str(port), TENSORFLEET_GATEWAY_ADMIN_PORT=str(admin),
+               TENSORFLEET_GATEWAY_HOST="127.0.0.1", TENSORFLEET_GATEWAY_USAGE_DIR=str(usage),
+               TENSORFLEET_GATEWAY_DEVICES_FILE=str(tmp_path / "no-gpu"), TENSORFLEET_GATEWAY_DRAIN_DELAY_SECONDS="0",
+               TENSORFLEET_METERING_DEVICES_WAIT_SECONDS="0", TENSORFLEET_METERING_SETTLE_AFTER_SECONDS="1")
+    engine = subprocess.Popen([sys.executable, "-m", "tests.engines.standin", "--port", str(engine_port)], cwd=ROOT)
+    gateway = subprocess.Popen([sys.executable, "-m", "tensorfleet", "gateway"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{admin}/readyz", gateway)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for tenant, count in (("team-a", 3), ("team-b", 2)):
+                for index in range(count):
+                    body = {"model": "tiny", "prompt": "one two three four", "max_tokens": 5,
+                            "stream": index % 2 == 1}
+                    response = client.post("/v1/completions", json=body, headers={"X-Tenant": tenant})
+                    assert response.status_code == 200, response.text
+        gateway.send_signal(signal.SIGTERM)
+        output, _ = gateway.communicate(timeout=60)
+        assert gateway.returncode == 0, output
+    finally:
+        for process in (gateway, engine):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    ledger = usage / "usage.db"
+    verified = tensorfleet("usage", "verify", "--ledger", str(ledger), "--trust-embedded-key", "-o", "json")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    report = tensorfleet("usage", "report", "--ledger", str(ledger), "--by", "tenant", "-o", "json")
+    assert report.returncode == 0, report.stderr
+    rows = {row["tenant"]: row for row in json.loads(report.stdout)}
+    assert set(rows) == {"team-a", "team-b"}  # warm-up and the cold start are not billed to anyone
+    assert rows["team-a"]["requests"] == 3
+    assert rows["team-b"]["requests"] == 2
+    assert rows["team-a"]["outputTokens"] == 15  # the stand-in generates exactly max_tokens
+    assert rows["team-b"]["inputTokens"] == 8
+    assert float(rows["team-a"]["cost"]) > 0
+    # No GPU here: the records are timing-only and say so; no reading is made up.
+    assert all(row["estimatedRequests"] == row["requests"] for row in rows.values())

@@ -1,0 +1,140 @@
+"""The gateway's metering sink end to end: threads, journal, ledger; timing-only and with an NVML double."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from metering_builders import CONFIG, request
+from nvml_double import DeviceDouble, NvmlDouble
+from tensorfleet.metering import chain, verify
+from tensorfleet.metering.events import ColdStartEvent
+from tensorfleet.metering.ledger import read_ledger
+from tensorfleet.metering.settings import MeteringSettings
+from tensorfleet.metering.sink import open_sink
+
+pytestmark = pytest.mark.integration
+
+FAST = MeteringSettings(flush_interval_ms=20, settle_after_seconds=0.3, sample_period_ms=20,
+                        devices_wait_seconds=2, checkpoint_interval_seconds=0.2)
+
+
+def live_request(request_id: str, start: float, tenant: str = "acme", billable: bool = True) -> object:
+    return request(request_id, admitted=start, first_token=start + 0.02, received=start, tenant=tenant,
+                   chunks=((start + 0.02, 1), (start + 0.04, 2), (start + 0.06, 2)), done=start + 0.06,
+                   billable=billable, received_at=time.time())
+
+
+def bodies(usage_dir: Path) -> list[dict]:
+    _, rows, _ = read_ledger(usage_dir / "usage.db")
+    return [json.loads(body) for _, body, _, _ in rows]
+
+
+async def run_traffic(sink: object, count: int, billable: bool = True, tenant: str = "acme") -> None:
+    for i in range(count):
+        start = time.monotonic()
+        await asyncio.sleep(0.07)
+        sink.submit(live_request(f"{tenant}-{billable}-{i}", start, tenant, billable))  # type: ignore[attr-defined]
+
+
+async def test_without_a_gpu_records_are_estimated_from_timing_and_the_chain_verifies(tmp_path: Path) -> None:
+    (tmp_path / "devices").write_text("")
+    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", tmp_path / "devices", settings=FAST)
+    await sink.start()
+    sink.submit(ColdStartEvent("pod-1", time.time(), (("engine", 30.0), ("warm", 4.0)), 34.0))
+    sink.submit(ColdStartEvent("pod-1", sink_time := time.time(), (("engine", 1.0),), 1.0))
+    sink.submit(ColdStartEvent("pod-1", sink_time, (("engine", 1.0),), 1.0))  # the same start twice: once
+    await run_traffic(sink, 3, billable=False)  # warm-up
+    await run_traffic(sink, 5)
+    assert sink.gpu_utilization() is None
+    await sink.close()
+    found = bodies(tmp_path / "usage")
+    assert [b["kind"] for b in found].count("coldStart") == 2
+    billed = [b for b in found if b["kind"] == "request"]
+    assert len(billed) == 5
+    assert all(b["tenant"] == "acme" for b in billed)
+    assert all(b["estimated"] and b["measurement"] == "timing" and 0 < b["gpuMs"] <= 61 for b in billed)
+    assert all(b["gpuProduct"] == "NVIDIA-L4" and b["ruSource"] == "datasheet" for b in billed)
+    key = chain.load_private_key(tmp_path / "usage" / "signing-key.pem").public_key()
+    recs, points, anchors, _ = verify.from_ledger_file(tmp_path / "usage" / "usage.db")
+    result = verify.verify(recs, points, chain.Verifier(key), anchors)
+    assert result.ok
+    assert not result.warnings
+
+
+async def test_with_an_nvml_double_busy_time_is_measured_and_split(tmp_path: Path) -> None:
+    (tmp_path / "devices").write_text("GPU-engine")
+    device = DeviceDouble("GPU-engine", gpm_activity=50.0)
+    other = DeviceDouble("GPU-neighbour", gpm_activity=100.0)
+    sink = open_sink(CONFIG, tmp_path / "usage", "", tmp_path / "devices", settings=FAST,
+                     nvml_module=NvmlDouble([other, device]))
+    await sink.start()
+    await asyncio.sleep(0.2)
+    assert sink.gpu_utilization() == pytest.approx(0.5)
+    await run_traffic(sink, 4)
+    await run_traffic(sink, 2, tenant="globex")
+    await sink.close()
+    billed = [b for b in bodies(tmp_path / "usage") if b["kind"] == "request"]
+    assert {b["tenant"] for b in billed} == {"acme", "globex"}
+    assert len(billed) == 6
+    assert all(b["measurement"] == "gpm" and not b["estimated"] for b in billed)
+    assert all(b["gpuProduct"] == "NVIDIA-H100-80GB-HBM3" for b in billed)  # read from NVML, GFD form
+    # Alone on a GPU that is always 50% busy, a request gets half of the intervals its 60 ms of work touched:
+    # at least 30 ms, plus at most the two partly covered intervals at its ends (20 ms periods, some jitter).
+    assert all(27.0 <= b["gpuMs"] <= 0.5 * (60 + 2 * 20) + 8 for b in billed), [b["gpuMs"] for b in billed]
+
+
+async def test_new_prices_apply_to_requests_submitted_after_reconfigure(tmp_path: Path) -> None:
+    (tmp_path / "devices").write_text("none")
+    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-A100-SXM4-80GB", tmp_path / "devices", settings=FAST)
+    await sink.start()
+    await run_traffic(sink, 1, tenant="before")
+    sink.reconfigure({**CONFIG, "billing": {**CONFIG["billing"], "tier": "premium", "pricePerResourceUnit": "1"}})
+    await run_traffic(sink, 1, tenant="after")
+    await sink.close()
+    by_tenant = {b["tenant"]: b for b in bodies(tmp_path / "usage") if b["kind"] == "request"}
+    assert by_tenant["before"]["tier"] == "standard"
+    assert by_tenant["after"]["tier"] == "premium"
+    after = by_tenant["after"]
+    assert after["priceBreakdown"]["resourceUnits"] == format(after["resourceUnits"], "f").rstrip("0").rstrip(".")
+
+
+async def test_a_restart_settles_what_was_journalled_before(tmp_path: Path) -> None:
+    (tmp_path / "devices").write_text("")
+    slow = MeteringSettings(flush_interval_ms=20, settle_after_seconds=3600, devices_wait_seconds=1)
+    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", tmp_path / "devices", settings=slow)
+    await sink.start()
+    await run_traffic(sink, 3)
+    await sink.drain()
+    # Simulate the process dying without close(): stop the threads without the final cycle.
+    sink._stop.set()
+    assert bodies(tmp_path / "usage") == []  # nothing settled yet (an hour's horizon)...
+    again = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", tmp_path / "devices", settings=FAST)
+    await again.start()
+    await again.close()
+    billed = [b for b in bodies(tmp_path / "usage") if b["kind"] == "request"]
+    assert sorted(b["requestId"] for b in billed) == [f"acme-True-{i}" for i in range(3)]  # ...now each once
+
+
+async def test_admission_hints_settle_records_without_waiting_for_the_horizon(tmp_path: Path) -> None:
+    (tmp_path / "devices").write_text("")
+    hinted = MeteringSettings(flush_interval_ms=20, settle_after_seconds=3600, sample_period_ms=20,
+                              devices_wait_seconds=1)
+    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", tmp_path / "devices", settings=hinted)
+    await sink.start()
+    start = time.monotonic()
+    sink.admitted("hinted-1", start)
+    await asyncio.sleep(0.07)
+    sink.submit(live_request("hinted-1", start))
+    await asyncio.sleep(0.5)
+    assert [b["requestId"] for b in bodies(tmp_path / "usage")] == ["hinted-1"]
+    await sink.close()
+
+
+def test_open_sink_rejects_bad_settings(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="TENSORFLEET_METERING_EXPORT_BATCH_SIZE=0"):
+        open_sink(CONFIG, tmp_path, "", tmp_path / "d", settings=MeteringSettings(export_batch_size=0))

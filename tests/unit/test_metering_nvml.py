@@ -1,0 +1,145 @@
+"""The NVML sampler against a test double of pynvml."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from pathlib import Path
+
+import pytest
+
+from nvml_double import DeviceDouble, NvmlDouble
+from tensorfleet.metering import nvml
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sampler_on(devices: list[DeviceDouble], wanted: list[str] | None) -> tuple[nvml.NvmlSampler, NvmlDouble, Clock]:
+    double, clock = NvmlDouble(devices), Clock()
+    sampler = nvml.NvmlSampler(double, wanted, clock=clock)
+    sampler.open()
+    return sampler, double, clock
+
+
+def test_gpm_activity_over_the_interval_is_the_busy_time_summed_over_the_engines_devices() -> None:
+    devices = [DeviceDouble("GPU-a"), DeviceDouble("GPU-b"), DeviceDouble("GPU-other")]
+    sampler, _, clock = sampler_on(devices, ["GPU-a", "GPU-b"])
+    devices[0].gpm_activity, devices[1].gpm_activity, devices[2].gpm_activity = 50.0, 25.0, 100.0
+    devices[0].energy_mj += 30_000
+    devices[1].energy_mj += 10_000
+    clock.now += 0.1
+    interval = sampler.sample()
+    assert interval is not None
+    assert interval.kind == "gpm"
+    assert interval.busy_ms == pytest.approx(100.0 * 0.5 + 100.0 * 0.25)  # the other GPU is not the engine's
+    assert interval.energy_mj == 40_000
+    assert interval.memory_used == 2 * 10 * 2**30
+    assert interval.activity == pytest.approx(0.375)
+    assert (interval.start, interval.end) == (100.0, pytest.approx(100.1))
+    assert sampler.product == "NVIDIA-H100-80GB-HBM3"
+
+
+def test_without_gpm_the_utilization_rate_is_used() -> None:
+    device = DeviceDouble("GPU-a", name="NVIDIA A100-SXM4-80GB", gpm=False, utilization=80)
+    sampler, _, clock = sampler_on([device], ["0"])
+    clock.now += 0.2
+    interval = sampler.sample()
+    assert interval is not None
+    assert interval.kind == "utilization"
+    assert sampler.kind == "utilization"
+    assert interval.busy_ms == pytest.approx(160.0)
+    assert sampler.product == "NVIDIA-A100-SXM4-80GB"
+
+
+def test_an_unreadable_device_yields_no_interval_rather_than_a_guess() -> None:
+    device = DeviceDouble("GPU-a", gpm_activity=90.0)
+    sampler, _, clock = sampler_on([device], None)
+    device.lost = True
+    clock.now += 0.1
+    assert sampler.sample() is None
+    device.lost = False
+    clock.now += 0.1
+    after = sampler.sample()
+    assert after is not None
+    assert after.start == pytest.approx(100.1)
+
+
+def test_energy_is_absent_where_the_gpu_has_no_counter() -> None:
+    sampler, _, clock = sampler_on([DeviceDouble("GPU-a", energy_supported=False)], None)
+    clock.now += 0.1
+    interval = sampler.sample()
+    assert interval is not None
+    assert interval.energy_mj is None
+
+
+def test_no_driver_means_no_gpu_and_nothing_is_sampled() -> None:
+    sampler = nvml.NvmlSampler(NvmlDouble([], driver_loaded=False), None)
+    with pytest.raises(nvml.NoGpu, match="NVML unavailable"):
+        sampler.open()
+
+
+def test_unknown_device_of_the_engine_means_no_gpu() -> None:
+    double = NvmlDouble([DeviceDouble("GPU-a")])
+    with pytest.raises(nvml.NoGpu, match="cannot read"):
+        nvml.NvmlSampler(double, ["GPU-missing"]).open()
+    assert not double.initialised
+    assert double.samples_alive == 0
+
+
+def test_close_frees_gpm_samples_and_shuts_nvml_down() -> None:
+    sampler, double, _ = sampler_on([DeviceDouble("GPU-a"), DeviceDouble("GPU-b")], None)
+    assert double.samples_alive == 4
+    sampler.close()
+    assert double.samples_alive == 0
+    assert not double.initialised
+
+
+@pytest.mark.parametrize(("text", "expected"), [("all", None), ("", []), ("void", []), ("none", []),
+                                                ("GPU-1,GPU-2", ["GPU-1", "GPU-2"]), ("0, 3", ["0", "3"])])
+def test_parse_devices(text: str, expected: list[str] | None) -> None:
+    assert nvml.parse_devices(text) == expected
+
+
+def test_gfd_product_label_from_the_device_name() -> None:
+    assert nvml.gfd_product("NVIDIA H100 80GB HBM3") == "NVIDIA-H100-80GB-HBM3"
+    assert nvml.gfd_product("Tesla T4") == "Tesla-T4"
+
+
+def test_devices_file_missing_or_empty_means_timing_only(tmp_path: Path) -> None:
+    with pytest.raises(nvml.NoGpu, match="did not record"):
+        nvml.read_devices_file(tmp_path / "absent", 0.0, threading.Event())
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(nvml.NoGpu, match="has no GPU"):
+        nvml.read_devices_file(tmp_path / "empty", 0.0, threading.Event())
+    (tmp_path / "two").write_text("GPU-1,GPU-2")
+    assert nvml.read_devices_file(tmp_path / "two", 0.0, threading.Event()) == ["GPU-1", "GPU-2"]
+
+
+def test_sampler_thread_samples_on_its_period_and_stops() -> None:
+    device = DeviceDouble("GPU-a", gpm_activity=40.0)
+    double = NvmlDouble([device])
+    sampler = nvml.NvmlSampler(double, None)
+    sampler.open()
+    got: list[nvml.GpuInterval] = []
+    done = threading.Event()
+
+    def deliver(interval: nvml.GpuInterval) -> None:
+        got.append(interval)
+        if len(got) >= 3:
+            done.set()
+
+    thread = nvml.SamplerThread(sampler, 0.01, deliver)
+    thread.start()
+    assert done.wait(5)
+    thread.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert not double.initialised
+    assert all(g.kind == "gpm" and g.activity == pytest.approx(0.4) for g in got)
+    assert all(a.end == pytest.approx(b.start) for a, b in itertools.pairwise(got))

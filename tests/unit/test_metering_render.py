@@ -1,0 +1,72 @@
+"""What the operator renders for metering: env, the optional Secret, fingerprint, RU overrides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from builders import inference_service, triton_service
+from tensorfleet.api.types import InferenceService
+from tensorfleet.render import metering
+from tensorfleet.render.context import RenderContext
+from tensorfleet.render.gateway import gateway_config, render_config_map
+from tensorfleet.render.workload import render_deployment
+from tensorfleet.settings import OperatorSettings
+
+
+def isvc(body: dict) -> InferenceService:
+    body["metadata"]["uid"] = "uid-1"
+    return InferenceService.from_body(body)
+
+
+def test_gateway_gets_sink_url_and_the_optional_secret_with_the_signing_key() -> None:
+    ctx = RenderContext(metering_sink_url="https://openmeter.example/api/v1/events")
+    pod = render_deployment(isvc(inference_service()), ctx, 1)["spec"]["template"]["spec"]
+    gateway = next(c for c in pod["containers"] if c["name"] == "gateway")
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    assert env["TENSORFLEET_METERING_SINK_URL"] == "https://openmeter.example/api/v1/events"
+    assert env["TENSORFLEET_METERING_SIGNING_KEY_FILE"] == "/etc/tensorfleet/metering/signing-key"
+    assert env["TENSORFLEET_METERING_SINK_TOKEN_FILE"] == "/etc/tensorfleet/metering/sink-token"
+    volume = next(v for v in pod["volumes"] if v["name"] == "metering-secret")
+    assert volume["secret"] == {"secretName": "tensorfleet-metering", "optional": True, "defaultMode": 0o440}
+    assert {"name": "metering-secret", "mountPath": "/etc/tensorfleet/metering", "readOnly": True} \
+        in gateway["volumeMounts"]
+    engine = next(c for c in pod["containers"] if c["name"] == "engine")
+    assert all(m["name"] != "metering-secret" for m in engine.get("volumeMounts", []))  # only the gateway signs
+
+
+def test_no_secret_and_no_sink_render_nothing_for_them() -> None:
+    pod = render_deployment(isvc(inference_service()), RenderContext(metering_secret=""), 1)["spec"]["template"]
+    names = {e["name"] for c in pod["spec"]["containers"] for e in c.get("env", [])}
+    assert not {n for n in names if n.startswith("TENSORFLEET_METERING_")}
+    assert all(v["name"] != "metering-secret" for v in pod["spec"]["volumes"])
+
+
+def test_engine_fingerprint_is_stable_and_follows_what_changes_the_engine() -> None:
+    ctx = RenderContext()
+    base = metering.engine_fingerprint(isvc(triton_service()), ctx)
+    assert base == metering.engine_fingerprint(isvc(triton_service()), ctx)
+    assert base.startswith("sha256:")
+    assert len(base) == 7 + 64
+    assert base != metering.engine_fingerprint(isvc(triton_service(engine={"precision": "int8"})), ctx)
+    assert base != metering.engine_fingerprint(isvc(triton_service()), RenderContext(triton_image_template="t:2"))
+    config = gateway_config(isvc(triton_service()), ctx)
+    assert config["engine"]["fingerprint"] == base
+
+
+def test_resource_unit_overrides_reach_the_gateway_config() -> None:
+    ctx = RenderContext(resource_units={"NVIDIA-L4": {"fp16": 0.4}})
+    document = json.loads(render_config_map(isvc(inference_service()), ctx)["data"]["gateway.json"])
+    assert document["metering"] == {"resourceUnits": {"NVIDIA-L4": {"fp16": 0.4}}}
+    assert gateway_config(isvc(inference_service()))["metering"] == {}
+
+
+def test_operator_reads_the_ru_table_file_and_names_a_bad_field(tmp_path: Path) -> None:
+    (tmp_path / "ru.yaml").write_text("NVIDIA-L4: {fp16: 0.4}\n")
+    ctx = OperatorSettings(metering_ru_table_file=str(tmp_path / "ru.yaml")).render_context()
+    assert ctx.resource_units == {"NVIDIA-L4": {"fp16": 0.4}}
+    (tmp_path / "bad.yaml").write_text("NVIDIA-L4: {fp16: zero}\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml\.NVIDIA-L4\.fp16='zero'"):
+        OperatorSettings(metering_ru_table_file=str(tmp_path / "bad.yaml")).render_context()
