@@ -52,10 +52,37 @@ async def test_the_client_sees_exactly_what_vllm_sends(vllm_url: str, tmp_path: 
                 {**base, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}]
     async with running_gateway(tmp_path, vllm_url) as gw, aiohttp.ClientSession() as session:
         for body in variants:
-            direct = await fetch(session, vllm_url + path, body)
-            proxied = await fetch(session, url(gw, path), body)
-            assert direct[0] == proxied[0] == 200
-            assert normalized(proxied[1]) == normalized(direct[1]), body
+            # Two runs of one request can differ in how vLLM groups tokens into stream events when the CPU
+            # is busy (its output collector merges steps a slow reader has not taken yet). The content must
+            # always match; the bytes must match in at least one of a few tries.
+            tries = []
+            for _ in range(3):
+                direct = await fetch(session, vllm_url + path, body)
+                proxied = await fetch(session, url(gw, path), body)
+                assert direct[0] == proxied[0] == 200
+                assert merged(proxied[1]) == merged(direct[1]), body
+                tries.append(normalized(proxied[1]) == normalized(direct[1]))
+                if tries[-1]:
+                    break
+            assert any(tries), body
+
+
+def merged(raw: bytes) -> Any:
+    """A response's content with stream events folded together: text, finish reasons and usage."""
+    if not raw.startswith(b"data:"):
+        answer = json.loads(raw)
+        return ([c.get("text") or c.get("message", {}).get("content") for c in answer["choices"]],
+                [c.get("finish_reason") for c in answer["choices"]], answer.get("usage"))
+    text, finish, usage = "", None, None
+    for event in raw.split(b"\n\n"):
+        if not event.startswith(b"data: {"):
+            continue
+        chunk = json.loads(event[6:])
+        for choice in chunk.get("choices") or ():
+            text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+            finish = choice.get("finish_reason") or finish
+        usage = chunk.get("usage") or usage
+    return [text], [finish], usage
 
 
 async def test_usage_and_chunks_are_exact(vllm_url: str, tmp_path: pathlib.Path) -> None:
