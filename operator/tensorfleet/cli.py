@@ -76,3 +76,27 @@ def render(filename: str, gpu_product: str | None, output: str, **options: Any) 
         else:
             click.echo(manifests.to_yaml(result.objects), nl=False)
     sys.exit(1 if result.errors else 0)
+
+
+def _engines_group(name: str) -> click.Group:
+    """The engine/model command groups, imported only when they run (the gateway never loads them)."""
+
+    class Lazy(click.Group):
+        def _real(self) -> click.Group:
+            from tensorfleet.engines import cli as engines_cli
+
+            group = getattr(engines_cli, name)
+            assert isinstance(group, click.Group)
+            return group
+
+        def list_commands(self, ctx: click.Context) -> list[str]:
+            return self._real().list_commands(ctx)
+
+        def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+            return self._real().get_command(ctx, cmd_name)
+
+    return Lazy(name, help=f"{name.capitalize()} commands (tensorfleet {name} --help).")
+
+
+main.add_command(_engines_group("engine"))
+main.add_command(_engines_group("model"))

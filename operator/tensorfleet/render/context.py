@@ -29,3 +29,10 @@ class RenderContext:
     triton_image_template: str = "nvcr.io/nvidia/tritonserver:25.08-trtllm-python-py3"
     cluster_domain: str = "cluster.local"
     image_pull_policy: str = "IfNotPresent"
+    # Engines (tensorfleet.engines): the default store and the init containers' limits.
+    engine_store: str = ""  # pvc://CLAIM/PATH or s3://BUCKET/PREFIX; empty: every Engine needs spec.storeRef
+    engine_store_endpoint: str = ""
+    engine_store_region: str = ""
+    engine_store_secret: str = ""
+    engine_fetch_timeout_seconds: int = 1800
+    model_fetch_timeout_seconds: int = 3600
