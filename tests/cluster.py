@@ -89,3 +89,61 @@ class Cluster:
 
     def writes(self) -> list[tuple[str, str]]:
         return list(self.emulator.server.writes)
+
+    # ---- engines ------------------------------------------------------------------------------------
+
+    def add_gpu_node(self, name: str, product: str, major: int, minor: int, count: int = 8) -> None:
+        from tensorfleet.sandbox.kubelet import GPUNode
+
+        node = GPUNode(name, product, count, 81559, (major, minor)).manifest()
+        response = self.http.post("/api/v1/nodes", json=node)
+        assert response.status_code == 201, response.text
+
+    def engines(self) -> list[dict[str, Any]]:
+        return self.list(ISVC, "Engine")
+
+    def engine(self, name: str) -> dict[str, Any] | None:
+        return self.get(ISVC, "Engine", name)
+
+    def engine_condition(self, name: str, kind: str) -> dict[str, Any] | None:
+        for cond in ((self.engine(name) or {}).get("status") or {}).get("conditions") or ():
+            if cond["type"] == kind:
+                return dict(cond)
+        return None
+
+    def jobs(self, engine: str | None = None) -> list[dict[str, Any]]:
+        return [j for j in self.list("batch/v1", "Job")
+                if engine is None or (j["metadata"].get("labels") or {}).get("tensorfleet.io/engine") == engine]
+
+    def simulate_job_pod(self, job: dict[str, Any], report: dict[str, Any], exit_code: int = 0,
+                         finished_at: str | None = None, job_status: dict[str, Any] | None = None) -> None:
+        """Play the Job controller and kubelet: one pod of ``job`` ran and terminated with ``report`` as
+        its termination message; optionally the Job's final status."""
+        import json as _json
+
+        from tensorfleet.sandbox.kubelet import simulated_job_pod
+
+        finished_at = finished_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        pod, status = simulated_job_pod(job, "ensure", exit_code, _json.dumps(report), finished_at)
+        assert self.create(pod).status_code == 201
+        assert self.patch("v1", "Pod", pod["metadata"]["name"], {"status": status}, sub="status").status_code == 200
+        if job_status is not None:
+            patched = self.patch("batch/v1", "Job", job["metadata"]["name"], {"status": job_status}, sub="status")
+            assert patched.status_code == 200, patched.text
+
+    def simulate_corrupt_fetch(self, deployment: dict[str, Any], sha256: str, message: str) -> None:
+        """Play the kubelet: a serving pod's engine-fetch init container found the artifact corrupt."""
+        import json as _json
+
+        finished_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        template = deployment["spec"]["template"]
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": f"{deployment['metadata']['name']}-corrupt", "namespace": self.namespace,
+                            "labels": template["metadata"]["labels"]},
+               "spec": template["spec"]}
+        assert self.create(pod).status_code == 201
+        terminated = {"exitCode": 3, "reason": "Error", "finishedAt": finished_at,
+                      "message": _json.dumps({"result": "corrupt", "sha256": sha256, "message": message})}
+        status = {"phase": "Pending", "initContainerStatuses": [{"name": "engine-fetch",
+                                                                 "state": {"terminated": terminated}}]}
+        assert self.patch("v1", "Pod", pod["metadata"]["name"], {"status": status}, sub="status").status_code == 200

@@ -120,7 +120,7 @@ async def engine_pods_idx(body: kopf.Body, namespace: str | None, memo: Any, **_
 
 def observed_for_service(indices: Mapping[str, Any], namespace: str) -> dict[str, Any]:
     """The ``Observed`` fields engines contribute: GPU products present, their compute capability, Engines."""
-    nodes = [entry["gpus"] for entries in indices["gpu_nodes_idx"].values() for entry in entries]
+    nodes = list(indices["gpu_nodes_idx"].get("gpus", ()))
     inventory = discovery.Inventory.from_nodes(nodes)
     return {
         "gpu_products": inventory.names,

@@ -12,6 +12,7 @@ import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tensorfleet.api import crds
 from tensorfleet.api.schema import FieldError
 from tensorfleet.engines import jobs, trtllm
 from tensorfleet.engines.fingerprint import key_of_body
@@ -97,6 +98,7 @@ class _State:
 
 def reconcile_engine(body: Mapping[str, Any], observed: EngineObserved, ctx: EngineContext,
                      now: datetime.datetime) -> EnginePlan:
+    body = crds.default(body)  # as the API server stores it (objects stored before a default was added too)
     meta = body["metadata"]
     previous = dict(body.get("status") or {})
     generation = int(meta.get("generation") or 0)
