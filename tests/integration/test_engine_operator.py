@@ -10,8 +10,8 @@ import pytest
 
 from builders import engine, engine_spec, triton_service
 from cluster import Cluster, wait_for
-from tensorfleet.sandbox.apiserver import EmulatorThread
 from integration.test_operator import RESYNC, operator, writes_during
+from tensorfleet.sandbox.apiserver import EmulatorThread
 
 pytestmark = pytest.mark.integration
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -51,7 +51,8 @@ def test_triton_builds_one_engine_per_product_then_serves_it_verified(
         job = only_job(cluster, name)
         assert job["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": H100}
         building = cluster.condition("llama", "EngineReady")
-        assert building is not None and building["status"] == "False"
+        assert building is not None
+        assert building["status"] == "False"
         assert not [d for d in cluster.children("llama") if d["kind"] == "Deployment"]  # nothing serves yet
         body = wait_for(lambda: (e := cluster.engine(name)) and e.get("status", {}).get("fingerprint") and e,
                         what="status.fingerprint")
@@ -62,7 +63,8 @@ def test_triton_builds_one_engine_per_product_then_serves_it_verified(
         deployment = wait_for(lambda: next((d for d in cluster.children("llama") if d["kind"] == "Deployment"), None),
                               what="the serving Deployment")
         init = deployment["spec"]["template"]["spec"]["initContainers"][0]
-        assert init["name"] == "engine-fetch" and SHA in init["args"]
+        assert init["name"] == "engine-fetch"
+        assert SHA in init["args"]
         wait_for(lambda: cluster.jobs(name) == [], what="the finished Job cleaned up")
         cluster.mark_deployments_ready("llama")
         wait_for(lambda: (cluster.condition("llama", "Ready") or {}).get("status") == "True", what="service Ready")
@@ -95,7 +97,8 @@ def test_a_gitops_engine_that_fails_reports_why_and_deleting_it_cancels_its_job(
         assert cluster.engine(name)["status"]["failure"]["logTail"] == "[TRT] [E] out of memory"
         assert len(cluster.jobs(name)) == 1  # backing off: no second Job while one exists
         spec_edit = cluster.patch("tensorfleet.io/v1alpha1", "Engine", name, {"spec": {"precision": "bf16"}})
-        assert spec_edit.status_code == 422 and "spec is immutable" in spec_edit.json()["message"]
+        assert spec_edit.status_code == 422
+        assert "spec is immutable" in spec_edit.json()["message"]
         cluster.delete("tensorfleet.io/v1alpha1", "Engine", name)
         wait_for(lambda: cluster.engine(name) is None, what="the Engine gone")
         wait_for(lambda: cluster.jobs(name) == [], what="its Job cancelled")

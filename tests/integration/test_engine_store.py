@@ -82,7 +82,8 @@ def test_build_then_cache(store: EngineStore, tmp_path: pathlib.Path) -> None:
     first = ensure(spec, store, builder, tmp_path / "w1")
     assert (first.result, builder.builds) == ("build", 1)
     assert first.fingerprint == key_of(spec).sha256
-    assert first.sha256 and first.sha256.startswith("sha256:")
+    assert first.sha256
+    assert first.sha256.startswith("sha256:")
     assert first.size_bytes == 256 * 1024 + len(json.dumps({"precision": "fp16"})) + 2
     assert first.uri == f"{store.uri}/{first.fingerprint}"
     second = ensure(spec, store, builder, tmp_path / "w2")
@@ -139,9 +140,9 @@ def test_of_two_commits_exactly_one_wins(store: EngineStore, tmp_path: pathlib.P
 
 def test_a_second_builder_waits_for_the_lock_and_times_out(store: EngineStore) -> None:
     fingerprint = "f" * 64
-    with store.lock(fingerprint, "first", timeout=5), pytest.raises(LockTimeout):
-        with store.lock(fingerprint, "second", timeout=0.5):
-            pass
+    with store.lock(fingerprint, "first", timeout=5), pytest.raises(LockTimeout), \
+            store.lock(fingerprint, "second", timeout=0.5):
+        pass
     with store.lock(fingerprint, "third", timeout=5) as lease:  # released: free again
         lease.check()
 
@@ -172,7 +173,7 @@ def test_a_tampered_file_fails_fetch_fast_and_is_rebuilt(store: EngineStore, tmp
     assert manifest is not None
     _tamper(store, outcome.fingerprint, f"builds/{manifest.build_id}/engine/rank0.engine", b"evil" * 100)
     started = time.monotonic()
-    with pytest.raises(CorruptArtifact, match="rank0.engine"):
+    with pytest.raises(CorruptArtifact, match=r"rank0\.engine"):
         fetch_engine(store, outcome.fingerprint, str(outcome.sha256), tmp_path / "dest", 8)
     assert time.monotonic() - started < 5
     again = ensure(spec, store, builder, tmp_path / "w2")  # ensure re-verifies: the corrupt copy is not reused

@@ -212,6 +212,7 @@ def test_engine_spec_is_immutable() -> None:
     changed = set_path(old, "spec.precision", "bf16")
     errors = crds.validate(changed, old=old)
     assert [e.path for e in errors] == ["spec"]
-    assert "spec is immutable" in errors[0].message and "tensorfleet engine key" in errors[0].message
+    assert "spec is immutable" in errors[0].message
+    assert "tensorfleet engine key" in errors[0].message
     status_only = deep_merge(old, {"status": {"attempts": 1}})
     assert crds.validate(status_only, old=old) == []

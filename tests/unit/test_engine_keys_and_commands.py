@@ -22,7 +22,8 @@ def defaulted(**overrides: Any) -> dict[str, Any]:
 def test_same_inputs_same_name_and_the_name_is_a_valid_engine_name() -> None:
     a, b = engine(engine_spec()), engine(engine_spec())
     assert a["metadata"]["name"] == b["metadata"]["name"]
-    assert a["metadata"]["name"].startswith("engine-") and len(a["metadata"]["name"]) == 39
+    assert a["metadata"]["name"].startswith("engine-")
+    assert len(a["metadata"]["name"]) == 39
     assert crds.validate(a) == []
 
 
@@ -60,7 +61,8 @@ def test_an_inference_service_keys_one_engine_per_product() -> None:
     a100 = fingerprint.engine_manifest(fingerprint.engine_spec(isvc, "NVIDIA-A100-SXM4-80GB", "8.0"), "default")
     assert h100["metadata"]["name"] != a100["metadata"]["name"]
     assert crds.validate(h100) == []
-    assert h100["spec"]["maxBatchSize"] == 32 and h100["spec"]["tensorParallelSize"] == 1
+    assert h100["spec"]["maxBatchSize"] == 32
+    assert h100["spec"]["tensorParallelSize"] == 1
 
 
 def test_engine_key_command_prints_the_name(tmp_path: Any) -> None:
@@ -75,10 +77,12 @@ def test_engine_key_command_prints_the_name(tmp_path: Any) -> None:
     isvc = tmp_path / "isvc.yaml"
     isvc.write_text(yaml.safe_dump(triton_service(model={"uri": "hf://a/b@v1"})))
     result = CliRunner().invoke(main, ["engine", "key", "-f", str(isvc)])
-    assert result.exit_code != 0 and "--gpu-product" in result.output
+    assert result.exit_code != 0
+    assert "--gpu-product" in result.output
     result = CliRunner().invoke(main, ["engine", "key", "-f", str(isvc), "--gpu-product", "NVIDIA-L4",
                                        "--compute-capability", "8.9", "-o", "fingerprint"])
-    assert result.exit_code == 0 and len(result.output.strip()) == 64
+    assert result.exit_code == 0
+    assert len(result.output.strip()) == 64
 
 
 def test_engine_key_rejects_bad_input_naming_the_field(tmp_path: Any) -> None:
@@ -147,18 +151,21 @@ def test_each_precision_converts_and_builds_with_documented_flags(precision: str
     result = plan(precision=precision, tensorParallelSize=2)
     assert result.convert[:2] == ("python3", script)
     convert = flags(result.convert)
-    assert convert["--model_dir"] == "/work/model" and convert["--output_dir"] == "/work/ckpt"
+    assert convert["--model_dir"] == "/work/model"
+    assert convert["--output_dir"] == "/work/ckpt"
     assert convert["--tp_size"] == "2"
     for flag, value in expected.items():
         assert convert[flag] == value, flag
     build = flags(result.build)
     assert result.build[0] == "trtllm-build"
-    assert build["--checkpoint_dir"] == "/work/ckpt" and build["--output_dir"] == "/work/out/engine"
+    assert build["--checkpoint_dir"] == "/work/ckpt"
+    assert build["--output_dir"] == "/work/out/engine"
     assert (build["--max_batch_size"], build["--max_input_len"], build["--max_seq_len"]) == ("32", "4096", "8192")
     assert build["--workers"] == "2"
     assert build["--gemm_plugin"] == gemm
     assert build["--kv_cache_type"] == "paged"
-    assert build["--remove_input_padding"] == "enable" and build["--context_fmha"] == "enable"
+    assert build["--remove_input_padding"] == "enable"
+    assert build["--context_fmha"] == "enable"
     assert ("--use_fp8_context_fmha" in build) == (precision == "fp8")
 
 
@@ -168,7 +175,8 @@ def test_build_options_pass_through_and_override_defaults() -> None:
     build = flags(result.build)
     assert build["--max_num_tokens"] == "8192"
     assert build["--gemm_plugin"] == "disable"
-    assert "--strip_plan" in build and build["--strip_plan"] is None
+    assert "--strip_plan" in build
+    assert build["--strip_plan"] is None
     assert build["--multiple_profiles"] == "enable"
     assert "--weight_streaming" not in build
 

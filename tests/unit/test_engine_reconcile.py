@@ -74,7 +74,8 @@ def test_a_new_engine_starts_one_build_job_on_its_gpu_product() -> None:
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert job["spec"]["backoffLimit"] == 2
     assert job["spec"]["activeDeadlineSeconds"] == 7200 * 3 + 900
-    assert plan.status["attempts"] == 1 and plan.status["job"] == f"{name}-1"
+    assert plan.status["attempts"] == 1
+    assert plan.status["job"] == f"{name}-1"
     assert condition(plan.status, "Building")["status"] == "True"
     assert condition(plan.status, "Ready")["status"] == "False"
 
@@ -121,7 +122,8 @@ def test_a_failed_job_reports_its_reason_and_log_tail_and_retries_after_backoff(
     assert "BuildFailed" in [e.reason for e in plan.events]
     body = with_status(body, plan.status)
     later = reconcile_engine(body, observed, CTX, T0 + datetime.timedelta(minutes=3))
-    assert later.create is not None and later.create["metadata"]["name"].endswith("-2")
+    assert later.create is not None
+    assert later.create["metadata"]["name"].endswith("-2")
     assert later.delete == (job["metadata"]["name"],)  # one Job per fingerprint at a time
 
 
@@ -143,7 +145,8 @@ def test_a_corrupt_artifact_reported_by_a_serving_pod_triggers_one_rebuild() -> 
     plan = reconcile_engine(ready, EngineObserved(corruption=(report,)), CTX, T0)
     assert plan.status["artifact"] is None
     assert plan.status["corruption"]["pod"] == "llama-xyz"
-    assert plan.create is not None and plan.create["metadata"]["name"].endswith("-2")
+    assert plan.create is not None
+    assert plan.create["metadata"]["name"].endswith("-2")
     assert condition(plan.status, "Ready")["status"] == "False"
     assert "ArtifactCorrupt" in [e.reason for e in plan.events]
     rebuilt = with_status(ready, {**plan.status, "artifact": {"sha256": sha, "source": "build"}})
@@ -158,13 +161,15 @@ def test_an_engine_whose_name_is_not_its_fingerprint_is_refused_with_the_right_n
     plan = reconcile_engine(body, EngineObserved(), CTX, T0)
     assert plan.create is None
     failed = condition(plan.status, "Failed")
-    assert failed["reason"] == "InvalidSpec" and right in failed["message"] and "metadata.name" in failed["message"]
+    assert failed["reason"] == "InvalidSpec"
+    assert right in failed["message"]
+    assert "metadata.name" in failed["message"]
 
 
 def test_an_engine_without_any_store_says_which_field_to_set() -> None:
     body = stored_engine()
     del body["spec"]["storeRef"]
-    body["metadata"]["name"] = engine({k: v for k, v in body["spec"].items()})["metadata"]["name"]
+    body["metadata"]["name"] = engine(dict(body["spec"].items()))["metadata"]["name"]
     plan = reconcile_engine(body, EngineObserved(), CTX, T0)
     assert "spec.storeRef" in condition(plan.status, "Failed")["message"]
 
@@ -216,7 +221,8 @@ def test_each_product_with_a_ready_engine_gets_a_pinned_deployment_that_verifies
                         engines=(h100_engine,))
     plan = reconcile(body, observed, RCTX, T0)
     deployments = [o for o in plan.desired if o["kind"] == "Deployment"]
-    assert len(deployments) == 1 and deployments[0]["spec"]["replicas"] == 3  # only the ready product serves
+    assert len(deployments) == 1
+    assert deployments[0]["spec"]["replicas"] == 3
     pod_spec = deployments[0]["spec"]["template"]["spec"]
     terms = pod_spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert terms["nodeSelectorTerms"][0]["matchExpressions"][-1]["values"] == [H100]
@@ -229,7 +235,8 @@ def test_each_product_with_a_ready_engine_gets_a_pinned_deployment_that_verifies
     assert deployments[0]["spec"]["template"]["metadata"]["labels"]["tensorfleet.io/engine"] == \
         h100_engine["metadata"]["name"]
     engines = {e["gpuProduct"]: e for e in plan.status["engines"]}
-    assert engines[H100]["ready"] is True and engines[a100]["ready"] is False
+    assert engines[H100]["ready"] is True
+    assert engines[a100]["ready"] is False
     assert condition(plan.status, "EngineReady")["status"] == "False"
     assert [w.action for w in plan.engine_writes] == ["create"]  # the A100 engine
 
@@ -264,7 +271,8 @@ def test_vllm_with_a_pinned_digest_fetches_and_verifies_the_weights_first() -> N
     assert init["args"][init["args"].index("--digest") + 1] == digest
     local = init["args"][init["args"].index("--dest") + 1]
     engine_args = pod_spec["containers"][0]["args"]
-    assert engine_args[:3] == ["vllm", "serve", local] and "--revision" not in engine_args
+    assert engine_args[:3] == ["vllm", "serve", local]
+    assert "--revision" not in engine_args
     unpinned = reconcile(stored(inference_service()), Observed(), RCTX, T0)
     assert "initContainers" not in next(o for o in unpinned.desired if o["kind"] == "Deployment")["spec"][
         "template"]["spec"]

@@ -6,6 +6,7 @@ API rights and report through files (the termination message) and exit codes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -176,10 +177,8 @@ def digest(directory: pathlib.Path) -> None:
 def _report(path: pathlib.Path | None, data: dict[str, Any]) -> None:
     if path is None:
         return
-    try:
+    with contextlib.suppress(OSError):  # outside a pod there may be no termination log
         path.write_text(json.dumps(data, sort_keys=True)[:3800])
-    except OSError:
-        pass  # outside a pod there may be no termination log
 
 
 @click.group()

@@ -61,7 +61,7 @@ class Outcome:
     log_tail: str | None = None
 
     def termination_message(self) -> str:
-        data = {k: v for k, v in {
+        data: dict[str, Any] = {k: v for k, v in {
             "result": self.result, "fingerprint": self.fingerprint, "sha256": self.sha256,
             "sizeBytes": self.size_bytes, "uri": self.uri, "builtAt": self.built_at,
             "buildSeconds": self.build_seconds, "reason": self.reason, "message": self.message,

@@ -92,7 +92,8 @@ def _download_hf(source: ModelSource, dest: pathlib.Path) -> None:
         huggingface_hub.snapshot_download(repo_id=source.location, revision=source.revision, local_dir=str(dest),
                                           token=os.environ.get("HF_TOKEN") or None)
     except Exception as exc:  # huggingface_hub raises many transport and HTTP error types
-        if isinstance(exc, huggingface_hub.errors.RepositoryNotFoundError | huggingface_hub.errors.RevisionNotFoundError):
+        errors = huggingface_hub.errors
+        if isinstance(exc, errors.RepositoryNotFoundError | errors.RevisionNotFoundError):
             raise
         raise StoreError(f"downloading hf://{source.location}@{source.revision}: {exc}") from exc
 

@@ -42,7 +42,7 @@ class EngineObserved:
 @dataclasses.dataclass(frozen=True)
 class EngineContext:
     default_store: StoreRef | None = None
-    job_settings: jobs.JobSettings = jobs.JobSettings()
+    job_settings: jobs.JobSettings = dataclasses.field(default_factory=jobs.JobSettings)
     retry_base_seconds: float = 300.0
     retry_max_seconds: float = 3600.0
 
@@ -185,7 +185,8 @@ def _ready(state: _State, by_name: Mapping[str, Mapping[str, Any]], observed: En
             state.delete.append(job_name)
     source = artifact.get("source", "")
     state.conditions = [
-        Condition("Ready", "True", "Available", f"artifact {artifact.get('sha256')} ({source}) at {artifact.get('uri')}"),
+        Condition("Ready", "True", "Available",
+                  f"artifact {artifact.get('sha256')} ({source}) at {artifact.get('uri')}"),
         Condition("Building", "False", "Complete", "the engine is built and verified"),
         Condition("Failed", "False", "NoFailure", "the latest attempt succeeded"),
     ]

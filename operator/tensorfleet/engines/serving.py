@@ -222,7 +222,7 @@ def with_model_fetch(deployment: dict[str, Any], isvc: InferenceService, ctx: c.
     pod = out["spec"]["template"]["spec"]
     engine = next(ct for ct in pod["containers"] if ct["name"] == "engine")
     local = f"{MODEL_FETCH_ROOT}/{digest.removeprefix('sha256:')}"
-    mounts = [{"name": "model-cache", "mountPath": c.MODEL_CACHE_DIR}]
+    mounts: list[dict[str, Any]] = [{"name": "model-cache", "mountPath": c.MODEL_CACHE_DIR}]
     if source.scheme == "pvc":
         local = f"{c.PVC_MODEL_DIR}/{source.path}".rstrip("/")
         mounts.append({"name": "model", "mountPath": c.PVC_MODEL_DIR, "readOnly": True})
