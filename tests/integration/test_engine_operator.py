@@ -116,11 +116,18 @@ def test_a_serving_pod_that_finds_the_artifact_corrupt_triggers_a_rebuild(
         deployment = wait_for(lambda: next((d for d in cluster.children("llama") if d["kind"] == "Deployment"), None),
                               what="the serving Deployment")
         cluster.simulate_corrupt_fetch(deployment, SHA, "builds/x/engine/rank0.engine: expected sha256 ..., found ...")
-        rebuild = wait_for(lambda: [j for j in cluster.jobs(name) if j["metadata"]["name"].endswith("-2")],
-                           what="a rebuild Job")
-        assert rebuild
+        rebuild = wait_for(lambda: next((j for j in cluster.jobs(name) if j["metadata"]["name"].endswith("-2")),
+                                        None), what="a rebuild Job")
         engine_now = cluster.engine(name)
         assert engine_now["status"]["corruption"]["pod"].endswith("-corrupt")
-        assert engine_now["status"].get("artifact") is None
-        wait_for(lambda: not [d for d in cluster.children("llama") if d["kind"] == "Deployment"],
-                 what="the unverifiable engine no longer served")
+        assert (cluster.engine_condition(name, "Ready") or {})["status"] == "False"
+        wait_for(lambda: (cluster.condition("llama", "EngineReady") or {}).get("status") == "False",
+                 what="EngineReady=False while rebuilding")
+        # Pods that verified their own copy keep serving while the artifact is re-verified or rebuilt.
+        assert [d for d in cluster.children("llama") if d["kind"] == "Deployment"]
+        rebuilt = "sha256:" + "cd" * 32
+        cluster.simulate_job_pod(rebuild, report(engine_now, "build", sha256=rebuilt))
+        wait_for(lambda: any(rebuilt in d["spec"]["template"]["spec"]["initContainers"][0]["args"]
+                             for d in cluster.children("llama") if d["kind"] == "Deployment"),
+                 what="the rebuilt engine rolled out")
+        assert cluster.engine(name)["status"]["corruption"]["resolved"] is True

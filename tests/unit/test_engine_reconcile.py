@@ -143,15 +143,24 @@ def test_a_corrupt_artifact_reported_by_a_serving_pod_triggers_one_rebuild() -> 
     report = CorruptionReport(pod="llama-xyz", finished_at="2026-11-21T12:05:00Z", sha256=sha,
                               message="rank0.engine: expected sha256 ..., found ...")
     plan = reconcile_engine(ready, EngineObserved(corruption=(report,)), CTX, T0)
-    assert plan.status["artifact"] is None
+    assert plan.status["artifact"]["sha256"] == sha  # running pods keep serving their verified copy
     assert plan.status["corruption"]["pod"] == "llama-xyz"
+    assert plan.status["corruption"]["resolved"] is False
     assert plan.create is not None
     assert plan.create["metadata"]["name"].endswith("-2")
     assert condition(plan.status, "Ready")["status"] == "False"
     assert "ArtifactCorrupt" in [e.reason for e in plan.events]
-    rebuilt = with_status(ready, {**plan.status, "artifact": {"sha256": sha, "source": "build"}})
-    again = reconcile_engine(rebuilt, EngineObserved(corruption=(report,)), CTX, T0)
+    rebuilding = with_status(ready, plan.status)
+    job = plan.create
+    again = reconcile_engine(rebuilding, EngineObserved(jobs=(job,), corruption=(report,)), CTX, T0)
     assert again.create is None  # the same report is handled once
+    assert condition(again.status, "Building")["status"] == "True"
+    new_sha = "sha256:" + "ef" * 32
+    done = pod(job["metadata"]["name"], message=cache_report(rebuilding, sha=new_sha) | {"result": "build"})
+    resolved = reconcile_engine(rebuilding, EngineObserved(jobs=(job,), pods=(done,), corruption=(report,)), CTX, T0)
+    assert resolved.status["artifact"]["sha256"] == new_sha
+    assert resolved.status["corruption"]["resolved"] is True
+    assert condition(resolved.status, "Ready")["status"] == "True"
 
 
 def test_an_engine_whose_name_is_not_its_fingerprint_is_refused_with_the_right_name() -> None:

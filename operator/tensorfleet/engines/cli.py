@@ -105,9 +105,11 @@ def key(filename: str, gpu_product: str | None, compute_capability: str | None, 
               help="Seconds one build may take (download, convert, trtllm-build).")
 @click.option("--termination-log", type=click.Path(dir_okay=False, path_type=pathlib.Path),
               default=None, help="Where to write the JSON outcome (the pod's terminationMessagePath).")
+@click.option("--examples-dir", envvar="TRTLLM_EXAMPLES", default="/app/tensorrt_llm/examples", show_default=True,
+              show_envvar=True, help="TensorRT-LLM's examples folder (convert_checkpoint.py, quantize.py).")
 @config.click_options(StoreSettings)
 def ensure(spec_json: str, workdir: pathlib.Path, timeout: int, termination_log: pathlib.Path | None,
-           **options: Any) -> None:
+           examples_dir: str, **options: Any) -> None:
     """Use the stored engine if it is complete and verifies; otherwise build, upload and commit it."""
     from tensorfleet.api import crds
     from tensorfleet.engines import models
@@ -122,7 +124,7 @@ def ensure(spec_json: str, workdir: pathlib.Path, timeout: int, termination_log:
     body = {"apiVersion": "tensorfleet.io/v1alpha1", "kind": "Engine", "metadata": {"name": "x"}, "spec": spec}
     spec = crds.default(body)["spec"]
     builder = TensorRTLLMBuilder(timeout_seconds=timeout, download=models.RetryPolicy(timeout_seconds=timeout),
-                                 s3_endpoint=settings.s3_endpoint)
+                                 s3_endpoint=settings.s3_endpoint, examples_dir=examples_dir)
     outcome = run_ensure(spec, settings.open(), builder, workdir, termination_log, lock_timeout=timeout)
     click.echo(outcome.termination_message())
     sys.exit(outcome.exit_code)

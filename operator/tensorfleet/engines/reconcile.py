@@ -140,17 +140,23 @@ def _advance(body: Mapping[str, Any], observed: EngineObserved, ctx: EngineConte
                                if (p.get("metadata", {}).get("labels") or {}).get("job-name") == current)
     succeeded = [r for r in results if r.report.get("result") in SUCCESS and r.report.get("fingerprint") == fingerprint]
     report = _new_corruption(state, observed.corruption)
-    if report is not None and state.artifact is not None:
-        state.corruption = {"pod": report.pod, "finishedAt": report.finished_at, "message": report.message[:2000]}
-        state.artifact = None
+    if report is not None:
+        # Pods already running verified their own copy and keep serving; the artifact stays recorded until
+        # the re-verification (cache) or rebuild (build) Job reports, then it is replaced.
+        state.corruption = {"pod": report.pod, "finishedAt": report.finished_at, "message": report.message[:2000],
+                            "resolved": False}
         state.events.append(Event("Warning", "ArtifactCorrupt", f"{report.pod}: {report.message}"[:1024]))
-        _start_attempt(body, ctx, state, store, by_name, "the stored artifact failed verification: rebuilding",
-                       force_new=True)
+        _start_attempt(body, ctx, state, store, by_name, "a serving pod found the artifact corrupt: "
+                       "re-verifying the stored copy, rebuilding it if it is corrupt", force_new=True)
         return
-    if state.artifact is None and succeeded:
+    rebuilding = state.artifact is not None and state.corruption is not None and not state.corruption.get("resolved")
+    if (state.artifact is None or rebuilding) and succeeded:
         state.artifact = _artifact(succeeded[-1].report)
         state.failure = None
-    if state.artifact is not None:
+        if state.corruption is not None:
+            state.corruption = {**state.corruption, "resolved": True}
+        rebuilding = False
+    if state.artifact is not None and not rebuilding:
         _ready(state, by_name, observed)
         return
     failed, job_reason, job_message = jobs.job_failed(job) if job is not None else (False, "", "")

@@ -34,6 +34,7 @@ class EngineView:
     ready: bool
     reason: str
     message: str
+    servable: bool = False  # a verified artifact is recorded (also while it is re-verified after a report)
 
     def status_entry(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"gpuProduct": self.product, "ready": self.ready, "reason": self.reason}
@@ -56,9 +57,12 @@ def _condition(body: Mapping[str, Any] | None, kind: str) -> Mapping[str, Any]:
     return {}
 
 
+def has_artifact(body: Mapping[str, Any] | None) -> bool:
+    return bool((((body or {}).get("status") or {}).get("artifact") or {}).get("sha256"))
+
+
 def is_ready(body: Mapping[str, Any] | None) -> bool:
-    artifact = ((body or {}).get("status") or {}).get("artifact") or {}
-    return _condition(body, "Ready").get("status") == "True" and bool(artifact.get("sha256"))
+    return _condition(body, "Ready").get("status") == "True" and has_artifact(body)
 
 
 def desired_engines(isvc: InferenceService, products: Sequence[str],
@@ -87,13 +91,14 @@ def engine_views(products: Sequence[str], wanted: Mapping[str, Mapping[str, Any]
         if body is None:
             views.append(EngineView(product, name, False, "Creating", f"Engine {name} is being created"))
         elif is_ready(body):
-            views.append(EngineView(product, name, True, "Ready", "engine ready"))
+            views.append(EngineView(product, name, True, "Ready", "engine ready", servable=True))
         else:
             ready = _condition(body, "Ready")
             failed = _condition(body, "Failed")
             reason = "BuildFailed" if failed.get("status") == "True" else str(ready.get("reason") or "Pending")
             message = str(failed.get("message") if failed.get("status") == "True" else ready.get("message") or "")
-            views.append(EngineView(product, name, False, reason, f"Engine {name}: {message}"))
+            views.append(EngineView(product, name, False, reason, f"Engine {name}: {message}",
+                                    servable=has_artifact(body)))
     return views
 
 
@@ -111,7 +116,7 @@ def engine_ready_condition(views: Sequence[EngineView]) -> Condition:
 
 
 def waiting_conditions(views: Sequence[EngineView]) -> list[Condition]:
-    """Service conditions while no product has a Ready Engine (nothing can serve yet)."""
+    """Service conditions while no product has an Engine with a verified artifact (nothing can serve yet)."""
     failed = [v for v in views if v.reason == "BuildFailed"]
     message = "; ".join(f"{v.product}: {v.message}" for v in views)
     return [
@@ -267,7 +272,7 @@ def plan_triton(isvc: InferenceService, ctx: c.RenderContext, products: tuple[st
     observed = {e["metadata"]["name"]: e for e in engines}
     wanted = desired_engines(isvc, products, capabilities)
     views = engine_views(products, wanted, observed)
-    ready = tuple(v.product for v in views if v.ready)
+    ready = tuple(v.product for v in views if v.servable)
     assert isvc.spec.engine is not None
     deployments = []
     for product, count in split_replicas(isvc.spec.desired_replicas, ready).items():
