@@ -197,3 +197,14 @@ def test_bad_build_options_are_rejected_naming_the_field(options: dict[str, str]
     assert text in errors[0].message
     with pytest.raises(ValueError, match=path.rsplit(".", 1)[1]):
         plan(buildOptions=options)
+
+
+def test_the_example_engine_is_named_by_its_fingerprint() -> None:
+    import pathlib
+
+    import yaml
+
+    example = pathlib.Path(__file__).resolve().parents[2] / "examples" / "engine.yaml"
+    body = yaml.safe_load(example.read_text())
+    assert crds.validate(body) == []
+    assert body["metadata"]["name"] == fingerprint.key_of_body(body).name

@@ -19,12 +19,13 @@ from typing import Any
 
 import kopf
 
-from tensorfleet import API_GROUP, API_VERSION, kube
+from tensorfleet import API_GROUP, API_VERSION, config, kube
 from tensorfleet.engines import discovery, jobs, serving
 from tensorfleet.engines.fingerprint import ENGINE_LABEL
 from tensorfleet.engines.reconcile import CorruptionReport, EngineContext, EngineObserved, reconcile_engine
 from tensorfleet.engines.storeref import StoreRef
 from tensorfleet.render import labels
+from tensorfleet.settings import OperatorSettings
 
 logger = logging.getLogger(__name__)
 _API = f"{API_GROUP}/{API_VERSION}"
@@ -67,10 +68,17 @@ def _poke_services(memo: Any, namespace: str | None = None) -> None:
 
 
 def _engines(memo: Any) -> EngineRuntime | None:
-    found = getattr(memo, "engines", None)
-    if found is None and getattr(memo, "runtime", None) is not None:
-        found = memo.engines = EngineRuntime(engine_context(memo.runtime.settings))
-    return found
+    return getattr(memo, "engines", None)
+
+
+@kopf.on.startup()
+async def engines_startup(memo: Any, **_: Any) -> None:
+    """Created once in the operator's memo at startup: kopf gives every object a shallow copy of that memo,
+    so state created later, in one object's handler, would not be shared with the others."""
+    settings = memo.get("settings") if hasattr(memo, "get") else None
+    if not isinstance(settings, OperatorSettings):
+        settings = config.from_env(OperatorSettings)
+    memo.engines = EngineRuntime(engine_context(settings))
 
 
 # ---- indices ------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ were changed after the build therefore fails here, fast, with ``CorruptArtifact`
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import pathlib
@@ -20,6 +21,7 @@ from tensorfleet.engines.store import CHUNK, EngineStore, FileEntry, Manifest, a
 from tensorfleet.render import context as c
 
 ENGINE_SUBDIR = "engine"
+PARALLEL_FILES = 4
 TOKENIZER_SUBDIR = "tokenizer"
 
 
@@ -54,17 +56,39 @@ def verify_artifact(store: EngineStore, fingerprint: str, manifest: Manifest, ex
     if expected_sha256 and manifest.sha256 != expected_sha256:
         raise CorruptArtifact(f"the store holds artifact {manifest.sha256} for {fingerprint}, "
                               f"but the Engine recorded {expected_sha256}")
-    for entry in manifest.files:
-        digest, size = hashlib.sha256(), 0
-        with store.open(fingerprint, manifest.object_path(entry)) as source, _sink(destination, entry) as sink:
-            while chunk := source.read(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                if sink is not None:
-                    sink.write(chunk)
-        if size != entry.size or digest.hexdigest() != entry.sha256:
-            raise CorruptArtifact(f"{manifest.object_path(entry)} of {fingerprint}: expected sha256 {entry.sha256} "
-                                  f"({entry.size} bytes), found {digest.hexdigest()} ({size} bytes)")
+    # Files (one per tensor-parallel rank, plus small ones) are fetched concurrently.
+    workers = max(1, min(PARALLEL_FILES, len(manifest.files)))
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fetch") as pool:
+        for future in [pool.submit(_verify_file, store, fingerprint, manifest, e, destination) for e in manifest.files]:
+            future.result()  # the first mismatch raises CorruptArtifact
+
+
+def _verify_file(store: EngineStore, fingerprint: str, manifest: Manifest, entry: FileEntry,
+                 destination: pathlib.Path | None) -> None:
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher, \
+            store.open(fingerprint, manifest.object_path(entry)) as source, _sink(destination, entry) as sink:
+        sha, size = _copy_and_hash(source, sink, hasher)
+    if size != entry.size or sha != entry.sha256:
+        raise CorruptArtifact(f"{manifest.object_path(entry)} of {fingerprint}: expected sha256 "
+                              f"{entry.sha256} ({entry.size} bytes), found {sha} ({size} bytes)")
+
+
+def _copy_and_hash(source: IO[bytes], sink: IO[bytes] | None,
+                   hasher: concurrent.futures.ThreadPoolExecutor) -> tuple[str, int]:
+    """One pass over the bytes: chunk k is hashed (hashlib releases the GIL) while chunk k is written and
+    chunk k+1 is read, so verification costs little more than the copy itself."""
+    digest, size = hashlib.sha256(), 0
+    pending: concurrent.futures.Future[None] | None = None
+    while chunk := source.read(CHUNK):
+        if pending is not None:
+            pending.result()
+        pending = hasher.submit(digest.update, chunk)
+        size += len(chunk)
+        if sink is not None:
+            sink.write(chunk)
+    if pending is not None:
+        pending.result()
+    return digest.hexdigest(), size
 
 
 def read_manifest(store: EngineStore, fingerprint: str) -> Manifest:
