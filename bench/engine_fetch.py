@@ -32,8 +32,9 @@ from tensorfleet.engines.store_s3 import S3Store
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
 
-SPEC = {"model": {"uri": "hf://bench/model@v1"}, "gpu": {"product": "NVIDIA-H100-80GB-HBM3", "computeCapability": "9.0"},
-        "precision": "fp16", "maxBatchSize": 64, "maxInputLen": 4096, "maxSeqLen": 8192, "tensorParallelSize": 1,
+SPEC = {"model": {"uri": "hf://bench/model@v1"},
+        "gpu": {"product": "NVIDIA-H100-80GB-HBM3", "computeCapability": "9.0"}, "precision": "fp16",
+        "maxBatchSize": 64, "maxInputLen": 4096, "maxSeqLen": 8192, "tensorParallelSize": 1,
         "trtllmVersion": "0.21.0", "buildTimeoutSeconds": 7200}
 
 
