@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from builders import engine, engine_spec, triton_service
+from builders import engine, engine_spec, inference_service, triton_service
 from tensorfleet.api import crds
 from tensorfleet.api.types import InferenceService
 from tensorfleet.cli import main
@@ -93,6 +93,24 @@ def test_engine_key_rejects_bad_input_naming_the_field(tmp_path: Any) -> None:
     result = CliRunner().invoke(main, ["engine", "key", "-f", str(manifest)])
     assert result.exit_code == 1
     assert "spec.precision" in result.output
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(yaml.safe_dump({"apiVersion": "tensorfleet.io/v1alpha1", "kind": "Engine",
+                                     "metadata": {"name": "e"}}))
+    result = CliRunner().invoke(main, ["engine", "key", "-f", str(empty)])
+    assert result.exit_code == 1
+    assert "spec.model: Required value" in result.output
+    vllm = tmp_path / "vllm.yaml"
+    vllm.write_text(yaml.safe_dump(inference_service()))
+    result = CliRunner().invoke(main, ["engine", "key", "-f", str(vllm), "--gpu-product", "NVIDIA-L4",
+                                       "--compute-capability", "8.9"])
+    assert result.exit_code == 1
+    assert "spec.engine: Required value" in result.output
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(triton_service(gpu={"count": 0})))
+    result = CliRunner().invoke(main, ["engine", "key", "-f", str(broken), "--gpu-product", "NVIDIA-L4",
+                                       "--compute-capability", "8.9"])
+    assert result.exit_code == 1
+    assert "spec.gpu.count" in result.output
 
 
 # ---- discovery ------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ def key(filename: str, gpu_product: str | None, compute_capability: str | None, 
     """Print the Engine name (or fingerprint) for FILE: the same inputs always give the same name."""
     from tensorfleet.api import crds
     from tensorfleet.api.types import InferenceService
+    from tensorfleet.api.validation import validate_body
     from tensorfleet.engines import fingerprint
 
     with click.open_file(filename) as stream:
@@ -73,19 +74,28 @@ def key(filename: str, gpu_product: str | None, compute_capability: str | None, 
             raise click.ClickException(f"{filename} is not valid YAML: {exc}") from None
     for doc in docs:
         kind = doc.get("kind") if isinstance(doc, dict) else None
+        spec: dict[str, Any]
+        namespace: str | None
         if kind == "InferenceService":
             if not gpu_product or not compute_capability:
                 raise click.UsageError("an InferenceService needs --gpu-product and --compute-capability")
+            problems = validate_body(doc)
+            if problems:
+                raise click.ClickException("\n".join(f"InferenceService: {e}" for e in problems))
             isvc = InferenceService.from_body(doc)
-            manifest = fingerprint.engine_manifest(fingerprint.engine_spec(isvc, gpu_product, compute_capability),
-                                                   isvc.namespace)
+            if isvc.spec.engine is None:
+                raise click.ClickException("InferenceService: spec.engine: Required value: the service builds no "
+                                           "engine (set spec.engine, as runtime triton requires)")
+            spec, namespace = fingerprint.engine_spec(isvc, gpu_product, compute_capability), isvc.namespace
         elif kind == "Engine":
-            manifest = fingerprint.engine_manifest(doc.get("spec") or {}, (doc.get("metadata") or {}).get("namespace"))
+            spec, namespace = doc.get("spec") or {}, (doc.get("metadata") or {}).get("namespace")
         else:
             raise click.ClickException(f"{filename}: expected kind Engine or InferenceService, got {kind!r}")
-        errors = crds.validate(manifest)
+        errors = crds.validate({"apiVersion": "tensorfleet.io/v1alpha1", "kind": "Engine",
+                                "metadata": {"name": "validating"}, "spec": spec})
         if errors:
             raise click.ClickException("\n".join(f"Engine: {e}" for e in errors))
+        manifest = fingerprint.engine_manifest(spec, namespace)
         engine_key = fingerprint.key_of_body(manifest)
         if output == "name":
             click.echo(engine_key.name)

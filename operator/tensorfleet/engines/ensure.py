@@ -208,12 +208,13 @@ class TensorRTLLMBuilder:
     download: models.RetryPolicy
     s3_endpoint: str | None = None
     examples_dir: str = trtllm.EXAMPLES_DIR
+    pvc_mount: str = models.PVC_MOUNT  # where a pvc:// model's claim is mounted
 
     def build(self, spec: Mapping[str, Any], workdir: pathlib.Path) -> pathlib.Path:
         deadline = time.monotonic() + self.timeout_seconds
         model = spec["model"]
         model_dir = models.fetch_model(model["uri"], workdir / "model", model.get("digest"), self.download,
-                                       s3_endpoint=self.s3_endpoint)
+                                       s3_endpoint=self.s3_endpoint, pvc_mount=self.pvc_mount)
         output = workdir / "artifact"
         plan = trtllm.build_plan(spec, str(model_dir), str(workdir / "checkpoint"),
                                  str(output / "engine"), examples=self.examples_dir)
