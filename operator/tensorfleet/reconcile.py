@@ -95,7 +95,7 @@ def reconcile(body: Mapping[str, Any], observed: Observed, ctx: RenderContext, n
     meta = body.get("metadata", {})
     generation = int(meta.get("generation") or 0)
     previous = (body.get("status") or {}).get("conditions") or []
-    errors = validate_body(body)
+    errors = validate_body(body) or serving.service_errors(body)
     engine_writes: tuple[serving.EngineWrite, ...] = ()
     owned = [c for c in observed.children if _owned_by(c, meta.get("uid"))]
     deployments = [c for c in owned if c.get("kind") == "Deployment"]

@@ -285,3 +285,13 @@ def test_vllm_with_a_pinned_digest_fetches_and_verifies_the_weights_first() -> N
     unpinned = reconcile(stored(inference_service()), Observed(), RCTX, T0)
     assert "initContainers" not in next(o for o in unpinned.desired if o["kind"] == "Deployment")["spec"][
         "template"]["spec"]
+
+
+def test_unusable_build_options_degrade_the_service_naming_its_field() -> None:
+    body = triton_body(engine={"buildOptions": {"max_seq_len": "99999"}})
+    plan = reconcile(body, Observed(gpu_products=(H100,), compute_capabilities={H100: "9.0"}, engines=()), RCTX, T0)
+    degraded = condition(plan.status, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "InvalidSpec")
+    assert "spec.engine.buildOptions.max_seq_len" in degraded["message"]
+    assert plan.engine_writes == ()
+    assert plan.desired == ()

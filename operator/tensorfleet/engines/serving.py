@@ -9,7 +9,9 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from tensorfleet.api.schema import FieldError
 from tensorfleet.api.types import InferenceService, ModelSource
+from tensorfleet.engines import trtllm
 from tensorfleet.engines.fingerprint import ENGINE_LABEL, FINGERPRINT_ANNOTATION, engine_manifest, engine_spec
 from tensorfleet.engines.storeref import StoreRef, resolve
 from tensorfleet.render import context as c
@@ -43,6 +45,12 @@ class EngineView:
         if not self.ready:
             entry["message"] = self.message[:1024]
         return entry
+
+
+def service_errors(body: Mapping[str, Any]) -> list[FieldError]:
+    """Engine settings of a (schema-valid) service that no build could use, named by the service's field."""
+    options = ((body.get("spec") or {}).get("engine") or {}).get("buildOptions") or {}
+    return trtllm.build_option_errors(options, path="spec.engine.buildOptions")
 
 
 def default_store(ctx: c.RenderContext) -> StoreRef | None:
