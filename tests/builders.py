@@ -49,3 +49,24 @@ def stored(obj: dict[str, Any], uid: str = "uid-1", generation: int = 1, **statu
     if status:
         out["status"] = status
     return out
+
+
+def engine_spec(**overrides: Any) -> dict[str, Any]:
+    """A valid Engine spec; keyword arguments deep-merge into it."""
+    base: dict[str, Any] = {
+        "model": {"uri": "hf://meta-llama/Meta-Llama-3-8B-Instruct@5f0b02c7"},
+        "gpu": {"product": "NVIDIA-H100-80GB-HBM3", "computeCapability": "9.0"},
+        "precision": "fp16", "maxBatchSize": 32, "maxInputLen": 4096, "maxSeqLen": 8192,
+        "storeRef": {"s3": {"bucket": "engines"}},
+    }
+    return deep_merge(base, overrides)
+
+
+def engine(spec: dict[str, Any] | None = None, namespace: str = "default", name: str | None = None) -> dict[str, Any]:
+    """An Engine named by its fingerprint (or ``name``)."""
+    from tensorfleet.engines.fingerprint import engine_manifest
+
+    manifest = engine_manifest(spec or engine_spec(), namespace)
+    if name:
+        manifest["metadata"]["name"] = name
+    return manifest

@@ -81,3 +81,6 @@ def render(filename: str, gpu_product: str | None, output: str, **options: Any) 
 
 main.add_command(gateway_command.gateway)
 main.add_command(config.lazy_group("usage", "tensorfleet.metering.cli:usage", "Verify, report on and sign usage."))
+main.add_command(config.lazy_group("engine", "tensorfleet.engines.cli:engine",
+                                   "TensorRT-LLM engines: fingerprint keys, build or fetch, verify."))
+main.add_command(config.lazy_group("model", "tensorfleet.engines.cli:model", "Fetch and verify model weights."))

@@ -20,6 +20,7 @@ from typing import Any
 import kopf
 
 from tensorfleet import API_GROUP, API_VERSION, config, diff, kube
+from tensorfleet.engines import controller as engines  # registers the Engine handlers and indices
 from tensorfleet.metrics import OperatorMetrics
 from tensorfleet.reconcile import Observed, Plan, child_key, reconcile
 from tensorfleet.render import labels
@@ -169,6 +170,7 @@ async def reconcile_daemon(stopped: Any, body: kopf.Body, namespace: str | None,
     runtime: Runtime = memo.runtime
     namespace = namespace or ""
     indices = {index: kwargs[index] for index in CHILD_INDICES}
+    engine_indices = {index: kwargs[index] for index in engines.ENGINE_INDICES}
     trigger = runtime.trigger(namespace, name)
     trigger.set()  # reconcile at once on create, resume and operator restart
     runtime.metrics.services.inc()
@@ -181,7 +183,8 @@ async def reconcile_daemon(stopped: Any, body: kopf.Body, namespace: str | None,
             trigger.clear()
             if stopped:
                 break
-            ok = await reconcile_once(runtime, body, lambda: _children(indices, (namespace, name)))
+            ok = await reconcile_once(runtime, body, lambda: _children(indices, (namespace, name)),
+                                      lambda: engines.observed_for_service(engine_indices, namespace))
             failures = 0 if ok else failures + 1
     finally:
         runtime.metrics.services.dec()
@@ -200,21 +203,25 @@ async def _wait_for_trigger(trigger: asyncio.Event, stopped: Any, delay: float) 
     return trigger.is_set() and not stopped
 
 
-async def reconcile_once(runtime: Runtime, body: Mapping[str, Any], children: Any) -> bool:
-    """Observe, plan, write the difference. Returns False when a write failed (retried with backoff)."""
+async def reconcile_once(runtime: Runtime, body: Mapping[str, Any], children: Any, cluster: Any = dict) -> bool:
+    """Observe, plan, write the difference. Returns False when a write failed (retried with backoff).
+
+    ``cluster()`` returns the other ``Observed`` fields (GPU discovery and Engines, from their indices)."""
     started = time.monotonic()
     snapshot = copy.deepcopy(dict(body))
     observed = children()
+    extra = cluster()
     apply_error = None
     try:
-        plan = reconcile(snapshot, Observed(tuple(observed)), runtime.ctx, _now())
+        plan = reconcile(snapshot, Observed(tuple(observed), **extra), runtime.ctx, _now())
         replaced = await _write_children(runtime, snapshot, plan, observed)
+        await engines.write_engines(runtime.client, plan.engine_writes)
     except kube.APIError as exc:
         runtime.metrics.errors.labels(reason=str(exc.status)).inc()
         logger.warning("reconcile of %s/%s failed: %s", snapshot["metadata"].get("namespace"),
                        snapshot["metadata"].get("name"), exc)
         apply_error = f"writing child objects failed: {exc}"
-        plan = reconcile(snapshot, Observed(tuple(observed), apply_error=apply_error), runtime.ctx, _now())
+        plan = reconcile(snapshot, Observed(tuple(observed), apply_error=apply_error, **extra), runtime.ctx, _now())
         replaced = {}
     except Exception:  # never let one bad object take the operator down
         runtime.metrics.errors.labels(reason="exception").inc()

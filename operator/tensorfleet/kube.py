@@ -172,7 +172,7 @@ class KubeClient:
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, *, json: Any = None, params: Mapping[str, str] | None = None,
-                       content_type: str | None = None) -> httpx.Response:
+                       content_type: str | None = None, retry_conflicts: bool = True) -> httpx.Response:
         headers = {"Content-Type": content_type} if content_type else None
         for attempt in range(self.retry.attempts):
             self.requests[method] = self.requests.get(method, 0) + 1
@@ -183,7 +183,8 @@ class KubeClient:
                     raise APIError(503, "Unavailable", f"{method} {path}: {exc!r}") from exc
                 await asyncio.sleep(self.retry.delay(attempt, None))
                 continue
-            retriable = response.status_code in RETRIED_STATUSES and not _is_already_exists(method, response)
+            retriable = response.status_code in RETRIED_STATUSES and not _is_already_exists(method, response) \
+                and (retry_conflicts or response.status_code != 409)
             if not retriable or attempt + 1 == self.retry.attempts:
                 return response
             logger.info("retrying %s %s after %s", method, path, response.status_code)
@@ -222,9 +223,12 @@ class KubeClient:
         return self._check(response)
 
     async def patch(self, api_version: str, kind: str, namespace: str | None, name: str, patch: Mapping[str, Any],
-                    subresource: str | None = None) -> dict[str, Any]:
+                    subresource: str | None = None, retry_conflicts: bool = True) -> dict[str, Any]:
+        """A merge patch. ``retry_conflicts=False`` for patches guarded by a resourceVersion: resending them
+        cannot succeed, the caller re-reads instead."""
         path = resource_for(api_version, kind).path(namespace, name, subresource)
-        response = await self._request("PATCH", path, json=patch, content_type=_CONTENT_TYPES["merge"])
+        response = await self._request("PATCH", path, json=patch, content_type=_CONTENT_TYPES["merge"],
+                                       retry_conflicts=retry_conflicts)
         return self._check(response)
 
     async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import yaml
 
 from tensorfleet.api.types import InferenceService
 from tensorfleet.api.validation import validate_body
+from tensorfleet.engines import serving
 from tensorfleet.reconcile import desired_objects
 from tensorfleet.render.context import RenderContext
 
@@ -33,7 +34,7 @@ def render_text(text: str, ctx: RenderContext, gpu_product: str | None = None) -
             result.warnings.append(f"document {index}: skipped {kind}: only InferenceService is rendered")
             continue
         name = (doc.get("metadata") or {}).get("name", f"document {index}")
-        errors = validate_body(doc)
+        errors = validate_body(doc) or serving.service_errors(doc)
         if errors:
             result.errors.extend(f"InferenceService {name}: {error}" for error in errors)
             continue

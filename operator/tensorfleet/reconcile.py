@@ -15,6 +15,7 @@ from tensorfleet import diff
 from tensorfleet.api.schema import FieldError
 from tensorfleet.api.types import InferenceService
 from tensorfleet.api.validation import validate_body
+from tensorfleet.engines import serving
 from tensorfleet.render import labels
 from tensorfleet.render.context import RenderContext
 from tensorfleet.render.gateway import render_config_map
@@ -34,6 +35,9 @@ class Observed:
     children: tuple[Mapping[str, Any], ...] = ()
     apply_error: str | None = None
     gpu_products: tuple[str, ...] | None = None
+    # GPU discovery and Engines (tensorfleet.engines). engines None: not observed (offline render).
+    compute_capabilities: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    engines: tuple[Mapping[str, Any], ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Plan:
     status: dict[str, Any]
     events: tuple[Event, ...]
     errors: tuple[FieldError, ...]
+    engine_writes: tuple[serving.EngineWrite, ...] = ()
 
 
 def child_key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -67,13 +72,18 @@ def split_replicas(total: int, products: tuple[str, ...]) -> dict[str, int]:
     return {p: base + (1 if rank < extra else 0) for rank, p in enumerate(products)}
 
 
-def desired_objects(isvc: InferenceService, ctx: RenderContext,
-                    gpu_products: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """Every child the service should have, stamped with the hash of its rendered content."""
+def desired_objects(isvc: InferenceService, ctx: RenderContext, gpu_products: tuple[str, ...] | None = None,
+                    triton: serving.TritonPlan | None = None) -> list[dict[str, Any]]:
+    """Every child the service should have, stamped with the hash of its rendered content.
+
+    ``triton``: the engine-gated Deployments (see ``engines.serving.plan_triton``); without it (offline
+    ``tensorfleet render``) every eligible product gets a Deployment, without the engine-fetch step."""
     replicas = isvc.spec.desired_replicas
     products = eligible_products(isvc, gpu_products)
     if isvc.spec.runtime.name == "vllm":
-        deployments = [render_deployment(isvc, ctx, replicas, products=products)]
+        deployments = [serving.with_model_fetch(render_deployment(isvc, ctx, replicas, products=products), isvc, ctx)]
+    elif triton is not None:
+        deployments = list(triton.deployments)
     else:
         deployments = [render_deployment(isvc, ctx, count, variant=labels.product_slug(product), gpu_product=product)
                        for product, count in split_replicas(replicas, products).items()]
@@ -85,7 +95,8 @@ def reconcile(body: Mapping[str, Any], observed: Observed, ctx: RenderContext, n
     meta = body.get("metadata", {})
     generation = int(meta.get("generation") or 0)
     previous = (body.get("status") or {}).get("conditions") or []
-    errors = validate_body(body)
+    errors = validate_body(body) or serving.service_errors(body)
+    engine_writes: tuple[serving.EngineWrite, ...] = ()
     owned = [c for c in observed.children if _owned_by(c, meta.get("uid"))]
     deployments = [c for c in owned if c.get("kind") == "Deployment"]
     if errors:
@@ -94,18 +105,32 @@ def reconcile(body: Mapping[str, Any], observed: Observed, ctx: RenderContext, n
         status = _status(body, deployments, _invalid_conditions(errors, deployments), None, ctx)
     else:
         isvc = InferenceService.from_body(body)
-        desired = desired_objects(isvc, ctx, observed.gpu_products)
+        triton = _triton_plan(isvc, observed, ctx)
+        desired = desired_objects(isvc, ctx, observed.gpu_products, triton)
         wanted = {child_key(obj) for obj in desired}
         prune = [c for c in owned if child_key(c) not in wanted]
         rendered = [d for d in desired if d["kind"] == "Deployment"]
         conditions = _serving_conditions(rendered, deployments, observed.apply_error)
         if not rendered:
             conditions = _no_products_conditions(isvc, observed.gpu_products)
+            if triton is not None and triton.views:
+                conditions = serving.waiting_conditions(triton.views)
         status = _status(body, deployments, conditions, isvc, ctx)
+        if triton is not None:
+            status["_conditions"].append(serving.engine_ready_condition(triton.views))
+            status["engines"] = [v.status_entry() for v in triton.views]
+            engine_writes = triton.writes
     status["observedGeneration"] = generation
     status["conditions"] = merge_conditions(previous, status.pop("_conditions"), generation, now)
     events = transitions(previous, status["conditions"])
-    return Plan(tuple(desired), tuple(prune), status, tuple(events), tuple(errors))
+    return Plan(tuple(desired), tuple(prune), status, tuple(events), tuple(errors), engine_writes)
+
+
+def _triton_plan(isvc: InferenceService, observed: Observed, ctx: RenderContext) -> serving.TritonPlan | None:
+    if isvc.spec.runtime.name != "triton" or observed.engines is None:
+        return None
+    products = eligible_products(isvc, observed.gpu_products)
+    return serving.plan_triton(isvc, ctx, products, observed.compute_capabilities, observed.engines, split_replicas)
 
 
 def _owned_by(child: Mapping[str, Any], uid: str | None) -> bool:

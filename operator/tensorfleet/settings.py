@@ -40,6 +40,20 @@ class OperatorSettings:
     triton_image: str = setting("nvcr.io/nvidia/tritonserver:25.08-trtllm-python-py3",
                                 "Default Triton (TensorRT-LLM backend) image.")
     cluster_domain: str = setting("cluster.local", "Cluster DNS domain used in service URLs.")
+    engine_store: str = setting(
+        "", "Default engine store for Engines without spec.storeRef: pvc://CLAIM/PATH or s3://BUCKET/PREFIX.")
+    engine_store_endpoint: str | None = setting(None, "S3-compatible endpoint of the default engine store.")
+    engine_store_region: str | None = setting(None, "S3 region of the default engine store.")
+    engine_store_secret: str | None = setting(
+        None, "Secret (in each Engine's namespace) with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for the default store.")
+    engine_builder_image: str = setting(
+        "ghcr.io/tensorfleet/engine-builder:{trtllm_version}",
+        "Builder image template for Engines without spec.builderImage ({trtllm_version} is substituted).")
+    engine_build_retries: int = setting(2, "Pod retries of one build Job (its backoffLimit).")
+    engine_retry_base_seconds: float = setting(300.0, "Wait before re-running a failed build Job; doubles per attempt.")
+    engine_retry_max_seconds: float = setting(3600.0, "Longest wait between build Jobs of a failing Engine.")
+    engine_fetch_timeout_seconds: int = setting(1800, "How long serving pods retry fetching their engine.")
+    model_fetch_timeout_seconds: int = setting(3600, "How long vLLM pods retry downloading pinned weights.")
     example: str = setting("examples/inferenceservice.yaml",
                            "Quickstart only: the manifest applied to the embedded emulator.")
     demo_timeout_seconds: float = setting(60.0, "Quickstart only: how long to wait for convergence.")
@@ -67,4 +81,10 @@ class OperatorSettings:
             vllm_image=self.vllm_image,
             triton_image_template=self.triton_image,
             cluster_domain=self.cluster_domain,
+            engine_store=self.engine_store,
+            engine_store_endpoint=self.engine_store_endpoint or "",
+            engine_store_region=self.engine_store_region or "",
+            engine_store_secret=self.engine_store_secret or "",
+            engine_fetch_timeout_seconds=self.engine_fetch_timeout_seconds,
+            model_fetch_timeout_seconds=self.model_fetch_timeout_seconds,
         )

@@ -21,6 +21,7 @@ import tensorfleet.controller  # noqa: F401  (registers the handlers)
 from builders import deep_merge
 from chart import CHART, KUBERNETES_VERSIONS, ROOT, helm, run, tool
 from cluster import Cluster, wait_for
+from tensorfleet.api import crds
 from tensorfleet.api.validation import validate_body
 from tensorfleet.cli import main
 from tensorfleet.sandbox.apiserver import EmulatorThread
@@ -28,7 +29,9 @@ from tensorfleet.sandbox.apiserver import EmulatorThread
 pytestmark = pytest.mark.e2e
 
 EXAMPLES = ROOT / "examples"
-SERVICE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+SERVICE_FILES = [p for p in EXAMPLE_FILES if "kind: InferenceService" in p.read_text()]
+ENGINE_FILES = [p for p in EXAMPLE_FILES if p not in SERVICE_FILES]
 KUSTOMIZE_BASES = [EXAMPLES / "kustomize" / "base"]
 KUSTOMIZE_OVERLAYS = sorted((EXAMPLES / "kustomize" / "overlays").iterdir())
 GITOPS = EXAMPLES / "gitops"
@@ -58,10 +61,21 @@ def _check_services(text: str) -> list[dict[str, Any]]:
 
 
 def test_every_example_is_covered_here() -> None:
-    covered = {*SERVICE_FILES, *GITOPS.glob("*.yaml")}
+    covered = {*SERVICE_FILES, *ENGINE_FILES, *GITOPS.glob("*.yaml")}
     for folder in [*KUSTOMIZE_BASES, *KUSTOMIZE_OVERLAYS]:
         covered |= set(folder.glob("*.yaml"))
     assert set(EXAMPLES.rglob("*.yaml")) == covered
+
+
+@pytest.mark.parametrize("path", ENGINE_FILES, ids=lambda p: p.name)
+def test_engine_example_is_valid_and_named_by_its_fingerprint(path: pathlib.Path) -> None:
+    engines = [d for d in _docs(path.read_text()) if d["kind"] == "Engine"]
+    assert engines
+    for engine in engines:
+        assert crds.validate(engine) == [], engine["metadata"]["name"]
+    result = CliRunner().invoke(main, ["engine", "key", "-f", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split() == [e["metadata"]["name"] for e in engines]
 
 
 @pytest.mark.parametrize("path", SERVICE_FILES, ids=lambda p: p.name)
@@ -160,10 +174,13 @@ def test_invalid_values_in_a_gitops_file_would_be_caught() -> None:
 
 
 def test_every_example_converges_with_the_operator(emulator: EmulatorThread, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each example InferenceService, applied to the emulator, is reconciled to Ready by the operator."""
+    """Each example InferenceService, applied to the emulator, is reconciled to Ready by the operator
+    (on simulated H100 and A100 nodes, with engine builds that find their artifacts in the store)."""
     monkeypatch.setenv("TENSORFLEET_SERVER", emulator.url)
     monkeypatch.setenv("TENSORFLEET_RESYNC_SECONDS", "1")
     cluster = Cluster(emulator)
+    cluster.add_gpu_node("gpu-h100", "NVIDIA-H100-80GB-HBM3", 9, 0)
+    cluster.add_gpu_node("gpu-a100", "NVIDIA-A100-SXM4-80GB", 8, 0)
     services = [d for path in SERVICE_FILES for d in _docs(path.read_text()) if d["kind"] == "InferenceService"]
     with KopfRunner(["run", "--standalone", "--all-namespaces"], registry=kopf.get_default_registry(), timeout=60):
         for service in services:
@@ -173,8 +190,11 @@ def test_every_example_converges_with_the_operator(emulator: EmulatorThread, mon
         for service in services:
             name = service["metadata"]["name"]
             cluster.namespace = service["metadata"].get("namespace", "default")
-            wait_for(lambda n=name: any(c["kind"] == "Deployment" for c in cluster.children(n)), what=name)
-            cluster.mark_deployments_ready(name)
-            wait_for(lambda n=name: (cluster.condition(n, "Ready") or {}).get("status") == "True",
-                     what=f"{name} Ready")
+
+            def serving(n: str = name) -> bool:
+                cluster.complete_engine_builds()
+                cluster.mark_deployments_ready(n)
+                return (cluster.condition(n, "Ready") or {}).get("status") == "True"
+
+            wait_for(serving, timeout=60, interval=0.3, what=f"{name} Ready")
     cluster.close()

@@ -171,3 +171,59 @@ def test_crd_schemas_are_structural(crd: dict[str, Any]) -> None:
             assert not ("properties" in node and "additionalProperties" in node), path
             if "default" in node:
                 assert schema.validate(node, schema.apply_defaults(node, node["default"])) == [], path
+
+
+# ---- Engine ------------------------------------------------------------------------------------------------
+
+from builders import engine, engine_spec  # noqa: E402
+
+
+def bad_engine(**spec: Any) -> dict[str, Any]:
+    return engine(engine_spec(**spec), name="engine-0123456789abcdef0123456789abcdef")
+
+
+ENGINE_INVALID: list[tuple[str, dict[str, Any], str, str]] = [
+    ("model missing", without(bad_engine(), "spec.model"), "spec.model", "Required value"),
+    ("gpu missing", without(bad_engine(), "spec.gpu"), "spec.gpu", "Required value"),
+    ("capability missing", without(bad_engine(), "spec.gpu.computeCapability"), "spec.gpu.computeCapability",
+     "Required value"),
+    ("capability format", bad_engine(gpu={"computeCapability": "hopper"}), "spec.gpu.computeCapability",
+     "must be MAJOR.MINOR"),
+    ("product label", bad_engine(gpu={"product": "NVIDIA H100"}), "spec.gpu.product", "valid label value"),
+    ("precision enum", bad_engine(precision="fp4"), "spec.precision", "Unsupported value"),
+    ("batch size zero", bad_engine(maxBatchSize=0), "spec.maxBatchSize", "greater than or equal to 1"),
+    ("input longer than sequence", bad_engine(maxInputLen=9000, maxSeqLen=8192), "spec.maxInputLen",
+     "must not exceed spec.maxSeqLen"),
+    ("tensor parallel too high", bad_engine(tensorParallelSize=32), "spec.tensorParallelSize",
+     "less than or equal to 16"),
+    ("unpinned hf model", bad_engine(model={"uri": "hf://meta-llama/Llama-3"}), "spec.model.uri",
+     "must pin a revision"),
+    ("digest format", bad_engine(model={"digest": "md5:abc"}), "spec.model.digest", "64 lower-case hex"),
+    ("store both", bad_engine(storeRef={"pvc": {"claimName": "a"}, "s3": {"bucket": "b"}}), "spec.storeRef",
+     "exactly one of pvc or s3"),
+    ("build timeout too short", bad_engine(buildTimeoutSeconds=5), "spec.buildTimeoutSeconds",
+     "greater than or equal to 60"),
+    ("version chars", bad_engine(trtllmVersion="0.21 rc"), "spec.trtllmVersion", "must be a version"),
+    ("unknown field", bad_engine(maxBatch=3), "spec.maxBatch", 'unknown field "spec.maxBatch"'),
+    ("name not DNS-1035", engine(engine_spec(), name="Engine_1"), "", "metadata.name must be a DNS-1035 label"),
+    ("name too long", engine(engine_spec(), name="e" * 60), "", "at most 56 characters"),
+]
+
+
+@pytest.mark.parametrize(("obj", "path", "text"), [c[1:] for c in ENGINE_INVALID], ids=[c[0] for c in ENGINE_INVALID])
+def test_invalid_engine_is_rejected_naming_the_field(obj: dict[str, Any], path: str, text: str) -> None:
+    errors = crds.validate(obj)
+    matching = [e for e in errors if e.path == path and text in e.message]
+    assert matching, f"expected an error at {path!r} containing {text!r}, got: {[str(e) for e in errors]}"
+
+
+def test_engine_spec_is_immutable() -> None:
+    old = engine(engine_spec())
+    assert crds.validate(old, old=old) == []
+    changed = set_path(old, "spec.precision", "bf16")
+    errors = crds.validate(changed, old=old)
+    assert [e.path for e in errors] == ["spec"]
+    assert "spec is immutable" in errors[0].message
+    assert "tensorfleet engine key" in errors[0].message
+    status_only = deep_merge(old, {"status": {"attempts": 1}})
+    assert crds.validate(status_only, old=old) == []

@@ -38,3 +38,10 @@ class RenderContext:
     metering_sink_url: str | None = None
     metering_secret: str = "tensorfleet-metering"
     resource_units: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Engines (tensorfleet.engines): the default store and the init containers' limits.
+    engine_store: str = ""  # pvc://CLAIM/PATH or s3://BUCKET/PREFIX; empty: every Engine needs spec.storeRef
+    engine_store_endpoint: str = ""
+    engine_store_region: str = ""
+    engine_store_secret: str = ""
+    engine_fetch_timeout_seconds: int = 1800
+    model_fetch_timeout_seconds: int = 3600

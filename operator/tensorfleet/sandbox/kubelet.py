@@ -102,3 +102,34 @@ class SimulatedDeploymentController:
 async def seed_nodes(client: kube.KubeClient, nodes: tuple[GPUNode, ...] = DEMO_NODES) -> None:
     for node in nodes:
         await client.create(node.manifest())
+
+
+def simulated_job_pod(job: dict[str, Any], container: str, exit_code: int, message: str,
+                      finished_at: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Simulation of the Job controller and kubelet for one finished attempt of ``job``: the Pod they would
+    create (labels, owner) and the status the kubelet would report (the container's terminated state with
+    its termination message). Returns (pod manifest, status to patch through /status)."""
+    meta = job["metadata"]
+    labels = {**(job["spec"]["template"]["metadata"].get("labels") or {}), "job-name": meta["name"],
+              "controller-uid": meta.get("uid", "")}
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"{meta['name']}-{abs(hash((meta.get('uid'), finished_at))) % 100000:05d}",
+                     "namespace": meta["namespace"], "labels": labels,
+                     "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                          "uid": meta.get("uid", ""), "controller": True}]},
+        "spec": job["spec"]["template"]["spec"],
+    }
+    terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                  "message": message, "finishedAt": finished_at}
+    status = {"phase": "Succeeded" if exit_code == 0 else "Failed",
+              "containerStatuses": [{"name": container, "state": {"terminated": terminated}}]}
+    return pod, status
+
+
+def simulated_job_status(succeeded: bool, reason: str = "", message: str = "") -> dict[str, Any]:
+    """Simulation of the Job controller's final status for a Job (Complete, or Failed with a reason)."""
+    if succeeded:
+        return {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    return {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": reason or "BackoffLimitExceeded",
+                                         "message": message or "Job has reached the specified backoff limit"}]}

@@ -1,0 +1,265 @@
+"""The Engine reconcile: an Engine, its Jobs and their Pods in; the Job to create, Jobs to delete and status out.
+
+Pure and level-based like the InferenceService reconcile. One attempt is one Job named
+``<engine>-<attempt>``; a new attempt starts only when no other Job of the Engine is wanted, so one
+fingerprint never has two build Jobs at once (the API server refuses a second Job of the same name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tensorfleet.api import crds
+from tensorfleet.api.schema import FieldError
+from tensorfleet.engines import jobs, trtllm
+from tensorfleet.engines.fingerprint import key_of_body
+from tensorfleet.engines.storeref import StoreRef, resolve
+from tensorfleet.status import Condition, Event, merge_conditions, timestamp
+
+SUCCESS = ("cache", "build")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorruptionReport:
+    """A serving pod's engine-fetch init container found the artifact corrupt."""
+
+    pod: str
+    finished_at: str
+    sha256: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineObserved:
+    jobs: tuple[Mapping[str, Any], ...] = ()
+    pods: tuple[Mapping[str, Any], ...] = ()
+    corruption: tuple[CorruptionReport, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineContext:
+    default_store: StoreRef | None = None
+    job_settings: jobs.JobSettings = dataclasses.field(default_factory=jobs.JobSettings)
+    retry_base_seconds: float = 300.0
+    retry_max_seconds: float = 3600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EnginePlan:
+    create: dict[str, Any] | None
+    delete: tuple[str, ...]
+    status: dict[str, Any]
+    events: tuple[Event, ...]
+
+
+def spec_errors(body: Mapping[str, Any], ctx: EngineContext) -> list[FieldError]:
+    """What the CRD schema cannot check: the name must be the fingerprint's, options must be real flags."""
+    errors = trtllm.build_option_errors((body.get("spec") or {}).get("buildOptions") or {})
+    expected = key_of_body(body).name
+    if body["metadata"]["name"] != expected:
+        errors.append(FieldError("metadata.name", f"Invalid value: {body['metadata']['name']!r}: must be {expected!r}, "
+                                 "derived from the spec's fingerprint (tensorfleet engine key -f FILE)"))
+    if resolve(body["spec"], ctx.default_store) is None:
+        errors.append(FieldError("spec.storeRef", "Required value: no engine store: set spec.storeRef or the "
+                                 "operator's --engine-store"))
+    return errors
+
+
+def _parse_time(text: str | None, fallback: datetime.datetime) -> datetime.datetime:
+    try:
+        return datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return fallback
+
+
+def _artifact(report: Mapping[str, Any]) -> dict[str, Any]:
+    keys = (("uri", "uri"), ("sha256", "sha256"), ("sizeBytes", "sizeBytes"), ("builtAt", "builtAt"),
+            ("buildSeconds", "buildSeconds"))
+    found = {out: report[src] for out, src in keys if report.get(src) is not None}
+    return {**found, "source": report["result"]}
+
+
+@dataclasses.dataclass
+class _State:
+    """The status being built for one pass."""
+
+    attempts: int
+    artifact: dict[str, Any] | None
+    failure: dict[str, Any] | None
+    corruption: dict[str, Any] | None
+    conditions: list[Condition] = dataclasses.field(default_factory=list)
+    events: list[Event] = dataclasses.field(default_factory=list)
+    create: dict[str, Any] | None = None
+    delete: list[str] = dataclasses.field(default_factory=list)
+
+
+def reconcile_engine(body: Mapping[str, Any], observed: EngineObserved, ctx: EngineContext,
+                     now: datetime.datetime) -> EnginePlan:
+    body = crds.default(body)  # as the API server stores it (objects stored before a default was added too)
+    meta = body["metadata"]
+    previous = dict(body.get("status") or {})
+    generation = int(meta.get("generation") or 0)
+    key = key_of_body(body)
+    state = _State(attempts=int(previous.get("attempts") or 0), artifact=previous.get("artifact"),
+                   failure=previous.get("failure"), corruption=previous.get("corruption"))
+    errors = spec_errors(body, ctx)
+    if errors:
+        _invalid(state, errors)
+    else:
+        store = resolve(body["spec"], ctx.default_store)
+        assert store is not None
+        _advance(body, observed, ctx, now, state, key.sha256, store)
+    status: dict[str, Any] = {"observedGeneration": generation, "fingerprint": key.sha256,
+                              "attempts": state.attempts}
+    if state.attempts:
+        status["job"] = jobs.job_name(meta["name"], state.attempts)
+    for field, value in (("artifact", state.artifact), ("failure", state.failure), ("corruption", state.corruption)):
+        status[field] = value  # None removes the field (a merge patch)
+    status["conditions"] = merge_conditions(previous.get("conditions") or [], state.conditions, generation, now)
+    events = _transition_events(previous.get("conditions") or [], state.conditions) + state.events
+    return EnginePlan(state.create, tuple(state.delete), status, tuple(events))
+
+
+def _invalid(state: _State, errors: Sequence[FieldError]) -> None:
+    message = "; ".join(str(e) for e in errors)
+    state.conditions = [Condition("Ready", "False", "InvalidSpec", message),
+                        Condition("Building", "False", "InvalidSpec", "nothing is built until the spec is fixed"),
+                        Condition("Failed", "True", "InvalidSpec", message)]
+
+
+def _advance(body: Mapping[str, Any], observed: EngineObserved, ctx: EngineContext, now: datetime.datetime,
+             state: _State, fingerprint: str, store: StoreRef) -> None:
+    name = body["metadata"]["name"]
+    current = jobs.job_name(name, state.attempts) if state.attempts else None
+    by_name = {j["metadata"]["name"]: j for j in observed.jobs}
+    job = by_name.get(current) if current else None
+    results = jobs.job_results(p for p in observed.pods
+                               if (p.get("metadata", {}).get("labels") or {}).get("job-name") == current)
+    succeeded = [r for r in results if r.report.get("result") in SUCCESS and r.report.get("fingerprint") == fingerprint]
+    report = _new_corruption(state, observed.corruption)
+    if report is not None:
+        # Pods already running verified their own copy and keep serving; the artifact stays recorded until
+        # the re-verification (cache) or rebuild (build) Job reports, then it is replaced.
+        state.corruption = {"pod": report.pod, "finishedAt": report.finished_at, "message": report.message[:2000],
+                            "resolved": False}
+        state.events.append(Event("Warning", "ArtifactCorrupt", f"{report.pod}: {report.message}"[:1024]))
+        _start_attempt(body, ctx, state, store, by_name, "a serving pod found the artifact corrupt: "
+                       "re-verifying the stored copy, rebuilding it if it is corrupt", force_new=True)
+        return
+    rebuilding = state.artifact is not None and state.corruption is not None and not state.corruption.get("resolved")
+    if (state.artifact is None or rebuilding) and succeeded:
+        state.artifact = _artifact(succeeded[-1].report)
+        state.failure = None
+        if state.corruption is not None:
+            state.corruption = {**state.corruption, "resolved": True}
+        rebuilding = False
+    if state.artifact is not None and not rebuilding:
+        _ready(state, by_name, observed)
+        return
+    failed, job_reason, job_message = jobs.job_failed(job) if job is not None else (False, "", "")
+    if job is None:
+        _start_attempt(body, ctx, state, store, by_name, "building" if not state.attempts else "job missing: again")
+    elif failed:
+        _failed(body, ctx, now, state, store, by_name, results, job_reason, job_message)
+    else:
+        last = results[-1].report if results else None
+        note = f"; the previous try failed: {last.get('reason')}: {last.get('message')}" if last else ""
+        state.conditions = [
+            Condition("Ready", "False", "Building", f"Job {current} is building or fetching the engine"),
+            Condition("Building", "True", "JobRunning", f"attempt {state.attempts}: Job {current}{note}"),
+            _failed_condition(state),
+        ]
+
+
+def _new_corruption(state: _State, reports: Sequence[CorruptionReport]) -> CorruptionReport | None:
+    if state.artifact is None:
+        return None
+    seen = str((state.corruption or {}).get("finishedAt") or "")
+    fresh = [r for r in reports if r.sha256 == state.artifact.get("sha256") and r.finished_at > seen]
+    return max(fresh, key=lambda r: r.finished_at) if fresh else None
+
+
+def _ready(state: _State, by_name: Mapping[str, Mapping[str, Any]], observed: EngineObserved) -> None:
+    artifact = state.artifact or {}
+    # The result is recorded: finished Jobs have served their purpose (their pods go with them).
+    for job_name, job in by_name.items():
+        pods = [p for p in observed.pods if (p.get("metadata", {}).get("labels") or {}).get("job-name") == job_name]
+        if jobs.job_finished(job) or any(r.report.get("result") in SUCCESS for r in jobs.job_results(pods)):
+            state.delete.append(job_name)
+    source = artifact.get("source", "")
+    state.conditions = [
+        Condition("Ready", "True", "Available",
+                  f"artifact {artifact.get('sha256')} ({source}) at {artifact.get('uri')}"),
+        Condition("Building", "False", "Complete", "the engine is built and verified"),
+        Condition("Failed", "False", "NoFailure", "the latest attempt succeeded"),
+    ]
+
+
+def _failed_condition(state: _State) -> Condition:
+    if state.failure:
+        return Condition("Failed", "True", str(state.failure.get("reason") or "BuildFailed"),
+                         f"{state.failure.get('message')} (log tail in status.failure.logTail)")
+    return Condition("Failed", "False", "NoFailure", "no attempt has failed")
+
+
+def _failed(body: Mapping[str, Any], ctx: EngineContext, now: datetime.datetime, state: _State, store: StoreRef,
+            by_name: Mapping[str, Mapping[str, Any]], results: Sequence[jobs.PodResult], job_reason: str,
+            job_message: str) -> None:
+    current = jobs.job_name(body["metadata"]["name"], state.attempts)
+    last = results[-1].report if results else {}
+    previous = state.failure or {}
+    if previous.get("job") == current:
+        finished_at = str(previous.get("finishedAt"))
+    else:
+        finished_at = results[-1].finished_at if results and results[-1].finished_at else timestamp(now)
+    delay = min(ctx.retry_max_seconds, ctx.retry_base_seconds * 2 ** max(0, state.attempts - 1))
+    retry_at = _parse_time(finished_at, now) + datetime.timedelta(seconds=delay)
+    reason = str(last.get("reason") or job_reason or "BuildFailed")
+    message = str(last.get("message") or job_message or "the build Job failed")
+    if job_reason and job_reason != reason:
+        message = f"{message} (Job: {job_reason}: {job_message})"
+    state.failure = {"job": current, "reason": reason, "message": message[:4000],
+                     "logTail": str(last.get("logTail") or "")[-4000:], "finishedAt": finished_at,
+                     "retryAt": timestamp(retry_at)}
+    if now >= retry_at:
+        _start_attempt(body, ctx, state, store, by_name, f"retrying after: {reason}")
+        return
+    state.conditions = [
+        Condition("Ready", "False", "BuildFailed", f"attempt {state.attempts} failed: {reason}: {message}"[:4000]),
+        Condition("Building", "False", "BackingOff", f"the next attempt starts at {timestamp(retry_at)}"),
+        _failed_condition(state),
+    ]
+
+
+def _start_attempt(body: Mapping[str, Any], ctx: EngineContext, state: _State, store: StoreRef,
+                   by_name: Mapping[str, Mapping[str, Any]], why: str, force_new: bool = False) -> None:
+    name = body["metadata"]["name"]
+    current = jobs.job_name(name, state.attempts) if state.attempts else None
+    # A Job that exists is never re-created; one not seen yet (just created) is re-sent, which is a no-op.
+    if current is None or current in by_name or force_new:
+        state.attempts += 1
+    new = jobs.job_name(name, state.attempts)
+    state.delete.extend(n for n in by_name if n != new)  # superseded attempts are cancelled
+    state.create = jobs.render_job(body, state.attempts, store, ctx.job_settings)
+    state.conditions = [
+        Condition("Ready", "False", "Building", f"Job {new} is building or fetching the engine"),
+        Condition("Building", "True", "JobStarted", f"attempt {state.attempts}: {why}"),
+        _failed_condition(state),
+    ]
+
+
+def _transition_events(previous: Sequence[Mapping[str, Any]], current: Sequence[Condition]) -> list[Event]:
+    before = {c.get("type"): c for c in previous}
+    events = []
+    for cond in current:
+        old = before.get(cond.type) or {}
+        if old.get("status") == cond.status and old.get("reason") == cond.reason:
+            continue
+        if cond.type == "Ready" and cond.status == "True":
+            events.append(Event("Normal", "EngineReady", cond.message))
+        elif cond.type == "Failed" and cond.status == "True":
+            events.append(Event("Warning", cond.reason, cond.message[:1024]))
+    return events

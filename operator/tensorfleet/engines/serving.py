@@ -1,0 +1,291 @@
+"""What an InferenceService needs from Engines (pure): which Engines to create or reuse, which GPU products
+may serve (their Engine is Ready), the init containers that fetch and verify, and the status they show.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from tensorfleet.api.schema import FieldError
+from tensorfleet.api.types import InferenceService, ModelSource
+from tensorfleet.engines import trtllm
+from tensorfleet.engines.fingerprint import ENGINE_LABEL, FINGERPRINT_ANNOTATION, engine_manifest, engine_spec
+from tensorfleet.engines.storeref import StoreRef, resolve
+from tensorfleet.render import context as c
+from tensorfleet.render import labels
+from tensorfleet.render.workload import render_deployment
+from tensorfleet.status import Condition
+
+FETCH_CONTAINER = "engine-fetch"
+MODEL_FETCH_CONTAINER = "model-fetch"
+MODEL_FETCH_ROOT = f"{c.MODEL_CACHE_DIR}/tensorfleet"
+_INIT_SECURITY = {"runAsNonRoot": True, "runAsUser": 65532, "allowPrivilegeEscalation": False,
+                  "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+_INIT_RESOURCES = {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineView:
+    """One eligible GPU product of a service and the state of its Engine."""
+
+    product: str
+    name: str | None  # None while the product's compute capability is unknown
+    ready: bool
+    reason: str
+    message: str
+    servable: bool = False  # a verified artifact is recorded (also while it is re-verified after a report)
+
+    def status_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"gpuProduct": self.product, "ready": self.ready, "reason": self.reason}
+        if self.name:
+            entry["engine"] = self.name
+        if not self.ready:
+            entry["message"] = self.message[:1024]
+        return entry
+
+
+def service_errors(body: Mapping[str, Any]) -> list[FieldError]:
+    """Engine settings of a (schema-valid) service that no build could use, named by the service's field."""
+    options = ((body.get("spec") or {}).get("engine") or {}).get("buildOptions") or {}
+    return trtllm.build_option_errors(options, path="spec.engine.buildOptions")
+
+
+def default_store(ctx: c.RenderContext) -> StoreRef | None:
+    return StoreRef.parse_default(ctx.engine_store, ctx.engine_store_endpoint, ctx.engine_store_region,
+                                  ctx.engine_store_secret)
+
+
+def _condition(body: Mapping[str, Any] | None, kind: str) -> Mapping[str, Any]:
+    for cond in ((body or {}).get("status") or {}).get("conditions") or ():
+        if cond.get("type") == kind:
+            return dict(cond)
+    return {}
+
+
+def has_artifact(body: Mapping[str, Any] | None) -> bool:
+    return bool((((body or {}).get("status") or {}).get("artifact") or {}).get("sha256"))
+
+
+def is_ready(body: Mapping[str, Any] | None) -> bool:
+    return _condition(body, "Ready").get("status") == "True" and has_artifact(body)
+
+
+def desired_engines(isvc: InferenceService, products: Sequence[str],
+                    capabilities: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """product -> the Engine manifest it needs (products of unknown compute capability are left out)."""
+    wanted = {}
+    for product in products:
+        capability = capabilities.get(product)
+        if capability:
+            wanted[product] = engine_manifest(engine_spec(isvc, product, capability), isvc.namespace)
+    return wanted
+
+
+def engine_views(products: Sequence[str], wanted: Mapping[str, Mapping[str, Any]],
+                 observed: Mapping[str, Mapping[str, Any]]) -> list[EngineView]:
+    views = []
+    for product in products:
+        manifest = wanted.get(product)
+        if manifest is None:
+            views.append(EngineView(product, None, False, "WaitingForDiscovery",
+                                    f"no node labelled nvidia.com/gpu.product={product} reports its compute "
+                                    "capability (nvidia.com/gpu.compute.major/minor); the engine cannot be keyed"))
+            continue
+        name = manifest["metadata"]["name"]
+        body = observed.get(name)
+        if body is None:
+            views.append(EngineView(product, name, False, "Creating", f"Engine {name} is being created"))
+        elif is_ready(body):
+            views.append(EngineView(product, name, True, "Ready", "engine ready", servable=True))
+        else:
+            ready = _condition(body, "Ready")
+            failed = _condition(body, "Failed")
+            reason = "BuildFailed" if failed.get("status") == "True" else str(ready.get("reason") or "Pending")
+            message = str(failed.get("message") if failed.get("status") == "True" else ready.get("message") or "")
+            views.append(EngineView(product, name, False, reason, f"Engine {name}: {message}",
+                                    servable=has_artifact(body)))
+    return views
+
+
+def engine_ready_condition(views: Sequence[EngineView]) -> Condition:
+    if not views:
+        return Condition("EngineReady", "False", "NoGPUProducts", "no GPU product is eligible")
+    waiting = [v for v in views if not v.ready]
+    if not waiting:
+        return Condition("EngineReady", "True", "AllEnginesReady",
+                         ", ".join(f"{v.product}: {v.name}" for v in views))
+    reason = "BuildFailed" if any(v.reason == "BuildFailed" for v in waiting) else "EnginesNotReady"
+    ready = [v.product for v in views if v.ready]
+    serving = f"serving on {', '.join(ready)}; " if ready else ""
+    return Condition("EngineReady", "False", reason, serving + "; ".join(f"{v.product}: {v.message}" for v in waiting))
+
+
+def waiting_conditions(views: Sequence[EngineView]) -> list[Condition]:
+    """Service conditions while no product has an Engine with a verified artifact (nothing can serve yet)."""
+    failed = [v for v in views if v.reason == "BuildFailed"]
+    message = "; ".join(f"{v.product}: {v.message}" for v in views)
+    return [
+        Condition("Ready", "False", "EngineNotReady", f"no GPU product has a ready engine yet: {message}"),
+        Condition("Progressing", "True" if len(failed) < len(views) else "False",
+                  "BuildingEngines" if len(failed) < len(views) else "EngineBuildFailed", message),
+        Condition("Degraded", "True" if failed else "False", "EngineBuildFailed" if failed else "AsExpected",
+                  "; ".join(f"{v.product}: {v.message}" for v in failed) or "no problems found"),
+    ]
+
+
+# ---- Engine ownership: create or reuse, release when no longer needed -----------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineWrite:
+    """``create`` (body), ``patch`` (ownerReferences, guarded by resourceVersion) or ``delete``."""
+
+    action: str
+    name: str
+    namespace: str
+    body: Mapping[str, Any] | None = None
+
+
+def _ours(body: Mapping[str, Any]) -> bool:
+    return (body.get("metadata", {}).get("labels") or {}).get(labels.MANAGED_BY) == labels.MANAGER
+
+
+def engine_writes(isvc: InferenceService, wanted: Sequence[Mapping[str, Any]],
+                  observed: Mapping[str, Mapping[str, Any]]) -> list[EngineWrite]:
+    """Create missing Engines owned by the service; add the service as an owner of Engines it now
+    shares; drop it from those it no longer needs (deleting them when it was the last owner).
+    Engines a user applied (without tensorfleet's managed-by label) are used, never owned or deleted."""
+    ref = {**labels.owner_reference(isvc.name, isvc.uid), "controller": False}
+    writes = []
+    wanted_names = set()
+    for manifest in wanted:
+        name = manifest["metadata"]["name"]
+        wanted_names.add(name)
+        body = observed.get(name)
+        if body is None:
+            created = copy.deepcopy(dict(manifest))
+            created["metadata"]["labels"] = {labels.MANAGED_BY: labels.MANAGER}
+            created["metadata"]["ownerReferences"] = [ref]
+            writes.append(EngineWrite("create", name, isvc.namespace, created))
+            continue
+        refs = list(body.get("metadata", {}).get("ownerReferences") or [])
+        if _ours(body) and not any(r.get("uid") == isvc.uid for r in refs):
+            writes.append(EngineWrite("patch", name, isvc.namespace, _owner_patch(body, [*refs, ref])))
+    for name, body in observed.items():
+        refs = list(body.get("metadata", {}).get("ownerReferences") or [])
+        if name in wanted_names or not _ours(body) or not any(r.get("uid") == isvc.uid for r in refs):
+            continue
+        rest = [r for r in refs if r.get("uid") != isvc.uid]
+        writes.append(EngineWrite("patch", name, isvc.namespace, _owner_patch(body, rest)) if rest
+                      else EngineWrite("delete", name, isvc.namespace))
+    return writes
+
+
+def _owner_patch(body: Mapping[str, Any], refs: list[Mapping[str, Any]]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {"metadata": {"ownerReferences": refs, "resourceVersion": meta.get("resourceVersion")}}
+
+
+# ---- pod templates: fetch and verify before the engine starts ----------------------------------------------
+
+
+def with_engine_fetch(deployment: dict[str, Any], engine: Mapping[str, Any], ctx: c.RenderContext,
+                      max_batch_size: int) -> dict[str, Any]:
+    """The serving Deployment of one product, with the init container that fetches and verifies its engine."""
+    store = resolve(engine["spec"], default_store(ctx))
+    status = engine.get("status") or {}
+    fingerprint = str(status.get("fingerprint") or engine["metadata"].get("annotations", {}).get(
+        FINGERPRINT_ANNOTATION, ""))
+    out = copy.deepcopy(deployment)
+    template = out["spec"]["template"]
+    template["metadata"]["labels"][ENGINE_LABEL] = engine["metadata"]["name"]
+    pod = template["spec"]
+    init = {
+        "name": FETCH_CONTAINER,
+        "image": ctx.gateway_image,
+        "imagePullPolicy": ctx.image_pull_policy,
+        "args": ["engine", "fetch", "--fingerprint", fingerprint, "--sha256", str(status["artifact"]["sha256"]),
+                 *(store.args() if store else []), "--dest", c.ENGINE_DIR, "--max-batch-size", str(max_batch_size),
+                 "--timeout", str(ctx.engine_fetch_timeout_seconds)],
+        "env": store.env() if store else [],
+        "resources": _INIT_RESOURCES,
+        "securityContext": _INIT_SECURITY,
+        "volumeMounts": [{"name": "engines", "mountPath": c.ENGINE_DIR},
+                         *(store.mounts(read_only=True) if store else [])],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod["initContainers"] = [*pod.get("initContainers", []), init]
+    if store:
+        pod["volumes"] = [*pod["volumes"], *store.volumes(read_only=True)]
+    pod["securityContext"] = {**pod.get("securityContext", {}), "fsGroup": 65532}
+    return out
+
+
+def with_model_fetch(deployment: dict[str, Any], isvc: InferenceService, ctx: c.RenderContext) -> dict[str, Any]:
+    """vLLM without an engine: download the weights into the cache volume and verify ``spec.model.digest``
+    in an init container (timeout, retries), then serve from the verified local copy."""
+    digest = isvc.spec.model.digest
+    if not digest:
+        return deployment
+    source = ModelSource.parse(isvc.spec.model.uri)
+    out = copy.deepcopy(deployment)
+    pod = out["spec"]["template"]["spec"]
+    engine = next(ct for ct in pod["containers"] if ct["name"] == "engine")
+    local = f"{MODEL_FETCH_ROOT}/{digest.removeprefix('sha256:')}"
+    mounts: list[dict[str, Any]] = [{"name": "model-cache", "mountPath": c.MODEL_CACHE_DIR}]
+    if source.scheme == "pvc":
+        local = f"{c.PVC_MODEL_DIR}/{source.path}".rstrip("/")
+        mounts.append({"name": "model", "mountPath": c.PVC_MODEL_DIR, "readOnly": True})
+    env = [e for e in engine.get("env", []) if e["name"] in ("HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    pod["initContainers"] = [*pod.get("initContainers", []), {
+        "name": MODEL_FETCH_CONTAINER,
+        "image": ctx.gateway_image,
+        "imagePullPolicy": ctx.image_pull_policy,
+        "args": ["model", "fetch", "--uri", isvc.spec.model.uri, "--digest", digest, "--dest", local,
+                 "--timeout", str(ctx.model_fetch_timeout_seconds)],
+        "env": [{"name": "HF_HOME", "value": f"{c.MODEL_CACHE_DIR}/hf"}, *env],
+        "resources": _INIT_RESOURCES,
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }]
+    args = engine["args"]
+    model_at = 2  # vllm serve MODEL ...
+    rest = args[model_at + 1:]
+    for flag in ("--revision", "--load-format"):
+        if flag in rest:
+            index = rest.index(flag)
+            rest = rest[:index] + rest[index + 2:]
+    engine["args"] = [*args[:model_at], local, *rest]
+    return out
+
+
+# ---- the InferenceService hook ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonPlan:
+    deployments: tuple[dict[str, Any], ...]
+    views: tuple[EngineView, ...]
+    writes: tuple[EngineWrite, ...]
+
+
+def plan_triton(isvc: InferenceService, ctx: c.RenderContext, products: tuple[str, ...],
+                capabilities: Mapping[str, str], engines: Sequence[Mapping[str, Any]],
+                split_replicas: Callable[[int, tuple[str, ...]], dict[str, int]]) -> TritonPlan:
+    """One Deployment per eligible product whose Engine is Ready, replicas spread over those products."""
+
+    observed = {e["metadata"]["name"]: e for e in engines}
+    wanted = desired_engines(isvc, products, capabilities)
+    views = engine_views(products, wanted, observed)
+    ready = tuple(v.product for v in views if v.servable)
+    assert isvc.spec.engine is not None
+    deployments = []
+    for product, count in split_replicas(isvc.spec.desired_replicas, ready).items():
+        name = wanted[product]["metadata"]["name"]
+        base = render_deployment(isvc, ctx, count, variant=labels.product_slug(product), gpu_product=product)
+        deployments.append(with_engine_fetch(base, observed[name], ctx, isvc.spec.engine.max_batch_size))
+    writes = engine_writes(isvc, list(wanted.values()), observed)
+    return TritonPlan(tuple(deployments), tuple(views), tuple(writes))
