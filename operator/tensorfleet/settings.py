@@ -39,6 +39,13 @@ class OperatorSettings:
     triton_image: str = setting("nvcr.io/nvidia/tritonserver:25.08-trtllm-python-py3",
                                 "Default Triton (TensorRT-LLM backend) image.")
     cluster_domain: str = setting("cluster.local", "Cluster DNS domain used in service URLs.")
+    autoscale_interval_seconds: float = setting(
+        2.0, "autoscaling.mode tensorfleet: how often each service's gateways are scraped and replicas decided.")
+    autoscale_scrape_timeout_seconds: float = setting(
+        1.0, "autoscaling.mode tensorfleet: how long one gateway /metrics scrape may take.")
+    prometheus_url: str = setting(
+        "http://prometheus-operated.monitoring.svc:9090",
+        "autoscaling.mode keda: the Prometheus that KEDA's triggers query for the gateway metrics.")
     example: str = setting("examples/inferenceservice.yaml",
                            "Quickstart only: the manifest applied to the embedded emulator.")
     demo_timeout_seconds: float = setting(60.0, "Quickstart only: how long to wait for convergence.")
@@ -49,4 +56,5 @@ class OperatorSettings:
             vllm_image=self.vllm_image,
             triton_image_template=self.triton_image,
             cluster_domain=self.cluster_domain,
+            prometheus_url=self.prometheus_url,
         )

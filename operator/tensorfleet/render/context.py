@@ -29,3 +29,4 @@ class RenderContext:
     triton_image_template: str = "nvcr.io/nvidia/tritonserver:25.08-trtllm-python-py3"
     cluster_domain: str = "cluster.local"
     image_pull_policy: str = "IfNotPresent"
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"  # KEDA's Prometheus triggers query it
