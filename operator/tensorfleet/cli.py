@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from tensorfleet import __version__, config
+from tensorfleet.autoscale.simulator import command as simulate_command
 from tensorfleet.settings import OperatorSettings
 
 
@@ -76,3 +77,6 @@ def render(filename: str, gpu_product: str | None, output: str, **options: Any) 
         else:
             click.echo(manifests.to_yaml(result.objects), nl=False)
     sys.exit(1 if result.errors else 0)
+
+
+main.add_command(simulate_command.simulate)  # `tensorfleet simulate`: loads the simulator only when it runs

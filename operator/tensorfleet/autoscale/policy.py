@@ -42,7 +42,8 @@ gateway reports as ``tensorfleet_gateway_startup_seconds``; 60 s until one does)
   bounds the waste to twice the optimum (the ski-rental argument). Two stable windows make one quiet
   minute between bursts no reason to remove capacity.
 
-Explicit ``scaleDownStabilizationSeconds`` and ``panicWindowSeconds`` override the derived values.
+Explicit ``scaleDownStabilizationSeconds`` and ``panicWindowSeconds`` override the derived values (an
+explicit scale-down window also caps the stable window, so that it is the longest wait).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ Reason = Literal["ScaledUp", "ScaledDown", "BelowMinimum", "AboveMaximum", "Stab
 EPSILON = 1e-9
 DEFAULT_STARTUP_SECONDS = 60.0  # before any pod of the service has reported its own
 MAX_SCALE_DOWN_WINDOW = 1800.0
+UNDONE_MEMORY_SECONDS = 3600.0  # how long an undone scale-down keeps its lesson
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +114,12 @@ def derive_windows(config: PolicyConfig, startup_seconds: float | None) -> Windo
     measured = startup_seconds is not None and startup_seconds > 0
     startup = float(startup_seconds) if measured and startup_seconds else config.default_startup_seconds
     panic = config.panic_window_seconds if config.panic_window_seconds is not None else _clamp(startup / 10, 6, 60)
-    stable = max(panic, _clamp(startup / 2, 60, 300))
-    down = (config.scale_down_stabilization_seconds if config.scale_down_stabilization_seconds is not None
-            else min(MAX_SCALE_DOWN_WINDOW, max(startup, 2 * stable)))
+    stable = _clamp(startup / 2, 60, 300)
+    explicit_down = config.scale_down_stabilization_seconds
+    if explicit_down is not None:  # asked to scale down sooner than the derived windows would
+        stable = min(stable, explicit_down)
+    stable = max(panic, stable)
+    down = explicit_down if explicit_down is not None else min(MAX_SCALE_DOWN_WINDOW, max(startup, 2 * stable))
     return Windows(startup, measured, panic, stable, down)
 
 
@@ -128,6 +133,8 @@ class History:
     panic_until: float | None = None
     startup_seconds: float | None = None  # the last measured startup time, kept when no pod reports one
     last_change: float | None = None  # when spec.replicas was last seen to change (by anyone)
+    last_down: tuple[float, int, int, float] | None = None  # the last scale-down: (time, from, to, ask at from)
+    undone_downs: tuple[tuple[float, int, int, float], ...] = ()  # scale-downs the next change undid
 
     def recorded(self, obs: Observation, keep_seconds: float) -> History:
         kept = tuple(o for o in self.observations if o.time > obs.time - keep_seconds)
@@ -205,9 +212,34 @@ def decide(config: PolicyConfig, history: History, obs: Observation) -> Decision
     base = Decision(current, current, "Stable", "load is within the tolerance band", history, windows,
                     tuple(readings), utilization, panic)
     up = _scale_up(config, base, obs, ask)
-    if up is not None:
-        return _bounded(config, up)
-    return _bounded(config, _scale_down(config, base, obs) or base)
+    # The load at this replica count over the whole scale-down window: the least noisy measure to learn from.
+    long_window = max(windows.scale_down_seconds, windows.stable_seconds)
+    long_ask = max(_asked_over(config, history, obs.time - long_window).values(), default=stable_ask)
+    decision = _bounded(config, up if up is not None else (_scale_down(config, base, obs, long_ask) or base))
+    return _remember(decision, long_ask, obs.time)
+
+
+def _remember(decision: Decision, long_ask: float, now: float) -> Decision:
+    """Learn from scale-downs that had to be undone.
+
+    Load per replica grows faster than linearly as replicas are removed (prefill steals decode time,
+    queues form), so a linear prediction can remove one replica too many, and a constant load then
+    cycles n, m, n, m. When the change after a scale-down from n to m is a scale-up above m, m is
+    remembered as too few for the load that was measured at n: the policy will not scale from n to m
+    again unless the load at n has fallen by twice the tolerance below it (a lesson kept for an hour).
+    """
+    history = decision.history
+    kept = tuple(u for u in history.undone_downs if u[0] > now - UNDONE_MEMORY_SECONDS)
+    last = history.last_down
+    if decision.reason == "ScaledDown":
+        last = (now, decision.current, decision.replicas, long_ask)
+    elif decision.replicas > decision.current and last is not None:
+        if decision.replicas > last[2] and now - last[0] <= UNDONE_MEMORY_SECONDS:
+            kept = (*kept, (now, last[1], last[2], last[3]))
+        last = None
+    if kept == history.undone_downs and last == history.last_down:
+        return decision
+    return dataclasses.replace(decision, history=dataclasses.replace(history, undone_downs=kept, last_down=last))
 
 
 def _scale_up(config: PolicyConfig, base: Decision, obs: Observation, ask: float) -> Decision | None:
@@ -230,19 +262,21 @@ def _scale_up(config: PolicyConfig, base: Decision, obs: Observation, ask: float
         f"{current} -> {target}{mode}: {driver}{limited}"))
 
 
-def _scale_down(config: PolicyConfig, base: Decision, obs: Observation) -> Decision | None:
+def _scale_down(config: PolicyConfig, base: Decision, obs: Observation, long_ask: float) -> Decision | None:
     history, windows, current = base.history, base.windows, base.current
     if base.panic or history.since is None or obs.time - history.since < windows.scale_down_seconds:
         return None
     if history.last_change is not None and obs.time - history.last_change < windows.stable_seconds:
         return None  # let the stable window see the replicas as they are now before removing more
     floor = math.ceil(current / config.max_scale_down_rate - EPSILON)
-    target = config.bound(max(floor, *(r for _, r in history.recommendations)))
+    learned = max((to + 1 for _, source, to, ask in history.undone_downs
+                   if source == current and long_ask >= ask * (1 - 2 * config.tolerance)), default=0)
+    target = config.bound(max(floor, learned, *(r for _, r in history.recommendations)))
     if target >= current or target > current * (1 - config.tolerance):
         return None
     return dataclasses.replace(base, replicas=target, reason="ScaledDown", message=(
         f"{current} -> {target}: no more than {target} replicas asked for over the last "
-        f"{windows.scale_down_seconds:.0f}s ({_driver(base.signals, None)})"))
+        f"{windows.scale_down_seconds:.0f}s (now {_driver(base.signals, None)})"))
 
 
 def _bounded(config: PolicyConfig, decision: Decision) -> Decision:

@@ -107,10 +107,10 @@ def classify_pod(pod: Mapping[str, Any]) -> PodPhase:
 
 
 def admin_port(pod: Mapping[str, Any]) -> int:
-    """The gateway's admin port as the pod declares it (the port named ``admin``), else the default."""
-    containers = ((pod.get("spec") or {}).get("containers")) or ()
-    ordered = sorted(containers, key=lambda c: c.get("name") != GATEWAY_CONTAINER)  # the gateway's first
-    for container in ordered:
+    """The gateway container's port named ``admin``, as the pod declares it, else the default."""
+    for container in ((pod.get("spec") or {}).get("containers")) or ():
+        if container.get("name") != GATEWAY_CONTAINER:
+            continue
         for port in container.get("ports") or ():
             if port.get("name") == ADMIN_PORT_NAME and isinstance(port.get("containerPort"), int):
                 return int(port["containerPort"])

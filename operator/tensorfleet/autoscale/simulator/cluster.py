@@ -212,11 +212,13 @@ class Cluster:
         decode_step = model.step_seconds(running)
         prefilled, prefill_time, steps = 0.0, 0.0, 0.0
         if backlog > 0:
-            chunk = min(float(max(model.step_token_budget - running, 1)), backlog)
+            # Full mixed steps (every running sequence decodes, prompts fill the rest of the token budget),
+            # as a rate: prompt tokens cost mixed_step / chunk seconds each until the backlog is gone.
+            chunk = float(max(model.step_token_budget - running, 1))
             mixed_step = model.step_seconds(running, chunk)
-            mixed_steps = min(tick / mixed_step, backlog / chunk)
-            prefilled, prefill_time = mixed_steps * chunk, mixed_steps * mixed_step
-            steps = mixed_steps if running else 0.0
+            prefill_time = min(tick, backlog * mixed_step / chunk)
+            prefilled = prefill_time * chunk / mixed_step
+            steps = prefill_time / mixed_step if running else 0.0
         if running:
             steps += (tick - prefill_time) / decode_step
         replica.busy_seconds += tick if running else prefill_time
