@@ -17,6 +17,7 @@ during a scrape acts on nothing.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import time
@@ -96,9 +97,14 @@ class ServiceAutoscaler:
         self.name = name
         self.clock = clock
         self.history = policy.History()
+        self._checked: tuple[int, bool] | None = None  # (generation, spec valid): CEL validation costs ~10 ms
 
-    async def tick(self, body: Mapping[str, Any], targets: Sequence[PodTarget], stopped: Callable[[], bool]) -> None:
-        if validate_body(body):
+    async def tick(self, live: Mapping[str, Any], targets: Sequence[PodTarget], stopped: Callable[[], bool]) -> None:
+        body = copy.deepcopy(dict(live))  # kopf's live body changes under us; decide on one snapshot
+        generation = int(body.get("metadata", {}).get("generation") or 0)
+        if self._checked is None or self._checked[0] != generation:
+            self._checked = (generation, not validate_body(body))
+        if not self._checked[1]:
             return  # an invalid spec is reported by reconcile; nothing to scale by
         isvc = InferenceService.from_body(body)
         config = policy.PolicyConfig.from_spec(isvc.spec.autoscaling)
