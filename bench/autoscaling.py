@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import random
 import sys
 import time
 from typing import Any
@@ -33,6 +34,7 @@ FIGURES = ROOT / "docs" / "figures"
 TRACE_NAME = "azure_llm_trace_2023_conv.csv"
 TRACE_CANDIDATES = (ROOT.parent / "shared" / "data" / TRACE_NAME, ROOT.parent.parent / "shared" / "data" / TRACE_NAME)
 STARTUPS = (30.0, 120.0)
+STABILITY_SECONDS, STABILITY_SETTLE_SECONDS = 1800.0, 600.0
 KV_TARGETS = (60, 70, 75, 80, 90)
 SLO_SECONDS = 2.0
 GOAL_SLO, GOAL_RATIO = 0.99, 1.15
@@ -76,6 +78,35 @@ def kv_frontier(requests: trace.Trace, replica: model.ReplicaModel, result: comp
     return rows
 
 
+def poisson_trace(rate: float, seconds: float, seed: int) -> trace.Trace:
+    """Constant load: Poisson arrivals at ``rate``, each request the trace's mean (1,155 prompt, 211 output tokens)."""
+    rng, times, now = random.Random(seed), [], 0.0
+    while now < seconds:
+        now += rng.expovariate(rate)
+        times.append(now)
+    return trace.Trace(tuple(t - times[0] for t in times), (1155,) * len(times), (211,) * len(times), "poisson")
+
+
+def constant_load_stability() -> list[dict[str, Any]]:
+    """Closed loop at constant load from an over-provisioned start (8 replicas): does it settle and stay?
+
+    Settled: no change after the first 10 minutes of 30, and at most two scale-ups on the way.
+    """
+    rows = []
+    for startup in STARTUPS:
+        replica = dataclasses.replace(model.PROFILES[model.DEFAULT_PROFILE], startup_seconds=startup)
+        for rate in (2.0, 3.0, 4.0, 5.0, 6.0):
+            for seed in (1, 2, 3):
+                ours = TensorfleetController(policy.PolicyConfig.from_spec(autoscaling_spec()))
+                run = replay(poisson_trace(rate, STABILITY_SECONDS, seed), replica, ours, 8)
+                changes = [(round(e.time), e.after) for e in run.events]
+                ups = sum(1 for e in run.events if e.after > e.before)
+                settled = ups <= 2 and all(t < STABILITY_SETTLE_SECONDS for t, _ in changes)
+                rows.append({"startupSeconds": startup, "requestsPerSecond": rate, "seed": seed,
+                             "settled": settled, "changes": changes})
+    return rows
+
+
 def run_profile(requests: trace.Trace, profile: str, startup: float, with_frontier: bool) -> dict[str, Any]:
     replica = dataclasses.replace(model.PROFILES[profile], startup_seconds=startup)
     result = compare.compare(requests, replica, autoscaling_spec(), SLO_SECONDS)
@@ -114,8 +145,16 @@ def main() -> int:
     requests = trace.load_trace(path)
     results = [run_profile(requests, model.DEFAULT_PROFILE, s, with_frontier=True) for s in STARTUPS]
     results += [run_profile(requests, "l4-llama3-8b", s, with_frontier=False) for s in STARTUPS]
+    stability = constant_load_stability()
+    settled = sum(1 for row in stability if row["settled"])
+    print(f"\nconstant load: {settled} of {len(stability)} closed-loop runs settled within 10 minutes and stayed")
+    for row in stability:
+        if not row["settled"]:
+            print(f"  not settled: startup {row['startupSeconds']:g} s, {row['requestsPerSecond']:g} req/s, "
+                  f"seed {row['seed']}: {row['changes']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    document = {"command": "python -m bench.autoscaling", "trace": str(path.name), "results": results}
+    document = {"command": "python -m bench.autoscaling", "trace": str(path.name), "results": results,
+                "constantLoadStability": stability}
     (RESULTS / "autoscaling.json").write_text(json.dumps(document, indent=2) + "\n")
     (RESULTS / "autoscaling.md").write_text(markdown(results))
     print(f"\nwrote {RESULTS / 'autoscaling.json'} in {time.monotonic() - started:.0f} s")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import datetime
+import pathlib
 from typing import Any
+
+import yaml
 
 from builders import inference_service, stored
 from tensorfleet.api import crds
@@ -152,3 +155,9 @@ def test_min_replicas_zero_is_rejected_naming_the_field_and_why() -> None:
 
 def test_kv_cache_target_defaults_to_80_percent() -> None:
     assert isvc("tensorfleet").spec.autoscaling.target_kv_cache_usage_percent == 80
+
+
+def test_the_documented_adapter_rules_are_the_rendered_ones() -> None:
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "autoscaling.md").read_text()
+    block = doc.split("<!-- prometheus-adapter-rules -->", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(block) == render.prometheus_adapter_rules()

@@ -98,6 +98,7 @@ class ServiceAutoscaler:
         self.clock = clock
         self.history = policy.History()
         self._checked: tuple[int, bool] | None = None  # (generation, spec valid): CEL validation costs ~10 ms
+        self._written_at: int | None = None  # the generation our last /scale write replaced
 
     async def tick(self, live: Mapping[str, Any], targets: Sequence[PodTarget], stopped: Callable[[], bool]) -> None:
         body = copy.deepcopy(dict(live))  # kopf's live body changes under us; decide on one snapshot
@@ -106,6 +107,8 @@ class ServiceAutoscaler:
             self._checked = (generation, not validate_body(body))
         if not self._checked[1]:
             return  # an invalid spec is reported by reconcile; nothing to scale by
+        if self._written_at is not None and generation <= self._written_at:
+            return  # our last write has not come back through the watch yet: do not decide on stale replicas
         isvc = InferenceService.from_body(body)
         config = policy.PolicyConfig.from_spec(isvc.spec.autoscaling)
         metrics = await self.scraper.scrape(targets)
@@ -124,6 +127,7 @@ class ServiceAutoscaler:
         if decision.changed:
             await self.client.patch(ISVC, "InferenceService", self.namespace, self.name,
                                     {"spec": {"replicas": decision.replicas}}, subresource="scale")
+            self._written_at = generation
             logger.info("scaled %s/%s: %s", self.namespace, self.name, decision.message)
             await self._record(body, records.decision_status(decision, current, _now()))
         elif decision.reason in BLOCKING or stored_reason in BLOCKING:

@@ -129,10 +129,10 @@ def render_scaled_object(isvc: InferenceService, ctx: RenderContext) -> dict[str
 
 def prometheus_adapter_rules() -> dict[str, Any]:
     """prometheus-adapter ``rules`` serving ``ADAPTER_METRICS`` as Pods metrics (for ``mode: hpa``)."""
-    resources = {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}}
 
     def rule(series: str, name: str, *summed: str) -> dict[str, Any]:
         query = f'sum({{__name__=~"{"|".join(summed)}",<<.LabelMatchers>>}}) by (<<.GroupBy>>)'
+        resources = {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}}
         return {"seriesQuery": f'{series}{{namespace!="",pod!=""}}', "resources": resources,
                 "name": {"matches": f"^{series}$", "as": name}, "metricsQuery": query}
 

@@ -86,16 +86,18 @@ def plot(runs: Sequence[RunResult], trace: Trace, path: str | pathlib.Path, titl
     minutes = [s.time / 60 for s in first]
     load.plot(minutes, [s.arrivals for s in first], color="0.4", linewidth=0.6)
     load.set_ylabel("requests / s")
-    for run in runs:
+    for rank, run in reversed(list(enumerate(runs))):  # the first run (tensorfleet's) is drawn last, on top
         span = [s for s in run.timeline if s.time <= trace.duration + 1]
+        color = f"C{rank}"
         replicas.step([s.time / 60 for s in span], [s.billed for s in span], where="post", label=run.name,
-                      linewidth=1.0)
-        queue.plot([s.time / 60 for s in span], [s.queue for s in span], label=run.name, linewidth=0.7)
+                      linewidth=1.0, color=color)
+        queue.plot([s.time / 60 for s in span], [s.queue for s in span], label=run.name, linewidth=0.7,
+                   color=color, alpha=1.0 if rank == 0 else 0.6)
     replicas.set_ylabel("replicas (billed)")
-    replicas.legend(loc="upper left")
+    replicas.legend(*[list(reversed(x)) for x in replicas.get_legend_handles_labels()], loc="upper left")
     queue.set_ylabel("queued requests")
     queue.set_xlabel("minutes")
-    queue.legend(loc="upper left")
+    queue.legend(*[list(reversed(x)) for x in queue.get_legend_handles_labels()], loc="upper left")
     load.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
