@@ -42,6 +42,29 @@ POD_LABELS = {labels.MANAGED_BY: labels.MANAGER, "app.kubernetes.io/component": 
 BLOCKING = frozenset({"ConflictingAutoscaler", "NoMetrics"})
 
 
+class OptionalKedaFilter(logging.Filter):
+    """KEDA is optional (only ``mode: keda`` needs it), so its absence is not kopf's startup warning but a note.
+
+    kopf warns about every resource a handler names that the cluster does not serve; the operator
+    indexes KEDA ScaledObjects (to prune them when a service leaves mode keda) on every cluster.
+    """
+
+    NOTE = "KEDA's ScaledObject API is not served in this cluster: autoscaling.mode keda cannot be used"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Unresolved resources cannot be served"):
+            return True
+        unresolved = message.split(":", 1)[1].strip()
+        if unresolved.count("Selector(") == 1 and "group='keda.sh'" in unresolved:
+            logger.info(self.NOTE)
+            return False
+        return True
+
+
+logging.getLogger("kopf._core.reactor.observation").addFilter(OptionalKedaFilter())
+
+
 @kopf.index("", "v1", "pods", labels=POD_LABELS)
 async def pods_idx(body: kopf.Body, **_: Any) -> Any:
     """Serving pods by (namespace, service), reduced to what the autoscaler needs: phase and metrics URL."""
