@@ -17,17 +17,18 @@ are busy (mean utilization over the panic window at or above ``targetGPUUtilizat
 queue that idle GPUs are not working through (a stuck engine, a rate limit) adds no GPUs.
 
 Each decision asks, per signal, for the larger of two averages: over the stable window (the trend)
-and over the short panic window (bursts), and takes the largest signal. More than that ask plus a
-10% tolerance band adds replicas at once, bounded by ``maxScaleUpRate`` x the *ready* replicas (so
-capacity that is still starting never multiplies). A burst that asks for ``panic_threshold`` (2) x
+and over the short panic window (bursts), and takes the largest signal. An ask more than 10% (the
+tolerance band) above the current replicas adds replicas at once, bounded by ``maxScaleUpRate`` x the
+*ready* replicas (so capacity that is still starting never multiplies). A burst that asks for ``panic_threshold`` (2) x
 the ready replicas enters panic mode, as Knative's KPA: no scale-down for a stable window.
 
 Scaling down is the HPA's stabilization: to the largest ask of the last scale-down window, when that
 is more than the tolerance below the current replicas; at most halving at once, and not again until
 a stable window has seen the replicas as they are now (a lightly loaded fleet under-predicts what
 fewer replicas will need: on an LLM engine, prefill steals decode time, so per-replica load grows
-faster than linearly as replicas are removed). The policy never scales down before it has watched
-a whole window: after an operator restart or a leader change it starts with no history.
+faster than linearly as replicas are removed; a scale-down that the next change undoes is remembered,
+see ``_remember``). The policy never scales down before it has watched a whole window: after an
+operator restart or a leader change it starts with no history.
 
 The windows follow the service's measured startup time (engine load plus warm-up, which each
 gateway reports as ``tensorfleet_gateway_startup_seconds``; 60 s until one does):
