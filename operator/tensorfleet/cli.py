@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from tensorfleet import __version__, config
+from tensorfleet.autoscale.simulator import command as simulate_command
 from tensorfleet.gateway import command as gateway_command
 from tensorfleet.settings import OperatorSettings
 
@@ -84,3 +85,4 @@ main.add_command(config.lazy_group("usage", "tensorfleet.metering.cli:usage", "V
 main.add_command(config.lazy_group("engine", "tensorfleet.engines.cli:engine",
                                    "TensorRT-LLM engines: fingerprint keys, build or fetch, verify."))
 main.add_command(config.lazy_group("model", "tensorfleet.engines.cli:model", "Fetch and verify model weights."))
+main.add_command(simulate_command.simulate)  # `tensorfleet simulate`: loads the simulator only when it runs

@@ -20,6 +20,7 @@ from typing import Any
 import kopf
 
 from tensorfleet import API_GROUP, API_VERSION, config, diff, kube
+from tensorfleet.autoscale import daemon as _autoscaler  # noqa: F401  (registers the autoscaler's handlers)
 from tensorfleet.engines import controller as engines  # registers the Engine handlers and indices
 from tensorfleet.metrics import OperatorMetrics
 from tensorfleet.reconcile import Observed, Plan, child_key, reconcile
@@ -120,7 +121,7 @@ def _index_child(body: kopf.Body, memo: Any) -> dict[tuple[str, str], dict[str, 
 
 
 _OURS = {labels.MANAGED_BY: labels.MANAGER}
-CHILD_INDICES = ("deployments_idx", "services_idx", "configmaps_idx", "pdbs_idx")
+CHILD_INDICES = ("deployments_idx", "services_idx", "configmaps_idx", "pdbs_idx", "hpas_idx", "scaledobjects_idx")
 
 
 @kopf.index("apps", "v1", "deployments", labels=_OURS)
@@ -140,6 +141,16 @@ async def configmaps_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
 
 @kopf.index("policy", "v1", "poddisruptionbudgets", labels=_OURS)
 async def pdbs_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
+    return _index_child(body, memo)
+
+
+@kopf.index("autoscaling", "v2", "horizontalpodautoscalers", labels=_OURS)
+async def hpas_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
+    return _index_child(body, memo)
+
+
+@kopf.index("keda.sh", "v1alpha1", "scaledobjects", labels=_OURS)  # not served without KEDA: then empty
+async def scaledobjects_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
     return _index_child(body, memo)
 
 

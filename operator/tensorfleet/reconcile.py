@@ -15,6 +15,8 @@ from tensorfleet import diff
 from tensorfleet.api.schema import FieldError
 from tensorfleet.api.types import InferenceService
 from tensorfleet.api.validation import validate_body
+from tensorfleet.autoscale import status as autoscale_status
+from tensorfleet.autoscale.render import autoscaler_objects
 from tensorfleet.engines import serving
 from tensorfleet.render import labels
 from tensorfleet.render.context import RenderContext
@@ -87,7 +89,8 @@ def desired_objects(isvc: InferenceService, ctx: RenderContext, gpu_products: tu
     else:
         deployments = [render_deployment(isvc, ctx, count, variant=labels.product_slug(product), gpu_product=product)
                        for product, count in split_replicas(replicas, products).items()]
-    objects = [render_config_map(isvc, ctx), *deployments, render_service(isvc), render_pdb(isvc)]
+    objects = [render_config_map(isvc, ctx), *deployments, render_service(isvc), render_pdb(isvc),
+               *autoscaler_objects(isvc, ctx)]
     return [diff.stamp(obj) for obj in objects]
 
 
@@ -153,6 +156,7 @@ def _status(body: Mapping[str, Any], deployments: Sequence[Mapping[str, Any]], c
         status["url"] = service_url(isvc, ctx)
         products = ",".join(isvc.spec.gpu.products) or "any"
         status["gpu"] = f"{isvc.spec.gpu.count}x {products}"
+        status.update(autoscale_status.reconcile_fields(isvc, body))
     else:  # keep what an earlier valid spec reported
         for key in ("url", "gpu"):
             if key in (body.get("status") or {}):

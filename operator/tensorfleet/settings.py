@@ -54,6 +54,13 @@ class OperatorSettings:
     engine_retry_max_seconds: float = setting(3600.0, "Longest wait between build Jobs of a failing Engine.")
     engine_fetch_timeout_seconds: int = setting(1800, "How long serving pods retry fetching their engine.")
     model_fetch_timeout_seconds: int = setting(3600, "How long vLLM pods retry downloading pinned weights.")
+    autoscale_interval_seconds: float = setting(
+        2.0, "autoscaling.mode tensorfleet: how often each service's gateways are scraped and replicas decided.")
+    autoscale_scrape_timeout_seconds: float = setting(
+        1.0, "autoscaling.mode tensorfleet: how long one gateway /metrics scrape may take.")
+    prometheus_url: str = setting(
+        "http://prometheus-operated.monitoring.svc:9090",
+        "autoscaling.mode keda: the Prometheus that KEDA's triggers query for the gateway metrics.")
     example: str = setting("examples/inferenceservice.yaml",
                            "Quickstart only: the manifest applied to the embedded emulator.")
     demo_timeout_seconds: float = setting(60.0, "Quickstart only: how long to wait for convergence.")
@@ -87,4 +94,5 @@ class OperatorSettings:
             engine_store_secret=self.engine_store_secret or "",
             engine_fetch_timeout_seconds=self.engine_fetch_timeout_seconds,
             model_fetch_timeout_seconds=self.model_fetch_timeout_seconds,
+            prometheus_url=self.prometheus_url,
         )

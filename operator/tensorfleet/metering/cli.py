@@ -122,7 +122,7 @@ def report_command(ledgers: tuple[str, ...], exports: tuple[str, ...], by: str, 
         try:
             report.chart(selected, size, chart)
         except ImportError:
-            raise click.ClickException("--chart needs matplotlib: pip install 'tensorfleet[reports]'") from None
+            raise click.ClickException("--chart needs matplotlib: pip install 'tensorfleet[plots]'") from None
         click.echo(f"chart written to {chart}", err=True)
 
 

@@ -45,3 +45,4 @@ class RenderContext:
     engine_store_secret: str = ""
     engine_fetch_timeout_seconds: int = 1800
     model_fetch_timeout_seconds: int = 3600
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"  # KEDA's Prometheus triggers query it

@@ -1,0 +1,227 @@
+"""The trace-replay simulator: trace input, replica physics, the three controllers and the command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import random
+
+import pytest
+from click.testing import CliRunner
+
+from tensorfleet.autoscale import policy
+from tensorfleet.autoscale.simulator import cluster, controllers, model, runs, trace
+from tensorfleet.cli import main
+
+A10G = model.PROFILES["a10g-llama3-8b"]
+
+
+def steady_trace(rate: float, seconds: float, context: int = 1000, generated: int = 200, seed: int = 7) -> trace.Trace:
+    """Poisson arrivals at ``rate`` per second (deterministic for a seed)."""
+    rng, times, now = random.Random(seed), [], 0.0
+    while now < seconds:
+        now += rng.expovariate(rate)
+        times.append(now)
+    return trace.Trace(tuple(t - times[0] for t in times), (context,) * len(times), (generated,) * len(times))
+
+
+# ---- traces --------------------------------------------------------------------------------------------
+
+
+def test_trace_reads_the_azure_format_sorted_and_rebased() -> None:
+    parsed = trace.parse_trace([
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n",
+        "2023-11-16 18:15:50.9951690,396,109\n",
+        "2023-11-16 18:15:46.6805900,374,44\n",
+    ])
+    assert parsed.arrivals == (0.0, pytest.approx(4.314579))
+    assert (parsed.context_tokens, parsed.generated_tokens) == ((374, 396), (44, 109))
+    seconds = trace.parse_trace(["TIMESTAMP,ContextTokens,GeneratedTokens\n", "10.5,1,1\n", "12,2,2\n"])
+    assert seconds.arrivals == (0.0, 1.5)
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    (["TIMESTAMP,ContextTokens\n", "1,2\n"], "missing column(s) GeneratedTokens"),
+    (["TIMESTAMP,ContextTokens,GeneratedTokens\n", "1,2,3\n", "2,lots,3\n"],
+     "t.csv:3: column ContextTokens: 'lots' is not a whole number"),
+    (["TIMESTAMP,ContextTokens,GeneratedTokens\n", "yesterday,2,3\n"], "t.csv:2: column TIMESTAMP"),
+    (["TIMESTAMP,ContextTokens,GeneratedTokens\n", "1,2,0\n"], "column GeneratedTokens: 0 is outside [1,"),
+    (["TIMESTAMP,ContextTokens,GeneratedTokens\n"], "the trace has no requests"),
+])
+def test_bad_traces_name_the_line_and_column(lines: list[str], message: str) -> None:
+    with pytest.raises(trace.TraceError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        trace.parse_trace(lines, "t.csv")
+
+
+def test_replica_model_overrides_are_checked() -> None:
+    assert A10G.with_overrides({"max-batch": "64", "startup_seconds": "30"}).max_batch == 64
+    with pytest.raises(ValueError, match="not a replica model field"):
+        A10G.with_overrides({"speed": "1"})
+    with pytest.raises(ValueError, match="expected a whole number"):
+        A10G.with_overrides({"max_batch": "many"})
+    with pytest.raises(ValueError, match="prefill_tokens_per_second must be greater than 0"):
+        A10G.with_overrides({"prefill_tokens_per_second": "0"})
+
+
+# ---- replica physics -----------------------------------------------------------------------------------
+
+
+def test_one_request_on_an_idle_replica_takes_prefill_then_one_step_per_token() -> None:
+    one = trace.Trace((0.0,), (1950,), (101,))
+    log = cluster.RequestLog(1)
+    sim = cluster.Cluster(one, A10G, log, tick=0.01)
+    sim.scale_to(1, startup=0.0)
+    sim.run_until(10.0)
+    prefill = 1950 * A10G.step_seconds(0, 2048) / 2048  # at the rate of full mixed steps
+    assert log.admit[0] == 0.0
+    assert log.first[0] == pytest.approx(prefill, abs=0.011)
+    assert log.finish[0] - log.first[0] == pytest.approx(100 * A10G.step_seconds(1), rel=0.02)
+
+
+def test_more_load_than_capacity_builds_a_queue_that_more_replicas_absorb() -> None:
+    load = steady_trace(rate=4.0, seconds=120)
+    waits = {}
+    for replicas in (1, 4):
+        log = cluster.RequestLog(len(load))
+        sim = cluster.Cluster(load, A10G, log)
+        sim.scale_to(replicas, startup=0.0)
+        sim.run_until(400.0)
+        waits[replicas] = max(a - t for a, t in zip(log.admit, load.arrivals, strict=True))
+    assert waits[1] > 30.0  # one replica serves ~1.6 requests/s of these
+    assert waits[4] < 1.0
+
+
+def test_a_request_too_long_for_the_kv_cache_is_rejected_not_queued_forever() -> None:
+    log = cluster.RequestLog(2)
+    sim = cluster.Cluster(trace.Trace((0.0, 0.0), (40_000, 100), (10, 10)), A10G, log)
+    sim.scale_to(1, startup=0.0)
+    sim.run_until(5.0)
+    assert log.rejects == [0]
+    assert not math.isnan(log.finish[1])
+
+
+def test_gpu_utilization_is_busy_time_so_it_pins_with_any_batch() -> None:
+    sim = cluster.Cluster(steady_trace(rate=0.5, seconds=60), A10G, cluster.RequestLog(100))
+    sim.scale_to(2, startup=0.0)
+    sim.run_until(30.0)
+    _, metrics = sim.pods(30.0)
+    utilization = sorted(m.gpu_utilization or 0.0 for m in metrics.values())
+    assert utilization[-1] > 0.9  # a quarter of its batch in use, the GPU looks full
+    assert all((m.kv_cache_usage or 0.0) < 0.3 for m in metrics.values())
+
+
+def test_removed_replicas_drain_and_are_billed_until_empty() -> None:
+    sim = cluster.Cluster(steady_trace(rate=2.0, seconds=10), A10G, cluster.RequestLog(100))
+    sim.scale_to(3, startup=0.0)
+    sim.run_until(5.0)
+    sim.scale_to(1, startup=0.0)
+    assert len(sim.replicas) == 3
+    assert len(sim.active()) == 1
+    sim.run_until(200.0)
+    assert len(sim.replicas) == 1
+    sim.scale_to(2, startup=60.0)
+    targets, _ = sim.pods(1.0)
+    assert sorted(t.phase for t in targets) == ["ready", "warming"]
+
+
+# ---- controllers -------------------------------------------------------------------------------------
+
+
+def test_tensorfleet_controller_runs_the_operators_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = policy.decide
+
+    def spy(config: policy.PolicyConfig, history: policy.History, observation: policy.Observation) -> policy.Decision:
+        calls.append(observation)
+        return real(config, history, observation)
+
+    monkeypatch.setattr(policy, "decide", spy)
+    load = steady_trace(rate=3.0, seconds=60)
+    runs.replay(load, A10G, controllers.TensorfleetController(policy.PolicyConfig(max_replicas=8,
+                                                                                   target_kv_cache_usage=0.8)), 2)
+    assert len(calls) >= 30
+    assert all(o.ready >= 1 and o.kv_cache_usage is not None for o in calls)
+
+
+@pytest.mark.parametrize(("rate", "seed"), [(2.0, 3), (4.0, 1), (6.0, 2)])
+def test_constant_load_settles_and_stays(rate: float, seed: int) -> None:
+    """Closed loop, Poisson arrivals at a constant rate, from an over-provisioned start: the replicas find
+    their level within ten minutes (at most one scale-down the policy learns to undo) and then hold."""
+    load = steady_trace(rate=rate, seconds=1800, seed=seed)
+    fast = dataclasses.replace(A10G, startup_seconds=30.0)
+    ours = controllers.TensorfleetController(policy.PolicyConfig(max_replicas=20, target_kv_cache_usage=0.8))
+    result = runs.replay(load, fast, ours, initial_replicas=8)
+    ups = [e for e in result.events if e.after > e.before]
+    assert len(ups) <= 2, result.events
+    assert all(e.time < 600 for e in result.events), result.events
+    tail = {s.billed for s in result.timeline if 700 < s.time < 1800}
+    assert len(tail) == 1
+
+
+def test_hpa_on_utilization_runs_away_while_tensorfleet_follows_the_load() -> None:
+    load = steady_trace(rate=3.0, seconds=600)
+    fast = dataclasses.replace(A10G, startup_seconds=30.0)
+    hpa = runs.replay(load, fast, controllers.HPAController(1, 12, 0.85, initial_replicas=3), 3)
+    ours = runs.replay(load, fast, controllers.TensorfleetController(
+        policy.PolicyConfig(max_replicas=12, target_kv_cache_usage=0.8)), 3)
+    assert max(s.billed for s in hpa.timeline) == 12
+    assert ours.gpu_hours < 0.6 * hpa.gpu_hours
+
+
+def test_oracle_meets_the_slo_with_fewest_replicas() -> None:
+    load = steady_trace(rate=3.0, seconds=300)
+    oracle = runs.oracle_run(load, A10G, 2.0, 1, 10)
+    waits = [a - t for a, t in zip(oracle.log.admit, load.arrivals, strict=True)]
+    assert max(waits) <= 2.0 + 1e-6
+    fixed = runs.replay(load, A10G, controllers.HPAController(4, 4, 0.85), 4)
+    assert oracle.gpu_hours < fixed.gpu_hours
+
+
+# ---- the command ---------------------------------------------------------------------------------------
+
+
+def write_trace(path: pathlib.Path, load: trace.Trace) -> pathlib.Path:
+    rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    rows += [f"{t:.3f},{c},{g}" for t, c, g in zip(load.arrivals, load.context_tokens, load.generated_tokens,
+                                                     strict=True)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_simulate_command_compares_the_three_and_writes_plot_and_json(tmp_path: pathlib.Path) -> None:
+    csv = write_trace(tmp_path / "trace.csv", steady_trace(rate=2.0, seconds=240))
+    result = CliRunner().invoke(main, [
+        "simulate", "--trace", str(csv), "--startup-seconds", "20", "--max-replicas", "6",
+        "--plot", str(tmp_path / "plot.png"), "--json", str(tmp_path / "out.json")])
+    assert result.exit_code == 0, result.output
+    assert "tensorfleet" in result.output
+    assert "hpa" in result.output
+    assert "oracle" in result.output
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figures = json.loads((tmp_path / "out.json").read_text())
+    assert set(figures["results"]) == {"tensorfleet", "hpa", "oracle"}
+    assert figures["results"]["oracle"]["gpuHoursOverOracle"] == 1.0
+    assert figures["model"]["startup_seconds"] == 20.0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--min-replicas", "0"], "spec.autoscaling.minReplicas must be at least 1"),
+    (["--min-replicas", "5", "--max-replicas", "2"], "minReplicas must be less than or equal to"),
+    (["--set", "speed=3"], "not a replica model field"),
+    (["--profile", "tpu"], "'tpu' is not one of"),
+])
+def test_simulate_rejects_bad_settings_naming_them(tmp_path: pathlib.Path, args: list[str], message: str) -> None:
+    csv = write_trace(tmp_path / "trace.csv", steady_trace(rate=1.0, seconds=10))
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(csv), "--plot", "", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_simulate_reports_a_bad_trace_line(tmp_path: pathlib.Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n1,2,3\n2,3,x\n")
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(bad), "--plot", ""])
+    assert result.exit_code == 1
+    assert "bad.csv:3: column GeneratedTokens" in result.output
