@@ -91,9 +91,11 @@ def run(count: int, quiet_seconds: float, resync: float) -> dict[str, Any]:
             accepted = time.monotonic() - start
             emulator.call(lambda: _start(simulated, stop))
             first_status = all_children = all_ready = None
-            while time.monotonic() - start < 600:
+            while time.monotonic() - start < 900:
                 with_status, children, ready = progress(http, count)
                 now = time.monotonic() - start
+                print(f"  t+{now:6.1f}s  status {with_status}/{count}  children {children}/{count}  "
+                      f"ready {ready}/{count}", file=sys.stderr, flush=True)
                 if all_children is None and with_status == count and children == count:
                     all_children = now
                 if ready == count:
@@ -101,7 +103,7 @@ def run(count: int, quiet_seconds: float, resync: float) -> dict[str, Any]:
                     break
                 if first_status is None and with_status:
                     first_status = now
-                time.sleep(0.5)
+                time.sleep(2.0)
             time.sleep(2 * resync)  # let transitions settle (Ready events, last status writes)
             writes_before = len(emulator.server.writes)
             requests_at_convergence = emulator.server.requests_by_port[operator_port]
