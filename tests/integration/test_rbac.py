@@ -16,14 +16,12 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import kopf
 import pytest
 from kopf.testing import KopfRunner
 
-import tensorfleet.controller  # noqa: F401  (registers the handlers in kopf's default registry)
 from builders import inference_service, triton_service
 from chart import NAMESPACE, of_kind, render
-from cluster import ISVC, Cluster, wait_for
+from cluster import ISVC, Cluster, registry_from_env, wait_for
 from tensorfleet.sandbox.apiserver import APIRequest, EmulatorThread
 
 pytestmark = pytest.mark.integration
@@ -133,7 +131,7 @@ def run_scenario(emulator: EmulatorThread, cluster: Cluster, monkeypatch: pytest
     where = [f"--namespace={ns}" for ns in namespaces] or ["--all-namespaces"]
     before = len(emulator.server.requests)
     with KopfRunner(["run", *where, f"--peering={PEERING}", "--verbose"],
-                    registry=kopf.get_default_registry(), timeout=60) as runner:
+                    registry=registry_from_env(), timeout=60) as runner:
         for step in SCENARIO:
             step(cluster)
     assert runner.exit_code == 0, runner.output
