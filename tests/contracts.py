@@ -26,24 +26,6 @@ PENDING_METRICS: dict[str, tuple[int, str]] = {
     "tensorfleet_autoscaler_desired_replicas": (6, "gauge{namespace, inferenceservice}: the autoscaler's decision"),
 }
 
-# Operator setting (environment variable) -> (issue, meaning). Values come from the chart.
-PENDING_SETTINGS: dict[str, tuple[int, str]] = {
-    "TENSORFLEET_ENGINE_JOB_IMAGE": (3, "image of the `tensorfleet engine ensure` Jobs"),
-    "TENSORFLEET_ENGINE_BUILDER_IMAGE": (3, "trtllm-build image; empty derives it from spec.engine.trtllmVersion"),
-    "TENSORFLEET_ENGINE_STORE_TYPE": (3, "none, pvc or s3: the cluster-wide engine store"),
-    "TENSORFLEET_ENGINE_STORE_PVC_CLAIM": (3, "claim of the pvc store"),
-    "TENSORFLEET_ENGINE_STORE_PVC_PATH": (3, "path inside that claim"),
-    "TENSORFLEET_ENGINE_STORE_S3_BUCKET": (3, "bucket of the s3 store"),
-    "TENSORFLEET_ENGINE_STORE_S3_PREFIX": (3, "key prefix in that bucket"),
-    "TENSORFLEET_ENGINE_STORE_S3_ENDPOINT": (3, "S3-compatible endpoint URL"),
-    "TENSORFLEET_ENGINE_STORE_S3_REGION": (3, "region of the bucket"),
-    "TENSORFLEET_ENGINE_STORE_S3_CREDENTIALS_SECRET": (3, "Secret name referenced from engine pods"),
-    "TENSORFLEET_AUTOSCALING_SCRAPE_INTERVAL_SECONDS": (6, "scrape interval of the gateways' metrics"),
-    "TENSORFLEET_AUTOSCALING_HPA": (6, "true: HorizontalPodAutoscalers may be created"),
-    "TENSORFLEET_AUTOSCALING_KEDA": (6, "true: KEDA ScaledObjects may be created"),
-}
-
-
 def exported_metrics() -> set[str]:
     """Every series name the code exports today: the operator's registry and the gateway's names."""
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}

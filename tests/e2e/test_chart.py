@@ -14,8 +14,9 @@ import yaml
 from openapi_schema_validator import OAS30Validator
 
 from chart import CHART, KUBERNETES_VERSIONS, NAMESPACE, ROOT, helm, of_kind, one, render, run, tool
-from contracts import PENDING_METRICS, PENDING_SETTINGS, exported_metrics
+from contracts import PENDING_METRICS, exported_metrics
 from tensorfleet import __version__, config
+from tensorfleet.engines.controller import engine_context
 from tensorfleet.render import labels
 from tensorfleet.render.context import RenderContext
 from tensorfleet.render.workload import render_deployment
@@ -33,13 +34,16 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "image": {"digest": "sha256:" + "a" * 64},
         "imagePullSecrets": ["registry"],
         "operator": {"extraEnv": [{"name": "EXTRA", "value": "1"}], "priorityClassName": "system-cluster-critical"},
-        "engines": {"builderImage": "nvcr.io/nvidia/tensorrt-llm/release:0.21.0",
+        "engines": {"builderImage": "nvcr.io/nvidia/tensorrt-llm/release:{trtllm_version}", "buildRetries": 4,
+                    "retryBaseSeconds": 60, "retryMaxSeconds": 900, "fetchTimeoutSeconds": 600,
                     "store": {"type": "s3", "s3": {"bucket": "engines", "endpoint": "https://s3.example.com",
                                                    "region": "eu-west-1", "credentialsSecret": "engine-store"}}},
+        "runtimes": {"modelFetchTimeoutSeconds": 1200},
         "metering": {"sinkUrl": "https://billing.example.com/events", "secretName": "billing-keys",
                      "resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"fp16": 2.0, "fp8": 3.6},
                                        "NVIDIA-A100-SXM4-80GB": {"fp16": 1.0}}},
-        "autoscaling": {"hpa": True, "keda": True},
+        "autoscaling": {"hpa": True, "keda": True, "intervalSeconds": 5, "scrapeTimeoutSeconds": 0.5,
+                        "prometheusUrl": "http://prometheus.monitoring:9090"},
         "metrics": MONITORING,
     },
     "pvc-store": {"engines": {"store": {"type": "pvc", "pvc": {"claimName": "engines", "path": "/trt"}}}},
@@ -66,6 +70,12 @@ def test_helm_lint_is_clean(value_set: str) -> None:
     ({"operator": {"watchNamespaces": ["Team_A"]}}, "/operator/watchNamespaces/0"),
     ({"engines": {"store": {"type": "s3"}}}, "/engines/store/s3/bucket"),
     ({"engines": {"store": {"type": "gcs"}}}, "/engines/store/type"),
+    ({"engines": {"store": {"type": "pvc"}}}, "/engines/store/pvc/claimName"),
+    ({"engines": {"builderImage": "registry/builder:{version}"}}, "/engines/builderImage"),
+    ({"engines": {"buildRetries": -1}}, "/engines/buildRetries"),
+    ({"autoscaling": {"intervalSeconds": 0}}, "/autoscaling/intervalSeconds"),
+    ({"autoscaling": {"keda": "yes"}}, "/autoscaling/keda"),
+    ({"autoscaling": {"prometheusUrl": "prometheus:9090"}}, "/autoscaling/prometheusUrl"),
     ({"metering": {"sinkUrl": "ftp://billing"}}, "/metering/sinkUrl"),
     ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": -1}}}, "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3"),
     ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"fp16": 0}}}},
@@ -225,25 +235,53 @@ def test_gateway_containers_run_as_the_image_user() -> None:
 
 
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
-def test_operator_environment_is_settings_or_a_listed_contract(
-        rendered: dict[str, list[dict[str, Any]]], value_set: str) -> None:
-    env = _env(_container(rendered[value_set]))
+def test_operator_environment_is_exactly_operator_settings(
+        rendered: dict[str, list[dict[str, Any]]], value_set: str, tmp_path: pathlib.Path) -> None:
+    docs = rendered[value_set]
+    env = _env(_container(docs))
     known = {config.env_name(OperatorSettings, name) for name in OperatorSettings.__dataclass_fields__}
     ours = {name for name in env if name.startswith("TENSORFLEET_")}
-    assert ours - known - set(PENDING_SETTINGS) == set(), "add it to OperatorSettings or tests/contracts.py"
-    config.from_env(OperatorSettings, env)  # every value the chart sets parses as the operator reads it
+    assert ours - known == set(), "the chart sets a variable the operator does not read"
+    if "TENSORFLEET_METERING_RU_TABLE_FILE" in env:  # the mounted ConfigMap, where the operator reads it
+        table = next(o for o in docs if o["kind"] == "ConfigMap" and "resource-units" in o["metadata"]["name"])
+        (path := tmp_path / "resource-units.yaml").write_text(next(iter(table["data"].values())))
+        env["TENSORFLEET_METERING_RU_TABLE_FILE"] = str(path)
+    settings = config.from_env(OperatorSettings, env)  # every value parses as the operator reads it
+    settings.render_context()  # what the operator does at startup: validates the RU table
+    engine_context(settings)  # and parses the default engine store
 
 
-def test_pending_settings_are_not_settings_yet() -> None:
-    known = {config.env_name(OperatorSettings, name) for name in OperatorSettings.__dataclass_fields__}
-    landed = set(PENDING_SETTINGS) & known
-    assert landed == set(), f"now real settings: remove them from tests/contracts.py PENDING_SETTINGS: {landed}"
+def _settings(docs: list[dict[str, Any]]) -> OperatorSettings:
+    return config.from_env(OperatorSettings, _env(_container(docs)))
 
 
-def test_everything_renders_every_pending_setting(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    env = {**_env(_container(rendered["everything"])), **_env(_container(rendered["pvc-store"]))}
-    assert set(PENDING_SETTINGS) <= set(env)
-    assert _container(rendered["everything"])["image"].endswith("@sha256:" + "a" * 64)
+def test_defaults_leave_the_operators_own_defaults_alone(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Where values.yaml repeats a default of the operator, both agree; what the chart turns off is named."""
+    chart, code = _settings(rendered["defaults"]), OperatorSettings()
+    differ = {f for f in OperatorSettings.__dataclass_fields__ if getattr(chart, f) != getattr(code, f)}
+    assert differ == {"cluster", "autoscale_hpa", "autoscale_keda"}
+    assert (chart.cluster, chart.autoscale_hpa, chart.autoscale_keda) == ("incluster", False, False)
+
+
+def test_engine_and_autoscaling_values_become_the_operators_settings(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    s3, pvc = _settings(rendered["everything"]), _settings(rendered["pvc-store"])
+    assert (s3.engine_store, s3.engine_store_endpoint, s3.engine_store_region, s3.engine_store_secret) == (
+        "s3://engines/engines", "https://s3.example.com", "eu-west-1", "engine-store")
+    assert s3.engine_builder_image == "nvcr.io/nvidia/tensorrt-llm/release:{trtllm_version}"
+    assert (s3.engine_build_retries, s3.engine_retry_base_seconds, s3.engine_retry_max_seconds) == (4, 60.0, 900.0)
+    assert (s3.engine_fetch_timeout_seconds, s3.model_fetch_timeout_seconds) == (600, 1200)
+    assert (s3.autoscale_interval_seconds, s3.autoscale_scrape_timeout_seconds) == (5.0, 0.5)
+    assert (s3.autoscale_hpa, s3.autoscale_keda, s3.prometheus_url) == (True, True, "http://prometheus.monitoring:9090")
+    default = engine_context(s3).default_store
+    assert default is not None
+    assert (default.kind, default.bucket, default.prefix, default.endpoint) == ("s3", "engines", "engines",
+                                                                               "https://s3.example.com")
+    assert pvc.engine_store == "pvc://engines/trt"
+    store = engine_context(pvc).default_store
+    assert store is not None
+    assert (store.kind, store.claim, store.path) == ("pvc", "engines", "/trt")
+    assert _settings(rendered["defaults"]).engine_store == ""  # type none: Engines need their own storeRef
 
 
 def test_metering_values_reach_the_operator(rendered: dict[str, list[dict[str, Any]]]) -> None:
