@@ -20,6 +20,7 @@ from typing import Any
 import kopf
 
 from tensorfleet import API_GROUP, API_VERSION, config, diff, handlers, kube
+from tensorfleet.api.types import InferenceService
 from tensorfleet.autoscale import daemon as _autoscaler  # noqa: F401  (registers the autoscaler's handlers)
 from tensorfleet.engines import controller as engines  # registers the Engine handlers and indices
 from tensorfleet.metrics import OperatorMetrics
@@ -207,6 +208,7 @@ async def reconcile_daemon(stopped: Any, body: kopf.Body, namespace: str | None,
             failures = 0 if ok else failures + 1
     finally:
         runtime.metrics.services.dec()
+        runtime.metrics.forget_service(namespace, name)
         runtime.triggers.pop((namespace, name), None)
 
 
@@ -256,6 +258,10 @@ async def reconcile_once(runtime: Runtime, body: Mapping[str, Any], children: An
         runtime.metrics.duration.observe(time.monotonic() - started)
     await _catch_up(replaced, children, body, status_replaced)
     runtime.metrics.reconciles.labels(result="error" if apply_error else "ok").inc()
+    meta = snapshot["metadata"]
+    desired = None if plan.errors else InferenceService.from_body(snapshot).spec.desired_replicas
+    runtime.metrics.service_replicas(meta.get("namespace", ""), meta["name"], desired,
+                                     int(plan.status.get("readyReplicas") or 0))
     return apply_error is None
 
 

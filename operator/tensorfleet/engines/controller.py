@@ -189,6 +189,7 @@ async def engine_daemon(stopped: Any, body: kopf.Body, namespace: str | None, na
     namespace = namespace or ""
     trigger = engines.trigger(namespace, name)
     trigger.set()
+    runtime.metrics.watch_engine(namespace, str(((body.get("spec") or {}).get("gpu") or {}).get("product") or ""))
     failures = 0
     try:
         while not stopped:
@@ -222,6 +223,9 @@ async def reconcile_engine_once(runtime: Any, engines: EngineRuntime, body: Mapp
             await runtime.client.patch(_API, "Engine", meta["namespace"], meta["name"], {"status": changed},
                                        subresource="status")
             runtime.metrics.writes.labels(kind="Engine", why="status").inc()
+            product = str(((snapshot.get("spec") or {}).get("gpu") or {}).get("product") or "")
+            for outcome in plan.finished:  # counted once: with the status write that records it
+                runtime.metrics.engine_build(meta["namespace"], product, outcome.result, outcome.seconds)
             for event in plan.events:
                 await runtime.client.post_event(snapshot, event.type, event.reason, event.message, _now())
         if plan.create is not None and not any(
