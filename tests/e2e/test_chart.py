@@ -14,7 +14,6 @@ import yaml
 from openapi_schema_validator import OAS30Validator
 
 from chart import CHART, KUBERNETES_VERSIONS, NAMESPACE, ROOT, helm, of_kind, one, render, run, tool
-from contracts import PENDING_METRICS, exported_metrics
 from tensorfleet import __version__, config
 from tensorfleet.engines.controller import engine_context
 from tensorfleet.render import labels
@@ -339,24 +338,123 @@ def _queries(docs: list[dict[str, Any]]) -> list[str]:
     return exprs
 
 
+def _concrete(expr: str) -> str:
+    """Grafana's variables are not PromQL: substitute what Grafana would."""
+    return (expr.replace("$__rate_interval", "1m").replace("$__range", "6h")
+            .replace("$namespace", ".*").replace("$inferenceservice", ".*"))
+
+
 def _metric_names(expr: str) -> set[str]:
-    # Grafana's variables are not PromQL: substitute what Grafana would.
-    concrete = (expr.replace("$__rate_interval", "1m").replace("$__range", "6h")
-                .replace("$namespace", ".*").replace("$inferenceservice", ".*"))
     names: set[str] = set()
-    promql_parser.walk(promql_parser.parse(concrete),
+    promql_parser.walk(promql_parser.parse(_concrete(expr)),
                        lambda node: names.add(node.name) if isinstance(node, promql_parser.VectorSelector) else None)
     return names
 
 
-def test_alerts_and_dashboard_are_valid_promql_over_known_metrics(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    used: set[str] = set()
-    for expr in _queries(rendered["everything"]):
-        used |= _metric_names(expr)
-    exported = exported_metrics()
-    assert used - exported - set(PENDING_METRICS) == set(), "unknown metric: export it or list it in tests/contracts.py"
-    assert set(PENDING_METRICS) & exported == set(), "now exported: remove it from PENDING_METRICS"
-    assert set(PENDING_METRICS) <= used, "listed as a contract but no longer used"
+# Labels Prometheus adds to every scraped series (the prometheus-operator's target labels), per monitor; the
+# PodMonitor also copies the pod's InferenceService and GPU product (templates/podmonitor.yaml).
+TARGET_LABELS = {"namespace", "pod", "container", "endpoint", "job", "instance"}
+GATEWAY_TARGET_LABELS = TARGET_LABELS | {"inferenceservice", "gpu_product"}
+OPERATOR_TARGET_LABELS = TARGET_LABELS | {"service"}
+
+
+def _labels_by_series(registry: Any) -> dict[str, set[str]]:
+    """Every series name a registry exports (with _total, _bucket, ... suffixes) and its own label names."""
+    found: dict[str, set[str]] = {}
+    for collector, names in list(registry._collector_to_names.items()):  # a test may look inside prometheus_client
+        labels = set(getattr(collector, "_labelnames", ()))
+        for name in names:
+            found[name] = labels | ({"le"} if name.endswith("_bucket") else set())
+    for collector in list(registry._collector_to_names):
+        if not registry._collector_to_names[collector]:  # a custom collector without describe(): what it yields
+            for family in collector.collect():
+                for sample in family.samples:
+                    found.setdefault(sample.name, set()).update(sample.labels)
+    return found
+
+
+@pytest.fixture(scope="module")
+def exported() -> dict[str, set[str]]:
+    """Series name -> labels available in Prometheus: what the gateway's /metrics serves (its registry, metering's
+    and the process collector in the default one) through the PodMonitor, and the operator's through the
+    ServiceMonitor (honorLabels keeps its own namespace label)."""
+    from prometheus_client import REGISTRY
+
+    from tensorfleet.gateway.metrics import GatewayMetrics
+    from tensorfleet.metrics import OperatorMetrics
+
+    gateway = GatewayMetrics()
+    gateway.watch_gpu(lambda: 0.5)  # exported only while NVML reads a GPU
+    own = {name: labels for registry in (gateway.registry, REGISTRY)
+           for name, labels in _labels_by_series(registry).items()}
+    # The gateway's own `endpoint` label (the API path) wins over the target's (the PodMonitor honors labels);
+    # any other target label carried by a series itself would override where the series came from.
+    reserved = GATEWAY_TARGET_LABELS - {"endpoint"}
+    clashing = {name: labels & reserved for name, labels in own.items()
+                if name.startswith("tensorfleet_") and labels & reserved}
+    assert clashing == {}, "gateway series must not carry target labels themselves"
+    series = {name: labels | GATEWAY_TARGET_LABELS for name, labels in own.items()}
+    series.update({name: labels | OPERATOR_TARGET_LABELS
+                   for name, labels in _labels_by_series(OperatorMetrics().registry).items()})
+    return series
+
+
+def _labels_of(node: Any, exported: dict[str, set[str]], problems: list[str]) -> set[str] | None:
+    """The labels an expression's result can have (None for a scalar), noting every label used but unavailable."""
+    p = promql_parser
+    if isinstance(node, p.VectorSelector):
+        available = exported.get(node.name, set())
+        problems += [f"{node.name} has no label {m.name}" for m in node.matchers.matchers if m.name not in available]
+        return available
+    if isinstance(node, p.MatrixSelector):
+        return _labels_of(node.vector_selector, exported, problems)
+    if isinstance(node, p.ParenExpr | p.UnaryExpr | p.SubqueryExpr):
+        return _labels_of(node.expr, exported, problems)
+    if isinstance(node, p.NumberLiteral | p.StringLiteral):
+        return None
+    if isinstance(node, p.AggregateExpr):
+        inner = _labels_of(node.expr, exported, problems) or set()
+        grouping = set(node.modifier.labels) if node.modifier else set()
+        problems += [f"{node.op} by {label}: not a label of {node.expr}" for label in grouping - inner]
+        by = node.modifier is not None and node.modifier.type == p.AggModifierType.By
+        return grouping if by else inner - grouping
+    if isinstance(node, p.Call):
+        vectors = [labels for arg in node.args if (labels := _labels_of(arg, exported, problems)) is not None]
+        if not vectors:
+            return None
+        return vectors[0] - {"le"} if node.func.name == "histogram_quantile" else vectors[0]
+    if isinstance(node, p.BinaryExpr):
+        lhs, rhs = _labels_of(node.lhs, exported, problems), _labels_of(node.rhs, exported, problems)
+        matching = node.modifier.matching if node.modifier else None
+        for side in (lhs, rhs):
+            if matching is not None and side is not None:
+                problems += [f"on/ignoring {label}: not a label of a side" for label in set(matching.labels) - side]
+        if lhs is None or rhs is None:
+            return lhs if rhs is None else rhs
+        return lhs & rhs if str(node.op) == "or" else lhs
+    raise AssertionError(f"unexpected PromQL node {type(node).__name__}: {node}")
+
+
+def test_alerts_and_dashboard_are_valid_promql_over_exported_metrics_and_labels(
+        rendered: dict[str, list[dict[str, Any]]], exported: dict[str, set[str]]) -> None:
+    queries = _queries(rendered["everything"])
+    assert len(queries) > 20
+    unknown = {name for expr in queries for name in _metric_names(expr)} - set(exported)
+    assert unknown == set(), "the dashboard or an alert reads a metric nothing exports"
+    for expr in queries:
+        problems: list[str] = []
+        _labels_of(promql_parser.parse(_concrete(expr)), exported, problems)
+        assert problems == [], f"{expr}: {problems}"
+
+
+def test_the_label_check_catches_what_it_should(exported: dict[str, set[str]]) -> None:
+    for expr in ("sum by (tenant) (tensorfleet_gateway_requests_total)",  # requests carry no tenant
+                 'tensorfleet_engine_builds_total{inferenceservice="x"}',  # builds are per product, not service
+                 "histogram_quantile(0.9, sum by (pod, le) (rate(tensorfleet_gateway_tokenize_seconds_bucket[1m])))"
+                 " and on (tenant) tensorfleet_gateway_ready"):
+        problems: list[str] = []
+        _labels_of(promql_parser.parse(expr), exported, problems)
+        assert problems, expr
 
 
 def test_alerts_cover_billing_engines_and_cold_starts(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -401,6 +499,7 @@ def test_podmonitor_selects_the_serving_pods_on_the_gateway_admin_port(
     gateway = next(c for c in template["spec"]["containers"] if c["name"] == "gateway")
     endpoint = monitor["spec"]["podMetricsEndpoints"][0]
     assert endpoint["port"] in {p["name"] for p in gateway["ports"]}
+    assert endpoint["honorLabels"] is True  # requests_total{endpoint="/v1/..."} stays endpoint, not exported_endpoint
     # The relabelling reads the pod labels the renderer sets (Prometheus maps . and / to _).
     sources = {r["sourceLabels"][0] for r in endpoint["relabelings"]}
     for label in (labels.ISVC_LABEL, labels.GPU_PRODUCT_LABEL):
