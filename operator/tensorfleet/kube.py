@@ -296,5 +296,5 @@ def check_crds(connection: Connection) -> None:
         response = http.get(f"{connection.server}/apis/{API_GROUP}/{API_VERSION}")
     if response.status_code == 404:
         raise SystemExit(f"the {API_GROUP}/{API_VERSION} API is not served: install the CRDs first "
-                         "(kubectl apply -f crds/, or helm install tensorfleet charts/tensorfleet)")
+                         "(kubectl apply -R -f crds/, or helm install tensorfleet charts/tensorfleet)")
     response.raise_for_status()

@@ -519,7 +519,8 @@ def test_notes_tell_how_to_check_peering_and_upgrade_crds() -> None:
     result = run([tool("helm"), "install", "tf", str(CHART), "--dry-run=client", "--namespace", NAMESPACE])
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "kubectl get clusterkopfpeering tensorfleet" in notes
-    assert "kubectl apply --server-side -f" in notes
+    assert "kubectl apply --server-side -R -f" in notes  # recursive, as every doc says (crds/kopf/ in the repo)
+    assert "spec.engine.storeRef" in notes  # no default engine store by default: say what that means
 
 
 @pytest.mark.parametrize("value_set", ["defaults", "namespaced"])
@@ -541,3 +542,14 @@ def test_two_replicas_from_the_chart_peer_with_distinct_priorities(
         assert sorted(kwargs["namespaces"]) == served
     # Equal priorities would freeze both replicas; random ones let exactly one act.
     assert len({kwargs["priority"] for kwargs in replicas}) == len(replicas) == 2
+
+
+def test_every_crd_install_line_applies_recursively() -> None:
+    """kopf's peering CRDs live in crds/kopf/: `kubectl apply -f crds/` would miss them, and a peered operator
+    would wait for them forever. Every doc, the chart's notes and the operator's own hint say -R."""
+    sources = [*ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md"), CHART / "README.md",
+               CHART / "templates" / "NOTES.txt", ROOT / "operator" / "tensorfleet" / "kube.py"]
+    lines = [(path.name, line) for path in sources for line in path.read_text().splitlines()
+             if "kubectl apply" in line and "crds/" in line]
+    assert len(lines) >= 5
+    assert [(name, line) for name, line in lines if " -R " not in line] == []
