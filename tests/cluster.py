@@ -7,9 +7,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx
+import kopf
 
+from tensorfleet import config
+from tensorfleet.controller import operator_registry
 from tensorfleet.kube import resource_for
 from tensorfleet.sandbox.apiserver import EmulatorThread
+from tensorfleet.settings import OperatorSettings
 
 T = TypeVar("T")
 ISVC = "tensorfleet.io/v1alpha1"
@@ -25,6 +29,12 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}: last value {last!r}")
+
+
+def registry_from_env() -> kopf.OperatorRegistry:
+    """The handlers an operator started now would run: from the TENSORFLEET_* environment (set it first),
+    as the operator reads its settings inside ``KopfRunner``."""
+    return operator_registry(config.from_env(OperatorSettings))
 
 
 class Cluster:

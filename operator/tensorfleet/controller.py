@@ -19,7 +19,8 @@ from typing import Any
 
 import kopf
 
-from tensorfleet import API_GROUP, API_VERSION, config, diff, kube
+from tensorfleet import API_GROUP, API_VERSION, config, diff, handlers, kube
+from tensorfleet.api.types import InferenceService
 from tensorfleet.autoscale import daemon as _autoscaler  # noqa: F401  (registers the autoscaler's handlers)
 from tensorfleet.engines import controller as engines  # registers the Engine handlers and indices
 from tensorfleet.metrics import OperatorMetrics
@@ -67,7 +68,12 @@ def connection_for(settings: OperatorSettings) -> kube.Connection:
     return found
 
 
-@kopf.on.login()
+def operator_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
+    """The kopf registry of one operator process: every handler of tensorfleet that ``settings`` allow."""
+    return handlers.build(settings)
+
+
+@handlers.declare(kopf.on.login)
 def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
     conn = connection_for(_settings(memo))
     return kopf.ConnectionInfo(
@@ -77,7 +83,7 @@ def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
     )
 
 
-@kopf.on.startup()
+@handlers.declare(kopf.on.startup)
 async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     ours = _settings(memo)
     settings.persistence.finalizer = FINALIZER
@@ -93,14 +99,14 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     )
 
 
-@kopf.on.cleanup()
+@handlers.declare(kopf.on.cleanup)
 async def cleanup(memo: Any, **_: Any) -> None:
     runtime: Runtime | None = getattr(memo, "runtime", None)
     if runtime is not None:
         await runtime.client.aclose()
 
 
-@kopf.on.probe(id="api")
+@handlers.declare(kopf.on.probe, id="api")
 def probe_api(memo: Any, **_: Any) -> int:
     runtime: Runtime = memo.runtime
     return runtime.client.writes
@@ -124,37 +130,40 @@ _OURS = {labels.MANAGED_BY: labels.MANAGER}
 CHILD_INDICES = ("deployments_idx", "services_idx", "configmaps_idx", "pdbs_idx", "hpas_idx", "scaledobjects_idx")
 
 
-@kopf.index("apps", "v1", "deployments", labels=_OURS)
+@handlers.declare(kopf.index, "apps", "v1", "deployments", labels=_OURS)
 async def deployments_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
     return _index_child(body, memo)
 
 
-@kopf.index("", "v1", "services", labels=_OURS)
+@handlers.declare(kopf.index, "", "v1", "services", labels=_OURS)
 async def services_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
     return _index_child(body, memo)
 
 
-@kopf.index("", "v1", "configmaps", labels=_OURS)
+@handlers.declare(kopf.index, "", "v1", "configmaps", labels=_OURS)
 async def configmaps_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
     return _index_child(body, memo)
 
 
-@kopf.index("policy", "v1", "poddisruptionbudgets", labels=_OURS)
+@handlers.declare(kopf.index, "policy", "v1", "poddisruptionbudgets", labels=_OURS)
 async def pdbs_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
     return _index_child(body, memo)
 
 
-@kopf.index("autoscaling", "v2", "horizontalpodautoscalers", labels=_OURS)
+# Only where the settings allow the mode: without RBAC for them kopf would stop the operator (tensorfleet.handlers).
+@handlers.declare(kopf.index, "autoscaling", "v2", "horizontalpodautoscalers", labels=_OURS,
+                  only_if=lambda settings: settings.autoscale_hpa)
 async def hpas_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
     return _index_child(body, memo)
 
 
-@kopf.index("keda.sh", "v1alpha1", "scaledobjects", labels=_OURS)  # not served without KEDA: then empty
+@handlers.declare(kopf.index, "keda.sh", "v1alpha1", "scaledobjects", labels=_OURS,  # without KEDA: empty
+                  only_if=lambda settings: settings.autoscale_keda)
 async def scaledobjects_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
     return _index_child(body, memo)
 
 
-@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+@handlers.declare(kopf.on.event, API_GROUP, API_VERSION, PLURAL)
 async def inferenceservice_event(namespace: str | None, name: str | None, memo: Any, **_: Any) -> None:
     runtime: Runtime | None = getattr(memo, "runtime", None)
     if runtime is not None:
@@ -175,12 +184,12 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-@kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_backoff=1.0, cancellation_timeout=10.0)
+@handlers.declare(kopf.daemon, API_GROUP, API_VERSION, PLURAL, cancellation_backoff=1.0, cancellation_timeout=10.0)
 async def reconcile_daemon(stopped: Any, body: kopf.Body, namespace: str | None, name: str, memo: Any,
                            **kwargs: Any) -> None:
     runtime: Runtime = memo.runtime
     namespace = namespace or ""
-    indices = {index: kwargs[index] for index in CHILD_INDICES}
+    indices = {index: kwargs[index] for index in CHILD_INDICES if index in kwargs}  # optional ones may be absent
     engine_indices = {index: kwargs[index] for index in engines.ENGINE_INDICES}
     trigger = runtime.trigger(namespace, name)
     trigger.set()  # reconcile at once on create, resume and operator restart
@@ -199,6 +208,7 @@ async def reconcile_daemon(stopped: Any, body: kopf.Body, namespace: str | None,
             failures = 0 if ok else failures + 1
     finally:
         runtime.metrics.services.dec()
+        runtime.metrics.forget_service(namespace, name)
         runtime.triggers.pop((namespace, name), None)
 
 
@@ -248,6 +258,10 @@ async def reconcile_once(runtime: Runtime, body: Mapping[str, Any], children: An
         runtime.metrics.duration.observe(time.monotonic() - started)
     await _catch_up(replaced, children, body, status_replaced)
     runtime.metrics.reconciles.labels(result="error" if apply_error else "ok").inc()
+    meta = snapshot["metadata"]
+    desired = None if plan.errors else InferenceService.from_body(snapshot).spec.desired_replicas
+    runtime.metrics.service_replicas(meta.get("namespace", ""), meta["name"], desired,
+                                     int(plan.status.get("readyReplicas") or 0))
     return apply_error is None
 
 

@@ -8,9 +8,7 @@ from typing import Any
 import yaml
 
 from tensorfleet.api.types import InferenceService
-from tensorfleet.api.validation import validate_body
-from tensorfleet.engines import serving
-from tensorfleet.reconcile import desired_objects
+from tensorfleet.reconcile import desired_objects, spec_errors
 from tensorfleet.render.context import RenderContext
 
 
@@ -34,7 +32,7 @@ def render_text(text: str, ctx: RenderContext, gpu_product: str | None = None) -
             result.warnings.append(f"document {index}: skipped {kind}: only InferenceService is rendered")
             continue
         name = (doc.get("metadata") or {}).get("name", f"document {index}")
-        errors = validate_body(doc) or serving.service_errors(doc)
+        errors = spec_errors(doc, ctx)
         if errors:
             result.errors.extend(f"InferenceService {name}: {error}" for error in errors)
             continue

@@ -16,7 +16,7 @@ from tensorfleet.api.schema import FieldError
 from tensorfleet.api.types import InferenceService
 from tensorfleet.api.validation import validate_body
 from tensorfleet.autoscale import status as autoscale_status
-from tensorfleet.autoscale.render import autoscaler_objects
+from tensorfleet.autoscale.render import autoscaler_objects, mode_errors
 from tensorfleet.engines import serving
 from tensorfleet.render import labels
 from tensorfleet.render.context import RenderContext
@@ -94,11 +94,17 @@ def desired_objects(isvc: InferenceService, ctx: RenderContext, gpu_products: tu
     return [diff.stamp(obj) for obj in objects]
 
 
+def spec_errors(body: Mapping[str, Any], ctx: RenderContext) -> list[FieldError]:
+    """Why a (schema-valid) service cannot be rendered here: cross-field rules, unusable engine options, and
+    an autoscaling mode this installation does not allow. Empty when it can."""
+    return validate_body(body) or serving.service_errors(body) or mode_errors(body, ctx)
+
+
 def reconcile(body: Mapping[str, Any], observed: Observed, ctx: RenderContext, now: datetime.datetime) -> Plan:
     meta = body.get("metadata", {})
     generation = int(meta.get("generation") or 0)
     previous = (body.get("status") or {}).get("conditions") or []
-    errors = validate_body(body) or serving.service_errors(body)
+    errors = spec_errors(body, ctx)
     engine_writes: tuple[serving.EngineWrite, ...] = ()
     owned = [c for c in observed.children if _owned_by(c, meta.get("uid"))]
     deployments = [c for c in owned if c.get("kind") == "Deployment"]

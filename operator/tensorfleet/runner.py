@@ -11,8 +11,7 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
-from tensorfleet import controller as _handlers  # noqa: F401  (importing registers the kopf handlers)
-from tensorfleet import kube
+from tensorfleet import controller, kube
 from tensorfleet.metrics import OperatorMetrics
 from tensorfleet.settings import OperatorSettings
 
@@ -60,5 +59,7 @@ def run_operator(settings: OperatorSettings, stop_flag: threading.Event | None =
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=metrics.registry)
     memo = kopf.Memo(settings=settings, metrics=metrics)
-    asyncio.run(kopf.operator(memo=memo, stop_flag=stop_flag, ready_flag=ready_flag, **operator_kwargs(settings)))
+    registry = controller.operator_registry(settings)
+    asyncio.run(kopf.operator(registry=registry, memo=memo, stop_flag=stop_flag, ready_flag=ready_flag,
+                              **operator_kwargs(settings)))
 

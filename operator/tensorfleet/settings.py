@@ -58,6 +58,13 @@ class OperatorSettings:
         2.0, "autoscaling.mode tensorfleet: how often each service's gateways are scraped and replicas decided.")
     autoscale_scrape_timeout_seconds: float = setting(
         1.0, "autoscaling.mode tensorfleet: how long one gateway /metrics scrape may take.")
+    autoscale_hpa: bool = setting(
+        True, "Allow autoscaling.mode hpa: the operator indexes, creates and prunes HorizontalPodAutoscalers. "
+        "Off: it never watches them, and services asking for hpa report InvalidSpec.")
+    autoscale_keda: bool = setting(
+        True, "Allow autoscaling.mode keda: the operator indexes, creates and prunes KEDA ScaledObjects. "
+        "Off: it never reads the KEDA API (even where KEDA is installed), and services asking for keda report "
+        "InvalidSpec.")
     prometheus_url: str = setting(
         "http://prometheus-operated.monitoring.svc:9090",
         "autoscaling.mode keda: the Prometheus that KEDA's triggers query for the gateway metrics.")
@@ -95,4 +102,11 @@ class OperatorSettings:
             engine_fetch_timeout_seconds=self.engine_fetch_timeout_seconds,
             model_fetch_timeout_seconds=self.model_fetch_timeout_seconds,
             prometheus_url=self.prometheus_url,
+            disabled_autoscaling_modes=self.disabled_autoscaling_modes,
         )
+
+    @property
+    def disabled_autoscaling_modes(self) -> tuple[str, ...]:
+        """The autoscaling modes this installation does not allow (``autoscale_hpa``, ``autoscale_keda``)."""
+        return tuple(mode for mode, allowed in (("hpa", self.autoscale_hpa), ("keda", self.autoscale_keda))
+                     if not allowed)

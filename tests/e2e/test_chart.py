@@ -14,8 +14,8 @@ import yaml
 from openapi_schema_validator import OAS30Validator
 
 from chart import CHART, KUBERNETES_VERSIONS, NAMESPACE, ROOT, helm, of_kind, one, render, run, tool
-from contracts import PENDING_METRICS, PENDING_SETTINGS, exported_metrics
 from tensorfleet import __version__, config
+from tensorfleet.engines.controller import engine_context
 from tensorfleet.render import labels
 from tensorfleet.render.context import RenderContext
 from tensorfleet.render.workload import render_deployment
@@ -33,13 +33,16 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "image": {"digest": "sha256:" + "a" * 64},
         "imagePullSecrets": ["registry"],
         "operator": {"extraEnv": [{"name": "EXTRA", "value": "1"}], "priorityClassName": "system-cluster-critical"},
-        "engines": {"builderImage": "nvcr.io/nvidia/tensorrt-llm/release:0.21.0",
+        "engines": {"builderImage": "nvcr.io/nvidia/tensorrt-llm/release:{trtllm_version}", "buildRetries": 4,
+                    "retryBaseSeconds": 60, "retryMaxSeconds": 900, "fetchTimeoutSeconds": 600,
                     "store": {"type": "s3", "s3": {"bucket": "engines", "endpoint": "https://s3.example.com",
                                                    "region": "eu-west-1", "credentialsSecret": "engine-store"}}},
+        "runtimes": {"modelFetchTimeoutSeconds": 1200},
         "metering": {"sinkUrl": "https://billing.example.com/events", "secretName": "billing-keys",
                      "resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"fp16": 2.0, "fp8": 3.6},
                                        "NVIDIA-A100-SXM4-80GB": {"fp16": 1.0}}},
-        "autoscaling": {"hpa": True, "keda": True},
+        "autoscaling": {"hpa": True, "keda": True, "intervalSeconds": 5, "scrapeTimeoutSeconds": 0.5,
+                        "prometheusUrl": "http://prometheus.monitoring:9090"},
         "metrics": MONITORING,
     },
     "pvc-store": {"engines": {"store": {"type": "pvc", "pvc": {"claimName": "engines", "path": "/trt"}}}},
@@ -66,6 +69,12 @@ def test_helm_lint_is_clean(value_set: str) -> None:
     ({"operator": {"watchNamespaces": ["Team_A"]}}, "/operator/watchNamespaces/0"),
     ({"engines": {"store": {"type": "s3"}}}, "/engines/store/s3/bucket"),
     ({"engines": {"store": {"type": "gcs"}}}, "/engines/store/type"),
+    ({"engines": {"store": {"type": "pvc"}}}, "/engines/store/pvc/claimName"),
+    ({"engines": {"builderImage": "registry/builder:{version}"}}, "/engines/builderImage"),
+    ({"engines": {"buildRetries": -1}}, "/engines/buildRetries"),
+    ({"autoscaling": {"intervalSeconds": 0}}, "/autoscaling/intervalSeconds"),
+    ({"autoscaling": {"keda": "yes"}}, "/autoscaling/keda"),
+    ({"autoscaling": {"prometheusUrl": "prometheus:9090"}}, "/autoscaling/prometheusUrl"),
     ({"metering": {"sinkUrl": "ftp://billing"}}, "/metering/sinkUrl"),
     ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": -1}}}, "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3"),
     ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"fp16": 0}}}},
@@ -225,25 +234,53 @@ def test_gateway_containers_run_as_the_image_user() -> None:
 
 
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
-def test_operator_environment_is_settings_or_a_listed_contract(
-        rendered: dict[str, list[dict[str, Any]]], value_set: str) -> None:
-    env = _env(_container(rendered[value_set]))
+def test_operator_environment_is_exactly_operator_settings(
+        rendered: dict[str, list[dict[str, Any]]], value_set: str, tmp_path: pathlib.Path) -> None:
+    docs = rendered[value_set]
+    env = _env(_container(docs))
     known = {config.env_name(OperatorSettings, name) for name in OperatorSettings.__dataclass_fields__}
     ours = {name for name in env if name.startswith("TENSORFLEET_")}
-    assert ours - known - set(PENDING_SETTINGS) == set(), "add it to OperatorSettings or tests/contracts.py"
-    config.from_env(OperatorSettings, env)  # every value the chart sets parses as the operator reads it
+    assert ours - known == set(), "the chart sets a variable the operator does not read"
+    if "TENSORFLEET_METERING_RU_TABLE_FILE" in env:  # the mounted ConfigMap, where the operator reads it
+        table = next(o for o in docs if o["kind"] == "ConfigMap" and "resource-units" in o["metadata"]["name"])
+        (path := tmp_path / "resource-units.yaml").write_text(next(iter(table["data"].values())))
+        env["TENSORFLEET_METERING_RU_TABLE_FILE"] = str(path)
+    settings = config.from_env(OperatorSettings, env)  # every value parses as the operator reads it
+    settings.render_context()  # what the operator does at startup: validates the RU table
+    engine_context(settings)  # and parses the default engine store
 
 
-def test_pending_settings_are_not_settings_yet() -> None:
-    known = {config.env_name(OperatorSettings, name) for name in OperatorSettings.__dataclass_fields__}
-    landed = set(PENDING_SETTINGS) & known
-    assert landed == set(), f"now real settings: remove them from tests/contracts.py PENDING_SETTINGS: {landed}"
+def _settings(docs: list[dict[str, Any]]) -> OperatorSettings:
+    return config.from_env(OperatorSettings, _env(_container(docs)))
 
 
-def test_everything_renders_every_pending_setting(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    env = {**_env(_container(rendered["everything"])), **_env(_container(rendered["pvc-store"]))}
-    assert set(PENDING_SETTINGS) <= set(env)
-    assert _container(rendered["everything"])["image"].endswith("@sha256:" + "a" * 64)
+def test_defaults_leave_the_operators_own_defaults_alone(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Where values.yaml repeats a default of the operator, both agree; what the chart turns off is named."""
+    chart, code = _settings(rendered["defaults"]), OperatorSettings()
+    differ = {f for f in OperatorSettings.__dataclass_fields__ if getattr(chart, f) != getattr(code, f)}
+    assert differ == {"cluster", "autoscale_hpa", "autoscale_keda"}
+    assert (chart.cluster, chart.autoscale_hpa, chart.autoscale_keda) == ("incluster", False, False)
+
+
+def test_engine_and_autoscaling_values_become_the_operators_settings(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    s3, pvc = _settings(rendered["everything"]), _settings(rendered["pvc-store"])
+    assert (s3.engine_store, s3.engine_store_endpoint, s3.engine_store_region, s3.engine_store_secret) == (
+        "s3://engines/engines", "https://s3.example.com", "eu-west-1", "engine-store")
+    assert s3.engine_builder_image == "nvcr.io/nvidia/tensorrt-llm/release:{trtllm_version}"
+    assert (s3.engine_build_retries, s3.engine_retry_base_seconds, s3.engine_retry_max_seconds) == (4, 60.0, 900.0)
+    assert (s3.engine_fetch_timeout_seconds, s3.model_fetch_timeout_seconds) == (600, 1200)
+    assert (s3.autoscale_interval_seconds, s3.autoscale_scrape_timeout_seconds) == (5.0, 0.5)
+    assert (s3.autoscale_hpa, s3.autoscale_keda, s3.prometheus_url) == (True, True, "http://prometheus.monitoring:9090")
+    default = engine_context(s3).default_store
+    assert default is not None
+    assert (default.kind, default.bucket, default.prefix, default.endpoint) == ("s3", "engines", "engines",
+                                                                               "https://s3.example.com")
+    assert pvc.engine_store == "pvc://engines/trt"
+    store = engine_context(pvc).default_store
+    assert store is not None
+    assert (store.kind, store.claim, store.path) == ("pvc", "engines", "/trt")
+    assert _settings(rendered["defaults"]).engine_store == ""  # type none: Engines need their own storeRef
 
 
 def test_metering_values_reach_the_operator(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -301,24 +338,123 @@ def _queries(docs: list[dict[str, Any]]) -> list[str]:
     return exprs
 
 
+def _concrete(expr: str) -> str:
+    """Grafana's variables are not PromQL: substitute what Grafana would."""
+    return (expr.replace("$__rate_interval", "1m").replace("$__range", "6h")
+            .replace("$namespace", ".*").replace("$inferenceservice", ".*"))
+
+
 def _metric_names(expr: str) -> set[str]:
-    # Grafana's variables are not PromQL: substitute what Grafana would.
-    concrete = (expr.replace("$__rate_interval", "1m").replace("$__range", "6h")
-                .replace("$namespace", ".*").replace("$inferenceservice", ".*"))
     names: set[str] = set()
-    promql_parser.walk(promql_parser.parse(concrete),
+    promql_parser.walk(promql_parser.parse(_concrete(expr)),
                        lambda node: names.add(node.name) if isinstance(node, promql_parser.VectorSelector) else None)
     return names
 
 
-def test_alerts_and_dashboard_are_valid_promql_over_known_metrics(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    used: set[str] = set()
-    for expr in _queries(rendered["everything"]):
-        used |= _metric_names(expr)
-    exported = exported_metrics()
-    assert used - exported - set(PENDING_METRICS) == set(), "unknown metric: export it or list it in tests/contracts.py"
-    assert set(PENDING_METRICS) & exported == set(), "now exported: remove it from PENDING_METRICS"
-    assert set(PENDING_METRICS) <= used, "listed as a contract but no longer used"
+# Labels Prometheus adds to every scraped series (the prometheus-operator's target labels), per monitor; the
+# PodMonitor also copies the pod's InferenceService and GPU product (templates/podmonitor.yaml).
+TARGET_LABELS = {"namespace", "pod", "container", "endpoint", "job", "instance"}
+GATEWAY_TARGET_LABELS = TARGET_LABELS | {"inferenceservice", "gpu_product"}
+OPERATOR_TARGET_LABELS = TARGET_LABELS | {"service"}
+
+
+def _labels_by_series(registry: Any) -> dict[str, set[str]]:
+    """Every series name a registry exports (with _total, _bucket, ... suffixes) and its own label names."""
+    found: dict[str, set[str]] = {}
+    for collector, names in list(registry._collector_to_names.items()):  # a test may look inside prometheus_client
+        labels = set(getattr(collector, "_labelnames", ()))
+        for name in names:
+            found[name] = labels | ({"le"} if name.endswith("_bucket") else set())
+    for collector in list(registry._collector_to_names):
+        if not registry._collector_to_names[collector]:  # a custom collector without describe(): what it yields
+            for family in collector.collect():
+                for sample in family.samples:
+                    found.setdefault(sample.name, set()).update(sample.labels)
+    return found
+
+
+@pytest.fixture(scope="module")
+def exported() -> dict[str, set[str]]:
+    """Series name -> labels available in Prometheus: what the gateway's /metrics serves (its registry, metering's
+    and the process collector in the default one) through the PodMonitor, and the operator's through the
+    ServiceMonitor (honorLabels keeps its own namespace label)."""
+    from prometheus_client import REGISTRY
+
+    from tensorfleet.gateway.metrics import GatewayMetrics
+    from tensorfleet.metrics import OperatorMetrics
+
+    gateway = GatewayMetrics()
+    gateway.watch_gpu(lambda: 0.5)  # exported only while NVML reads a GPU
+    own = {name: labels for registry in (gateway.registry, REGISTRY)
+           for name, labels in _labels_by_series(registry).items()}
+    # The gateway's own `endpoint` label (the API path) wins over the target's (the PodMonitor honors labels);
+    # any other target label carried by a series itself would override where the series came from.
+    reserved = GATEWAY_TARGET_LABELS - {"endpoint"}
+    clashing = {name: labels & reserved for name, labels in own.items()
+                if name.startswith("tensorfleet_") and labels & reserved}
+    assert clashing == {}, "gateway series must not carry target labels themselves"
+    series = {name: labels | GATEWAY_TARGET_LABELS for name, labels in own.items()}
+    series.update({name: labels | OPERATOR_TARGET_LABELS
+                   for name, labels in _labels_by_series(OperatorMetrics().registry).items()})
+    return series
+
+
+def _labels_of(node: Any, exported: dict[str, set[str]], problems: list[str]) -> set[str] | None:
+    """The labels an expression's result can have (None for a scalar), noting every label used but unavailable."""
+    p = promql_parser
+    if isinstance(node, p.VectorSelector):
+        available = exported.get(node.name, set())
+        problems += [f"{node.name} has no label {m.name}" for m in node.matchers.matchers if m.name not in available]
+        return available
+    if isinstance(node, p.MatrixSelector):
+        return _labels_of(node.vector_selector, exported, problems)
+    if isinstance(node, p.ParenExpr | p.UnaryExpr | p.SubqueryExpr):
+        return _labels_of(node.expr, exported, problems)
+    if isinstance(node, p.NumberLiteral | p.StringLiteral):
+        return None
+    if isinstance(node, p.AggregateExpr):
+        inner = _labels_of(node.expr, exported, problems) or set()
+        grouping = set(node.modifier.labels) if node.modifier else set()
+        problems += [f"{node.op} by {label}: not a label of {node.expr}" for label in grouping - inner]
+        by = node.modifier is not None and node.modifier.type == p.AggModifierType.By
+        return grouping if by else inner - grouping
+    if isinstance(node, p.Call):
+        vectors = [labels for arg in node.args if (labels := _labels_of(arg, exported, problems)) is not None]
+        if not vectors:
+            return None
+        return vectors[0] - {"le"} if node.func.name == "histogram_quantile" else vectors[0]
+    if isinstance(node, p.BinaryExpr):
+        lhs, rhs = _labels_of(node.lhs, exported, problems), _labels_of(node.rhs, exported, problems)
+        matching = node.modifier.matching if node.modifier else None
+        for side in (lhs, rhs):
+            if matching is not None and side is not None:
+                problems += [f"on/ignoring {label}: not a label of a side" for label in set(matching.labels) - side]
+        if lhs is None or rhs is None:
+            return lhs if rhs is None else rhs
+        return lhs & rhs if str(node.op) == "or" else lhs
+    raise AssertionError(f"unexpected PromQL node {type(node).__name__}: {node}")
+
+
+def test_alerts_and_dashboard_are_valid_promql_over_exported_metrics_and_labels(
+        rendered: dict[str, list[dict[str, Any]]], exported: dict[str, set[str]]) -> None:
+    queries = _queries(rendered["everything"])
+    assert len(queries) > 20
+    unknown = {name for expr in queries for name in _metric_names(expr)} - set(exported)
+    assert unknown == set(), "the dashboard or an alert reads a metric nothing exports"
+    for expr in queries:
+        problems: list[str] = []
+        _labels_of(promql_parser.parse(_concrete(expr)), exported, problems)
+        assert problems == [], f"{expr}: {problems}"
+
+
+def test_the_label_check_catches_what_it_should(exported: dict[str, set[str]]) -> None:
+    for expr in ("sum by (tenant) (tensorfleet_gateway_requests_total)",  # requests carry no tenant
+                 'tensorfleet_engine_builds_total{inferenceservice="x"}',  # builds are per product, not service
+                 "histogram_quantile(0.9, sum by (pod, le) (rate(tensorfleet_gateway_tokenize_seconds_bucket[1m])))"
+                 " and on (tenant) tensorfleet_gateway_ready"):
+        problems: list[str] = []
+        _labels_of(promql_parser.parse(expr), exported, problems)
+        assert problems, expr
 
 
 def test_alerts_cover_billing_engines_and_cold_starts(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -363,6 +499,7 @@ def test_podmonitor_selects_the_serving_pods_on_the_gateway_admin_port(
     gateway = next(c for c in template["spec"]["containers"] if c["name"] == "gateway")
     endpoint = monitor["spec"]["podMetricsEndpoints"][0]
     assert endpoint["port"] in {p["name"] for p in gateway["ports"]}
+    assert endpoint["honorLabels"] is True  # requests_total{endpoint="/v1/..."} stays endpoint, not exported_endpoint
     # The relabelling reads the pod labels the renderer sets (Prometheus maps . and / to _).
     sources = {r["sourceLabels"][0] for r in endpoint["relabelings"]}
     for label in (labels.ISVC_LABEL, labels.GPU_PRODUCT_LABEL):
@@ -382,7 +519,8 @@ def test_notes_tell_how_to_check_peering_and_upgrade_crds() -> None:
     result = run([tool("helm"), "install", "tf", str(CHART), "--dry-run=client", "--namespace", NAMESPACE])
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "kubectl get clusterkopfpeering tensorfleet" in notes
-    assert "kubectl apply --server-side -f" in notes
+    assert "kubectl apply --server-side -R -f" in notes  # recursive, as every doc says (crds/kopf/ in the repo)
+    assert "spec.engine.storeRef" in notes  # no default engine store by default: say what that means
 
 
 @pytest.mark.parametrize("value_set", ["defaults", "namespaced"])
@@ -404,3 +542,14 @@ def test_two_replicas_from_the_chart_peer_with_distinct_priorities(
         assert sorted(kwargs["namespaces"]) == served
     # Equal priorities would freeze both replicas; random ones let exactly one act.
     assert len({kwargs["priority"] for kwargs in replicas}) == len(replicas) == 2
+
+
+def test_every_crd_install_line_applies_recursively() -> None:
+    """kopf's peering CRDs live in crds/kopf/: `kubectl apply -f crds/` would miss them, and a peered operator
+    would wait for them forever. Every doc, the chart's notes and the operator's own hint say -R."""
+    sources = [*ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md"), CHART / "README.md",
+               CHART / "templates" / "NOTES.txt", ROOT / "operator" / "tensorfleet" / "kube.py"]
+    lines = [(path.name, line) for path in sources for line in path.read_text().splitlines()
+             if "kubectl apply" in line and "crds/" in line]
+    assert len(lines) >= 5
+    assert [(name, line) for name, line in lines if " -R " not in line] == []

@@ -10,17 +10,15 @@ import pathlib
 from typing import Any
 
 import jsonschema
-import kopf
 import kubernetes_validate
 import pytest
 import yaml
 from click.testing import CliRunner
 from kopf.testing import KopfRunner
 
-import tensorfleet.controller  # noqa: F401  (registers the handlers)
 from builders import deep_merge
 from chart import CHART, KUBERNETES_VERSIONS, ROOT, helm, run, tool
-from cluster import Cluster, wait_for
+from cluster import Cluster, registry_from_env, wait_for
 from tensorfleet.api import crds
 from tensorfleet.api.validation import validate_body
 from tensorfleet.cli import main
@@ -182,7 +180,7 @@ def test_every_example_converges_with_the_operator(emulator: EmulatorThread, mon
     cluster.add_gpu_node("gpu-h100", "NVIDIA-H100-80GB-HBM3", 9, 0)
     cluster.add_gpu_node("gpu-a100", "NVIDIA-A100-SXM4-80GB", 8, 0)
     services = [d for path in SERVICE_FILES for d in _docs(path.read_text()) if d["kind"] == "InferenceService"]
-    with KopfRunner(["run", "--standalone", "--all-namespaces"], registry=kopf.get_default_registry(), timeout=60):
+    with KopfRunner(["run", "--standalone", "--all-namespaces"], registry=registry_from_env(), timeout=60):
         for service in services:
             cluster.namespace = service["metadata"].get("namespace", "default")
             response = cluster.create(service)

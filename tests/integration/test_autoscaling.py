@@ -8,13 +8,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import kmock
-import kopf
 import pytest
 from kopf.testing import KopfRunner
 
-import tensorfleet.controller  # noqa: F401  (registers the handlers in kopf's default registry)
 from builders import inference_service
-from cluster import ISVC, Cluster, wait_for
+from cluster import ISVC, Cluster, registry_from_env, wait_for
 from gateway_metrics import LoopbackGatewayMetrics, ready_status, serving_pod
 from tensorfleet.sandbox.apiserver import EmulatorThread
 
@@ -48,7 +46,7 @@ def operator(emulator: EmulatorThread, monkeypatch: pytest.MonkeyPatch, *args: s
     monkeypatch.setenv("TENSORFLEET_AUTOSCALE_INTERVAL_SECONDS", str(INTERVAL))
     monkeypatch.setenv("TENSORFLEET_AUTOSCALE_SCRAPE_TIMEOUT_SECONDS", "1")
     return KopfRunner(["run", "--all-namespaces", "--verbose", *(args or ("--standalone",))],
-                      registry=kopf.get_default_registry(), timeout=60)
+                      registry=registry_from_env(), timeout=60)
 
 
 def autoscaled(name: str = "llama", mode: str = "tensorfleet", **autoscaling: Any) -> dict[str, Any]:

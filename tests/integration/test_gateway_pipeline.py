@@ -238,6 +238,9 @@ async def test_not_ready_until_warm_and_nothing_before_ready_is_billed(tmp_path:
     assert cold.total_seconds >= 0.3
     assert f"{telemetry.READY} 1.0" in metrics
     assert 'tensorfleet_gateway_warmup_state{tensorfleet_gateway_warmup_state="ready"} 1.0' in metrics
+    # metering's metrics (the default registry) are served beside the gateway's: dashboards and alerts need them
+    assert 'tensorfleet_metering_ledger_verification_failures_total{kind="edited"}' in metrics
+    assert "tensorfleet_metering_spool_records" in metrics
 
 
 async def test_warmup_latency_bound_holds_readiness(tmp_path: pathlib.Path) -> None:

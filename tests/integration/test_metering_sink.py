@@ -138,3 +138,30 @@ async def test_admission_hints_settle_records_without_waiting_for_the_horizon(tm
 def test_open_sink_rejects_bad_settings(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="TENSORFLEET_METERING_EXPORT_BATCH_SIZE=0"):
         open_sink(CONFIG, tmp_path, "", tmp_path / "d", settings=MeteringSettings(export_batch_size=0))
+
+
+async def test_per_tenant_gpu_ms_and_resource_units_are_exported_as_recorded(tmp_path: Path) -> None:
+    """The dashboard's GPU-ms and RU per tenant: counters of exactly what the ledger holds, tenants capped."""
+    from prometheus_client import REGISTRY
+
+    def counted(metric: str, tenant: str) -> float:
+        return REGISTRY.get_sample_value(metric, {"tenant": tenant, "tier": "standard"}) or 0.0
+
+    names = ("tensorfleet_metering_tenant_gpu_milliseconds_total", "tensorfleet_metering_tenant_resource_units_total")
+    before = {(name, tenant): counted(name, tenant) for name in names for tenant in ("acme", "other", "globex")}
+    (tmp_path / "devices").write_text("")
+    settings = MeteringSettings(**{**FAST.__dict__, "max_tenant_labels": 1})
+    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", tmp_path / "devices", settings=settings)
+    await sink.start()
+    await run_traffic(sink, 3)
+    await run_traffic(sink, 2, tenant="globex")  # over the cap of one tenant label: counted as "other"
+    await sink.close()
+    billed = [b for b in bodies(tmp_path / "usage") if b["kind"] == "request"]
+    for tenant, label in (("acme", "acme"), ("globex", "other")):
+        mine = [b for b in billed if b["tenant"] == tenant]
+        assert len(mine) == (3 if tenant == "acme" else 2)
+        for name, field in zip(names, ("gpuMs", "resourceUnits"), strict=True):
+            grown = counted(name, label) - before[(name, label)]
+            assert grown == pytest.approx(sum(b[field] for b in mine))
+            assert grown > 0
+    assert counted(names[0], "globex") == before[(names[0], "globex")]  # never its own label

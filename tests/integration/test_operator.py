@@ -5,13 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import kopf
 import pytest
 from kopf.testing import KopfRunner
 
-import tensorfleet.controller  # noqa: F401  (registers the handlers in kopf's default registry)
 from builders import inference_service
-from cluster import ISVC, Cluster, wait_for
+from cluster import ISVC, Cluster, registry_from_env, wait_for
 from tensorfleet.sandbox.apiserver import EmulatorThread
 
 pytestmark = pytest.mark.integration
@@ -31,7 +29,7 @@ def operator(emulator: EmulatorThread, monkeypatch: pytest.MonkeyPatch) -> KopfR
     monkeypatch.setenv("TENSORFLEET_RESYNC_SECONDS", str(RESYNC))
     monkeypatch.setenv("TENSORFLEET_DEBOUNCE_SECONDS", "0.05")
     return KopfRunner(["run", "--standalone", "--all-namespaces", "--verbose"],
-                      registry=kopf.get_default_registry(), timeout=60)
+                      registry=registry_from_env(), timeout=60)
 
 
 def converge(cluster: Cluster, name: str, replicas: int = 1) -> None:

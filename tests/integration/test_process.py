@@ -44,8 +44,14 @@ def test_metrics_liveness_and_json_logs(emulator: EmulatorThread, tmp_path: path
         metrics = wait_for(lambda: (m := _get(f"http://127.0.0.1:{metrics_port}/metrics")) and
                            'tensorfleet_reconcile_total{result="ok"}' in m.text and m, what="reconcile metrics")
         for name in ("tensorfleet_reconcile_duration_seconds_bucket", "tensorfleet_api_writes_total",
-                     "tensorfleet_inferenceservices 1.0", "tensorfleet_reconcile_errors_total"):
+                     "tensorfleet_inferenceservices 1.0", "tensorfleet_reconcile_errors_total",
+                     # the dashboard's replicas panel: what the service asks for, and what is ready
+                     'tensorfleet_inferenceservice_desired_replicas{inferenceservice="llama",namespace="default"} 1.0',
+                     'tensorfleet_inferenceservice_ready_replicas{inferenceservice="llama",namespace="default"} 0.0'):
             assert name in metrics.text
+        cluster.delete("tensorfleet.io/v1alpha1", "InferenceService", "llama")
+        wait_for(lambda: (m := _get(f"http://127.0.0.1:{metrics_port}/metrics")) and
+                 "tensorfleet_inferenceservice_desired_replicas{" not in m.text, what="its series removed")
     finally:
         process.terminate()
         process.wait(timeout=60)

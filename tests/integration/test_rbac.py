@@ -16,23 +16,30 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import kopf
+import kmock
 import pytest
 from kopf.testing import KopfRunner
 
-import tensorfleet.controller  # noqa: F401  (registers the handlers in kopf's default registry)
-from builders import inference_service, triton_service
-from chart import NAMESPACE, of_kind, render
-from cluster import ISVC, Cluster, wait_for
+from builders import deep_merge, inference_service, triton_service
+from chart import NAMESPACE, of_kind, one, render
+from cluster import ISVC, Cluster, registry_from_env, wait_for
+from gateway_metrics import LoopbackGatewayMetrics, ready_status, serving_pod
 from tensorfleet.sandbox.apiserver import APIRequest, EmulatorThread
 
 pytestmark = pytest.mark.integration
 
 PEERING = "tensorfleet"
 H100, A100 = "NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB"
+KEDA = "keda.sh/v1alpha1"
 OPERATOR_AGENTS = ("kopf/", "tensorfleet/")  # kopf's own requests and tensorfleet.kube's
 
 # ---- the scenario: one step per behaviour that needs an API permission ---------------------------
+
+
+def discover_gpus(cluster: Cluster) -> None:
+    """GPU nodes labelled by GPU feature discovery: the operator keeps an inventory of products."""
+    cluster.add_gpu_node("gpu-h100", H100, 9, 0)
+    cluster.add_gpu_node("gpu-a100", A100, 8, 0)
 
 
 def serve_a_model(cluster: Cluster) -> None:
@@ -43,30 +50,65 @@ def serve_a_model(cluster: Cluster) -> None:
     wait_for(lambda: (cluster.condition("llama", "Ready") or {}).get("status") == "True", what="Ready=True")
 
 
-def drop_a_gpu_product(cluster: Cluster) -> None:
-    """A triton service per GPU product; dropping a product prunes its Deployment."""
+def build_engines_then_drop_a_gpu_product(cluster: Cluster) -> None:
+    """Triton: one Engine per product, built by a Job whose pod's termination message the operator reads,
+    then the finished Jobs deleted; dropping a product prunes its Deployment and releases its Engine."""
     assert cluster.create(triton_service("trt", gpu={"products": [H100, A100]})).status_code == 201
-    wait_for(lambda: len(_deployments(cluster, "trt")) == 2, what="one Deployment per product")
+    wait_for(lambda: cluster.complete_engine_builds() >= 0 and len(_deployments(cluster, "trt")) == 2,
+             what="engines built from their Jobs' reports, then one Deployment per product")
+    wait_for(lambda: cluster.jobs() == [], what="finished build Jobs deleted")
     cluster.patch(ISVC, "InferenceService", "trt", {"spec": {"gpu": {"products": [H100]}}})
     wait_for(lambda: len(_deployments(cluster, "trt")) == 1, what="the A100 Deployment pruned")
+    wait_for(lambda: len(cluster.engines()) == 1, what="the A100 Engine released")
+
+
+def autoscale_on_queue_depth(cluster: Cluster) -> None:
+    """mode tensorfleet: the operator finds the serving pods, scrapes their gateways and writes /scale, then
+    records the decision (status.autoscaling, an Event); before acting it lists HPAs to avoid a fight."""
+    body = inference_service("auto", autoscaling={"mode": "tensorfleet", "minReplicas": 1, "maxReplicas": 4,
+                                                  "panicWindowSeconds": 1, "scaleDownStabilizationSeconds": 3})
+    del body["spec"]["replicas"]
+    assert cluster.create(body).status_code == 201
+    wait_for(lambda: len(cluster.children("auto")) == 4, what="4 children")
+    cluster.mark_deployments_ready("auto")
+    gateway = LoopbackGatewayMetrics(queue_depth=12, in_flight=8, kv_cache_usage=0.95, gpu_utilization=1.0)
+    try:
+        assert cluster.create(serving_pod("auto-0", "auto", gateway.port)).status_code == 201
+        assert cluster.patch("v1", "Pod", "auto-0", {"status": ready_status()}, sub="status").status_code == 200
+        wait_for(lambda: (cluster.isvc("auto")["spec"].get("replicas") or 0) >= 2, what="scaled up through /scale")
+        wait_for(lambda: (cluster.isvc("auto").get("status") or {}).get("autoscaling"), what="the decision recorded")
+    finally:
+        gateway.close()
+
+
+def hand_over_to_hpa_and_keda(cluster: Cluster) -> None:
+    """modes hpa and keda (only where the chart allows them): the operator renders an HPA and a ScaledObject,
+    and prunes them when the mode changes."""
+    for name, mode in (("by-hpa", "hpa"), ("by-keda", "keda")):
+        body = inference_service(name, autoscaling={"mode": mode, "minReplicas": 1, "maxReplicas": 4})
+        del body["spec"]["replicas"]
+        assert cluster.create(body).status_code == 201
+    wait_for(lambda: cluster.get("autoscaling/v2", "HorizontalPodAutoscaler", "by-hpa"), what="the HPA")
+    wait_for(lambda: cluster.get(KEDA, "ScaledObject", "by-keda"), what="the ScaledObject")
+    for name in ("by-hpa", "by-keda"):
+        cluster.patch(ISVC, "InferenceService", name, {"spec": {"autoscaling": {"mode": "tensorfleet"}}})
+    wait_for(lambda: cluster.get("autoscaling/v2", "HorizontalPodAutoscaler", "by-hpa") is None, what="HPA pruned")
+    wait_for(lambda: cluster.get(KEDA, "ScaledObject", "by-keda") is None, what="ScaledObject pruned")
 
 
 def delete_the_services(cluster: Cluster) -> None:
-    """Deletion: the daemon stops and kopf removes its finalizer."""
-    for name in ("llama", "trt"):
-        cluster.delete(ISVC, "InferenceService", name)
+    """Deletion: the daemons stop and kopf removes its finalizers (Engines go with their owner)."""
+    for service in cluster.list(ISVC, "InferenceService"):
+        cluster.delete(ISVC, "InferenceService", service["metadata"]["name"])
     wait_for(lambda: cluster.list(ISVC, "InferenceService") == [], what="finalizers released")
+    wait_for(lambda: cluster.engines() == [], what="Engines released")
 
 
-SCENARIO: list[Callable[[Cluster], None]] = [serve_a_model, drop_a_gpu_product, delete_the_services]
-
-# Grants the chart adds behind a value whose code has not landed yet: (values, issue, grants).
-PENDING_GRANTS: list[tuple[dict[str, Any], int, set[tuple[str, str, str]]]] = [
-    ({"autoscaling": {"hpa": True}}, 6, {(verb, "autoscaling", "horizontalpodautoscalers")
-                                         for verb in ("list", "watch", "create", "patch", "delete")}),
-    ({"autoscaling": {"keda": True}}, 6, {(verb, "keda.sh", "scaledobjects")
-                                          for verb in ("list", "watch", "create", "patch", "delete")}),
-]
+SCENARIO: list[Callable[[Cluster], None]] = [discover_gpus, serve_a_model, build_engines_then_drop_a_gpu_product,
+                                             autoscale_on_queue_depth, delete_the_services]
+# The chart's optional modes: the operator runs with their settings on, and this step exercises them.
+WITH_HPA_AND_KEDA: dict[str, Any] = {"autoscaling": {"hpa": True, "keda": True}}
+SCENARIO_WITH_HPA_AND_KEDA = [*SCENARIO[:-1], hand_over_to_hpa_and_keda, SCENARIO[-1]]
 
 
 def _deployments(cluster: Cluster, name: str) -> list[dict[str, Any]]:
@@ -122,19 +164,34 @@ def cluster(emulator: EmulatorThread) -> Iterator[Cluster]:
     client.close()
 
 
+# The chart's values for every run: fast resyncs for the test, and a default engine store (without one,
+# Engines would only report InvalidSpec and never start a Job).
+BASE_VALUES: dict[str, Any] = {
+    "operator": {"peering": {"name": PEERING}, "resyncSeconds": 1, "debounceSeconds": 0.05},
+    "engines": {"store": {"type": "s3", "s3": {"bucket": "engines"}}},
+    "autoscaling": {"intervalSeconds": 0.5},
+}
+
+
+def chart(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    return render(deep_merge(BASE_VALUES, values or {}))
+
+
 def run_scenario(emulator: EmulatorThread, cluster: Cluster, monkeypatch: pytest.MonkeyPatch,
+                 docs: list[dict[str, Any]], steps: list[Callable[[Cluster], None]],
                  namespaces: tuple[str, ...] = ()) -> list[APIRequest]:
-    """Run SCENARIO with the operator peered as in the chart; the operator's requests, in order."""
+    """Run ``steps`` with the operator configured and peered as the chart ``docs`` deploy it; its requests."""
     _create_peering(cluster, namespaces)
-    monkeypatch.setenv("TENSORFLEET_SERVER", emulator.url)
-    monkeypatch.setenv("TENSORFLEET_PEERING", PEERING)
-    monkeypatch.setenv("TENSORFLEET_RESYNC_SECONDS", "1")
-    monkeypatch.setenv("TENSORFLEET_DEBOUNCE_SECONDS", "0.05")
+    container = one(docs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
+    for variable in container["env"]:
+        if variable["name"].startswith("TENSORFLEET_") and "value" in variable:
+            monkeypatch.setenv(variable["name"], variable["value"])  # the operator's settings, from the chart
+    monkeypatch.setenv("TENSORFLEET_SERVER", emulator.url)  # the emulator instead of the in-cluster account
     where = [f"--namespace={ns}" for ns in namespaces] or ["--all-namespaces"]
     before = len(emulator.server.requests)
     with KopfRunner(["run", *where, f"--peering={PEERING}", "--verbose"],
-                    registry=kopf.get_default_registry(), timeout=60) as runner:
-        for step in SCENARIO:
+                    registry=registry_from_env(), timeout=60) as runner:
+        for step in steps:
             step(cluster)
     assert runner.exit_code == 0, runner.output
     requests = [r for r in emulator.server.requests[before:] if r.user_agent.startswith(OPERATOR_AGENTS)]
@@ -166,20 +223,37 @@ def _bound_to_operator(docs: list[dict[str, Any]], binding_kind: str) -> list[di
     return bound
 
 
+def _clusterwide_grants(docs: list[dict[str, Any]]) -> set[Grant]:
+    cluster_roles = _bound_to_operator(docs, "ClusterRoleBinding")
+    assert len(cluster_roles) == 1
+    return grants(cluster_roles[0]["rules"])
+
+
 def test_clusterwide_chart_grants_exactly_what_the_operator_uses(
         emulator: EmulatorThread, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    requests = run_scenario(emulator, cluster, monkeypatch)
-    cluster_roles = _bound_to_operator(render({"operator": {"peering": {"name": PEERING}}}), "ClusterRoleBinding")
-    assert len(cluster_roles) == 1
-    granted = grants(cluster_roles[0]["rules"])
+    docs = chart()
+    requests = run_scenario(emulator, cluster, monkeypatch, docs, SCENARIO)
+    granted = _clusterwide_grants(docs)
     assert_exact(requests, lambda _: granted, granted)
+
+
+def test_hpa_and_keda_values_grant_exactly_what_those_modes_use(
+        emulator: EmulatorThread, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    emulator.server.resources[f"{KEDA}/scaledobjects"] = kmock.ResourceInfo(  # a cluster with KEDA
+        kind="ScaledObject", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"})
+    docs = chart(WITH_HPA_AND_KEDA)
+    requests = run_scenario(emulator, cluster, monkeypatch, docs, SCENARIO_WITH_HPA_AND_KEDA)
+    granted = _clusterwide_grants(docs)
+    assert_exact(requests, lambda _: granted, granted)
+    added = {(g.verb, g.group, g.resource) for g in granted - _clusterwide_grants(chart())}
+    assert {resource for _, _, resource in added} == {"horizontalpodautoscalers", "scaledobjects"}
 
 
 def test_namespaced_chart_grants_exactly_what_the_operator_uses(
         emulator: EmulatorThread, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     namespaces = ("default", "team-b")
-    requests = run_scenario(emulator, cluster, monkeypatch, namespaces)
-    docs = render({"operator": {"watchNamespaces": list(namespaces), "peering": {"name": PEERING}}})
+    docs = chart({"operator": {"watchNamespaces": list(namespaces)}})
+    requests = run_scenario(emulator, cluster, monkeypatch, docs, SCENARIO, namespaces)
     by_namespace = {role["metadata"]["namespace"]: grants(role["rules"])
                     for role in _bound_to_operator(docs, "RoleBinding")}
     assert sorted(by_namespace) == sorted(namespaces)
@@ -190,14 +264,3 @@ def test_namespaced_chart_grants_exactly_what_the_operator_uses(
         return by_namespace.get(request.namespace, set()) if request.namespace else cluster_wide
 
     assert_exact(requests, granted_by, cluster_wide | set().union(*by_namespace.values()))
-
-
-@pytest.mark.parametrize(("values", "issue", "pending"), PENDING_GRANTS)
-def test_grants_behind_pending_values_are_exactly_the_listed_ones(
-        values: dict[str, Any], issue: int, pending: set[tuple[str, str, str]]) -> None:
-    def operator_grants(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-        role = _bound_to_operator(docs, "ClusterRoleBinding")[0]
-        return {(g.verb, g.group, g.resource) for g in grants(role["rules"])}
-
-    added = operator_grants(render(values)) - operator_grants(render())
-    assert added == pending, f"issue {issue}: move these into SCENARIO once its code uses them"

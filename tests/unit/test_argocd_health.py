@@ -1,13 +1,14 @@
 """The chart's Argo CD health check (Lua), run in a real Lua 5.1 interpreter (Argo CD's gopher-lua is 5.1).
 
-Statuses come from the real reconcile where the operator produces them (InferenceService), and from
-the Engine status contract otherwise (issue 3: the same Ready/Progressing/Degraded conditions).
+Statuses come from the real reconciles: the InferenceService's (Ready, Progressing, Degraded) and the Engine's
+(Ready, Building, Failed), driven through building, ready, a failed attempt, its retry and an invalid spec.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime
+import json
 import pathlib
 from typing import Any
 
@@ -15,9 +16,11 @@ import lupa.lua51
 import pytest
 import yaml
 
-from builders import inference_service, stored
+from builders import engine, engine_spec, inference_service, stored
+from tensorfleet.engines.reconcile import EngineContext, EngineObserved, reconcile_engine
 from tensorfleet.reconcile import Observed, reconcile
 from tensorfleet.render.context import RenderContext
+from tensorfleet.sandbox.kubelet import simulated_job_pod, simulated_job_status
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "charts" / "tensorfleet" / "files" / "argocd" / "health.lua"
@@ -99,29 +102,58 @@ def test_health_is_stable_across_reconciles() -> None:
     assert health({**body, "status": later.status}) == health(body)
 
 
-ENGINE = {"apiVersion": "tensorfleet.io/v1alpha1", "kind": "Engine",
-          "metadata": {"name": "llama3-8b-h100-80gb-hbm3-1a2b", "namespace": "default", "generation": 1}}
+ENGINE_CTX = EngineContext(retry_base_seconds=60, retry_max_seconds=600)
 
 
-def _engine(*conditions: tuple[str, str, str, str]) -> dict[str, Any]:
-    status = {"observedGeneration": 1, "conditions": [
-        {"type": t, "status": s, "reason": r, "message": m, "observedGeneration": 1,
-         "lastTransitionTime": "2026-11-21T12:00:00Z"} for t, s, r, m in conditions]}
-    return {**ENGINE, "status": status}
+def _engine_status(body: dict[str, Any], observed: EngineObserved, now: datetime.datetime) -> dict[str, Any]:
+    """``body`` with the status the Engine reconcile writes for what is ``observed``."""
+    plan = reconcile_engine(body, observed, ENGINE_CTX, now)
+    return {**body, "status": {k: v for k, v in plan.status.items() if v is not None}}
 
 
-@pytest.mark.parametrize(("engine", "expected"), [
-    (_engine(("Ready", "False", "Building", "build Job running on NVIDIA-H100-80GB-HBM3"),
-             ("Progressing", "True", "Building", "build Job running"),
-             ("Degraded", "False", "AsExpected", "")), "Progressing"),
-    (_engine(("Ready", "True", "Stored", "engine in the store"),
-             ("Progressing", "False", "Stored", ""), ("Degraded", "False", "AsExpected", "")), "Healthy"),
-    (_engine(("Ready", "False", "BuildFailed", "trtllm-build exited 1"),
-             ("Progressing", "False", "BuildFailed", ""),
-             ("Degraded", "True", "BuildFailed", "trtllm-build exited 1: out of memory")), "Degraded"),
+def _finished_pod(job: dict[str, Any], report: dict[str, Any], exit_code: int = 0) -> dict[str, Any]:
+    pod, status = simulated_job_pod(job, "ensure", exit_code, json.dumps(report), "2026-11-21T12:01:00Z")
+    return {**pod, "status": status}
+
+
+def _engines() -> dict[str, dict[str, Any]]:
+    body = stored(engine(engine_spec()))
+    building = _engine_status(body, EngineObserved(), T0)
+    job = reconcile_engine(body, EngineObserved(), ENGINE_CTX, T0).create
+    assert job is not None
+    fingerprint = building["status"]["fingerprint"]
+    ok = {"result": "cache", "fingerprint": fingerprint, "sha256": "sha256:" + "ab" * 32, "sizeBytes": 1,
+          "uri": "s3://engines/engines/x", "builtAt": "2026-11-20T00:00:00Z", "buildSeconds": 1.0}
+    ready = _engine_status(building, EngineObserved(jobs=(job,), pods=(_finished_pod(job, ok),)), T0)
+    failed_job = {**job, "status": simulated_job_status(False)}
+    report = {"result": "failed", "fingerprint": fingerprint, "reason": "BuildFailed",
+              "message": "trtllm-build exited with status 1", "logTail": "CUDA out of memory"}
+    failing = EngineObserved(jobs=(failed_job,), pods=(_finished_pod(job, report, exit_code=1),))
+    backing_off = _engine_status(building, failing, T0 + datetime.timedelta(seconds=90))
+    retrying = _engine_status(backing_off, failing, T0 + datetime.timedelta(minutes=5))
+    invalid = _engine_status({**body, "metadata": {**body["metadata"], "name": "engine-wrong"}}, EngineObserved(), T0)
+    return {"building": building, "ready": ready, "backing-off": backing_off, "retrying": retrying,
+            "invalid": invalid}
+
+
+@pytest.mark.parametrize(("state", "expected", "says"), [
+    ("building", "Progressing", "JobStarted"),
+    ("ready", "Healthy", "Available"),
+    ("backing-off", "Degraded", "BuildFailed: trtllm-build exited with status 1"),
+    ("retrying", "Progressing", "retrying after: BuildFailed"),
+    ("invalid", "Degraded", "InvalidSpec: metadata.name"),
 ])
-def test_engine_health_follows_the_same_conditions(engine: dict[str, Any], expected: str) -> None:
-    assert health(engine)["status"] == expected
+def test_engine_health_follows_the_engines_own_conditions(state: str, expected: str, says: str) -> None:
+    result = health(_engines()[state])
+    assert result["status"] == expected
+    assert says in result["message"]
+
+
+def test_a_ready_engine_stays_healthy_across_resyncs() -> None:
+    ready = _engines()["ready"]
+    later = _engine_status(ready, EngineObserved(), T0 + datetime.timedelta(hours=3))
+    assert later["status"] == ready["status"]
+    assert health(later) == health(ready)
 
 
 def test_argocd_config_example_carries_the_script_for_both_kinds() -> None:

@@ -161,3 +161,22 @@ def test_the_documented_adapter_rules_are_the_rendered_ones() -> None:
     doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "autoscaling.md").read_text()
     block = doc.split("<!-- prometheus-adapter-rules -->", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(block) == render.prometheus_adapter_rules()
+
+
+def test_a_mode_the_installation_does_not_allow_is_refused_by_its_field() -> None:
+    """The chart's autoscaling.hpa/keda off: no object the operator may not write, a condition that says why."""
+    ctx = RenderContext(disabled_autoscaling_modes=("hpa", "keda"))
+    for mode, value in (("hpa", "autoscaling.hpa"), ("keda", "autoscaling.keda")):
+        plan = reconcile(service(mode), Observed(), ctx, NOW)
+        assert plan.desired == ()
+        assert plan.prune == ()
+        (error,) = plan.errors
+        assert error.path == "spec.autoscaling.mode"
+        assert f"'{mode}'" in error.message
+        assert value in error.message
+        degraded = next(c for c in plan.status["conditions"] if c["type"] == "Degraded")
+        assert (degraded["status"], degraded["reason"]) == ("True", "InvalidSpec")
+    allowed = reconcile(service("tensorfleet"), Observed(), ctx, NOW)
+    assert allowed.errors == ()
+    assert allowed.desired
+    assert reconcile(service("keda"), Observed(), RenderContext(disabled_autoscaling_modes=("hpa",)), NOW).errors == ()

@@ -10,7 +10,13 @@ from typing import Any
 from builders import engine, engine_spec, inference_service, stored, triton_service
 from tensorfleet.api.types import InferenceService
 from tensorfleet.engines import jobs, serving
-from tensorfleet.engines.reconcile import CorruptionReport, EngineContext, EngineObserved, reconcile_engine
+from tensorfleet.engines.reconcile import (
+    BuildOutcome,
+    CorruptionReport,
+    EngineContext,
+    EngineObserved,
+    reconcile_engine,
+)
 from tensorfleet.reconcile import Observed, reconcile
 from tensorfleet.render.context import RenderContext
 from tensorfleet.status import condition
@@ -96,10 +102,14 @@ def test_the_pod_termination_message_makes_the_engine_ready_then_the_job_is_clea
     assert condition(plan.status, "Building")["status"] == "False"
     assert plan.delete == (job["metadata"]["name"],)
     assert [e.reason for e in plan.events] == ["EngineReady"]
+    assert plan.finished == (BuildOutcome("cached", 812.5),)  # what tensorfleet_engine_builds_total counts
     converged = with_status(body, plan.status)
     again = reconcile_engine(converged, EngineObserved(), CTX, T0 + datetime.timedelta(hours=1))
     assert {k: v for k, v in again.status.items() if v is not None} == converged["status"]  # nothing to write
-    assert (again.create, again.delete, again.events) == (None, (), ())
+    assert (again.create, again.delete, again.events, again.finished) == (None, (), (), ())
+    built = reconcile_engine(body, EngineObserved(jobs=(job,), pods=(pod(job["metadata"]["name"], message={
+        **cache_report(body), "result": "build"}),)), CTX, T0)
+    assert built.finished == (BuildOutcome("built", 812.5),)
 
 
 def test_a_failed_job_reports_its_reason_and_log_tail_and_retries_after_backoff() -> None:
@@ -120,7 +130,9 @@ def test_a_failed_job_reports_its_reason_and_log_tail_and_retries_after_backoff(
     assert plan.create is None
     assert condition(plan.status, "Building")["reason"] == "BackingOff"
     assert "BuildFailed" in [e.reason for e in plan.events]
+    assert plan.finished == (BuildOutcome("failed"),)
     body = with_status(body, plan.status)
+    assert reconcile_engine(body, observed, CTX, T0 + datetime.timedelta(seconds=100)).finished == ()  # once
     later = reconcile_engine(body, observed, CTX, T0 + datetime.timedelta(minutes=3))
     assert later.create is not None
     assert later.create["metadata"]["name"].endswith("-2")
@@ -295,3 +307,66 @@ def test_unusable_build_options_degrade_the_service_naming_its_field() -> None:
     assert "spec.engine.buildOptions.max_seq_len" in degraded["message"]
     assert plan.engine_writes == ()
     assert plan.desired == ()
+
+
+class RecordingEngineClient:
+    """Test double for tensorfleet.kube.KubeClient, as the Engine daemon uses it: records every write, and bumps
+    the resourceVersion of ``live`` on a status write, as the watch stream would deliver it."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, str]] = []
+        self.live: dict[str, Any] = {}
+
+    async def patch(self, api_version: str, kind: str, namespace: str | None, name: str, patch: dict[str, Any],
+                    subresource: str | None = None, **_: Any) -> dict[str, Any]:
+        self.writes.append(("patch", f"{kind}/{subresource}"))
+        if self.live:
+            self.live["metadata"]["resourceVersion"] = str(int(self.live["metadata"]["resourceVersion"]) + 1)
+        return {}
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.writes.append(("create", obj["kind"]))
+        return obj
+
+    async def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
+        self.writes.append(("delete", kind))
+
+    async def post_event(self, involved: Any, type_: str, reason: str, message: str, now: Any) -> None:
+        self.writes.append(("event", reason))
+
+
+async def test_engine_build_metrics_count_each_recorded_outcome_once() -> None:
+    """tensorfleet_engine_builds_total: exported at 0 for the Engine's product, +1 with the status write that
+    records an outcome, never again for the same one; build time observed for real builds."""
+    from types import SimpleNamespace
+
+    from tensorfleet.engines import controller
+    from tensorfleet.metrics import OperatorMetrics
+
+    metrics = OperatorMetrics()
+    client = RecordingEngineClient()
+    runtime = SimpleNamespace(client=client, metrics=metrics)
+    engines = controller.EngineRuntime(CTX)
+
+    def count(result: str) -> float | None:
+        return metrics.registry.get_sample_value("tensorfleet_engine_builds_total", {
+            "namespace": "default", "gpu_product": H100, "result": result})
+
+    metrics.watch_engine("default", H100)  # what the Engine daemon does when it starts
+    assert [count(r) for r in ("built", "cached", "failed")] == [0.0, 0.0, 0.0]
+    body = stored_engine()
+    first = reconcile_engine(body, EngineObserved(), CTX, T0)
+    assert first.create is not None
+    body = with_status(body, first.status)
+    name = first.create["metadata"]["name"]
+    report = {**cache_report(body), "result": "build"}
+    observed = EngineObserved(jobs=(first.create,), pods=(pod(name, message=report),))
+    client.live = body
+    assert await controller.reconcile_engine_once(runtime, engines, body, lambda: observed)
+    assert count("built") == 1.0
+    assert metrics.registry.get_sample_value("tensorfleet_engine_build_duration_seconds_sum",
+                                             {"gpu_product": H100}) == 812.5
+    recorded = with_status(body, reconcile_engine(body, observed, CTX, T0).status)
+    client.live = recorded
+    assert await controller.reconcile_engine_once(runtime, engines, recorded, lambda: observed)
+    assert count("built") == 1.0  # the outcome is already in status: not counted again

@@ -215,3 +215,44 @@ def test_a_ledger_refuses_a_different_signing_key(tmp_path: Path) -> None:
     make_ledger(tmp_path / "u.db").close()
     with pytest.raises(ValueError, match="signed with key"):
         Ledger(tmp_path / "u.db", chain.Signer(chain.generate_key()))
+
+
+def test_the_exporter_verifies_each_record_once_before_it_leaves_the_pod(tmp_path: Path) -> None:
+    """A tampered ledger still exports (the sink and `usage verify` see the same), but it is counted and logged,
+    which is what the TensorfleetLedgerVerificationFailed alert watches."""
+    from prometheus_client import REGISTRY
+
+    from tensorfleet.metering.settings import MeteringSettings
+
+    def failures(kind: str) -> float:
+        return REGISTRY.get_sample_value("tensorfleet_metering_ledger_verification_failures_total",
+                                         {"kind": kind}) or 0.0
+
+    make_ledger(tmp_path / "u.db", count=8).close()
+    conn = attacker(tmp_path / "u.db")
+    text = conn.execute("SELECT body FROM records WHERE seq = 3").fetchone()[0]
+    conn.execute("UPDATE records SET body = ? WHERE seq = 3", (text.replace('"tenant":"acme"', '"tenant":"x"'),))
+    conn.execute("DELETE FROM records WHERE seq = 6")
+    conn.close()
+    before = {kind: failures(kind) for kind in ("edited", "broken-link", "bad-signature")}
+    exporter = export.Exporter(Ledger(tmp_path / "u.db", SIGNER), MeteringSettings(sink_url="http://sink.invalid"))
+    try:
+        first, _ = exporter.ledger.unexported(4)
+        problems = exporter.verify_before_export(first)
+        assert [(p.seq, p.kind) for p in problems] == [(3, "edited")]
+        assert exporter.verify_before_export(first) == []  # a batch retried after a failed export: once only
+        rest, _ = exporter.ledger.unexported(100)
+        assert [(p.seq, p.kind) for p in exporter.verify_before_export(rest)] == [(7, "broken-link")]
+    finally:
+        exporter.close()
+        exporter.ledger.close()
+    assert failures("edited") - before["edited"] == 1
+    assert failures("broken-link") - before["broken-link"] == 1
+    assert failures("bad-signature") == before["bad-signature"]
+    clean = export.Exporter(make_ledger(tmp_path / "clean.db"), MeteringSettings(sink_url="http://sink.invalid"))
+    try:
+        rows, _ = clean.ledger.unexported(100)
+        assert clean.verify_before_export(rows) == []
+    finally:
+        clean.close()
+        clean.ledger.close()

@@ -61,3 +61,20 @@ app.kubernetes.io/component: operator
 {{- define "tensorfleet.clusterwide" -}}
 {{- if not .Values.operator.watchNamespaces }}true{{ end }}
 {{- end }}
+
+{{/* The default engine store as the operator's settings: TENSORFLEET_ENGINE_STORE as pvc://CLAIM/PATH or
+s3://BUCKET/PREFIX, and for s3 the endpoint, region and credentials Secret name. Nothing for type none. */}}
+{{- define "tensorfleet.engineStoreEnv" -}}
+{{- $env := list -}}
+{{- if eq .type "pvc" -}}
+{{- $claim := required "engines.store.pvc.claimName is required when engines.store.type is pvc" .pvc.claimName -}}
+{{- $env = append $env (dict "name" "TENSORFLEET_ENGINE_STORE" "value" (printf "pvc://%s/%s" $claim (trimAll "/" .pvc.path))) -}}
+{{- else if eq .type "s3" -}}
+{{- $bucket := required "engines.store.s3.bucket is required when engines.store.type is s3" .s3.bucket -}}
+{{- $env = append $env (dict "name" "TENSORFLEET_ENGINE_STORE" "value" (printf "s3://%s/%s" $bucket (trimAll "/" .s3.prefix))) -}}
+{{- with .s3.endpoint }}{{ $env = append $env (dict "name" "TENSORFLEET_ENGINE_STORE_ENDPOINT" "value" .) }}{{ end -}}
+{{- with .s3.region }}{{ $env = append $env (dict "name" "TENSORFLEET_ENGINE_STORE_REGION" "value" .) }}{{ end -}}
+{{- with .s3.credentialsSecret }}{{ $env = append $env (dict "name" "TENSORFLEET_ENGINE_STORE_SECRET" "value" .) }}{{ end -}}
+{{- end -}}
+{{- with $env }}{{ toYaml . }}{{ end -}}
+{{- end }}

@@ -27,28 +27,62 @@ exercises it to SCENARIO in that test; the test fails until both agree.
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [list, watch, create, patch]
-# Events about InferenceServices (Ready, NotReady, InvalidSpec, ...), posted on transitions only.
+# Events about InferenceServices and Engines (Ready, InvalidSpec, ScaledUp, BuildFailed, ...), on transitions only.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# Engines: one per model and GPU product, created for triton services, shared between services (an owner
+# reference more or less) and deleted when no service needs them any more; kopf's finalizer on them.
+- apiGroups: [tensorfleet.io]
+  resources: [engines]
+  verbs: [list, watch, create, patch, delete]
+# Build progress, the artifact and failures go through the status subresource only.
+- apiGroups: [tensorfleet.io]
+  resources: [engines/status]
+  verbs: [patch]
+# Engine build Jobs: created per attempt, deleted once their outcome is recorded or superseded.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [list, watch, create, delete]
+# Pods: build pods' termination messages (the build's report), serving pods' engine-fetch reports and,
+# for autoscaling.mode tensorfleet, the ready pods whose gateways are scraped. Read only.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+# autoscaling.mode tensorfleet sets replicas through the scale subresource, never the Deployments.
+- apiGroups: [tensorfleet.io]
+  resources: [inferenceservices/scale]
+  verbs: [patch]
 {{- if .Values.autoscaling.hpa }}
-# (pending: issue 6) HorizontalPodAutoscalers for spec.autoscaling.mode hpa.
+# HorizontalPodAutoscalers for autoscaling.mode hpa: server-side apply, pruned when the mode changes; the
+# operator also lists them before scaling, to refuse to fight one it did not create.
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [list, watch, create, patch, delete]
+{{- else }}
+# Before scaling (autoscaling.mode tensorfleet) the operator lists the namespace's HorizontalPodAutoscalers,
+# to refuse to fight one that targets the service. It watches and writes them only with autoscaling.hpa.
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [list]
 {{- end }}
 {{- if .Values.autoscaling.keda }}
-# (pending: issue 6) KEDA ScaledObjects for spec.autoscaling.mode keda.
+# KEDA ScaledObjects for autoscaling.mode keda: server-side apply, pruned when the mode changes. Without
+# autoscaling.keda the operator never reads the KEDA API.
 - apiGroups: [keda.sh]
   resources: [scaledobjects]
   verbs: [list, watch, create, patch, delete]
 {{- end }}
 {{- end }}
 
-{{/* What kopf itself needs at startup, cluster-wide: the CRDs (to notice API changes). */}}
+{{/* Cluster-scoped reads, in either mode: CRDs (kopf notices API changes) and Nodes (GPU discovery). */}}
 {{- define "tensorfleet.rbac.discoveryRules" -}}
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
+  verbs: [list, watch]
+# GPU discovery: the products, GPU counts and compute capabilities from GPU feature discovery's node labels.
+- apiGroups: [""]
+  resources: [nodes]
   verbs: [list, watch]
 {{- if not (include "tensorfleet.clusterwide" .) }}
 # Serving named namespaces, kopf lists and watches Namespaces to notice them come and go.

@@ -26,7 +26,7 @@ from typing import Any
 
 import kopf
 
-from tensorfleet import API_GROUP, API_VERSION, kube
+from tensorfleet import API_GROUP, API_VERSION, handlers, kube
 from tensorfleet.api.types import InferenceService
 from tensorfleet.api.validation import validate_body
 from tensorfleet.autoscale import policy, signals
@@ -65,7 +65,7 @@ class OptionalKedaFilter(logging.Filter):
 logging.getLogger("kopf._core.reactor.observation").addFilter(OptionalKedaFilter())
 
 
-@kopf.index("", "v1", "pods", labels=POD_LABELS)
+@handlers.declare(kopf.index, "", "v1", "pods", labels=POD_LABELS)
 async def pods_idx(body: kopf.Body, **_: Any) -> Any:
     """Serving pods by (namespace, service), reduced to what the autoscaler needs: phase and metrics URL."""
     owner = (body.metadata.labels or {}).get(labels.ISVC_LABEL)
@@ -78,8 +78,8 @@ def autoscaled_by_tensorfleet(spec: kopf.Spec, **_: Any) -> bool:
     return bool((spec.get("autoscaling") or {}).get("mode") == "tensorfleet")
 
 
-@kopf.daemon(API_GROUP, API_VERSION, "inferenceservices", id="autoscaler", when=autoscaled_by_tensorfleet,
-             cancellation_backoff=1.0, cancellation_timeout=10.0)
+@handlers.declare(kopf.daemon, API_GROUP, API_VERSION, "inferenceservices", id="autoscaler",
+                  when=autoscaled_by_tensorfleet, cancellation_backoff=1.0, cancellation_timeout=10.0)
 async def autoscaler_daemon(stopped: Any, body: kopf.Body, namespace: str | None, name: str, memo: Any,
                             **kwargs: Any) -> None:
     runtime = memo.runtime
@@ -102,7 +102,7 @@ async def autoscaler_daemon(stopped: Any, body: kopf.Body, namespace: str | None
             logger.exception("autoscaling %s/%s crashed; retrying", namespace, name)
 
 
-@kopf.on.cleanup()
+@handlers.declare(kopf.on.cleanup)
 async def close_scraper(memo: Any, **_: Any) -> None:
     scraper = getattr(memo, "autoscale_scraper", None)
     if scraper is not None:

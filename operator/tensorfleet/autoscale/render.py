@@ -24,9 +24,11 @@ For ``keda`` it needs KEDA and a Prometheus that scrapes the gateways with the p
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from tensorfleet import API_GROUP, API_VERSION, telemetry
+from tensorfleet.api.schema import FieldError
 from tensorfleet.api.types import AutoscalingSpec, InferenceService
 from tensorfleet.autoscale import policy
 from tensorfleet.render import labels
@@ -39,6 +41,20 @@ ADAPTER_METRICS = (QUEUE_METRIC, CONCURRENCY_METRIC, KV_METRIC)
 SERVICE_LABEL = "inferenceservice"  # metric label carrying the pod's tensorfleet.io/inferenceservice label
 HPA_SYNC_SECONDS = 15  # the HPA controller's default --horizontal-pod-autoscaler-sync-period
 KEDA_POLLING_SECONDS = 15
+
+
+MODE_SETTINGS = {"hpa": ("autoscale_hpa", "autoscaling.hpa"), "keda": ("autoscale_keda", "autoscaling.keda")}
+
+
+def mode_errors(body: Mapping[str, Any], ctx: RenderContext) -> list[FieldError]:
+    """A mode this installation does not allow, named by its field (the operator could not write its objects)."""
+    mode = ((body.get("spec") or {}).get("autoscaling") or {}).get("mode")
+    if mode not in ctx.disabled_autoscaling_modes:
+        return []
+    setting, value = MODE_SETTINGS[str(mode)]
+    return [FieldError("spec.autoscaling.mode", f"Unsupported value: {mode!r}: this tensorfleet installation does "
+                       f"not allow mode {mode} (operator setting TENSORFLEET_{setting.upper()}, chart value "
+                       f"{value}); use tensorfleet, none or an allowed mode")]
 
 
 def autoscaler_objects(isvc: InferenceService, ctx: RenderContext) -> list[dict[str, Any]]:

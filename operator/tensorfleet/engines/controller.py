@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from tensorfleet import API_GROUP, API_VERSION, config, kube
+from tensorfleet import API_GROUP, API_VERSION, config, handlers, kube
 from tensorfleet.engines import discovery, jobs, serving
 from tensorfleet.engines.fingerprint import ENGINE_LABEL
 from tensorfleet.engines.reconcile import CorruptionReport, EngineContext, EngineObserved, reconcile_engine
@@ -71,7 +71,7 @@ def _engines(memo: Any) -> EngineRuntime | None:
     return getattr(memo, "engines", None)
 
 
-@kopf.on.startup()
+@handlers.declare(kopf.on.startup)
 async def engines_startup(memo: Any, **_: Any) -> None:
     """Created once in the operator's memo at startup: kopf gives every object a shallow copy of that memo,
     so state created later, in one object's handler, would not be shared with the others."""
@@ -84,14 +84,14 @@ async def engines_startup(memo: Any, **_: Any) -> None:
 # ---- indices ------------------------------------------------------------------------------------------
 
 
-@kopf.index("", "v1", "nodes")
+@handlers.declare(kopf.index, "", "v1", "nodes")
 async def gpu_nodes_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
     gpus = discovery.node_gpus(body)
     _poke_services(memo)  # a product appearing or leaving changes which Deployments a service has
     return {"gpus": gpus} if gpus is not None else None
 
 
-@kopf.index(API_GROUP, API_VERSION, "engines")
+@handlers.declare(kopf.index, API_GROUP, API_VERSION, "engines")
 async def engines_idx(body: kopf.Body, namespace: str | None, name: str | None, memo: Any, **_: Any) -> Any:
     _poke_services(memo, namespace)
     engines = _engines(memo)
@@ -100,7 +100,7 @@ async def engines_idx(body: kopf.Body, namespace: str | None, name: str | None, 
     return {namespace: copy.deepcopy(dict(body))} if namespace else None
 
 
-@kopf.index("batch", "v1", "jobs", labels=_OURS)
+@handlers.declare(kopf.index, "batch", "v1", "jobs", labels=_OURS)
 async def engine_jobs_idx(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> Any:
     engine = (body.metadata.labels or {}).get(ENGINE_LABEL)
     if not engine or not namespace:
@@ -111,7 +111,7 @@ async def engine_jobs_idx(body: kopf.Body, namespace: str | None, memo: Any, **_
     return {(namespace, engine): copy.deepcopy(dict(body))}
 
 
-@kopf.index("", "v1", "pods", labels=_OURS)
+@handlers.declare(kopf.index, "", "v1", "pods", labels=_OURS)
 async def engine_pods_idx(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> Any:
     """Build pods (their termination message) and serving pods (an engine-fetch that found corruption)."""
     engine = (body.metadata.labels or {}).get(ENGINE_LABEL)
@@ -180,7 +180,7 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-@kopf.daemon(API_GROUP, API_VERSION, "engines", cancellation_backoff=1.0, cancellation_timeout=10.0)
+@handlers.declare(kopf.daemon, API_GROUP, API_VERSION, "engines", cancellation_backoff=1.0, cancellation_timeout=10.0)
 async def engine_daemon(stopped: Any, body: kopf.Body, namespace: str | None, name: str, memo: Any,
                         **kwargs: Any) -> None:
     runtime = memo.runtime
@@ -189,6 +189,7 @@ async def engine_daemon(stopped: Any, body: kopf.Body, namespace: str | None, na
     namespace = namespace or ""
     trigger = engines.trigger(namespace, name)
     trigger.set()
+    runtime.metrics.watch_engine(namespace, str(((body.get("spec") or {}).get("gpu") or {}).get("product") or ""))
     failures = 0
     try:
         while not stopped:
@@ -222,6 +223,9 @@ async def reconcile_engine_once(runtime: Any, engines: EngineRuntime, body: Mapp
             await runtime.client.patch(_API, "Engine", meta["namespace"], meta["name"], {"status": changed},
                                        subresource="status")
             runtime.metrics.writes.labels(kind="Engine", why="status").inc()
+            product = str(((snapshot.get("spec") or {}).get("gpu") or {}).get("product") or "")
+            for outcome in plan.finished:  # counted once: with the status write that records it
+                runtime.metrics.engine_build(meta["namespace"], product, outcome.result, outcome.seconds)
             for event in plan.events:
                 await runtime.client.post_event(snapshot, event.type, event.reason, event.message, _now())
         if plan.create is not None and not any(

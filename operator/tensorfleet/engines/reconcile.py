@@ -48,11 +48,20 @@ class EngineContext:
 
 
 @dataclasses.dataclass(frozen=True)
+class BuildOutcome:
+    """An attempt whose outcome this pass records in status for the first time (what metrics count)."""
+
+    result: str  # built (trtllm-build ran), cached (the store had it), failed
+    seconds: float | None = None  # the build's own time, from its report
+
+
+@dataclasses.dataclass(frozen=True)
 class EnginePlan:
     create: dict[str, Any] | None
     delete: tuple[str, ...]
     status: dict[str, Any]
     events: tuple[Event, ...]
+    finished: tuple[BuildOutcome, ...] = ()
 
 
 def spec_errors(body: Mapping[str, Any], ctx: EngineContext) -> list[FieldError]:
@@ -94,6 +103,7 @@ class _State:
     events: list[Event] = dataclasses.field(default_factory=list)
     create: dict[str, Any] | None = None
     delete: list[str] = dataclasses.field(default_factory=list)
+    finished: list[BuildOutcome] = dataclasses.field(default_factory=list)
 
 
 def reconcile_engine(body: Mapping[str, Any], observed: EngineObserved, ctx: EngineContext,
@@ -120,7 +130,7 @@ def reconcile_engine(body: Mapping[str, Any], observed: EngineObserved, ctx: Eng
         status[field] = value  # None removes the field (a merge patch)
     status["conditions"] = merge_conditions(previous.get("conditions") or [], state.conditions, generation, now)
     events = _transition_events(previous.get("conditions") or [], state.conditions) + state.events
-    return EnginePlan(state.create, tuple(state.delete), status, tuple(events))
+    return EnginePlan(state.create, tuple(state.delete), status, tuple(events), tuple(state.finished))
 
 
 def _invalid(state: _State, errors: Sequence[FieldError]) -> None:
@@ -152,6 +162,7 @@ def _advance(body: Mapping[str, Any], observed: EngineObserved, ctx: EngineConte
     rebuilding = state.artifact is not None and state.corruption is not None and not state.corruption.get("resolved")
     if (state.artifact is None or rebuilding) and succeeded:
         state.artifact = _artifact(succeeded[-1].report)
+        state.finished.append(_outcome(succeeded[-1].report))
         state.failure = None
         if state.corruption is not None:
             state.corruption = {**state.corruption, "resolved": True}
@@ -172,6 +183,12 @@ def _advance(body: Mapping[str, Any], observed: EngineObserved, ctx: EngineConte
             Condition("Building", "True", "JobRunning", f"attempt {state.attempts}: Job {current}{note}"),
             _failed_condition(state),
         ]
+
+
+def _outcome(report: Mapping[str, Any]) -> BuildOutcome:
+    seconds = report.get("buildSeconds")
+    return BuildOutcome("built" if report.get("result") == "build" else "cached",
+                        float(seconds) if isinstance(seconds, int | float) else None)
 
 
 def _new_corruption(state: _State, reports: Sequence[CorruptionReport]) -> CorruptionReport | None:
@@ -213,8 +230,9 @@ def _failed(body: Mapping[str, Any], ctx: EngineContext, now: datetime.datetime,
     previous = state.failure or {}
     if previous.get("job") == current:
         finished_at = str(previous.get("finishedAt"))
-    else:
+    else:  # this attempt's failure is recorded now
         finished_at = results[-1].finished_at if results and results[-1].finished_at else timestamp(now)
+        state.finished.append(BuildOutcome("failed"))
     delay = min(ctx.retry_max_seconds, ctx.retry_base_seconds * 2 ** max(0, state.attempts - 1))
     retry_at = _parse_time(finished_at, now) + datetime.timedelta(seconds=delay)
     reason = str(last.get("reason") or job_reason or "BuildFailed")

@@ -1,5 +1,8 @@
 """The gateway's Prometheus metrics (admin port /metrics). Names the autoscaler reads are in telemetry.py.
 
+/metrics serves this registry and prometheus_client's default one, where the metering sink (metering/metrics.py:
+GPU-ms and RU per tenant, the export spool, ledger verification) and the process collector live.
+
 Cardinality stays bounded: labels are the served model, the billing tier, the endpoint, a status class
 and a tenant label capped at ``max_tenant_labels`` distinct values (the rest count as ``other``).
 """
@@ -9,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tensorfleet import telemetry
+from tensorfleet.metering import metrics as _metering  # noqa: F401  (its families, in the default registry, are served)
 
 WARMUP_STATES = ["waiting_for_engine", "warming_up", "ready", "failed", "draining"]
+COLD_START_STAGES = ("engine_healthy", "warmed_up", "ready")  # warmup.WarmupGate reports these, once per start
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _COLD_START_BUCKETS = (1, 5, 10, 20, 30, 60, 120, 180, 300, 600, 900, 1200, 1800, 3600)
@@ -58,6 +63,8 @@ class GatewayMetrics:
         self.cold_start = Histogram("tensorfleet_gateway_cold_start_seconds",
                                     "Cold start stages (engine_healthy, warmed_up, ready) in seconds.", ["stage"],
                                     buckets=_COLD_START_BUCKETS, registry=r)
+        for stage in COLD_START_STAGES:  # at 0 from the start: increase() over _count{stage="ready"} counts starts
+            self.cold_start.labels(stage)
         self.tokens = Counter("tensorfleet_gateway_tokens_total", "Tokens served, by model, tier and kind.",
                               ["model", "tier", "kind"], registry=r)
         self.tenant_tokens = Counter("tensorfleet_gateway_tenant_tokens_total",
@@ -85,6 +92,10 @@ class GatewayMetrics:
         self.dropped_events = Counter("tensorfleet_gateway_metering_submit_errors_total",
                                       "Metering events the sink refused (it must not; counted, never raised).",
                                       registry=r)
+
+    def exposition(self) -> bytes:
+        """What /metrics serves: the gateway's own metrics, then metering's and the process's (default registry)."""
+        return generate_latest(self.registry) + generate_latest(REGISTRY)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: prometheus_client's lookup costs microseconds per call."""

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from tensorfleet.gateway import config as gwconfig
 from tensorfleet.gateway.auth import KeyStore, TenantResolver
@@ -120,7 +120,7 @@ class Gateway:
         return response
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
+        body = self.metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _readyz(self, request: web.Request) -> web.Response:

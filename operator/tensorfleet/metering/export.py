@@ -20,15 +20,13 @@ from typing import Any
 
 import httpx
 
-from tensorfleet.metering import metrics
+from tensorfleet.metering import chain, metrics, verify
 from tensorfleet.metering.ledger import Ledger
-from tensorfleet.metering.records import ID_NAMESPACE
+from tensorfleet.metering.records import CHECKPOINT_TYPE, EVENT_TYPES, ID_NAMESPACE
 from tensorfleet.metering.settings import MeteringSettings
 
 log = logging.getLogger(__name__)
 CONTENT_TYPE = "application/cloudevents-batch+json"
-EVENT_TYPES = {"request": "io.tensorfleet.usage.request.v1", "coldStart": "io.tensorfleet.usage.coldstart.v1"}
-CHECKPOINT_TYPE = "io.tensorfleet.usage.checkpoint.v1"
 
 
 def source(namespace: str | None, service: str | None) -> str:
@@ -86,12 +84,37 @@ class Exporter:
             headers["Authorization"] = f"Bearer {token}"
         self.client = httpx.Client(timeout=settings.sink_timeout_seconds, headers=headers, transport=transport)
         self.sink_url = settings.sink_url
+        self.verifier = chain.Verifier(chain.public_key_from_b64(ledger.signer.public_key_b64))
+        self._verified: verify.Anchor | None = None  # the last record checked (seq and hash)
+
+    def verify_before_export(self, rows: list[tuple[int, str, str, str]]) -> list[verify.Problem]:
+        """Check each record once, before it leaves the pod: its hash, its signature and its link to the record
+        before it. Failures are counted (tensorfleet_metering_ledger_verification_failures_total) and logged;
+        the records are exported all the same (the ledger is evidence, the sink and `tensorfleet usage verify`
+        see the same problem), so billing never stalls silently."""
+        fresh = [row for row in rows if self._verified is None or row[0] > self._verified.seq]
+        if not fresh:
+            return []
+        before = fresh[0][0] - 1
+        if self._verified is not None and self._verified.seq == before:
+            anchor: verify.Anchor | None = self._verified
+        else:
+            link = self.ledger.link_before(before + 1)
+            anchor = verify.Anchor(before, link) if link is not None else None
+        problems = verify.verify_appended(self.ledger.ledger_id, fresh, self.verifier, anchor)
+        for problem in problems:
+            metrics.LEDGER_VERIFICATION_FAILURES.labels(problem.kind).inc()
+            log.error("usage ledger %s, record %s fails verification (%s): %s", problem.ledger, problem.seq,
+                      problem.kind, problem.message)
+        self._verified = verify.Anchor(fresh[-1][0], fresh[-1][2])
+        return problems
 
     def export_once(self) -> int:
         """Send the next batch; the number of records the sink accepted (0: nothing to send)."""
         rows, checkpoints = self.ledger.unexported(self.settings.export_batch_size)
         if not rows and not checkpoints:
             return 0
+        self.verify_before_export(rows)
         key_id = self.ledger.signer.key_id
         events = [record_event(body, digest, sig, key_id) for _, body, digest, sig in rows]
         events += [checkpoint_event(body, sig) for _, body, sig in checkpoints]

@@ -151,6 +151,18 @@ class Ledger:
         row = self.conn.execute("SELECT MAX(seq) FROM checkpoints").fetchone()
         return int(row[0] or 0)
 
+    def link_before(self, seq: int) -> str | None:
+        """The hash record ``seq`` must link to (``prevHash``): the record before it, the pruning anchor, or the
+        genesis hash for the first record; None when that record is gone and no anchor names it."""
+        if seq <= 1:
+            return chain.genesis_hash(self.ledger_id)
+        row = self.conn.execute("SELECT hash FROM records WHERE seq = ?", (seq - 1,)).fetchone()
+        if row is not None:
+            return str(row[0])
+        if self.get_meta("pruned_seq") == str(seq - 1):
+            return self.get_meta("pruned_hash")
+        return None
+
     def has_record(self, record_id: str) -> bool:
         return self.conn.execute("SELECT 1 FROM records WHERE id = ?", (record_id,)).fetchone() is not None
 

@@ -1,6 +1,7 @@
 """Prometheus metrics of metering, in the default registry the gateway serves on /metrics.
 
-No per-request or per-tenant labels: cardinality stays fixed. Suggested alerts (docs/metering.md):
+No per-request labels; the per-tenant counters cap their tenant label at ``max_tenant_labels`` values (the rest
+count as ``other``), as the gateway's do, so cardinality stays bounded. Suggested alerts (docs/metering.md):
 ``tensorfleet_metering_spool_alert == 1`` for 15m, ``increase(tensorfleet_metering_events_dropped_total[5m]) > 0``,
 ``time() - tensorfleet_metering_export_last_success_timestamp_seconds > 3600``.
 """
@@ -27,3 +28,34 @@ SAMPLER_UP = Gauge("tensorfleet_metering_sampler_up", "1 while NVML sampling run
 GPU_MEMORY_USED = Gauge("tensorfleet_metering_gpu_memory_used_bytes", "Memory used on the engine's GPUs (NVML).")
 SIGNING_KEY = Gauge("tensorfleet_metering_signing_key_configured",
                     "1 when records are signed with the cluster's key, 0 with a pod-local one.")
+TENANT_GPU_MS = Counter("tensorfleet_metering_tenant_gpu_milliseconds",
+                        "GPU time billed to requests, by tenant (capped label set) and billing tier.",
+                        ["tenant", "tier"])
+TENANT_RESOURCE_UNITS = Counter("tensorfleet_metering_tenant_resource_units",
+                                "Resource units billed to requests, by tenant (capped label set) and billing tier.",
+                                ["tenant", "tier"])
+LEDGER_VERIFICATION_FAILURES = Counter(
+    "tensorfleet_metering_ledger_verification_failures",
+    "Ledger records that failed verification before export, by kind: edited (hash), bad-signature, malformed, "
+    "broken-link (prevHash or seq).", ["kind"])
+for _kind in ("edited", "bad-signature", "malformed", "broken-link"):
+    LEDGER_VERIFICATION_FAILURES.labels(_kind)  # exported as 0 from the start, so increase() sees the first one
+
+OTHER_TENANT = "other"
+
+
+class TenantLabels:
+    """The tenant label value: the tenant itself for the first ``limit`` distinct tenants, ``other`` after that."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, tenant: str | None) -> str:
+        name = tenant or ""
+        if name in self._seen:
+            return name
+        if len(self._seen) < self.limit:
+            self._seen.add(name)
+            return name
+        return OTHER_TENANT

@@ -73,6 +73,11 @@ def context_from_config(config: Mapping[str, Any], pod: str, gpu_product: str,
     )
 
 
+# CloudEvents types of what the ledger holds (the exporter sends them, verification reads them back).
+EVENT_TYPES = {"request": "io.tensorfleet.usage.request.v1", "coldStart": "io.tensorfleet.usage.coldstart.v1"}
+CHECKPOINT_TYPE = "io.tensorfleet.usage.checkpoint.v1"
+
+
 def rfc3339(wall: float) -> str:
     moment = datetime.datetime.fromtimestamp(wall, tz=datetime.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -48,6 +48,8 @@ class MeteringSettings:
         60.0, "How long to wait for the engine to record its GPUs before falling back to timing-only metering.")
     max_queued_events: int = setting(100_000, "Events waiting to be journalled; beyond it new ones are dropped "
                                               "and counted in tensorfleet_metering_events_dropped_total.")
+    max_tenant_labels: int = setting(100, "Distinct tenant label values of the per-tenant GPU-ms and RU metrics; "
+                                          "later tenants are counted as 'other' (the ledger keeps every tenant).")
     ledger_file: str = setting("usage.db", "File name of the ledger in the usage directory.")
 
     def validate(self) -> list[str]:
@@ -73,6 +75,7 @@ class MeteringSettings:
         check("settle_after_seconds", self.settle_after_seconds >= 0, "zero or positive")
         check("prefill_token_weight", self.prefill_token_weight >= 0, "zero or positive")
         check("max_queued_events", self.max_queued_events >= 1, "at least 1")
+        check("max_tenant_labels", self.max_tenant_labels >= 0, "zero or positive")
         check("sink_url", self.sink_url is None or self.sink_url.startswith(("http://", "https://")),
               "an http:// or https:// URL")
         return problems

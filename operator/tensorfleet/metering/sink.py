@@ -122,7 +122,8 @@ class MeteringSink:
         labels = {"namespace": self._ctx.namespace, "service": self._ctx.service, "pod": self.pod}
         ledger = _open_ledger(self.usage_dir / self.settings.ledger_file, signer, labels)
         writer = UsageWriter(ledger, self._ctx.gpus, self.settings.prefill_token_weight,
-                             self.settings.checkpoint_every_records, self.settings.checkpoint_interval_seconds)
+                             self.settings.checkpoint_every_records, self.settings.checkpoint_interval_seconds,
+                             self.settings.max_tenant_labels)
         restored = writer.restore()
         if restored:
             log.info("restored %d journalled requests", restored)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tensorfleet.metering import chain, export
+from tensorfleet.metering import chain
 from tensorfleet.metering.ledger import read_ledger
+from tensorfleet.metering.records import CHECKPOINT_TYPE, EVENT_TYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +123,33 @@ def _verify_chain(ledger: str, items: list[tuple[Record, dict[str, Any]]], verif
     return hashes
 
 
+def verify_appended(ledger: str, rows: Sequence[tuple[int, str, str, str]], verifier: chain.Verifier,
+                    anchor: Anchor | None) -> list[Problem]:
+    """Consecutive rows of one ledger, as stored ``(seq, body, hash, signature)``, checked as ``verify`` checks a
+    ledger file: each record's hash and signature, and its link to the record before it (``anchor``: that
+    record's seq and hash; None when it is unknown, then the first row's link is not checked). Kinds: edited,
+    bad-signature, malformed, broken-link."""
+    problems: list[Problem] = []
+    previous = anchor
+    for seq, body_text, digest, signature in rows:
+        try:
+            body = json.loads(body_text)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            problems.append(Problem(ledger, seq, "malformed", "the record is not a JSON object"))
+        else:
+            problem = _check_record(Record(body_text, digest, signature, seq), body, verifier)
+            if problem:
+                problems.append(Problem(ledger, seq, *problem))
+            if previous is not None and (seq != previous.seq + 1 or body.get("seq") != seq
+                                         or body.get("prevHash") != previous.hash):
+                problems.append(Problem(ledger, seq, "broken-link",
+                                        f"record {seq} does not link to record {previous.seq} before it"))
+        previous = Anchor(seq, digest)
+    return problems
+
+
 def _check_record(record: Record, body: dict[str, Any], verifier: chain.Verifier) -> tuple[str, str] | None:
     if chain.sha256_hex(record.body_text) != record.hash:
         return "edited", "the record's content does not match its hash"
@@ -202,12 +230,12 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
 
 def from_events(events: Iterable[dict[str, Any]]) -> tuple[list[Record], list[Checkpoint]]:
     records, checkpoints = [], []
-    record_types = set(export.EVENT_TYPES.values())
+    record_types = set(EVENT_TYPES.values())
     for event in events:
         data = dict(event.get("data") or {})
         proof = data.pop("proof", {}) or {}
         if event.get("type") in record_types:
             records.append(Record(chain.canonical(data), str(proof.get("hash", "")), str(proof.get("signature", ""))))
-        elif event.get("type") == export.CHECKPOINT_TYPE:
+        elif event.get("type") == CHECKPOINT_TYPE:
             checkpoints.append(Checkpoint(chain.canonical(data), str(proof.get("signature", ""))))
     return records, checkpoints

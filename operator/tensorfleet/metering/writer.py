@@ -40,8 +40,10 @@ class UsageWriter:
     """Owns the ledger and the attribution; the sink's writer thread calls ``cycle`` periodically."""
 
     def __init__(self, ledger: Ledger, gpus: int, prefill_token_weight: float = 1.0,
-                 checkpoint_every_records: int = 1000, checkpoint_interval_seconds: float = 30.0) -> None:
+                 checkpoint_every_records: int = 1000, checkpoint_interval_seconds: float = 30.0,
+                 max_tenant_labels: int = 100) -> None:
         self.ledger = ledger
+        self.tenant_label = metrics.TenantLabels(max_tenant_labels)
         self.gpus = gpus
         self.prefill_token_weight = prefill_token_weight
         self.checkpoint_every = checkpoint_every_records
@@ -200,4 +202,8 @@ class UsageWriter:
         metrics.GPU_MS.labels("unattributed").inc(result.unattributed_ms)
         for body in bodies:
             metrics.RECORDS.labels(body["kind"]).inc()
+            if body["kind"] == "request":  # after the commit: what Prometheus shows per tenant is in the ledger
+                labels = (self.tenant_label(body.get("tenant")), str(body.get("tier") or ""))
+                metrics.TENANT_GPU_MS.labels(*labels).inc(float(body.get("gpuMs") or 0.0))
+                metrics.TENANT_RESOURCE_UNITS.labels(*labels).inc(float(body.get("resourceUnits") or 0.0))
         metrics.PENDING.set(self.attributor.pending())

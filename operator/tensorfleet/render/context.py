@@ -46,3 +46,6 @@ class RenderContext:
     engine_fetch_timeout_seconds: int = 1800
     model_fetch_timeout_seconds: int = 3600
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"  # KEDA's Prometheus triggers query it
+    # Autoscaling modes the operator does not allow (its autoscale_hpa/autoscale_keda settings): a service
+    # asking for one is refused with a field error instead of rendering an object the operator may not write.
+    disabled_autoscaling_modes: tuple[str, ...] = ()

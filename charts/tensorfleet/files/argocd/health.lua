@@ -1,7 +1,8 @@
 -- Argo CD health check for tensorfleet.io InferenceService and Engine.
--- Both kinds report the same conditions (Ready, Progressing, Degraded, each with observedGeneration)
--- and status.observedGeneration. Only these are read, never timestamps, so a steady object keeps one
--- health and the operator writes nothing while converged: no Argo CD diff churn.
+-- InferenceService reports the conditions Ready, Progressing and Degraded; Engine reports Ready, Building and
+-- Failed (a failed attempt stays Failed while the next one builds). Both carry observedGeneration. Only these
+-- are read, never timestamps, so a steady object keeps one health and the operator writes nothing while
+-- converged: no Argo CD diff churn.
 local hs = {}
 
 local function find(conditions, kind)
@@ -39,6 +40,27 @@ if generation ~= nil and (status.observedGeneration == nil or status.observedGen
 end
 
 local ready = find(status.conditions, "Ready")
+
+if obj.kind == "Engine" then
+  local building = find(status.conditions, "Building")
+  local failed = find(status.conditions, "Failed")
+  if building ~= nil and building.status == "True" then
+    -- building or fetching; after a failure this is the retry, after corruption the re-verification
+    hs.status = "Progressing"
+    hs.message = describe(building)
+  elseif ready ~= nil and ready.status == "True" then
+    hs.status = "Healthy"
+    hs.message = describe(ready)
+  elseif failed ~= nil and failed.status == "True" then
+    hs.status = "Degraded"
+    hs.message = describe(failed)
+  else
+    hs.status = "Progressing"
+    hs.message = describe(ready)
+  end
+  return hs
+end
+
 local progressing = find(status.conditions, "Progressing")
 local degraded = find(status.conditions, "Degraded")
 
