@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from tensorfleet import API_GROUP, API_VERSION, config, diff, handlers, kube
+from tensorfleet import API_GROUP, API_VERSION, diff, handlers, kube
 from tensorfleet.api.types import InferenceService
 from tensorfleet.autoscale import daemon as _autoscaler  # noqa: F401  (registers the autoscaler's handlers)
 from tensorfleet.engines import controller as engines  # registers the Engine handlers and indices
@@ -28,6 +28,8 @@ from tensorfleet.reconcile import Observed, Plan, child_key, reconcile
 from tensorfleet.render import labels
 from tensorfleet.render.context import RenderContext
 from tensorfleet.settings import OperatorSettings
+from tensorfleet.settings import from_memo as settings_from_memo
+from tensorfleet.triggers import Triggers, reconcile_loop
 
 logger = logging.getLogger(__name__)
 PLURAL = "inferenceservices"
@@ -44,19 +46,7 @@ class Runtime:
     client: kube.KubeClient
     ctx: RenderContext
     metrics: OperatorMetrics
-    triggers: dict[tuple[str, str], asyncio.Event] = dataclasses.field(default_factory=dict)
-
-    def trigger(self, namespace: str, name: str) -> asyncio.Event:
-        return self.triggers.setdefault((namespace, name), asyncio.Event())
-
-    def poke(self, namespace: str | None, name: str | None) -> None:
-        if namespace and name:
-            self.trigger(namespace, name).set()
-
-
-def _settings(memo: Any) -> OperatorSettings:
-    found = memo.get("settings") if hasattr(memo, "get") else None
-    return found if isinstance(found, OperatorSettings) else config.from_env(OperatorSettings)
+    triggers: Triggers = dataclasses.field(default_factory=Triggers)
 
 
 def connection_for(settings: OperatorSettings) -> kube.Connection:
@@ -75,7 +65,7 @@ def operator_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
 
 @handlers.declare(kopf.on.login)
 def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
-    conn = connection_for(_settings(memo))
+    conn = connection_for(settings_from_memo(memo))
     return kopf.ConnectionInfo(
         server=conn.server, ca_path=conn.ca_path, insecure=conn.insecure, scheme="Bearer" if conn.token else None,
         token=conn.current_token(), certificate_path=conn.certificate_path, private_key_path=conn.private_key_path,
@@ -85,7 +75,7 @@ def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
 
 @handlers.declare(kopf.on.startup)
 async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
-    ours = _settings(memo)
+    ours = settings_from_memo(memo)
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
@@ -122,7 +112,7 @@ def _index_child(body: kopf.Body, memo: Any) -> dict[tuple[str, str], dict[str, 
         return None
     runtime: Runtime | None = getattr(memo, "runtime", None)
     if runtime is not None:
-        runtime.poke(namespace, owner)
+        runtime.triggers.poke(namespace, owner)
     return {(namespace, owner): copy.deepcopy(dict(body))}
 
 
@@ -167,7 +157,7 @@ async def scaledobjects_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
 async def inferenceservice_event(namespace: str | None, name: str | None, memo: Any, **_: Any) -> None:
     runtime: Runtime | None = getattr(memo, "runtime", None)
     if runtime is not None:
-        runtime.poke(namespace, name)
+        runtime.triggers.poke(namespace, name)
 
 
 # ---- the reconcile daemon -------------------------------------------------------------------------
@@ -191,37 +181,17 @@ async def reconcile_daemon(stopped: Any, body: kopf.Body, namespace: str | None,
     namespace = namespace or ""
     indices = {index: kwargs[index] for index in CHILD_INDICES if index in kwargs}  # optional ones may be absent
     engine_indices = {index: kwargs[index] for index in engines.ENGINE_INDICES}
-    trigger = runtime.trigger(namespace, name)
-    trigger.set()  # reconcile at once on create, resume and operator restart
     runtime.metrics.services.inc()
-    failures = 0
     try:
-        while not stopped:
-            delay = runtime.settings.resync_seconds if failures == 0 else min(60.0, 2.0**failures)
-            if await _wait_for_trigger(trigger, stopped, delay):
-                await asyncio.sleep(runtime.settings.debounce_seconds)  # coalesce bursts
-            trigger.clear()
-            if stopped:
-                break
-            ok = await reconcile_once(runtime, body, lambda: _children(indices, (namespace, name)),
-                                      lambda: engines.observed_for_service(engine_indices, namespace))
-            failures = 0 if ok else failures + 1
+        await reconcile_loop(
+            runtime.triggers.event(namespace, name), stopped,
+            lambda: reconcile_once(runtime, body, lambda: _children(indices, (namespace, name)),
+                                   lambda: engines.observed_for_service(engine_indices, namespace)),
+            resync_seconds=runtime.settings.resync_seconds, debounce_seconds=runtime.settings.debounce_seconds)
     finally:
         runtime.metrics.services.dec()
         runtime.metrics.forget_service(namespace, name)
-        runtime.triggers.pop((namespace, name), None)
-
-
-async def _wait_for_trigger(trigger: asyncio.Event, stopped: Any, delay: float) -> bool:
-    """Wait for a poke, the daemon's stop, or ``delay`` seconds (the resync). True when poked."""
-    poked = asyncio.ensure_future(trigger.wait())
-    halted = asyncio.ensure_future(stopped.wait())
-    try:
-        await asyncio.wait({poked, halted}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        poked.cancel()
-        halted.cancel()
-    return trigger.is_set() and not stopped
+        runtime.triggers.forget(namespace, name)
 
 
 async def reconcile_once(runtime: Runtime, body: Mapping[str, Any], children: Any, cluster: Any = dict) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Literal
 
-from tensorfleet import __version__
+from tensorfleet import __version__, config
 from tensorfleet.config import setting
 from tensorfleet.metering import units
 from tensorfleet.render.context import RenderContext
@@ -110,3 +110,10 @@ class OperatorSettings:
         """The autoscaling modes this installation does not allow (``autoscale_hpa``, ``autoscale_keda``)."""
         return tuple(mode for mode, allowed in (("hpa", self.autoscale_hpa), ("keda", self.autoscale_keda))
                      if not allowed)
+
+
+def from_memo(memo: Any) -> OperatorSettings:
+    """The settings ``runner.run_operator`` put in kopf's memo; from the environment when run otherwise
+    (``kopf run``, or a test's ``KopfRunner`` without a memo)."""
+    found = memo.get("settings") if hasattr(memo, "get") else None
+    return found if isinstance(found, OperatorSettings) else config.from_env(OperatorSettings)

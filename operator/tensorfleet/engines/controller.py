@@ -19,13 +19,14 @@ from typing import Any
 
 import kopf
 
-from tensorfleet import API_GROUP, API_VERSION, config, handlers, kube
+from tensorfleet import API_GROUP, API_VERSION, handlers, kube
 from tensorfleet.engines import discovery, jobs, serving
 from tensorfleet.engines.fingerprint import ENGINE_LABEL
 from tensorfleet.engines.reconcile import CorruptionReport, EngineContext, EngineObserved, reconcile_engine
 from tensorfleet.engines.storeref import StoreRef
 from tensorfleet.render import labels
-from tensorfleet.settings import OperatorSettings
+from tensorfleet.settings import from_memo as settings_from_memo
+from tensorfleet.triggers import Triggers, reconcile_loop
 
 logger = logging.getLogger(__name__)
 _API = f"{API_GROUP}/{API_VERSION}"
@@ -36,14 +37,7 @@ ENGINE_INDICES = ("engines_idx", "gpu_nodes_idx")
 @dataclasses.dataclass
 class EngineRuntime:
     ctx: EngineContext
-    triggers: dict[tuple[str, str], asyncio.Event] = dataclasses.field(default_factory=dict)
-
-    def trigger(self, namespace: str, name: str) -> asyncio.Event:
-        return self.triggers.setdefault((namespace, name), asyncio.Event())
-
-    def poke(self, namespace: str | None, name: str | None) -> None:
-        if namespace and name:
-            self.trigger(namespace, name).set()
+    triggers: Triggers = dataclasses.field(default_factory=Triggers)
 
 
 def engine_context(settings: Any) -> EngineContext:
@@ -60,11 +54,8 @@ def engine_context(settings: Any) -> EngineContext:
 
 def _poke_services(memo: Any, namespace: str | None = None) -> None:
     runtime = getattr(memo, "runtime", None)
-    if runtime is None:
-        return
-    for ns, name in list(runtime.triggers):
-        if namespace is None or ns == namespace:
-            runtime.poke(ns, name)
+    if runtime is not None:
+        runtime.triggers.poke_all(namespace)
 
 
 def _engines(memo: Any) -> EngineRuntime | None:
@@ -75,10 +66,7 @@ def _engines(memo: Any) -> EngineRuntime | None:
 async def engines_startup(memo: Any, **_: Any) -> None:
     """Created once in the operator's memo at startup: kopf gives every object a shallow copy of that memo,
     so state created later, in one object's handler, would not be shared with the others."""
-    settings = memo.get("settings") if hasattr(memo, "get") else None
-    if not isinstance(settings, OperatorSettings):
-        settings = config.from_env(OperatorSettings)
-    memo.engines = EngineRuntime(engine_context(settings))
+    memo.engines = EngineRuntime(engine_context(settings_from_memo(memo)))
 
 
 # ---- indices ------------------------------------------------------------------------------------------
@@ -96,31 +84,30 @@ async def engines_idx(body: kopf.Body, namespace: str | None, name: str | None, 
     _poke_services(memo, namespace)
     engines = _engines(memo)
     if engines is not None:
-        engines.poke(namespace, name)
+        engines.triggers.poke(namespace, name)
     return {namespace: copy.deepcopy(dict(body))} if namespace else None
 
 
-@handlers.declare(kopf.index, "batch", "v1", "jobs", labels=_OURS)
-async def engine_jobs_idx(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> Any:
+def _index_by_engine(body: kopf.Body, namespace: str | None, memo: Any) -> Any:
+    """Objects labelled with an Engine's name, by (namespace, engine); each change pokes that Engine."""
     engine = (body.metadata.labels or {}).get(ENGINE_LABEL)
     if not engine or not namespace:
         return None
     engines = _engines(memo)
     if engines is not None:
-        engines.poke(namespace, engine)
+        engines.triggers.poke(namespace, engine)
     return {(namespace, engine): copy.deepcopy(dict(body))}
+
+
+@handlers.declare(kopf.index, "batch", "v1", "jobs", labels=_OURS)
+async def engine_jobs_idx(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> Any:
+    return _index_by_engine(body, namespace, memo)
 
 
 @handlers.declare(kopf.index, "", "v1", "pods", labels=_OURS)
 async def engine_pods_idx(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> Any:
     """Build pods (their termination message) and serving pods (an engine-fetch that found corruption)."""
-    engine = (body.metadata.labels or {}).get(ENGINE_LABEL)
-    if not engine or not namespace:
-        return None
-    engines = _engines(memo)
-    if engines is not None:
-        engines.poke(namespace, engine)
-    return {(namespace, engine): copy.deepcopy(dict(body))}
+    return _index_by_engine(body, namespace, memo)
 
 
 # ---- hooks for the InferenceService daemon -------------------------------------------------------------
@@ -187,29 +174,14 @@ async def engine_daemon(stopped: Any, body: kopf.Body, namespace: str | None, na
     engines = _engines(memo)
     assert engines is not None
     namespace = namespace or ""
-    trigger = engines.trigger(namespace, name)
-    trigger.set()
     runtime.metrics.watch_engine(namespace, str(((body.get("spec") or {}).get("gpu") or {}).get("product") or ""))
-    failures = 0
     try:
-        while not stopped:
-            delay = runtime.settings.resync_seconds if failures == 0 else min(60.0, 2.0**failures)
-            poked = asyncio.ensure_future(trigger.wait())
-            halted = asyncio.ensure_future(stopped.wait())
-            try:
-                await asyncio.wait({poked, halted}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                poked.cancel()
-                halted.cancel()
-            if trigger.is_set():
-                await asyncio.sleep(runtime.settings.debounce_seconds)
-            trigger.clear()
-            if stopped:
-                break
-            ok = await reconcile_engine_once(runtime, engines, body, lambda: _observe(kwargs, namespace, name))
-            failures = 0 if ok else failures + 1
+        await reconcile_loop(
+            engines.triggers.event(namespace, name), stopped,
+            lambda: reconcile_engine_once(runtime, engines, body, lambda: _observe(kwargs, namespace, name)),
+            resync_seconds=runtime.settings.resync_seconds, debounce_seconds=runtime.settings.debounce_seconds)
     finally:
-        engines.triggers.pop((namespace, name), None)
+        engines.triggers.forget(namespace, name)
 
 
 async def reconcile_engine_once(runtime: Any, engines: EngineRuntime, body: Mapping[str, Any], observe: Any) -> bool:

@@ -1,0 +1,65 @@
+"""Level-based reconcile loops, one per object, woken by pokes from the watch streams.
+
+Both the InferenceService and the Engine controllers run a kopf daemon per object: it reconciles at
+start, whenever an index sees a change that concerns the object (a poke), and every resync period;
+a failure backs off exponentially. Pokes arriving while a reconcile runs are kept and coalesced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+MAX_BACKOFF_SECONDS = 60.0
+
+
+class Triggers:
+    """One ``asyncio.Event`` per (namespace, name): set by pokes, awaited by that object's daemon."""
+
+    def __init__(self) -> None:
+        self._events: dict[tuple[str, str], asyncio.Event] = {}
+
+    def event(self, namespace: str, name: str) -> asyncio.Event:
+        return self._events.setdefault((namespace, name), asyncio.Event())
+
+    def poke(self, namespace: str | None, name: str | None) -> None:
+        if namespace and name:
+            self.event(namespace, name).set()
+
+    def poke_all(self, namespace: str | None = None) -> None:
+        """Every object with a daemon, or every one in ``namespace``."""
+        for ns, name in list(self._events):
+            if namespace is None or ns == namespace:
+                self._events[ns, name].set()
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._events.pop((namespace, name), None)
+
+
+async def reconcile_loop(trigger: asyncio.Event, stopped: Any, reconcile: Callable[[], Awaitable[bool]], *,
+                         resync_seconds: float, debounce_seconds: float) -> None:
+    """Reconcile now, then on every poke (after ``debounce_seconds``, to coalesce bursts) or resync,
+    until ``stopped``. ``reconcile`` returns False on failure: the next attempt waits 2, 4, 8 ... s."""
+    trigger.set()  # at once on create, resume and operator restart
+    failures = 0
+    while not stopped:
+        delay = resync_seconds if failures == 0 else min(MAX_BACKOFF_SECONDS, 2.0**failures)
+        if await _wait_for_trigger(trigger, stopped, delay):
+            await asyncio.sleep(debounce_seconds)
+        trigger.clear()
+        if stopped:
+            break
+        failures = 0 if await reconcile() else failures + 1
+
+
+async def _wait_for_trigger(trigger: asyncio.Event, stopped: Any, delay: float) -> bool:
+    """Wait for a poke, the daemon's stop, or ``delay`` seconds (the resync). True when poked."""
+    poked = asyncio.ensure_future(trigger.wait())
+    halted = asyncio.ensure_future(stopped.wait())
+    try:
+        await asyncio.wait({poked, halted}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        poked.cancel()
+        halted.cancel()
+    return trigger.is_set() and not stopped
