@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 
 from tensorfleet.gateway.config import RunawayConfig
 from tensorfleet.gateway.metrics import GatewayMetrics
-from tensorfleet.gateway.runaway import (PUNCTUATION, REPETITION, RunawayDetector, RunawayGuard, body_texts,
-                                         stream_texts)
+from tensorfleet.gateway.runaway import PUNCTUATION, REPETITION, RunawayDetector, RunawayGuard, body_texts, stream_texts
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / "data" / "runaway"
 LOOPS = sorted(p.name for p in DATA.glob("loop-*"))
@@ -45,7 +44,8 @@ def first_trip(detector: RunawayDetector, pieces: list[str]) -> int | None:
 
 
 def test_the_corpus_is_there() -> None:
-    assert len(LOOPS) >= 12 and len(CLEAN) >= 6
+    assert len(LOOPS) >= 12
+    assert len(CLEAN) >= 6
 
 
 @pytest.mark.parametrize("name", LOOPS)
@@ -177,7 +177,8 @@ def test_the_guard_keeps_one_detector_per_choice() -> None:
     # " no" of choice 1 is seen when the 5th arrives.
     assert watch.on_event(chunk({"index": 1, "delta": {"content": " no"}})) is None
     stop = watch.on_event(chunk({"index": 1, "delta": {"content": " no"}}))
-    assert stop is not None and (stop.reason, stop.finish_reason) == ("runaway", "length")
+    assert stop is not None
+    assert (stop.reason, stop.finish_reason) == ("runaway", "length")
     assert trips == [REPETITION]
 
 
