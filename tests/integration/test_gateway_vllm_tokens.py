@@ -16,8 +16,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway_support import (RecordingSinkDouble, gateway_document, running_gateway, stream_chunks, streamed_text,
-                             url, wait_until)
+from gateway_support import (
+    RecordingSinkDouble,
+    gateway_document,
+    running_gateway,
+    stream_chunks,
+    streamed_text,
+    url,
+    wait_until,
+)
 from integration.test_gateway_pipeline import post
 from integration.test_gateway_vllm import engine_metric, merged
 from tensorfleet.gateway.context import TRUNCATED_TOKENS_HEADER, TRUNCATED_TURNS_HEADER
@@ -30,7 +37,8 @@ FINISHED = 'finished_reason="length"'
 
 
 def conversation(turns: int, words: int) -> list[dict[str, Any]]:
-    vocabulary = "engineers meter tokens on many gpus and gateways stream every chunk to clients".split()
+    vocabulary = ["engineers", "meter", "tokens", "on", "many", "gpus", "and", "gateways", "stream", "every",
+                  "chunk", "to", "clients"]
     messages: list[dict[str, Any]] = [SYSTEM]
     for i in range(turns):
         said = " ".join(vocabulary[(i + j) % len(vocabulary)] for j in range(words))
