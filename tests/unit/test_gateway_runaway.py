@@ -19,8 +19,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tensorfleet.gateway.config import RunawayConfig
+from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.metrics import GatewayMetrics
-from tensorfleet.gateway.runaway import PUNCTUATION, REPETITION, RunawayDetector, RunawayGuard, body_texts, stream_texts
+from tensorfleet.gateway.runaway import PUNCTUATION, REPETITION, RunawayDetector
+from tensorfleet.gateway.runaway_hook import (
+    CHECK_EVERY,
+    SINGLE_CHOICE_PATTERNS,
+    RunawayGuard,
+    RunawayHook,
+    body_texts,
+    stream_texts,
+)
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / "data" / "runaway"
 LOOPS = sorted(p.name for p in DATA.glob("loop-*"))
@@ -115,18 +124,42 @@ def test_the_verdict_does_not_depend_on_how_the_text_is_chunked(name: str, cuts:
     assert first_trip(RunawayDetector(), pieces) == expected
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "c", "dd", "a", "b"]), min_size=1, max_size=400),
+       st.lists(st.integers(0, 3), max_size=400), st.integers(1, 5), st.integers(2, 4), st.integers(8, 40),
+       st.lists(st.integers(1, 30), min_size=1, max_size=20))
+def test_feeding_many_words_at_once_equals_feeding_them_one_by_one(
+        words: list[str], gaps: list[int], ngram: int, repeats: int, window: int, cuts: list[int]) -> None:
+    """Random texts over a tiny vocabulary repeat all the time: the bulk path and the word-by-word path
+    must agree on whether and where they trip, for any way of cutting the text."""
+    separators = [" ", ", ", "  ", ". "]
+    text = "".join(w + separators[gaps[i] if i < len(gaps) else 0] for i, w in enumerate(words))
+
+    def detector() -> RunawayDetector:
+        return RunawayDetector(ngram, repeats, window, 8)
+
+    whole = detector().feed(text)
+    one_by_one = first_trip(detector(), list(text))
+    pieces, at, index = [], 0, 0
+    while at < len(text):
+        pieces.append(text[at:at + cuts[index % len(cuts)]])
+        at, index = at + cuts[index % len(cuts)], index + 1
+    assert whole == one_by_one == first_trip(detector(), pieces)
+
+
 def test_memory_stays_bounded_on_long_clean_text() -> None:
     detector = RunawayDetector(window_tokens=64)
     for i in range(20000):
         assert detector.feed(f" word{i * 7919 % 100003}") is None
     assert detector.count == 19999  # the last word waits for its end
     assert len(detector._last_seen) <= 2 * 64 + 1
-    assert len(detector._ring) == 64 + 4 + 1
+    assert len(detector._units) <= 3 * (64 + 4)  # a period back plus an n-gram, and the last feed
 
 
 def test_long_words_count_in_pieces_so_loops_without_spaces_are_seen() -> None:
     assert RunawayDetector().feed("x" + "ab" * 2000 + " ") is not None
     assert RunawayDetector().feed("Supercalifragilisticexpialidocious is long. " * 3) is None
+    assert RunawayDetector(max_punctuation_run=8).feed("中文" * 10) is None  # longer than the limit, no gap
 
 
 # ---- reading engine events --------------------------------------------------------------------------------
@@ -163,23 +196,43 @@ def test_other_event_shapes() -> None:
     assert stream_texts(b'{"id":"x","choices":[],"usage":{"completion_tokens":3}}') == []
 
 
-def guard(**config: Any) -> tuple[RunawayGuard, list[str]]:
+def guard(single: str | None = None, **config: Any) -> tuple[RunawayGuard, list[str]]:
     trips: list[str] = []
-    return RunawayGuard(RunawayConfig(enabled=True, **config), trips.append), trips
+    pattern = SINGLE_CHOICE_PATTERNS[single] if single else None
+    return RunawayGuard(RunawayConfig(enabled=True, **config), trips.append, pattern), trips
 
 
 def test_the_guard_keeps_one_detector_per_choice() -> None:
     watch, trips = guard(ngram_size=1, max_repeats=3)
-    for _ in range(3):  # interleaved choices: each alone never repeats 4 times
-        assert watch.on_event(chunk({"index": 0, "delta": {"content": " yes"}})) is None
-        assert watch.on_event(chunk({"index": 1, "delta": {"content": " no"}})) is None
+    interleaved = [chunk({"index": i % 2, "delta": {"content": " yes" if i % 2 == 0 else " no"}}) for i in range(6)]
+    assert watch.check(interleaved) is None  # each choice alone: 3 words, the last still open
     # A word counts once the next piece of text shows it ended (" no" could go on as " none"): the 4th
     # " no" of choice 1 is seen when the 5th arrives.
-    assert watch.on_event(chunk({"index": 1, "delta": {"content": " no"}})) is None
-    stop = watch.on_event(chunk({"index": 1, "delta": {"content": " no"}}))
+    assert watch.check([chunk({"index": 1, "delta": {"content": " no"}})]) is None
+    stop = watch.check([chunk({"index": 1, "delta": {"content": " no"}})])
     assert stop is not None
     assert (stop.reason, stop.finish_reason) == ("runaway", "length")
     assert trips == [REPETITION]
+    assert set(watch.detectors) == {0, 1}
+
+
+@pytest.mark.parametrize("single", ["chat", None], ids=["one-choice", "general"])
+def test_a_stream_is_checked_every_few_events_and_stopped_at_a_batch_end(single: str | None) -> None:
+    watch, trips = guard(single)
+    events = [chunk({"index": 0, "delta": {"content": " fox"}, "finish_reason": None})] * 200
+    stopped_at = next(i for i, e in enumerate(events, start=1) if watch.on_event(e) is not None)
+    assert stopped_at == 64  # tripped at the 53rd event (52 words seen), stopped at the end of its batch
+    assert stopped_at % CHECK_EVERY == 0
+    assert trips == [REPETITION]
+
+
+def test_the_one_choice_path_reads_escapes_and_falls_back_for_other_shapes() -> None:
+    watch, _ = guard("chat", max_punctuation_run=8)
+    quoted = [chunk({"index": 0, "delta": {"content": ' "\\q\\"'}}) for _ in range(3)]
+    assert watch.check(quoted) is None
+    assert watch.detectors[0].count == 3  # the three q between escaped quotes and backslashes
+    mixed = [chunk({"index": 0, "delta": {"reasoning": "?" * 5}}), chunk({"index": 0, "delta": {"content": "!" * 5}})]
+    assert watch.check(mixed) is not None  # one event is not of the usual shape: read one by one, in order
 
 
 def test_a_whole_body_is_cut_where_the_loop_was_recognised() -> None:
@@ -200,15 +253,26 @@ def test_a_whole_body_is_cut_where_the_loop_was_recognised() -> None:
 def test_the_hook_is_off_by_default_and_counts_stops_per_model() -> None:
     from gateway_support import gateway_document
     from tensorfleet.gateway import config as gwconfig
-    from tensorfleet.gateway.runaway import RunawayHook
 
+    def request(body: dict[str, Any], endpoint: str = "/v1/chat/completions") -> ProxyRequest:
+        return ProxyRequest(request_id="r", endpoint=endpoint, tenant="t", body=body, raw=b"", streaming=True,
+                            received=0.0, received_at=0.0, billable=True)
+
+    chat = request({"model": "tiny", "messages": []})
     metrics = GatewayMetrics()
     off = gwconfig.parse(gateway_document())
-    assert RunawayHook(lambda: off, metrics).open(None) is None  # type: ignore[arg-type]
+    assert RunawayHook(lambda: off, metrics).open(chat) is None
     on = gwconfig.parse(gateway_document(tokenPolicy={"runaway": {"enabled": True, "maxPunctuationRun": 8}}))
-    watch = RunawayHook(lambda: on, metrics).open(None)  # type: ignore[arg-type]
+    hook = RunawayHook(lambda: on, metrics)
+    watch = hook.open(chat)
     assert watch is not None
-    assert watch.on_event(chunk({"index": 0, "delta": {"content": "?" * 9}})) is not None
+    assert watch.check([chunk({"index": 0, "delta": {"content": "?" * 9}})]) is not None
     value = metrics.registry.get_sample_value("tensorfleet_gateway_runaway_stops_total",
                                               {"model": "tiny", "signal": PUNCTUATION})
     assert value == 1.0
+    patterns = {name: hook.open(request(body, endpoint))._single for name, body, endpoint in (  # type: ignore[union-attr]
+        ("chat", {"messages": []}, "/v1/chat/completions"), ("completions", {"prompt": "a"}, "/v1/completions"),
+        ("batch", {"prompt": ["a", "b"]}, "/v1/completions"), ("n", {"messages": [], "n": 2}, "/v1/chat/completions"),
+        ("triton", {"text_input": "a"}, "/v2/models/{model}/generate_stream"))}
+    assert patterns == {"chat": SINGLE_CHOICE_PATTERNS["chat"], "completions": SINGLE_CHOICE_PATTERNS["completions"],
+                        "batch": None, "n": None, "triton": SINGLE_CHOICE_PATTERNS["triton"]}

@@ -30,7 +30,7 @@ from tensorfleet.gateway.hooks import RequestHook, ResponseHook
 from tensorfleet.gateway.metrics import GatewayMetrics
 from tensorfleet.gateway.proxy import Proxy, Services
 from tensorfleet.gateway.ratelimit import TokenRateLimiter
-from tensorfleet.gateway.runaway import RunawayHook
+from tensorfleet.gateway.runaway_hook import RunawayHook
 from tensorfleet.gateway.settings import GatewaySettings
 from tensorfleet.gateway.state import ActiveRequests, Admission, GatewayState
 from tensorfleet.gateway.warmup import EngineMonitor, WarmupGate
