@@ -89,6 +89,27 @@ def _rows() -> list[tuple[str, list[Panel]]]:
                       "{{namespace}}/{{inferenceservice}}"),
             ), unit="s"),
         ]),
+        ("Token policy", [
+            Panel("Runaway stops by model", "Generations the gateways stopped as degenerate loops "
+                  "(tokenPolicy.runaway), by model and signal: repetition or punctuation. Billed only for the "
+                  "tokens produced; a rising rate after a model change is worth a look, a steady trickle on "
+                  "tables or data may be false positives (docs/token-policy.md).", (
+                Query(f"sum by (model, signal) (increase(tensorfleet_gateway_runaway_stops_total{{{SVC}}}[{RATE}]))",
+                      "{{model}} {{signal}}"),
+            ), stack=True),
+            Panel("Context truncations and rejections by model", "Chat requests whose oldest turns were dropped to "
+                  "fit the context (tokenPolicy.contextStrategy truncate-oldest), and those refused with 400 "
+                  "because they do not fit.", (
+                Query(f"sum by (model) (increase(tensorfleet_gateway_context_truncations_total{{{SVC}}}[{RATE}]))",
+                      "{{model}} truncated"),
+                Query(f"sum by (model) (increase(tensorfleet_gateway_context_rejections_total{{{SVC}}}[{RATE}]))",
+                      "{{model}} rejected"),
+            )),
+            Panel("Prompt tokens dropped by truncation", "Prompt tokens truncate-oldest removed, by model.", (
+                Query("sum by (model) "
+                      f"(increase(tensorfleet_gateway_context_truncated_tokens_total{{{SVC}}}[{RATE}]))", "{{model}}"),
+            )),
+        ]),
         ("Cold starts and engines", [
             Panel("Cold starts in the last hour", "Serving pods (or restarted gateway containers) that became warm "
                   "and ready within the hour.", (

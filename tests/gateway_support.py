@@ -114,3 +114,30 @@ async def wait_until(predicate: Any, seconds: float, what: str) -> None:
 
 def url(gateway: Gateway, path: str, admin: bool = False) -> str:
     return f"http://127.0.0.1:{gateway.ports['admin' if admin else 'client']}{path}"
+
+
+def stream_chunks(raw: bytes) -> list[dict[str, Any]]:
+    """The JSON chunks of an OpenAI event stream, after checking it is well formed: only ``data:`` events,
+    each one JSON, ``[DONE]`` once and last, and every choice that appears finished exactly once."""
+    events = [e for e in raw.split(b"\n\n") if e]
+    assert events, raw
+    assert events[-1] == b"data: [DONE]", events[-3:]
+    assert raw.endswith(b"\n\n")
+    assert raw.count(b"data: [DONE]") == 1
+    chunks = []
+    for event in events[:-1]:
+        assert event.startswith(b"data: {"), event[:80]
+        chunks.append(json.loads(event[6:]))
+    finished: dict[int, int] = {}
+    for chunk in chunks:
+        for choice in chunk.get("choices") or ():
+            if choice.get("finish_reason") is not None:
+                finished[choice["index"]] = finished.get(choice["index"], 0) + 1
+    seen = {c["index"] for chunk in chunks for c in chunk.get("choices") or ()}
+    assert finished == dict.fromkeys(seen, 1), (finished, seen)
+    return chunks
+
+
+def streamed_text(chunks: list[dict[str, Any]]) -> str:
+    return "".join(c.get("text") or (c.get("delta") or {}).get("content") or ""
+                   for chunk in chunks for c in chunk.get("choices") or ())

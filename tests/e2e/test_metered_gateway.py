@@ -20,7 +20,8 @@ import time
 import httpx
 import pytest
 
-from gateway_support import gateway_document
+from gateway_support import gateway_document, stream_chunks
+from tensorfleet.metering.ledger import read_ledger
 
 pytestmark = pytest.mark.e2e
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -99,3 +100,69 @@ def test_gateway_meters_two_tenants_into_a_verifiable_ledger(tmp_path: pathlib.P
     assert float(rows["team-a"]["cost"]) > 0
     # No GPU here: the records are timing-only and say so; no reading is made up.
     assert all(row["estimatedRequests"] == row["requests"] for row in rows.values())
+
+
+def test_runaway_stops_and_truncations_reach_the_signed_ledger(tmp_path: pathlib.Path) -> None:
+    """A stand-in engine that loops, the real `tensorfleet gateway` with its real metering sink: the client
+    sees a well-formed stream that ends early, and the ledger records the stop and a truncation."""
+    engine_port, port, admin = free_port(), free_port(), free_port()
+    document = gateway_document(tokenPolicy={"maxOutputTokens": 400, "maxInputTokens": 40,
+                                             "contextStrategy": "truncate-oldest", "runaway": {"enabled": True}})
+    config = tmp_path / "gateway.json"
+    config.write_text(json.dumps(document))
+    usage = tmp_path / "usage"
+    usage.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORFLEET_")}
+    env.update(TENSORFLEET_GATEWAY_CONFIG=str(config), TENSORFLEET_GATEWAY_UPSTREAM=f"http://127.0.0.1:{engine_port}",
+               TENSORFLEET_GATEWAY_PORT=str(port), TENSORFLEET_GATEWAY_ADMIN_PORT=str(admin),
+               TENSORFLEET_GATEWAY_HOST="127.0.0.1", TENSORFLEET_GATEWAY_USAGE_DIR=str(usage),
+               TENSORFLEET_GATEWAY_DEVICES_FILE=str(tmp_path / "no-gpu"), TENSORFLEET_GATEWAY_DRAIN_DELAY_SECONDS="0",
+               TENSORFLEET_METERING_DEVICES_WAIT_SECONDS="0", TENSORFLEET_METERING_SETTLE_AFTER_SECONDS="1")
+    engine = subprocess.Popen([sys.executable, "-m", "tests.engines.standin", "--port", str(engine_port),
+                               "--token-delay", "0.001", "--loop", "I am sorry ."], cwd=ROOT)
+    gateway = subprocess.Popen([sys.executable, "-m", "tensorfleet", "gateway"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    history = [{"role": "system", "content": "be brief"}]
+    for turn in range(4):
+        history += [{"role": "user", "content": f"question {turn} about the budget"},
+                    {"role": "assistant", "content": f"answer {turn} about the budget"}]
+    history.append({"role": "user", "content": "and now?"})
+    try:
+        wait_ready(f"http://127.0.0.1:{admin}/readyz", gateway)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            looping = {"model": "tiny", "messages": [{"role": "user", "content": "sorry?"}], "max_tokens": 400,
+                       "stream": True, "stream_options": {"include_usage": True}}
+            streamed = client.post("/v1/chat/completions", json=looping)
+            truncated = client.post("/v1/chat/completions", json={"model": "tiny", "messages": history,
+                                                                  "max_tokens": 3})
+        gateway.send_signal(signal.SIGTERM)
+        output, _ = gateway.communicate(timeout=60)
+        assert gateway.returncode == 0, output
+    finally:
+        for process in (gateway, engine):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert streamed.status_code == 200
+    chunks = stream_chunks(streamed.content)
+    produced = chunks[-1]["usage"]["completion_tokens"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert produced < 200
+    assert truncated.status_code == 200, truncated.text
+    assert int(truncated.headers["X-TensorFleet-Truncated-Turns"]) > 0
+    verified = tensorfleet("usage", "verify", "--ledger", str(usage / "usage.db"), "--trust-embedded-key", "-o", "json")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    _, rows, _ = read_ledger(usage / "usage.db")
+    records = {body["requestId"]: body for body in (json.loads(row[1]) for row in rows) if body["kind"] == "request"}
+    stopped = records[streamed.headers["X-Request-Id"]]
+    assert stopped["runawayStopped"] is True
+    assert stopped["outputTokens"] == produced  # billed for what was produced, not for max_tokens
+    assert stopped["truncated"] is False
+    cut = records[truncated.headers["X-Request-Id"]]
+    assert cut["truncated"] is True
+    assert cut["truncatedTokens"] == int(truncated.headers["X-TensorFleet-Truncated-Tokens"]) > 0
+    assert cut["inputTokens"] == truncated.json()["usage"]["prompt_tokens"] <= 40
+    report = tensorfleet("usage", "report", "--ledger", str(usage / "usage.db"), "--by", "model", "-o", "json")
+    (row,) = json.loads(report.stdout)
+    assert (row["runawayStopped"], row["truncatedRequests"]) == (1, 1)
+    assert row["truncatedTokens"] == cut["truncatedTokens"]

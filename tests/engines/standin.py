@@ -3,8 +3,10 @@ benchmark only. The gateway's end-to-end tests run against the real vLLM and tri
 
 It counts whitespace-separated words as tokens, always generates exactly max_tokens tokens (like vLLM
 with ignore_eos), streams in vLLM's event format (continuous usage and the final usage event when
-asked), records what it received, and counts requests whose client went away before the end.
-Run it alone with ``python -m tests.engines.standin --port 18081``.
+asked), records what it received (parsed and as raw bytes), and counts requests whose client went away
+before the end. Each generated token is one word: " tok" by default, or the words of a given text in
+turn, starting over at its end — a short text makes it loop like a degenerate model, a long one gives
+clean prose. Run it alone with ``python -m tests.engines.standin --port 18081 [--loop "I am sorry ."]``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -23,12 +26,14 @@ FINGERPRINT = "standin-1"
 
 class StandinEngine:
     def __init__(self, token_delay: float = 0.0, healthy: bool = True, model: str = "tiny",
-                 stamp: bool = False) -> None:
+                 stamp: bool = False, words: Sequence[str] | None = None) -> None:
         self.token_delay = token_delay
+        self.words = tuple(words) if words else ("tok",)  # generated tokens, in turn
         self.stamp = stamp  # put the send time (ns) into every streamed chunk, for forwarding-delay benchmarks
         self.healthy = healthy
         self.model = model
         self.received: list[dict[str, Any]] = []
+        self.raw: list[bytes] = []
         self.headers: list[dict[str, str]] = []
         self.active = 0
         self.aborted = 0
@@ -75,8 +80,13 @@ class StandinEngine:
         count = self.count(body)
         return web.json_response({"count": count, "max_model_len": 1024, "tokens": list(range(count))})
 
+    def token(self, index: int) -> str:
+        return " " + self.words[index % len(self.words)]
+
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+        raw = await request.read()
+        body = json.loads(raw)
+        self.raw.append(raw)
         self.received.append(body)
         self.headers.append(dict(request.headers))
         if self.fail_status is not None:
@@ -109,7 +119,7 @@ class StandinEngine:
         if self.token_delay:
             await asyncio.sleep(self.token_delay * n)
         chat = "messages" in body
-        text = " ".join("tok" for _ in range(n))
+        text = "".join(self.token(i) for i in range(n))
         choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         return web.json_response({
@@ -131,7 +141,8 @@ class StandinEngine:
                 await asyncio.sleep(self.token_delay)
             finish = "length" if i == n else None
             choice: dict[str, Any] = {"index": 0}
-            choice.update({"delta": {"content": " tok"}} if chat else {"text": " tok"})
+            token = self.token(i - 1)
+            choice.update({"delta": {"content": token}} if chat else {"text": token})
             choice["finish_reason"] = finish
             chunk: dict[str, Any] = {**head, "choices": [choice]}
             if continuous:
@@ -158,15 +169,21 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18081)
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--stamp", action="store_true", help="stamp streamed chunks with their send time")
+    parser.add_argument("--loop", help="generate the words of this text over and over (a degenerate loop)")
+    parser.add_argument("--text-file", help="generate the words of this file in turn (clean text if it is long)")
     args = parser.parse_args()
+    words = args.loop.split() if args.loop else None
+    if args.text_file:
+        with open(args.text_file, encoding="utf-8") as stream:
+            words = stream.read().split()
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(StandinEngine(args.token_delay, stamp=args.stamp).app(), host="127.0.0.1", port=args.port, print=None,
-                access_log=None)
+    web.run_app(StandinEngine(args.token_delay, stamp=args.stamp, words=words).app(), host="127.0.0.1",
+                port=args.port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 Run with the Triton virtualenv: ``.venv-triton/bin/python tests/engines/triton_models.py PORT``.
 The models mimic TensorRT-LLM's repository layout, not its numerics: ``tiny`` takes ``text_input``,
 ``max_tokens`` and ``stream`` and answers ``text_output`` (one response per token when streaming,
-decoupled like the TensorRT-LLM ensemble); ``preprocessing`` counts tokens (whitespace-separated words)
-from ``QUERY`` into ``REQUEST_INPUT_LEN`` like TensorRT-LLM's preprocessing model.
+decoupled like the TensorRT-LLM ensemble): the words w0, w1, ..., or, for a prompt starting with
+"repeat:", the prompt's other words over and over (a degenerate loop, for runaway control);
+``preprocessing`` counts tokens (whitespace-separated words) from ``QUERY`` into ``REQUEST_INPUT_LEN``
+like TensorRT-LLM's preprocessing model.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def generate(requests: list[dict[str, np.ndarray]]):  # type: ignore[no-untyped-
         prompt = _text(request["text_input"])
         count = int(_input(request, "max_tokens", 8))  # type: ignore[call-overload]
         stream = bool(_input(request, "stream", False))
-        words = [f"w{i}" for i in range(count)]
+        looped = prompt.split()[1:] if prompt.startswith("repeat:") else None
+        words = [looped[i % len(looped)] if looped else f"w{i}" for i in range(count)]
         if stream:
             for word in words:
                 time.sleep(0.005)

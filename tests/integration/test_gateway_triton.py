@@ -66,3 +66,26 @@ async def test_input_limit_and_unknown_models(triton_url: str, tmp_path: pathlib
     assert unknown[0] == 404
     assert unknown[1]["error"]["code"] == "model_not_found"
     assert f"\n{telemetry.ENGINE_WAITING} 0.0" in metrics  # nv_inference_pending_request_count, re-exported
+
+
+async def test_runaway_control_stops_a_looping_triton_generation(triton_url: str, tmp_path: pathlib.Path) -> None:
+    sink = RecordingSinkDouble()
+    document = triton_document(maxOutputTokens=300, runaway={"enabled": True})
+    body = {"text_input": "repeat: all work and no play", "max_tokens": 300}
+    async with running_gateway(tmp_path, triton_url, document, sink, runtime="triton") as gw, \
+            aiohttp.ClientSession() as session:
+        async with session.post(url(gw, STREAM), json={**body, "stream": True}) as response:
+            streamed = await response.read()
+        plain = await post(session, url(gw, GENERATE), body)
+    events = events_of(streamed)
+    assert all(json.loads(e[6:])["text_output"] for e in events)  # whole events, then the stream just ends
+    assert 5 * 13 <= len(events) < 300  # 13 repeats of the 5-word sentence, then the next batch end
+    assert plain[0] == 200
+    text = plain[1]["text_output"]
+    assert text.startswith("all work and no play all work")
+    assert len(text.split()) < 300  # cut at the loop
+    stream_event, plain_event = sink.client_requests()
+    assert stream_event.runaway_stopped
+    assert stream_event.completion_tokens == len(events)
+    assert plain_event.runaway_stopped
+    assert plain_event.completion_tokens == 300  # generated before it could be watched: produced, so billed

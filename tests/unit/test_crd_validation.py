@@ -105,6 +105,12 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
      "must be a tenant name"),
     ("tenant names unique", with_spec(tokenPolicy={"tenants": [{"name": "a"}, {"name": "a"}]}),
      "spec.tokenPolicy.tenants[1]", "Duplicate value"),
+    ("context strategy enum", with_spec(tokenPolicy={"contextStrategy": "truncate-newest"}),
+     "spec.tokenPolicy.contextStrategy", 'supported values: "reject", "truncate-oldest"'),
+    ("runaway repeats", with_spec(tokenPolicy={"runaway": {"maxRepeats": 1}}), "spec.tokenPolicy.runaway.maxRepeats",
+     "greater than or equal to 2"),
+    ("runaway ngram over window", with_spec(tokenPolicy={"runaway": {"ngramSize": 32, "windowTokens": 16}}),
+     "spec.tokenPolicy.runaway.ngramSize", "must not exceed spec.tokenPolicy.runaway.windowTokens"),
 ]
 
 

@@ -131,6 +131,11 @@ def test_without_auth_everything_goes_to_the_anonymous_tenant() -> None:
 @pytest.mark.parametrize(("section", "field"), [
     ({"tokenPolicy": {"maxOutputTokens": "many"}}, "tokenPolicy.maxOutputTokens"),
     ({"tokenPolicy": {"tenants": [{"tokensPerMinute": 5}]}}, "tokenPolicy.tenants[0].name"),
+    ({"tokenPolicy": {"contextStrategy": "truncate-newest"}}, "tokenPolicy.contextStrategy"),
+    ({"tokenPolicy": {"runaway": {"enabled": "yes"}}}, "tokenPolicy.runaway.enabled"),
+    ({"tokenPolicy": {"runaway": {"maxRepeats": 1}}}, "tokenPolicy.runaway.maxRepeats"),
+    ({"tokenPolicy": {"runaway": {"windowTokens": 100000}}}, "tokenPolicy.runaway.windowTokens"),
+    ({"tokenPolicy": {"runaway": {"ngramSize": 32, "windowTokens": 16}}}, "tokenPolicy.runaway.ngramSize"),
     ({"warmup": {"requests": [{"maxTokens": 3}]}}, "warmup.requests[0]"),
     ({"auth": {"trustedProxies": ["not-an-ip"]}}, "auth.trustedProxies[0]"),
     ({"model": {"servedName": None}}, "model.servedName"),
@@ -148,6 +153,8 @@ def test_the_operators_rendered_config_parses() -> None:
     body["metadata"]["uid"] = "u"
     parsed = gwconfig.parse(gateway_config(InferenceService.from_body(body)))
     assert parsed.token_policy.max_input_tokens == 100
+    assert parsed.token_policy.context_strategy == "reject"
+    assert parsed.token_policy.runaway == gwconfig.RunawayConfig()  # off, with the CRD's defaults
     assert parsed.token_policy.tokens_per_minute("a") == 9
     assert parsed.auth.api_keys
 

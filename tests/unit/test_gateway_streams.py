@@ -92,3 +92,60 @@ def test_byte_level_field_helpers() -> None:
     assert sse.drop_object(payload, b"usage") == b'{"x":1,"y":2}'
     assert sse.drop_object(b'{"x":1}', b"usage") == b'{"x":1}'
     assert sse.payload(b": comment") is None
+
+
+def test_a_stopped_stream_finishes_every_unfinished_choice() -> None:
+    stream = VLLMStream(client_usage=False, client_continuous=False)
+    head = b'{"id":"c2","object":"text_completion","created":1,"model":"tiny","choices":[{"index":'
+    stream.process(head + b'0,"text":" a","logprobs":null,"finish_reason":null}],"usage":{"completion_tokens":1}}')
+    stream.process(head + b'1,"text":" b","logprobs":null,"finish_reason":null}],"usage":{"completion_tokens":1}}')
+    stream.process(head + b'2,"text":" c","logprobs":null,"finish_reason":"stop"}],"usage":{"completion_tokens":1}}')
+    events = sse.EventSplitter().feed(b"".join(stream.stopped(Stop("runaway"), 4)))
+    finals = [json.loads(e[6:]) for e in events if e.startswith(b"data: {")]
+    assert [f["choices"] for f in finals if f["choices"] and f["choices"][0].get("text") == ""] == [
+        [{"index": 0, "finish_reason": "length", "text": ""}], [{"index": 1, "finish_reason": "length", "text": ""}]]
+    assert events[-1] == b"data: [DONE]"
+
+
+def test_a_stream_folds_back_into_the_plain_answer() -> None:
+    from tensorfleet.gateway.assemble import ResponseAssembler
+    from tensorfleet.gateway.streams import Usage
+
+    assembler = ResponseAssembler()
+    for payload in WITH_USAGE[:-1]:
+        assembler.add(json.loads(payload))
+    assert assembler.body(None, Usage(0, 0)) == {
+        "id": "c1", "object": "chat.completion", "created": 1, "model": "tiny",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": " thefox"}, "logprobs": None,
+                     "finish_reason": "length", "stop_reason": None}],
+        "system_fingerprint": "vllm-0.32.0-6cbbe294",
+        "usage": {"prompt_tokens": 4, "total_tokens": 6, "completion_tokens": 2}}
+    stopped = ResponseAssembler()
+    for payload in WITH_USAGE[:2]:
+        stopped.add(json.loads(payload))
+    body = stopped.body(Stop("runaway"), Usage(4, 1))
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["message"]["content"] == " the"
+    assert body["usage"] == {"prompt_tokens": 4, "total_tokens": 5, "completion_tokens": 1}
+
+
+def test_tool_calls_reasoning_and_logprobs_are_merged() -> None:
+    from tensorfleet.gateway.assemble import ResponseAssembler
+    from tensorfleet.gateway.streams import Usage
+
+    deltas = [{"role": "assistant", "content": ""}, {"reasoning": "think "}, {"reasoning": "more"},
+              {"tool_calls": [{"id": "call_1", "type": "function", "index": 0,
+                               "function": {"name": "get", "arguments": "{\"a\""}}]},
+              {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}]
+    assembler = ResponseAssembler()
+    for delta in deltas:
+        assembler.add({"id": "c", "object": "chat.completion.chunk", "created": 2, "model": "m",
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": None,
+                                    "logprobs": {"content": [{"token": "x", "logprob": -1.0}]}}]})
+    assembler.add({"id": "c", "object": "chat.completion.chunk", "created": 2, "model": "m",
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls", "stop_reason": None}]})
+    (choice,) = assembler.body(None, Usage(3, 5))["choices"]
+    assert choice["message"] == {"role": "assistant", "content": None, "reasoning": "think more", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get", "arguments": "{\"a\": 1}"}}]}
+    assert len(choice["logprobs"]["content"]) == 5
+    assert choice["finish_reason"] == "tool_calls"

@@ -48,6 +48,20 @@ class CacheConfig:
     max_bytes: int = 256 * 1024 * 1024
 
 
+CONTEXT_STRATEGIES = ("reject", "truncate-oldest")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunawayConfig:
+    """Runaway-output control (see tensorfleet.gateway.runaway); the CRD's bounds are checked again here."""
+
+    enabled: bool = False
+    ngram_size: int = 4  # shortest repeated block counted, in words
+    max_repeats: int = 12  # stop when a block has repeated back to back more than this many times
+    window_tokens: int = 256  # words remembered: the longest loop period that is recognised
+    max_punctuation_run: int = 200  # characters of punctuation or whitespace only in a row
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenPolicyConfig:
     max_input_tokens: int | None = None
@@ -55,6 +69,8 @@ class TokenPolicyConfig:
     tenant_tokens_per_minute: int | None = None
     tenants: Mapping[str, int] = dataclasses.field(default_factory=dict)  # tenant -> tokens per minute
     cache: CacheConfig = CacheConfig()
+    context_strategy: str = "reject"  # or truncate-oldest
+    runaway: RunawayConfig = RunawayConfig()
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the whole section, for later policies
 
     def tokens_per_minute(self, tenant: str) -> int | None:
@@ -94,7 +110,8 @@ def _obj(doc: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
     return value
 
 
-def _int(doc: Mapping[str, Any], key: str, path: str, default: int | None, minimum: int = 1) -> int | None:
+def _int(doc: Mapping[str, Any], key: str, path: str, default: int | None, minimum: int = 1,
+         maximum: int | None = None) -> int | None:
     value = doc.get(key, default)
     if value is None:
         return None
@@ -102,6 +119,15 @@ def _int(doc: Mapping[str, Any], key: str, path: str, default: int | None, minim
         raise ConfigError(f"{path}.{key}: expected an integer, got {value!r}")
     if value < minimum:
         raise ConfigError(f"{path}.{key}: must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{path}.{key}: must be at most {maximum}, got {value}")
+    return value
+
+
+def _bool(doc: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+    value = doc.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}.{key}: expected true or false, got {value!r}")
     return value
 
 
@@ -151,6 +177,9 @@ def _token_policy(doc: Mapping[str, Any]) -> TokenPolicyConfig:
             tenants[name] = limit
     cache = _obj(doc, "responseCache", path)
     where = f"{path}.responseCache"
+    strategy = doc.get("contextStrategy") or "reject"
+    if strategy not in CONTEXT_STRATEGIES:
+        raise ConfigError(f"{path}.contextStrategy: must be one of {', '.join(CONTEXT_STRATEGIES)}, got {strategy!r}")
     return TokenPolicyConfig(
         max_input_tokens=_int(doc, "maxInputTokens", path, None),
         max_output_tokens=_int(doc, "maxOutputTokens", path, 4096) or 4096,
@@ -162,8 +191,27 @@ def _token_policy(doc: Mapping[str, Any]) -> TokenPolicyConfig:
             max_entries=_int(cache, "maxEntries", where, 10000) or 10000,
             max_bytes=_int(cache, "maxBytes", where, 256 * 1024 * 1024, minimum=1024) or 1024,
         ),
+        context_strategy=strategy,
+        runaway=_runaway(_obj(doc, "runaway", path)),
         raw=dict(doc),
     )
+
+
+def _runaway(doc: Mapping[str, Any]) -> RunawayConfig:
+    path = "tokenPolicy.runaway"
+    default = RunawayConfig()
+    config = RunawayConfig(
+        enabled=_bool(doc, "enabled", path, False),
+        ngram_size=_int(doc, "ngramSize", path, default.ngram_size, 1, 64) or default.ngram_size,
+        max_repeats=_int(doc, "maxRepeats", path, default.max_repeats, 2, 10000) or default.max_repeats,
+        window_tokens=_int(doc, "windowTokens", path, default.window_tokens, 8, 65536) or default.window_tokens,
+        max_punctuation_run=_int(doc, "maxPunctuationRun", path, default.max_punctuation_run, 8, 65536)
+        or default.max_punctuation_run,
+    )
+    if config.ngram_size > config.window_tokens:
+        raise ConfigError(f"{path}.ngramSize: must not exceed {path}.windowTokens ({config.window_tokens}), "
+                          f"got {config.ngram_size}")
+    return config
 
 
 def _auth(doc: Mapping[str, Any], api_keys_mounted: bool) -> AuthConfig:

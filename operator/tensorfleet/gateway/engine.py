@@ -144,6 +144,8 @@ class VLLMEngine:
             changed[key] = min(int(body[key]), limit)
         if changed != body:
             request.replace_body(changed)
+        if keys:
+            request.client_max_tokens = min(int(changed[k]) for k in keys)
         return min(int(changed[k]) for k in ("max_tokens", "max_completion_tokens") if changed.get(k) is not None)
 
     def choices(self, request: ProxyRequest) -> int:
@@ -151,8 +153,21 @@ class VLLMEngine:
         batch = len(prompts) if isinstance(prompts, list) and prompts and not isinstance(prompts[0], int) else 1
         return int(request.body.get("n") or 1) * batch
 
-    def prepare_upstream(self, request: ProxyRequest) -> None:
-        """Ask the engine for per-event usage on streams (the client's own options are kept in the stream)."""
+    @staticmethod
+    def can_stream_instead(request: ProxyRequest) -> bool:
+        """Whether a plain request may be sent upstream as a stream (and folded back for the client)."""
+        body = request.body
+        n, best_of = body.get("n") or 1, body.get("best_of")
+        return not body.get("use_beam_search") and "stream_options" not in body \
+            and not (isinstance(best_of, int) and best_of > n)
+
+    def prepare_upstream(self, request: ProxyRequest, stream_instead: bool = False) -> None:
+        """Ask the engine for per-event usage on streams (the client's own options are kept in the stream);
+        with ``stream_instead``, ask for a stream although the client did not."""
+        if stream_instead:
+            request.replace_body({**request.body, "stream": True,
+                                  "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+            return
         if not request.streaming:
             return
         options = request.body.get("stream_options") or {}
@@ -262,12 +277,17 @@ class TritonEngine:
         effective = limit if current is None else min(int(current), limit)
         if effective != current:
             request.replace_body({**request.body, "max_tokens": effective})
+        request.client_max_tokens = None if current is None else effective
         return effective
 
     def choices(self, request: ProxyRequest) -> int:
         return 1
 
-    def prepare_upstream(self, request: ProxyRequest) -> None:
+    @staticmethod
+    def can_stream_instead(request: ProxyRequest) -> bool:
+        return False  # the generate and generate_stream answers differ in shape; plain stays plain
+
+    def prepare_upstream(self, request: ProxyRequest, stream_instead: bool = False) -> None:
         return None
 
     def new_stream(self, request: ProxyRequest, original_options: Mapping[str, Any] | None) -> TritonStream:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -12,7 +13,8 @@ class GatewayError(Exception):
     """A request the gateway refuses or cannot serve; becomes a JSON response with ``status``."""
 
     def __init__(self, status: int, message: str, code: str, param: str | None = None,
-                 headers: Mapping[str, str] | None = None, type_: str | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, type_: str | None = None,
+                 details: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -20,9 +22,11 @@ class GatewayError(Exception):
         self.param = param
         self.headers = dict(headers or {})
         self.type = type_ or _type_for(status)
+        self.details = dict(details or {})  # extra machine-readable fields of the error object (e.g. limit, count)
 
     def response(self, request_id: str | None = None) -> web.Response:
-        return error_response(self.status, self.message, self.code, self.param, self.headers, self.type, request_id)
+        return error_response(self.status, self.message, self.code, self.param, self.headers, self.type, request_id,
+                              self.details)
 
 
 def _type_for(status: int) -> str:
@@ -31,18 +35,19 @@ def _type_for(status: int) -> str:
         status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-def error_body(status: int, message: str, code: str, param: str | None = None, type_: str | None = None) -> bytes:
-    error = {"message": message, "type": type_ or _type_for(status), "param": param, "code": code}
+def error_body(status: int, message: str, code: str, param: str | None = None, type_: str | None = None,
+               details: Mapping[str, Any] | None = None) -> bytes:
+    error = {"message": message, "type": type_ or _type_for(status), "param": param, "code": code, **(details or {})}
     return json.dumps({"error": error}).encode()
 
 
 def error_response(status: int, message: str, code: str, param: str | None = None,
                    headers: Mapping[str, str] | None = None, type_: str | None = None,
-                   request_id: str | None = None) -> web.Response:
+                   request_id: str | None = None, details: Mapping[str, Any] | None = None) -> web.Response:
     extra = dict(headers or {})
     if request_id:
         extra["X-Request-Id"] = request_id
-    return web.Response(status=status, body=error_body(status, message, code, param, type_),
+    return web.Response(status=status, body=error_body(status, message, code, param, type_, details),
                         content_type="application/json", headers=extra)
 
 

@@ -41,6 +41,7 @@ class ProxyRequest:
     modified: bool = False
     client_wants_usage: bool = False
     prompt_tokens: int | None = None  # counted with the engine's tokenizer, when the policy needed a count
+    client_max_tokens: int | None = None  # the client's own max_tokens (or max_completion_tokens), after the clamp
     response_headers: dict[str, str] = dataclasses.field(default_factory=dict)
     flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. truncated, truncated_tokens
 
@@ -58,6 +59,9 @@ class TokenCounter(Protocol):
     async def count_prompt(self, endpoint: str, body: Mapping[str, Any]) -> list[int]:
         """Prompt tokens of each sequence in the request, counted with the engine's own tokenizer."""
 
+    async def context_window(self) -> int | None:
+        """The model's context window in tokens (model.maxModelLen, else what the engine reports), if known."""
+
 
 class RequestHook(Protocol):
     async def before_upstream(self, request: ProxyRequest, tokens: TokenCounter) -> None:
@@ -68,8 +72,8 @@ class ResponseGuard(Protocol):
     def on_event(self, payload: bytes) -> Stop | None:
         """One streamed event's JSON payload, before the client sees it."""
 
-    def on_body(self, body: Mapping[str, Any]) -> Stop | None:
-        """A whole (non-streamed) response body."""
+    def on_body(self, body: dict[str, Any]) -> Stop | None:
+        """A whole (non-streamed) response body; with a Stop, the guard may have shortened its text in place."""
 
 
 class ResponseHook(Protocol):

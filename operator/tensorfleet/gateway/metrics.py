@@ -84,6 +84,17 @@ class GatewayMetrics:
         self.tokenize_seconds = Histogram("tensorfleet_gateway_tokenize_seconds",
                                           "Time spent counting input tokens with the engine's tokenizer.",
                                           buckets=_TTFT_BUCKETS, registry=r)
+        self.runaway_stops = Counter("tensorfleet_gateway_runaway_stops_total",
+                                     "Generations stopped by runaway-output control, by model and signal "
+                                     "(repetition, punctuation).", ["model", "signal"], registry=r)
+        self.context_truncations = Counter("tensorfleet_gateway_context_truncations_total",
+                                           "Chat requests whose oldest turns were dropped to fit the context.",
+                                           ["model"], registry=r)
+        self.context_truncated_tokens = Counter("tensorfleet_gateway_context_truncated_tokens_total",
+                                                "Prompt tokens dropped by truncate-oldest.", ["model"], registry=r)
+        self.context_rejections = Counter("tensorfleet_gateway_context_rejections_total",
+                                          "Chat requests refused because the prompt does not fit (400).",
+                                          ["model"], registry=r)
         self.client_disconnects = Counter("tensorfleet_gateway_client_disconnects_total",
                                           "Requests the client abandoned (the engine request was aborted).",
                                           registry=r)

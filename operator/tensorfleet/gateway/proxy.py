@@ -10,7 +10,6 @@ sink only queues it, so nothing waits on metering.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
@@ -20,65 +19,32 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tensorfleet.gateway import sse
-from tensorfleet.gateway.auth import AuthError, TenantResolver
-from tensorfleet.gateway.cache import ResponseCache, cache_key, is_deterministic
-from tensorfleet.gateway.config import GatewayConfig
-from tensorfleet.gateway.engine import Engine, EngineClient, TritonEngine
-from tensorfleet.gateway.errors import GatewayError, bad_request, engine_unavailable, error_response
-from tensorfleet.gateway.hooks import ProxyRequest, RequestHook, ResponseGuard, ResponseHook, Stop
-from tensorfleet.gateway.metrics import GatewayMetrics
-from tensorfleet.gateway.ratelimit import RateLimited, Reservation, TokenRateLimiter
-from tensorfleet.gateway.settings import GatewaySettings
-from tensorfleet.gateway.state import ActiveRequests, Admission, GatewayState
-from tensorfleet.gateway.streams import TritonStream, Usage, VLLMStream
-from tensorfleet.metering.events import EventSink, RequestEvent, TokenChunk
+from tensorfleet.gateway.auth import AuthError
+from tensorfleet.gateway.cache import cache_key, is_deterministic
+from tensorfleet.gateway.errors import GatewayError, bad_request, engine_unavailable
+from tensorfleet.gateway.hooks import ProxyRequest
+from tensorfleet.gateway.ratelimit import RateLimited, Reservation
+from tensorfleet.gateway.relay import COLLECT, Relay, client_status
+from tensorfleet.gateway.services import CLIENT_CLOSED, Outcome, Services
+from tensorfleet.gateway.streams import Usage
+from tensorfleet.metering.events import RequestEvent
+
+__all__ = ["CACHE_HEADER", "Counter", "Outcome", "Proxy", "Services"]
 
 log = logging.getLogger(__name__)
 
 CACHE_HEADER = "X-TensorFleet-Cache"
 _STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
-CLIENT_CLOSED = 499  # nginx's code for "client closed the connection", used in metering records only
-
-
-@dataclasses.dataclass
-class Services:
-    settings: GatewaySettings
-    config: GatewayConfig
-    engine: Engine
-    client: EngineClient
-    resolver: TenantResolver
-    limiter: TokenRateLimiter
-    cache: ResponseCache
-    metrics: GatewayMetrics
-    sink: EventSink
-    state: GatewayState
-    admission: Admission
-    active: ActiveRequests
-    request_hooks: list[RequestHook] = dataclasses.field(default_factory=list)
-    response_hooks: list[ResponseHook] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class Outcome:
-    """What happened to one request, filled in as it goes; becomes the metering event."""
-
-    status: int = 200
-    admitted: float | None = None
-    first_token: float | None = None
-    chunks: list[TokenChunk] = dataclasses.field(default_factory=list)
-    usage: Usage | None = None
-    streamed_tokens: int = 0
-    cache_hit: bool = False
-    error: str | None = None
-    queued: bool = True  # counted in the queue-depth gauge until admitted or refused
+_WINDOW_RETRY_SECONDS = 30.0
 
 
 class Counter:
-    """Token counting for hooks: the engine's tokenizer, timed."""
+    """Token counting for hooks: the engine's tokenizer, timed; the model's context window, asked once."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        self._window: int | None = None
+        self._window_asked = -_WINDOW_RETRY_SECONDS
 
     async def count_prompt(self, endpoint: str, body: Any) -> list[int]:
         started = time.perf_counter()
@@ -87,11 +53,22 @@ class Counter:
         finally:
             self.services.metrics.tokenize_seconds.observe(time.perf_counter() - started)
 
+    async def context_window(self) -> int | None:
+        configured = self.services.config.max_model_len
+        if configured is not None:
+            return configured
+        now = time.monotonic()
+        if self._window is None and now - self._window_asked >= _WINDOW_RETRY_SECONDS:
+            self._window_asked = now
+            self._window = await self.services.engine.context_window(self.services.client)
+        return self._window
+
 
 class Proxy:
     def __init__(self, services: Services) -> None:
         self.s = services
         self.counter = Counter(services)
+        self.relay = Relay(services)
 
     # ---- entry points -------------------------------------------------------------------------
 
@@ -132,7 +109,7 @@ class Proxy:
             self._tenant(request)
             async with self.s.client.session.get(self.s.client.base_url + request.rel_url.path_qs) as upstream:
                 data = await upstream.read()
-                return web.Response(status=_client_status(upstream.status), body=data,
+                return web.Response(status=client_status(upstream.status), body=data,
                                     content_type=upstream.content_type)
         except GatewayError as exc:
             return exc.response()
@@ -184,14 +161,17 @@ class Proxy:
             return await self._serve_cached(request, proxied, outcome, cached)
         prompt_tokens = await self._check_input(proxied)
         reservation = self._reserve(proxied, prompt_tokens + max_tokens * s.engine.choices(proxied))
-        s.engine.prepare_upstream(proxied)
+        guard = self.relay.guard(proxied)
+        if guard is not None and not proxied.streaming and s.engine.can_stream_instead(proxied):
+            proxied.flags[COLLECT] = True  # watched while generated, so a stop saves the rest
+        s.engine.prepare_upstream(proxied, bool(proxied.flags.get(COLLECT)))
         await s.admission.acquire()
         s.metrics.queue_depth.dec()
         outcome.queued = False
         try:
             outcome.admitted = time.monotonic()
             self._tell_sink_admitted(proxied.request_id, outcome.admitted)
-            response = await self._forward(request, proxied, outcome, original_options, key)
+            response = await self.relay.forward(request, proxied, outcome, original_options, key, guard)
         finally:
             s.admission.release()
             s.limiter.settle(reservation, _used_tokens(proxied, outcome))
@@ -216,8 +196,9 @@ class Proxy:
             if count > limit:
                 which = "the prompt" if len(counts) == 1 else f"prompt {index}"
                 param = "messages" if "messages" in proxied.body else "prompt"
-                raise bad_request(f"{which} has {count} tokens, over the limit of {limit} input tokens "
-                                  f"(tokenPolicy.maxInputTokens)", param, "context_length_exceeded")
+                raise GatewayError(400, f"{which} has {count} tokens, over the limit of {limit} input tokens "
+                                        f"(tokenPolicy.maxInputTokens)", "context_length_exceeded", param,
+                                   details={"limit": limit, "count": count})
         proxied.prompt_tokens = sum(counts) if counts else None
         return sum(counts) if counts else len(proxied.raw) // 4
 
@@ -228,164 +209,6 @@ class Proxy:
             self.s.metrics.rate_limited.labels(self.s.metrics.tenant_label(proxied.tenant)).inc()
             raise GatewayError(429, str(exc), "rate_limit_exceeded",
                                headers={"Retry-After": str(exc.retry_after)}) from None
-
-    # ---- talking to the engine -----------------------------------------------------------------------
-
-    async def _forward(self, request: web.Request, proxied: ProxyRequest, outcome: Outcome,
-                       original_options: Any, key: str | None) -> web.StreamResponse:
-        s = self.s
-        guard = self._guard(proxied)
-        url = s.client.base_url + s.engine.upstream_path(proxied)
-        headers = {"Content-Type": "application/json", "X-Request-Id": proxied.request_id}
-        try:
-            upstream_cm = s.client.session.post(url, data=proxied.upstream_bytes(), headers=headers)
-            async with upstream_cm as upstream:
-                if proxied.streaming and upstream.status == 200:
-                    return await self._stream(request, proxied, outcome, upstream, original_options, guard, key)
-                return await self._plain(proxied, outcome, upstream, guard, key)
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError):
-                s.state.set_engine_up(False)
-            raise engine_unavailable(str(exc) or type(exc).__name__) from None
-        except TimeoutError:
-            raise GatewayError(504, "the engine stopped answering "
-                                    f"(nothing for {s.settings.upstream_idle_timeout_seconds:g} s)",
-                               "engine_timeout") from None
-
-    def _guard(self, proxied: ProxyRequest) -> ResponseGuard | None:
-        guards = [g for hook in self.s.response_hooks if (g := hook.open(proxied)) is not None]
-        if not guards:
-            return None
-        return guards[0] if len(guards) == 1 else _AllGuards(guards)
-
-    async def _plain(self, proxied: ProxyRequest, outcome: Outcome, upstream: aiohttp.ClientResponse,
-                     guard: ResponseGuard | None, key: str | None) -> web.Response:
-        data = await upstream.read()
-        done = time.monotonic()
-        outcome.status = _client_status(upstream.status)
-        body: Any = None
-        try:
-            body = json.loads(data) if data else None
-        except ValueError:
-            body = None
-        outcome.usage = self.s.engine.usage_from_body(body)
-        if outcome.usage is None and upstream.status == 200:
-            outcome.usage = await self._count_triton_output(proxied, body)
-        if outcome.usage is not None and outcome.usage.completion_tokens:
-            outcome.first_token = done
-            outcome.chunks.append(TokenChunk(done, outcome.usage.completion_tokens))
-        if guard is not None and isinstance(body, dict) and (stop := guard.on_body(body)) is not None:
-            proxied.flags[f"{stop.reason}_stopped"] = True
-        if upstream.status >= 500:
-            return error_response(outcome.status, _engine_message(body, upstream.status), "engine_error",
-                                  request_id=proxied.request_id)
-        if key is not None and upstream.status == 200 and outcome.usage is not None:
-            self.s.cache.put(key, 200, upstream.content_type, (data,), outcome.usage.prompt_tokens,
-                             outcome.usage.completion_tokens)
-            self.s.metrics.cache_entries.set(len(self.s.cache))
-        headers = {"X-Request-Id": proxied.request_id, **proxied.response_headers}
-        return web.Response(status=outcome.status, body=data, content_type=upstream.content_type, headers=headers)
-
-    async def _count_triton_output(self, proxied: ProxyRequest, body: Any) -> Usage | None:
-        """Triton answers carry no usage: count the output (and the prompt, if not yet) with its tokenizer model."""
-        engine = self.s.engine
-        if not isinstance(engine, TritonEngine) or not isinstance(body, dict) \
-                or not isinstance(body.get("text_output"), str):
-            return None
-        completion, prompt = await asyncio.gather(engine.count_text(self.s.client, body["text_output"]),
-                                                  self._triton_prompt(proxied))
-        return Usage(prompt, completion or 0)
-
-    async def _triton_prompt(self, proxied: ProxyRequest) -> int:
-        engine = self.s.engine
-        if proxied.prompt_tokens is not None or not isinstance(engine, TritonEngine):
-            return proxied.prompt_tokens or 0
-        text = proxied.body.get("text_input")
-        return (await engine.count_text(self.s.client, text) or 0) if isinstance(text, str) else 0
-
-    async def _stream(self, request: web.Request, proxied: ProxyRequest, outcome: Outcome,
-                      upstream: aiohttp.ClientResponse, original_options: Any, guard: ResponseGuard | None,
-                      key: str | None) -> web.StreamResponse:
-        response = web.StreamResponse(status=200, headers={
-            "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
-            "Cache-Control": "no-cache", "X-Request-Id": proxied.request_id, **proxied.response_headers})
-        await response.prepare(request)
-        stream = self.s.engine.new_stream(proxied, original_options)
-        sent: list[bytes] | None = [] if key is not None else None
-        try:
-            stopped = await self._pump(response, stream, upstream, outcome, guard, sent)
-        except _ClientGone:
-            upstream.close()  # abort the engine request: vLLM cancels it when the connection drops
-            outcome.status, outcome.error = CLIENT_CLOSED, "client_disconnected"
-            self.s.metrics.client_disconnects.inc()
-            return response
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            upstream.close()
-            outcome.status, outcome.error = 502, "engine_disconnected"
-            log.warning("the engine broke off stream %s: %s", proxied.request_id, exc)
-            if request.transport is not None:
-                request.transport.close()  # a truncated stream, not a clean end the client could trust
-            return response
-        except BaseException:
-            upstream.close()
-            raise
-        if stopped is not None:
-            upstream.close()
-            proxied.flags[f"{stopped.reason}_stopped"] = True
-            await response.write(b"".join(stream.stopped(stopped, proxied.prompt_tokens or stream.prompt_tokens or 0)))
-        else:
-            tail = stream.finish()
-            if tail:
-                await response.write(b"".join(tail))
-                if sent is not None:
-                    sent.extend(tail)
-        await response.write_eof()
-        if stream.usage is None and proxied.prompt_tokens is None:
-            proxied.prompt_tokens = stream.prompt_tokens if stream.prompt_tokens is not None \
-                else await self._triton_prompt(proxied)
-        outcome.usage = stream.usage or Usage(proxied.prompt_tokens or 0, outcome.streamed_tokens)
-        if sent is not None and key is not None and stopped is None and stream.done:
-            self.s.cache.put(key, 200, response.content_type, tuple(sent), outcome.usage.prompt_tokens,
-                             outcome.usage.completion_tokens)
-            self.s.metrics.cache_entries.set(len(self.s.cache))
-        return response
-
-    async def _pump(self, response: web.StreamResponse, stream: VLLMStream | TritonStream,
-                    upstream: aiohttp.ClientResponse, outcome: Outcome, guard: ResponseGuard | None,
-                    sent: list[bytes] | None) -> Stop | None:
-        """Forward events as they arrive; returns the guard's Stop if one stopped the stream."""
-        splitter = sse.EventSplitter()
-        async for data in upstream.content.iter_any():
-            out: list[bytes] = []
-            tokens = 0
-            stop: Stop | None = None
-            for event in splitter.feed(data):
-                payload = sse.payload(event)
-                if payload is None:
-                    out.append(event + sse.SEPARATOR)
-                    continue
-                events, count = stream.process(payload)
-                out.extend(events)
-                tokens += count
-                if guard is not None and count and (stop := guard.on_event(payload)) is not None:
-                    break
-            if tokens:
-                now = time.monotonic()
-                outcome.chunks.append(TokenChunk(now, tokens))
-                outcome.streamed_tokens += tokens
-                if outcome.first_token is None:
-                    outcome.first_token = now
-            if out:
-                chunk = b"".join(out)
-                try:
-                    await response.write(chunk)
-                except (ConnectionError, aiohttp.ClientConnectionError):
-                    raise _ClientGone from None
-                if sent is not None:
-                    sent.append(chunk)
-            if stop is not None:
-                return stop
-        return None
 
     async def _serve_cached(self, request: web.Request, proxied: ProxyRequest, outcome: Outcome,
                             cached: Any) -> web.StreamResponse:
@@ -445,21 +268,6 @@ class Proxy:
             m.child(m.tenant_tokens, tenant, "output").inc(usage.completion_tokens)
 
 
-class _ClientGone(Exception):
-    """The client went away while its stream was being written."""
-
-
-class _AllGuards:
-    def __init__(self, guards: list[ResponseGuard]) -> None:
-        self.guards = guards
-
-    def on_event(self, payload: bytes) -> Stop | None:
-        return next((stop for g in self.guards if (stop := g.on_event(payload)) is not None), None)
-
-    def on_body(self, body: Any) -> Stop | None:
-        return next((stop for g in self.guards if (stop := g.on_body(body)) is not None), None)
-
-
 def _route_path(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else request.path
@@ -467,19 +275,6 @@ def _route_path(request: web.Request) -> str:
 
 def _too_large(limit: int) -> GatewayError:
     return GatewayError(413, f"the request body is larger than the limit of {limit} bytes", "request_too_large")
-
-
-def _client_status(engine_status: int) -> int:
-    """Engine errors the client cannot fix become 502 (never a 500 from the gateway)."""
-    return 502 if engine_status >= 500 else engine_status
-
-
-def _engine_message(body: Any, status: int) -> str:
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return f"the engine failed: {body['error'].get('message', status)}"
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return f"the engine failed: {body['error']}"
-    return f"the engine failed with status {status}"
 
 
 def _used_tokens(proxied: ProxyRequest, outcome: Outcome) -> int:

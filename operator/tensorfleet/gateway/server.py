@@ -23,12 +23,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from tensorfleet.gateway import config as gwconfig
 from tensorfleet.gateway.auth import KeyStore, TenantResolver
 from tensorfleet.gateway.cache import ResponseCache
+from tensorfleet.gateway.context import ContextWindowPolicy
 from tensorfleet.gateway.engine import EngineClient, engine_for
 from tensorfleet.gateway.errors import error_response
 from tensorfleet.gateway.hooks import RequestHook, ResponseHook
 from tensorfleet.gateway.metrics import GatewayMetrics
 from tensorfleet.gateway.proxy import Proxy, Services
 from tensorfleet.gateway.ratelimit import TokenRateLimiter
+from tensorfleet.gateway.runaway_hook import RunawayHook
 from tensorfleet.gateway.settings import GatewaySettings
 from tensorfleet.gateway.state import ActiveRequests, Admission, GatewayState
 from tensorfleet.gateway.warmup import EngineMonitor, WarmupGate
@@ -66,8 +68,10 @@ class Gateway:
         self.keys.reload()
         self.engine = engine_for(settings.runtime, self.config.served_model, settings.triton_tokenizer_model)
         self.sink = sink
-        self._request_hooks = list(request_hooks)
-        self._response_hooks = list(response_hooks)
+        # The token policy's own hooks read the live configuration, so reloads apply to the next request;
+        # hooks passed in run before them (the context policy counts the body as it will be sent).
+        self._request_hooks = [*request_hooks, ContextWindowPolicy(lambda: self.config, self.metrics)]
+        self._response_hooks = [*response_hooks, RunawayHook(lambda: self.config, self.metrics)]
         self.services: Services | None = None
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []

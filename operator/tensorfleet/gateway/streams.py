@@ -49,6 +49,7 @@ class VLLMStream:
         self.completion_tokens = 0
         self.prompt_tokens: int | None = None  # from the continuous usage, for streams stopped before the end
         self._per_choice: dict[int, int] = {}
+        self._finished: set[int] = set()
         self._held: list[bytes] = []
         self.last_chunk: bytes | None = None
         self.done = False
@@ -61,6 +62,8 @@ class VLLMStream:
             return self._usage_event(payload), 0
         tokens = self._count(payload)
         self.last_chunk = payload
+        if _FINISHED in payload:
+            self._finished.add(sse.int_field(payload, b"index", payload.find(_CHOICES)) or 0)
         if not self.client_continuous:
             payload = sse.drop_object(payload, b"usage")
         if not self.client_usage and _FINISHED in payload:
@@ -115,18 +118,20 @@ class VLLMStream:
             except ValueError:
                 base = {}
         chat = base.get("object") == "chat.completion.chunk"
-        choice: dict[str, Any] = {"index": 0, "finish_reason": stop.finish_reason}
-        if chat:
-            choice["delta"] = {}
-        else:
-            choice["text"] = ""
-        final: dict[str, Any] = {k: base[k] for k in ("id", "object", "created", "model") if k in base}
-        final["choices"] = [choice]
-        events = [*self._flush(None), sse.event(json.dumps(final, separators=(",", ":")).encode())]
+        head: dict[str, Any] = {k: base[k] for k in ("id", "object", "created", "model") if k in base}
+        events = self._flush(None)
+        unfinished = [i for i in sorted(self._per_choice) if i not in self._finished]
+        for index in unfinished if self._per_choice else [0]:  # one final chunk per choice, as vLLM sends them
+            choice: dict[str, Any] = {"index": index, "finish_reason": stop.finish_reason}
+            if chat:
+                choice["delta"] = {}
+            else:
+                choice["text"] = ""
+            events.append(sse.event(json.dumps({**head, "choices": [choice]}, separators=(",", ":")).encode()))
         if self.client_usage:
             usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + self.completion_tokens,
                      "completion_tokens": self.completion_tokens}
-            usage_chunk: dict[str, Any] = {**final, "choices": [], "usage": usage}
+            usage_chunk: dict[str, Any] = {**head, "choices": [], "usage": usage}
             events.append(sse.event(json.dumps(usage_chunk, separators=(",", ":")).encode()))
         events.append(sse.event(sse.DONE))
         return events

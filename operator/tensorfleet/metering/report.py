@@ -17,6 +17,7 @@ from typing import Any
 
 GROUP_KEYS = ("tenant", "model", "tier", "window", "service", "namespace", "gpuProduct", "currency")
 COLUMNS = ("requests", "inputTokens", "outputTokens", "cachedTokens", "gpuMs", "resourceUnits", "cost")
+COUNTS = ("estimatedRequests", "truncatedRequests", "truncatedTokens", "runawayStopped")  # numeric, after COLUMNS
 
 
 @dataclasses.dataclass
@@ -29,6 +30,9 @@ class Totals:
     resource_units: float = 0.0
     cost: Decimal = Decimal(0)
     estimated: int = 0
+    truncated: int = 0  # requests whose oldest turns the gateway dropped (tokenPolicy.contextStrategy)
+    truncated_tokens: int = 0
+    runaway_stopped: int = 0  # generations stopped by runaway control
 
     def add(self, body: dict[str, Any]) -> None:
         self.requests += 1
@@ -39,12 +43,16 @@ class Totals:
         self.resource_units += float(body.get("resourceUnits") or 0.0)
         self.cost += Decimal(str(body.get("price") or "0"))
         self.estimated += 1 if body.get("estimated") else 0
+        self.truncated += 1 if body.get("truncated") else 0
+        self.truncated_tokens += int(body.get("truncatedTokens") or 0)
+        self.runaway_stopped += 1 if body.get("runawayStopped") else 0
 
     def row(self) -> dict[str, Any]:
         return {"requests": self.requests, "inputTokens": self.input_tokens, "outputTokens": self.output_tokens,
                 "cachedTokens": self.cached_tokens, "gpuMs": round(self.gpu_ms, 3),
                 "resourceUnits": round(self.resource_units, 3), "cost": format(self.cost.normalize(), "f"),
-                "estimatedRequests": self.estimated}
+                "estimatedRequests": self.estimated, "truncatedRequests": self.truncated,
+                "truncatedTokens": self.truncated_tokens, "runawayStopped": self.runaway_stopped}
 
 
 def parse_time(value: str) -> datetime.datetime:
@@ -115,7 +123,7 @@ def render(rows: list[dict[str, Any]], output: str) -> str:
         return buffer.getvalue()
     cells = [[str(row[h]) for h in headers] for row in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    numeric = {h for h in headers if h in COLUMNS or h == "estimatedRequests"}
+    numeric = {h for h in headers if h in COLUMNS or h in COUNTS}
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
     for row_cells in cells:
         lines.append("  ".join(c.rjust(w) if h in numeric else c.ljust(w)

@@ -1,0 +1,277 @@
+"""Talking to the engine for one admitted request: forward it, relay the answer, let the guards watch.
+
+Three ways an answer comes back:
+
+* a stream the client asked for: forwarded event by event (``_stream``);
+* a plain answer: read whole and passed on (``_plain``);
+* a plain answer the client asked for while a response guard (runaway control) watches: the engine is
+  asked for a stream, watched event by event and folded back into one body (``_collect``), so that a
+  stop aborts the engine request instead of waiting for every token.
+
+A guard's ``Stop`` aborts the engine request (closing the connection makes vLLM abort it) and ends the
+answer cleanly: streams get a final chunk with the stop's ``finish_reason``, usage if asked and
+``[DONE]``; collected answers end their unfinished choices the same way. Usage, and so billing, counts
+only the tokens produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from tensorfleet.gateway import sse
+from tensorfleet.gateway.assemble import ResponseAssembler
+from tensorfleet.gateway.engine import TritonEngine
+from tensorfleet.gateway.errors import GatewayError, engine_unavailable, error_response
+from tensorfleet.gateway.hooks import ProxyRequest, ResponseGuard, Stop
+from tensorfleet.gateway.services import CLIENT_CLOSED, Outcome, Services
+from tensorfleet.gateway.streams import TritonStream, Usage, VLLMStream
+
+log = logging.getLogger(__name__)
+
+COLLECT = "_collect"  # ProxyRequest flag: a plain request sent upstream as a stream for a guard to watch
+_COLLECT_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
+Emit = Callable[[list[bytes]], Awaitable[None]]
+
+
+class Relay:
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    def guard(self, proxied: ProxyRequest) -> ResponseGuard | None:
+        """The response guards of this request, if any hook watches it."""
+        guards = [g for hook in self.s.response_hooks if (g := hook.open(proxied)) is not None]
+        if not guards:
+            return None
+        return guards[0] if len(guards) == 1 else _AllGuards(guards)
+
+    async def forward(self, request: web.Request, proxied: ProxyRequest, outcome: Outcome, original_options: Any,
+                      key: str | None, guard: ResponseGuard | None) -> web.StreamResponse:
+        s = self.s
+        url = s.client.base_url + s.engine.upstream_path(proxied)
+        headers = {"Content-Type": "application/json", "X-Request-Id": proxied.request_id}
+        try:
+            async with s.client.session.post(url, data=proxied.upstream_bytes(), headers=headers) as upstream:
+                if upstream.status == 200 and proxied.streaming:
+                    return await self._stream(request, proxied, outcome, upstream, original_options, guard, key)
+                if upstream.status == 200 and proxied.flags.get(COLLECT):
+                    return await self._collect(proxied, outcome, upstream, guard, key)
+                return await self._plain(proxied, outcome, upstream, guard, key)
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                s.state.set_engine_up(False)
+            raise engine_unavailable(str(exc) or type(exc).__name__) from None
+        except TimeoutError:
+            raise GatewayError(504, "the engine stopped answering "
+                                    f"(nothing for {s.settings.upstream_idle_timeout_seconds:g} s)",
+                               "engine_timeout") from None
+
+    # ---- plain answers ------------------------------------------------------------------------------------
+
+    async def _plain(self, proxied: ProxyRequest, outcome: Outcome, upstream: aiohttp.ClientResponse,
+                     guard: ResponseGuard | None, key: str | None) -> web.Response:
+        data = await upstream.read()
+        done = time.monotonic()
+        outcome.status = client_status(upstream.status)
+        body: Any = None
+        try:
+            body = json.loads(data) if data else None
+        except ValueError:
+            body = None
+        outcome.usage = self.s.engine.usage_from_body(body)
+        if outcome.usage is None and upstream.status == 200:
+            outcome.usage = await self._count_triton_output(proxied, body)
+        if outcome.usage is not None and outcome.usage.completion_tokens:
+            outcome.tokens_at(done, outcome.usage.completion_tokens)
+        if upstream.status >= 500:
+            return error_response(outcome.status, _engine_message(body, upstream.status), "engine_error",
+                                  request_id=proxied.request_id)
+        if guard is not None and upstream.status == 200 and isinstance(body, dict) \
+                and (stop := guard.on_body(body)) is not None:
+            # Generated before it could be watched (the engine cannot stream this request): every token
+            # was produced and is billed; the client gets the text up to the loop.
+            proxied.flags[f"{stop.reason}_stopped"] = True
+            data, key = _compact(body), None
+        if key is not None and upstream.status == 200 and outcome.usage is not None:
+            self.s.cache.put(key, 200, upstream.content_type, (data,), outcome.usage.prompt_tokens,
+                             outcome.usage.completion_tokens)
+            self.s.metrics.cache_entries.set(len(self.s.cache))
+        headers = {"X-Request-Id": proxied.request_id, **proxied.response_headers}
+        return web.Response(status=outcome.status, body=data, content_type=upstream.content_type, headers=headers)
+
+    async def _count_triton_output(self, proxied: ProxyRequest, body: Any) -> Usage | None:
+        """Triton answers carry no usage: count the output (and the prompt, if not yet) with its tokenizer model."""
+        engine = self.s.engine
+        if not isinstance(engine, TritonEngine) or not isinstance(body, dict) \
+                or not isinstance(body.get("text_output"), str):
+            return None
+        completion, prompt = await asyncio.gather(engine.count_text(self.s.client, body["text_output"]),
+                                                  self.triton_prompt(proxied))
+        return Usage(prompt, completion or 0)
+
+    async def triton_prompt(self, proxied: ProxyRequest) -> int:
+        engine = self.s.engine
+        if proxied.prompt_tokens is not None or not isinstance(engine, TritonEngine):
+            return proxied.prompt_tokens or 0
+        text = proxied.body.get("text_input")
+        return (await engine.count_text(self.s.client, text) or 0) if isinstance(text, str) else 0
+
+    async def _collect(self, proxied: ProxyRequest, outcome: Outcome, upstream: aiohttp.ClientResponse,
+                       guard: ResponseGuard | None, key: str | None) -> web.Response:
+        """A plain answer built from the engine's stream, watched by ``guard`` as it is generated."""
+        stream = self.s.engine.new_stream(proxied, _COLLECT_OPTIONS)
+        assembler = ResponseAssembler()
+
+        async def take(events: list[bytes]) -> None:
+            for event in events:
+                payload = sse.payload(event.rstrip(b"\n"))
+                if payload is not None and payload != sse.DONE:
+                    try:
+                        assembler.add(json.loads(payload))
+                    except ValueError:
+                        log.warning("request %s: the engine sent an event that is not JSON", proxied.request_id)
+
+        try:
+            stopped = await self._pump(stream, upstream, outcome, guard, take)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            upstream.close()
+            raise GatewayError(502, f"the engine broke off the answer: {exc or type(exc).__name__}",
+                               "engine_disconnected") from None
+        if stopped is not None:
+            upstream.close()
+            proxied.flags[f"{stopped.reason}_stopped"] = True
+        prompt = proxied.prompt_tokens or stream.prompt_tokens or 0
+        outcome.usage = stream.usage if stream.usage is not None and stopped is None \
+            else Usage(prompt, stream.completion_tokens)
+        data = _compact(assembler.body(stopped, outcome.usage))
+        if key is not None and stopped is None:
+            self.s.cache.put(key, 200, "application/json", (data,), outcome.usage.prompt_tokens,
+                             outcome.usage.completion_tokens)
+            self.s.metrics.cache_entries.set(len(self.s.cache))
+        headers = {"X-Request-Id": proxied.request_id, **proxied.response_headers}
+        return web.Response(status=200, body=data, content_type="application/json", headers=headers)
+
+    # ---- streams ------------------------------------------------------------------------------------------
+
+    async def _stream(self, request: web.Request, proxied: ProxyRequest, outcome: Outcome,
+                      upstream: aiohttp.ClientResponse, original_options: Any, guard: ResponseGuard | None,
+                      key: str | None) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={
+            "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
+            "Cache-Control": "no-cache", "X-Request-Id": proxied.request_id, **proxied.response_headers})
+        await response.prepare(request)
+        stream = self.s.engine.new_stream(proxied, original_options)
+        sent: list[bytes] | None = [] if key is not None else None
+
+        async def write(events: list[bytes]) -> None:
+            chunk = b"".join(events)
+            try:
+                await response.write(chunk)
+            except (ConnectionError, aiohttp.ClientConnectionError):
+                raise _ClientGone from None
+            if sent is not None:
+                sent.append(chunk)
+
+        try:
+            stopped = await self._pump(stream, upstream, outcome, guard, write)
+        except _ClientGone:
+            upstream.close()  # abort the engine request: vLLM cancels it when the connection drops
+            outcome.status, outcome.error = CLIENT_CLOSED, "client_disconnected"
+            self.s.metrics.client_disconnects.inc()
+            return response
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            upstream.close()
+            outcome.status, outcome.error = 502, "engine_disconnected"
+            log.warning("the engine broke off stream %s: %s", proxied.request_id, exc)
+            if request.transport is not None:
+                request.transport.close()  # a truncated stream, not a clean end the client could trust
+            return response
+        except BaseException:
+            upstream.close()
+            raise
+        if stopped is not None:
+            upstream.close()
+            proxied.flags[f"{stopped.reason}_stopped"] = True
+            await response.write(b"".join(stream.stopped(stopped, proxied.prompt_tokens or stream.prompt_tokens or 0)))
+        else:
+            tail = stream.finish()
+            if tail:
+                await response.write(b"".join(tail))
+                if sent is not None:
+                    sent.extend(tail)
+        await response.write_eof()
+        if stream.usage is None and proxied.prompt_tokens is None:
+            proxied.prompt_tokens = stream.prompt_tokens if stream.prompt_tokens is not None \
+                else await self.triton_prompt(proxied)
+        outcome.usage = stream.usage or Usage(proxied.prompt_tokens or 0, outcome.streamed_tokens)
+        if sent is not None and key is not None and stopped is None and stream.done:
+            self.s.cache.put(key, 200, response.content_type, tuple(sent), outcome.usage.prompt_tokens,
+                             outcome.usage.completion_tokens)
+            self.s.metrics.cache_entries.set(len(self.s.cache))
+        return response
+
+    @staticmethod
+    async def _pump(stream: VLLMStream | TritonStream, upstream: aiohttp.ClientResponse, outcome: Outcome,
+                    guard: ResponseGuard | None, emit: Emit) -> Stop | None:
+        """Pass events on as they arrive; returns the guard's Stop if one stopped the answer."""
+        splitter = sse.EventSplitter()
+        async for data in upstream.content.iter_any():
+            out: list[bytes] = []
+            tokens = 0
+            stop: Stop | None = None
+            for event in splitter.feed(data):
+                payload = sse.payload(event)
+                if payload is None:
+                    out.append(event + sse.SEPARATOR)
+                    continue
+                events, count = stream.process(payload)
+                out.extend(events)
+                tokens += count
+                if guard is not None and count and (stop := guard.on_event(payload)) is not None:
+                    break
+            if tokens:
+                outcome.tokens_at(time.monotonic(), tokens)
+            if out:
+                await emit(out)
+            if stop is not None:
+                return stop
+        return None
+
+
+class _ClientGone(Exception):
+    """The client went away while its stream was being written."""
+
+
+class _AllGuards:
+    def __init__(self, guards: list[ResponseGuard]) -> None:
+        self.guards = guards
+
+    def on_event(self, payload: bytes) -> Stop | None:
+        return next((stop for g in self.guards if (stop := g.on_event(payload)) is not None), None)
+
+    def on_body(self, body: dict[str, Any]) -> Stop | None:
+        return next((stop for g in self.guards if (stop := g.on_body(body)) is not None), None)
+
+
+def _compact(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def client_status(engine_status: int) -> int:
+    """Engine errors the client cannot fix become 502 (never a 500 from the gateway)."""
+    return 502 if engine_status >= 500 else engine_status
+
+
+def _engine_message(body: Any, status: int) -> str:
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return f"the engine failed: {body['error'].get('message', status)}"
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return f"the engine failed: {body['error']}"
+    return f"the engine failed with status {status}"

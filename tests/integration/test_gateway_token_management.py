@@ -1,0 +1,199 @@
+"""Context strategy and runaway control through the real gateway over sockets, against the stand-in engine.
+
+The stand-in counts words as tokens and can generate a loop (a few words over and over) or clean text
+(the words of a long prose file): what the stand-in cannot show — the real tokenizer and chat template,
+aborts inside vLLM — is in test_gateway_vllm_tokens.py.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import aiohttp
+import pytest
+
+from engines.standin import StandinEngine
+from gateway_support import (
+    RecordingSinkDouble,
+    gateway_document,
+    running_gateway,
+    serving,
+    stream_chunks,
+    streamed_text,
+    url,
+    wait_until,
+)
+from integration.test_gateway_pipeline import post
+from tensorfleet.gateway.context import TRUNCATED_TOKENS_HEADER, TRUNCATED_TURNS_HEADER
+
+pytestmark = pytest.mark.integration
+
+PROSE = (pathlib.Path(__file__).resolve().parents[1] / "data" / "runaway" / "clean-prose.txt").read_text().split()
+SYSTEM = {"role": "system", "content": "answer in one line"}
+
+
+def conversation(turns: int) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = [SYSTEM]
+    for i in range(turns):
+        messages += [{"role": "user", "content": f"question {i} " + "word " * 8},
+                     {"role": "assistant", "content": f"answer {i} " + "word " * 8}]
+    return [*messages, {"role": "user", "content": "and the last question?"}]
+
+
+def runaway_document(**runaway: Any) -> dict[str, Any]:
+    return gateway_document(tokenPolicy={"maxOutputTokens": 400, "runaway": {"enabled": True, **runaway}})
+
+
+def metric(gateway: Any, name: str, labels: dict[str, str]) -> float | None:
+    value = gateway.metrics.registry.get_sample_value(name, labels)
+    return None if value is None else float(value)
+
+
+# ---- context strategy ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("token_policy", [{"maxInputTokens": 900}, {}], ids=["max-input", "window-only"])
+async def test_truncate_oldest_sends_a_request_that_fits_byte_for_byte(tmp_path: pathlib.Path,
+                                                                       token_policy: dict[str, Any]) -> None:
+    engine = StandinEngine()
+    document = gateway_document(tokenPolicy={"contextStrategy": "truncate-oldest", **token_policy})
+    # Odd spacing and key order: any re-serialisation would show. Big enough to be counted either way.
+    raw = (b'{ "messages": ' + json.dumps(conversation(30), indent=1).encode()
+           + b', "max_tokens": 5, "model": "tiny", "temperature": 0.5 }')
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document) as gw, \
+            aiohttp.ClientSession() as session:
+        status, body, headers = await post(session, url(gw, "/v1/chat/completions"), raw)
+    assert status == 200, body
+    assert engine.raw[-1] == raw
+    assert TRUNCATED_TURNS_HEADER not in headers
+
+
+async def test_truncate_oldest_drops_old_turns_and_flags_the_request(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    sink = RecordingSinkDouble()
+    document = gateway_document(tokenPolicy={"contextStrategy": "truncate-oldest", "maxInputTokens": 60})
+    body = {"model": "tiny", "max_tokens": 4, "messages": conversation(6)}
+    full = StandinEngine.count(body)
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document, sink=sink) as gw, \
+            aiohttp.ClientSession() as session:
+        status, answer, headers = await post(session, url(gw, "/v1/chat/completions"), body)
+        (tokenizes,) = [m for m in gw.metrics.registry.collect() if m.name == "tensorfleet_gateway_tokenize_seconds"]
+    assert status == 200, answer
+    sent = engine.received[-1]["messages"]
+    assert sent[0] == SYSTEM
+    assert sent[-1] == body["messages"][-1]
+    assert sent[1:-1] == body["messages"][-1 - 2 * (len(sent) - 2) // 2:-1]  # the newest whole turns
+    kept = StandinEngine.count({"messages": sent})
+    assert kept <= 60 < StandinEngine.count({"messages": [sent[0], *body["messages"][-3 - (len(sent) - 2):]]})
+    assert headers[TRUNCATED_TURNS_HEADER] == str((len(body["messages"]) - len(sent)) // 2)
+    assert headers[TRUNCATED_TOKENS_HEADER] == str(full - kept)
+    (event,) = sink.client_requests()
+    assert event.truncated
+    assert event.truncated_tokens == full - kept
+    assert event.prompt_tokens == kept == answer["usage"]["prompt_tokens"]
+    calls = next(s.value for s in tokenizes.samples if s.name.endswith("_count"))
+    assert calls <= 3  # the whole prompt, then the estimate and its neighbour
+
+
+async def test_reject_answers_400_naming_the_limit_and_the_count(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    document = gateway_document(tokenPolicy={"maxInputTokens": 60})
+    body = {"model": "tiny", "max_tokens": 4, "messages": conversation(6)}
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document) as gw, \
+            aiohttp.ClientSession() as session:
+        status, answer, _ = await post(session, url(gw, "/v1/chat/completions"), body)
+        rejections = metric(gw, "tensorfleet_gateway_context_rejections_total", {"model": "tiny"})
+    assert status == 400
+    error = answer["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert error["param"] == "messages"
+    assert error["limit"] == 60
+    assert error["count"] == StandinEngine.count(body)
+    assert "tokenPolicy.maxInputTokens" in error["message"]
+    assert not [r for r in engine.received if "messages" in r]
+    assert rejections == 1
+
+
+# ---- runaway control -----------------------------------------------------------------------------------------
+
+async def test_a_looping_stream_is_stopped_cleanly_and_billed_for_what_was_produced(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine(token_delay=0.002, words=["I", "am", "sorry", "."])
+    sink = RecordingSinkDouble()
+    body = {"model": "tiny", "max_tokens": 400, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "apologise"}]}
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, runaway_document(), sink=sink) as gw, \
+            aiohttp.ClientSession() as session:
+        warmed = engine.completed
+        async with session.post(url(gw, "/v1/chat/completions"), json=body) as response:
+            raw = await response.read()
+        await wait_until(lambda: engine.aborted == 1, 5, "the engine request aborted")
+        stops = metric(gw, "tensorfleet_gateway_runaway_stops_total", {"model": "tiny", "signal": "repetition"})
+    chunks = stream_chunks(raw)
+    produced = sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content"))
+    assert chunks[-2]["choices"] == [{"index": 0, "finish_reason": "length", "delta": {}}]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == produced
+    # "." is no word: the period is 3 words, counted in blocks of 6 (ngramSize 4); 13 blocks are 26
+    # periods of 4 tokens. The stop comes then (give or take events the engine sent together), not at 400.
+    assert 104 <= produced < 120
+    assert streamed_text(chunks).startswith(" I am sorry . I am sorry")
+    (event,) = sink.client_requests()
+    assert event.runaway_stopped
+    assert not event.truncated
+    assert event.completion_tokens == produced == sum(c.tokens for c in event.chunks)
+    assert stops == 1
+    assert engine.completed == warmed
+
+
+async def test_a_looping_plain_request_is_watched_as_a_stream_and_cut_short(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine(token_delay=0.002, words=["I", "am", "sorry", "."])
+    sink = RecordingSinkDouble()
+    body = {"model": "tiny", "max_tokens": 400, "messages": [{"role": "user", "content": "apologise"}]}
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, runaway_document(), sink=sink) as gw, \
+            aiohttp.ClientSession() as session:
+        status, answer, headers = await post(session, url(gw, "/v1/chat/completions"), body)
+        await wait_until(lambda: engine.aborted == 1, 5, "the engine request aborted")
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/json")
+    assert engine.received[-1]["stream"] is True  # asked upstream as a stream, so it could be aborted
+    (choice,) = answer["choices"]
+    assert answer["object"] == "chat.completion"
+    assert choice["finish_reason"] == "length"
+    produced = len(choice["message"]["content"].split())
+    assert answer["usage"]["completion_tokens"] == produced < 120
+    assert answer["usage"]["prompt_tokens"] == StandinEngine.count(body)
+    (event,) = sink.client_requests()
+    assert event.runaway_stopped
+    assert event.completion_tokens == produced
+    assert not event.streaming
+    assert len(event.chunks) > 1  # real token timings for metering, not one chunk at the end
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+async def test_clean_text_is_not_stopped(tmp_path: pathlib.Path, stream: bool) -> None:
+    engine = StandinEngine(words=PROSE)
+    sink = RecordingSinkDouble()
+    body = {"model": "tiny", "max_tokens": 300, "stream": stream, "prompt": "tell me about serving"}
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, runaway_document(), sink=sink) as gw, \
+            aiohttp.ClientSession() as session:
+        async with session.post(url(gw, "/v1/completions"), json=body) as response:
+            raw = await response.read()
+        direct = await post(session, upstream + "/v1/completions", {**body, "stream": False})
+    if stream:
+        text = streamed_text(stream_chunks(raw))
+    else:
+        answer = json.loads(raw)
+        expected = direct[1]
+        assert answer["usage"] == expected["usage"]
+        assert answer["system_fingerprint"] == expected["system_fingerprint"]
+        assert answer["choices"] == [{**expected["choices"][0], "logprobs": None, "stop_reason": None}]
+        text = answer["choices"][0]["text"]
+    assert text == "".join(" " + w for w in PROSE[:300])
+    (event,) = sink.client_requests()
+    assert not event.runaway_stopped
+    assert event.completion_tokens == 300
+    assert engine.aborted == 0

@@ -1,0 +1,278 @@
+"""Runaway-output detection on recorded and representative texts, and how it reads engine events.
+
+tests/data/runaway/ holds the texts: ``loop-vllm-tiny-*`` were recorded from the real vLLM serving the
+tiny test Llama with greedy decoding (it loops at once, as small models do); the other ``loop-*`` files
+reproduce failure modes seen in larger models (a closing sentence, a paragraph, a reasoning step, a list
+item, a code line, a table row, CJK, a laugh with no spaces, newlines, punctuation and emoji floods),
+each as long as a runaway would run. ``clean-*`` are texts that must pass: prose, real code from this
+repository (including a test table of near-identical lines), markdown tables, JSON and Chinese prose.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tensorfleet.gateway.config import RunawayConfig
+from tensorfleet.gateway.hooks import ProxyRequest
+from tensorfleet.gateway.metrics import GatewayMetrics
+from tensorfleet.gateway.runaway import PUNCTUATION, REPETITION, RunawayDetector
+from tensorfleet.gateway.runaway_hook import (
+    CHECK_EVERY,
+    SINGLE_CHOICE_PATTERNS,
+    RunawayGuard,
+    RunawayHook,
+    body_texts,
+    stream_texts,
+)
+
+DATA = pathlib.Path(__file__).resolve().parents[1] / "data" / "runaway"
+LOOPS = sorted(p.name for p in DATA.glob("loop-*"))
+CLEAN = sorted(p.name for p in DATA.glob("clean-*") if p.name != "clean-code-identity.txt")
+FLOODS = {"loop-newlines.txt", "loop-punctuation.txt", "loop-emoji.txt", "loop-dots-spaces.txt"}
+
+
+def text(name: str) -> str:
+    return (DATA / name).read_text(encoding="utf-8")
+
+
+def first_trip(detector: RunawayDetector, pieces: list[str]) -> int | None:
+    """Characters of the whole text up to where ``detector`` tripped, feeding it ``pieces`` in turn."""
+    consumed = 0
+    for piece in pieces:
+        keep = detector.feed(piece)
+        if keep is not None:
+            return consumed + keep
+        consumed += len(piece)
+    return None
+
+
+def test_the_corpus_is_there() -> None:
+    assert len(LOOPS) >= 12
+    assert len(CLEAN) >= 6
+
+
+@pytest.mark.parametrize("name", LOOPS)
+def test_loops_are_stopped_with_the_default_thresholds(name: str) -> None:
+    loop = text(name)
+    detector = RunawayDetector.from_config(RunawayConfig())
+    keep = detector.feed(loop)
+    assert keep is not None, f"{name} was not recognised"
+    assert detector.signal == (PUNCTUATION if name in FLOODS else REPETITION)
+    assert 0 < keep <= len(loop)
+    if len(loop) > 1000:  # a long runaway is stopped well before its end: that is the point
+        assert keep < 0.75 * len(loop), (name, keep, len(loop))
+
+
+@pytest.mark.parametrize("name", CLEAN)
+def test_clean_texts_are_not_stopped(name: str) -> None:
+    detector = RunawayDetector.from_config(RunawayConfig())
+    assert detector.feed(text(name)) is None, f"{name} was taken for a loop ({detector.signal})"
+    assert detector.count > 150  # a real amount of text went through
+
+
+def test_exactly_periodic_data_is_the_false_positive_risk_and_a_higher_threshold_passes_it() -> None:
+    """A 16x16 identity matrix is periodic (a 1 every 17 words): it trips the defaults; maxRepeats 24
+    (the setting the docs give for code-heavy services) lets it through and still stops real loops."""
+    matrix = text("clean-code-identity.txt")
+    assert RunawayDetector.from_config(RunawayConfig()).feed(matrix) is not None
+    lenient = RunawayConfig(max_repeats=24)
+    assert RunawayDetector.from_config(lenient).feed(matrix) is None
+    for name in ("loop-sentence.txt", "loop-code.txt", "loop-vllm-tiny-world.txt", "loop-table-row.txt"):
+        loop = text(name) * 2
+        assert RunawayDetector.from_config(lenient).feed(loop) is not None, name
+
+
+def test_a_period_one_loop_trips_after_max_repeats_blocks_of_ngram_size() -> None:
+    detector = RunawayDetector(ngram_size=4, max_repeats=12, window_tokens=256)
+    words = [" fox"] * 60
+    tripped = first_trip(detector, words)
+    assert tripped == 52 * 4  # 13 blocks of 4 words: the block seen more than 12 times
+    detector = RunawayDetector(ngram_size=1, max_repeats=3, window_tokens=256)
+    assert first_trip(detector, [" no"] * 10) == 4 * 3
+
+
+def test_longer_periods_than_the_window_are_not_recognised() -> None:
+    sentence = " ".join(f"w{i}" for i in range(40)) + " "
+    assert RunawayDetector(window_tokens=32).feed(sentence * 30) is None
+    assert RunawayDetector(window_tokens=64).feed(sentence * 30) is not None
+
+
+def test_a_punctuation_run_trips_just_past_its_limit() -> None:
+    detector = RunawayDetector(max_punctuation_run=10)
+    assert detector.feed("ok " + "-" * 9) is None  # 1 space + 9 dashes: 10
+    assert detector.feed("-") == 1  # the 11th character of the run
+    assert detector.signal == PUNCTUATION
+    assert detector.feed("anything") == 0  # stays tripped
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(LOOPS + CLEAN + ["clean-code-identity.txt"]), st.lists(st.integers(1, 40), min_size=1))
+def test_the_verdict_does_not_depend_on_how_the_text_is_chunked(name: str, cuts: list[int]) -> None:
+    whole = text(name)
+    expected = RunawayDetector().feed(whole)
+    pieces, at, index = [], 0, 0
+    while at < len(whole):
+        size = cuts[index % len(cuts)]
+        pieces.append(whole[at:at + size])
+        at, index = at + size, index + 1
+    assert first_trip(RunawayDetector(), pieces) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "c", "dd", "a", "b"]), min_size=1, max_size=400),
+       st.lists(st.integers(0, 3), max_size=400), st.integers(1, 5), st.integers(2, 4), st.integers(8, 40),
+       st.lists(st.integers(1, 30), min_size=1, max_size=20))
+def test_feeding_many_words_at_once_equals_feeding_them_one_by_one(
+        words: list[str], gaps: list[int], ngram: int, repeats: int, window: int, cuts: list[int]) -> None:
+    """Random texts over a tiny vocabulary repeat all the time: the bulk path and the word-by-word path
+    must agree on whether and where they trip, for any way of cutting the text."""
+    separators = [" ", ", ", "  ", ". "]
+    text = "".join(w + separators[gaps[i] if i < len(gaps) else 0] for i, w in enumerate(words))
+
+    def detector() -> RunawayDetector:
+        return RunawayDetector(ngram, repeats, window, 8)
+
+    whole = detector().feed(text)
+    one_by_one = first_trip(detector(), list(text))
+    pieces, at, index = [], 0, 0
+    while at < len(text):
+        pieces.append(text[at:at + cuts[index % len(cuts)]])
+        at, index = at + cuts[index % len(cuts)], index + 1
+    assert whole == one_by_one == first_trip(detector(), pieces)
+
+
+def test_memory_stays_bounded_on_long_clean_text() -> None:
+    detector = RunawayDetector(window_tokens=64)
+    for i in range(20000):
+        assert detector.feed(f" word{i * 7919 % 100003}") is None
+    assert detector.count == 19999  # the last word waits for its end
+    assert len(detector._last_seen) <= 2 * 64 + 1
+    assert len(detector._units) <= 3 * (64 + 4)  # a period back plus an n-gram, and the last feed
+
+
+def test_long_words_count_in_pieces_so_loops_without_spaces_are_seen() -> None:
+    assert RunawayDetector().feed("x" + "ab" * 2000 + " ") is not None
+    assert RunawayDetector().feed("Supercalifragilisticexpialidocious is long. " * 3) is None
+    assert RunawayDetector(max_punctuation_run=8).feed("中文" * 10) is None  # longer than the limit, no gap
+
+
+# ---- reading engine events --------------------------------------------------------------------------------
+
+def chunk(choice: dict[str, Any], **extra: Any) -> bytes:
+    body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "tiny",
+            "choices": [choice], "usage": {"prompt_tokens": 5, "total_tokens": 6, "completion_tokens": 1}, **extra}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize(("choice", "expected"), [
+    ({"index": 0, "delta": {"content": " hello"}, "logprobs": None, "finish_reason": None}, [(0, " hello")]),
+    ({"index": 3, "delta": {"content": ' a "quoted" \\ one\n'}}, [(3, ' a "quoted" \\ one\n')]),
+    ({"index": 0, "delta": {"role": "assistant", "content": ""}}, []),
+    ({"index": 0, "delta": {"reasoning": "hmm"}}, [(0, "hmm")]),
+    ({"index": 0, "delta": {"content": "b", "reasoning": "a"}}, [(0, "a"), (0, "b")]),
+    ({"index": 0, "delta": {"tool_calls": [{"id": "c", "type": "function", "index": 0,
+                                            "function": {"name": "f", "arguments": "{\"x\": 1"}}]}},
+     [(0, '{"x": 1')]),
+    ({"index": 1, "text": " quick", "logprobs": None, "finish_reason": None}, [(1, " quick")]),
+    ({"index": 0, "text": "é ü 中", "logprobs": {"tokens": ["é"], "text_offset": [0]}}, [(0, "é ü 中")]),
+], ids=["chat", "escapes", "role-only", "reasoning", "reasoning-then-content", "tool-call", "completion",
+        "unicode-with-logprobs"])
+def test_stream_events_are_read_without_decoding_json(choice: dict[str, Any], expected: list[Any]) -> None:
+    payload = chunk(choice)
+    assert stream_texts(payload) == expected
+    assert sorted(body_texts(json.loads(payload))) == sorted(expected)
+
+
+def test_other_event_shapes() -> None:
+    assert stream_texts(b'{"model_name":"tiny","model_version":"1","text_output":" tok"}') == [(0, " tok")]
+    two = json.dumps({"choices": [{"index": 0, "text": "a"}, {"index": 1, "text": "b"}]}).encode()
+    assert stream_texts(two) == [(0, "a"), (1, "b")]
+    assert stream_texts(b'{"id":"x","choices":[],"usage":{"completion_tokens":3}}') == []
+
+
+def guard(single: str | None = None, **config: Any) -> tuple[RunawayGuard, list[str]]:
+    trips: list[str] = []
+    pattern = SINGLE_CHOICE_PATTERNS[single] if single else None
+    return RunawayGuard(RunawayConfig(enabled=True, **config), trips.append, pattern), trips
+
+
+def test_the_guard_keeps_one_detector_per_choice() -> None:
+    watch, trips = guard(ngram_size=1, max_repeats=3)
+    interleaved = [chunk({"index": i % 2, "delta": {"content": " yes" if i % 2 == 0 else " no"}}) for i in range(6)]
+    assert watch.check(interleaved) is None  # each choice alone: 3 words, the last still open
+    # A word counts once the next piece of text shows it ended (" no" could go on as " none"): the 4th
+    # " no" of choice 1 is seen when the 5th arrives.
+    assert watch.check([chunk({"index": 1, "delta": {"content": " no"}})]) is None
+    stop = watch.check([chunk({"index": 1, "delta": {"content": " no"}})])
+    assert stop is not None
+    assert (stop.reason, stop.finish_reason) == ("runaway", "length")
+    assert trips == [REPETITION]
+    assert set(watch.detectors) == {0, 1}
+
+
+@pytest.mark.parametrize("single", ["chat", None], ids=["one-choice", "general"])
+def test_a_stream_is_checked_every_few_events_and_stopped_at_a_batch_end(single: str | None) -> None:
+    watch, trips = guard(single)
+    events = [chunk({"index": 0, "delta": {"content": " fox"}, "finish_reason": None})] * 200
+    stopped_at = next(i for i, e in enumerate(events, start=1) if watch.on_event(e) is not None)
+    assert stopped_at == 64  # tripped at the 53rd event (52 words seen), stopped at the end of its batch
+    assert stopped_at % CHECK_EVERY == 0
+    assert trips == [REPETITION]
+
+
+def test_the_one_choice_path_reads_escapes_and_falls_back_for_other_shapes() -> None:
+    watch, _ = guard("chat", max_punctuation_run=8)
+    quoted = [chunk({"index": 0, "delta": {"content": ' "\\q\\"'}}) for _ in range(3)]
+    assert watch.check(quoted) is None
+    assert watch.detectors[0].count == 3  # the three q between escaped quotes and backslashes
+    mixed = [chunk({"index": 0, "delta": {"reasoning": "?" * 5}}), chunk({"index": 0, "delta": {"content": "!" * 5}})]
+    assert watch.check(mixed) is not None  # one event is not of the usual shape: read one by one, in order
+
+
+def test_a_whole_body_is_cut_where_the_loop_was_recognised() -> None:
+    watch, trips = guard(max_punctuation_run=20)
+    body: dict[str, Any] = {"object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Done" + "!" * 100}, "finish_reason": "length",
+         "stop_reason": None},
+        {"index": 1, "message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}]}
+    assert watch.on_body(body) is not None
+    assert body["choices"][0]["message"]["content"] == "Done" + "!" * 21
+    assert body["choices"][1]["message"]["content"] == "fine"
+    assert trips == [PUNCTUATION]
+    triton = {"text_output": "ok" + "." * 300}
+    assert guard()[0].on_body(triton) is not None
+    assert triton["text_output"] == "ok" + "." * 201
+
+
+def test_the_hook_is_off_by_default_and_counts_stops_per_model() -> None:
+    from gateway_support import gateway_document
+    from tensorfleet.gateway import config as gwconfig
+
+    def request(body: dict[str, Any], endpoint: str = "/v1/chat/completions") -> ProxyRequest:
+        return ProxyRequest(request_id="r", endpoint=endpoint, tenant="t", body=body, raw=b"", streaming=True,
+                            received=0.0, received_at=0.0, billable=True)
+
+    chat = request({"model": "tiny", "messages": []})
+    metrics = GatewayMetrics()
+    off = gwconfig.parse(gateway_document())
+    assert RunawayHook(lambda: off, metrics).open(chat) is None
+    on = gwconfig.parse(gateway_document(tokenPolicy={"runaway": {"enabled": True, "maxPunctuationRun": 8}}))
+    hook = RunawayHook(lambda: on, metrics)
+    watch = hook.open(chat)
+    assert watch is not None
+    assert watch.check([chunk({"index": 0, "delta": {"content": "?" * 9}})]) is not None
+    value = metrics.registry.get_sample_value("tensorfleet_gateway_runaway_stops_total",
+                                              {"model": "tiny", "signal": PUNCTUATION})
+    assert value == 1.0
+    patterns = {name: hook.open(request(body, endpoint))._single for name, body, endpoint in (  # type: ignore[union-attr]
+        ("chat", {"messages": []}, "/v1/chat/completions"), ("completions", {"prompt": "a"}, "/v1/completions"),
+        ("batch", {"prompt": ["a", "b"]}, "/v1/completions"), ("n", {"messages": [], "n": 2}, "/v1/chat/completions"),
+        ("triton", {"text_input": "a"}, "/v2/models/{model}/generate_stream"))}
+    assert patterns == {"chat": SINGLE_CHOICE_PATTERNS["chat"], "completions": SINGLE_CHOICE_PATTERNS["completions"],
+                        "batch": None, "n": None, "triton": SINGLE_CHOICE_PATTERNS["triton"]}
