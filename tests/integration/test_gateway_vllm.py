@@ -124,6 +124,11 @@ async def test_a_client_that_leaves_aborts_the_request_in_vllm(vllm_url: str, tm
         body = {**COMPLETION, "max_tokens": 1000, "stream": True}
         async with aiohttp.ClientSession() as client, client.post(url(gw, "/v1/completions"), json=body) as response:
             await response.content.readline()
+            # vLLM publishes its gauges after the step that produced the chunk: on a busy machine, a beat later.
+            for _ in range(100):
+                if await engine_metric(session, vllm_url, "vllm:num_requests_running") == 1:
+                    break
+                await asyncio.sleep(0.05)
             assert await engine_metric(session, vllm_url, "vllm:num_requests_running") == 1
             response.close()
         for _ in range(50):
