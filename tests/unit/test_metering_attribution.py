@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from metering_builders import (
     CONFIG,
@@ -277,13 +278,16 @@ def test_the_writer_journals_what_the_step_model_learned_and_a_restart_starts_fr
     ctx = records.context_from_config(CONFIG, "pod-1", "NVIDIA-H100-80GB-HBM3", units.load_table())
     timeline = engine_timeline(1)
     intervals = exact_intervals(timeline.steps, 0.0, timeline.steps[-1][1] + 0.5, 0.05)
-    for event in sorted(timeline.events, key=lambda e: e.done):
-        writer.cycle([(ctx, event)], [], event.admitted or 0.0, now=event.done)
-    for start, end, busy in intervals:
-        writer.cycle([], [GpuInterval(start, end, busy, None, 0, busy / (end - start) / 1000.0, "gpm")], end,
-                     now=end)
+    writer.cycle([(ctx, event) for event in timeline.events], [], 0.0, now=0.0)
+    gpu = [GpuInterval(start, end, busy, None, 0, busy / (end - start) / 1000.0, "gpm")
+           for start, end, busy in intervals]
+    for i in range(0, len(gpu), 10):
+        writer.cycle([], gpu[i:i + 10], gpu[i:i + 10][-1].end, now=gpu[i:i + 10][-1].end)
     learned = writer.attributor.learned()
     assert learned["idle_per_step"] == pytest.approx(0.0008, rel=0.05)
+    assert REGISTRY.get_sample_value("tensorfleet_metering_step_idle_seconds") == learned["idle_per_step"]
+    assert (REGISTRY.get_sample_value("tensorfleet_metering_prompt_placements_total", {"outcome": "replayed"})
+            or 0) >= 0.8 * len(timeline.events)
     again = UsageWriter(Ledger(tmp_path / "usage.db", signer), 1)
     again.restore()
     assert again.attributor.learned() == pytest.approx(learned)

@@ -56,6 +56,7 @@ class UsageWriter:
         self.attributor = self._new_attributor()
         self._arrival = 0
         self._last_checkpoint = time.monotonic()
+        self._placements_counted: dict[str, int] = {}
 
     def _new_attributor(self, first_k: int = 0) -> Attributor:
         return Attributor(self.gpus, first_k=first_k, placement=self.placement, step_tokens=self.step_tokens)
@@ -67,8 +68,9 @@ class UsageWriter:
         same_boot = self.ledger.get_meta("boot_id") == boot_id()
         frontier = int(self.ledger.get_meta("frontier") or 0)
         self.attributor = self._new_attributor(frontier)
-        if learned := self.ledger.get_meta("step_model"):
-            self.attributor.restore_learned(json.loads(learned))
+        self._placements_counted = {}
+        if stored := self.ledger.get_meta("step_model"):
+            self.attributor.restore_learned(json.loads(stored))
         rows = conn.execute("SELECT k, start, end, busy_ms, energy_mj, kind FROM intervals ORDER BY k").fetchall()
         for k, start, end, busy, energy, kind in rows:
             added = self.attributor.add_interval(start, end, busy, energy, kind)
@@ -89,7 +91,10 @@ class UsageWriter:
             log.warning("usage journal from an earlier boot: settling %d pending requests with what was measured",
                         count)
             self.cycle([], [], math.inf, final=True)
+            learned = self.attributor.learned()
             self.attributor = self._new_attributor(self.attributor.frontier)
+            self.attributor.restore_learned(learned)  # the engine is the same: keep what was learned
+            self._placements_counted = {}
         with self.ledger.transaction():
             self.ledger.set_meta("boot_id", boot_id())
         return count
@@ -217,3 +222,15 @@ class UsageWriter:
                 metrics.TENANT_GPU_MS.labels(*labels).inc(float(body.get("gpuMs") or 0.0))
                 metrics.TENANT_RESOURCE_UNITS.labels(*labels).inc(float(body.get("resourceUnits") or 0.0))
         metrics.PENDING.set(self.attributor.pending())
+        self._count_step_model()
+
+    def _count_step_model(self) -> None:
+        steps = self.attributor.steps
+        if steps is None:
+            return
+        metrics.STEP_BUDGET.set(steps.budget if math.isfinite(steps.budget) else 0)
+        metrics.STEP_IDLE.set(steps.idle_per_step)
+        for outcome, count in steps.outcomes.items():
+            if (new := count - self._placements_counted.get(outcome, 0)) > 0:
+                metrics.PROMPT_PLACEMENTS.labels(outcome).inc(new)
+            self._placements_counted[outcome] = count
