@@ -217,6 +217,40 @@ def test_a_prompt_arriving_mid_step_is_not_billed_for_the_step_in_progress() -> 
     assert settled["b"].share.gpu_ms == pytest.approx(34.0 * 1001 / 1002, rel=1e-6)
 
 
+def _queued_behind_each_other() -> list:
+    # d decodes, one step every 20 ms. a (1,500 tokens) and b (400) reach the engine during the step that ends at 0.0;
+    # with 1,000 tokens per step the scheduler gives a 999 tokens in (0.0, 0.02], then a's last 501 and b's 400 in
+    # (0.02, 0.04], where both first tokens come out.
+    d = request("d", admitted=-0.05, first_token=-0.02, chunks=tuple((0.02 * i, 1) for i in range(-1, 4)), done=0.06,
+                prompt=10)
+    a = request("a", admitted=-0.01, first_token=0.04, chunks=((0.04, 1),), done=0.04, prompt=1500)
+    b = request("b", admitted=-0.009, first_token=0.04, chunks=((0.04, 1),), done=0.04, prompt=400)
+    return [d, a, b]
+
+
+QUEUED_INTERVALS = [(-0.04, -0.02, 20.0), (-0.02, 0.0, 20.0), (0.0, 0.04, 40.0), (0.04, 0.06, 20.0)]
+
+
+def test_a_prompt_queued_behind_an_earlier_one_is_billed_only_for_the_steps_that_processed_it() -> None:
+    settled, attributor, _ = attribute(_queued_behind_each_other(), QUEUED_INTERVALS, step_tokens=1000)
+    # step 1: a 999 of 1,000 tokens (d's decode is the last); step 2: a 501 + its first token, b 400 + its first
+    # token, d 1. Spread from the admission, b would take 401/1904 of step 1 too.
+    assert settled["a"].share.gpu_ms == pytest.approx(20.0 * 999 / 1000 + 20.0 * 502 / 904, rel=1e-9)
+    assert settled["b"].share.gpu_ms == pytest.approx(20.0 * 401 / 904, rel=1e-9)
+    assert attributor.steps is not None
+    assert attributor.steps.outcomes == {"replayed": 3}
+
+
+def test_the_admission_placement_still_spreads_the_prompt_from_the_step_in_progress_to_its_first_token() -> None:
+    settled, attributor, _ = attribute(_queued_behind_each_other(), QUEUED_INTERVALS, placement="admission",
+                                       step_tokens=1000)
+    # The attribution before the step model: both prompts (and their first tokens) over (0.0, 0.04], by density.
+    assert settled["a"].share.gpu_ms == pytest.approx(40.0 * 1501 / 1904, rel=1e-9)
+    assert settled["b"].share.gpu_ms == pytest.approx(40.0 * 401 / 1904, rel=1e-9)
+    assert attributor.steps is None
+    assert attributor.learned() == {}
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 10_000), st.sampled_from([None, 600]), st.sampled_from([0.05, 0.1]))
 def test_conservation_on_a_batching_engine_online(seed: int, step_tokens: int | None, period: float) -> None:
