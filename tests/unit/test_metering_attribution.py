@@ -305,7 +305,9 @@ def test_a_streamed_request_without_prompt_work_starts_in_the_step_that_emitted_
     assert settled["r"].share.gpu_ms == pytest.approx(70.0 * 0.02 / 0.07 / 2, rel=0.05)  # half of two 10 ms steps
 
 
-def test_the_writer_journals_what_the_step_model_learned_and_a_restart_starts_from_it(tmp_path: Path) -> None:
+def _writer_through(tmp_path: Path, share: float) -> tuple[UsageWriter, chain.Signer, int]:
+    """A writer that journalled an engine timeline's requests and saw the first ``share`` of its GPU intervals;
+    and how many requests there were."""
     signer = chain.Signer(chain.generate_key())
     ledger = Ledger(tmp_path / "usage.db", signer, {"namespace": "team-a", "service": "llama", "pod": "pod-1"})
     writer = UsageWriter(ledger, 1)
@@ -314,15 +316,60 @@ def test_the_writer_journals_what_the_step_model_learned_and_a_restart_starts_fr
     intervals = exact_intervals(timeline.steps, 0.0, timeline.steps[-1][1] + 0.5, 0.05)
     writer.cycle([(ctx, event) for event in timeline.events], [], 0.0, now=0.0)
     gpu = [GpuInterval(start, end, busy, None, 0, busy / (end - start) / 1000.0, "gpm")
-           for start, end, busy in intervals]
+           for start, end, busy in intervals][:int(share * len(intervals))]
     for i in range(0, len(gpu), 10):
         writer.cycle([], gpu[i:i + 10], gpu[i:i + 10][-1].end, now=gpu[i:i + 10][-1].end)
+    return writer, signer, len(timeline.events)
+
+
+def test_the_writer_journals_what_the_step_model_learned_and_a_restart_starts_from_it(tmp_path: Path) -> None:
+    writer, signer, requests = _writer_through(tmp_path, 1.0)
     learned = writer.attributor.learned()
     assert learned["idle_per_step"] == pytest.approx(0.0008, rel=0.05)
     assert REGISTRY.get_sample_value("tensorfleet_metering_step_idle_seconds") == learned["idle_per_step"]
     assert (REGISTRY.get_sample_value("tensorfleet_metering_prompt_placements_total", {"outcome": "replayed"})
-            or 0) >= 0.8 * len(timeline.events)
+            or 0) >= 0.8 * requests
     again = UsageWriter(Ledger(tmp_path / "usage.db", signer), 1)
     again.restore()
     assert again.attributor.learned() == pytest.approx(learned)
-    assert UsageWriter(ledger, 1, placement="admission").attributor.learned() == {}
+    assert UsageWriter(writer.ledger, 1, placement="admission").attributor.learned() == {}
+
+
+def _records(ledger: Ledger) -> int:
+    return int(ledger.conn.execute("SELECT count(*) FROM records").fetchone()[0])
+
+
+@pytest.mark.parametrize("earlier_boot", [False, True])
+def test_requests_restored_from_the_journal_keep_the_learned_budget(tmp_path: Path, earlier_boot: bool) -> None:
+    # Killed halfway: requests pending, the step model journalled. The neighbours settled before the restart
+    # are gone from the step model, so a journalled request's replay must not re-learn the budget from its steps.
+    writer, signer, requests = _writer_through(tmp_path, 0.5)
+    learned = writer.attributor.learned()
+    assert learned["budget"] == pytest.approx(600, rel=0.05)
+    assert writer.attributor.pending() > 0
+    if earlier_boot:  # monotonic times of another boot: settled at once with what was measured
+        with writer.ledger.transaction():
+            writer.ledger.set_meta("boot_id", "an-earlier-boot")
+    again = UsageWriter(Ledger(tmp_path / "usage.db", signer), 1)
+    assert again.restore() == writer.attributor.pending()
+    if not earlier_boot:
+        again.cycle([], [], math.inf, final=True)
+    assert _records(again.ledger) == requests
+    assert again.attributor.learned() == pytest.approx(learned, rel=0.05)
+    assert again.attributor.learned()["budget"] == learned["budget"]
+
+
+@pytest.mark.parametrize("journalled", ['{"budget": "many"}', '{"budget": 0}', '[1, 2]', "{not json",
+                                        '{"idle_per_step": -1}', '{"linkage": NaN}'])
+def test_an_unreadable_step_model_in_the_journal_is_learned_again(tmp_path: Path, journalled: str,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    writer, signer, requests = _writer_through(tmp_path, 0.5)
+    with writer.ledger.transaction():
+        writer.ledger.set_meta("step_model", journalled)
+    again = UsageWriter(Ledger(tmp_path / "usage.db", signer), 1)
+    again.restore()
+    assert "journalled step model" in caplog.text
+    assert "learning it again" in caplog.text
+    assert "budget" not in again.attributor.learned()  # unbounded until learned, not a bad value
+    again.cycle([], [], math.inf, final=True)
+    assert _records(again.ledger) == requests  # and nothing lost

@@ -137,6 +137,7 @@ class _Request:
     total_tokens: float
     last_k: int = -1  # index of the last interval it has work in; -1 until placed
     placed: bool = False
+    journalled: bool = False  # restored from the journal after a restart
 
     @property
     def admitted(self) -> float:
@@ -243,8 +244,11 @@ class Attributor:
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, key: str, spans: list[WorkSpan], billable: bool, share: Share | None = None) -> None:
         """Take a request; it is placed when the interval its work starts in is finalised (by then every
-        request that was in flight when it was admitted is known). ``share``: progress restored from a journal."""
-        request = _Request(key, spans, billable, share or Share(), sum(s.tokens for s in spans))
+        request that was in flight when it was admitted is known). ``share``: progress restored from a journal;
+        such a request teaches the step model no budget (the tokens of the requests settled before the restart
+        are gone, so its window of steps is not all seen)."""
+        request = _Request(key, spans, billable, share or Share(), sum(s.tokens for s in spans),
+                           journalled=share is not None)
         self._requests[key] = request
         self._unplaced[key] = request
         if self.steps is not None:
@@ -311,7 +315,7 @@ class Attributor:
             if span.prompt:
                 first_token = span.end if span.first else None
                 engine_tokens = span.engine_tokens or span.tokens
-                pieces = steps.place_prompt(admitted, first_token, engine_tokens, done)
+                pieces = steps.place_prompt(admitted, first_token, engine_tokens, done, learn=not request.journalled)
                 scale = span.tokens / engine_tokens if engine_tokens > 0 else 0.0
                 out += [_span(lo, hi, amount * scale, prompt=True) for lo, hi, amount in pieces]
                 prompt_ends = max((hi for _, hi, _ in pieces), default=None)

@@ -201,12 +201,12 @@ class EngineSteps:
 
     # -- prompts ---------------------------------------------------------------------------------
     def place_prompt(self, admitted: float, first_token: float | None, tokens: float,
-                     until: float) -> list[tuple[float, float, float]]:
+                     until: float, learn: bool = True) -> list[tuple[float, float, float]]:
         """``(start, end, tokens)`` of the prompt in each step that processed it.
 
         ``first_token``: when the gateway forwarded the first generated token (the prompt was done in the
         step that emitted it); None when not streamed: then the replay runs forward from the admission
-        within the steps up to ``until``.
+        within the steps up to ``until``. ``learn``: whether the placement may tell the budget.
         """
         window = self.steps(admitted, first_token if first_token is not None else until)
         if not window or tokens <= 0:
@@ -221,7 +221,7 @@ class EngineSteps:
         else:
             joinable = self._between_steps(admitted)
             # Every step in between ended in a burst, and the step it started in is certain: it tells the budget.
-            if not self.configured_budget and not joinable and self._decoding.covers(admitted, first_token):
+            if learn and not self.configured_budget and not joinable and self._decoding.covers(admitted, first_token):
                 self._learn_budget(bases, first, tokens)
             alloc, outcome = _fill_to_first_token(self._caps(bases), first, tokens, joinable)
         self.outcomes[outcome] += 1

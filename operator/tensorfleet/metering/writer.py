@@ -69,8 +69,7 @@ class UsageWriter:
         frontier = int(self.ledger.get_meta("frontier") or 0)
         self.attributor = self._new_attributor(frontier)
         self._placements_counted = {}
-        if stored := self.ledger.get_meta("step_model"):
-            self.attributor.restore_learned(json.loads(stored))
+        self._restore_step_model()
         rows = conn.execute("SELECT k, start, end, busy_ms, energy_mj, kind FROM intervals ORDER BY k").fetchall()
         for k, start, end, busy, energy, kind in rows:
             added = self.attributor.add_interval(start, end, busy, energy, kind)
@@ -98,6 +97,20 @@ class UsageWriter:
         with self.ledger.transaction():
             self.ledger.set_meta("boot_id", boot_id())
         return count
+
+    def _restore_step_model(self) -> None:
+        """What the step model learned before the restart; an unreadable journal entry is learned again."""
+        stored = self.ledger.get_meta("step_model")
+        if not stored:
+            return
+        try:
+            learned = {str(name): float(value) for name, value in json.loads(stored).items()}
+            if not all(math.isfinite(v) and v >= 0 for v in learned.values()) or learned.get("budget", 1.0) <= 0:
+                raise ValueError("values must be finite, not negative, and the budget positive")
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("journalled step model %.200r is unreadable (%s): learning it again", stored, exc)
+            return
+        self.attributor.restore_learned(learned)
 
     def start_timing(self, start: float, period: float) -> None:
         """No GPU: busy time is estimated from request timing on a grid of ``period`` seconds."""
