@@ -48,7 +48,8 @@ class MeteringSettings:
         "the step in progress at admission to the first token).")
     engine_step_tokens: int = setting(
         0, "Tokens one engine step may process (vLLM's --max-num-batched-tokens, TensorRT-LLM's max_num_tokens); "
-        "0 learns it from the requests' first tokens.")
+        "0 learns it from the requests' first tokens. The operator sets it for vLLM services whose "
+        "spec.runtime.extraArgs set --max-num-batched-tokens.")
     ru_table_file: str | None = setting(None, "YAML or JSON file of resource-unit factors that override the "
                                               "defaults: {product: {precision: RU per GPU-ms}}.")
     devices_wait_seconds: float = setting(
