@@ -155,6 +155,20 @@ def _rows() -> list[tuple[str, list[Panel]]]:
                 Query(f"sum(increase(tensorfleet_metering_ledger_verification_failures_total{{{SVC}}}[24h]))",
                       "failures"),
             ), kind="stat"),
+            Panel("Prompt placements/s by outcome", "How the metering's replay of the engine scheduler agreed with "
+                  "each prompt's first token (docs/metering.md): a growing share other than replayed means the "
+                  "engine does not schedule as the replay assumes, and per-request shares are less exact.", (
+                Query("sum by (outcome) "
+                      f"(rate(tensorfleet_metering_prompt_placements_total{{{SVC}}}[{RATE}]))", "{{outcome}}"),
+            ), stack=True),
+            Panel("Engine step budget (metering)", "Tokens per engine step the metering uses to place prompts, "
+                  "configured or learned per gateway (0 until learned); it should match the engine's "
+                  "--max-num-batched-tokens.", (
+                Query(f"max by ({BY_SVC}) (tensorfleet_metering_step_budget_tokens{{{SVC}}})",
+                      "{{namespace}}/{{inferenceservice}} max"),
+                Query(f"min by ({BY_SVC}) (tensorfleet_metering_step_budget_tokens{{{SVC}}})",
+                      "{{namespace}}/{{inferenceservice}} min"),
+            )),
         ]),
     ]
 

@@ -6,7 +6,7 @@ import dataclasses
 import random
 from typing import Any
 
-from tensorfleet.metering.attribution import Attributor, Settled, work_spans
+from tensorfleet.metering.attribution import Attributor, Placement, Settled, work_spans
 from tensorfleet.metering.events import RequestEvent, TokenChunk
 
 CONFIG: dict[str, Any] = {
@@ -85,6 +85,61 @@ def batched_timeline(seed: int, requests: int = 12, max_batch: int = 6) -> Timel
     return Timeline(events, truth, steps)
 
 
+def engine_timeline(seed: int, requests: int = 80, budget: int = 600, max_batch: int = 16) -> Timeline:
+    """A vLLM-like engine (a test double of the benchmark's): requests reach it at random moments and wait,
+    first come first served; each step decodes one token per running request and prefills the rest of a
+    ``budget`` of tokens, chunking a long prompt; the GPU idles 0.8 ms between steps; the gateway sees each
+    token 0.2-1.0 ms after its step. Twenty requests arrive per second. Truth: a step's kernel time split by
+    the tokens each request had in it."""
+    rng = random.Random(seed)
+    arrivals = sorted((rng.uniform(0.0, requests / 20), rng.choice([rng.randint(5, 120), rng.randint(200, 1500)]),
+                       rng.randint(1, 40)) for _ in range(requests))
+    waiting: list[dict[str, Any]] = []
+    running: list[dict[str, Any]] = []
+    truth: dict[str, float] = {}
+    events: list[RequestEvent] = []
+    steps: list[tuple[float, float]] = []
+    clock, n = 0.0, 0
+    while arrivals or waiting or running:
+        while arrivals and arrivals[0][0] <= clock:
+            at, prompt, out = arrivals.pop(0)
+            n += 1
+            waiting.append({"key": f"r{n}", "admitted": at, "prompt": prompt, "done": 0, "out": out, "chunks": [],
+                            "first": None})
+        if not waiting and not running:
+            clock = arrivals[0][0]
+            continue
+        batch = [(r, 1) for r in running if r["done"] == r["prompt"]]
+        room = budget - len(batch)
+        for r in [r for r in running if r["done"] < r["prompt"]] + waiting[:]:
+            if room <= 0 or (r in waiting and len(running) >= max_batch):
+                break
+            if r in waiting:
+                waiting.remove(r)
+                running.append(r)
+            take = min(room, r["prompt"] - r["done"])
+            batch.append((r, take))
+            room -= take
+        tokens = sum(t for _, t in batch)
+        end = clock + 0.002 + 0.00002 * tokens
+        steps.append((clock, end))
+        for r, take in batch:
+            truth[r["key"]] = truth.get(r["key"], 0.0) + (end - clock) * 1000.0 * take / tokens
+            if r["done"] < r["prompt"]:
+                r["done"] += take
+                if r["done"] < r["prompt"]:
+                    continue
+            seen = end + rng.uniform(0.0002, 0.001)
+            r["first"] = r["first"] or seen
+            r["chunks"].append((seen, 1))
+            if len(r["chunks"]) == r["out"]:
+                running.remove(r)
+                events.append(request(r["key"], admitted=r["admitted"], first_token=r["first"],
+                                      chunks=tuple(r["chunks"]), done=seen, prompt=r["prompt"]))
+        clock = end + 0.0008
+    return Timeline(events, truth, steps)
+
+
 def exact_intervals(steps: list[tuple[float, float]], start: float, end: float,
                     period: float) -> list[tuple[float, float, float]]:
     """(start, end, busy_ms) per sampling period, busy being the step time inside it (what GPM reports)."""
@@ -99,8 +154,9 @@ def exact_intervals(steps: list[tuple[float, float]], start: float, end: float,
 
 
 def attribute(events: list[RequestEvent], intervals: list[tuple[float, float, float]],
-              gpus: int = 1) -> tuple[dict[str, Settled], Attributor, list[Any]]:
-    attributor = Attributor(gpus)
+              gpus: int = 1, placement: Placement = "steps",
+              step_tokens: int | None = None) -> tuple[dict[str, Settled], Attributor, list[Any]]:
+    attributor = Attributor(gpus, placement=placement, step_tokens=step_tokens)
     for start, end, busy in intervals:
         attributor.add_interval(start, end, busy, None, "gpm")
     for event in events:
@@ -108,3 +164,28 @@ def attribute(events: list[RequestEvent], intervals: list[tuple[float, float, fl
     attributor.place_all()  # closing down: work past the last interval is left uncovered
     finalised = attributor.finalise(float("inf"))
     return {s.key: s for s in attributor.settle()}, attributor, finalised
+
+
+def attribute_online(events: list[RequestEvent], intervals: list[tuple[float, float, float]],
+                     placement: Placement = "steps",
+                     step_tokens: int | None = None) -> tuple[dict[str, Settled], Attributor, list[Any]]:
+    """As the writer does it: each interval when it ends, each request when it is done, finalising as far as
+    the admission hints allow (nothing admitted earlier is still in flight)."""
+    attributor = Attributor(1, placement=placement, step_tokens=step_tokens)
+    pending = sorted(events, key=lambda e: e.done)
+    finalised: list[Any] = []
+    settled: dict[str, Settled] = {}
+    for start, end, busy in intervals:
+        attributor.add_interval(start, end, busy, None, "gpm")
+        while pending and pending[0].done <= end:
+            event = pending.pop(0)
+            attributor.add_request(event.request_id, work_spans(event), event.billable)
+        in_flight = [e.admitted for e in pending if e.admitted is not None]
+        finalised += attributor.finalise(min([end, *in_flight]))
+        settled.update({s.key: s for s in attributor.settle()})
+    for event in pending:
+        attributor.add_request(event.request_id, work_spans(event), event.billable)
+    attributor.place_all()
+    finalised += attributor.finalise(float("inf"))
+    settled.update({s.key: s for s in attributor.settle()})
+    return settled, attributor, finalised

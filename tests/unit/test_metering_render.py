@@ -70,3 +70,30 @@ def test_operator_reads_the_ru_table_file_and_names_a_bad_field(tmp_path: Path) 
     (tmp_path / "bad.yaml").write_text("NVIDIA-L4: {fp16: zero}\n")
     with pytest.raises(ValueError, match=r"bad\.yaml\.NVIDIA-L4\.fp16='zero'"):
         OperatorSettings(metering_ru_table_file=str(tmp_path / "bad.yaml")).render_context()
+
+
+def _gateway_env(body: dict) -> dict[str, str | None]:
+    pod = render_deployment(isvc(body), RenderContext(), 1)["spec"]["template"]["spec"]
+    gateway = next(c for c in pod["containers"] if c["name"] == "gateway")
+    return {e["name"]: e.get("value") for e in gateway["env"]}
+
+
+@pytest.mark.parametrize(("extra_args", "step_tokens"), [
+    (["--max-num-batched-tokens", "4096"], "4096"),
+    (["--enable-prefix-caching", "--max-num-batched-tokens=8192"], "8192"),
+    (["--max-num-batched-tokens", "1024", "--max-num-batched-tokens", "2048"], "2048"),  # the last wins
+    (["--max-num-batched-tokens", "lots"], None),  # vLLM refuses it itself; metering learns
+    (["--max-num-batched-tokens", "0"], None),
+    (["--max-num-batched-tokens"], None),
+    (["--max-num-seqs", "64"], None),
+    ([], None),
+])
+def test_the_step_budget_a_vllm_service_sets_reaches_the_gateways_metering(extra_args: list[str],
+                                                                           step_tokens: str | None) -> None:
+    env = _gateway_env(inference_service(runtime={"name": "vllm", "extraArgs": extra_args}))
+    assert env.get("TENSORFLEET_METERING_ENGINE_STEP_TOKENS") == step_tokens
+
+
+def test_triton_services_leave_the_step_budget_to_be_learned() -> None:
+    env = _gateway_env(triton_service(runtime={"name": "triton", "extraArgs": ["--max-num-batched-tokens", "4096"]}))
+    assert "TENSORFLEET_METERING_ENGINE_STEP_TOKENS" not in env

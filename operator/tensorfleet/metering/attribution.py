@@ -4,12 +4,17 @@ The model (docs/metering.md has the derivation):
 
 * The sampler yields contiguous intervals ``k = [b_k, b_{k+1})`` with the busy GPU time measured in
   each (``busy_k`` = length x activity, summed over the engine's GPUs).
-* Each request is a set of *work spans*: its uncached prompt tokens spread uniformly over
-  ``[admitted, first_token]`` (the prompt is processed then) and each forwarded chunk of generated
-  tokens spread over the time since the request's previous chunk (the decode steps that made it).
-  A span's *density* is tokens per second.
+* Each request is a set of *work spans*: its uncached prompt tokens and each forwarded chunk of
+  generated tokens, spread over the time in which the engine worked on them. A chunk spans the time
+  since the request's previous chunk (the decode step that made it). The prompt is placed on the
+  engine steps that processed it (``steps.EngineSteps``: the step ends the gateway sees in forwarded
+  tokens, and the scheduler's first-come-first-served fill of the token budget, ending in the step
+  that emitted the first token); with ``placement="admission"`` it is spread over
+  ``[admitted, first_token]`` instead. A span's *density* is tokens per second.
 * Within an interval, at every instant the GPU's time goes to the requests with work at that instant in
-  proportion to their density; ``w_ek = integral over k of rho_e(t) / sum_j rho_j(t) dt``.
+  proportion to their density, the instant weighted by the share of its step in which the GPU computed
+  (``beta``, 1 without a learned idle time between steps):
+  ``w_ek = integral over k of beta(t) rho_e(t) / sum_j rho_j(t) dt``.
   Request e receives ``busy_k * w_ek / sum_j w_jk``. The shares of an interval add up to ``busy_k``
   exactly (conservation by construction); an interval where nobody had work (idle, or busy with
   work no request claims) gives nothing to anyone.
@@ -30,9 +35,13 @@ from collections.abc import Iterable
 from typing import Literal
 
 from tensorfleet.metering.events import RequestEvent
+from tensorfleet.metering.steps import EngineSteps, Step
 
 IntervalKind = Literal["gpm", "utilization", "timing", "gap"]
+Placement = Literal["steps", "admission"]
+PLACEMENTS: tuple[Placement, ...] = ("steps", "admission")
 MIN_SPAN_SECONDS = 0.001  # work reported at one instant is spread over the millisecond before it
+PRUNE_MARGIN_SECONDS = 2.0  # step history kept before the oldest moment a placement or interval needs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +51,9 @@ class WorkSpan:
     start: float
     end: float
     tokens: float
-    prompt: bool = False  # the prompt's span (its end is the first token, not a decode step's end)
+    prompt: bool = False  # the prompt's span
+    first: bool = False  # it ends when the first generated token was forwarded (streamed requests)
+    engine_tokens: float | None = None  # prompt tokens as the engine's budget counts them (unweighted)
 
     @property
     def density(self) -> float:
@@ -61,11 +72,16 @@ def work_spans(event: RequestEvent, prefill_weight: float = 1.0) -> list[WorkSpa
         return []
     admitted, done = event.admitted, max(event.done, event.admitted)
     spans: list[WorkSpan] = []
-    prompt = prefill_weight * max(0, event.prompt_tokens - event.cached_tokens)
+    uncached = max(0, event.prompt_tokens - event.cached_tokens)
     prompt_end = min(max(event.first_token, admitted), done) if event.first_token is not None else done
-    if prompt > 0:
-        spans.append(_span(admitted, prompt_end, prompt, prompt=True))
-    spans.extend(_generated_spans(event, admitted, done))
+    streamed = event.streaming and event.first_token is not None and bool(event.chunks)
+    if uncached > 0 and prefill_weight > 0:
+        span = _span(admitted, prompt_end, prefill_weight * uncached, prompt=True)
+        spans.append(dataclasses.replace(span, first=streamed, engine_tokens=float(uncached)))
+    generated = _generated_spans(event, admitted, done)
+    if generated and streamed:
+        generated[0] = dataclasses.replace(generated[0], first=True)
+    spans.extend(generated)
     return spans
 
 
@@ -121,6 +137,7 @@ class _Request:
     total_tokens: float
     last_k: int = -1  # index of the last interval it has work in; -1 until placed
     placed: bool = False
+    journalled: bool = False  # restored from the journal after a restart
 
     @property
     def admitted(self) -> float:
@@ -130,6 +147,10 @@ class _Request:
     def step_ends(self) -> list[float]:
         """When this request's decode steps ended, as far as the gateway saw (its chunks' times)."""
         return [s.end for s in self.spans if not s.prompt]
+
+    @property
+    def streamed(self) -> bool:
+        return any(s.first for s in self.spans)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +180,19 @@ class Settled:
 
 
 class Attributor:
-    """Online attribution: intervals in, requests in, finalise by watermark, settle requests."""
+    """Online attribution: intervals in, requests in, finalise by watermark, settle requests.
 
-    def __init__(self, gpus: int = 1, first_k: int = 0) -> None:
+    ``placement``: ``"steps"`` places prompt work on the engine steps that processed it (learning the step
+    budget unless ``step_tokens`` gives it, and the GPU's idle time between steps); ``"admission"`` spreads
+    it from the end of the step in progress at admission to the first token.
+    """
+
+    def __init__(self, gpus: int = 1, first_k: int = 0, placement: Placement = "steps",
+                 step_tokens: int | None = None) -> None:
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
         self.gpus = gpus
+        self.steps = EngineSteps(step_tokens) if placement == "steps" else None
         self._base = first_k  # index of self._intervals[0]
         self._intervals: list[_Interval] = []
         self._starts: list[float] = []  # start of each interval in _intervals, for bisect
@@ -214,10 +244,15 @@ class Attributor:
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, key: str, spans: list[WorkSpan], billable: bool, share: Share | None = None) -> None:
         """Take a request; it is placed when the interval its work starts in is finalised (by then every
-        request that was in flight when it was admitted is known). ``share``: progress restored from a journal."""
-        request = _Request(key, spans, billable, share or Share(), sum(s.tokens for s in spans))
+        request that was in flight when it was admitted is known). ``share``: progress restored from a journal;
+        such a request teaches the step model no budget (the tokens of the requests settled before the restart
+        are gone, so its window of steps is not all seen)."""
+        request = _Request(key, spans, billable, share or Share(), sum(s.tokens for s in spans),
+                           journalled=share is not None)
         self._requests[key] = request
         self._unplaced[key] = request
+        if self.steps is not None:
+            self.steps.add_request(request.step_ends, request.streamed)
 
     def _placeable(self, request: _Request) -> bool:
         return self._last_end is not None and (not request.spans or request.spans[-1].end <= self._last_end)
@@ -267,9 +302,39 @@ class Attributor:
                 if span.start == admitted and free < span.end - MIN_SPAN_SECONDS else span
                 for span in request.spans]
 
+    def _in_steps(self, steps: EngineSteps, request: _Request) -> list[WorkSpan]:
+        """The request's spans with its prompt on the steps that processed it, and the span of its first chunk
+        (which starts at the admission) starting where the step that emitted it (or the prompt) began."""
+        admitted, spans = request.admitted, request.spans
+        if not spans:
+            return []
+        done = max(span.end for span in spans)
+        out: list[WorkSpan] = []
+        prompt_ends: float | None = None
+        for span in spans:
+            if span.prompt:
+                first_token = span.end if span.first else None
+                engine_tokens = span.engine_tokens or span.tokens
+                pieces = steps.place_prompt(admitted, first_token, engine_tokens, done, learn=not request.journalled)
+                scale = span.tokens / engine_tokens if engine_tokens > 0 else 0.0
+                out += [_span(lo, hi, amount * scale, prompt=True) for lo, hi, amount in pieces]
+                prompt_ends = max((hi for _, hi, _ in pieces), default=None)
+            elif span.start == admitted:
+                before = steps.step_before(span.end) if span.first else None
+                if span.first and before is not None:
+                    start = max(admitted, before)
+                else:
+                    start = prompt_ends if prompt_ends is not None and not span.first else admitted
+                out.append(_span(min(start, span.end), span.end, span.tokens))
+            else:
+                out.append(span)
+        steps.engaged(done)
+        return out
+
     def _place(self, request: _Request) -> None:
         request.placed = True
-        for span in self._aligned(request):
+        spans = self._in_steps(self.steps, request) if self.steps is not None else self._aligned(request)
+        for span in spans:
             first = max(bisect.bisect_right(self._starts, span.start) - 1, 0)
             for index in range(first, len(self._intervals)):
                 interval = self._intervals[index]
@@ -299,7 +364,12 @@ class Attributor:
         return done
 
     def _finalise_one(self, k: int, interval: _Interval) -> Finalised:
-        weights = time_shares(interval.pieces)
+        fractions = None
+        if self.steps is not None and interval.busy_ms is not None and interval.kind != "gap":
+            around = self.steps.around(interval.start, interval.end)
+            self._learn_idle(interval, around)
+            fractions = self.steps.kernel_fractions(interval.start, interval.end, around)
+        weights = time_shares(interval.pieces, fractions)
         active = sum(weights.values())
         if interval.busy_ms is None:  # timing only: busy whenever some request had work
             busy = active * 1000.0 * self.gpus
@@ -328,6 +398,16 @@ class Attributor:
         unattributed = busy if active <= 0 else 0.0
         return Finalised(k, interval.start, interval.end, busy, interval.kind, billed, excluded, unattributed)
 
+    def _learn_idle(self, interval: _Interval, around: list[Step]) -> None:
+        """An interval in which some request had work all the time: its idle GPU time is the engine's between
+        its steps."""
+        assert self.steps is not None
+        assert interval.busy_ms is not None
+        length = interval.end - interval.start
+        if length > 0 and covered_seconds(interval.pieces) >= length * (1 - 1e-9):
+            idle = length - interval.busy_ms / 1000.0 / self.gpus
+            self.steps.observe_idle(interval.start, interval.end, idle, around)
+
     def _drop_final(self) -> None:
         """Forget final intervals, keeping the list short (placement of late work drops it anyway)."""
         drop = self._final - self._base
@@ -335,6 +415,18 @@ class Attributor:
             del self._intervals[:drop]
             del self._starts[:drop]
             self._base = self._final
+        if self.steps is not None and drop > 0:
+            oldest = min([r.admitted for r in self._unplaced.values()] +
+                         [self._intervals[0].start if self._intervals else self._last_end or 0.0])
+            self.steps.prune(oldest - PRUNE_MARGIN_SECONDS)
+
+    def learned(self) -> dict[str, float]:
+        """What the step model learned (empty with ``placement="admission"``), for the journal."""
+        return self.steps.learned() if self.steps is not None else {}
+
+    def restore_learned(self, values: dict[str, float]) -> None:
+        if self.steps is not None:
+            self.steps.restore_learned(values)
 
     def settle(self) -> list[Settled]:
         """The placed requests whose intervals are all final, removed from the attributor."""
@@ -350,16 +442,33 @@ class Attributor:
         return len(self._requests)
 
 
-def time_shares(pieces: list[tuple[str, float, float, float]]) -> dict[str, float]:
-    """``w_e = integral of rho_e / sum rho``: each request's share of the active time, in seconds.
+def covered_seconds(pieces: list[tuple[str, float, float, float]]) -> float:
+    """The measure of the time in which some piece has work."""
+    total, reach = 0.0, -math.inf
+    for _, lo, hi, _ in sorted(pieces, key=lambda p: p[1]):
+        if hi > reach:
+            total += hi - max(lo, reach)
+            reach = hi
+    return total
 
-    Pieces are ``(request, start, end, density)``. A sweep over the breakpoints builds the total
-    density; with ``F(t) = integral dt / sum rho`` a piece's weight is ``density * (F(end) - F(start))``.
-    The weights add up to the measure of the time when some request had work.
+
+def time_shares(pieces: list[tuple[str, float, float, float]],
+                fractions: list[tuple[float, float, float]] | None = None) -> dict[str, float]:
+    """``w_e = integral of beta * rho_e / sum rho``: each request's share of the active time, in seconds.
+
+    Pieces are ``(request, start, end, density)``; ``fractions`` are ``(start, end, beta)``, sorted and not
+    overlapping, the share of time the GPU computed (1 elsewhere). A sweep over the breakpoints builds the
+    total density; with ``F(t) = integral beta dt / sum rho`` a piece's weight is
+    ``density * (F(end) - F(start))``. Without fractions the weights add up to the measure of the time
+    when some request had work.
     """
     if not pieces:
         return {}
-    points = sorted({p[1] for p in pieces} | {p[2] for p in pieces})
+    breaks = {p[1] for p in pieces} | {p[2] for p in pieces}
+    lo, hi = min(breaks), max(breaks)
+    beta = [f for f in fractions or [] if f[1] > lo and f[0] < hi]
+    breaks.update(t for f in beta for t in f[:2] if lo < t < hi)
+    points = sorted(breaks)
     index = {t: i for i, t in enumerate(points)}
     rate = [0.0] * len(points)
     count = [0] * len(points)
@@ -369,11 +478,14 @@ def time_shares(pieces: list[tuple[str, float, float, float]]) -> dict[str, floa
         count[index[lo]] += 1
         count[index[hi]] -= 1
     cumulative = [0.0] * len(points)
-    total_rate, active = 0.0, 0
+    total_rate, active, f = 0.0, 0, 0
     for i in range(len(points) - 1):
         total_rate += rate[i]
         active += count[i]
-        step = (points[i + 1] - points[i]) / total_rate if active > 0 and total_rate > 0 else 0.0
+        while f < len(beta) and beta[f][1] <= points[i]:
+            f += 1
+        share = beta[f][2] if f < len(beta) and beta[f][0] <= points[i] else 1.0
+        step = share * (points[i + 1] - points[i]) / total_rate if active > 0 and total_rate > 0 else 0.0
         cumulative[i + 1] = cumulative[i] + step
     weights: dict[str, float] = {}
     for key, lo, hi, density in pieces:

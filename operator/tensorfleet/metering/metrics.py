@@ -41,6 +41,13 @@ LEDGER_VERIFICATION_FAILURES = Counter(
 for _kind in ("edited", "bad-signature", "malformed", "broken-link"):
     LEDGER_VERIFICATION_FAILURES.labels(_kind)  # exported as 0 from the start, so increase() sees the first one
 
+STEP_BUDGET = Gauge("tensorfleet_metering_step_budget_tokens",
+                    "Tokens one engine step may process, as configured or learned (0 until known).")
+STEP_IDLE = Gauge("tensorfleet_metering_step_idle_seconds", "GPU idle time between two engine steps, learned.")
+PROMPT_PLACEMENTS = Counter("tensorfleet_metering_prompt_placements", "Prompts placed on engine steps, by how the "
+                            "replay of the scheduler agreed with the first token: replayed, started-earlier, "
+                            "started-later, over-budget, filled-back, not-streamed, unseen.", ["outcome"])
+
 OTHER_TENANT = "other"
 
 

@@ -42,6 +42,14 @@ class MeteringSettings:
         300.0, "Longest request life the attribution waits for before finalising an interval, unless the "
         "gateway reports admissions (then intervals are final as soon as no earlier request is in flight).")
     prefill_token_weight: float = setting(1.0, "Work of one uncached prompt token relative to a generated token.")
+    prompt_placement: str = setting(
+        "steps", "Where a prompt's work is placed in time: 'steps' (the engine steps that processed it, "
+        "reconstructed from the tokens forwarded to all requests) or 'admission' (spread from the end of "
+        "the step in progress at admission to the first token).")
+    engine_step_tokens: int = setting(
+        0, "Tokens one engine step may process (vLLM's --max-num-batched-tokens, TensorRT-LLM's max_num_tokens); "
+        "0 learns it from the requests' first tokens. The operator sets it for vLLM services whose "
+        "spec.runtime.extraArgs set --max-num-batched-tokens.")
     ru_table_file: str | None = setting(None, "YAML or JSON file of resource-unit factors that override the "
                                               "defaults: {product: {precision: RU per GPU-ms}}.")
     devices_wait_seconds: float = setting(
@@ -74,6 +82,8 @@ class MeteringSettings:
         check("flush_interval_ms", 1 <= self.flush_interval_ms <= 60_000, "between 1 and 60000")
         check("settle_after_seconds", self.settle_after_seconds >= 0, "zero or positive")
         check("prefill_token_weight", self.prefill_token_weight >= 0, "zero or positive")
+        check("prompt_placement", self.prompt_placement in ("steps", "admission"), "'steps' or 'admission'")
+        check("engine_step_tokens", self.engine_step_tokens >= 0, "zero (learn it) or positive")
         check("max_queued_events", self.max_queued_events >= 1, "at least 1")
         check("max_tenant_labels", self.max_tenant_labels >= 0, "zero or positive")
         check("sink_url", self.sink_url is None or self.sink_url.startswith(("http://", "https://")),

@@ -123,7 +123,9 @@ class MeteringSink:
         ledger = _open_ledger(self.usage_dir / self.settings.ledger_file, signer, labels)
         writer = UsageWriter(ledger, self._ctx.gpus, self.settings.prefill_token_weight,
                              self.settings.checkpoint_every_records, self.settings.checkpoint_interval_seconds,
-                             self.settings.max_tenant_labels)
+                             self.settings.max_tenant_labels,
+                             "admission" if self.settings.prompt_placement == "admission" else "steps",
+                             self.settings.engine_step_tokens or None)
         restored = writer.restore()
         if restored:
             log.info("restored %d journalled requests", restored)

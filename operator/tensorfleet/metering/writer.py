@@ -9,6 +9,7 @@ stopped: no record twice, none lost once its event was journalled.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tensorfleet.metering import metrics, records
-from tensorfleet.metering.attribution import Attributor, Finalised, Settled, Share, work_spans
+from tensorfleet.metering.attribution import Attributor, Finalised, Placement, Settled, Share, work_spans
 from tensorfleet.metering.events import ColdStartEvent, RequestEvent
 from tensorfleet.metering.ledger import Ledger, boot_id
 from tensorfleet.metering.nvml import GpuInterval
@@ -41,18 +42,24 @@ class UsageWriter:
 
     def __init__(self, ledger: Ledger, gpus: int, prefill_token_weight: float = 1.0,
                  checkpoint_every_records: int = 1000, checkpoint_interval_seconds: float = 30.0,
-                 max_tenant_labels: int = 100) -> None:
+                 max_tenant_labels: int = 100, placement: Placement = "steps", step_tokens: int | None = None) -> None:
         self.ledger = ledger
         self.tenant_label = metrics.TenantLabels(max_tenant_labels)
         self.gpus = gpus
         self.prefill_token_weight = prefill_token_weight
+        self.placement: Placement = placement
+        self.step_tokens = step_tokens
         self.checkpoint_every = checkpoint_every_records
         self.checkpoint_interval = checkpoint_interval_seconds
         self.measurement: Measurement | None = None  # None until the sampler has started or failed
         self.timing_period = 0.1
-        self.attributor = Attributor(gpus)
+        self.attributor = self._new_attributor()
         self._arrival = 0
         self._last_checkpoint = time.monotonic()
+        self._placements_counted: dict[str, int] = {}
+
+    def _new_attributor(self, first_k: int = 0) -> Attributor:
+        return Attributor(self.gpus, first_k=first_k, placement=self.placement, step_tokens=self.step_tokens)
 
     # -- start-up --------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -60,7 +67,9 @@ class UsageWriter:
         conn = self.ledger.conn
         same_boot = self.ledger.get_meta("boot_id") == boot_id()
         frontier = int(self.ledger.get_meta("frontier") or 0)
-        self.attributor = Attributor(self.gpus, first_k=frontier)
+        self.attributor = self._new_attributor(frontier)
+        self._placements_counted = {}
+        self._restore_step_model()
         rows = conn.execute("SELECT k, start, end, busy_ms, energy_mj, kind FROM intervals ORDER BY k").fetchall()
         for k, start, end, busy, energy, kind in rows:
             added = self.attributor.add_interval(start, end, busy, energy, kind)
@@ -81,10 +90,27 @@ class UsageWriter:
             log.warning("usage journal from an earlier boot: settling %d pending requests with what was measured",
                         count)
             self.cycle([], [], math.inf, final=True)
-            self.attributor = Attributor(self.gpus, first_k=self.attributor.frontier)
+            learned = self.attributor.learned()
+            self.attributor = self._new_attributor(self.attributor.frontier)
+            self.attributor.restore_learned(learned)  # the engine is the same: keep what was learned
+            self._placements_counted = {}
         with self.ledger.transaction():
             self.ledger.set_meta("boot_id", boot_id())
         return count
+
+    def _restore_step_model(self) -> None:
+        """What the step model learned before the restart; an unreadable journal entry is learned again."""
+        stored = self.ledger.get_meta("step_model")
+        if not stored:
+            return
+        try:
+            learned = {str(name): float(value) for name, value in json.loads(stored).items()}
+            if not all(math.isfinite(v) and v >= 0 for v in learned.values()) or learned.get("budget", 1.0) <= 0:
+                raise ValueError("values must be finite, not negative, and the budget positive")
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("journalled step model %.200r is unreadable (%s): learning it again", stored, exc)
+            return
+        self.attributor.restore_learned(learned)
 
     def start_timing(self, start: float, period: float) -> None:
         """No GPU: busy time is estimated from request timing on a grid of ``period`` seconds."""
@@ -163,6 +189,8 @@ class UsageWriter:
         conn.executemany("UPDATE pending SET gpu_ms = ?, energy_mj = ?, covered = ? WHERE key = ?",
                          [(s.gpu_ms, s.energy_mj, s.covered_tokens, k) for k, s in touched.items()])
         self.ledger.set_meta("frontier", str(frontier))
+        if finalised and (learned := self.attributor.learned()):
+            self.ledger.set_meta("step_model", json.dumps(learned, sort_keys=True))
         if self.attributor.last_end is not None:
             self.ledger.set_meta("last_end", repr(self.attributor.last_end))
 
@@ -207,3 +235,15 @@ class UsageWriter:
                 metrics.TENANT_GPU_MS.labels(*labels).inc(float(body.get("gpuMs") or 0.0))
                 metrics.TENANT_RESOURCE_UNITS.labels(*labels).inc(float(body.get("resourceUnits") or 0.0))
         metrics.PENDING.set(self.attributor.pending())
+        self._count_step_model()
+
+    def _count_step_model(self) -> None:
+        steps = self.attributor.steps
+        if steps is None:
+            return
+        metrics.STEP_BUDGET.set(steps.budget if math.isfinite(steps.budget) else 0)
+        metrics.STEP_IDLE.set(steps.idle_per_step)
+        for outcome, count in steps.outcomes.items():
+            if (new := count - self._placements_counted.get(outcome, 0)) > 0:
+                metrics.PROMPT_PLACEMENTS.labels(outcome).inc(new)
+            self._placements_counted[outcome] = count

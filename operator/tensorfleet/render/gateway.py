@@ -104,7 +104,7 @@ def _env(isvc: InferenceService, gpu_product: str | None, ctx: c.RenderContext) 
         # NVML read access (utility capability only) to sample the GPUs the engine was given.
         {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"},
         {"name": "NVIDIA_DRIVER_CAPABILITIES", "value": "utility"},
-        *m.metering_env(ctx),
+        *m.metering_env(ctx, isvc),
     ]
     if api_keys_secret(isvc):
         env.append({"name": "TENSORFLEET_GATEWAY_API_KEYS_DIR", "value": c.API_KEYS_DIR})

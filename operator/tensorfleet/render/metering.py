@@ -1,5 +1,6 @@
 """What the gateway's metering half needs in the pod: sink URL, the Secret with the signing key, the
-engine fingerprint and the resource-unit overrides. Pure builders; the operator never reads the Secret.
+engine fingerprint, the engine's step budget where the service sets it, and the resource-unit overrides.
+Pure builders; the operator never reads the Secret.
 
 The Secret (``RenderContext.metering_secret``, default ``tensorfleet-metering``) lives in the service's
 namespace with the keys ``signing-key`` (Ed25519 private key, PEM) and optionally ``sink-token``. It is
@@ -23,6 +24,7 @@ VOLUME = "metering-secret"
 MOUNT_DIR = f"{c.CONFIG_DIR}/metering"
 SIGNING_KEY = "signing-key"
 SINK_TOKEN = "sink-token"
+VLLM_STEP_TOKENS_FLAG = "--max-num-batched-tokens"
 
 
 def engine_fingerprint(isvc: InferenceService, ctx: c.RenderContext) -> str:
@@ -46,11 +48,31 @@ def metering_config(ctx: c.RenderContext) -> dict[str, Any]:
     return {"resourceUnits": dict(ctx.resource_units)} if ctx.resource_units else {}
 
 
-def metering_env(ctx: c.RenderContext) -> list[dict[str, Any]]:
+def engine_step_tokens(isvc: InferenceService) -> int | None:
+    """The engine's step budget where the service sets it: vLLM's ``--max-num-batched-tokens`` in
+    ``spec.runtime.extraArgs`` (``N`` as the next argument or after ``=``). None otherwise: the gateway
+    learns it (vLLM's own default depends on the GPU and the entry point, so it is not guessed here)."""
+    if isvc.spec.runtime.name != "vllm":
+        return None
+    args = list(isvc.spec.runtime.extra_args)
+    value = None
+    for i, arg in enumerate(args):  # the last occurrence wins, as in argparse
+        if arg == VLLM_STEP_TOKENS_FLAG and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(VLLM_STEP_TOKENS_FLAG + "="):
+            value = arg.split("=", 1)[1]
+    if value is None or not value.strip().isdigit() or int(value) <= 0:
+        return None  # vLLM refuses it itself; metering then learns
+    return int(value)
+
+
+def metering_env(ctx: c.RenderContext, isvc: InferenceService | None = None) -> list[dict[str, Any]]:
     def name(field: str) -> str:
         return env_name(MeteringSettings, field)
 
     env = []
+    if isvc is not None and (step_tokens := engine_step_tokens(isvc)) is not None:
+        env.append({"name": name("engine_step_tokens"), "value": str(step_tokens)})
     if ctx.metering_sink_url:
         env.append({"name": name("sink_url"), "value": ctx.metering_sink_url})
     if ctx.metering_secret:
