@@ -86,7 +86,8 @@ def vllm_server(log_dir: pathlib.Path) -> Iterator[str]:
     log = log_dir / "vllm.log"
     command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", SERVED, "--enforce-eager", "--max-num-seqs", "2", "--dtype", "float32",
-               "--max-model-len", str(MAX_MODEL_LEN), "--host", "127.0.0.1", "--port", str(port)]
+               "--max-model-len", str(MAX_MODEL_LEN), "--enable-prompt-tokens-details",  # as the operator renders
+               "--host", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     with open(log, "wb") as output:

@@ -35,6 +35,14 @@ def test_vllm_arguments_come_from_the_spec() -> None:
     assert engine["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert engine["resources"]["requests"]["nvidia.com/gpu"] == "2"
     assert deployment["spec"]["replicas"] == 3
+    assert "--enable-prompt-tokens-details" in args  # cached prompt tokens reach metering
+
+
+def test_extra_args_may_turn_prompt_token_details_off() -> None:
+    engine = containers(render_deployment(isvc(runtime={"extraArgs": ["--no-enable-prompt-tokens-details"]}),
+                                          CTX, 1))["engine"]
+    assert "--enable-prompt-tokens-details" not in engine["args"]
+    assert engine["args"][-1] == "--no-enable-prompt-tokens-details"
 
 
 def test_pod_has_shm_model_cache_and_gateway_sidecar() -> None:
