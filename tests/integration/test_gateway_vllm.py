@@ -44,6 +44,20 @@ async def engine_metric(session: aiohttp.ClientSession, vllm_url: str, name: str
         return scrape_sum(await response.text(), name, label) or 0.0
 
 
+async def settled_metric(session: aiohttp.ClientSession, vllm_url: str, name: str, label: str = "") -> float:
+    """``name`` once vLLM is idle and the value holds still: vLLM publishes its metrics a beat after the
+    step that changed them (the warm-up's requests, say), later still on a loaded machine."""
+    value = await engine_metric(session, vllm_url, name, label)
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        idle = await engine_metric(session, vllm_url, "vllm:num_requests_running") == 0
+        again = await engine_metric(session, vllm_url, name, label)
+        if idle and again == value:
+            return value
+        value = again
+    raise AssertionError(f"{name} did not settle")
+
+
 @pytest.mark.parametrize(("path", "base"), [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)],
                          ids=["chat", "completions"])
 async def test_the_client_sees_exactly_what_vllm_sends(vllm_url: str, tmp_path: pathlib.Path, path: str,
@@ -120,7 +134,7 @@ async def test_a_client_that_leaves_aborts_the_request_in_vllm(vllm_url: str, tm
     sink = RecordingSinkDouble()
     finished = 'finished_reason="length"'
     async with running_gateway(tmp_path, vllm_url, sink=sink) as gw, aiohttp.ClientSession() as session:
-        completed = await engine_metric(session, vllm_url, "vllm:request_success_total", finished)
+        completed = await settled_metric(session, vllm_url, "vllm:request_success_total", finished)
         body = {**COMPLETION, "max_tokens": 1000, "stream": True}
         async with aiohttp.ClientSession() as client, client.post(url(gw, "/v1/completions"), json=body) as response:
             await response.content.readline()

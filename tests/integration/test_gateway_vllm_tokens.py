@@ -26,7 +26,7 @@ from gateway_support import (
     wait_until,
 )
 from integration.test_gateway_pipeline import post
-from integration.test_gateway_vllm import engine_metric, merged
+from integration.test_gateway_vllm import engine_metric, merged, settled_metric
 from tensorfleet.gateway.context import TRUNCATED_TOKENS_HEADER, TRUNCATED_TURNS_HEADER
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -141,7 +141,7 @@ async def test_runaway_stops_a_real_loop_in_a_stream_and_aborts_it_in_vllm(vllm_
     document = gateway_document(tokenPolicy={"maxOutputTokens": 900, "runaway": {"enabled": True}})
     body = {**LOOPING, "max_tokens": 900, "stream": True, "stream_options": {"include_usage": True}}
     async with running_gateway(tmp_path, vllm_url, document, sink) as gw, aiohttp.ClientSession() as session:
-        completed = await engine_metric(session, vllm_url, "vllm:request_success_total", FINISHED)
+        completed = await settled_metric(session, vllm_url, "vllm:request_success_total", FINISHED)
         async with session.post(url(gw, "/v1/completions"), json=body) as response:
             raw = await response.read()
         await stop_running(session, vllm_url)
@@ -162,7 +162,7 @@ async def test_runaway_watches_a_plain_request_as_it_is_generated(vllm_url: str,
     document = gateway_document(tokenPolicy={"maxOutputTokens": 900, "runaway": {"enabled": True}})
     body = {**LOOPING, "max_tokens": 900}
     async with running_gateway(tmp_path, vllm_url, document, sink) as gw, aiohttp.ClientSession() as session:
-        completed = await engine_metric(session, vllm_url, "vllm:request_success_total", FINISHED)
+        completed = await settled_metric(session, vllm_url, "vllm:request_success_total", FINISHED)
         status, answer, _ = await post(session, url(gw, "/v1/completions"), body)
         await stop_running(session, vllm_url)
         assert await engine_metric(session, vllm_url, "vllm:request_success_total", FINISHED) == completed
