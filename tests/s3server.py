@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,20 +17,16 @@ from collections.abc import Iterator
 
 import httpx
 
+from engines.processes import free_port
+
 ACCESS_KEY = "tensorfleet-test"
 SECRET_KEY = "tensorfleet-test-secret"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
 def s3_server() -> Iterator[str]:
     """Start ``moto_server`` on a free loopback port; yield its endpoint URL; stop it afterwards."""
-    port = _free_port()
+    port = free_port()
     binary = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     if binary is None:
         raise RuntimeError("moto_server not found: pip install 'moto[server]' (make install does)")

@@ -14,7 +14,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +23,12 @@ from typing import Any
 import httpx
 import pytest
 
+from engines.processes import free_port
 from gateway_support import gateway_document, stream_chunks
 from tensorfleet.metering.ledger import read_ledger
 
 pytestmark = pytest.mark.e2e
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_ready(url: str, process: subprocess.Popen[str], seconds: float = 60) -> None:

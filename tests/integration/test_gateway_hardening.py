@@ -7,7 +7,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from engines.processes import free_port
 from engines.standin import StandinEngine
 from gateway_support import RecordingSinkDouble, gateway_document, running_gateway, serving, url, wait_until
 from integration.test_gateway_pipeline import CHAT, events_of, post
@@ -150,7 +150,7 @@ async def test_engine_down_is_503_and_engine_errors_are_502(tmp_path: pathlib.Pa
         assert status == 502
         assert body["error"]["code"] == "engine_error"
         engine.fail_status = None
-        gw.services.client.base_url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+        gw.services.client.base_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
         status, body, headers = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
         assert status == 503
         assert body["error"]["code"] == "engine_unavailable"
@@ -203,7 +203,7 @@ def test_sigterm_drains_a_real_process(tmp_path: pathlib.Path) -> None:
                 return await server.serve(settings, SinkDouble())
         sys.exit(asyncio.run(main()))
     """)
-    port, admin = _free_port(), _free_port()
+    port, admin = free_port(), free_port()
     script = script.replace("{port}", str(port)).replace("{admin}", str(admin))
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
@@ -337,7 +337,3 @@ def _write(path: pathlib.Path, text: str) -> None:
     path.write_text(text)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

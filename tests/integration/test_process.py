@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -14,16 +13,11 @@ import pytest
 
 from builders import inference_service
 from cluster import Cluster, wait_for
+from engines.processes import free_port
 from tensorfleet.sandbox.apiserver import EmulatorThread
 
 pytestmark = pytest.mark.integration
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_metrics_liveness_and_json_logs(emulator: EmulatorThread, tmp_path: pathlib.Path) -> None:

@@ -25,6 +25,11 @@ def engine_image(spec: InferenceServiceSpec, ctx: c.RenderContext) -> str:
     return ctx.triton_image_template
 
 
+# vLLM reports prefix-cache hits (usage.prompt_tokens_details.cached_tokens) only with the first flag; metering
+# bills cached prompt tokens as no GPU work and leaves them out of the engine step's budget. extraArgs may opt out.
+_PROMPT_DETAILS_FLAGS = ("--enable-prompt-tokens-details", "--no-enable-prompt-tokens-details")
+
+
 def vllm_args(isvc: InferenceService) -> list[str]:
     spec = isvc.spec
     source = spec.model.source
@@ -44,11 +49,6 @@ def vllm_args(isvc: InferenceService) -> list[str]:
     if not any(arg.split("=")[0] in _PROMPT_DETAILS_FLAGS for arg in spec.runtime.extra_args):
         args.append(_PROMPT_DETAILS_FLAGS[0])  # metering needs the cached prompt tokens (docs/metering.md)
     return args + list(spec.runtime.extra_args)
-
-
-# vLLM reports prefix-cache hits (usage.prompt_tokens_details.cached_tokens) only with the first flag; metering
-# bills cached prompt tokens as no GPU work and leaves them out of the engine step's budget. extraArgs may opt out.
-_PROMPT_DETAILS_FLAGS = ("--enable-prompt-tokens-details", "--no-enable-prompt-tokens-details")
 
 
 def triton_args(isvc: InferenceService) -> list[str]:
