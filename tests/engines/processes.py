@@ -41,11 +41,34 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_http(url: str, seconds: float, process: subprocess.Popen[bytes], log: pathlib.Path) -> None:
+def free_port_block(count: int) -> int:
+    """A port P such that P .. P+count-1 are all free on loopback now (for an engine that takes consecutive ports)."""
+    while True:
+        base = free_port()
+        if base + count - 1 > 65535:
+            continue
+        with contextlib.ExitStack() as probes:
+            try:
+                for offset in range(1, count):
+                    probes.enter_context(socket.socket()).bind(("127.0.0.1", base + offset))
+            except OSError:
+                continue
+        return base
+
+
+class PortTaken(RuntimeError):
+    """The engine could not bind a port that was free when it was chosen (another process took it since)."""
+
+
+def wait_http(url: str, seconds: float, process: subprocess.Popen[bytes], log: pathlib.Path,
+              port_taken: str | None = None) -> None:
+    """Wait until ``url`` answers 200; ``port_taken`` is the engine's log line for a port already in use."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the engine exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        if port_taken is not None and port_taken in log.read_text(errors="replace"):
+            raise PortTaken(log.read_text(errors="replace")[-4000:])
         with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
             if response.status == 200:
                 return
@@ -104,21 +127,27 @@ def vllm_server(log_dir: pathlib.Path) -> Iterator[str]:
 def triton_server(log_dir: pathlib.Path) -> Iterator[str]:
     """tritonserver (from nvidia-pytriton) with the test models, on free loopback ports; yields its URL."""
     require(TRITON_PYTHON, "Triton (nvidia-pytriton)")
-    port = free_port()
-    while port + 2 > 65535:
-        port = free_port()
     libdir = subprocess.run([str(TRITON_PYTHON), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
                             check=True, capture_output=True, text=True).stdout.strip()
     # Triton's Python-backend stub links libpython3.11 dynamically: give it the one the virtualenv's
     # standard library belongs to, not an older system copy.
     env = {**os.environ, "LD_LIBRARY_PATH": ":".join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)}
     log = log_dir / "triton.log"
-    with open(log, "wb") as output:
-        process = subprocess.Popen([str(TRITON_PYTHON), str(ROOT / "tests" / "engines" / "triton_models.py"),
-                                    str(port)], stdout=output, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True, cwd=log_dir)
+    for attempt in range(3):  # HTTP, gRPC and metrics on three consecutive ports: another process may take one
+        port = free_port_block(3)
+        with open(log, "wb") as output:
+            process = subprocess.Popen([str(TRITON_PYTHON), str(ROOT / "tests" / "engines" / "triton_models.py"),
+                                        str(port)], stdout=output, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True, cwd=log_dir)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/v2/models/tiny/ready", 120, process, log, port_taken="already in use")
+        except PortTaken:
+            stop_group(process)
+            if attempt == 2:
+                raise
+            continue
+        break
     try:
-        wait_http(f"http://127.0.0.1:{port}/v2/models/tiny/ready", 120, process, log)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_group(process)
