@@ -152,8 +152,39 @@ def test_memory_stays_bounded_on_long_clean_text() -> None:
     for i in range(20000):
         assert detector.feed(f" word{i * 7919 % 100003}") is None
     assert detector.count == 19999  # the last word waits for its end
-    assert len(detector._last_seen) <= 2 * 64 + 1
-    assert len(detector._units) <= 3 * (64 + 4)  # a period back plus an n-gram, and the last feed
+    kept = 64 + 4 + (12 - 1) * 4 + 1 + 1  # a window, an n-gram, a probe spacing, one more, and the last feed
+    assert len(detector._words) <= 2 * kept
+    assert len(detector._text) == sum(map(len, detector._words)) + len(detector._words)
+    assert not detector._followed
+
+
+def reference_trip(words: list[str], ngram: int, repeats: int, window: int) -> int | None:
+    """The definition, by brute force: the first word that ends a stretch of whole periods p <= window
+    (blocks of ``-(-ngram // p) * p`` words) repeated more than ``repeats`` times in a row."""
+    for i in range(len(words)):
+        for period in range(1, window + 1):
+            length = (repeats + 1) * (-(-ngram // period) * period)
+            if length <= i + 1 and all(words[k] == words[k - period] for k in range(i - length + 1 + period, i + 1)):
+                return i
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "c", "dd"]), min_size=1, max_size=300), st.integers(1, 5),
+       st.integers(2, 4), st.integers(8, 40), st.lists(st.integers(1, 30), min_size=1, max_size=20))
+def test_the_detector_trips_where_the_definition_says(
+        words: list[str], ngram: int, repeats: int, window: int, cuts: list[int]) -> None:
+    """Probing only some words must not miss or delay a trip: the detector agrees with a brute-force
+    reading of the definition on random texts over a tiny vocabulary (they repeat all the time)."""
+    text = "".join(w + " " for w in words)
+    expected = reference_trip(words, ngram, repeats, window)
+    ends = [len("".join(w + " " for w in words[:k + 1])) - 1 for k in range(len(words))]
+    pieces, at, index = [], 0, 0
+    while at < len(text):
+        pieces.append(text[at:at + cuts[index % len(cuts)]])
+        at, index = at + cuts[index % len(cuts)], index + 1
+    assert first_trip(RunawayDetector(ngram, repeats, window, 10_000), pieces) == (
+        None if expected is None else ends[expected])
 
 
 def test_long_words_count_in_pieces_so_loops_without_spaces_are_seen() -> None:

@@ -6,48 +6,59 @@
   ``max_repeats`` times. A block is the loop's period, or, when the period is shorter than
   ``ngram_size`` words, the smallest whole number of periods that is at least ``ngram_size`` words (so
   "no no no" counts in blocks of four words by default). Periods up to ``window_tokens`` words are
-  recognised; that is also how many words the detector remembers.
+  recognised. The detector trips at the first word that ends such a run, whatever the period.
 * **punctuation** — more than ``max_punctuation_run`` characters in a row that are punctuation,
   symbols or whitespace only (no letter, digit or ideograph).
 
 Words are runs of letters, digits and underscores; each CJK ideograph or kana is a word of its own; a
 word longer than 16 characters counts as pieces of 16 (so a loop without spaces is still seen). The
-detector is incremental: a feed costs time in proportion to its length, memory is bounded by
-``window_tokens``, and the verdict and the trip point do not depend on how the text was cut into
+detector is incremental: a feed costs time in proportion to its length, memory is bounded by about twice
+``window_tokens`` words, and the verdict and the trip point do not depend on how the text was cut into
 pieces. ``tensorfleet.gateway.runaway_hook`` plugs it into the gateway.
+
+How it stays cheap. A run that trips with period ``p`` is a stretch of words each equal to the word ``p``
+before it, long enough that any ``S = (max_repeats - 1) * ngram_size + 1`` consecutive words of its end
+part contain a word whose n-gram also ends ``p`` words earlier. So the detector only *probes* every
+``S``-th word (by absolute position, so the probes do not depend on the chunking): it looks the n-gram
+ending there up in the recent words, joined into one byte string, with ``bytes.rfind``. Each earlier
+occurrence within the window gives a candidate period; its stretch is measured exactly (slice comparisons,
+backwards and forwards) and, while it reaches the newest word, followed as more words arrive. Clean text
+therefore costs a translation, a split and an occasional search per feed, all in C.
 """
 
 from __future__ import annotations
 
 import re
-from itertools import compress, repeat
-from operator import is_not
+from collections.abc import Iterator
 
 from tensorfleet.gateway.config import RunawayConfig
 
 REPETITION = "repetition"
 PUNCTUATION = "punctuation"
 PIECE = 16  # characters: longer words are counted in pieces of this size
+MAX_OCCURRENCES = 1024  # earlier occurrences of a probed n-gram looked at, nearest first (see the docs)
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _PIECES = re.compile(rf"[{_CJK}]|[^\W{_CJK}]{{1,{PIECE}}}")  # words, cut from their start into pieces
-_ASCII_PIECES = re.compile(rf"[A-Za-z0-9_]{{1,{PIECE}}}")  # the same for ASCII text, and faster
+_ASCII_PIECES = re.compile(rb"[A-Za-z0-9_]{1,%d}" % PIECE)  # the same for ASCII text, as bytes
 _GAPS = re.compile(r"\W+")  # punctuation, symbols, whitespace (ideographs are word characters)
+_SPACES = re.compile(rb" +")  # the gaps of ASCII text once translated by _TO_SPACES
 _WORD_RUN = re.compile(rf"[^\W{_CJK}]+")  # matched against reversed text to find a trailing word or gap
+_WORD_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_TO_SPACES = bytes(b if b in _WORD_BYTES else 0x20 for b in range(256))  # ASCII text: gaps become spaces
 
 
 class RunawayDetector:
     """One choice's generated text, fed piece by piece; ``feed`` returns where it tripped, if it did.
 
-    A feed splits its text into words and hashes them in C (a regular expression and ``map``), and hashes
-    their n-grams in C too (``zip`` of shifted lists). While no new n-gram was seen in the window, or while
-    the new words go on repeating the period being followed, a feed is a handful of list, set and
-    dictionary operations whatever its length (C loops). Only from a word where something may start or
-    end do the words go through ``_step`` one by one, which follows the repetition exactly, so the verdict
-    and the trip point do not depend on how the text was cut into pieces.
+    ``_words`` holds the latest words as bytes (``_words[0]`` is word number ``_base``) and ``_text`` the
+    same words, each after one space, end to end: the string the probes search. ``_followed`` maps the
+    period of each stretch that reaches the newest word to the stretch's first word equal to the word a
+    period before it.
     """
 
-    __slots__ = ("_base", "_forget_at", "_keep", "_last_seen", "_max_punct", "_max_repeats", "_n", "_needed",
-                 "_pending", "_period", "_punct_run", "_run", "_units", "_window", "count", "signal")
+    __slots__ = ("_base", "_every", "_followed", "_keep", "_max_punct", "_max_repeats", "_multiples",
+                 "_multiples_trip", "_n", "_owner", "_pending", "_punct_run", "_text", "_window", "_words", "count",
+                 "signal")
 
     def __init__(self, ngram_size: int = 4, max_repeats: int = 12, window_tokens: int = 256,
                  max_punctuation_run: int = 200) -> None:
@@ -55,14 +66,19 @@ class RunawayDetector:
         self._max_repeats = max_repeats
         self._window = window_tokens
         self._max_punct = max_punctuation_run
-        self._units: list[int] = []  # hashes of the latest words; _units[0] is word number _base
+        # Probe spacing: any run that trips has this many words in a row whose n-gram repeats a period back
+        # (fewer probes are never wrong, so it is capped to bound the words kept).
+        self._every = min((max_repeats - 1) * ngram_size + 1, window_tokens)
+        # Words kept behind the first word of a feed: a stretch is found at most a probe spacing and an
+        # n-gram after it starts, and is measured against the words a period (at most the window) before.
+        self._keep = window_tokens + ngram_size + self._every + 1
+        self._words: list[bytes] = []
+        self._text = bytearray()
         self._base = 0
-        self._keep = window_tokens + ngram_size  # words kept behind the newest: a period back and an n-gram
-        self._last_seen: dict[int, int] = {}  # n-gram hash -> position of its last word
-        self._forget_at = 2 * window_tokens
-        self._period = 0  # distance of the repetition being followed (0: none)
-        self._run = 0  # words in a row equal to the word ``_period`` before them
-        self._needed = 0  # ``_run`` at which the repetition trips
+        self._followed: dict[int, int] = {}
+        self._multiples: dict[int, dict[int, int]] = {}  # period -> {multiple: first word} followed under it
+        self._multiples_trip: dict[int, int] = {}  # period -> where the first of its multiples trips
+        self._owner: dict[int, int] = {}  # every period followed -> the period it is followed under
         self._pending = ""  # a word that may continue in the next piece of text
         self._punct_run = 0
         self.count = 0  # words seen
@@ -79,18 +95,61 @@ class RunawayDetector:
         carried = len(self._pending)
         if carried:
             text, self._pending = self._pending + text, ""
-        body = text
+        if text.isascii():
+            return self._ascii(text.encode("ascii"), carried)
         trailing = _WORD_RUN.match(text[::-1])  # (reversed: a search anchored at the end is quadratic)
-        if trailing is not None:  # may go on in the next piece: keep all but its full pieces
+        if trailing is not None:  # a trailing word may go on: keep all but its full pieces
             split = len(text) - trailing.end() + (trailing.end() - 1) // PIECE * PIECE
-            body, self._pending = text[:split], text[split:]
-        if not body:
+            text, self._pending = text[:split], text[split:]
+        if not text:
             return None
-        gap_trip = self._gaps(body)
-        word_trip = self._words(body, len(body) if gap_trip is None else gap_trip)
+        pieces = _PIECES.findall(text)
+        words = " ".join(pieces).encode().split() if pieces else []
+        gap_trip = self._gaps(text)
+        word_trip = self._take(words) if words else None
+        if word_trip is not None:
+            word_trip = next(m.end() for k, m in enumerate(_PIECES.finditer(text)) if k == word_trip)
+        return self._verdict(word_trip, gap_trip, carried)
+
+    def feed_ascii(self, data: bytes) -> int | None:
+        """``feed`` for ASCII text given as bytes (as the gateway reads it from the engine): the same verdict,
+        without decoding."""
+        if self.signal is not None:
+            return 0
+        carried = len(self._pending)
+        if carried:
+            if not self._pending.isascii():
+                return self.feed(data.decode("ascii"))
+            data, self._pending = self._pending.encode("ascii") + data, ""
+        return self._ascii(data, carried)
+
+    def _ascii(self, data: bytes, carried: int) -> int | None:
+        spaced = data.translate(_TO_SPACES)
+        if spaced and spaced[-1] != 0x20:  # a trailing word may go on: keep all but its full pieces
+            start = spaced.rfind(b" ") + 1
+            split = start + (len(spaced) - start - 1) // PIECE * PIECE
+            self._pending, spaced = data[split:].decode("ascii"), spaced[:split]
+        if not spaced:
+            return None
+        words = spaced.split()
+        if words and max(map(len, words)) > PIECE:
+            words = _ASCII_PIECES.findall(spaced)
+        gap_trip = self._spaced_gaps(spaced)
+        word_trip = self._take(words) if words else None
+        if word_trip is None and gap_trip is None:  # (the usual case, in short)
+            if self._pending:
+                self._punct_run = 0
+            return None
+        if word_trip is not None:
+            word_trip = next(m.end() for k, m in enumerate(_ASCII_PIECES.finditer(spaced)) if k == word_trip)
+        return self._verdict(word_trip, gap_trip, carried)
+
+    def _verdict(self, word_trip: int | None, gap_trip: int | None, carried: int) -> int | None:
+        """What a feed returns, given where its words and its gaps tripped (characters of the piece with the
+        carried word in front), if they did."""
         if self._pending:
             self._punct_run = 0
-        if word_trip is not None:
+        if word_trip is not None and (gap_trip is None or word_trip <= gap_trip):
             self.signal = REPETITION
             return max(0, word_trip - carried)
         if gap_trip is not None:
@@ -103,17 +162,29 @@ class RunawayDetector:
         run going on at its end."""
         limit = self._max_punct
         if self._punct_run + len(body) > limit and self._longest_gap(body) > limit:
-            run = self._punct_run
-            for gap in _GAPS.finditer(body):
-                run = (run if gap.start() == 0 else 0) + len(gap.group())
-                if run > self._max_punct:
-                    return gap.end() - (run - self._max_punct) + 1
+            return self._gap_trip(_GAPS.finditer(body))
         tail = _GAPS.match(body[::-1])
-        if tail is None:
-            self._punct_run = 0
-        else:
-            self._punct_run = (self._punct_run if tail.end() == len(body) else 0) + tail.end()
+        self._punct_run = 0 if tail is None else (self._punct_run if tail.end() == len(body) else 0) + tail.end()
         return None
+
+    def _spaced_gaps(self, spaced: bytes) -> int | None:
+        """``_gaps`` for ASCII text whose gap characters were all turned into spaces: searches in C."""
+        limit = self._max_punct
+        if self._punct_run + len(spaced) > limit and (
+                self._punct_run + len(spaced) - len(spaced.lstrip(b" ")) > limit or b" " * (limit + 1) in spaced):
+            return self._gap_trip(_SPACES.finditer(spaced))
+        tail = len(spaced) - len(spaced.rstrip(b" "))
+        self._punct_run = (self._punct_run if tail == len(spaced) else 0) + tail
+        return None
+
+    def _gap_trip(self, gaps: Iterator[re.Match[str]] | Iterator[re.Match[bytes]]) -> int:
+        """Where the run of punctuation or whitespace that goes past the limit does (the caller saw one)."""
+        run = self._punct_run
+        for gap in gaps:
+            run = (run if gap.start() == 0 else 0) + gap.end() - gap.start()
+            if run > self._max_punct:
+                return gap.end() - (run - self._max_punct) + 1
+        raise AssertionError("no run of punctuation past the limit")
 
     def _longest_gap(self, body: str) -> int:
         """The longest run of punctuation or whitespace in ``body``, the run it continues included."""
@@ -121,122 +192,156 @@ class RunawayDetector:
         carried = self._punct_run + leading.end() if leading is not None else 0
         return max([carried, *map(len, _GAPS.findall(body))])
 
-    def _words(self, body: str, before: int) -> int | None:
-        """Take the words of ``body``; where the repetition tripped (the end of that word), if it did and
-        ``before`` that position."""
-        split = _ASCII_PIECES if body.isascii() else _PIECES
-        pieces = split.findall(body)
-        if not pieces:
-            return None
-        new = list(map(hash, pieces))
-        n = self._n
-        extended = (self._units[-(n - 1):] if n > 1 else []) + new
-        # One n-gram hash per word that has n - 1 words before it.
-        keys = list(map(hash, zip(*[extended[k:] for k in range(n)], strict=False)))
+    def _take(self, words: list[bytes]) -> int | None:
+        """Store ``words``; the index among them of the word where a repetition trips, if one does."""
         start = self.count
-        self._units.extend(new)
-        self.count = start + len(new)
-        tripped = self._take(start, keys, len(new) - len(keys))
-        if len(self._units) > 2 * self._keep + len(new):
-            drop = len(self._units) - self._keep
-            del self._units[:drop]
-            self._base += drop
-        if tripped is None:
-            return None
-        end = next(m.end() for k, m in enumerate(split.finditer(body)) if k == tripped - start)
-        return end if end <= before else None
-
-    def _take(self, start: int, keys: list[int], first: int) -> int | None:
-        """Follow the stored words from ``start``, whose n-gram hashes ``keys`` begin at its word ``first``;
-        the position of the word that tripped, if one did.
-
-        Words go through ``_step`` one by one only where something happens: a repeated n-gram that may start
-        a repetition, or the word that ends one. Between those, whole stretches are taken at once.
-        """
-        end = self.count
-        # Words whose n-gram was seen before (``_step`` looks at how long ago), or earlier in this feed.
-        seen = map(is_not, map(self._last_seen.get, keys), repeat(None))
-        candidates = list(compress(range(start + first, end), seen))
-        if len(set(keys)) != len(keys):
-            earliest: dict[int, int] = {}
-            repeated_here = (start + first + k for k, key in enumerate(keys) if earliest.setdefault(key, k) != k)
-            candidates = sorted({*candidates, *repeated_here})
-        position, upcoming = start, iter(candidates)
-        candidate = next(upcoming, end)
+        self._words += words
+        self._text += b" " + b" ".join(words)
+        end = self.count = start + len(words)
+        trips: list[int] = []
+        if self._followed:  # the stretches followed so far: do they go on?
+            for period, first in list(self._followed.items()):
+                reach = start + self._going_on(start, end, period)
+                if first + self._needed(period) - 1 < reach:
+                    trips.append(first + self._needed(period) - 1)
+                if period in self._multiples:
+                    self._check_multiples(period, reach, end, trips)
+                if reach < end:
+                    del self._followed[period], self._owner[period]
+        every = self._every  # probes: the words whose number is one less than a multiple of ``every``
+        position = start if start >= self._n - 1 else self._n - 1
+        position += (-position - 1) % every
         while position < end:
-            if self._period:  # take the words that go on repeating it, at once
-                going_on = self._going_on(position, end)
-                if self._run + going_on >= self._needed:
-                    return position + self._needed - self._run - 1
-                self._run += going_on
-                self._remember(keys, start + first, position, position + going_on)
-                position += going_on
-            else:  # take the words up to the next that may start a repetition, at once
-                while candidate < position:
-                    candidate = next(upcoming, end)
-                self._remember(keys, start + first, position, candidate)
-                position = candidate
-            if position < end:
-                if self._step(position, keys[position - start - first] if position >= start + first else None):
-                    return position
-                position += 1
-        return None
+            self._probe(position, end, trips)
+            position += every
+        if len(self._words) > 2 * self._keep:
+            drop = len(self._words) - self._keep
+            del self._text[:sum(map(len, self._words[:drop])) + drop]
+            del self._words[:drop]
+            self._base += drop
+        return max(0, min(trips) - start) if trips else None
 
-    def _going_on(self, position: int, end: int) -> int:
-        """How many words from ``position`` (before ``end``) repeat the word ``_period`` before them."""
-        units, at, period = self._units, position - self._base, self._period
+    def _probe(self, position: int, end: int, trips: list[int]) -> None:
+        """Look the n-gram ending at word ``position`` up among the earlier ones in the window; start following
+        the stretches its occurrences belong to, and add to ``trips`` where they trip before ``end``."""
+        words, base, n = self._words, self._base, self._n
+        at = position - base + 1  # the probed n-gram is words[at - n:at]
+        after = sum(map(len, words[at:])) + len(words) - at  # its end in _text, counted from the back
+        length = sum(map(len, words[at - n:at])) + n
+        text = self._text
+        stop = len(text) - after  # the n-gram (each word after a space) is text[stop - length:stop]
+        needle = text[stop - length:stop] + b" "
+        found = text.rfind(needle, 0, stop - 1)
+        # A stretch is found by the first probe in it, so it starts at most this many words before the probe;
+        # one that ends before ``end`` and is shorter than it needs to be cannot trip.
+        earliest = position - n - self._every + 2
+        period, counted_to = 0, stop - length
+        for _ in range(MAX_OCCURRENCES):
+            if found < 0:
+                break
+            period += text.count(b" ", found, counted_to)  # words between this occurrence and the probe
+            counted_to = found
+            if period > self._window:
+                break
+            if period not in self._owner:  # (if it is, this occurrence is part of a stretch followed already)
+                reach = position + 1 + self._going_on(position + 1, end, period)
+                needed = self._needed(period)
+                if reach == end or reach - earliest >= needed:
+                    first = self._going_back(self._known_run(at - n, period, end), period) + base
+                    if first + needed - 1 < reach:
+                        trips.append(first + needed - 1)
+                    if reach == end:
+                        self._follow(period, first, end)
+            found = text.rfind(needle, 0, found + len(needle) - 1)
+
+    def _known_run(self, at: int, period: int, end: int) -> int:
+        """A stored word as early as is known to be in the run of ``period`` that stored word ``at`` is in: a
+        stretch followed with a period that divides it is in that run too (a loop of period 1 has all the
+        others: looking for their start from the probe would take each of them through the whole loop)."""
+        base = self._base
+        for owner, first in self._followed.items():
+            if period % owner == 0 and end >= first - owner + period:
+                return max(min(at, first - owner + period - base), period)
+        return at
+
+    def _follow(self, period: int, first: int, end: int) -> None:
+        """Follow the stretch of ``period`` that reaches word ``end``: on its own, or, when it is the stretch of
+        a multiple of a period followed already that covers every word to come, under that period (in a loop
+        of period 1 every shorter distance repeats too: those need no work until the loop breaks)."""
+        for owner, owner_first in self._followed.items():
+            if period % owner == 0 and end >= owner_first - owner + period:
+                self._multiples.setdefault(owner, {})[period] = first
+                trip = first + self._needed(period) - 1
+                self._multiples_trip[owner] = min(self._multiples_trip.get(owner, trip), trip)
+                self._owner[period] = owner
+                return
+        self._followed[period] = first
+        self._owner[period] = period
+
+    def _check_multiples(self, period: int, reach: int, end: int, trips: list[int]) -> None:
+        """The multiples followed under ``period``, whose stretch now reaches word ``reach``: they go on as far
+        (where one trips before that, it is added to ``trips``); if that stretch ends, each goes on by itself."""
+        if self._multiples_trip[period] < reach:
+            trips.append(self._multiples_trip[period])
+        if reach == end:
+            return
+        del self._multiples_trip[period]
+        for multiple, first in self._multiples.pop(period).items():
+            going = reach + self._going_on(reach, end, multiple)
+            if first + self._needed(multiple) - 1 < going:
+                trips.append(first + self._needed(multiple) - 1)
+            if going == end:
+                self._followed[multiple] = first
+                self._owner[multiple] = multiple
+            else:
+                del self._owner[multiple]
+
+    def _needed(self, period: int) -> int:
+        """Words in a row equal to the word ``period`` before them at which a repetition trips: the block
+        (whole periods, at least an n-gram) seen more than ``max_repeats`` times."""
+        block = -(-self._n // period) * period
+        return (self._max_repeats + 1) * block - period
+
+    def _going_on(self, position: int, end: int, period: int) -> int:
+        """How many words from ``position`` (before ``end``) repeat the word ``period`` before them."""
+        words, at = self._words, position - self._base
         low, high = 0, end - position  # the first ``low`` words repeat; past ``high`` not all do
-        if units[at:at + high] == units[at - period:at - period + high]:
-            return high
+        step = 1
+        while low + step < high:  # gallop: a run is usually short, or goes on to the end
+            if words[at + low:at + low + step] != words[at + low - period:at + low + step - period]:
+                high = low + step
+                break
+            low, step = low + step, 2 * step
+        else:
+            if words[at + low:at + high] == words[at + low - period:at + high - period]:
+                return high
         while high - low > 1:
             middle = (low + high) // 2
-            if units[at + low:at + middle] == units[at + low - period:at + middle - period]:
+            if words[at + low:at + middle] == words[at + low - period:at + middle - period]:
                 low = middle
             else:
                 high = middle
         return low
 
-    def _remember(self, keys: list[int], key_start: int, position: int, end: int) -> None:
-        """Record the n-grams of the words from ``position`` to ``end``; ``keys`` starts at word ``key_start``."""
-        low = max(position, key_start)
-        if end > low:
-            self._last_seen.update(zip(keys[low - key_start:end - key_start], range(low, end), strict=True))
-            if len(self._last_seen) > self._forget_at:
-                self._forget(end - 1)
-
-    def _step(self, i: int, key: int | None) -> bool:
-        """Word ``i`` (stored), with the hash of the n-gram it ends (None before n words); True when it trips."""
-        units, base = self._units, self._base
-        period = self._period
-        if period:
-            if units[i - base] == units[i - period - base]:
-                self._run += 1
+    def _going_back(self, at: int, period: int) -> int:
+        """The first stored word of the run, ending with stored word ``at``, of words each equal to the word
+        ``period`` before it (word ``at`` is one of them)."""
+        words = self._words
+        low, high = period, at  # words[high:at + 1] repeat; before ``low`` there is nothing to compare
+        step = 1
+        while high - step > low:  # gallop backwards
+            if words[high - step:high] != words[high - step - period:high - period]:
+                low = high - step
+                break
+            high, step = high - step, 2 * step
+        else:
+            if words[low:high] == words[low - period:high - period]:
+                return low
+        while high - low > 1:
+            middle = (low + high) // 2
+            if words[middle:high] == words[middle - period:high - period]:
+                high = middle
             else:
-                period = self._period = 0
-        if key is None:
-            return False
-        last_seen = self._last_seen
-        if not period:
-            seen = last_seen.get(key)
-            if seen is not None and i - seen <= self._window and self._same(i, i - seen):
-                self._follow(i - seen)
-                period = self._period
-        last_seen[key] = i
-        if len(last_seen) > self._forget_at:
-            self._forget(i)
-        return period != 0 and self._run >= self._needed
+                low = middle
+        return high
 
-    def _same(self, i: int, distance: int) -> bool:
-        """The n words ending at ``i`` equal the n ending ``distance`` before."""
-        at = i - self._base + 1
-        return self._units[at - self._n:at] == self._units[at - distance - self._n:at - distance]
-
-    def _follow(self, period: int) -> None:
-        self._period = period
-        self._run = self._n
-        block = ((self._n + period - 1) // period) * period
-        self._needed = (self._max_repeats + 1) * block - period  # the block seen more than max_repeats times
-
-    def _forget(self, i: int) -> None:
-        oldest = i - self._window
-        self._last_seen = {key: at for key, at in self._last_seen.items() if at >= oldest}

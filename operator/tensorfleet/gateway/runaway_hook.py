@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
 
 from tensorfleet.gateway.config import GatewayConfig, RunawayConfig
@@ -172,15 +173,22 @@ class RunawayGuard:
 
     def check(self, events: list[bytes]) -> Stop | None:
         """Feed the text of ``events`` to the detectors."""
+        if self._single is not None:
+            found = self._single.findall(b"".join(events))
+            if len(found) == len(events):
+                raw = b"".join(found)  # JSON string bodies end to end: still one (escapes never span two)
+                detector = self.detectors.get(0) or self._detector(0)
+                if b"\\" in raw:
+                    tripped = detector.feed(_unescape(raw))
+                elif raw.isascii():
+                    tripped = detector.feed_ascii(raw)
+                else:
+                    tripped = detector.feed(raw.decode("utf-8", "replace"))
+                return None if tripped is None else self._stop(detector)
         texts: dict[int, list[str]] = {}
-        found = self._single.findall(b"".join(events)) if self._single is not None else None
-        if found is not None and len(found) == len(events):
-            raw = b"".join(found)  # JSON string bodies end to end: still one (escapes never span two)
-            texts[0] = [raw.decode("utf-8", "replace") if b"\\" not in raw else _unescape(raw)]
-        else:
-            for payload in events:
-                for index, text in stream_texts(payload):
-                    texts.setdefault(index, []).append(text)
+        for payload in events:
+            for index, text in stream_texts(payload):
+                texts.setdefault(index, []).append(text)
         for index, parts in texts.items():
             detector = self._detector(index)
             if detector.feed("".join(parts)) is not None:
@@ -204,8 +212,9 @@ class RunawayGuard:
 
 
 def _unescape(raw: bytes) -> str:
+    """The text of a JSON string's body (as it stands between the quotes)."""
     try:
-        return str(json.loads(b'"' + raw + b'"'))
+        return scanstring(raw.decode("utf-8", "replace") + '"', 0)[0]
     except ValueError:
         return raw.decode("utf-8", "replace")
 
