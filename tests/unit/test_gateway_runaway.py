@@ -158,6 +158,18 @@ def test_memory_stays_bounded_on_long_clean_text() -> None:
     assert not detector._followed
 
 
+def test_the_multiples_of_a_followed_period_ride_on_it_until_it_breaks() -> None:
+    """In a loop of period 1 every shorter distance repeats too; they are followed under the shortest one,
+    so a feed does not have to extend thousands of runs (a runaway request would pay for each)."""
+    detector = RunawayDetector(ngram_size=8, max_repeats=10000, window_tokens=4096)
+    for _ in range(400):
+        assert detector.feed(" no" * 16) is None
+    assert list(detector._followed) == [1]
+    assert len(detector._multiples[1]) > 1000
+    assert detector.feed(" yes no no") is None  # the loop breaks: none of its multiples goes on either
+    assert not detector._followed and not detector._multiples and set(detector._owner) <= {1}
+
+
 def reference_trip(words: list[str], ngram: int, repeats: int, window: int) -> int | None:
     """The definition, by brute force: the first word that ends a stretch of whole periods p <= window
     (blocks of ``-(-ngram // p) * p`` words) repeated more than ``repeats`` times in a row."""

@@ -135,7 +135,8 @@ def _json(payload: bytes) -> Any:
 
 _STRING = rb'"([^"\\]*(?:\\.[^"\\]*)*)"'  # a JSON string's body (the unrolled form: no backtracking)
 # For a one-choice request: the text of an event of the usual shape, with nothing else in its delta.
-SINGLE_CHOICE_PATTERNS = {"chat": re.compile(rb'"delta":\{"content":' + _STRING + rb"\}"),
+# (A JSON string cannot hold a bare quote, so '{"content":' is the delta's own: "delta" need not be scanned for.)
+SINGLE_CHOICE_PATTERNS = {"chat": re.compile(rb'\{"content":' + _STRING + rb"\}"),
                           "completions": re.compile(rb',"text":' + _STRING + rb","),
                           "triton": re.compile(rb'"text_output":' + _STRING)}
 
