@@ -167,7 +167,9 @@ def test_the_multiples_of_a_followed_period_ride_on_it_until_it_breaks() -> None
     assert list(detector._followed) == [1]
     assert len(detector._multiples[1]) > 1000
     assert detector.feed(" yes no no") is None  # the loop breaks: none of its multiples goes on either
-    assert not detector._followed and not detector._multiples and set(detector._owner) <= {1}
+    assert not detector._followed
+    assert not detector._multiples
+    assert not detector._owner
 
 
 def reference_trip(words: list[str], ngram: int, repeats: int, window: int) -> int | None:
