@@ -88,6 +88,11 @@ async def test_an_outage_loses_nothing_and_dedupe_bills_each_request_once(tmp_pa
             assert metrics.SPOOL._value.get() > 0
             assert metrics.EXPORT_FAILURES._value.get() > failures_before
             assert loopback.received == []
+        if phase == "ack-lost":  # the exporter backs off after the outage: wait for a batch to lose its ack
+            deadline = time.monotonic() + 10
+            while not loopback.received:
+                assert time.monotonic() < deadline, "the exporter did not retry while acks were being lost"
+                await asyncio.sleep(0.02)
     await sink.drain()
     _, rows, _ = read_ledger(tmp_path / "usage" / "usage.db")
     deadline = time.monotonic() + 20
