@@ -136,10 +136,6 @@ class RunawayDetector:
             words = _ASCII_PIECES.findall(spaced)
         gap_trip = self._spaced_gaps(spaced)
         word_trip = self._take(words) if words else None
-        if word_trip is None and gap_trip is None:  # (the usual case, in short)
-            if self._pending:
-                self._punct_run = 0
-            return None
         if word_trip is not None:
             word_trip = next(m.end() for k, m in enumerate(_ASCII_PIECES.finditer(spaced)) if k == word_trip)
         return self._verdict(word_trip, gap_trip, carried)
@@ -202,8 +198,8 @@ class RunawayDetector:
         if self._followed:  # the stretches followed so far: do they go on?
             for period, first in list(self._followed.items()):
                 reach = start + self._going_on(start, end, period)
-                if first + self._needed(period) - 1 < reach:
-                    trips.append(first + self._needed(period) - 1)
+                if self._trip_word(first, period) < reach:
+                    trips.append(self._trip_word(first, period))
                 if period in self._multiples:
                     self._check_multiples(period, reach, end, trips)
                 if reach < end:
@@ -245,38 +241,36 @@ class RunawayDetector:
                 break
             if period not in self._owner:  # (if it is, this occurrence is part of a stretch followed already)
                 reach = position + 1 + self._going_on(position + 1, end, period)
-                needed = self._needed(period)
-                if reach == end or reach - earliest >= needed:
-                    first = self._going_back(self._known_run(at - n, period, end), period) + base
-                    if first + needed - 1 < reach:
-                        trips.append(first + needed - 1)
+                if reach == end or self._trip_word(earliest, period) < reach:
+                    owner = self._covering(period, end)
+                    known = at - n  # a stored word known to be in the run; a covering stretch knows an earlier one
+                    if owner is not None:  # (in a loop of period 1, going back from the probe would cross it all)
+                        known = max(min(known, self._followed[owner] - owner + period - base), period)
+                    first = self._going_back(known, period) + base
+                    if self._trip_word(first, period) < reach:
+                        trips.append(self._trip_word(first, period))
                     if reach == end:
-                        self._follow(period, first, end)
+                        self._follow(period, first, owner)
             found = text.rfind(needle, 0, found + len(needle) - 1)
 
-    def _known_run(self, at: int, period: int, end: int) -> int:
-        """A stored word as early as is known to be in the run of ``period`` that stored word ``at`` is in: a
-        stretch followed with a period that divides it is in that run too (a loop of period 1 has all the
-        others: looking for their start from the probe would take each of them through the whole loop)."""
-        base = self._base
-        for owner, first in self._followed.items():
-            if period % owner == 0 and end >= first - owner + period:
-                return max(min(at, first - owner + period - base), period)
-        return at
+    def _covering(self, period: int, end: int) -> int | None:
+        """A followed period whose stretch also is the stretch of ``period`` from word ``end`` on (``period`` is
+        its multiple, and the stretch covers the words a ``period`` back), if there is one."""
+        return next((owner for owner, first in self._followed.items()
+                     if period % owner == 0 and end >= first - owner + period), None)
 
-    def _follow(self, period: int, first: int, end: int) -> None:
-        """Follow the stretch of ``period`` that reaches word ``end``: on its own, or, when it is the stretch of
-        a multiple of a period followed already that covers every word to come, under that period (in a loop
-        of period 1 every shorter distance repeats too: those need no work until the loop breaks)."""
-        for owner, owner_first in self._followed.items():
-            if period % owner == 0 and end >= owner_first - owner + period:
-                self._multiples.setdefault(owner, {})[period] = first
-                trip = first + self._needed(period) - 1
-                self._multiples_trip[owner] = min(self._multiples_trip.get(owner, trip), trip)
-                self._owner[period] = owner
-                return
-        self._followed[period] = first
-        self._owner[period] = period
+    def _follow(self, period: int, first: int, owner: int | None) -> None:
+        """Follow the stretch of ``period`` that reaches the newest word: on its own, or under ``owner`` (from
+        ``_covering``), whose stretch it goes on with (in a loop of period 1 every shorter distance repeats
+        too: those need no work until the loop breaks)."""
+        if owner is None:
+            self._followed[period] = first
+            self._owner[period] = period
+            return
+        self._multiples.setdefault(owner, {})[period] = first
+        trip = self._trip_word(first, period)
+        self._multiples_trip[owner] = min(self._multiples_trip.get(owner, trip), trip)
+        self._owner[period] = owner
 
     def _check_multiples(self, period: int, reach: int, end: int, trips: list[int]) -> None:
         """The multiples followed under ``period``, whose stretch now reaches word ``reach``: they go on as far
@@ -288,19 +282,19 @@ class RunawayDetector:
         del self._multiples_trip[period]
         for multiple, first in self._multiples.pop(period).items():
             going = reach + self._going_on(reach, end, multiple)
-            if first + self._needed(multiple) - 1 < going:
-                trips.append(first + self._needed(multiple) - 1)
+            if self._trip_word(first, multiple) < going:
+                trips.append(self._trip_word(first, multiple))
             if going == end:
                 self._followed[multiple] = first
                 self._owner[multiple] = multiple
             else:
                 del self._owner[multiple]
 
-    def _needed(self, period: int) -> int:
-        """Words in a row equal to the word ``period`` before them at which a repetition trips: the block
-        (whole periods, at least an n-gram) seen more than ``max_repeats`` times."""
+    def _trip_word(self, first: int, period: int) -> int:
+        """Where a run of words each equal to the word ``period`` before it, from word ``first`` on, trips: when
+        its block (whole periods, at least an n-gram) has been seen more than ``max_repeats`` times."""
         block = -(-self._n // period) * period
-        return (self._max_repeats + 1) * block - period
+        return first + (self._max_repeats + 1) * block - period - 1
 
     def _going_on(self, position: int, end: int, period: int) -> int:
         """How many words from ``position`` (before ``end``) repeat the word ``period`` before them."""

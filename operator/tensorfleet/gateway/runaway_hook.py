@@ -178,7 +178,7 @@ class RunawayGuard:
             found = self._single.findall(b"".join(events))
             if len(found) == len(events):
                 raw = b"".join(found)  # JSON string bodies end to end: still one (escapes never span two)
-                detector = self.detectors.get(0) or self._detector(0)
+                detector = self._detector(0)
                 if b"\\" in raw:
                     tripped = detector.feed(_unescape(raw))
                 elif raw.isascii():
