@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway_support import wait_until
 from metering_builders import CONFIG, request
 from tensorfleet.metering import chain, export, metrics, records, units, verify
 from tensorfleet.metering.attribution import Settled, Share
@@ -89,16 +90,12 @@ async def test_an_outage_loses_nothing_and_dedupe_bills_each_request_once(tmp_pa
             assert metrics.EXPORT_FAILURES._value.get() > failures_before
             assert loopback.received == []
         if phase == "ack-lost":  # the exporter backs off after the outage: wait for a batch to lose its ack
-            deadline = time.monotonic() + 10
-            while not loopback.received:
-                assert time.monotonic() < deadline, "the exporter did not retry while acks were being lost"
-                await asyncio.sleep(0.02)
+            await wait_until(lambda: bool(loopback.received), 10, "a batch sent while acks were being lost")
     await sink.drain()
     _, rows, _ = read_ledger(tmp_path / "usage" / "usage.db")
-    deadline = time.monotonic() + 20
-    while len([e for e in loopback.deduplicated().values() if e["type"] != export.CHECKPOINT_TYPE]) < 45:
-        assert time.monotonic() < deadline, "the exporter did not catch up after the sink recovered"
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: len([e for e in loopback.deduplicated().values()
+                                  if e["type"] != export.CHECKPOINT_TYPE]) >= 45,
+                     20, "the exporter to catch up after the sink recovered")
     await sink.close()
     unique = loopback.deduplicated()
     billed = [e for e in unique.values() if e["type"] == export.EVENT_TYPES["request"]]
