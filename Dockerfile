@@ -8,9 +8,15 @@
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
+# A C compiler for the gateway's optional extension (operator/tensorfleet/gateway/_textscan.c): the
+# runtime stage gets the compiled module, not the compiler. The distribution's current gcc is wanted.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY hack/image-install.sh /usr/local/bin/image-install
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY crds ./crds
 COPY operator ./operator
 RUN image-install /opt/tensorfleet /src

@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(TOOLS):$(PATH)
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
-$(BIN)/tensorfleet: pyproject.toml
+$(BIN)/tensorfleet: pyproject.toml setup.py operator/tensorfleet/gateway/_textscan.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[sandbox,test]'

@@ -16,7 +16,9 @@ All figures come from the same run on the same machine:
   that process), divides by the events, and adds the per-event cost of keeping an event for its batch
   (a list append, measured in this process). This is the figure held against the goal (under 10 %).
 * the check alone: ``RunawayGuard.on_event`` on the same event bytes in a loop in this process (warm
-  caches: a lower bound), with the default thresholds and the largest window the CRD allows.
+  caches: a lower bound), with the default thresholds and the largest window the CRD allows; and once
+  more with the event text read by the regular expression instead of the C extension (the fallback
+  where the extension is not compiled).
 
 As a cross-check, a second gateway with runaway control on (not timed) relays the same load, the three
 alternating over several rounds; its extra CPU per chunk is the check's cost as seen end to end (noisier:
@@ -49,7 +51,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from engines import processes  # noqa: E402
 from tensorfleet.gateway import runaway_hook  # noqa: E402
 from tensorfleet.gateway.config import RunawayConfig  # noqa: E402
-from tensorfleet.gateway.runaway_hook import SINGLE_CHOICE_PATTERNS, RunawayGuard  # noqa: E402
+from tensorfleet.gateway.runaway_hook import SINGLE_CHOICE_SHAPES, RunawayGuard  # noqa: E402
 
 PYTHON = sys.executable
 RESULTS = ROOT / "bench" / "results"
@@ -144,11 +146,11 @@ def stream_events(words: list[str]) -> list[bytes]:
 def guard_cost(config: RunawayConfig, events: list[bytes], streams: int, single: bool) -> float:
     """CPU microseconds per chunk of RunawayGuard.on_event (a fresh guard per stream, as per request)."""
     best = float("inf")
-    pattern = SINGLE_CHOICE_PATTERNS["chat"] if single else None
+    shape = SINGLE_CHOICE_SHAPES["chat"] if single else None
     for _ in range(5):
         started_at = time.process_time()
         for _ in range(streams):
-            guard = RunawayGuard(config, lambda signal: None, pattern)
+            guard = RunawayGuard(config, lambda signal: None, shape)
             for payload in events:
                 if guard.on_event(payload) is not None:
                     raise RuntimeError("clean text was stopped")
@@ -196,7 +198,7 @@ def measure_mode(work: pathlib.Path, text: pathlib.Path, token_delay: float, sec
 
 def append_cost(events: list[bytes]) -> float:
     """CPU microseconds of RunawayGuard.on_event for an event that does not complete a batch."""
-    guard = RunawayGuard(CONFIGS["default"], lambda signal: None, SINGLE_CHOICE_PATTERNS["chat"])
+    guard = RunawayGuard(CONFIGS["default"], lambda signal: None, SINGLE_CHOICE_SHAPES["chat"])
     calls, best = runaway_hook.CHECK_EVERY - 1, float("inf")
     for _ in range(5):
         started_at = time.process_time()
@@ -219,9 +221,15 @@ def run(seconds: float, rounds: int) -> dict[str, Any]:
             modes[label] = measure_mode(pathlib.Path(tmp), text, delay, seconds, rounds, concurrency)
     single = {label: guard_cost(config, events, 20, single=True) for label, config in CONFIGS.items()}
     general = {label: guard_cost(config, events, 20, single=False) for label, config in CONFIGS.items()}
+    native, runaway_hook.native_string_bodies = runaway_hook.native_string_bodies, None
+    try:  # the same check with the text read by the regular expression (where the C extension is missing)
+        python = {label: guard_cost(config, events, 20, single=True) for label, config in CONFIGS.items()}
+    finally:
+        runaway_hook.native_string_bodies = native
     return {"machine": f"{os.cpu_count()} cores (shared)", "seconds": seconds, "rounds": rounds,
             "check_every_events": runaway_hook.CHECK_EVERY, "append_us_per_event": APPEND_US,
-            "stream_tokens": STREAM_TOKENS, "guard_us_per_chunk": single, "guard_us_per_chunk_general_path": general,
+            "stream_tokens": STREAM_TOKENS, "native_extraction": native is not None, "guard_us_per_chunk": single,
+            "guard_us_per_chunk_python_extraction": python, "guard_us_per_chunk_general_path": general,
             "modes": modes}
 
 
@@ -234,9 +242,12 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{mode['guard_us_per_chunk_in_gateway']:.2f} µs | **{mode['guard_fraction_in_gateway']:.1%}** | "
                      f"{mode['gateway_us_per_chunk_on']:.1f} µs ({mode['end_to_end_extra_fraction']:+.1%}) |")
     guard, general = result["guard_us_per_chunk"], result["guard_us_per_chunk_general_path"]
+    python = result["guard_us_per_chunk_python_extraction"]
+    reader = "the C extension" if result["native_extraction"] else "Python (the C extension is not compiled here)"
     lines.append("")
-    lines.append(f"Check alone in a loop (this process): {guard['default']:.2f} µs per chunk with the default "
-                 f"thresholds, {guard['largest window']:.2f} µs with the largest window; requests with several "
+    lines.append(f"Check alone in a loop (this process), text read by {reader}: {guard['default']:.2f} µs per chunk "
+                 f"with the default thresholds, {guard['largest window']:.2f} µs with the largest window; with the "
+                 f"text read by the regular expression instead: {python['default']:.2f} µs; requests with several "
                  f"choices (general path): {general['default']:.2f} µs.")
     return "\n".join(lines) + "\n"
 

@@ -18,13 +18,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tensorfleet.gateway import runaway_hook
 from tensorfleet.gateway.config import RunawayConfig
 from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.metrics import GatewayMetrics
 from tensorfleet.gateway.runaway import PUNCTUATION, REPETITION, RunawayDetector
 from tensorfleet.gateway.runaway_hook import (
     CHECK_EVERY,
-    SINGLE_CHOICE_PATTERNS,
+    SINGLE_CHOICE_SHAPES,
     RunawayGuard,
     RunawayHook,
     body_texts,
@@ -243,8 +244,8 @@ def test_other_event_shapes() -> None:
 
 def guard(single: str | None = None, **config: Any) -> tuple[RunawayGuard, list[str]]:
     trips: list[str] = []
-    pattern = SINGLE_CHOICE_PATTERNS[single] if single else None
-    return RunawayGuard(RunawayConfig(enabled=True, **config), trips.append, pattern), trips
+    shape = SINGLE_CHOICE_SHAPES[single] if single else None
+    return RunawayGuard(RunawayConfig(enabled=True, **config), trips.append, shape), trips
 
 
 def test_the_guard_keeps_one_detector_per_choice() -> None:
@@ -261,6 +262,17 @@ def test_the_guard_keeps_one_detector_per_choice() -> None:
     assert set(watch.detectors) == {0, 1}
 
 
+@pytest.fixture(params=["native", "python"])
+def extraction(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the one-choice path reads event text: the C extension (where it was compiled) and Python."""
+    if request.param == "native" and runaway_hook.native_string_bodies is None:
+        pytest.skip("the optional C extension tensorfleet.gateway._textscan was not compiled here")
+    if request.param == "python":
+        monkeypatch.setattr(runaway_hook, "native_string_bodies", None)
+    return str(request.param)
+
+
+@pytest.mark.usefixtures("extraction")
 @pytest.mark.parametrize("single", ["chat", None], ids=["one-choice", "general"])
 def test_a_stream_is_checked_every_few_events_and_stopped_at_a_batch_end(single: str | None) -> None:
     watch, trips = guard(single)
@@ -271,6 +283,7 @@ def test_a_stream_is_checked_every_few_events_and_stopped_at_a_batch_end(single:
     assert trips == [REPETITION]
 
 
+@pytest.mark.usefixtures("extraction")
 def test_the_one_choice_path_reads_escapes_and_falls_back_for_other_shapes() -> None:
     watch, _ = guard("chat", max_punctuation_run=8)
     quoted = [chunk({"index": 0, "delta": {"content": ' "\\q\\"'}}) for _ in range(3)]
@@ -278,6 +291,32 @@ def test_the_one_choice_path_reads_escapes_and_falls_back_for_other_shapes() -> 
     assert watch.detectors[0].count == 3  # the three q between escaped quotes and backslashes
     mixed = [chunk({"index": 0, "delta": {"reasoning": "?" * 5}}), chunk({"index": 0, "delta": {"content": "!" * 5}})]
     assert watch.check(mixed) is not None  # one event is not of the usual shape: read one by one, in order
+
+
+# Pieces of event bytes that matter to a string scanner: the shapes' prefixes, quotes, escapes, closings.
+EVENT_PIECES = [b'{"content":"', b',"text":"', b'"text_output":"', b'"', b"\\", b'\\"', b"\\\\", b"}", b",",
+                b'"}', b'",', b" fox", b"\\n", b"\xe4\xb8\x80", b'{"index":0,"delta":', b"\n\n"]
+
+
+@pytest.mark.skipif(runaway_hook.native_string_bodies is None, reason="the optional C extension was not compiled here")
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(EVENT_PIECES), max_size=40).map(b"".join),
+       st.sampled_from(sorted(SINGLE_CHOICE_SHAPES)))
+def test_the_c_extension_reads_event_text_exactly_as_the_regular_expression(data: bytes, name: str) -> None:
+    shape = SINGLE_CHOICE_SHAPES[name]
+    assert shape.texts(data) == shape.texts_in_python(data)
+
+
+@pytest.mark.skipif(runaway_hook.native_string_bodies is None, reason="the optional C extension was not compiled here")
+def test_the_c_extension_reads_real_event_batches() -> None:
+    shape = SINGLE_CHOICE_SHAPES["chat"]
+    texts = [" fox", ' "quoted\\" \\', "\n", "一", ""]
+    events = b"".join(chunk({"index": 0, "delta": {"content": t}, "finish_reason": None}) for t in texts)
+    bodies, count = shape.texts(events)
+    assert count == len(texts)
+    assert json.loads(b'"' + bodies + b'"') == "".join(texts)
+    assert shape.texts(b"") == (b"", 0)
+    assert shape.texts(b'{"content":"unterminated') == (b"", 0)
 
 
 def test_a_whole_body_is_cut_where_the_loop_was_recognised() -> None:
@@ -315,9 +354,9 @@ def test_the_hook_is_off_by_default_and_counts_stops_per_model() -> None:
     value = metrics.registry.get_sample_value("tensorfleet_gateway_runaway_stops_total",
                                               {"model": "tiny", "signal": PUNCTUATION})
     assert value == 1.0
-    patterns = {name: hook.open(request(body, endpoint))._single for name, body, endpoint in (  # type: ignore[union-attr]
+    shapes = {name: hook.open(request(body, endpoint))._single for name, body, endpoint in (  # type: ignore[union-attr]
         ("chat", {"messages": []}, "/v1/chat/completions"), ("completions", {"prompt": "a"}, "/v1/completions"),
         ("batch", {"prompt": ["a", "b"]}, "/v1/completions"), ("n", {"messages": [], "n": 2}, "/v1/chat/completions"),
         ("triton", {"text_input": "a"}, "/v2/models/{model}/generate_stream"))}
-    assert patterns == {"chat": SINGLE_CHOICE_PATTERNS["chat"], "completions": SINGLE_CHOICE_PATTERNS["completions"],
-                        "batch": None, "n": None, "triton": SINGLE_CHOICE_PATTERNS["triton"]}
+    assert shapes == {"chat": SINGLE_CHOICE_SHAPES["chat"], "completions": SINGLE_CHOICE_SHAPES["completions"],
+                        "batch": None, "n": None, "triton": SINGLE_CHOICE_SHAPES["triton"]}

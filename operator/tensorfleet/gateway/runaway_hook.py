@@ -1,8 +1,9 @@
 """Runaway control in the gateway: a ResponseHook that feeds each choice's generated text to a detector.
 
 The guard reads the text out of the engine's stream events at the byte level: for a one-choice request
-(nearly all of them) it keeps the events of a batch (``CHECK_EVERY``) and takes their text with one
-regular expression over the batch, so the per-event cost is appending to a list; anything unusual
+(nearly all of them) it keeps the events of a batch (``CHECK_EVERY``) and takes their text in one pass
+over the batch (``EventShape``: in C where the optional extension ``_textscan`` was compiled, else one
+regular expression), so the per-event cost is appending to a list; anything unusual
 (several choices, reasoning, tool calls, escapes it cannot take as they are) goes through the general
 path, which reads every event on its own. A stop therefore comes at most ``CHECK_EVERY`` events after
 the loop was recognised. A whole (non-streamed) body is read as parsed JSON.
@@ -134,24 +135,63 @@ def _json(payload: bytes) -> Any:
 # ---- the hook -------------------------------------------------------------------------------------------
 
 _STRING = rb'"([^"\\]*(?:\\.[^"\\]*)*)"'  # a JSON string's body (the unrolled form: no backtracking)
+
+
+def _native_string_bodies() -> Callable[[bytes, bytes, int], tuple[bytes, int]] | None:
+    try:
+        from tensorfleet.gateway import _textscan
+    except ImportError:  # not compiled on this machine: EventShape reads events with its regular expression
+        return None
+    return _textscan.string_bodies
+
+
+native_string_bodies = _native_string_bodies()
+
+
+class EventShape:
+    """The usual shape of a one-choice request's stream events: the text is the JSON string that starts
+    with ``prefix`` (which ends with the string's opening quote) and is followed by the byte ``closing``
+    (-1: anything), with nothing else in the event's delta."""
+
+    __slots__ = ("closing", "pattern", "prefix")
+
+    def __init__(self, prefix: bytes, closing: int) -> None:
+        self.prefix = prefix
+        self.closing = closing
+        after = re.escape(bytes([closing])) if closing >= 0 else b""
+        self.pattern = re.compile(re.escape(prefix[:-1]) + _STRING + after, re.DOTALL)  # "\\." escapes any byte
+
+    def texts(self, data: bytes) -> tuple[bytes, int]:
+        """The bodies of the texts in ``data`` end to end, still escaped (escapes never span two), and
+        how many texts there were."""
+        if native_string_bodies is not None:
+            return native_string_bodies(data, self.prefix, self.closing)
+        return self.texts_in_python(data)
+
+    def texts_in_python(self, data: bytes) -> tuple[bytes, int]:
+        """``texts`` without the C extension (the fallback, and what the tests hold the extension to)."""
+        found = self.pattern.findall(data)
+        return b"".join(found), len(found)
+
+
 # For a one-choice request: the text of an event of the usual shape, with nothing else in its delta.
 # (A JSON string cannot hold a bare quote, so '{"content":' is the delta's own: "delta" need not be scanned for.)
-SINGLE_CHOICE_PATTERNS = {"chat": re.compile(rb'\{"content":' + _STRING + rb"\}"),
-                          "completions": re.compile(rb',"text":' + _STRING + rb","),
-                          "triton": re.compile(rb'"text_output":' + _STRING)}
+SINGLE_CHOICE_SHAPES = {"chat": EventShape(b'{"content":"', ord("}")),
+                        "completions": EventShape(b',"text":"', ord(",")),
+                        "triton": EventShape(b'"text_output":"', -1)}
 
 
 class RunawayGuard:
     """One request's detectors, one per choice; a Stop when any of them trips.
 
-    ``single`` (from SINGLE_CHOICE_PATTERNS) marks a one-choice request: a batch whose every event has
-    the usual shape is read with one regular expression. Anything else takes the general path.
+    ``single`` (from SINGLE_CHOICE_SHAPES) marks a one-choice request: a batch whose every event has
+    the usual shape is read in one pass. Anything else takes the general path.
     """
 
     __slots__ = ("_events", "_single", "config", "detectors", "on_trip")
 
     def __init__(self, config: RunawayConfig, on_trip: Callable[[str], None],
-                 single: re.Pattern[bytes] | None = None) -> None:
+                 single: EventShape | None = None) -> None:
         self.config = config
         self.detectors: dict[int, RunawayDetector] = {}
         self.on_trip = on_trip
@@ -175,9 +215,8 @@ class RunawayGuard:
     def check(self, events: list[bytes]) -> Stop | None:
         """Feed the text of ``events`` to the detectors."""
         if self._single is not None:
-            found = self._single.findall(b"".join(events))
-            if len(found) == len(events):
-                raw = b"".join(found)  # JSON string bodies end to end: still one (escapes never span two)
+            raw, count = self._single.texts(b"".join(events))
+            if count == len(events):
                 detector = self._detector(0)
                 if b"\\" in raw:
                     tripped = detector.feed(_unescape(raw))
@@ -256,19 +295,19 @@ class RunawayHook:
         def tripped(signal: str) -> None:
             self.metrics.child(self.metrics.runaway_stops, model, signal).inc()
 
-        return RunawayGuard(runaway, tripped, single_choice_pattern(request))
+        return RunawayGuard(runaway, tripped, single_choice_shape(request))
 
 
-def single_choice_pattern(request: ProxyRequest) -> re.Pattern[bytes] | None:
-    """The pattern of a one-choice request's stream events, or None when it has several choices."""
+def single_choice_shape(request: ProxyRequest) -> EventShape | None:
+    """The shape of a one-choice request's stream events, or None when it has several choices."""
     body = request.body
     if body.get("n", 1) not in (None, 1):
         return None
     if "text_input" in body or request.endpoint.startswith("/v2/"):
-        return SINGLE_CHOICE_PATTERNS["triton"]
+        return SINGLE_CHOICE_SHAPES["triton"]
     if "messages" in body:
-        return SINGLE_CHOICE_PATTERNS["chat"]
+        return SINGLE_CHOICE_SHAPES["chat"]
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int):
         return None  # a batch of prompts: one choice each
-    return SINGLE_CHOICE_PATTERNS["completions"]
+    return SINGLE_CHOICE_SHAPES["completions"]
