@@ -125,6 +125,24 @@ def test_the_verdict_does_not_depend_on_how_the_text_is_chunked(name: str, cuts:
     assert first_trip(RunawayDetector(), pieces) == expected
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(LOOPS + CLEAN), st.lists(st.integers(1, 40), min_size=1))
+def test_utf8_bytes_get_the_verdict_of_the_same_text(name: str, cuts: list[int]) -> None:
+    """``feed_utf8`` (what the gateway calls with an event batch's bytes) agrees with ``feed``, ASCII and
+    not, wherever the text is cut (at character boundaries, as the engine's events are)."""
+    whole = text(name)
+    expected = RunawayDetector().feed(whole)
+    detector, at, index = RunawayDetector(), 0, 0
+    while at < len(whole):
+        piece = whole[at:at + cuts[index % len(cuts)]]
+        keep = detector.feed_utf8(piece.encode())
+        if keep is not None:
+            assert at + keep == expected
+            return
+        at, index = at + len(piece), index + 1
+    assert expected is None
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(["a", "b", "c", "dd", "a", "b"]), min_size=1, max_size=400),
        st.lists(st.integers(0, 3), max_size=400), st.integers(1, 5), st.integers(2, 4), st.integers(8, 40),

@@ -111,15 +111,15 @@ class RunawayDetector:
             word_trip = next(m.end() for k, m in enumerate(_PIECES.finditer(text)) if k == word_trip)
         return self._verdict(word_trip, gap_trip, carried)
 
-    def feed_ascii(self, data: bytes) -> int | None:
-        """``feed`` for ASCII text given as bytes (as the gateway reads it from the engine): the same verdict,
-        without decoding."""
+    def feed_utf8(self, data: bytes) -> int | None:
+        """``feed`` for UTF-8 text given as bytes (as the gateway reads it from the engine): the same verdict;
+        ASCII text (nearly all of it) is read without decoding."""
         if self.signal is not None:
             return 0
         carried = len(self._pending)
+        if not data.isascii() or (carried and not self._pending.isascii()):
+            return self.feed(data.decode("utf-8", "replace"))
         if carried:
-            if not self._pending.isascii():
-                return self.feed(data.decode("ascii"))
             data, self._pending = self._pending.encode("ascii") + data, ""
         return self._ascii(data, carried)
 

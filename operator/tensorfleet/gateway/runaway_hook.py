@@ -218,12 +218,7 @@ class RunawayGuard:
             raw, count = self._single.texts(b"".join(events))
             if count == len(events):
                 detector = self._detector(0)
-                if b"\\" in raw:
-                    tripped = detector.feed(_unescape(raw))
-                elif raw.isascii():
-                    tripped = detector.feed_ascii(raw)
-                else:
-                    tripped = detector.feed(raw.decode("utf-8", "replace"))
+                tripped = detector.feed(_unescape(raw)) if b"\\" in raw else detector.feed_utf8(raw)
                 return None if tripped is None else self._stop(detector)
         texts: dict[int, list[str]] = {}
         for payload in events:
