@@ -335,5 +335,3 @@ async def test_configuration_reload_applies_and_a_broken_file_is_ignored(tmp_pat
 
 def _write(path: pathlib.Path, text: str) -> None:
     path.write_text(text)
-
-

@@ -4,8 +4,8 @@ The guard reads the text out of the engine's stream events at the byte level: fo
 (nearly all of them) it keeps the events of a batch (``CHECK_EVERY``) and takes their text in one pass
 over the batch (``EventShape``: in C where the optional extension ``_textscan`` was compiled, else one
 regular expression), so the per-event cost is appending to a list; anything unusual
-(several choices, reasoning, tool calls, escapes it cannot take as they are) goes through the general
-path, which reads every event on its own. A stop therefore comes at most ``CHECK_EVERY`` events after
+(several choices, reasoning, tool calls) goes through the general path, which reads every event on its
+own. A stop therefore comes at most ``CHECK_EVERY`` events after
 the loop was recognised. A whole (non-streamed) body is read as parsed JSON.
 """
 
