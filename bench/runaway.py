@@ -16,9 +16,10 @@ All figures come from the same run on the same machine:
   that process), divides by the events, and adds the per-event cost of keeping an event for its batch
   (a list append, measured in this process). This is the figure held against the goal (under 10 %).
 * the check alone: ``RunawayGuard.on_event`` on the same event bytes in a loop in this process (warm
-  caches: a lower bound), with the default thresholds and the largest window the CRD allows; and once
-  more with the event text read by the regular expression instead of the C extension (the fallback
-  where the extension is not compiled).
+  caches: a lower bound), with the default thresholds and the largest window the CRD allows (past
+  ``runaway.NATIVE_MAX_WINDOW``: the detector's probes, in Python); and again without the C extension
+  (the fallback where it is not compiled): the event text read by the regular expression, then the
+  detector's probes as well.
 
 As a cross-check, a second gateway with runaway control on (not timed) relays the same load, the three
 alternating over several rounds; its extra CPU per chunk is the check's cost as seen end to end (noisier:
@@ -49,7 +50,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from engines import processes  # noqa: E402
-from tensorfleet.gateway import runaway_hook  # noqa: E402
+from tensorfleet.gateway import runaway, runaway_hook  # noqa: E402
 from tensorfleet.gateway.config import RunawayConfig  # noqa: E402
 from tensorfleet.gateway.runaway_hook import SINGLE_CHOICE_SHAPES, RunawayGuard  # noqa: E402
 
@@ -222,14 +223,19 @@ def run(seconds: float, rounds: int) -> dict[str, Any]:
     single = {label: guard_cost(config, events, 20, single=True) for label, config in CONFIGS.items()}
     general = {label: guard_cost(config, events, 20, single=False) for label, config in CONFIGS.items()}
     native, runaway_hook.native_string_bodies = runaway_hook.native_string_bodies, None
-    try:  # the same check with the text read by the regular expression (where the C extension is missing)
+    core = runaway.native_detector_core
+    try:  # the same check without the C extension: the text read by the regular expression, then the probes too
+        python_reading = {label: guard_cost(config, events, 20, single=True) for label, config in CONFIGS.items()}
+        runaway.native_detector_core = None
         python = {label: guard_cost(config, events, 20, single=True) for label, config in CONFIGS.items()}
     finally:
-        runaway_hook.native_string_bodies = native
+        runaway_hook.native_string_bodies, runaway.native_detector_core = native, core
     return {"machine": f"{os.cpu_count()} cores (shared)", "seconds": seconds, "rounds": rounds,
             "check_every_events": runaway_hook.CHECK_EVERY, "append_us_per_event": APPEND_US,
-            "stream_tokens": STREAM_TOKENS, "native_extraction": native is not None, "guard_us_per_chunk": single,
-            "guard_us_per_chunk_python_extraction": python, "guard_us_per_chunk_general_path": general,
+            "stream_tokens": STREAM_TOKENS, "native_extraction": native is not None,
+            "native_detector": core is not None, "guard_us_per_chunk": single,
+            "guard_us_per_chunk_python_extraction": python_reading, "guard_us_per_chunk_python": python,
+            "guard_us_per_chunk_general_path": general,
             "modes": modes}
 
 
@@ -242,13 +248,14 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{mode['guard_us_per_chunk_in_gateway']:.2f} µs | **{mode['guard_fraction_in_gateway']:.1%}** | "
                      f"{mode['gateway_us_per_chunk_on']:.1f} µs ({mode['end_to_end_extra_fraction']:+.1%}) |")
     guard, general = result["guard_us_per_chunk"], result["guard_us_per_chunk_general_path"]
-    python = result["guard_us_per_chunk_python_extraction"]
-    reader = "the C extension" if result["native_extraction"] else "Python (the C extension is not compiled here)"
+    reading, python = result["guard_us_per_chunk_python_extraction"], result["guard_us_per_chunk_python"]
+    native = "with the C extension" if result["native_detector"] else "(the C extension is not compiled here)"
     lines.append("")
-    lines.append(f"Check alone in a loop (this process), text read by {reader}: {guard['default']:.2f} µs per chunk "
-                 f"with the default thresholds, {guard['largest window']:.2f} µs with the largest window; with the "
-                 f"text read by the regular expression instead: {python['default']:.2f} µs; requests with several "
-                 f"choices (general path): {general['default']:.2f} µs.")
+    lines.append(f"Check alone in a loop (this process), {native}: {guard['default']:.2f} µs per chunk with the "
+                 f"default thresholds, {guard['largest window']:.2f} µs with the largest window (the probes); "
+                 f"without the C extension: {reading['default']:.2f} µs with the text read by the regular "
+                 f"expression, {python['default']:.2f} µs with the probes as well; requests with several choices "
+                 f"(general path): {general['default']:.2f} µs.")
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tensorfleet.gateway import runaway_hook
+from tensorfleet.gateway import runaway, runaway_hook
 from tensorfleet.gateway.config import RunawayConfig
 from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.metrics import GatewayMetrics
@@ -36,6 +36,10 @@ DATA = pathlib.Path(__file__).resolve().parents[1] / "data" / "runaway"
 LOOPS = sorted(p.name for p in DATA.glob("loop-*"))
 CLEAN = sorted(p.name for p in DATA.glob("clean-*") if p.name != "clean-code-identity.txt")
 FLOODS = {"loop-newlines.txt", "loop-punctuation.txt", "loop-emoji.txt", "loop-dots-spaces.txt"}
+NO_EXTENSION = pytest.mark.skipif(runaway.native_detector_core is None,
+                                  reason="the optional C extension tensorfleet.gateway._textscan was not compiled here")
+# Both detectors: the C extension's (windows up to NATIVE_MAX_WINDOW, where it was compiled) and the probes.
+CORES = pytest.mark.parametrize("native", [pytest.param(True, marks=NO_EXTENSION), False], ids=["c", "python"])
 
 
 def text(name: str) -> str:
@@ -58,10 +62,11 @@ def test_the_corpus_is_there() -> None:
     assert len(CLEAN) >= 6
 
 
+@CORES
 @pytest.mark.parametrize("name", LOOPS)
-def test_loops_are_stopped_with_the_default_thresholds(name: str) -> None:
+def test_loops_are_stopped_with_the_default_thresholds(name: str, native: bool) -> None:
     loop = text(name)
-    detector = RunawayDetector.from_config(RunawayConfig())
+    detector = RunawayDetector.from_config(RunawayConfig(), native)
     keep = detector.feed(loop)
     assert keep is not None, f"{name} was not recognised"
     assert detector.signal == (PUNCTUATION if name in FLOODS else REPETITION)
@@ -70,69 +75,76 @@ def test_loops_are_stopped_with_the_default_thresholds(name: str) -> None:
         assert keep < 0.75 * len(loop), (name, keep, len(loop))
 
 
+@CORES
 @pytest.mark.parametrize("name", CLEAN)
-def test_clean_texts_are_not_stopped(name: str) -> None:
-    detector = RunawayDetector.from_config(RunawayConfig())
+def test_clean_texts_are_not_stopped(name: str, native: bool) -> None:
+    detector = RunawayDetector.from_config(RunawayConfig(), native)
     assert detector.feed(text(name)) is None, f"{name} was taken for a loop ({detector.signal})"
     assert detector.count > 150  # a real amount of text went through
 
 
-def test_exactly_periodic_data_is_the_false_positive_risk_and_a_higher_threshold_passes_it() -> None:
+@CORES
+def test_exactly_periodic_data_is_the_false_positive_risk_and_a_higher_threshold_passes_it(native: bool) -> None:
     """A 16x16 identity matrix is periodic (a 1 every 17 words): it trips the defaults; maxRepeats 24
     (the setting the docs give for code-heavy services) lets it through and still stops real loops."""
     matrix = text("clean-code-identity.txt")
-    assert RunawayDetector.from_config(RunawayConfig()).feed(matrix) is not None
+    assert RunawayDetector.from_config(RunawayConfig(), native).feed(matrix) is not None
     lenient = RunawayConfig(max_repeats=24)
-    assert RunawayDetector.from_config(lenient).feed(matrix) is None
+    assert RunawayDetector.from_config(lenient, native).feed(matrix) is None
     for name in ("loop-sentence.txt", "loop-code.txt", "loop-vllm-tiny-world.txt", "loop-table-row.txt"):
         loop = text(name) * 2
-        assert RunawayDetector.from_config(lenient).feed(loop) is not None, name
+        assert RunawayDetector.from_config(lenient, native).feed(loop) is not None, name
 
 
-def test_a_period_one_loop_trips_after_max_repeats_blocks_of_ngram_size() -> None:
-    detector = RunawayDetector(ngram_size=4, max_repeats=12, window_tokens=256)
+@CORES
+def test_a_period_one_loop_trips_after_max_repeats_blocks_of_ngram_size(native: bool) -> None:
+    detector = RunawayDetector(ngram_size=4, max_repeats=12, window_tokens=256, native=native)
     words = [" fox"] * 60
     tripped = first_trip(detector, words)
     assert tripped == 52 * 4  # 13 blocks of 4 words: the block seen more than 12 times
-    detector = RunawayDetector(ngram_size=1, max_repeats=3, window_tokens=256)
+    detector = RunawayDetector(ngram_size=1, max_repeats=3, window_tokens=256, native=native)
     assert first_trip(detector, [" no"] * 10) == 4 * 3
 
 
-def test_longer_periods_than_the_window_are_not_recognised() -> None:
+@CORES
+def test_longer_periods_than_the_window_are_not_recognised(native: bool) -> None:
     sentence = " ".join(f"w{i}" for i in range(40)) + " "
-    assert RunawayDetector(window_tokens=32).feed(sentence * 30) is None
-    assert RunawayDetector(window_tokens=64).feed(sentence * 30) is not None
+    assert RunawayDetector(window_tokens=32, native=native).feed(sentence * 30) is None
+    assert RunawayDetector(window_tokens=64, native=native).feed(sentence * 30) is not None
 
 
-def test_a_punctuation_run_trips_just_past_its_limit() -> None:
-    detector = RunawayDetector(max_punctuation_run=10)
+@CORES
+def test_a_punctuation_run_trips_just_past_its_limit(native: bool) -> None:
+    detector = RunawayDetector(max_punctuation_run=10, native=native)
     assert detector.feed("ok " + "-" * 9) is None  # 1 space + 9 dashes: 10
     assert detector.feed("-") == 1  # the 11th character of the run
     assert detector.signal == PUNCTUATION
     assert detector.feed("anything") == 0  # stays tripped
 
 
+@CORES
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(LOOPS + CLEAN + ["clean-code-identity.txt"]), st.lists(st.integers(1, 40), min_size=1))
-def test_the_verdict_does_not_depend_on_how_the_text_is_chunked(name: str, cuts: list[int]) -> None:
+def test_the_verdict_does_not_depend_on_how_the_text_is_chunked(native: bool, name: str, cuts: list[int]) -> None:
     whole = text(name)
-    expected = RunawayDetector().feed(whole)
+    expected = RunawayDetector(native=native).feed(whole)
     pieces, at, index = [], 0, 0
     while at < len(whole):
         size = cuts[index % len(cuts)]
         pieces.append(whole[at:at + size])
         at, index = at + size, index + 1
-    assert first_trip(RunawayDetector(), pieces) == expected
+    assert first_trip(RunawayDetector(native=native), pieces) == expected
 
 
+@CORES
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(LOOPS + CLEAN), st.lists(st.integers(1, 40), min_size=1))
-def test_utf8_bytes_get_the_verdict_of_the_same_text(name: str, cuts: list[int]) -> None:
+def test_utf8_bytes_get_the_verdict_of_the_same_text(native: bool, name: str, cuts: list[int]) -> None:
     """``feed_utf8`` (what the gateway calls with an event batch's bytes) agrees with ``feed``, ASCII and
     not, wherever the text is cut (at character boundaries, as the engine's events are)."""
     whole = text(name)
-    expected = RunawayDetector().feed(whole)
-    detector, at, index = RunawayDetector(), 0, 0
+    expected = RunawayDetector(native=native).feed(whole)
+    detector, at, index = RunawayDetector(native=native), 0, 0
     while at < len(whole):
         piece = whole[at:at + cuts[index % len(cuts)]]
         keep = detector.feed_utf8(piece.encode())
@@ -143,19 +155,21 @@ def test_utf8_bytes_get_the_verdict_of_the_same_text(name: str, cuts: list[int])
     assert expected is None
 
 
+@CORES
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(["a", "b", "c", "dd", "a", "b"]), min_size=1, max_size=400),
        st.lists(st.integers(0, 3), max_size=400), st.integers(1, 5), st.integers(2, 4), st.integers(8, 40),
        st.lists(st.integers(1, 30), min_size=1, max_size=20))
 def test_feeding_many_words_at_once_equals_feeding_them_one_by_one(
-        words: list[str], gaps: list[int], ngram: int, repeats: int, window: int, cuts: list[int]) -> None:
+        native: bool, words: list[str], gaps: list[int], ngram: int, repeats: int, window: int,
+        cuts: list[int]) -> None:
     """Random texts over a tiny vocabulary repeat all the time: the bulk path and the word-by-word path
     must agree on whether and where they trip, for any way of cutting the text."""
     separators = [" ", ", ", "  ", ". "]
     text = "".join(w + separators[gaps[i] if i < len(gaps) else 0] for i, w in enumerate(words))
 
     def detector() -> RunawayDetector:
-        return RunawayDetector(ngram, repeats, window, 8)
+        return RunawayDetector(ngram, repeats, window, 8, native)
 
     whole = detector().feed(text)
     one_by_one = first_trip(detector(), list(text))
@@ -167,7 +181,7 @@ def test_feeding_many_words_at_once_equals_feeding_them_one_by_one(
 
 
 def test_memory_stays_bounded_on_long_clean_text() -> None:
-    detector = RunawayDetector(window_tokens=64)
+    detector = RunawayDetector(window_tokens=64, native=False)  # (the C extension's memory is fixed)
     for i in range(20000):
         assert detector.feed(f" word{i * 7919 % 100003}") is None
     assert detector.count == 19999  # the last word waits for its end
@@ -180,7 +194,7 @@ def test_memory_stays_bounded_on_long_clean_text() -> None:
 def test_the_multiples_of_a_followed_period_ride_on_it_until_it_breaks() -> None:
     """In a loop of period 1 every shorter distance repeats too; they are followed under the shortest one,
     so a feed does not have to extend thousands of runs (a runaway request would pay for each)."""
-    detector = RunawayDetector(ngram_size=8, max_repeats=10000, window_tokens=4096)
+    detector = RunawayDetector(ngram_size=8, max_repeats=10000, window_tokens=4096, native=False)
     for _ in range(400):
         assert detector.feed(" no" * 16) is None
     assert list(detector._followed) == [1]
@@ -202,11 +216,12 @@ def reference_trip(words: list[str], ngram: int, repeats: int, window: int) -> i
     return None
 
 
+@CORES
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(["a", "b", "c", "dd"]), min_size=1, max_size=300), st.integers(1, 5),
        st.integers(2, 4), st.integers(8, 40), st.lists(st.integers(1, 30), min_size=1, max_size=20))
 def test_the_detector_trips_where_the_definition_says(
-        words: list[str], ngram: int, repeats: int, window: int, cuts: list[int]) -> None:
+        native: bool, words: list[str], ngram: int, repeats: int, window: int, cuts: list[int]) -> None:
     """Probing only some words must not miss or delay a trip: the detector agrees with a brute-force
     reading of the definition on random texts over a tiny vocabulary (they repeat all the time)."""
     text = "".join(w + " " for w in words)
@@ -216,14 +231,47 @@ def test_the_detector_trips_where_the_definition_says(
     while at < len(text):
         pieces.append(text[at:at + cuts[index % len(cuts)]])
         at, index = at + cuts[index % len(cuts)], index + 1
-    assert first_trip(RunawayDetector(ngram, repeats, window, 10_000), pieces) == (
+    assert first_trip(RunawayDetector(ngram, repeats, window, 10_000, native), pieces) == (
         None if expected is None else ends[expected])
 
 
-def test_long_words_count_in_pieces_so_loops_without_spaces_are_seen() -> None:
-    assert RunawayDetector().feed("x" + "ab" * 2000 + " ") is not None
-    assert RunawayDetector().feed("Supercalifragilisticexpialidocious is long. " * 3) is None
-    assert RunawayDetector(max_punctuation_run=8).feed("中文" * 10) is None  # longer than the limit, no gap
+@CORES
+def test_long_words_count_in_pieces_so_loops_without_spaces_are_seen(native: bool) -> None:
+    assert RunawayDetector(native=native).feed("x" + "ab" * 2000 + " ") is not None
+    assert RunawayDetector(native=native).feed("Supercalifragilisticexpialidocious is long. " * 3) is None
+    assert RunawayDetector(max_punctuation_run=8, native=native).feed("中文" * 10) is None  # no gap in it
+
+
+# Pieces of text that matter to the detectors' reading: ASCII and other letters, a word longer than a piece,
+# ideographs and kana (a word each; "・" is a gap too), gaps, emoji, a lone surrogate (from a JSON escape).
+TEXT_PIECES = ["a", "b", "dd", "_", "7", " ", ", ", "\n", "!!", "é", "Ωmega", "x" * 17, "中", "文", "・", "ー",
+               "😀", "\ud800", "  "]
+
+
+@NO_EXTENSION
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(TEXT_PIECES), max_size=120).map("".join), st.integers(1, 5), st.integers(2, 4),
+       st.integers(8, 40), st.integers(3, 12), st.lists(st.integers(1, 12), min_size=1, max_size=10))
+def test_the_c_extension_detects_exactly_as_the_python_detector(
+        body: str, ngram: int, repeats: int, window: int, punctuation: int, cuts: list[int]) -> None:
+    """Feed by feed, as text and as UTF-8 bytes: the same trip point and signal, and the same words seen."""
+    pieces, at, index = [], 0, 0
+    while at < len(body):
+        pieces.append(body[at:at + cuts[index % len(cuts)]])
+        at, index = at + cuts[index % len(cuts)], index + 1
+    for as_bytes in (False, True):
+        native, python = (RunawayDetector(ngram, repeats, window, punctuation, flag) for flag in (True, False))
+        for piece in pieces:
+            if as_bytes:
+                data = piece.encode("utf-8", "surrogatepass")
+                verdicts = native.feed_utf8(data), python.feed_utf8(data)
+            else:
+                verdicts = native.feed(piece), python.feed(piece)
+            assert verdicts[0] == verdicts[1]
+            assert native.signal == python.signal
+            if native.signal is not None:
+                break  # (the words seen past a trip point are no one's business)
+            assert native.count == python.count
 
 
 # ---- reading engine events --------------------------------------------------------------------------------

@@ -10,11 +10,11 @@
 * **punctuation** — more than ``max_punctuation_run`` characters in a row that are punctuation,
   symbols or whitespace only (no letter, digit or ideograph).
 
-Words are runs of letters, digits and underscores; each CJK ideograph or kana is a word of its own; a
-word longer than 16 characters counts as pieces of 16 (so a loop without spaces is still seen). The
-detector is incremental: a feed costs time in proportion to its length, memory is bounded by about twice
-``window_tokens`` words, and the verdict and the trip point do not depend on how the text was cut into
-pieces. ``tensorfleet.gateway.runaway_hook`` plugs it into the gateway.
+Words are runs of letters, digits and underscores; each CJK ideograph or kana is a word of its own; a word
+longer than 16 characters counts as pieces of 16 (so a loop without spaces is still seen). The detector is
+incremental: a feed costs time in proportion to its length (times the window, on the C road below), memory
+is bounded by about twice ``window_tokens`` words, and the verdict and the trip point do not depend on how
+the text was cut into pieces. ``tensorfleet.gateway.runaway_hook`` plugs it into the gateway.
 
 How it stays cheap. A run that trips with period ``p`` is a stretch of words each equal to the word ``p``
 before it, long enough that any ``S = (max_repeats - 1) * ngram_size + 1`` consecutive words of its end
@@ -24,12 +24,20 @@ ending there up in the recent words, joined into one byte string, with ``bytes.r
 occurrence within the window gives a candidate period; its stretch is measured exactly (slice comparisons,
 backwards and forwards) and, while it reaches the newest word, followed as more words arrive. Clean text
 therefore costs a translation, a split and an occasional search per feed, all in C.
+
+Where the optional C extension ``_textscan`` was compiled, windows up to ``NATIVE_MAX_WINDOW`` words take
+a shorter road: its ``DetectorCore`` reads the text (UTF-8: words, gaps, the word carried over, as above)
+and keeps, for every period up to the window, how many words in a row have equalled the word a period before
+them (the definition, word by word, in a loop without branches; words compared by Python's keyed 64-bit hash
+of their bytes). It costs time in proportion to the window, so longer windows keep the probes. The tests
+hold the two to the same verdicts and trip points.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from tensorfleet.gateway.config import RunawayConfig
 
@@ -45,23 +53,44 @@ _SPACES = re.compile(rb" +")  # the gaps of ASCII text once translated by _TO_SP
 _WORD_RUN = re.compile(rf"[^\W{_CJK}]+")  # matched against reversed text to find a trailing word or gap
 _WORD_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 _TO_SPACES = bytes(b if b in _WORD_BYTES else 0x20 for b in range(256))  # ASCII text: gaps become spaces
+NATIVE_MAX_WINDOW = 1024  # words: the longest window the C extension's DetectorCore serves (see above)
+
+
+class DetectorCore(Protocol):
+    """The C extension's detector (tensorfleet/gateway/_textscan.c)."""
+
+    @property
+    def count(self) -> int: ...
+    def feed(self, data: bytes, /) -> tuple[int, bool] | None: ...
+
+
+def _native_detector_core() -> Callable[[int, int, int, int], DetectorCore] | None:
+    try:
+        from tensorfleet.gateway import _textscan
+    except ImportError:  # not compiled on this machine: the probes serve every window
+        return None
+    return _textscan.DetectorCore
+
+
+native_detector_core = _native_detector_core()
 
 
 class RunawayDetector:
     """One choice's generated text, fed piece by piece; ``feed`` returns where it tripped, if it did.
 
-    ``_words`` holds the latest words as bytes (``_words[0]`` is word number ``_base``) and ``_text`` the
-    same words, each after one space, end to end: the string the probes search. ``_followed`` maps the
-    period of each stretch that reaches the newest word to the stretch's first word equal to the word a
-    period before it.
+    ``_core`` is the C extension's DetectorCore where it serves the window: it then does all the work.
+    Otherwise ``_words`` holds the latest words as bytes (``_words[0]`` is word number ``_base``) and
+    ``_text`` the same words, each after one space, end to end: the string the probes search.
+    ``_followed`` maps the period of each stretch that reaches the newest word to the stretch's first word
+    equal to the word a period before it.
     """
 
-    __slots__ = ("_base", "_every", "_followed", "_keep", "_max_punct", "_max_repeats", "_multiples",
-                 "_multiples_trip", "_n", "_owner", "_pending", "_punct_run", "_text", "_window", "_words", "count",
-                 "signal")
+    __slots__ = ("_base", "_core", "_count", "_every", "_followed", "_keep", "_max_punct", "_max_repeats", "_multiples",
+                 "_multiples_trip", "_n", "_owner", "_pending", "_punct_run", "_text", "_window", "_words", "signal")
 
     def __init__(self, ngram_size: int = 4, max_repeats: int = 12, window_tokens: int = 256,
-                 max_punctuation_run: int = 200) -> None:
+                 max_punctuation_run: int = 200, native: bool = True) -> None:
+        """``native``: use the C extension where it serves the window (False: the probes, always)."""
         self._n = ngram_size
         self._max_repeats = max_repeats
         self._window = window_tokens
@@ -81,17 +110,26 @@ class RunawayDetector:
         self._owner: dict[int, int] = {}  # every period followed -> the period it is followed under
         self._pending = ""  # a word that may continue in the next piece of text
         self._punct_run = 0
-        self.count = 0  # words seen
+        self._core = (native_detector_core(ngram_size, max_repeats, window_tokens, max_punctuation_run)
+                      if native and native_detector_core is not None and window_tokens <= NATIVE_MAX_WINDOW else None)
+        self._count = 0
         self.signal: str | None = None  # REPETITION or PUNCTUATION once tripped
 
+    @property
+    def count(self) -> int:
+        """Words seen (the word the text ends in, which may go on, not yet)."""
+        return self._core.count if self._core is not None else self._count
+
     @classmethod
-    def from_config(cls, config: RunawayConfig) -> RunawayDetector:
-        return cls(config.ngram_size, config.max_repeats, config.window_tokens, config.max_punctuation_run)
+    def from_config(cls, config: RunawayConfig, native: bool = True) -> RunawayDetector:
+        return cls(config.ngram_size, config.max_repeats, config.window_tokens, config.max_punctuation_run, native)
 
     def feed(self, text: str) -> int | None:
         """Take the next piece of text; the number of its characters up to the trip point, or None."""
         if self.signal is not None:
             return 0
+        if self._core is not None:  # (lone surrogates, which JSON escapes can make, are gaps there as here)
+            return self._native(text.encode("utf-8", "surrogatepass"))
         carried = len(self._pending)
         if carried:
             text, self._pending = self._pending + text, ""
@@ -116,12 +154,29 @@ class RunawayDetector:
         ASCII text (nearly all of it) is read without decoding."""
         if self.signal is not None:
             return 0
+        if self._core is not None:
+            if not data.isascii():
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError:  # read as feed() would read it
+                    data = data.decode("utf-8", "replace").encode("utf-8")
+            return self._native(data)
         carried = len(self._pending)
         if not data.isascii() or (carried and not self._pending.isascii()):
             return self.feed(data.decode("utf-8", "replace"))
         if carried:
             data, self._pending = self._pending.encode("ascii") + data, ""
         return self._ascii(data, carried)
+
+    def _native(self, data: bytes) -> int | None:
+        """``feed`` by the C extension's DetectorCore (valid UTF-8, lone surrogates allowed)."""
+        assert self._core is not None
+        tripped = self._core.feed(data)
+        if tripped is None:
+            return None
+        at, punctuation = tripped
+        self.signal = PUNCTUATION if punctuation else REPETITION
+        return at
 
     def _ascii(self, data: bytes, carried: int) -> int | None:
         spaced = data.translate(_TO_SPACES)
@@ -190,10 +245,10 @@ class RunawayDetector:
 
     def _take(self, words: list[bytes]) -> int | None:
         """Store ``words``; the index among them of the word where a repetition trips, if one does."""
-        start = self.count
+        start = self._count
         self._words += words
         self._text += b" " + b" ".join(words)
-        end = self.count = start + len(words)
+        end = self._count = start + len(words)
         trips: list[int] = []
         if self._followed:  # the stretches followed so far: do they go on?
             for period, first in list(self._followed.items()):
