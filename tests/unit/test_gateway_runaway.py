@@ -46,11 +46,21 @@ def text(name: str) -> str:
     return (DATA / name).read_text(encoding="utf-8")
 
 
-def first_trip(detector: RunawayDetector, pieces: list[str]) -> int | None:
-    """Characters of the whole text up to where ``detector`` tripped, feeding it ``pieces`` in turn."""
+def cut(whole: str, cuts: list[int]) -> list[str]:
+    """``whole`` cut into pieces of the sizes in ``cuts``, taken in turn and over again."""
+    pieces, at, index = [], 0, 0
+    while at < len(whole):
+        pieces.append(whole[at:at + cuts[index % len(cuts)]])
+        at, index = at + cuts[index % len(cuts)], index + 1
+    return pieces
+
+
+def first_trip(detector: RunawayDetector, pieces: list[str], utf8: bool = False) -> int | None:
+    """Characters of the whole text up to where ``detector`` tripped, feeding it ``pieces`` in turn (as
+    UTF-8 bytes with ``utf8``)."""
     consumed = 0
     for piece in pieces:
-        keep = detector.feed(piece)
+        keep = detector.feed_utf8(piece.encode()) if utf8 else detector.feed(piece)
         if keep is not None:
             return consumed + keep
         consumed += len(piece)
@@ -128,12 +138,7 @@ def test_a_punctuation_run_trips_just_past_its_limit(native: bool) -> None:
 def test_the_verdict_does_not_depend_on_how_the_text_is_chunked(native: bool, name: str, cuts: list[int]) -> None:
     whole = text(name)
     expected = RunawayDetector(native=native).feed(whole)
-    pieces, at, index = [], 0, 0
-    while at < len(whole):
-        size = cuts[index % len(cuts)]
-        pieces.append(whole[at:at + size])
-        at, index = at + size, index + 1
-    assert first_trip(RunawayDetector(native=native), pieces) == expected
+    assert first_trip(RunawayDetector(native=native), cut(whole, cuts)) == expected
 
 
 @CORES
@@ -144,15 +149,7 @@ def test_utf8_bytes_get_the_verdict_of_the_same_text(native: bool, name: str, cu
     not, wherever the text is cut (at character boundaries, as the engine's events are)."""
     whole = text(name)
     expected = RunawayDetector(native=native).feed(whole)
-    detector, at, index = RunawayDetector(native=native), 0, 0
-    while at < len(whole):
-        piece = whole[at:at + cuts[index % len(cuts)]]
-        keep = detector.feed_utf8(piece.encode())
-        if keep is not None:
-            assert at + keep == expected
-            return
-        at, index = at + len(piece), index + 1
-    assert expected is None
+    assert first_trip(RunawayDetector(native=native), cut(whole, cuts), utf8=True) == expected
 
 
 @CORES
@@ -173,11 +170,7 @@ def test_feeding_many_words_at_once_equals_feeding_them_one_by_one(
 
     whole = detector().feed(text)
     one_by_one = first_trip(detector(), list(text))
-    pieces, at, index = [], 0, 0
-    while at < len(text):
-        pieces.append(text[at:at + cuts[index % len(cuts)]])
-        at, index = at + cuts[index % len(cuts)], index + 1
-    assert whole == one_by_one == first_trip(detector(), pieces)
+    assert whole == one_by_one == first_trip(detector(), cut(text, cuts))
 
 
 def test_memory_stays_bounded_on_long_clean_text() -> None:
@@ -227,11 +220,7 @@ def test_the_detector_trips_where_the_definition_says(
     text = "".join(w + " " for w in words)
     expected = reference_trip(words, ngram, repeats, window)
     ends = [len("".join(w + " " for w in words[:k + 1])) - 1 for k in range(len(words))]
-    pieces, at, index = [], 0, 0
-    while at < len(text):
-        pieces.append(text[at:at + cuts[index % len(cuts)]])
-        at, index = at + cuts[index % len(cuts)], index + 1
-    assert first_trip(RunawayDetector(ngram, repeats, window, 10_000, native), pieces) == (
+    assert first_trip(RunawayDetector(ngram, repeats, window, 10_000, native), cut(text, cuts)) == (
         None if expected is None else ends[expected])
 
 
@@ -255,13 +244,9 @@ TEXT_PIECES = ["a", "b", "dd", "_", "7", " ", ", ", "\n", "!!", "é", "Ωmega", 
 def test_the_c_extension_detects_exactly_as_the_python_detector(
         body: str, ngram: int, repeats: int, window: int, punctuation: int, cuts: list[int]) -> None:
     """Feed by feed, as text and as UTF-8 bytes: the same trip point and signal, and the same words seen."""
-    pieces, at, index = [], 0, 0
-    while at < len(body):
-        pieces.append(body[at:at + cuts[index % len(cuts)]])
-        at, index = at + cuts[index % len(cuts)], index + 1
     for as_bytes in (False, True):
         native, python = (RunawayDetector(ngram, repeats, window, punctuation, flag) for flag in (True, False))
-        for piece in pieces:
+        for piece in cut(body, cuts):
             if as_bytes:
                 data = piece.encode("utf-8", "surrogatepass")
                 verdicts = native.feed_utf8(data), python.feed_utf8(data)
