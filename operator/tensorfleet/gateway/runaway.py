@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Protocol
 
 from tensorfleet.gateway.config import RunawayConfig
@@ -64,15 +65,19 @@ class DetectorCore(Protocol):
     def feed(self, data: bytes, /) -> tuple[int, bool] | None: ...
 
 
-def _native_detector_core() -> Callable[[int, int, int, int], DetectorCore] | None:
+def _textscan() -> ModuleType | None:
+    """The optional C extension (tensorfleet/gateway/_textscan.c), or None where it was not compiled: then
+    the probes serve every window here, and runaway_hook reads event text with a regular expression."""
     try:
         from tensorfleet.gateway import _textscan
-    except ImportError:  # not compiled on this machine: the probes serve every window
+    except ImportError:
         return None
-    return _textscan.DetectorCore
+    return _textscan
 
 
-native_detector_core = _native_detector_core()
+TEXTSCAN = _textscan()
+native_detector_core: Callable[[int, int, int, int], DetectorCore] | None = (
+    TEXTSCAN.DetectorCore if TEXTSCAN is not None else None)
 
 
 class RunawayDetector:

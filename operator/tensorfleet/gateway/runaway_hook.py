@@ -20,7 +20,7 @@ from typing import Any
 from tensorfleet.gateway.config import GatewayConfig, RunawayConfig
 from tensorfleet.gateway.hooks import ProxyRequest, Stop
 from tensorfleet.gateway.metrics import GatewayMetrics
-from tensorfleet.gateway.runaway import REPETITION, RunawayDetector
+from tensorfleet.gateway.runaway import REPETITION, TEXTSCAN, RunawayDetector
 
 CHECK_EVERY = 16  # stream events per check
 
@@ -135,17 +135,8 @@ def _json(payload: bytes) -> Any:
 # ---- the hook -------------------------------------------------------------------------------------------
 
 _STRING = rb'"([^"\\]*(?:\\.[^"\\]*)*)"'  # a JSON string's body (the unrolled form: no backtracking)
-
-
-def _native_string_bodies() -> Callable[[bytes, bytes, int], tuple[bytes, int]] | None:
-    try:
-        from tensorfleet.gateway import _textscan
-    except ImportError:  # not compiled on this machine: EventShape reads events with its regular expression
-        return None
-    return _textscan.string_bodies
-
-
-native_string_bodies = _native_string_bodies()
+native_string_bodies: Callable[[bytes, bytes, int], tuple[bytes, int]] | None = (
+    TEXTSCAN.string_bodies if TEXTSCAN is not None else None)  # None: EventShape's regular expression reads
 
 
 class EventShape:
