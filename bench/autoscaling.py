@@ -133,14 +133,20 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def find_trace() -> pathlib.Path | None:
+    """$TENSORFLEET_TRACE, else the Azure trace in ../shared/data; None (and a line on stderr) without one."""
     given = os.environ.get("TENSORFLEET_TRACE")
     found = [pathlib.Path(given)] if given else [p for p in TRACE_CANDIDATES if p.exists()]
     if not found or not found[0].exists():
-        print(f"skipping the autoscaling benchmark: no {TRACE_NAME} in ../shared/data (set TENSORFLEET_TRACE)",
-              file=sys.stderr)
+        print(f"skipping the benchmark: no {TRACE_NAME} in ../shared/data (set TENSORFLEET_TRACE)", file=sys.stderr)
+        return None
+    return found[0]
+
+
+def main() -> int:
+    path = find_trace()
+    if path is None:
         return 0
-    path = found[0]
     started = time.monotonic()
     requests = trace.load_trace(path)
     results = [run_profile(requests, model.DEFAULT_PROFILE, s, with_frontier=True) for s in STARTUPS]

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import pathlib
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bench.autoscaling import RESULTS, SLO_SECONDS, STARTUPS, TRACE_CANDIDATES, TRACE_NAME, autoscaling_spec
+from bench.autoscaling import RESULTS, SLO_SECONDS, STARTUPS, autoscaling_spec, find_trace
 from tensorfleet.autoscale import policy
 from tensorfleet.autoscale.signals import PodMetrics, PodTarget
 from tensorfleet.autoscale.simulator import compare, model, report, trace
@@ -58,18 +55,16 @@ def row(name: str, run: Any, requests: trace.Trace, oracle_hours: float) -> dict
 
 
 def main() -> int:
-    given = os.environ.get("TENSORFLEET_TRACE")
-    found = [pathlib.Path(given)] if given else [p for p in TRACE_CANDIDATES if p.exists()]
-    if not found or not found[0].exists():
-        print(f"skipping: no {TRACE_NAME} in ../shared/data (set TENSORFLEET_TRACE)", file=sys.stderr)
+    path = find_trace()
+    if path is None:
         return 0
     started = time.monotonic()
-    requests = trace.load_trace(found[0])
+    requests = trace.load_trace(path)
     spec = autoscaling_spec()
     base = model.PROFILES[model.DEFAULT_PROFILE]
     oracle = oracle_run(requests, base, SLO_SECONDS, spec.min_replicas, spec.max_replicas)  # no startup delay
     counts = [sample.billed for sample in oracle.timeline]
-    initial = max(spec.min_replicas, min(spec.max_replicas, max(counts[:compare.WARM_START_SECONDS])))
+    initial = compare.warm_start(oracle, spec)
     rows = []
     for startup in STARTUPS:
         replica = dataclasses.replace(base, startup_seconds=startup)
@@ -85,7 +80,7 @@ def main() -> int:
         print(f"| {entry['startupSeconds']:g} s | {entry['controller']} | {entry['gpuHoursOverOracle']:.3f} | "
               f"{entry['sloAttainment']:.2%} | {entry['scaleEvents']} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    document = {"command": "python -m bench.autoscaling_foresight", "trace": found[0].name, "rows": rows}
+    document = {"command": "python -m bench.autoscaling_foresight", "trace": path.name, "rows": rows}
     (RESULTS / "autoscaling_foresight.json").write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nwrote {RESULTS / 'autoscaling_foresight.json'} in {time.monotonic() - started:.0f} s")
     return 0

@@ -50,11 +50,16 @@ class Comparison:
         }
 
 
+def warm_start(oracle: RunResult, spec: AutoscalingSpec) -> int:
+    """The replicas every run starts with: the oracle's most in the first five minutes, within the bounds."""
+    initial = max((s.billed for s in oracle.timeline[:WARM_START_SECONDS]), default=spec.min_replicas)
+    return max(spec.min_replicas, min(spec.max_replicas, initial))
+
+
 def compare(trace: Trace, model: ReplicaModel, spec: AutoscalingSpec, slo_seconds: float = 2.0,
             interval: float = 2.0, tick: float = 0.1) -> Comparison:
     oracle = oracle_run(trace, model, slo_seconds, spec.min_replicas, spec.max_replicas, tick)
-    initial = max((s.billed for s in oracle.timeline[:WARM_START_SECONDS]), default=spec.min_replicas)
-    initial = max(spec.min_replicas, min(spec.max_replicas, initial))
+    initial = warm_start(oracle, spec)
     ours = TensorfleetController(policy.PolicyConfig.from_spec(spec), interval)
     hpa = HPAController(spec.min_replicas, spec.max_replicas, spec.target_gpu_utilization_percent / 100,
                         initial_replicas=initial)
