@@ -1,6 +1,6 @@
 """The one thing pyproject.toml cannot declare without setuptools' experimental table: the optional C
-extension that extracts the runaway check's text (operator/tensorfleet/gateway/_textscan.c). Where it
-cannot be compiled, the install goes on and the same extraction runs in Python."""
+extension that reads the runaway check's text and runs its detector (operator/tensorfleet/gateway/_textscan.c).
+Where it cannot be compiled, the install goes on and the same checks run in Python."""
 
 from setuptools import Extension, setup
 
