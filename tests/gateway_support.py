@@ -72,9 +72,9 @@ def write_document(folder: pathlib.Path, document: dict[str, Any]) -> str:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    """Serve ``app`` on a free loopback port; yields its base URL."""
-    runner = web.AppRunner(app, access_log=None)
+async def serving(app: web.Application, **options: Any) -> AsyncIterator[str]:
+    """Serve ``app`` on a free loopback port (``options`` go to aiohttp's AppRunner); yields its base URL."""
+    runner = web.AppRunner(app, access_log=None, **options)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -22,6 +22,7 @@ from gateway_support import RecordingSinkDouble, gateway_document, running_gatew
 from integration.test_gateway_pipeline import CHAT, events_of, post
 from tensorfleet import telemetry
 from tensorfleet.gateway.hooks import ProxyRequest, Stop, TokenCounter
+from tensorfleet.gateway.upstream import EngineConnections
 
 pytestmark = pytest.mark.integration
 
@@ -124,6 +125,23 @@ async def test_streams_longer_than_any_timeout_keep_going(tmp_path: pathlib.Path
     assert len(events_of(raw)) == 26
 
 
+async def test_an_engine_that_stops_answering_is_504_and_its_request_aborted(tmp_path: pathlib.Path) -> None:
+    """The upstream idle timeout bounds the wait for the engine's answer; the engine request is aborted."""
+    engine = StandinEngine(token_delay=0.3)
+    sink = RecordingSinkDouble()
+    # Handlers cancelled when their connection drops, as vLLM aborts a request whose client went away.
+    async with serving(engine.app(), handler_cancellation=True) as upstream, \
+            running_gateway(tmp_path, upstream, sink=sink, upstream_idle_timeout_seconds=0.4) as gw, \
+            aiohttp.ClientSession() as session:
+        status, body, _ = await post(session, url(gw, "/v1/chat/completions"), {**CHAT, "max_tokens": 10})
+        assert status == 504
+        assert body["error"]["code"] == "engine_timeout"
+        assert "nothing for 0.4 s" in body["error"]["message"]
+        await wait_until(lambda: engine.aborted == 1, 5, "the engine request aborted")
+        await wait_until(lambda: len(sink.client_requests()) == 1, 5, "the event")
+    assert sink.client_requests()[0].status == 504
+
+
 async def test_client_disconnect_aborts_the_engine_request(tmp_path: pathlib.Path) -> None:
     engine = StandinEngine(token_delay=0.05)
     sink = RecordingSinkDouble()
@@ -150,7 +168,9 @@ async def test_engine_down_is_503_and_engine_errors_are_502(tmp_path: pathlib.Pa
         assert status == 502
         assert body["error"]["code"] == "engine_error"
         engine.fail_status = None
-        gw.services.client.base_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        gw.services.client.base_url = nowhere
+        gw.services.client.connections = EngineConnections(nowhere, connect_timeout=1, idle_timeout=5)
         status, body, headers = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
         assert status == 503
         assert body["error"]["code"] == "engine_unavailable"

@@ -19,6 +19,7 @@ import aiohttp
 from tensorfleet.gateway.errors import GatewayError, bad_request, engine_unavailable
 from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.streams import TritonStream, Usage, VLLMStream
+from tensorfleet.gateway.upstream import EngineConnections
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,12 @@ def _int_or_none(body: Mapping[str, Any], key: str, minimum: int = 1, maximum: i
 
 
 class EngineClient:
-    """The gateway's connection pool to the engine, with the error mapping every caller needs."""
+    """The gateway's ways to the engine: ``connections`` for the requests it proxies, ``session`` for the rest."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, connections: EngineConnections) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
+        self.connections = connections
 
     async def post_json(self, path: str, body: Mapping[str, Any], seconds: float = 30.0) -> tuple[int, Any]:
         try:

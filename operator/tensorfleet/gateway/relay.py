@@ -33,6 +33,7 @@ from tensorfleet.gateway.errors import GatewayError, engine_unavailable, error_r
 from tensorfleet.gateway.hooks import ProxyRequest, ResponseGuard, Stop
 from tensorfleet.gateway.services import CLIENT_CLOSED, Outcome, Services
 from tensorfleet.gateway.streams import TritonStream, Usage, VLLMStream
+from tensorfleet.gateway.upstream import EngineUnreachable, Exchange
 
 log = logging.getLogger(__name__)
 
@@ -55,27 +56,31 @@ class Relay:
     async def forward(self, request: web.Request, proxied: ProxyRequest, outcome: Outcome, original_options: Any,
                       key: str | None, guard: ResponseGuard | None) -> web.StreamResponse:
         s = self.s
-        url = s.client.base_url + s.engine.upstream_path(proxied)
+        connections = s.client.connections
         headers = {"Content-Type": "application/json", "X-Request-Id": proxied.request_id}
         try:
-            async with s.client.session.post(url, data=proxied.upstream_bytes(), headers=headers) as upstream:
+            upstream = await connections.post(s.engine.upstream_path(proxied), proxied.upstream_bytes(), headers)
+            try:
                 if upstream.status == 200 and proxied.streaming:
                     return await self._stream(request, proxied, outcome, upstream, original_options, guard, key)
                 if upstream.status == 200 and proxied.flags.get(COLLECT):
                     return await self._collect(proxied, outcome, upstream, guard, key)
                 return await self._plain(proxied, outcome, upstream, guard, key)
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError):
-                s.state.set_engine_up(False)
-            raise engine_unavailable(str(exc) or type(exc).__name__) from None
+            finally:
+                connections.release(upstream)  # kept if read to the end, else closed (aborts the engine request)
         except TimeoutError:
             raise GatewayError(504, "the engine stopped answering "
                                     f"(nothing for {s.settings.upstream_idle_timeout_seconds:g} s)",
                                "engine_timeout") from None
+        except EngineUnreachable as exc:
+            s.state.set_engine_up(False)
+            raise engine_unavailable(str(exc)) from None
+        except OSError as exc:
+            raise engine_unavailable(str(exc) or type(exc).__name__) from None
 
     # ---- plain answers ------------------------------------------------------------------------------------
 
-    async def _plain(self, proxied: ProxyRequest, outcome: Outcome, upstream: aiohttp.ClientResponse,
+    async def _plain(self, proxied: ProxyRequest, outcome: Outcome, upstream: Exchange,
                      guard: ResponseGuard | None, key: str | None) -> web.Response:
         data = await upstream.read()
         done = time.monotonic()
@@ -123,7 +128,7 @@ class Relay:
         text = proxied.body.get("text_input")
         return (await engine.count_text(self.s.client, text) or 0) if isinstance(text, str) else 0
 
-    async def _collect(self, proxied: ProxyRequest, outcome: Outcome, upstream: aiohttp.ClientResponse,
+    async def _collect(self, proxied: ProxyRequest, outcome: Outcome, upstream: Exchange,
                        guard: ResponseGuard | None, key: str | None) -> web.Response:
         """A plain answer built from the engine's stream, watched by ``guard`` as it is generated."""
         stream = self.s.engine.new_stream(proxied, _COLLECT_OPTIONS)
@@ -140,13 +145,11 @@ class Relay:
 
         try:
             stopped = await self._pump(stream, upstream, outcome, guard, take)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            upstream.close()
+        except (OSError, TimeoutError) as exc:
             raise GatewayError(502, f"the engine broke off the answer: {exc or type(exc).__name__}",
                                "engine_disconnected") from None
         if stopped is not None:
-            upstream.close()
-            proxied.flags[f"{stopped.reason}_stopped"] = True
+            proxied.flags[f"{stopped.reason}_stopped"] = True  # released unread: the engine request is aborted
         prompt = proxied.prompt_tokens or stream.prompt_tokens or 0
         outcome.usage = stream.usage if stream.usage is not None and stopped is None \
             else Usage(prompt, stream.completion_tokens)
@@ -161,10 +164,10 @@ class Relay:
     # ---- streams ------------------------------------------------------------------------------------------
 
     async def _stream(self, request: web.Request, proxied: ProxyRequest, outcome: Outcome,
-                      upstream: aiohttp.ClientResponse, original_options: Any, guard: ResponseGuard | None,
+                      upstream: Exchange, original_options: Any, guard: ResponseGuard | None,
                       key: str | None) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers={
-            "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
+            "Content-Type": upstream.headers.get("content-type", "text/event-stream"),
             "Cache-Control": "no-cache", "X-Request-Id": proxied.request_id, **proxied.response_headers})
         await response.prepare(request)
         stream = self.s.engine.new_stream(proxied, original_options)
@@ -181,23 +184,17 @@ class Relay:
 
         try:
             stopped = await self._pump(stream, upstream, outcome, guard, write)
-        except _ClientGone:
-            upstream.close()  # abort the engine request: vLLM cancels it when the connection drops
+        except _ClientGone:  # released unread: the engine request is aborted (vLLM cancels it on disconnect)
             outcome.status, outcome.error = CLIENT_CLOSED, "client_disconnected"
             self.s.metrics.client_disconnects.inc()
             return response
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            upstream.close()
+        except (OSError, TimeoutError) as exc:
             outcome.status, outcome.error = 502, "engine_disconnected"
             log.warning("the engine broke off stream %s: %s", proxied.request_id, exc)
             if request.transport is not None:
                 request.transport.close()  # a truncated stream, not a clean end the client could trust
             return response
-        except BaseException:
-            upstream.close()
-            raise
         if stopped is not None:
-            upstream.close()
             proxied.flags[f"{stopped.reason}_stopped"] = True
             await response.write(b"".join(stream.stopped(stopped, proxied.prompt_tokens or stream.prompt_tokens or 0)))
         else:
@@ -218,11 +215,11 @@ class Relay:
         return response
 
     @staticmethod
-    async def _pump(stream: VLLMStream | TritonStream, upstream: aiohttp.ClientResponse, outcome: Outcome,
+    async def _pump(stream: VLLMStream | TritonStream, upstream: Exchange, outcome: Outcome,
                     guard: ResponseGuard | None, emit: Emit) -> Stop | None:
         """Pass events on as they arrive; returns the guard's Stop if one stopped the answer."""
         splitter = sse.EventSplitter()
-        async for data in upstream.content.iter_any():
+        async for data in upstream.chunks():
             out: list[bytes] = []
             tokens = 0
             stop: Stop | None = None

@@ -33,6 +33,7 @@ from tensorfleet.gateway.ratelimit import TokenRateLimiter
 from tensorfleet.gateway.runaway_hook import RunawayHook
 from tensorfleet.gateway.settings import GatewaySettings
 from tensorfleet.gateway.state import ActiveRequests, Admission, GatewayState
+from tensorfleet.gateway.upstream import EngineConnections
 from tensorfleet.gateway.warmup import EngineMonitor, WarmupGate
 from tensorfleet.metering.events import EventSink
 
@@ -79,11 +80,11 @@ class Gateway:
 
     # ---- building ------------------------------------------------------------------------------
 
-    def _services(self, session: aiohttp.ClientSession) -> Services:
+    def _services(self, session: aiohttp.ClientSession, connections: EngineConnections) -> Services:
         limiter = TokenRateLimiter(lambda tenant: self.config.token_policy.tokens_per_minute(tenant))
         return Services(
             settings=self.settings, config=self.config, engine=self.engine,
-            client=EngineClient(session, self.settings.upstream),
+            client=EngineClient(session, self.settings.upstream, connections),
             resolver=TenantResolver(self.config.auth, self.keys), limiter=limiter,
             cache=ResponseCache(self.config.token_policy.cache), metrics=self.metrics, sink=self.sink,
             state=self.state, admission=Admission(self.metrics, self.settings.max_in_flight, self.settings.max_queue),
@@ -148,7 +149,8 @@ class Gateway:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=60)
         session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                         skip_auto_headers=("User-Agent", "Accept-Encoding"))
-        self.services = self._services(session)
+        connections = EngineConnections(s.upstream, s.upstream_connect_timeout_seconds, s.upstream_idle_timeout_seconds)
+        self.services = self._services(session, connections)
         self._session = session
         handler_options: dict[str, Any] = {
             "handler_cancellation": True, "keepalive_timeout": s.idle_timeout_seconds,
@@ -244,6 +246,7 @@ class Gateway:
         for runner in reversed(self._runners):
             await runner.cleanup()
         if self.services is not None:
+            self.services.client.connections.close()
             await self._session.close()
 
 
