@@ -100,9 +100,16 @@ class Proxy:
         finally:
             if outcome.queued:
                 s.metrics.queue_depth.dec()
+            # Metering and metrics run right after this step, once a plain answer has been written to the
+            # client, not before it; the request stays active (a drain waits) until they have.
+            asyncio.get_running_loop().call_soon(self._finish, proxied, outcome, time.monotonic())
+
+    def _finish(self, proxied: ProxyRequest | None, outcome: Outcome, done: float) -> None:
+        try:
             if proxied is not None:
-                self._record(proxied, outcome)
-            s.active.leave()
+                self._record(proxied, outcome, done)
+        finally:
+            self.s.active.leave()
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -227,9 +234,8 @@ class Proxy:
 
     # ---- metering and metrics ------------------------------------------------------------------------
 
-    def _record(self, proxied: ProxyRequest, outcome: Outcome) -> None:
+    def _record(self, proxied: ProxyRequest, outcome: Outcome, done: float) -> None:
         s = self.s
-        done = time.monotonic()
         usage = outcome.usage or Usage(proxied.prompt_tokens or 0, outcome.streamed_tokens)
         event = RequestEvent(
             request_id=proxied.request_id, tenant=proxied.tenant, model=s.config.served_model,
