@@ -1,6 +1,7 @@
-"""Minimal pass-through proxies on two HTTP stacks, to measure what the stack itself costs (no policy).
+"""Minimal pass-through proxies on several HTTP stacks, to measure what the stack itself costs (no policy).
 
     python bench/_stack_probe.py aiohttp UPSTREAM PORT     # aiohttp server + aiohttp client on uvloop
+    python bench/_stack_probe.py aiohttp-lean UPSTREAM PORT  # aiohttp server + the gateway's engine client
     python bench/_stack_probe.py uvicorn UPSTREAM PORT     # uvicorn + httptools, raw ASGI, aiohttp client
     python bench/_stack_probe.py granian UPSTREAM PORT     # granian (Rust HTTP), the same raw ASGI app
 
@@ -38,6 +39,35 @@ def run_aiohttp(upstream: str, port: int) -> None:
 
     app = web.Application()
     app.on_startup.append(start)
+    app.router.add_post("/{tail:.*}", handle)
+    import uvloop
+
+    uvloop.install()
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def run_aiohttp_lean(upstream: str, port: int) -> None:
+    """The same proxy with the gateway's own engine connections (tensorfleet.gateway.upstream) as the client."""
+    from aiohttp import web
+
+    from tensorfleet.gateway.upstream import EngineConnections
+
+    connections = EngineConnections(upstream, connect_timeout=5, idle_timeout=600)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        up = await connections.post(request.path, body, {"Content-Type": "application/json"})
+        try:
+            response = web.StreamResponse(status=up.status, headers={"Content-Type": up.content_type})
+            await response.prepare(request)
+            async for chunk in up.chunks():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        finally:
+            connections.release(up)
+
+    app = web.Application()
     app.router.add_post("/{tail:.*}", handle)
     import uvloop
 
@@ -95,4 +125,5 @@ def run_granian(upstream: str, port: int) -> None:
 
 if __name__ == "__main__":
     stack, target, listen = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    {"aiohttp": run_aiohttp, "uvicorn": run_uvicorn, "granian": run_granian}[stack](target.rstrip("/"), listen)
+    runners = {"aiohttp": run_aiohttp, "aiohttp-lean": run_aiohttp_lean, "uvicorn": run_uvicorn, "granian": run_granian}
+    runners[stack](target.rstrip("/"), listen)
