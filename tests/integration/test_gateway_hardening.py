@@ -86,6 +86,26 @@ async def test_body_and_header_limits(tmp_path: pathlib.Path) -> None:
             assert response.status == 400  # rejected by the HTTP parser before any handler runs
 
 
+async def test_a_body_that_stops_arriving_is_408_naming_the_limit(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, body_read_timeout_seconds=0.3, idle_timeout_seconds=30) as gw:
+        warmup = len(engine.received)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports["client"])
+        body = b'{"model": "tiny", "prompt": "a"}'
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body) + 10, body))  # 10 bytes never come
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(4096), 10)
+        writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    error = json.loads(payload)["error"]
+    assert error["code"] == "request_timeout"
+    assert "0.3 s" in error["message"]
+    assert len(engine.received) == warmup  # nothing reached the engine
+
+
 def test_slow_headers_are_cut_off_by_the_idle_timeout(tmp_path: pathlib.Path) -> None:
     async def scenario() -> float:
         engine = StandinEngine()
