@@ -1,6 +1,6 @@
 """Gateway benchmark: added latency and throughput against direct access and nginx, same run, same engine.
 
-    python -m bench.gateway [--engines standin,vllm] [--seconds 2] [--levels 1,16,64,256]
+    python -m bench.gateway [--engines standin,vllm] [--seconds 1] [--rounds 3] [--levels 1,16,64,256]
 
 Targets, each in its own process, all in front of the same engine process:
   direct          the engine itself
@@ -13,10 +13,13 @@ Targets, each in its own process, all in front of the same engine process:
   probe-granian   the same raw-ASGI proxy on granian (Rust HTTP server; `pip install granian` into .venv-vllm)
   gateway-asyncio the gateway on asyncio's default loop (stand-in only)
   gateway-tokenize the gateway with maxInputTokens set, so every request is counted by vLLM's /tokenize
+  gateway@REF     with --baseline REF: the gateway of another commit (from a git worktree), same settings
 Engines: "standin" (tests/engines/standin.py, fast: isolates the proxies' own cost) and "vllm" (the real
 vLLM on CPU with the tiny test Llama). The load generator is one aiohttp process. This machine has 2
 shared cores that the engine, the proxy and the load generator all use: read the ratios, not the times.
-Results go to bench/results/gateway.json and a Markdown table on stdout.
+Results go to bench/results/gateway.json (``--out``) and a Markdown table on stdout. On a shared machine
+run more rounds at one level for steadier medians, e.g. ``--engines standin --levels 1 --rounds 15
+--out gateway-c1``.
 """
 
 from __future__ import annotations
@@ -109,6 +112,17 @@ def gateway_config(folder: pathlib.Path, name: str, max_input: int | None) -> st
 
 
 @contextlib.contextmanager
+def worktree(ref: str, work: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A checkout of ``ref`` (without the optional C extension, which only the runaway check uses)."""
+    tree = work / f"tree-{ref}"
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), ref], cwd=ROOT, check=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+
+
+@contextlib.contextmanager
 def proxies(engine: str, work: pathlib.Path, names: list[str]) -> Iterator[dict[str, str]]:
     urls = {"direct": engine}
     engine_port = int(engine.rsplit(":", 1)[1])
@@ -117,13 +131,17 @@ def proxies(engine: str, work: pathlib.Path, names: list[str]) -> Iterator[dict[
             port = processes.free_port()
             urls[name] = f"http://127.0.0.1:{port}"
             health = urls[name] + "/v1/models"
+            env: dict[str, str] = {}
             if name.startswith("gateway"):
                 admin = processes.free_port()
-                config = gateway_config(work, name, 512 if name == "gateway-tokenize" else None)
+                config = gateway_config(work, name.replace("@", "-"), 512 if name == "gateway-tokenize" else None)
                 loop = "asyncio" if name == "gateway-asyncio" else "uvloop"
                 command = [PYTHON, "-m", "bench._run_gateway", "--config", config, "--upstream", engine,
                            "--port", str(port), "--admin-port", str(admin), "--loop", loop]
                 health = f"http://127.0.0.1:{admin}/readyz"
+                if "@" in name:  # the gateway of another commit, from a worktree of it
+                    tree = stack.enter_context(worktree(name.partition("@")[2], work))
+                    env = {"PYTHONPATH": f"{tree / 'operator'}{os.pathsep}{tree}"}
             elif name == "nginx":
                 prefix = work / f"nginx-{port}"
                 prefix.mkdir()
@@ -138,7 +156,7 @@ def proxies(engine: str, work: pathlib.Path, names: list[str]) -> Iterator[dict[
                            engine, str(port)]
             if name.startswith("probe") or name == "nginx":
                 health = engine + "/health"
-            stack.enter_context(process(command, health, work / f"{name}.log"))
+            stack.enter_context(process(command, health, work / f"{name}.log", env))
             if name.startswith("probe") or name == "nginx":
                 time.sleep(1.0)  # these have no readiness endpoint of their own
         yield urls
@@ -217,20 +235,26 @@ def run_engine(name: str, engine_url: str, work: pathlib.Path, args: argparse.Na
         names += [f"probe-{stack}" for stack in ("uvicorn", "granian") if _importable(stack)]
     else:
         names += ["gateway-tokenize"]
+    names += [f"gateway@{ref}" for ref in args.baseline]
     levels = [int(v) for v in args.levels.split(",")]
     if name == "vllm":
         levels = [lv for lv in levels if lv <= 64]  # 2 engine slots on CPU: deeper queues only measure the queue
-    out: dict[str, Any] = {}
+    rounds: dict[str, list[dict[str, float]]] = {}
     with proxies(engine_url, work, names) as urls:
-        for stream in (False, True):
-            for level in levels:
-                for target, url in urls.items():
-                    if target == "gateway-tokenize" and level > 16:
-                        continue
-                    key = f"{'stream' if stream else 'plain'}/c{level}/{target}"
-                    out[key] = asyncio.run(load(url, level, args.seconds, stream))
-                    print(f"{name} {key}: {out[key]}", file=sys.stderr)
-    return out
+        # Targets interleaved within each round, so that a slow spell of the shared machine hits all of
+        # them; the table reads the median over rounds of each target's difference to direct in that round.
+        for index in range(args.rounds):
+            for stream in (False, True):
+                for level in levels:
+                    for target, url in urls.items():
+                        if target == "gateway-tokenize" and level > 16:
+                            continue
+                        key = f"{'stream' if stream else 'plain'}/c{level}/{target}"
+                        cell = asyncio.run(load(url, level, args.seconds, stream))
+                        rounds.setdefault(key, []).append(cell)
+                        print(f"{name} round {index + 1} {key}: {cell}", file=sys.stderr)
+    return {key: {"rounds": cells, **{metric: statistics.median(c[metric] for c in cells) for metric in cells[0]}}
+            for key, cells in rounds.items()}
 
 
 def _importable(module: str) -> bool:
@@ -241,7 +265,8 @@ def _importable(module: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores (shared)", "seconds_per_cell": args.seconds}
+    results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores (shared)", "seconds_per_cell": args.seconds,
+                               "rounds": args.rounds}
     with tempfile.TemporaryDirectory(prefix="tf-bench-") as tmp:
         work = pathlib.Path(tmp)
         if "standin" in args.engines:
@@ -263,6 +288,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def paired(cell: dict[str, Any], direct: dict[str, Any]) -> tuple[float, float]:
+    """(throughput relative to direct, added p50 ms): medians over rounds of the same-round comparison."""
+    pairs = list(zip(cell.get("rounds", [cell]), direct.get("rounds", [direct]), strict=True))
+    return (statistics.median(c["rps"] / d["rps"] for c, d in pairs),
+            statistics.median(c["p50_ms"] - d["p50_ms"] for c, d in pairs))
+
+
 def table(results: dict[str, Any]) -> str:
     lines = []
     for engine in ("standin", "vllm"):
@@ -273,9 +305,9 @@ def table(results: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for key, cell in cells.items():
             mode, level, target = key.split("/")
-            direct = cells[f"{mode}/{level}/direct"]
-            lines.append(f"| {mode} | {level[1:]} | {target} | {cell['rps']:.0f} | {cell['rps'] / direct['rps']:.2f} | "
-                         f"{cell['p50_ms']:.2f} | {cell['p50_ms'] - direct['p50_ms']:+.2f} | {cell['p99_ms']:.2f} |")
+            ratio, added = paired(cell, cells[f"{mode}/{level}/direct"])
+            lines.append(f"| {mode} | {level[1:]} | {target} | {cell['rps']:.0f} | {ratio:.2f} | "
+                         f"{cell['p50_ms']:.2f} | {added:+.2f} | {cell['p99_ms']:.2f} |")
     if "chunk_delay" in results:
         lines += ["\n### streamed chunk delivery (send stamp to client arrival)\n",
                   "| cell | chunks | p50 ms | p99 ms |", "|---|---|---|---|"]
@@ -287,8 +319,12 @@ def table(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", default="standin,vllm")
-    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=1.0, help="per cell and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
     parser.add_argument("--levels", default="1,16,64,256")
+    parser.add_argument("--out", default="gateway", help="results go to bench/results/OUT.json")
+    parser.add_argument("--baseline", action="append", default=[], metavar="REF",
+                        help="also run the gateway of this commit (target gateway@REF), to compare changes")
     args = parser.parse_args()
     try:
         import uvloop
@@ -298,7 +334,7 @@ def main() -> None:
         pass
     results = run(args)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gateway.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=1))
     print(table(results))
 
 
