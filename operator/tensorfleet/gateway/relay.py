@@ -149,7 +149,8 @@ class Relay:
             raise GatewayError(502, f"the engine broke off the answer: {exc or type(exc).__name__}",
                                "engine_disconnected") from None
         if stopped is not None:
-            proxied.flags[f"{stopped.reason}_stopped"] = True  # released unread: the engine request is aborted
+            upstream.close()  # abort the engine request now: vLLM cancels it when the connection drops
+            proxied.flags[f"{stopped.reason}_stopped"] = True
         prompt = proxied.prompt_tokens or stream.prompt_tokens or 0
         outcome.usage = stream.usage if stream.usage is not None and stopped is None \
             else Usage(prompt, stream.completion_tokens)
@@ -195,6 +196,7 @@ class Relay:
                 request.transport.close()  # a truncated stream, not a clean end the client could trust
             return response
         if stopped is not None:
+            upstream.close()  # abort the engine request now, before the closing events are written
             proxied.flags[f"{stopped.reason}_stopped"] = True
             await response.write(b"".join(stream.stopped(stopped, proxied.prompt_tokens or stream.prompt_tokens or 0)))
         else:
