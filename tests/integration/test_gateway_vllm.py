@@ -118,6 +118,18 @@ async def test_usage_and_chunks_are_exact(vllm_url: str, tmp_path: pathlib.Path)
     assert all(e.billable for e in (streamed, unstreamed))
 
 
+async def test_connections_vllm_closed_while_idle_are_not_reused(vllm_url: str, tmp_path: pathlib.Path) -> None:
+    """vLLM's server (uvicorn) closes a kept-alive connection after 5 s idle; the next request still succeeds."""
+    async with running_gateway(tmp_path, vllm_url) as gw, aiohttp.ClientSession() as session:
+        connections = gw.services.client.connections
+        status, _ = await fetch(session, url(gw, "/v1/completions"), {**COMPLETION, "max_tokens": 2})
+        opened = connections.opened
+        await asyncio.sleep(6)
+        status2, _ = await fetch(session, url(gw, "/v1/completions"), {**COMPLETION, "max_tokens": 2})
+    assert status == status2 == 200
+    assert connections.opened == opened + 1  # a new connection, not the one vLLM closed
+
+
 async def test_input_is_counted_with_the_engines_tokenizer(vllm_url: str, tmp_path: pathlib.Path) -> None:
     document = gateway_document(tokenPolicy={"maxInputTokens": 20})
     prompt = " ".join(["gateway stream every chunk"] * 8)
