@@ -60,13 +60,13 @@ class Exchange(asyncio.Protocol):
     status: int
     headers: dict[str, str]
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float) -> None:
         self._loop = loop
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
-        self.idle_timeout = 600.0
+        self.idle_timeout = idle_timeout
         self._reset()
 
     def _reset(self) -> None:
@@ -241,7 +241,7 @@ class EngineConnections:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self._idle: list[Exchange] = []
-        self.opened = 0  # connections made, for tests and the benchmark's sanity checks
+        self.opened = 0  # connections made (tests read it)
 
     async def post(self, path: str, body: bytes, headers: Mapping[str, str]) -> Exchange:
         """Send one request; returns once the engine's status line and headers are in."""
@@ -258,7 +258,6 @@ class EngineConnections:
             if exchange is None:
                 exchange = await self._connect()
             exchange._reset()
-            exchange.idle_timeout = self.idle_timeout
             exchange.send(request)
             try:
                 await exchange._answer()
@@ -295,7 +294,8 @@ class EngineConnections:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, exchange = await loop.create_connection(lambda: Exchange(loop), self.host, self.port)
+                _, exchange = await loop.create_connection(lambda: Exchange(loop, self.idle_timeout),
+                                                           self.host, self.port)
         except TimeoutError:
             raise EngineUnreachable(f"no connection to the engine at {self.host}:{self.port} "
                                     f"within {self.connect_timeout:g} s") from None
