@@ -37,13 +37,7 @@ def run_aiohttp(upstream: str, port: int) -> None:
     async def start(app: web.Application) -> None:
         session["s"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
-    app = web.Application()
-    app.on_startup.append(start)
-    app.router.add_post("/{tail:.*}", handle)
-    import uvloop
-
-    uvloop.install()
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    serve_aiohttp(handle, port, start)
 
 
 def run_aiohttp_lean(upstream: str, port: int) -> None:
@@ -67,10 +61,18 @@ def run_aiohttp_lean(upstream: str, port: int) -> None:
         finally:
             connections.release(up)
 
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", handle)
-    import uvloop
+    serve_aiohttp(handle, port)
 
+
+def serve_aiohttp(handle: Any, port: int, on_startup: Any = None) -> None:
+    """Serve ``handle`` for every POST on uvloop, as both aiohttp probes do."""
+    import uvloop
+    from aiohttp import web
+
+    app = web.Application()
+    if on_startup is not None:
+        app.on_startup.append(on_startup)
+    app.router.add_post("/{tail:.*}", handle)
     uvloop.install()
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
