@@ -2,6 +2,7 @@
 
     python bench/_stack_probe.py aiohttp UPSTREAM PORT     # aiohttp server + aiohttp client on uvloop
     python bench/_stack_probe.py aiohttp-lean UPSTREAM PORT  # aiohttp server + the gateway's engine client
+    python bench/_stack_probe.py lean UPSTREAM PORT        # the gateway's own server and engine client
     python bench/_stack_probe.py uvicorn UPSTREAM PORT     # uvicorn + httptools, raw ASGI, aiohttp client
     python bench/_stack_probe.py granian UPSTREAM PORT     # granian (Rust HTTP), the same raw ASGI app
 
@@ -62,6 +63,40 @@ def run_aiohttp_lean(upstream: str, port: int) -> None:
             connections.release(up)
 
     serve_aiohttp(handle, port)
+
+
+def run_lean(upstream: str, port: int) -> None:
+    """The gateway's own HTTP stack with no policy: tensorfleet.gateway.frontend + tensorfleet.gateway.upstream."""
+    import asyncio
+
+    import uvloop
+
+    from tensorfleet.gateway.frontend import HTTPServer, Limits, Request, Router, StreamResponse
+    from tensorfleet.gateway.upstream import EngineConnections
+
+    connections = EngineConnections(upstream, connect_timeout=5, idle_timeout=600)
+
+    async def handle(request: Request) -> StreamResponse:
+        body = await request.read()
+        up = await connections.post(request.path, body, {"Content-Type": "application/json"})
+        try:
+            response = request.stream(up.status, {"Content-Type": up.content_type})
+            async for chunk in up.chunks():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        finally:
+            connections.release(up)
+
+    async def main() -> None:
+        router = Router()
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            router.add("POST", path, handle)
+        server = HTTPServer(router, Limits(4 << 20, 8190, 64, 75.0))
+        await server.start("127.0.0.1", port)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
 
 
 def serve_aiohttp(handle: Any, port: int, on_startup: Any = None) -> None:
@@ -127,5 +162,6 @@ def run_granian(upstream: str, port: int) -> None:
 
 if __name__ == "__main__":
     stack, target, listen = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    runners = {"aiohttp": run_aiohttp, "aiohttp-lean": run_aiohttp_lean, "uvicorn": run_uvicorn, "granian": run_granian}
+    runners = {"aiohttp": run_aiohttp, "aiohttp-lean": run_aiohttp_lean, "lean": run_lean, "uvicorn": run_uvicorn,
+               "granian": run_granian}
     runners[stack](target.rstrip("/"), listen)

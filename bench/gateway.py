@@ -9,6 +9,8 @@ Targets, each in its own process, all in front of the same engine process:
   probe-aiohttp   a bare aiohttp pass-through proxy (the stack alone, no policy)
   probe-aiohttp-lean  the same with the gateway's own engine client (tensorfleet.gateway.upstream) instead
                   of aiohttp's: what that choice is worth
+  probe-lean      the gateway's own HTTP stack (tensorfleet.gateway.frontend server + the engine client)
+                  with no policy: the floor under the gateway in Python
   probe-uvicorn   a bare uvicorn+httptools raw-ASGI pass-through proxy (from .venv-vllm)
   probe-granian   the same raw-ASGI proxy on granian (Rust HTTP server; `pip install granian` into .venv-vllm)
   gateway-asyncio the gateway on asyncio's default loop (stand-in only)
@@ -148,7 +150,7 @@ def proxies(engine: str, work: pathlib.Path, names: list[str]) -> Iterator[dict[
                 conf = prefix / "nginx.conf"
                 conf.write_text(NGINX_CONF.format(prefix=prefix, engine_port=engine_port, port=port))
                 command = [ensure_nginx(), "-c", str(conf), "-p", str(prefix)]
-            elif name in ("probe-aiohttp", "probe-aiohttp-lean"):
+            elif name in ("probe-aiohttp", "probe-aiohttp-lean", "probe-lean"):
                 probe = name.removeprefix("probe-")
                 command = [PYTHON, str(ROOT / "bench" / "_stack_probe.py"), probe, engine, str(port)]
             else:
@@ -231,7 +233,7 @@ def summarize_delays(delays: list[float]) -> dict[str, float]:
 def run_engine(name: str, engine_url: str, work: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     names = ["gateway", "nginx"]
     if name == "standin":
-        names += ["gateway-asyncio", "probe-aiohttp", "probe-aiohttp-lean"]
+        names += ["gateway-asyncio", "probe-aiohttp", "probe-aiohttp-lean", "probe-lean"]
         names += [f"probe-{stack}" for stack in ("uvicorn", "granian") if _importable(stack)]
     else:
         names += ["gateway-tokenize"]

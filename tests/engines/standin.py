@@ -41,6 +41,7 @@ class StandinEngine:
         self.waiting_metric = 0.0
         self.kv_metric = 0.0
         self.fail_status: int | None = None
+        self.break_after: int | None = None  # streams: drop the connection after this many events
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -151,6 +152,10 @@ class StandinEngine:
                 chunk["sent_ns"] = time.time_ns()
             if finish and not usage:
                 chunk["system_fingerprint"] = FINGERPRINT
+            if self.break_after is not None and i > self.break_after:
+                assert request.transport is not None
+                request.transport.close()  # a crashed engine: the answer ends mid-stream
+                return response
             await response.write(b"data: " + _compact(chunk).encode() + b"\n\n")
         if usage:
             final = {**head, "choices": [], "usage": self._usage(body, n), "system_fingerprint": FINGERPRINT}

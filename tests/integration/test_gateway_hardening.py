@@ -83,7 +83,17 @@ async def test_body_and_header_limits(tmp_path: pathlib.Path) -> None:
         assert "2048 bytes" in body["error"]["message"]
         async with session.post(url(gw, "/v1/completions"), json={"model": "tiny", "prompt": "a"},
                                 headers={"X-Big": "x" * 4000}) as response:
-            assert response.status == 400  # rejected by the HTTP parser before any handler runs
+            assert response.status == 431  # refused while parsing, before any handler runs
+            error = (await response.json())["error"]
+            assert "'X-Big'" in error["message"]
+            assert "limit of 1024 bytes (TENSORFLEET_GATEWAY_MAX_HEADER_BYTES)" in error["message"]
+        async with session.post(url(gw, "/v1/completions"), json={"model": "tiny", "prompt": "a"},
+                                headers={f"X-H{i}": "1" for i in range(80)}) as response:
+            assert response.status == 431
+            assert "limit of 64 header fields" in (await response.json())["error"]["message"]
+        async with session.post(url(gw, "/v1/completions?" + "q" * 2000), json={"model": "tiny"}) as response:
+            assert response.status == 414
+            assert "1024 bytes" in (await response.json())["error"]["message"]
 
 
 async def test_a_body_that_stops_arriving_is_408_naming_the_limit(tmp_path: pathlib.Path) -> None:
@@ -160,6 +170,27 @@ async def test_an_engine_that_stops_answering_is_504_and_its_request_aborted(tmp
         await wait_until(lambda: engine.aborted == 1, 5, "the engine request aborted")
         await wait_until(lambda: len(sink.client_requests()) == 1, 5, "the event")
     assert sink.client_requests()[0].status == 504
+
+
+async def test_an_engine_that_breaks_off_a_stream_is_502_or_a_truncated_stream(tmp_path: pathlib.Path) -> None:
+    """Before the first event the client gets a clean 502; after it, a stream without its end (never a clean end)."""
+    engine = StandinEngine()
+    sink = RecordingSinkDouble()
+    body = {**CHAT, "max_tokens": 10, "stream": True}
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, sink=sink) as gw, \
+            aiohttp.ClientSession() as session:
+        engine.break_after = 0
+        status, answer, _ = await post(session, url(gw, "/v1/chat/completions"), body)
+        assert status == 502
+        assert answer["error"]["code"] == "engine_disconnected"
+        engine.break_after = 2
+        async with session.post(url(gw, "/v1/chat/completions"), json=body) as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+        await wait_until(lambda: len(sink.client_requests()) == 2, 5, "the events")
+    assert [(e.status, e.error) for e in sink.client_requests()] == [(502, "engine_disconnected")] * 2
+    assert [e.completion_tokens for e in sink.client_requests()] == [0, 2]  # only what was produced
 
 
 async def test_client_disconnect_aborts_the_engine_request(tmp_path: pathlib.Path) -> None:

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from aiohttp import web
+from tensorfleet.gateway.frontend import Response
 
 
 class GatewayError(Exception):
@@ -24,7 +24,7 @@ class GatewayError(Exception):
         self.type = type_ or _type_for(status)
         self.details = dict(details or {})  # extra machine-readable fields of the error object (e.g. limit, count)
 
-    def response(self, request_id: str | None = None) -> web.Response:
+    def response(self, request_id: str | None = None) -> Response:
         return error_response(self.status, self.message, self.code, self.param, self.headers, self.type, request_id,
                               self.details)
 
@@ -43,12 +43,11 @@ def error_body(status: int, message: str, code: str, param: str | None = None, t
 
 def error_response(status: int, message: str, code: str, param: str | None = None,
                    headers: Mapping[str, str] | None = None, type_: str | None = None,
-                   request_id: str | None = None, details: Mapping[str, Any] | None = None) -> web.Response:
+                   request_id: str | None = None, details: Mapping[str, Any] | None = None) -> Response:
     extra = dict(headers or {})
     if request_id:
         extra["X-Request-Id"] = request_id
-    return web.Response(status=status, body=error_body(status, message, code, param, type_, details),
-                        content_type="application/json", headers=extra)
+    return Response(status, error_body(status, message, code, param, type_, details), "application/json", extra)
 
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_request") -> GatewayError:

@@ -18,11 +18,11 @@ import time
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from tensorfleet.gateway.auth import AuthError
 from tensorfleet.gateway.cache import cache_key, is_deterministic
 from tensorfleet.gateway.errors import GatewayError, bad_request, engine_unavailable
+from tensorfleet.gateway.frontend import BodyIncomplete, BodyTooLarge, Request, Response, StreamResponse
 from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.ratelimit import RateLimited, Reservation
 from tensorfleet.gateway.relay import COLLECT, Relay, client_status
@@ -77,7 +77,7 @@ class Proxy:
 
     # ---- entry points -------------------------------------------------------------------------
 
-    async def generate(self, request: web.Request) -> web.StreamResponse:
+    async def generate(self, request: Request) -> Response | StreamResponse:
         s = self.s
         received, received_at = time.monotonic(), time.time()
         request_id = f"tf-{_ID_PREFIX}{next(_ids):016x}"
@@ -88,12 +88,12 @@ class Proxy:
         try:
             tenant = self._tenant(request)
             body, raw = await self._parse(request)
-            proxied = ProxyRequest(request_id=request_id, endpoint=_route_path(request), tenant=tenant, body=body,
+            proxied = ProxyRequest(request_id=request_id, endpoint=request.route, tenant=tenant, body=body,
                                    raw=raw, streaming=False, received=received, received_at=received_at,
                                    billable=s.state.ready)
             if s.engine.runtime == "triton":
-                proxied.flags["_path"] = request.rel_url.path
-            s.engine.validate(proxied, request.match_info.get("model"))
+                proxied.flags["_path"] = request.path
+            s.engine.validate(proxied, request.match.get("model"))
             return await self._serve(request, proxied, outcome)
         except GatewayError as exc:
             outcome.status, outcome.error = exc.status, exc.code
@@ -116,13 +116,12 @@ class Proxy:
         finally:
             self.s.active.leave()
 
-    async def passthrough(self, request: web.Request) -> web.StreamResponse:
+    async def passthrough(self, request: Request) -> Response | StreamResponse:
         try:
             self._tenant(request)
-            async with self.s.client.session.get(self.s.client.base_url + request.rel_url.path_qs) as upstream:
+            async with self.s.client.session.get(self.s.client.base_url + request.path_qs) as upstream:
                 data = await upstream.read()
-                return web.Response(status=client_status(upstream.status), body=data,
-                                    content_type=upstream.content_type)
+                return Response(client_status(upstream.status), data, upstream.content_type)
         except GatewayError as exc:
             return exc.response()
         except (aiohttp.ClientError, OSError) as exc:
@@ -130,26 +129,28 @@ class Proxy:
 
     # ---- the pipeline ----------------------------------------------------------------------------
 
-    def _tenant(self, request: web.Request) -> str:
+    def _tenant(self, request: Request) -> str:
         header = self.s.config.auth.trusted_tenant_header
         try:
-            return self.s.resolver.resolve(request.headers.get("Authorization"),
-                                           request.headers.get(header) if header else None, request.remote)
+            return self.s.resolver.resolve(request.headers.get("authorization"),
+                                           request.headers.get(header.lower()) if header else None, request.remote)
         except AuthError as exc:
             raise GatewayError(exc.status, str(exc), exc.code, headers={"WWW-Authenticate": "Bearer"}) from None
 
-    async def _parse(self, request: web.Request) -> tuple[dict[str, Any], bytes]:
+    async def _parse(self, request: Request) -> tuple[dict[str, Any], bytes]:
         settings = self.s.settings
         if request.content_length is not None and request.content_length > settings.max_body_bytes:
             raise _too_large(settings.max_body_bytes)
         try:
-            if request.content.is_eof():  # the whole body came with the headers: nothing to wait for
+            if request.complete:  # the whole body came with the headers: nothing to wait for
                 raw = await request.read()
             else:
                 async with asyncio.timeout(settings.body_read_timeout_seconds):  # no extra task, unlike wait_for
                     raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
+        except BodyTooLarge:
             raise _too_large(settings.max_body_bytes) from None
+        except BodyIncomplete as exc:
+            raise bad_request(str(exc), None, "invalid_body") from None
         except TimeoutError:
             raise GatewayError(408, f"the request body did not arrive within "
                                     f"{settings.body_read_timeout_seconds:g} s", "request_timeout") from None
@@ -161,11 +162,11 @@ class Proxy:
             raise bad_request("the request body must be a JSON object", None, "invalid_json")
         return body, raw
 
-    async def _serve(self, request: web.Request, proxied: ProxyRequest, outcome: Outcome) -> web.StreamResponse:
+    async def _serve(self, request: Request, proxied: ProxyRequest, outcome: Outcome) -> Response | StreamResponse:
         s = self.s
         if not s.state.engine_up:
             raise engine_unavailable("it is starting or failed its health check")
-        await s.engine.ensure_model(s.client, request.match_info.get("model"))
+        await s.engine.ensure_model(s.client, request.match.get("model"))
         original_options = proxied.body.get("stream_options")
         max_tokens = s.engine.clamp_output(proxied, s.config.token_policy.max_output_tokens)
         for hook in s.request_hooks:
@@ -225,19 +226,16 @@ class Proxy:
             raise GatewayError(429, str(exc), "rate_limit_exceeded",
                                headers={"Retry-After": str(exc.retry_after)}) from None
 
-    async def _serve_cached(self, request: web.Request, proxied: ProxyRequest, outcome: Outcome,
-                            cached: Any) -> web.StreamResponse:
+    async def _serve_cached(self, request: Request, proxied: ProxyRequest, outcome: Outcome,
+                            cached: Any) -> Response | StreamResponse:
         outcome.cache_hit = True
         outcome.usage = Usage(cached.prompt_tokens, cached.completion_tokens)
         headers = {"X-Request-Id": proxied.request_id, **proxied.response_headers, CACHE_HEADER: "hit"}
         if not proxied.streaming:
-            return web.Response(status=cached.status, body=cached.chunks[0], content_type=cached.content_type,
-                                headers=headers)
-        response = web.StreamResponse(status=cached.status, headers={**headers, "Cache-Control": "no-cache"})
-        response.content_type = cached.content_type
-        await response.prepare(request)
-        await response.write(b"".join(cached.chunks))
-        await response.write_eof()
+            return Response(cached.status, cached.chunks[0], cached.content_type, headers)
+        response = request.stream(cached.status, {**headers, "Content-Type": cached.content_type,
+                                                  "Cache-Control": "no-cache"})
+        await response.write_eof(b"".join(cached.chunks))
         return response
 
     # ---- metering and metrics ------------------------------------------------------------------------
@@ -280,11 +278,6 @@ class Proxy:
             m.child(m.tokens, model, tier, "output").inc(usage.completion_tokens)
             m.child(m.tenant_tokens, tenant, "input").inc(usage.prompt_tokens)
             m.child(m.tenant_tokens, tenant, "output").inc(usage.completion_tokens)
-
-
-def _route_path(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else request.path
 
 
 def _too_large(limit: int) -> GatewayError:

@@ -23,13 +23,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-
 from tensorfleet.gateway import sse
 from tensorfleet.gateway.assemble import ResponseAssembler
 from tensorfleet.gateway.engine import TritonEngine
 from tensorfleet.gateway.errors import GatewayError, engine_unavailable, error_response
+from tensorfleet.gateway.frontend import Request, Response, StreamResponse
 from tensorfleet.gateway.hooks import ProxyRequest, ResponseGuard, Stop
 from tensorfleet.gateway.services import CLIENT_CLOSED, Outcome, Services
 from tensorfleet.gateway.streams import TritonStream, Usage, VLLMStream
@@ -53,8 +51,8 @@ class Relay:
             return None
         return guards[0] if len(guards) == 1 else _AllGuards(guards)
 
-    async def forward(self, request: web.Request, proxied: ProxyRequest, outcome: Outcome, original_options: Any,
-                      key: str | None, guard: ResponseGuard | None) -> web.StreamResponse:
+    async def forward(self, request: Request, proxied: ProxyRequest, outcome: Outcome, original_options: Any,
+                      key: str | None, guard: ResponseGuard | None) -> Response | StreamResponse:
         s = self.s
         connections = s.client.connections
         headers = {"Content-Type": "application/json", "X-Request-Id": proxied.request_id}
@@ -81,7 +79,7 @@ class Relay:
     # ---- plain answers ------------------------------------------------------------------------------------
 
     async def _plain(self, proxied: ProxyRequest, outcome: Outcome, upstream: Exchange,
-                     guard: ResponseGuard | None, key: str | None) -> web.Response:
+                     guard: ResponseGuard | None, key: str | None) -> Response:
         data = await upstream.read()
         done = time.monotonic()
         outcome.status = client_status(upstream.status)
@@ -109,7 +107,7 @@ class Relay:
                              outcome.usage.completion_tokens)
             self.s.metrics.cache_entries.set(len(self.s.cache))
         headers = {"X-Request-Id": proxied.request_id, **proxied.response_headers}
-        return web.Response(status=outcome.status, body=data, content_type=upstream.content_type, headers=headers)
+        return Response(outcome.status, data, upstream.content_type, headers)
 
     async def _count_triton_output(self, proxied: ProxyRequest, body: Any) -> Usage | None:
         """Triton answers carry no usage: count the output (and the prompt, if not yet) with its tokenizer model."""
@@ -129,7 +127,7 @@ class Relay:
         return (await engine.count_text(self.s.client, text) or 0) if isinstance(text, str) else 0
 
     async def _collect(self, proxied: ProxyRequest, outcome: Outcome, upstream: Exchange,
-                       guard: ResponseGuard | None, key: str | None) -> web.Response:
+                       guard: ResponseGuard | None, key: str | None) -> Response:
         """A plain answer built from the engine's stream, watched by ``guard`` as it is generated."""
         stream = self.s.engine.new_stream(proxied, _COLLECT_OPTIONS)
         assembler = ResponseAssembler()
@@ -160,60 +158,70 @@ class Relay:
                              outcome.usage.completion_tokens)
             self.s.metrics.cache_entries.set(len(self.s.cache))
         headers = {"X-Request-Id": proxied.request_id, **proxied.response_headers}
-        return web.Response(status=200, body=data, content_type="application/json", headers=headers)
+        return Response(200, data, "application/json", headers)
 
     # ---- streams ------------------------------------------------------------------------------------------
 
-    async def _stream(self, request: web.Request, proxied: ProxyRequest, outcome: Outcome,
+    async def _stream(self, request: Request, proxied: ProxyRequest, outcome: Outcome,
                       upstream: Exchange, original_options: Any, guard: ResponseGuard | None,
-                      key: str | None) -> web.StreamResponse:
-        response = web.StreamResponse(status=200, headers={
-            "Content-Type": upstream.headers.get("content-type", "text/event-stream"),
-            "Cache-Control": "no-cache", "X-Request-Id": proxied.request_id, **proxied.response_headers})
-        await response.prepare(request)
+                      key: str | None) -> StreamResponse:
+        content_type = upstream.headers.get("content-type", "text/event-stream")
+        response = request.stream(200, {"Content-Type": content_type, "Cache-Control": "no-cache",
+                                        "X-Request-Id": proxied.request_id, **proxied.response_headers})
         stream = self.s.engine.new_stream(proxied, original_options)
         sent: list[bytes] | None = [] if key is not None else None
+        ending: list[bytes] = []  # the answer's last events, written together with its end
 
         async def write(events: list[bytes]) -> None:
             chunk = b"".join(events)
-            try:
-                await response.write(chunk)
-            except (ConnectionError, aiohttp.ClientConnectionError):
-                raise _ClientGone from None
             if sent is not None:
                 sent.append(chunk)
+            if upstream.at_end:
+                ending.append(chunk)
+                return
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                raise _ClientGone from None
 
         try:
             stopped = await self._pump(stream, upstream, outcome, guard, write)
         except _ClientGone:  # released unread: the engine request is aborted (vLLM cancels it on disconnect)
-            outcome.status, outcome.error = CLIENT_CLOSED, "client_disconnected"
-            self.s.metrics.client_disconnects.inc()
-            return response
+            return self._client_gone(outcome, response)
         except (OSError, TimeoutError) as exc:
+            if not response.started:  # nothing sent yet: the client can still get a proper error
+                raise GatewayError(502, f"the engine broke off the answer: {exc or type(exc).__name__}",
+                                   "engine_disconnected") from None
             outcome.status, outcome.error = 502, "engine_disconnected"
             log.warning("the engine broke off stream %s: %s", proxied.request_id, exc)
-            if request.transport is not None:
-                request.transport.close()  # a truncated stream, not a clean end the client could trust
+            request.abort()  # a truncated stream, not a clean end the client could trust
             return response
         if stopped is not None:
             upstream.close()  # abort the engine request now, before the closing events are written
             proxied.flags[f"{stopped.reason}_stopped"] = True
-            await response.write(b"".join(stream.stopped(stopped, proxied.prompt_tokens or stream.prompt_tokens or 0)))
+            ending.extend(stream.stopped(stopped, proxied.prompt_tokens or stream.prompt_tokens or 0))
         else:
             tail = stream.finish()
-            if tail:
-                await response.write(b"".join(tail))
-                if sent is not None:
-                    sent.extend(tail)
-        await response.write_eof()
+            ending.extend(tail)
+            if sent is not None:
+                sent.extend(tail)
+        try:
+            await response.write_eof(b"".join(ending))
+        except ConnectionError:
+            return self._client_gone(outcome, response)
         if stream.usage is None and proxied.prompt_tokens is None:
             proxied.prompt_tokens = stream.prompt_tokens if stream.prompt_tokens is not None \
                 else await self.triton_prompt(proxied)
         outcome.usage = stream.usage or Usage(proxied.prompt_tokens or 0, outcome.streamed_tokens)
         if sent is not None and key is not None and stopped is None and stream.done:
-            self.s.cache.put(key, 200, response.content_type, tuple(sent), outcome.usage.prompt_tokens,
+            self.s.cache.put(key, 200, content_type, tuple(sent), outcome.usage.prompt_tokens,
                              outcome.usage.completion_tokens)
             self.s.metrics.cache_entries.set(len(self.s.cache))
+        return response
+
+    def _client_gone(self, outcome: Outcome, response: StreamResponse) -> StreamResponse:
+        outcome.status, outcome.error = CLIENT_CLOSED, "client_disconnected"
+        self.s.metrics.client_disconnects.inc()
         return response
 
     @staticmethod

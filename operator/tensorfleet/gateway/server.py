@@ -13,11 +13,10 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import aiohttp
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from tensorfleet.gateway import config as gwconfig
@@ -25,7 +24,7 @@ from tensorfleet.gateway.auth import KeyStore, TenantResolver
 from tensorfleet.gateway.cache import ResponseCache
 from tensorfleet.gateway.context import ContextWindowPolicy
 from tensorfleet.gateway.engine import EngineClient, engine_for
-from tensorfleet.gateway.errors import error_response
+from tensorfleet.gateway.frontend import HTTPServer, Limits, Request, Response, Router, json_response
 from tensorfleet.gateway.hooks import RequestHook, ResponseHook
 from tensorfleet.gateway.metrics import GatewayMetrics
 from tensorfleet.gateway.proxy import Proxy, Services
@@ -38,8 +37,6 @@ from tensorfleet.gateway.warmup import EngineMonitor, WarmupGate
 from tensorfleet.metering.events import EventSink
 
 log = logging.getLogger(__name__)
-
-_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 400: "bad_request"}
 
 
 class MeteringSink(EventSink, Protocol):
@@ -74,7 +71,7 @@ class Gateway:
         self._request_hooks = [*request_hooks, ContextWindowPolicy(lambda: self.config, self.metrics)]
         self._response_hooks = [*response_hooks, RunawayHook(lambda: self.config, self.metrics)]
         self.services: Services | None = None
-        self._runners: list[web.AppRunner] = []
+        self._servers: list[HTTPServer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.ports: dict[str, int] = {}
 
@@ -90,55 +87,34 @@ class Gateway:
             state=self.state, admission=Admission(self.metrics, self.settings.max_in_flight, self.settings.max_queue),
             active=ActiveRequests(), request_hooks=self._request_hooks, response_hooks=self._response_hooks)
 
-    def client_app(self, services: Services) -> web.Application:
+    def client_routes(self, services: Services) -> Router:
         proxy = Proxy(services)
-        app = web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[self._errors])
+        router = Router()
         for route in self.engine.routes:
-            app.router.add_route(route.method, route.path, proxy.generate if route.generates else proxy.passthrough)
-        return app
+            router.add(route.method, route.path, proxy.generate if route.generates else proxy.passthrough)
+        return router
 
-    def admin_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors])
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/livez", self._livez)
-        return app
+    def admin_routes(self) -> Router:
+        router = Router()
+        router.add("GET", "/metrics", self._metrics)
+        router.add("GET", "/readyz", self._readyz)
+        router.add("GET", "/livez", self._livez)
+        return router
 
-    @web.middleware
-    async def _errors(self, request: web.Request,
-                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """Framework errors (unknown path, wrong method, body too large) as JSON; close connections while draining."""
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            response = error_response(exc.status, exc.reason if exc.status != 404 else f"no route {request.path}",
-                                      _HTTP_ERROR_CODES.get(exc.status, "http_error"))
-        except (asyncio.CancelledError, ConnectionError):
-            raise
-        except Exception:
-            log.exception("unexpected error serving %s %s", request.method, request.path)
-            response = error_response(500, "internal gateway error", "internal_error")
-        if self.state.draining:
-            response.force_close()  # keep-alive clients move to another replica
-        return response
+    async def _metrics(self, request: Request) -> Response:
+        return Response(200, self.metrics.exposition(), CONTENT_TYPE_LATEST)
 
-    async def _metrics(self, request: web.Request) -> web.Response:
-        body = self.metrics.exposition()
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _readyz(self, request: web.Request) -> web.Response:
+    async def _readyz(self, request: Request) -> Response:
         state = self.state
         body = {"ready": state.ready, "phase": state.phase, "engineUp": state.engine_up}
         if state.failed:
             body["reason"] = state.failed
-        return web.json_response(body, status=200 if state.ready else 503)
+        return json_response(body, 200 if state.ready else 503)
 
-    async def _livez(self, request: web.Request) -> web.Response:
+    async def _livez(self, request: Request) -> Response:
         failed = self.state.failed
-        return web.json_response({"alive": failed is None, **({"reason": failed} if failed else {})},
-                                 status=503 if failed else 200)
+        return json_response({"alive": failed is None, **({"reason": failed} if failed else {})},
+                             503 if failed else 200)
 
     # ---- running -------------------------------------------------------------------------------
 
@@ -152,19 +128,14 @@ class Gateway:
         connections = EngineConnections(s.upstream, s.upstream_connect_timeout_seconds, s.upstream_idle_timeout_seconds)
         self.services = self._services(session, connections)
         self._session = session
-        handler_options: dict[str, Any] = {
-            "handler_cancellation": True, "keepalive_timeout": s.idle_timeout_seconds,
-            "max_line_size": s.max_header_bytes, "max_field_size": s.max_header_bytes, "max_headers": s.max_headers,
-            "access_log": logging.getLogger("tensorfleet.gateway.access") if s.access_log else None,
-        }
-        for name, app, port in (("admin", self.admin_app(), s.admin_port),
-                                ("client", self.client_app(self.services), s.port)):
-            runner = web.AppRunner(app, **handler_options)
-            await runner.setup()
-            site = web.TCPSite(runner, s.host, port, backlog=1024, reuse_address=True)
-            await site.start()
-            self._runners.append(runner)
-            self.ports[name] = _bound_port(runner, port)
+        limits = Limits(s.max_body_bytes, s.max_header_bytes, s.max_headers, s.idle_timeout_seconds)
+        access_log = logging.getLogger("tensorfleet.gateway.access") if s.access_log else None
+        for name, router, port in (("admin", self.admin_routes(), s.admin_port),
+                                   ("client", self.client_routes(self.services), s.port)):
+            # Every answer ends its connection while draining, so keep-alive clients move to another replica.
+            server = HTTPServer(router, limits, lambda: self.state.draining, access_log)
+            self.ports[name] = await server.start(s.host, port)
+            self._servers.append(server)
         self._spawn(self._warm_up(), "warm-up")
         monitor = EngineMonitor(self.engine, self.services.client, self.state, self.metrics, s.metrics_url,
                                 s.engine_poll_seconds)
@@ -243,18 +214,11 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for runner in reversed(self._runners):
-            await runner.cleanup()
+        for server in reversed(self._servers):
+            await server.close()
         if self.services is not None:
             self.services.client.connections.close()
             await self._session.close()
-
-
-def _bound_port(runner: web.AppRunner, requested: int) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    return requested
 
 
 def read_config_document(path: str) -> Mapping[str, Any]:

@@ -204,6 +204,11 @@ class Exchange(asyncio.Protocol):
                 raise self._error
             await self._wait()
 
+    @property
+    def at_end(self) -> bool:
+        """Whether the whole answer has arrived and been taken (the chunk just yielded was the last)."""
+        return self._complete and not self._body
+
     async def read(self) -> bytes:
         """The whole body."""
         parts = [chunk async for chunk in self.chunks()]
