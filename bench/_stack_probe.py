@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import os
 import sys
+import typing
 from typing import Any
 
 import aiohttp
+
+if typing.TYPE_CHECKING:  # uvicorn and granian run this file from .venv-vllm, which has no tensorfleet
+    from tensorfleet.gateway.upstream import EngineConnections, Exchange
 
 
 def run_aiohttp(upstream: str, port: int) -> None:
@@ -50,19 +54,27 @@ def run_aiohttp_lean(upstream: str, port: int) -> None:
     connections = EngineConnections(upstream, connect_timeout=5, idle_timeout=600)
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        up = await connections.post(request.path, body, {"Content-Type": "application/json"})
-        try:
+        async def start(up: Exchange) -> web.StreamResponse:
             response = web.StreamResponse(status=up.status, headers={"Content-Type": up.content_type})
             await response.prepare(request)
-            async for chunk in up.chunks():
-                await response.write(chunk)
-            await response.write_eof()
             return response
-        finally:
-            connections.release(up)
+
+        return typing.cast(web.StreamResponse, await relay(connections, request.path, await request.read(), start))
 
     serve_aiohttp(handle, port)
+
+
+async def relay(connections: EngineConnections, path: str, body: bytes, start: Any) -> Any:
+    """Forward one request with the gateway's engine client; ``start(exchange)`` gives the client's response."""
+    up = await connections.post(path, body, {"Content-Type": "application/json"})
+    try:
+        response = await start(up)
+        async for chunk in up.chunks():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        connections.release(up)
 
 
 def run_lean(upstream: str, port: int) -> None:
@@ -77,16 +89,10 @@ def run_lean(upstream: str, port: int) -> None:
     connections = EngineConnections(upstream, connect_timeout=5, idle_timeout=600)
 
     async def handle(request: Request) -> StreamResponse:
-        body = await request.read()
-        up = await connections.post(request.path, body, {"Content-Type": "application/json"})
-        try:
-            response = request.stream(up.status, {"Content-Type": up.content_type})
-            async for chunk in up.chunks():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-        finally:
-            connections.release(up)
+        async def start(up: Exchange) -> StreamResponse:
+            return request.stream(up.status, {"Content-Type": up.content_type})
+
+        return typing.cast(StreamResponse, await relay(connections, request.path, await request.read(), start))
 
     async def main() -> None:
         router = Router()
