@@ -7,9 +7,22 @@ compact JSON payload without decoding it.
 
 from __future__ import annotations
 
+import re
+
 DATA = b"data: "
 DONE = b"[DONE]"
 SEPARATOR = b"\n\n"
+_INT = rb'"%s":(\d*)'
+_OBJECT = rb',"%s":\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}'
+_compiled: dict[tuple[bytes, bytes], re.Pattern[bytes]] = {}
+
+
+def _pattern(template: bytes, name: bytes) -> re.Pattern[bytes]:
+    """``template`` for the field ``name``, compiled once."""
+    pattern = _compiled.get((template, name))
+    if pattern is None:
+        pattern = _compiled[template, name] = re.compile(template % re.escape(name))
+    return pattern
 
 
 class EventSplitter:
@@ -43,36 +56,20 @@ def payload(event: bytes) -> bytes | None:
     return None
 
 
-def int_field(payload: bytes, name: bytes, start: int = 0) -> int | None:
-    """The integer value of the first ``"name":<int>`` at or after ``start``; None when absent."""
-    key = b'"' + name + b'":'
-    at = payload.find(key, start)
-    if at < 0:
-        return None
-    at += len(key)
-    end = at
-    while end < len(payload) and payload[end] in b"0123456789":
-        end += 1
-    return int(payload[at:end]) if end > at else None
+def int_field(payload: bytes, name: bytes, start: int = 0, end: int | None = None) -> int | None:
+    """The integer value of the first ``"name":<int>`` in ``payload[start:end]``; None when absent or not a number."""
+    found = _pattern(_INT, name).search(payload, start, len(payload) if end is None else end)
+    return int(found[1]) if found is not None and found[1] else None
 
 
 def object_span(payload: bytes, name: bytes) -> tuple[int, int] | None:
     """(start, end) of ``,"name":{...}`` (comma included) in a compact JSON object, or None.
 
-    Only for objects whose values hold no braces inside strings (usage objects are all numbers).
+    Only for objects of numbers and at most one level of nested objects, whose strings hold no braces
+    (usage objects and their token details).
     """
-    key = b',"' + name + b'":{'
-    start = payload.find(key)
-    if start < 0:
-        return None
-    # Find the matching brace with find() rather than a byte loop: usage objects nest at most one level.
-    opened = start + len(key)
-    end = payload.find(b"}", opened)
-    inner = payload.find(b"{", opened, end)
-    while inner >= 0 and end >= 0:
-        end = payload.find(b"}", end + 1)
-        inner = payload.find(b"{", inner + 1, end)
-    return None if end < 0 else (start, end + 1)
+    found = _pattern(_OBJECT, name).search(payload)
+    return None if found is None else found.span()
 
 
 def drop_object(payload: bytes, name: bytes) -> bytes:

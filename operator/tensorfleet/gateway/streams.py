@@ -11,7 +11,6 @@ put back on the terminal event(s), which are held until the usage event arrives 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from tensorfleet.gateway import sse
@@ -21,11 +20,6 @@ _CHOICES = b'"choices":['
 _EMPTY_CHOICES = b'"choices":[]'
 _FINISHED = b'"finish_reason":"'
 _FINGERPRINT = b'"system_fingerprint":"'
-# ``,"usage":{...}`` of a compact event: numbers and at most one level of nested objects (token details).
-_USAGE = re.compile(rb',"usage":\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}')
-_COMPLETION = re.compile(rb'"completion_tokens":(\d+)')
-_PROMPT = re.compile(rb'"prompt_tokens":(\d+)')
-_INDEX = re.compile(rb'"index":(\d+)')
 
 
 class Usage:
@@ -69,34 +63,29 @@ class VLLMStream:
         self.last_chunk = payload
         finished = _FINISHED in payload
         tokens = 0
-        usage = _USAGE.search(payload)
+        usage = sse.object_span(payload, b"usage")
         if usage is not None or finished:
             at = payload.find(_CHOICES)
-            found = _INDEX.search(payload, at) if at >= 0 else None
-            index = int(found[1]) if found is not None else 0
+            index = (sse.int_field(payload, b"index", at) or 0) if at >= 0 else 0
             if finished:
                 self._finished.add(index)
             if usage is not None:
-                start, end = usage.span()
+                start, end = usage
                 tokens = self._count(payload, start, end, index)
                 if not self.client_continuous:
                     payload = payload[:start] + payload[end:]
         if finished and not self.client_usage:
             self._held.append(payload)
             return [], tokens
-        if self._held:
-            return [*self._flush(None), sse.event(payload)], tokens
-        return [sse.DATA + payload + sse.SEPARATOR], tokens
+        return [*self._flush(None), sse.event(payload)], tokens
 
     def _count(self, payload: bytes, start: int, end: int, index: int) -> int:
         """New tokens of choice ``index`` from the cumulative usage at ``payload[start:end]``."""
-        found = _COMPLETION.search(payload, start, end)
-        if found is None:
+        cumulative = sse.int_field(payload, b"completion_tokens", start, end)
+        if cumulative is None:
             return 0
-        cumulative = int(found[1])
         if self.prompt_tokens is None:
-            prompt = _PROMPT.search(payload, start, end)
-            self.prompt_tokens = int(prompt[1]) if prompt is not None else None
+            self.prompt_tokens = sse.int_field(payload, b"prompt_tokens", start, end)
         tokens = cumulative - self._per_choice.get(index, 0)
         self._per_choice[index] = cumulative
         if tokens <= 0:
