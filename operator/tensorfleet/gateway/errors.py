@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
-from tensorfleet.gateway.frontend import Response
+from tensorfleet.gateway.frontend import Response, error_body, error_type
 
 
 class GatewayError(Exception):
@@ -21,24 +20,12 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.headers = dict(headers or {})
-        self.type = type_ or _type_for(status)
+        self.type = type_ or error_type(status)
         self.details = dict(details or {})  # extra machine-readable fields of the error object (e.g. limit, count)
 
     def response(self, request_id: str | None = None) -> Response:
         return error_response(self.status, self.message, self.code, self.param, self.headers, self.type, request_id,
                               self.details)
-
-
-def _type_for(status: int) -> str:
-    return {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(
-        status, "server_error" if status >= 500 else "invalid_request_error")
-
-
-def error_body(status: int, message: str, code: str, param: str | None = None, type_: str | None = None,
-               details: Mapping[str, Any] | None = None) -> bytes:
-    error = {"message": message, "type": type_ or _type_for(status), "param": param, "code": code, **(details or {})}
-    return json.dumps({"error": error}).encode()
 
 
 def error_response(status: int, message: str, code: str, param: str | None = None,

@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 MAX_PIPELINED = 16  # requests parsed ahead of the one being answered before reading pauses
 LINGER_SECONDS = 2.0  # after an early answer, how long unread body bytes are read and discarded
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
-_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 408: "timeout_error"}
 
 
 class BodyTooLarge(Exception):
@@ -95,10 +94,21 @@ def json_response(value: Any, status: int = 200, headers: Mapping[str, str] | No
     return Response(status, json.dumps(value).encode(), "application/json", headers)
 
 
+def error_type(status: int) -> str:
+    return {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(status: int, message: str, code: str, param: str | None = None, type_: str | None = None,
+               details: Mapping[str, Any] | None = None) -> bytes:
+    """The gateway's error answers, in the OpenAI shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    error = {"message": message, "type": type_ or error_type(status), "param": param, "code": code, **(details or {})}
+    return json.dumps({"error": error}).encode()
+
+
 def error_json(status: int, message: str, code: str) -> Response:
-    error = {"message": message, "type": _ERROR_TYPES.get(status, "invalid_request_error" if status < 500
-                                                          else "server_error"), "param": None, "code": code}
-    return json_response({"error": error}, status)
+    return Response(status, error_body(status, message, code), "application/json")
 
 
 class StreamResponse:
