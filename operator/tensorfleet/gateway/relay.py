@@ -144,8 +144,7 @@ class Relay:
         try:
             stopped = await self._pump(stream, upstream, outcome, guard, take)
         except (OSError, TimeoutError) as exc:
-            raise GatewayError(502, f"the engine broke off the answer: {exc or type(exc).__name__}",
-                               "engine_disconnected") from None
+            raise _broke_off(exc) from None
         if stopped is not None:
             upstream.close()  # abort the engine request now: vLLM cancels it when the connection drops
             proxied.flags[f"{stopped.reason}_stopped"] = True
@@ -190,8 +189,7 @@ class Relay:
             return self._client_gone(outcome, response)
         except (OSError, TimeoutError) as exc:
             if not response.started:  # nothing sent yet: the client can still get a proper error
-                raise GatewayError(502, f"the engine broke off the answer: {exc or type(exc).__name__}",
-                                   "engine_disconnected") from None
+                raise _broke_off(exc) from None
             outcome.status, outcome.error = 502, "engine_disconnected"
             log.warning("the engine broke off stream %s: %s", proxied.request_id, exc)
             request.abort()  # a truncated stream, not a clean end the client could trust
@@ -265,6 +263,11 @@ class _AllGuards:
 
     def on_body(self, body: dict[str, Any]) -> Stop | None:
         return next((stop for g in self.guards if (stop := g.on_body(body)) is not None), None)
+
+
+def _broke_off(exc: BaseException) -> GatewayError:
+    """The answer to a client whose engine answer ended early, before anything of it was sent on."""
+    return GatewayError(502, f"the engine broke off the answer: {exc or type(exc).__name__}", "engine_disconnected")
 
 
 def _compact(body: Any) -> bytes:
