@@ -140,7 +140,11 @@ def triton_server(log_dir: pathlib.Path) -> Iterator[str]:
                                         str(port)], stdout=output, stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True, cwd=log_dir)
         try:
-            wait_http(f"http://127.0.0.1:{port}/v2/models/tiny/ready", 120, process, log, port_taken="already in use")
+            # Both models: pytriton loads them one after the other, and the tokenizer model can come up
+            # seconds after the first on a busy machine (a test then saw 404 and counted no tokens).
+            for model in ("tiny", "preprocessing"):
+                wait_http(f"http://127.0.0.1:{port}/v2/models/{model}/ready", 120, process, log,
+                          port_taken="already in use")
         except PortTaken:
             stop_group(process)
             if attempt == 2:
