@@ -67,6 +67,20 @@ def test_tokens_are_counted_per_choice() -> None:
     assert stream.prompt_tokens == 4
 
 
+def test_usage_in_another_layout_is_read_and_cut_the_same() -> None:
+    """vLLM's own layout is found with one search; any other order of the fields (or nested token
+    details) takes the general path, with the same counts and the same bytes out."""
+    vllm = b'{"choices":[{"index":1,"text":"a"}],"usage":{"prompt_tokens":4,"total_tokens":7,"completion_tokens":3,' \
+           b'"prompt_tokens_details":{"cached_tokens":2}},"x":1}'
+    other = b'{"choices":[{"index":1,"text":"a"}],"usage":{"completion_tokens":3,"prompt_tokens_details":' \
+            b'{"cached_tokens":2},"prompt_tokens":4,"total_tokens":7},"x":1}'
+    for payload in (vllm, other):
+        stream = VLLMStream(client_usage=True, client_continuous=False)
+        events, tokens = stream.process(payload)
+        assert events == [sse.event(b'{"choices":[{"index":1,"text":"a"}],"x":1}')]
+        assert (tokens, stream.prompt_tokens, stream._per_choice) == (3, 4, {1: 3})
+
+
 def test_a_stopped_stream_ends_with_a_final_chunk_and_done() -> None:
     stream = VLLMStream(client_usage=True, client_continuous=False)
     run(stream, WITH_USAGE[:2])

@@ -11,12 +11,18 @@ put back on the terminal event(s), which are held until the usage event arrives 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from tensorfleet.gateway import sse
 from tensorfleet.gateway.hooks import Stop
 
 _CHOICES = b'"choices":['
+_FIRST_CHOICE = b'"choices":[{"index":0,'
+# vLLM's usage object as it serialises it: one search finds the object and both counts (any other layout
+# takes the general path through ``sse``).
+_VLLM_USAGE = re.compile(rb',"usage":\{"prompt_tokens":(\d+),"total_tokens":\d+,"completion_tokens":(\d+)'
+                         rb'(?:,"\w+":(?:null|\d+|\{[^{}]*\}))*\}')
 _EMPTY_CHOICES = b'"choices":[]'
 _FINISHED = b'"finish_reason":"'
 _FINGERPRINT = b'"system_fingerprint":"'
@@ -63,15 +69,20 @@ class VLLMStream:
         self.last_chunk = payload
         finished = _FINISHED in payload
         tokens = 0
-        usage = sse.object_span(payload, b"usage")
+        found = _VLLM_USAGE.search(payload)
+        usage = found.span() if found is not None else sse.object_span(payload, b"usage")
         if usage is not None or finished:
             at = payload.find(_CHOICES)
-            index = (sse.int_field(payload, b"index", at) or 0) if at >= 0 else 0
+            index = 0 if at < 0 or payload.startswith(_FIRST_CHOICE, at) else sse.int_field(payload, b"index", at) or 0
             if finished:
                 self._finished.add(index)
             if usage is not None:
                 start, end = usage
-                tokens = self._count(payload, start, end, index)
+                if found is not None:
+                    tokens = self._add(index, int(found[2]), int(found[1]))
+                else:
+                    tokens = self._add(index, sse.int_field(payload, b"completion_tokens", start, end),
+                                       sse.int_field(payload, b"prompt_tokens", start, end))
                 if not self.client_continuous:
                     payload = payload[:start] + payload[end:]
         if finished and not self.client_usage:
@@ -79,13 +90,12 @@ class VLLMStream:
             return [], tokens
         return [*self._flush(None), sse.event(payload)], tokens
 
-    def _count(self, payload: bytes, start: int, end: int, index: int) -> int:
-        """New tokens of choice ``index`` from the cumulative usage at ``payload[start:end]``."""
-        cumulative = sse.int_field(payload, b"completion_tokens", start, end)
+    def _add(self, index: int, cumulative: int | None, prompt: int | None) -> int:
+        """New tokens of choice ``index``, given its cumulative count and the prompt's from the usage object."""
         if cumulative is None:
             return 0
         if self.prompt_tokens is None:
-            self.prompt_tokens = sse.int_field(payload, b"prompt_tokens", start, end)
+            self.prompt_tokens = prompt
         tokens = cumulative - self._per_choice.get(index, 0)
         self._per_choice[index] = cumulative
         if tokens <= 0:
