@@ -88,7 +88,9 @@ class VLLMStream:
         if finished and not self.client_usage:
             self._held.append(payload)
             return [], tokens
-        return [*self._flush(None), sse.event(payload)], tokens
+        if self._held:
+            return [*self._flush(None), sse.event(payload)], tokens
+        return [sse.DATA + payload + sse.SEPARATOR], tokens
 
     def _add(self, index: int, cumulative: int | None, prompt: int | None) -> int:
         """New tokens of choice ``index``, given its cumulative count and the prompt's from the usage object."""
