@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import pathlib
 import sys
 from typing import Any
@@ -19,6 +20,8 @@ from tensorfleet.config import from_env
 from tensorfleet.gateway import config as gwconfig
 from tensorfleet.gateway.auth import AuthError, KeyStore, TenantResolver
 from tensorfleet.gateway.cache import ResponseCache, cache_key, is_deterministic
+from tensorfleet.gateway.engine import VLLMEngine
+from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.metrics import GatewayMetrics
 from tensorfleet.gateway.ratelimit import RateLimited, TokenRateLimiter
 from tensorfleet.gateway.settings import GatewaySettings
@@ -233,3 +236,32 @@ def test_admission_hands_slots_over_in_order() -> None:
         return order
 
     assert asyncio.run(scenario()) == ["queued"]
+
+
+def _proxied(raw: bytes, streaming: bool = False) -> ProxyRequest:
+    return ProxyRequest(request_id="r", endpoint="/v1/completions", tenant="t", body=json.loads(raw), raw=raw,
+                        streaming=streaming, received=0.0, received_at=0.0, billable=True)
+
+
+def test_fields_the_client_did_not_send_are_appended_to_its_own_bytes() -> None:
+    raw = b'{ "model": "tiny", "prompt": "caf\\u00e9 \xc3\xa9", "stream": true }\n'
+    proxied = _proxied(raw, streaming=True)
+    engine = VLLMEngine("tiny")
+    assert engine.clamp_output(proxied, 64) == 64
+    engine.prepare_upstream(proxied)
+    sent = proxied.upstream_bytes()
+    assert sent.startswith(raw.rstrip()[:-1])  # the client's bytes, unchanged, then the new fields
+    assert json.loads(sent) == {**json.loads(raw), "max_tokens": 64,
+                                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    assert not proxied.modified
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model":"tiny","prompt":"x","max_tokens":9999}',  # a field the client sent changes
+    '{"model":"tiny","prompt":"x"}'.encode("utf-16"),  # bytes that are not UTF-8 JSON text
+])
+def test_changed_fields_or_other_encodings_send_the_body_encoded_again(raw: bytes) -> None:
+    proxied = _proxied(raw)
+    VLLMEngine("tiny").clamp_output(proxied, 64)
+    assert proxied.modified
+    assert json.loads(proxied.upstream_bytes()) == {"model": "tiny", "prompt": "x", "max_tokens": 64}

@@ -139,16 +139,14 @@ class VLLMEngine:
         """Clamp the client's max_tokens (or max_completion_tokens) to ``limit``, or set it; the effective value."""
         body = request.body
         keys = [k for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None]
-        changed = dict(body)
         if not keys:
-            changed["max_tokens"] = limit
-        for key in keys:
-            changed[key] = min(int(body[key]), limit)
-        if changed != body:
-            request.replace_body(changed)
-        if keys:
-            request.client_max_tokens = min(int(changed[k]) for k in keys)
-        return min(int(changed[k]) for k in ("max_tokens", "max_completion_tokens") if changed.get(k) is not None)
+            request.set_fields({"max_tokens": limit})
+            return limit
+        clamped = {k: min(int(body[k]), limit) for k in keys}
+        if any(clamped[k] != body[k] for k in keys):
+            request.set_fields(clamped)
+        request.client_max_tokens = min(clamped.values())
+        return request.client_max_tokens
 
     def choices(self, request: ProxyRequest) -> int:
         prompts = request.body.get("prompt")
@@ -167,15 +165,15 @@ class VLLMEngine:
         """Ask the engine for per-event usage on streams (the client's own options are kept in the stream);
         with ``stream_instead``, ask for a stream although the client did not."""
         if stream_instead:
-            request.replace_body({**request.body, "stream": True,
-                                  "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+            request.set_fields({"stream": True,
+                                "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
             return
         if not request.streaming:
             return
         options = request.body.get("stream_options") or {}
         wanted = {**options, "include_usage": True, "continuous_usage_stats": True}
         if options != wanted:
-            request.replace_body({**request.body, "stream_options": wanted})
+            request.set_fields({"stream_options": wanted})
 
     def new_stream(self, request: ProxyRequest, original_options: Mapping[str, Any] | None) -> VLLMStream:
         options = original_options or {}
@@ -278,7 +276,7 @@ class TritonEngine:
         current = request.body.get("max_tokens")
         effective = limit if current is None else min(int(current), limit)
         if effective != current:
-            request.replace_body({**request.body, "max_tokens": effective})
+            request.set_fields({"max_tokens": effective})
         request.client_max_tokens = None if current is None else effective
         return effective
 

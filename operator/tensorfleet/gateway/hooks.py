@@ -45,14 +45,32 @@ class ProxyRequest:
     response_headers: dict[str, str] = dataclasses.field(default_factory=dict)
     flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. truncated, truncated_tokens
 
+    appended: dict[str, Any] = dataclasses.field(default_factory=dict)  # set by set_fields, sent after raw's
+
     def replace_body(self, body: dict[str, Any]) -> None:
         self.body = body
         self.modified = True
 
+    def set_fields(self, fields: Mapping[str, Any]) -> None:
+        """Set top-level fields of the body. While each is one the client did not send, the engine gets the
+        client's own bytes with the new fields appended, instead of the whole body encoded again."""
+        if self.modified or not self.body or any(name in self.body for name in fields) \
+                or not (self.raw.lstrip()[:1] == b"{" and self.raw.rstrip()[-1:] == b"}"):  # e.g. UTF-16
+            self.replace_body({**self.body, **fields})
+            return
+        self.body = {**self.body, **fields}
+        self.appended.update(fields)
+
     def upstream_bytes(self) -> bytes:
-        if not self.modified:
-            return self.raw
-        return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False).encode()
+        if self.modified:
+            return _compact(self.body)
+        if self.appended:
+            return self.raw.rstrip()[:-1] + b"," + _compact(self.appended)[1:]
+        return self.raw
+
+
+def _compact(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class TokenCounter(Protocol):
