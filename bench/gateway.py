@@ -21,7 +21,11 @@ vLLM on CPU with the tiny test Llama). The load generator is one aiohttp process
 shared cores that the engine, the proxy and the load generator all use: read the ratios, not the times.
 Results go to bench/results/gateway.json (``--out``) and a Markdown table on stdout. On a shared machine
 run more rounds at one level for steadier medians, e.g. ``--engines standin --levels 1 --rounds 15
---out gateway-c1``.
+--out gateway-c1``. ``--targets gateway,nginx`` runs only those (and direct, and any ``--baseline``).
+
+``--pin`` (stand-in only) puts the load generator and the engine on CPU 0 and every proxy on CPU 1: each
+proxy's throughput with a core of its own, as a sidecar has beside a GPU engine in a pod, instead of the
+share of two cores it wins from the engine and the load generator.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from engines import processes  # noqa: E402
 
 PYTHON = sys.executable
 RESULTS = ROOT / "bench" / "results"
+LOAD_CPUS, PROXY_CPUS = {0}, {1}  # --pin
 PLAIN = {"model": "tiny", "prompt": "the quick brown fox", "max_tokens": 16, "ignore_eos": True}
 NGINX_CONF = """
 worker_processes 1;
@@ -90,10 +95,12 @@ def ensure_nginx() -> str:
 
 @contextlib.contextmanager
 def process(command: list[str], health: str, log: pathlib.Path, env: dict[str, str] | None = None,
-            seconds: float = 60) -> Iterator[None]:
+            seconds: float = 60, cpus: set[int] | None = None) -> Iterator[None]:
+    """Runs ``command`` until the block ends; on ``cpus`` only (threads and forked workers included) if given."""
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     with open(log, "wb") as output:
         proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})}, cwd=ROOT)
+                                env={**os.environ, **(env or {})}, cwd=ROOT, preexec_fn=pin)
     try:
         processes.wait_http(health, seconds, proc, log)  # type: ignore[arg-type]
         yield
@@ -125,7 +132,8 @@ def worktree(ref: str, work: pathlib.Path) -> Iterator[pathlib.Path]:
 
 
 @contextlib.contextmanager
-def proxies(engine: str, work: pathlib.Path, names: list[str]) -> Iterator[dict[str, str]]:
+def proxies(engine: str, work: pathlib.Path, names: list[str],
+            cpus: set[int] | None = None) -> Iterator[dict[str, str]]:
     urls = {"direct": engine}
     engine_port = int(engine.rsplit(":", 1)[1])
     with contextlib.ExitStack() as stack:
@@ -158,7 +166,7 @@ def proxies(engine: str, work: pathlib.Path, names: list[str]) -> Iterator[dict[
                            engine, str(port)]
             if name.startswith("probe") or name == "nginx":
                 health = engine + "/health"
-            stack.enter_context(process(command, health, work / f"{name}.log", env))
+            stack.enter_context(process(command, health, work / f"{name}.log", env, cpus=cpus))
             if name.startswith("probe") or name == "nginx":
                 time.sleep(1.0)  # these have no readiness endpoint of their own
         yield urls
@@ -238,11 +246,13 @@ def run_engine(name: str, engine_url: str, work: pathlib.Path, args: argparse.Na
     else:
         names += ["gateway-tokenize"]
     names += [f"gateway@{ref}" for ref in args.baseline]
+    if args.targets:
+        names = [n for n in names if n in args.targets.split(",") or n.startswith("gateway@")]
     levels = [int(v) for v in args.levels.split(",")]
     if name == "vllm":
         levels = [lv for lv in levels if lv <= 64]  # 2 engine slots on CPU: deeper queues only measure the queue
     rounds: dict[str, list[dict[str, float]]] = {}
-    with proxies(engine_url, work, names) as urls:
+    with proxies(engine_url, work, names, PROXY_CPUS if args.pin else None) as urls:
         # Targets interleaved within each round, so that a slow spell of the shared machine hits all of
         # them; the table reads the median over rounds of each target's difference to direct in that round.
         for index in range(args.rounds):
@@ -268,15 +278,21 @@ def _importable(module: str) -> bool:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores (shared)", "seconds_per_cell": args.seconds,
-                               "rounds": args.rounds}
+                               "rounds": args.rounds, "pinned": args.pin}
+    engine_cpus = None
+    if args.pin:  # the load generator and the engine on one core, each proxy on the other
+        os.sched_setaffinity(0, LOAD_CPUS)
+        engine_cpus = LOAD_CPUS
     with tempfile.TemporaryDirectory(prefix="tf-bench-") as tmp:
         work = pathlib.Path(tmp)
         if "standin" in args.engines:
             port = processes.free_port()
             url = f"http://127.0.0.1:{port}"
             command = [PYTHON, "-m", "tests.engines.standin", "--port", str(port)]
-            with process(command, url + "/health", work / "standin.log"):
+            with process(command, url + "/health", work / "standin.log", cpus=engine_cpus):
                 results["standin"] = run_engine("standin", url, work, args)
+            if args.pin:
+                return results  # chunk delivery and vLLM are measured on shared cores only
             port = processes.free_port()
             url = f"http://127.0.0.1:{port}"
             command = [PYTHON, "-m", "tests.engines.standin", "--port", str(port), "--token-delay", "0.005", "--stamp"]
@@ -325,6 +341,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
     parser.add_argument("--levels", default="1,16,64,256")
     parser.add_argument("--out", default="gateway", help="results go to bench/results/OUT.json")
+    parser.add_argument("--targets", default="", help="comma-separated targets to run (default: all; direct always)")
+    parser.add_argument("--pin", action="store_true",
+                        help="stand-in only: the load generator and the engine on CPU 0, each proxy on CPU 1 "
+                             "(a proxy's own capacity, as a sidecar with its own core has it)")
     parser.add_argument("--baseline", action="append", default=[], metavar="REF",
                         help="also run the gateway of this commit (target gateway@REF), to compare changes")
     args = parser.parse_args()
