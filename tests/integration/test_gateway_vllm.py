@@ -10,6 +10,7 @@ import asyncio
 import json
 import pathlib
 import re
+import time
 from typing import Any
 
 import aiohttp
@@ -149,13 +150,18 @@ async def test_a_client_that_leaves_aborts_the_request_in_vllm(vllm_url: str, tm
         completed = await settled_metric(session, vllm_url, "vllm:request_success_total", finished)
         body = {**COMPLETION, "max_tokens": 1000, "stream": True}
         async with aiohttp.ClientSession() as client, client.post(url(gw, "/v1/completions"), json=body) as response:
-            await response.content.readline()
+            first = await response.content.readline()
+            assert response.status == 200, (response.status, first)
             # vLLM publishes its gauges after the step that produced the chunk: on a busy machine, a beat later.
-            for _ in range(100):
-                if await engine_metric(session, vllm_url, "vllm:num_requests_running") == 1:
-                    break
+            deadline = time.monotonic() + 15
+            while (running := await engine_metric(session, vllm_url, "vllm:num_requests_running")) != 1:
+                if time.monotonic() > deadline:
+                    async with session.get(vllm_url + "/metrics") as scraped:
+                        lines = [line for line in (await scraped.text()).splitlines() if "vllm:num_requests" in line
+                                 or "vllm:request_success_total" in line]
+                    raise AssertionError(f"vLLM never showed the request running ({running}); first line "
+                                         f"{first!r}, at end of stream: {response.content.at_eof()}; {lines}")
                 await asyncio.sleep(0.05)
-            assert await engine_metric(session, vllm_url, "vllm:num_requests_running") == 1
             response.close()
         for _ in range(50):
             if await engine_metric(session, vllm_url, "vllm:num_requests_running") == 0:
