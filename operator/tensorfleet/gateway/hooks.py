@@ -63,13 +63,14 @@ class ProxyRequest:
 
     def upstream_bytes(self) -> bytes:
         if self.modified:
-            return _compact(self.body)
+            return compact(self.body)
         if self.appended:
-            return self.raw.rstrip()[:-1] + b"," + _compact(self.appended)[1:]
+            return self.raw.rstrip()[:-1] + b"," + compact(self.appended)[1:]
         return self.raw
 
 
-def _compact(value: Any) -> bytes:
+def compact(value: Any) -> bytes:
+    """``value`` as compact UTF-8 JSON, as the gateway sends bodies on."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -28,7 +28,7 @@ from tensorfleet.gateway.assemble import ResponseAssembler
 from tensorfleet.gateway.engine import TritonEngine
 from tensorfleet.gateway.errors import GatewayError, engine_unavailable, error_response
 from tensorfleet.gateway.frontend import Request, Response, StreamResponse
-from tensorfleet.gateway.hooks import ProxyRequest, ResponseGuard, Stop
+from tensorfleet.gateway.hooks import ProxyRequest, ResponseGuard, Stop, compact
 from tensorfleet.gateway.services import CLIENT_CLOSED, Outcome, Services
 from tensorfleet.gateway.streams import TritonStream, Usage, VLLMStream
 from tensorfleet.gateway.upstream import EngineUnreachable, Exchange
@@ -101,7 +101,7 @@ class Relay:
             # Generated before it could be watched (the engine cannot stream this request): every token
             # was produced and is billed; the client gets the text up to the loop.
             proxied.flags[f"{stop.reason}_stopped"] = True
-            data, key = _compact(body), None
+            data, key = compact(body), None
         if key is not None and upstream.status == 200 and outcome.usage is not None:
             self.s.cache.put(key, 200, upstream.content_type, (data,), outcome.usage.prompt_tokens,
                              outcome.usage.completion_tokens)
@@ -151,7 +151,7 @@ class Relay:
         prompt = proxied.prompt_tokens or stream.prompt_tokens or 0
         outcome.usage = stream.usage if stream.usage is not None and stopped is None \
             else Usage(prompt, stream.completion_tokens)
-        data = _compact(assembler.body(stopped, outcome.usage))
+        data = compact(assembler.body(stopped, outcome.usage))
         if key is not None and stopped is None:
             self.s.cache.put(key, 200, "application/json", (data,), outcome.usage.prompt_tokens,
                              outcome.usage.completion_tokens)
@@ -268,10 +268,6 @@ class _AllGuards:
 def _broke_off(exc: BaseException) -> GatewayError:
     """The answer to a client whose engine answer ended early, before anything of it was sent on."""
     return GatewayError(502, f"the engine broke off the answer: {exc or type(exc).__name__}", "engine_disconnected")
-
-
-def _compact(body: Any) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def client_status(engine_status: int) -> int:
