@@ -90,7 +90,7 @@ class VLLMStream:
             return [], tokens
         if self._held:
             return [*self._flush(None), sse.event(payload)], tokens
-        return [sse.DATA + payload + sse.SEPARATOR], tokens
+        return [sse.event(payload)], tokens
 
     def _add(self, index: int, cumulative: int | None, prompt: int | None) -> int:
         """New tokens of choice ``index``, given its cumulative count and the prompt's from the usage object."""
