@@ -72,12 +72,5 @@ def object_span(payload: bytes, name: bytes) -> tuple[int, int] | None:
     return None if found is None else found.span()
 
 
-def drop_object(payload: bytes, name: bytes) -> bytes:
-    span = object_span(payload, name)
-    if span is None:
-        return payload
-    return payload[:span[0]] + payload[span[1]:]
-
-
 def event(data: bytes) -> bytes:
     return DATA + data + SEPARATOR
