@@ -416,6 +416,27 @@ def test_draining_and_http10_answers_close_their_connection(loop: str) -> None:
     run(loop, scenario)
 
 
+@LOOPS
+def test_an_http10_client_that_asks_for_keep_alive_is_told_it_has_it(loop: str) -> None:
+    async def scenario() -> None:
+        app = App()
+        async with serving(app) as port:
+            reader, writer = await connect(port)
+            writer.write(post("/echo", b"1", "Connection: keep-alive", version="1.0"))
+            first = await read_response(reader)
+            writer.write(post("/echo", b"2", "Connection: keep-alive", version="1.0"))
+            second = await read_response(reader)
+            writer.write(post("/echo", b"3", version="1.0"))  # without asking: answered, then closed
+            third = await read_response(reader)
+            assert await closed(reader)
+            writer.close()
+        assert [r[2] for r in (first, second, third)] == [b"1", b"2", b"3"]
+        assert first[1]["connection"] == second[1]["connection"] == "keep-alive"
+        assert third[1]["connection"] == "close"
+
+    run(loop, scenario)
+
+
 def test_header_values_with_line_breaks_are_never_written() -> None:
     async def scenario() -> None:
         async def inject(request: Request) -> Response:

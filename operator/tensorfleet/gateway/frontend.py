@@ -566,6 +566,8 @@ class _Connection(asyncio.Protocol):
             lines.append(b"Content-Length: %d\r\n" % length)
         if not request.keep_alive:
             lines.append(b"Connection: close\r\n")
+        elif request.version == "1.0":  # an HTTP/1.0 client keeps the connection only when told it may
+            lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
         return b"".join(lines)
 
