@@ -139,9 +139,7 @@ class Proxy:
 
     async def _parse(self, request: Request) -> tuple[dict[str, Any], bytes]:
         settings = self.s.settings
-        if request.content_length is not None and request.content_length > settings.max_body_bytes:
-            raise _too_large(settings.max_body_bytes)
-        try:
+        try:  # a Content-Length over the limit is flagged by the server (same limit): read raises BodyTooLarge
             if request.complete:  # the whole body came with the headers: nothing to wait for
                 raw = await request.read()
             else:
