@@ -1,7 +1,9 @@
-"""Run the real gateway (tensorfleet.gateway.server.serve) for the benchmark, with an in-memory event queue.
+"""Run the real gateway (tensorfleet.gateway.server.serve) for the benchmark.
 
-The metering module (another issue) provides the production sink; its contract is "queue and return",
-which is what this harness's sink does, so the measured path is the production path.
+By default its metering events go to an in-memory queue: the sink's contract is "queue and return", so the
+request path is the production one, but the production sink's writer thread (journal, attribution, signed
+ledger) also runs in the gateway's process and shares its CPU and its GIL. ``--usage-dir`` meters into that
+production sink instead (target ``gateway-metered``), so that its cost is measured too.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def main() -> None:
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     parser.add_argument("--time-guards", help="write the CPU time spent in runaway checks to this JSON file at exit")
     parser.add_argument("--check-every", type=int, help="stream events per runaway check (default: the gateway's)")
+    parser.add_argument("--usage-dir", help="meter into the production sink (ledger, journal, writer thread) here, "
+                                            "instead of the in-memory queue")
     args = parser.parse_args()
     if args.check_every:
         from tensorfleet.gateway import runaway_hook
@@ -99,7 +103,13 @@ def main() -> None:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(server.serve(settings, QueueSinkForBench()))
+    sink: Any = QueueSinkForBench()
+    if args.usage_dir:
+        from tensorfleet.gateway.server import read_config_document
+        from tensorfleet.metering.sink import open_sink
+
+        sink = open_sink(read_config_document(args.config), args.usage_dir, None, None)
+    asyncio.run(server.serve(settings, sink))
     if guards is not None:
         with open(args.time_guards, "w", encoding="utf-8") as stream:
             json.dump(guards, stream)

@@ -15,7 +15,11 @@ Targets, each in its own process, all in front of the same engine process:
   probe-granian   the same raw-ASGI proxy on granian (Rust HTTP server; `pip install granian` into .venv-vllm)
   gateway-asyncio the gateway on asyncio's default loop (stand-in only)
   gateway-tokenize the gateway with maxInputTokens set, so every request is counted by vLLM's /tokenize
-  gateway@REF     with --baseline REF: the gateway of another commit (from a git worktree), same settings
+  gateway-metered the gateway with the production metering sink (tensorfleet.metering.sink: journal, attribution,
+                  signed ledger on a local disk, its writer thread in the gateway's process) instead of an in-memory
+                  queue: the sidecar as it runs in a pod, metering's CPU included (no GPU here: timed, not NVML)
+  gateway@REF     with --baseline REF: the gateway of another commit (from a git worktree), same settings;
+                  and gateway-metered@REF too when gateway-metered runs
 Engines: "standin" (tests/engines/standin.py, fast: isolates the proxies' own cost) and "vllm" (the real
 vLLM on CPU with the tiny test Llama). The load generator is one aiohttp process. This machine has 2
 shared cores that the engine, the proxy and the load generator all use: read the ratios, not the times.
@@ -121,9 +125,8 @@ def gateway_config(folder: pathlib.Path, name: str, max_input: int | None) -> st
 
 
 @contextlib.contextmanager
-def worktree(ref: str, work: pathlib.Path) -> Iterator[pathlib.Path]:
-    """A checkout of ``ref`` (without the optional C extension, which only the runaway check uses)."""
-    tree = work / f"tree-{ref}"
+def worktree(ref: str, tree: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A checkout of ``ref`` at ``tree`` (without the optional C extension, which only the runaway check uses)."""
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), ref], cwd=ROOT, check=True)
     try:
         yield tree
@@ -148,9 +151,11 @@ def proxies(engine: str, work: pathlib.Path, names: list[str],
                 loop = "asyncio" if name == "gateway-asyncio" else "uvloop"
                 command = [PYTHON, "-m", "bench._run_gateway", "--config", config, "--upstream", engine,
                            "--port", str(port), "--admin-port", str(admin), "--loop", loop]
+                if name.partition("@")[0] == "gateway-metered":
+                    command += ["--usage-dir", str(work / f"usage-{port}")]
                 health = f"http://127.0.0.1:{admin}/readyz"
                 if "@" in name:  # the gateway of another commit, from a worktree of it
-                    tree = stack.enter_context(worktree(name.partition("@")[2], work))
+                    tree = stack.enter_context(worktree(name.partition("@")[2], work / f"tree-{port}"))
                     env = {"PYTHONPATH": f"{tree / 'operator'}{os.pathsep}{tree}"}
             elif name == "nginx":
                 prefix = work / f"nginx-{port}"
@@ -239,7 +244,7 @@ def summarize_delays(delays: list[float]) -> dict[str, float]:
 
 
 def run_engine(name: str, engine_url: str, work: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
-    names = ["gateway", "nginx"]
+    names = ["gateway", "gateway-metered", "nginx"]
     if name == "standin":
         names += ["gateway-asyncio", "probe-aiohttp", "probe-aiohttp-lean", "probe-lean"]
         names += [f"probe-{stack}" for stack in ("uvicorn", "granian") if _importable(stack)]
@@ -248,6 +253,8 @@ def run_engine(name: str, engine_url: str, work: pathlib.Path, args: argparse.Na
     names += [f"gateway@{ref}" for ref in args.baseline]
     if args.targets:
         names = [n for n in names if n in args.targets.split(",") or n.startswith("gateway@")]
+    if "gateway-metered" in names:
+        names += [f"gateway-metered@{ref}" for ref in args.baseline]
     levels = [int(v) for v in args.levels.split(",")]
     if name == "vllm":
         levels = [lv for lv in levels if lv <= 64]  # 2 engine slots on CPU: deeper queues only measure the queue
