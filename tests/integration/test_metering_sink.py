@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +15,7 @@ from metering_builders import CONFIG, request
 from nvml_double import DeviceDouble, NvmlDouble
 from tensorfleet.metering import chain, verify
 from tensorfleet.metering.events import ColdStartEvent
-from tensorfleet.metering.ledger import read_ledger
+from tensorfleet.metering.ledger import Ledger, read_ledger
 from tensorfleet.metering.settings import MeteringSettings
 from tensorfleet.metering.sink import open_sink
 
@@ -86,6 +88,38 @@ async def test_with_an_nvml_double_busy_time_is_measured_and_split(tmp_path: Pat
     # Alone on a GPU that is always 50% busy, a request gets half of the intervals its 60 ms of work touched:
     # at least 30 ms, plus at most the two partly covered intervals at its ends (20 ms periods, some jitter).
     assert all(27.0 <= b["gpuMs"] <= 0.5 * (60 + 2 * 20) + 8 for b in billed), [b["gpuMs"] for b in billed]
+
+
+@pytest.mark.parametrize("gpu", [True, False], ids=["nvml", "timing"])
+async def test_a_failed_cycle_is_retried_without_counting_twice_or_losing_an_event(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, gpu: bool) -> None:
+    # The ledger refuses the first two cycles that settle records (as a full disk would), after the cycle has
+    # journalled events, taken intervals and placed requests; the transaction rolls back and the cycle is retried.
+    refusals = [2]
+    append = Ledger.append
+
+    def failing_append(self: Ledger, records: Any) -> list[int]:
+        if records and refusals[0]:
+            refusals[0] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return append(self, records)
+
+    monkeypatch.setattr(Ledger, "append", failing_append)
+    (tmp_path / "devices").write_text("GPU-engine" if gpu else "")
+    nvml = NvmlDouble([DeviceDouble("GPU-engine", gpm_activity=50.0)]) if gpu else None
+    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", tmp_path / "devices", settings=FAST, nvml_module=nvml)
+    await sink.start()
+    await asyncio.sleep(0.1)
+    await run_traffic(sink, 6)
+    await sink.close()
+    assert refusals == [0]
+    assert "metering writer cycle failed; will retry" in caplog.text
+    billed = [b for b in bodies(tmp_path / "usage") if b["kind"] == "request"]
+    assert sorted(b["requestId"] for b in billed) == [f"acme-True-{i}" for i in range(6)]  # each once
+    if gpu:  # half of each request's ~60 ms of work, as without failures: no interval counted twice
+        assert all(27.0 <= b["gpuMs"] <= 0.5 * (60 + 2 * 20) + 8 for b in billed), [b["gpuMs"] for b in billed]
+    else:
+        assert all(0 < b["gpuMs"] <= 61 for b in billed), [b["gpuMs"] for b in billed]
 
 
 async def test_new_prices_apply_to_requests_submitted_after_reconfigure(tmp_path: Path) -> None:

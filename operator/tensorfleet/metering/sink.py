@@ -267,6 +267,7 @@ class MeteringSink:
         except Exception:
             if failures == 0:
                 log.exception("metering writer cycle failed; will retry")
+            _reload(writer)
             if failures + 1 >= MAX_FAILED_CYCLES and taken:
                 metrics.EVENTS_DROPPED.inc(len(taken))
                 log.error("dropping %d events that failed %d cycles", len(taken), MAX_FAILED_CYCLES)
@@ -282,3 +283,12 @@ class MeteringSink:
         if not self.settings.sink_url:
             update_spool_metrics(writer.ledger, self.settings)
         return 0
+
+
+def _reload(writer: UsageWriter) -> None:
+    """A failed cycle rolled the journal back, but not the writer's memory (attribution, pending events):
+    rebuild that from the journal, so the retry neither counts an interval twice nor skips an event."""
+    try:
+        writer.restore()
+    except Exception:
+        log.exception("metering writer could not reload its journal after a failed cycle")

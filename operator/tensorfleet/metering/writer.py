@@ -53,6 +53,7 @@ class UsageWriter:
         self.checkpoint_interval = checkpoint_interval_seconds
         self.measurement: Measurement | None = None  # None until the sampler has started or failed
         self.timing_period = 0.1
+        self._timing_start: float | None = None
         self.attributor = self._new_attributor()
         self._arrival = 0
         self._last_checkpoint = time.monotonic()
@@ -77,6 +78,8 @@ class UsageWriter:
                 raise RuntimeError(f"{self.ledger.path}: interval journal is not contiguous at k={k}")
         if not rows and (last_end := self.ledger.get_meta("last_end")) is not None:
             self.attributor.set_last_end(float(last_end))
+        if self.attributor.last_end is None and self._timing_start is not None:
+            self.attributor.set_last_end(self._timing_start)  # reloaded before any timing interval was committed
         pending = conn.execute("SELECT key, arrival, event, gpu_ms, energy_mj, covered FROM pending ORDER BY arrival")
         count = 0
         for key, arrival, text, gpu_ms, energy, covered in pending.fetchall():
@@ -116,6 +119,7 @@ class UsageWriter:
         """No GPU: busy time is estimated from request timing on a grid of ``period`` seconds."""
         self.measurement = "timing"
         self.timing_period = period
+        self._timing_start = start
         if self.attributor.last_end is None:
             self.attributor.set_last_end(start)
 
