@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import uuid
 from collections.abc import Mapping
@@ -43,6 +44,10 @@ class RecordContext:
     ru_source: str
 
     def to_json(self) -> str:
+        return self._json
+
+    @functools.cached_property
+    def _json(self) -> str:  # one context serves every event until the configuration changes
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
@@ -133,11 +138,20 @@ def cold_start_record(event: ColdStartEvent, ctx: RecordContext) -> dict[str, An
 
 
 # -- events to and from the journal (the pending table keeps them until they are settled) -----------
+_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(RequestEvent))
+_COLD_START_FIELDS = tuple(f.name for f in dataclasses.fields(ColdStartEvent))
+
+
 def event_to_json(event: RequestEvent | ColdStartEvent) -> str:
-    body = dataclasses.asdict(event)
-    body["type"] = "request" if isinstance(event, RequestEvent) else "coldStart"
+    # Field by field, not dataclasses.asdict: that deep-copies every token chunk, and cost the writer more
+    # than a request's whole record (measured in bench.metering_writer).
     if isinstance(event, RequestEvent):
+        body: dict[str, Any] = {name: getattr(event, name) for name in _REQUEST_FIELDS}
         body["chunks"] = [[c.at, c.tokens] for c in event.chunks]
+        body["type"] = "request"
+    else:
+        body = {name: getattr(event, name) for name in _COLD_START_FIELDS}
+        body["type"] = "coldStart"
     return json.dumps(body, separators=(",", ":"))
 
 

@@ -56,6 +56,9 @@ class UsageWriter:
         self._timing_start: float | None = None
         self.attributor = self._new_attributor()
         self._arrival = 0
+        # The journal's pending events, as objects: settling reads them from here, not back from SQLite. It
+        # matches the committed journal after every cycle; after a failed one, ``restore`` rebuilds it.
+        self._pending: dict[str, Submitted] = {}
         self._last_checkpoint = time.monotonic()
         self._placements_counted: dict[str, int] = {}
 
@@ -70,6 +73,7 @@ class UsageWriter:
         frontier = int(self.ledger.get_meta("frontier") or 0)
         self.attributor = self._new_attributor(frontier)
         self._placements_counted = {}
+        self._pending = {}
         self._restore_step_model()
         rows = conn.execute("SELECT k, start, end, busy_ms, energy_mj, kind FROM intervals ORDER BY k").fetchall()
         for k, start, end, busy, energy, kind in rows:
@@ -80,10 +84,12 @@ class UsageWriter:
             self.attributor.set_last_end(float(last_end))
         if self.attributor.last_end is None and self._timing_start is not None:
             self.attributor.set_last_end(self._timing_start)  # reloaded before any timing interval was committed
-        pending = conn.execute("SELECT key, arrival, event, gpu_ms, energy_mj, covered FROM pending ORDER BY arrival")
+        pending = conn.execute("SELECT key, arrival, event, context, gpu_ms, energy_mj, covered FROM pending "
+                               "ORDER BY arrival")
         count = 0
-        for key, arrival, text, gpu_ms, energy, covered in pending.fetchall():
+        for key, arrival, text, context, gpu_ms, energy, covered in pending.fetchall():
             event = records.event_from_json(text)
+            self._pending[key] = (RecordContext.from_json(context), event)
             if isinstance(event, RequestEvent):
                 self.attributor.add_request(key, work_spans(event, self.prefill_token_weight), event.billable,
                                             Share(gpu_ms, energy, covered))
@@ -177,11 +183,12 @@ class UsageWriter:
             self._arrival += 1
             self.ledger.conn.execute("INSERT INTO pending(key, arrival, event, context) VALUES (?, ?, ?, ?)",
                                      (key, self._arrival, records.event_to_json(event), ctx.to_json()))
+            self._pending[key] = (ctx, event)
             self.attributor.add_request(key, work_spans(event, self.prefill_token_weight), event.billable)
         return cold
 
     def _is_pending(self, key: str) -> bool:
-        return self.ledger.conn.execute("SELECT 1 FROM pending WHERE key = ?", (key,)).fetchone() is not None
+        return key in self._pending
 
     def _store_progress(self, finalised: list[Finalised]) -> None:
         conn = self.ledger.conn
@@ -201,17 +208,15 @@ class UsageWriter:
     def _settle(self, settled: list[Settled], result: CycleResult) -> list[dict[str, Any]]:
         if not settled:
             return []
-        conn = self.ledger.conn
+        self.ledger.conn.executemany("DELETE FROM pending WHERE key = ?", [(item.key,) for item in settled])
         bodies = []
         for item in settled:
-            row = conn.execute("SELECT event, context FROM pending WHERE key = ?", (item.key,)).fetchone()
-            conn.execute("DELETE FROM pending WHERE key = ?", (item.key,))
-            if row is None:
+            entry = self._pending.pop(item.key, None)
+            if entry is None:
                 continue
-            event = records.event_from_json(row[0])
+            ctx, event = entry
             if not isinstance(event, RequestEvent) or not event.billable:
                 continue  # warm-up: its share is excluded (counted in metrics), never billed
-            ctx = RecordContext.from_json(row[1])
             bodies.append(records.request_record(event, ctx, item, self.measurement or "timing"))
         return bodies
 
