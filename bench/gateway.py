@@ -23,7 +23,9 @@ Targets, each in its own process, all in front of the same engine process:
 Engines: "standin" (tests/engines/standin.py, fast: isolates the proxies' own cost) and "vllm" (the real
 vLLM on CPU with the tiny test Llama). The load generator is one aiohttp process. This machine has 2
 shared cores that the engine, the proxy and the load generator all use: read the ratios, not the times.
-Results go to bench/results/gateway.json (``--out``) and a Markdown table on stdout. On a shared machine
+Results go to bench/results/gateway.json (``--out``) and a Markdown table on stdout; besides throughput and
+latency, each proxy's CPU time per request (user and system, all its threads, from /proc, including what it
+does after the cell ends: the next cell starts once every target is idle). On a shared machine
 run more rounds at one level for steadier medians, e.g. ``--engines standin --levels 1 --rounds 15
 --out gateway-c1``. ``--targets gateway,nginx`` runs only those (and direct, and any ``--baseline``).
 
@@ -99,17 +101,44 @@ def ensure_nginx() -> str:
 
 @contextlib.contextmanager
 def process(command: list[str], health: str, log: pathlib.Path, env: dict[str, str] | None = None,
-            seconds: float = 60, cpus: set[int] | None = None) -> Iterator[None]:
-    """Runs ``command`` until the block ends; on ``cpus`` only (threads and forked workers included) if given."""
+            seconds: float = 60, cpus: set[int] | None = None) -> Iterator[int]:
+    """Runs ``command`` until the block ends (yields its pid); on ``cpus`` only (threads and forked workers
+    included) if given."""
     pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     with open(log, "wb") as output:
         proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, **(env or {})}, cwd=ROOT, preexec_fn=pin)
     try:
         processes.wait_http(health, seconds, proc, log)  # type: ignore[arg-type]
-        yield
+        yield proc.pid
     finally:
         processes.stop_group(proc)  # type: ignore[arg-type]
+
+
+def quiesce(pids: list[int], limit: float = 10.0) -> None:
+    """Wait until the targets are idle: a metered gateway's writer goes on settling the last cell's requests
+    after it, and would take CPU from the next target."""
+    deadline = time.monotonic() + limit
+    last = _cpu_ticks(pids)
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = _cpu_ticks(pids)
+        if now - last <= 1:  # at most one clock tick in 100 ms
+            return
+        last = now
+
+
+def _cpu_ticks(pids: list[int]) -> int:
+    """User and system CPU clock ticks of these processes and their children (nginx's worker), all threads."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+            children = [int(c) for task in pathlib.Path(f"/proc/{pid}/task").iterdir()
+                        for c in (task / "children").read_text().split()]
+            total += _cpu_ticks(children)
+    return total
 
 
 def gateway_config(folder: pathlib.Path, name: str, max_input: int | None) -> str:
@@ -136,7 +165,7 @@ def worktree(ref: str, tree: pathlib.Path) -> Iterator[pathlib.Path]:
 
 @contextlib.contextmanager
 def proxies(engine: str, work: pathlib.Path, names: list[str],
-            cpus: set[int] | None = None) -> Iterator[dict[str, str]]:
+            cpus: set[int] | None = None, pids: dict[str, int] | None = None) -> Iterator[dict[str, str]]:
     urls = {"direct": engine}
     engine_port = int(engine.rsplit(":", 1)[1])
     with contextlib.ExitStack() as stack:
@@ -171,7 +200,9 @@ def proxies(engine: str, work: pathlib.Path, names: list[str],
                            engine, str(port)]
             if name.startswith("probe") or name == "nginx":
                 health = engine + "/health"
-            stack.enter_context(process(command, health, work / f"{name}.log", env, cpus=cpus))
+            pid = stack.enter_context(process(command, health, work / f"{name}.log", env, cpus=cpus))
+            if pids is not None:
+                pids[name] = pid
             if name.startswith("probe") or name == "nginx":
                 time.sleep(1.0)  # these have no readiness endpoint of their own
         yield urls
@@ -259,7 +290,8 @@ def run_engine(name: str, engine_url: str, work: pathlib.Path, args: argparse.Na
     if name == "vllm":
         levels = [lv for lv in levels if lv <= 64]  # 2 engine slots on CPU: deeper queues only measure the queue
     rounds: dict[str, list[dict[str, float]]] = {}
-    with proxies(engine_url, work, names, PROXY_CPUS if args.pin else None) as urls:
+    pids: dict[str, int] = {}
+    with proxies(engine_url, work, names, PROXY_CPUS if args.pin else None, pids) as urls:
         # Targets interleaved within each round, so that a slow spell of the shared machine hits all of
         # them; the table reads the median over rounds of each target's difference to direct in that round.
         for index in range(args.rounds):
@@ -269,7 +301,12 @@ def run_engine(name: str, engine_url: str, work: pathlib.Path, args: argparse.Na
                         if target == "gateway-tokenize" and level > 16:
                             continue
                         key = f"{'stream' if stream else 'plain'}/c{level}/{target}"
+                        ticks = _cpu_ticks([pids[target]]) if target in pids else 0
                         cell = asyncio.run(load(url, level, args.seconds, stream))
+                        quiesce(list(pids.values()))
+                        if target in pids:  # what serving the cell took, work left behind included
+                            spent = (_cpu_ticks([pids[target]]) - ticks) / os.sysconf("SC_CLK_TCK")
+                            cell["cpu_us_per_request"] = spent / max(1, cell["requests"]) * 1e6
                         rounds.setdefault(key, []).append(cell)
                         print(f"{name} round {index + 1} {key}: {cell}", file=sys.stderr)
     return {key: {"rounds": cells, **{metric: statistics.median(c[metric] for c in cells) for metric in cells[0]}}
@@ -326,13 +363,14 @@ def table(results: dict[str, Any]) -> str:
         cells = results.get(engine)
         if not cells:
             continue
-        lines += [f"\n### {engine}\n", "| mode | conc. | target | req/s | vs direct | p50 ms | added p50 ms | p99 ms |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"\n### {engine}\n", "| mode | conc. | target | req/s | vs direct | p50 ms | added p50 ms | p99 ms "
+                  "| proxy CPU µs/request |", "|---|---|---|---|---|---|---|---|---|"]
         for key, cell in cells.items():
             mode, level, target = key.split("/")
             ratio, added = paired(cell, cells[f"{mode}/{level}/direct"])
+            cpu = f"{cell['cpu_us_per_request']:.0f}" if "cpu_us_per_request" in cell else "-"
             lines.append(f"| {mode} | {level[1:]} | {target} | {cell['rps']:.0f} | {ratio:.2f} | "
-                         f"{cell['p50_ms']:.2f} | {added:+.2f} | {cell['p99_ms']:.2f} |")
+                         f"{cell['p50_ms']:.2f} | {added:+.2f} | {cell['p99_ms']:.2f} | {cpu} |")
     if "chunk_delay" in results:
         lines += ["\n### streamed chunk delivery (send stamp to client arrival)\n",
                   "| cell | chunks | p50 ms | p99 ms |", "|---|---|---|---|"]
