@@ -267,7 +267,7 @@ class MeteringSink:
         except Exception:
             if failures == 0:
                 log.exception("metering writer cycle failed; will retry")
-            _reload(writer)
+            _reload(writer, report=failures == 0)
             if failures + 1 >= MAX_FAILED_CYCLES and taken:
                 metrics.EVENTS_DROPPED.inc(len(taken))
                 log.error("dropping %d events that failed %d cycles", len(taken), MAX_FAILED_CYCLES)
@@ -285,10 +285,11 @@ class MeteringSink:
         return 0
 
 
-def _reload(writer: UsageWriter) -> None:
+def _reload(writer: UsageWriter, report: bool) -> None:
     """A failed cycle rolled the journal back, but not the writer's memory (attribution, pending events):
     rebuild that from the journal, so the retry neither counts an interval twice nor skips an event."""
     try:
         writer.restore()
     except Exception:
-        log.exception("metering writer could not reload its journal after a failed cycle")
+        if report:  # once per run of failures, like the cycle's own error
+            log.exception("metering writer could not reload its journal after a failed cycle")
