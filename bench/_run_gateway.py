@@ -98,17 +98,16 @@ def main() -> None:
     guards = time_runaway_guards() if args.time_guards else None
     settings = GatewaySettings(config=args.config, upstream=args.upstream, host="127.0.0.1", port=args.port,
                                admin_port=args.admin_port, drain_delay_seconds=0, drain_timeout_seconds=5,
-                               log_level="warning")
+                               log_level="warning", usage_dir=args.usage_dir or GatewaySettings.usage_dir)
     if args.loop == "uvloop":
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     sink: Any = QueueSinkForBench()
-    if args.usage_dir:
-        from tensorfleet.gateway.server import read_config_document
-        from tensorfleet.metering.sink import open_sink
+    if args.usage_dir:  # built as `tensorfleet gateway` builds it (a private name, but --baseline trees have it)
+        from tensorfleet.gateway.command import _open_sink
 
-        sink = open_sink(read_config_document(args.config), args.usage_dir, None, None)
+        sink = _open_sink(settings)
     asyncio.run(server.serve(settings, sink))
     if guards is not None:
         with open(args.time_guards, "w", encoding="utf-8") as stream:
