@@ -153,6 +153,11 @@ def gateway_config(folder: pathlib.Path, name: str, max_input: int | None) -> st
     return str(path)
 
 
+def tree_env(tree: pathlib.Path) -> dict[str, str]:
+    """The environment that makes a Python process import tensorfleet (and tests' helpers) from ``tree``."""
+    return {"PYTHONPATH": f"{tree / 'operator'}{os.pathsep}{tree}"}
+
+
 @contextlib.contextmanager
 def worktree(ref: str, tree: pathlib.Path) -> Iterator[pathlib.Path]:
     """A checkout of ``ref`` at ``tree`` (without the optional C extension, which only the runaway check uses)."""
@@ -185,7 +190,7 @@ def proxies(engine: str, work: pathlib.Path, names: list[str],
                 health = f"http://127.0.0.1:{admin}/readyz"
                 if "@" in name:  # the gateway of another commit, from a worktree of it
                     tree = stack.enter_context(worktree(name.partition("@")[2], work / f"tree-{port}"))
-                    env = {"PYTHONPATH": f"{tree / 'operator'}{os.pathsep}{tree}"}
+                    env = tree_env(tree)
             elif name == "nginx":
                 prefix = work / f"nginx-{port}"
                 prefix.mkdir()

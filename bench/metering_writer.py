@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.gateway import worktree
+from bench.gateway import tree_env, worktree
 from bench.metering_attribution import load_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,9 +80,7 @@ def replay(count: int) -> dict[str, float]:
 
 
 def run_tree(tree: Path | None, count: int) -> dict[str, float]:
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = f"{tree / 'operator'}{os.pathsep}{tree}"
+    env = {**os.environ, **(tree_env(tree) if tree is not None else {})}
     done = subprocess.run([sys.executable, "-m", "bench.metering_writer", "--worker", str(count)], cwd=ROOT, env=env,
                           check=True, capture_output=True, text=True)
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
