@@ -32,7 +32,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from tensorfleet.metering.events import RequestEvent
 from tensorfleet.metering.steps import EngineSteps, Step
@@ -44,9 +44,12 @@ MIN_SPAN_SECONDS = 0.001  # work reported at one instant is spread over the mill
 PRUNE_MARGIN_SECONDS = 2.0  # step history kept before the oldest moment a placement or interval needs
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkSpan:
-    """``tokens`` of work spread uniformly over ``[start, end]`` (monotonic seconds, end > start)."""
+class WorkSpan(NamedTuple):
+    """``tokens`` of work spread uniformly over ``[start, end]`` (monotonic seconds, end > start).
+
+    A named tuple, not a frozen dataclass: a request has one span per forwarded chunk (a streamed answer, one
+    per token), and a frozen dataclass took several times as long to build (bench.metering_writer).
+    """
 
     start: float
     end: float
@@ -77,10 +80,10 @@ def work_spans(event: RequestEvent, prefill_weight: float = 1.0) -> list[WorkSpa
     streamed = event.streaming and event.first_token is not None and bool(event.chunks)
     if uncached > 0 and prefill_weight > 0:
         span = _span(admitted, prompt_end, prefill_weight * uncached, prompt=True)
-        spans.append(dataclasses.replace(span, first=streamed, engine_tokens=float(uncached)))
+        spans.append(span._replace(first=streamed, engine_tokens=float(uncached)))
     generated = _generated_spans(event, admitted, done)
     if generated and streamed:
-        generated[0] = dataclasses.replace(generated[0], first=True)
+        generated[0] = generated[0]._replace(first=True)
     spans.extend(generated)
     return spans
 
@@ -96,15 +99,21 @@ def _generated_spans(event: RequestEvent, admitted: float, done: float) -> list[
     scale = total / chunked
     spans: list[WorkSpan] = []
     previous = admitted
+    # One span per chunk, the time since the previous chunk (see _span; inlined: a long stream has thousands).
     for chunk in event.chunks:
-        if chunk.tokens <= 0:
+        tokens = chunk.tokens
+        if tokens <= 0:
             continue
-        at = min(max(chunk.at, admitted), done)
-        if spans and at - previous < MIN_SPAN_SECONDS:  # forwarded together with the previous chunk
-            last = spans.pop()
-            spans.append(WorkSpan(last.start, last.end, last.tokens + chunk.tokens * scale))
-            continue
-        spans.append(_span(previous, at, chunk.tokens * scale))
+        at = chunk.at
+        at = done if at > done else admitted if at < admitted else at
+        if at - previous < MIN_SPAN_SECONDS:
+            if spans:  # forwarded together with the previous chunk
+                last = spans[-1]
+                spans[-1] = WorkSpan(last.start, last.end, last.tokens + tokens * scale)
+                continue
+            spans.append(WorkSpan(at - MIN_SPAN_SECONDS, at, tokens * scale))
+        else:
+            spans.append(WorkSpan(previous, at, tokens * scale))
         previous = at
     return spans
 
@@ -334,18 +343,24 @@ class Attributor:
     def _place(self, request: _Request) -> None:
         request.placed = True
         spans = self._in_steps(self.steps, request) if self.steps is not None else self._aligned(request)
-        for span in spans:
-            first = max(bisect.bisect_right(self._starts, span.start) - 1, 0)
-            for index in range(first, len(self._intervals)):
-                interval = self._intervals[index]
-                if interval.start >= span.end:
+        starts, intervals, key = self._starts, self._intervals, request.key
+        count, open_from, last = len(intervals), self._final - self._base, request.last_k - self._base
+        for span in spans:  # a span per chunk: written out with comparisons, as min/max calls cost more
+            start, end = span.start, span.end
+            density = span.tokens / (end - start)
+            index = bisect.bisect_right(starts, start) - 1
+            index = index if index > 0 else 0
+            while index < count:
+                interval = intervals[index]
+                if interval.start >= end:
                     break
-                lo, hi = max(span.start, interval.start), min(span.end, interval.end)
-                if hi <= lo:
-                    continue
-                if self._base + index >= self._final:
-                    interval.pieces.append((request.key, lo, hi, span.density))
-                    request.last_k = max(request.last_k, self._base + index)
+                lo = start if start > interval.start else interval.start
+                hi = end if end < interval.end else interval.end
+                if hi > lo and index >= open_from:
+                    interval.pieces.append((key, lo, hi, density))
+                    last = index if index > last else last
+                index += 1
+        request.last_k = last + self._base
 
     # -- finalise and settle -------------------------------------------------------------------
     def finalise(self, watermark: float) -> list[Finalised]:

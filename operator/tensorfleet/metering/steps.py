@@ -73,6 +73,19 @@ class _Bucketed:
         self._items.setdefault(bucket, []).append(t)
         self._unsorted.add(bucket)
 
+    def add_all(self, times: Sequence[float]) -> None:
+        """``add`` each of ``times``; one dictionary lookup per bucket when they come in order."""
+        items, unsorted, floor = self._items, self._unsorted, math.floor
+        previous: int | None = None
+        current: list[float] = []
+        for t in times:
+            bucket = floor(t / BUCKET_SECONDS)
+            if bucket != previous:
+                current = items.setdefault(bucket, [])
+                unsorted.add(bucket)
+                previous = bucket
+            current.append(t)
+
     def between(self, lo: float, hi: float) -> list[float]:
         out: list[float] = []
         for bucket in range(math.floor(lo / BUCKET_SECONDS), math.floor(hi / BUCKET_SECONDS) + 1):
@@ -152,13 +165,14 @@ class EngineSteps:
 
     def add_request(self, emissions: Sequence[float], first_token: bool) -> None:
         """A request's forwarded tokens (sorted times); ``first_token``: the first of them is its first token."""
-        for i, t in enumerate(emissions):
-            self._emissions.add(t)
-            if i == 0 and first_token:
-                self._first_tokens.add(t)
-            elif i > 0 and t > emissions[i - 1]:
-                self._gaps.append(t - emissions[i - 1])
-                self._new_gaps += 1
+        if not emissions:
+            return
+        self._emissions.add_all(emissions)
+        if first_token:
+            self._first_tokens.add(emissions[0])
+        gaps = [b - a for a, b in itertools.pairwise(emissions) if b > a]
+        self._gaps.extend(gaps)
+        self._new_gaps += len(gaps)
         if first_token and len(emissions) > 1:
             self._decoding.add(emissions[0], emissions[-1], self.linkage)
         if self._new_gaps >= 256 and len(self._gaps) >= MIN_GAPS:
