@@ -108,6 +108,21 @@ def test_events_round_trip_through_the_journal() -> None:
     assert records.event_from_json(records.event_to_json(event)) == event
     cold = ColdStartEvent("p", 1.0, (("a", 1.0),), 1.0)
     assert records.event_from_json(records.event_to_json(cold)) == cold
+    # Chunk times are packed doubles: exact to the last bit, not a decimal rendering of it.
+    odd = request("o", admitted=0.1, first_token=1.0 / 3,
+                  chunks=((1.0 / 3, 1), (12345.678901234567, 4), (0.1 + 0.2, 0)))
+    assert records.event_from_json(records.event_to_json(odd)).chunks == odd.chunks
+    empty = request("e", admitted=None, first_token=None, chunks=())
+    assert records.event_from_json(records.event_to_json(empty)) == empty
+
+
+def test_events_journalled_before_packed_chunk_times_still_restore() -> None:
+    """A pod upgraded with requests pending reads their events in the earlier layout: chunks as pairs."""
+    event = request("r", admitted=1.0, first_token=1.5, chunks=((1.5, 2), (2.0, 3)))
+    body = json.loads(records.event_to_json(event))
+    del body["chunk_times"], body["chunk_tokens"]
+    body["chunks"] = [[1.5, 2], [2.0, 3]]
+    assert records.event_from_json(json.dumps(body)) == event
 
 
 def _bodies() -> list[dict]:

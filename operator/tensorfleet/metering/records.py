@@ -7,10 +7,12 @@ ledger when it appends.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import functools
 import json
+import struct
 import uuid
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -144,10 +146,13 @@ _COLD_START_FIELDS = tuple(f.name for f in dataclasses.fields(ColdStartEvent))
 
 def event_to_json(event: RequestEvent | ColdStartEvent) -> str:
     # Field by field, not dataclasses.asdict: that deep-copies every token chunk, and cost the writer more
-    # than a request's whole record (measured in bench.metering_writer).
+    # than a request's whole record (measured in bench.metering_writer). The chunks' times go in as packed
+    # little-endian doubles (base64): exact, and about a sixth of the cost of writing each float as JSON text.
     if isinstance(event, RequestEvent):
-        body: dict[str, Any] = {name: getattr(event, name) for name in _REQUEST_FIELDS}
-        body["chunks"] = [[c.at, c.tokens] for c in event.chunks]
+        body: dict[str, Any] = {name: getattr(event, name) for name in _REQUEST_FIELDS if name != "chunks"}
+        chunks = event.chunks
+        body["chunk_times"] = base64.b64encode(struct.pack(f"<{len(chunks)}d", *[c.at for c in chunks])).decode()
+        body["chunk_tokens"] = [c.tokens for c in chunks]
         body["type"] = "request"
     else:
         body = {name: getattr(event, name) for name in _COLD_START_FIELDS}
@@ -156,10 +161,17 @@ def event_to_json(event: RequestEvent | ColdStartEvent) -> str:
 
 
 def event_from_json(text: str) -> RequestEvent | ColdStartEvent:
+    """The event journalled by ``event_to_json``, or by a gateway before packed chunk times (a list of pairs)."""
     body = json.loads(text)
     kind = body.pop("type")
     if kind == "coldStart":
         body["stages"] = tuple((str(n), float(s)) for n, s in body["stages"])
         return ColdStartEvent(**body)
-    body["chunks"] = tuple(TokenChunk(at, tokens) for at, tokens in body["chunks"])
+    if "chunks" in body:
+        pairs = body["chunks"]
+    else:
+        tokens = body.pop("chunk_tokens")
+        times = struct.unpack(f"<{len(tokens)}d", base64.b64decode(body.pop("chunk_times")))
+        pairs = zip(times, tokens, strict=True)
+    body["chunks"] = tuple(TokenChunk(at, count) for at, count in pairs)
     return RequestEvent(**body)
