@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tensorfleet.metering.steps import EngineSteps, most_agreed, water_level
+from tensorfleet.metering.steps import LOOKBACK_SECONDS, EngineSteps, most_agreed, water_level
 
 STEP = 0.02  # a 20 ms step
 SPREAD = 0.0008  # the gateway sees one step's tokens within 0.8 ms
@@ -156,3 +156,29 @@ def test_placed_prompt_work_adds_up_is_never_negative_and_lies_between_admission
     assert sum(amount for _, _, amount in pieces) == pytest.approx(tokens)
     assert all(amount >= 0 for _, _, amount in pieces)
     assert all(admitted <= lo < hi <= first_token + SPREAD for lo, hi, _ in pieces)
+
+
+def _step_before_from_steps(steps: EngineSteps, t: float) -> float | None:
+    """step_before as first written: every step in a growing window, then the last one or the one before it."""
+    lookback = 0.05
+    while True:
+        found = steps.steps(t - lookback, t)
+        if found and found[-1].last >= t - steps.linkage:
+            found = found[:-1]
+        if found or lookback >= LOOKBACK_SECONDS:
+            return found[-1].end if found else None
+        lookback *= 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 2.0, allow_nan=False), min_size=1, max_size=300),
+       st.sampled_from([0.0002, 0.001, 0.004, 0.02]), st.lists(st.floats(-0.1, 2.2), min_size=1, max_size=20))
+def test_step_before_walks_to_the_same_step_as_listing_every_step(emissions: list[float], link: float,
+                                                                  moments: list[float]) -> None:
+    """step_before walks back over the last two steps only; it must find what listing all of them finds, for
+    sparse tokens, one long burst (tokens closer than the spread all along) and moments on a token."""
+    steps = EngineSteps()
+    steps.linkage = link
+    steps.add_request(sorted(emissions), False)
+    for t in [*moments, *emissions[:5]]:
+        assert steps.step_before(t) == _step_before_from_steps(steps, t)

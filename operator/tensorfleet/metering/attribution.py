@@ -89,7 +89,7 @@ def work_spans(event: RequestEvent, prefill_weight: float = 1.0) -> list[WorkSpa
 
 
 def _generated_spans(event: RequestEvent, admitted: float, done: float) -> list[WorkSpan]:
-    chunked = sum(max(0, c.tokens) for c in event.chunks)
+    chunked = sum([c.tokens for c in event.chunks if c.tokens > 0])
     total = event.completion_tokens if event.completion_tokens > 0 else chunked
     if total <= 0:
         return []

@@ -134,6 +134,32 @@ class _Coverage:
         del self._ends[:drop]
 
 
+def _step_before(times: list[float], lo: float, t: float, link: float) -> float | None:
+    """What ``steps(lo, t)`` would give ``step_before``, walking only the last two steps: the start of the last
+    step that began in ``(lo, t]``, or of the one before it when ``t`` is inside the last one's burst."""
+    index = bisect.bisect_right(times, t) - 1  # the last token forwarded by t: in the last step begun by t
+    if index < 0:
+        return None
+    start = _run_start(times, index, lo, link)
+    if start is None:  # the last step began at or before lo, so no step began in (lo, t]
+        return None
+    last, end, bound = index, len(times) - 1, t - link
+    while last < end and times[last] < bound and times[last + 1] - times[last] <= link:
+        last += 1
+    if times[last] < bound:
+        return times[start]
+    # t is inside that step's burst: the one before
+    before = _run_start(times, start - 1, lo, link) if start > 0 else None
+    return times[before] if before is not None else None
+
+
+def _run_start(times: list[float], index: int, lo: float, link: float) -> int | None:
+    """The index of the first token of the step that ``times[index]`` is in; None if it began at or before lo."""
+    while index > 0 and times[index] > lo and times[index] - times[index - 1] <= link:
+        index -= 1
+    return index if times[index] > lo else None
+
+
 class EngineSteps:
     """Step ends seen in forwarded tokens, the prompt work placed on them, and what was learned."""
 
@@ -205,12 +231,13 @@ class EngineSteps:
         """The end of the step before the one whose tokens arrived at ``t`` (looking back at most
         ``LOOKBACK_SECONDS``: longer, and the engine idled in between)."""
         lookback = 0.05
+        link = self.linkage
+        margin = 10 * link  # as in ``steps``: a burst is far shorter, so the runs found are whole steps
         while True:
-            steps = self.steps(t - lookback, t)
-            if steps and steps[-1].last >= t - self.linkage:  # t is inside that step's burst: the one before
-                steps = steps[:-1]
-            if steps or lookback >= LOOKBACK_SECONDS:
-                return steps[-1].end if steps else None
+            lo = t - lookback
+            found = _step_before(self._emissions.between(lo - margin, t + margin), lo, t, link)
+            if found is not None or lookback >= LOOKBACK_SECONDS:
+                return found
             lookback *= 4
 
     # -- prompts ---------------------------------------------------------------------------------
