@@ -99,15 +99,16 @@ def _ms(later: float | None, earlier: float) -> float | None:
 
 
 def request_record(event: RequestEvent, ctx: RecordContext, settled: Settled | None,
-                   measurement: Measurement) -> dict[str, Any]:
-    """The body of a billable request's record (without chain fields)."""
+                   measurement: Measurement, record_id: str | None = None) -> dict[str, Any]:
+    """The body of a billable request's record (without chain fields); ``record_id`` when the caller has it
+    already (``request_record_id(ctx, event.request_id)``, a UUIDv5: it need not be hashed twice)."""
     gpu_ms = round(settled.share.gpu_ms, units.GPU_MS_DECIMALS) if settled else 0.0
     ru = round(gpu_ms * ctx.ru_per_gpu_ms, units.RU_DECIMALS)
     price = units.price(ru, event.prompt_tokens, event.completion_tokens, ctx.prices)
     energy = round(settled.share.energy_mj, 3) if settled and measurement != "timing" else None
     return {
-        "schema": SCHEMA, "kind": "request", "id": request_record_id(ctx, event.request_id), "billable": True,
-        "requestId": event.request_id, "time": rfc3339(event.received_at),
+        "schema": SCHEMA, "kind": "request", "id": record_id or request_record_id(ctx, event.request_id),
+        "billable": True, "requestId": event.request_id, "time": rfc3339(event.received_at),
         "endTime": rfc3339(event.received_at + max(0.0, event.done - event.received)), "tenant": event.tenant,
         "namespace": ctx.namespace, "service": ctx.service, "pod": ctx.pod, "model": event.model or ctx.model,
         "endpoint": event.endpoint, "runtime": ctx.runtime, "engineFingerprint": ctx.engine_fingerprint,

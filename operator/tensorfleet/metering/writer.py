@@ -217,7 +217,7 @@ class UsageWriter:
             ctx, event = entry
             if not isinstance(event, RequestEvent) or not event.billable:
                 continue  # warm-up: its share is excluded (counted in metrics), never billed
-            bodies.append(records.request_record(event, ctx, item, self.measurement or "timing"))
+            bodies.append(records.request_record(event, ctx, item, self.measurement or "timing", item.key))
         return bodies
 
     def _maybe_checkpoint(self, force: bool) -> None:
