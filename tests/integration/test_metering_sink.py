@@ -122,6 +122,31 @@ async def test_a_failed_cycle_is_retried_without_counting_twice_or_losing_an_eve
         assert all(0 < b["gpuMs"] <= 61 for b in billed), [b["gpuMs"] for b in billed]
 
 
+async def test_a_failed_last_cycle_is_retried_before_the_sink_closes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing settles before close (an hour's horizon), so the last cycle is the first to append, and the ledger
+    refuses it once: it is retried, not given up with the thread (which lost the events it had taken)."""
+    refusals = [1]
+    append = Ledger.append
+
+    def failing_append(self: Ledger, records: Any) -> list[int]:
+        if records and refusals[0]:
+            refusals[0] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return append(self, records)
+
+    monkeypatch.setattr(Ledger, "append", failing_append)
+    (tmp_path / "devices").write_text("")
+    slow = MeteringSettings(flush_interval_ms=20, settle_after_seconds=3600, devices_wait_seconds=1)
+    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", tmp_path / "devices", settings=slow)
+    await sink.start()
+    await run_traffic(sink, 3)
+    await sink.close()
+    assert refusals == [0]
+    billed = [b for b in bodies(tmp_path / "usage") if b["kind"] == "request"]
+    assert sorted(b["requestId"] for b in billed) == [f"acme-True-{i}" for i in range(3)]
+
+
 async def test_new_prices_apply_to_requests_submitted_after_reconfigure(tmp_path: Path) -> None:
     (tmp_path / "devices").write_text("none")
     sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-A100-SXM4-80GB", tmp_path / "devices", settings=FAST)

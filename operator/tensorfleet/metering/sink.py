@@ -235,7 +235,12 @@ class MeteringSink:
         failures = 0
         while not self._stop.wait(period):
             failures = self._cycle(final=False, failures=failures)
-        self._cycle(final=True, failures=0)
+        # The last cycle settles everything; when it fails it is retried like any other (a failed last cycle
+        # used to end the thread, losing the events it had taken from the queue).
+        failures = self._cycle(final=True, failures=0)
+        while 0 < failures < MAX_FAILED_CYCLES:
+            time.sleep(period)
+            failures = self._cycle(final=True, failures=failures)
 
     def _watermark(self, now: float) -> float:
         lag = 2 * (self.settings.flush_interval_ms + self.settings.sample_period_ms) / 1000.0
