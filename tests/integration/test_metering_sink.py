@@ -17,7 +17,7 @@ from tensorfleet.metering import chain, verify
 from tensorfleet.metering.events import ColdStartEvent
 from tensorfleet.metering.ledger import Ledger, read_ledger
 from tensorfleet.metering.settings import MeteringSettings
-from tensorfleet.metering.sink import open_sink
+from tensorfleet.metering.sink import MeteringSink, open_sink
 
 pytestmark = pytest.mark.integration
 
@@ -90,12 +90,19 @@ async def test_with_an_nvml_double_busy_time_is_measured_and_split(tmp_path: Pat
     assert all(27.0 <= b["gpuMs"] <= 0.5 * (60 + 2 * 20) + 8 for b in billed), [b["gpuMs"] for b in billed]
 
 
-@pytest.mark.parametrize("gpu", [True, False], ids=["nvml", "timing"])
-async def test_a_failed_cycle_is_retried_without_counting_twice_or_losing_an_event(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, gpu: bool) -> None:
-    # The ledger refuses the first two cycles that settle records (as a full disk would), after the cycle has
-    # journalled events, taken intervals and placed requests; the transaction rolls back and the cycle is retried.
-    refusals = [2]
+async def slow_sink_with_traffic(tmp_path: Path) -> MeteringSink:
+    """A sink with an hour's settling horizon (nothing settles before close) that has taken 3 requests."""
+    (tmp_path / "devices").write_text("")
+    slow = MeteringSettings(flush_interval_ms=20, settle_after_seconds=3600, devices_wait_seconds=1)
+    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", tmp_path / "devices", settings=slow)
+    await sink.start()
+    await run_traffic(sink, 3)
+    return sink
+
+
+def refuse_appends(monkeypatch: pytest.MonkeyPatch, count: int) -> list[int]:
+    """The ledger refuses the next ``count`` appends of records, as a full disk would; [refusals left]."""
+    refusals = [count]
     append = Ledger.append
 
     def failing_append(self: Ledger, records: Any) -> list[int]:
@@ -105,6 +112,15 @@ async def test_a_failed_cycle_is_retried_without_counting_twice_or_losing_an_eve
         return append(self, records)
 
     monkeypatch.setattr(Ledger, "append", failing_append)
+    return refusals
+
+
+@pytest.mark.parametrize("gpu", [True, False], ids=["nvml", "timing"])
+async def test_a_failed_cycle_is_retried_without_counting_twice_or_losing_an_event(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, gpu: bool) -> None:
+    # The ledger refuses the first two cycles that settle records (as a full disk would), after the cycle has
+    # journalled events, taken intervals and placed requests; the transaction rolls back and the cycle is retried.
+    refusals = refuse_appends(monkeypatch, 2)
     (tmp_path / "devices").write_text("GPU-engine" if gpu else "")
     nvml = NvmlDouble([DeviceDouble("GPU-engine", gpm_activity=50.0)]) if gpu else None
     sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", tmp_path / "devices", settings=FAST, nvml_module=nvml)
@@ -126,21 +142,8 @@ async def test_a_failed_last_cycle_is_retried_before_the_sink_closes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing settles before close (an hour's horizon), so the last cycle is the first to append, and the ledger
     refuses it once: it is retried, not given up with the thread (which lost the events it had taken)."""
-    refusals = [1]
-    append = Ledger.append
-
-    def failing_append(self: Ledger, records: Any) -> list[int]:
-        if records and refusals[0]:
-            refusals[0] -= 1
-            raise sqlite3.OperationalError("database or disk is full")
-        return append(self, records)
-
-    monkeypatch.setattr(Ledger, "append", failing_append)
-    (tmp_path / "devices").write_text("")
-    slow = MeteringSettings(flush_interval_ms=20, settle_after_seconds=3600, devices_wait_seconds=1)
-    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", tmp_path / "devices", settings=slow)
-    await sink.start()
-    await run_traffic(sink, 3)
+    refusals = refuse_appends(monkeypatch, 1)
+    sink = await slow_sink_with_traffic(tmp_path)
     await sink.close()
     assert refusals == [0]
     billed = [b for b in bodies(tmp_path / "usage") if b["kind"] == "request"]
@@ -163,11 +166,7 @@ async def test_new_prices_apply_to_requests_submitted_after_reconfigure(tmp_path
 
 
 async def test_a_restart_settles_what_was_journalled_before(tmp_path: Path) -> None:
-    (tmp_path / "devices").write_text("")
-    slow = MeteringSettings(flush_interval_ms=20, settle_after_seconds=3600, devices_wait_seconds=1)
-    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", tmp_path / "devices", settings=slow)
-    await sink.start()
-    await run_traffic(sink, 3)
+    sink = await slow_sink_with_traffic(tmp_path)
     await sink.drain()
     # Simulate the process dying without close(): its writer runs no further cycle, not even the last one.
     # (Setting _stop alone let the old writer run its final cycle concurrently with the check below and with
