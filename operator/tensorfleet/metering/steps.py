@@ -68,13 +68,8 @@ class _Bucketed:
         self._items: dict[int, list[float]] = {}
         self._unsorted: set[int] = set()
 
-    def add(self, t: float) -> None:
-        bucket = math.floor(t / BUCKET_SECONDS)
-        self._items.setdefault(bucket, []).append(t)
-        self._unsorted.add(bucket)
-
-    def add_all(self, times: Sequence[float]) -> None:
-        """``add`` each of ``times``; one dictionary lookup per bucket when they come in order."""
+    def add(self, times: Sequence[float]) -> None:
+        """Each of ``times``, in any order; one dictionary lookup per bucket when they come in order."""
         items, unsorted, floor = self._items, self._unsorted, math.floor
         previous: int | None = None
         current: list[float] = []
@@ -193,9 +188,9 @@ class EngineSteps:
         """A request's forwarded tokens (sorted times); ``first_token``: the first of them is its first token."""
         if not emissions:
             return
-        self._emissions.add_all(emissions)
+        self._emissions.add(emissions)
         if first_token:
-            self._first_tokens.add(emissions[0])
+            self._first_tokens.add(emissions[:1])
         gaps = [b - a for a, b in itertools.pairwise(emissions) if b > a]
         self._gaps.extend(gaps)
         self._new_gaps += len(gaps)

@@ -177,7 +177,7 @@ class UsageWriter:
                     cold.append(body)
                 continue
             key = records.request_record_id(ctx, event.request_id)
-            if self.ledger.has_record(key) or self._is_pending(key):
+            if self.ledger.has_record(key) or key in self._pending:
                 log.warning("request %s submitted twice; the second is ignored", event.request_id)
                 continue
             self._arrival += 1
@@ -186,9 +186,6 @@ class UsageWriter:
             self._pending[key] = (ctx, event)
             self.attributor.add_request(key, work_spans(event, self.prefill_token_weight), event.billable)
         return cold
-
-    def _is_pending(self, key: str) -> bool:
-        return key in self._pending
 
     def _store_progress(self, finalised: list[Finalised]) -> None:
         conn = self.ledger.conn
