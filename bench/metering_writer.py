@@ -7,8 +7,10 @@ per token, one streamed chunk per token, into a ``UsageWriter`` with a signed le
 (timing-only measurement, as without a GPU), one cycle per 200 ms of trace time as the sink runs it. It
 reports the writer thread's CPU time per request (journal, attribution, settling, signing, appending),
 for this tree and for each ``--baseline REF`` (a git worktree), interleaved over rounds; read the ratio.
+``--short-rate RPS`` replays short requests at a fixed rate instead, as the gateway benchmark's stand-in engine
+answers them: tokens that show no engine steps, the step model's worst case.
 
-Run: ``python -m bench.metering_writer [--requests 3000] [--rounds 5] [--baseline REF]``.
+Run: ``python -m bench.metering_writer [--requests 3000] [--rounds 5] [--baseline REF] [--short-rate RPS]``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.gateway import tree_env, worktree
 from bench.metering_attribution import load_trace
@@ -34,14 +37,11 @@ DECODE_SECONDS = 0.03
 CYCLE_SECONDS = 0.2
 
 
-def replay(count: int) -> dict[str, float]:
-    """In this process: the writer's thread CPU time per request over the first ``count`` trace requests."""
-    from tensorfleet.metering import chain, ledger, records, units
+def trace_events(count: int) -> list[Any]:
+    """The first ``count`` trace requests, decoding at 30 ms per token, one chunk per token, an hour ago."""
     from tensorfleet.metering.events import RequestEvent, TokenChunk
-    from tensorfleet.metering.writer import UsageWriter
 
     trace = load_trace(None)[:count]
-    ctx = records.context_from_config(CONFIG, "pod-0", "NVIDIA-L4", units.load_table())
     base = time.monotonic() - trace[-1][0] - 3600.0  # the whole replay lies in the past
     events = []
     for index, (at, prompt, generated) in enumerate(trace):
@@ -51,6 +51,35 @@ def replay(count: int) -> dict[str, float]:
         events.append(RequestEvent(f"req-{index}", f"tenant-{index % 7}", "llama", "/v1/chat/completions",
                                    1.7e9 + at, start, start, first, chunks[-1].at, chunks, prompt, generated, 0,
                                    200, True, True))
+    return events
+
+
+def short_events(count: int, rate: float) -> list[Any]:
+    """``count`` requests at ``rate`` per second as the gateway benchmark's stand-in engine answers them: 12
+    prompt tokens, 16 generated in two chunks (the first token, then 15) 0.3 and 0.7 ms after admission. Their
+    tokens show no engine steps: every gap between two forwarded tokens is shorter than the learned spread."""
+    from tensorfleet.metering.events import RequestEvent, TokenChunk
+
+    base = time.monotonic() - count / rate - 3600.0
+    events = []
+    for index in range(count):
+        start = base + index / rate
+        first = start + 0.0003
+        chunks = (TokenChunk(first, 1), TokenChunk(first + 0.0004, 15))
+        events.append(RequestEvent(f"req-{index}", f"tenant-{index % 7}", "llama", "/v1/completions",
+                                   1.7e9 + index / rate, start, start + 0.00005, first, chunks[-1].at, chunks, 12, 16,
+                                   0, 200, True, True))
+    return events
+
+
+def replay(count: int, short_rate: float | None = None) -> dict[str, float]:
+    """In this process: the writer's thread CPU time per request over ``count`` requests (trace or short)."""
+    from tensorfleet.metering import chain, ledger, records, units
+    from tensorfleet.metering.writer import UsageWriter
+
+    ctx = records.context_from_config(CONFIG, "pod-0", "NVIDIA-L4", units.load_table())
+    events = short_events(count, short_rate) if short_rate else trace_events(count)
+    base = events[0].received - 1.0
     with tempfile.TemporaryDirectory(prefix="tf-bench-writer-") as tmp:
         signer = chain.Signer(chain.generate_key())
         writer = UsageWriter(ledger.Ledger(Path(tmp) / "usage.db", signer, {"namespace": "bench",
@@ -79,10 +108,11 @@ def replay(count: int) -> dict[str, float]:
             "tokens_per_request": statistics.mean(e.completion_tokens for e in events)}
 
 
-def run_tree(tree: Path | None, count: int) -> dict[str, float]:
+def run_tree(tree: Path | None, count: int, short_rate: float | None) -> dict[str, float]:
     env = {**os.environ, **(tree_env(tree) if tree is not None else {})}
-    done = subprocess.run([sys.executable, "-m", "bench.metering_writer", "--worker", str(count)], cwd=ROOT, env=env,
-                          check=True, capture_output=True, text=True)
+    short = ["--short-rate", str(short_rate)] if short_rate else []
+    done = subprocess.run([sys.executable, "-m", "bench.metering_writer", "--worker", str(count), *short], cwd=ROOT,
+                          env=env, check=True, capture_output=True, text=True)
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
@@ -91,11 +121,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--baseline", action="append", default=[], metavar="REF")
+    parser.add_argument("--short-rate", type=float, metavar="RPS",
+                        help="replay short requests at this rate (as the gateway benchmark's stand-in answers them) "
+                             "instead of the trace")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "metering_writer.json"))
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(replay(args.worker)))
+        print(json.dumps(replay(args.worker, args.short_rate)))
         return
     with tempfile.TemporaryDirectory(prefix="tf-bench-") as tmp, contextlib.ExitStack() as stack:
         trees: dict[str, Path | None] = {"this tree": None}
@@ -104,11 +137,12 @@ def main() -> None:
         rounds: dict[str, list[float]] = {name: [] for name in trees}
         for index in range(args.rounds):
             for name, tree in trees.items():
-                cell = run_tree(tree, args.requests)
+                cell = run_tree(tree, args.requests, args.short_rate)
                 rounds[name].append(cell["us_per_request"])
                 print(f"round {index + 1} {name}: {cell}", file=sys.stderr)
     mine = statistics.median(rounds["this tree"])
-    result = {"requests": args.requests, "rounds": args.rounds, "tokens_per_request": cell["tokens_per_request"],
+    result = {"requests": args.requests, "short_rate": args.short_rate, "rounds": args.rounds,
+              "tokens_per_request": cell["tokens_per_request"],
               "us_per_request": {name: statistics.median(values) for name, values in rounds.items()},
               "rounds_us": rounds}
     print("| writer | CPU µs per request (median) | vs this tree |\n|---|---|---|")

@@ -170,15 +170,31 @@ def _step_before_from_steps(steps: EngineSteps, t: float) -> float | None:
         lookback *= 4
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(0.0, 2.0, allow_nan=False), min_size=1, max_size=300),
-       st.sampled_from([0.0002, 0.001, 0.004, 0.02]), st.lists(st.floats(-0.1, 2.2), min_size=1, max_size=20))
-def test_step_before_walks_to_the_same_step_as_listing_every_step(emissions: list[float], link: float,
-                                                                  moments: list[float]) -> None:
-    """step_before walks back over the last two steps only; it must find what listing all of them finds, for
-    sparse tokens, one long burst (tokens closer than the spread all along) and moments on a token."""
+@st.composite
+def _token_runs(draw: st.DrawFn, link: float) -> list[float]:
+    """Tokens in runs: each gap a multiple of the spread, some exactly one (binary fractions add up exactly),
+    some far longer than a bucket."""
+    at = draw(st.integers(0, 400)) / 4096
+    times = [at]
+    for gap in draw(st.lists(st.sampled_from([0.0, 0.25, 0.999, 1.0, 1.001, 3.0, 40.0]), max_size=400)):
+        at += gap * link
+        times.append(at)
+    return times
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([2**-12, 2**-10, 2**-8, 2**-6, 2**-4]), st.data())  # the longest: over a bucket
+def test_step_before_walks_to_the_same_step_as_listing_every_step(link: float, data: st.DataObject) -> None:
+    """step_before walks back over the last two steps only, crossing a bucket whose gaps are all within the
+    spread in one move; it must find what listing all the steps finds: for sparse tokens, long runs over many
+    buckets, a spread longer than a bucket, moments on a token, and after more tokens were added."""
+    emissions = data.draw(st.one_of(st.lists(st.floats(0.0, 2.0, allow_nan=False), min_size=1, max_size=300),
+                                    _token_runs(link)))
+    moments = data.draw(st.lists(st.floats(-0.1, 2.2), min_size=1, max_size=20))
+    later = set(data.draw(st.lists(st.integers(0, len(emissions) - 1), max_size=len(emissions) // 2)))
     steps = EngineSteps()
     steps.linkage = link
-    steps.add_request(sorted(emissions), False)
-    for t in [*moments, *emissions[:5]]:
-        assert steps.step_before(t) == _step_before_from_steps(steps, t)
+    for batch in ([t for i, t in enumerate(emissions) if i not in later], [emissions[i] for i in sorted(later)]):
+        steps.add_request(sorted(batch), False)
+        for t in [*moments, *batch[:5], *batch[-5:], *(x + link for x in batch[-3:])]:
+            assert steps.step_before(t) == _step_before_from_steps(steps, t)

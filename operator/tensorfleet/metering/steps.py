@@ -39,10 +39,12 @@ import collections
 import dataclasses
 import itertools
 import math
+import operator
 from collections.abc import Sequence
 
 BUCKET_SECONDS = 0.05  # emissions are kept in time buckets: insertion in any order, sorted reads by range
 LOOKBACK_SECONDS = 0.5  # how far back the step before a moment is looked for (longer: idle in between)
+STEP_BEFORE_LOOKBACK_SECONDS = 0.8  # step_before's: the widest of the windows it used to widen (0.05, 0.2, 0.8 s)
 DEFAULT_LINKAGE_SECONDS = 0.001  # burst spread before enough token gaps were seen
 GAPS_KEPT = 2048
 BUDGET_RANGES_KEPT = 512
@@ -62,15 +64,16 @@ class Step:
 
 
 class _Bucketed:
-    """Floats by time bucket, sorted lazily per bucket."""
+    """Floats by time bucket, sorted lazily per bucket; and runs of them closer than a spread, walked back."""
 
     def __init__(self) -> None:
         self._items: dict[int, list[float]] = {}
         self._unsorted: set[int] = set()
+        self._widest: dict[int, float] = {}  # bucket -> the widest gap between two of its items, once asked
 
     def add(self, times: Sequence[float]) -> None:
         """Each of ``times``, in any order; one dictionary lookup per bucket when they come in order."""
-        items, unsorted, floor = self._items, self._unsorted, math.floor
+        items, unsorted, widest, floor = self._items, self._unsorted, self._widest, math.floor
         previous: int | None = None
         current: list[float] = []
         for t in times:
@@ -78,30 +81,84 @@ class _Bucketed:
             if bucket != previous:
                 current = items.setdefault(bucket, [])
                 unsorted.add(bucket)
+                widest.pop(bucket, None)
                 previous = bucket
             current.append(t)
+
+    def _sorted(self, bucket: int) -> list[float] | None:
+        items = self._items.get(bucket)
+        if items and bucket in self._unsorted:
+            items.sort()
+            self._unsorted.discard(bucket)
+        return items
 
     def between(self, lo: float, hi: float) -> list[float]:
         out: list[float] = []
         for bucket in range(math.floor(lo / BUCKET_SECONDS), math.floor(hi / BUCKET_SECONDS) + 1):
-            items = self._items.get(bucket)
-            if not items:
-                continue
-            if bucket in self._unsorted:
-                items.sort()
-                self._unsorted.discard(bucket)
-            out.extend(items)
+            items = self._sorted(bucket)
+            if items:
+                out.extend(items)
         return out[bisect.bisect_left(out, lo):bisect.bisect_right(out, hi)]
-
-    def last_before(self, t: float, lookback: float) -> float | None:
-        items = self.between(t - lookback, t)
-        return items[-1] if items else None
 
     def prune(self, before: float) -> None:
         limit = math.floor(before / BUCKET_SECONDS)
         for bucket in [b for b in self._items if b < limit]:
             del self._items[bucket]
             self._unsorted.discard(bucket)
+            self._widest.pop(bucket, None)
+
+    # -- runs: positions are (bucket, index); a bucket's items are sorted once a position is in it ------------
+    def last_at_or_before(self, t: float, lowest: int) -> tuple[int, int] | None:
+        """The last item at or before ``t``, in bucket ``lowest`` or later."""
+        bucket = math.floor(t / BUCKET_SECONDS)
+        items = self._sorted(bucket)
+        index = bisect.bisect_right(items, t) - 1 if items else -1
+        return (bucket, index) if index >= 0 else self._last_below(bucket, lowest)
+
+    def _last_below(self, bucket: int, lowest: int) -> tuple[int, int] | None:
+        """The last item of the nearest non-empty bucket before ``bucket``, looking no further than ``lowest``."""
+        while bucket > lowest:
+            bucket -= 1
+            items = self._sorted(bucket)
+            if items:
+                return bucket, len(items) - 1
+        return None
+
+    def at(self, position: tuple[int, int]) -> float:
+        return self._items[position[0]][position[1]]
+
+    def before(self, position: tuple[int, int], lowest: int) -> tuple[int, int] | None:
+        """The item before the one at ``position``, in bucket ``lowest`` or later."""
+        bucket, index = position
+        return (bucket, index - 1) if index > 0 else self._last_below(bucket, lowest)
+
+    def run_start(self, position: tuple[int, int], lo: float, link: float) -> tuple[int, int] | None:
+        """The first item of the run (consecutive items at most ``link`` apart) that the item at ``position`` is
+        in; None if the run began at or before ``lo``. A bucket whose gaps are all within ``link`` is crossed
+        in one step, so a long run costs a step per bucket, not per item."""
+        bucket, index = position
+        while True:
+            items = self._items[bucket]
+            if index > 0 and self._widest_gap(bucket, items) <= link:
+                index = 0
+            while index > 0 and items[index] > lo and items[index] - items[index - 1] <= link:
+                index -= 1
+            first = items[index]
+            if first <= lo:
+                return None
+            if index > 0:
+                return bucket, index
+            previous = self._last_below(bucket, math.floor((first - link) / BUCKET_SECONDS))
+            if previous is None or first - self.at(previous) > link:
+                return bucket, 0
+            bucket, index = previous
+
+    def _widest_gap(self, bucket: int, items: list[float]) -> float:
+        widest = self._widest.get(bucket)
+        if widest is None:
+            widest = self._widest[bucket] = max(map(operator.sub, itertools.islice(items, 1, None), items),
+                                                default=0.0)
+        return widest
 
 
 class _Coverage:
@@ -127,32 +184,6 @@ class _Coverage:
         drop = bisect.bisect_left(self._ends, before)
         del self._starts[:drop]
         del self._ends[:drop]
-
-
-def _step_before(times: list[float], lo: float, t: float, link: float) -> float | None:
-    """What ``steps(lo, t)`` would give ``step_before``, walking only the last two steps: the start of the last
-    step that began in ``(lo, t]``, or of the one before it when ``t`` is inside the last one's burst."""
-    index = bisect.bisect_right(times, t) - 1  # the last token forwarded by t: in the last step begun by t
-    if index < 0:
-        return None
-    start = _run_start(times, index, lo, link)
-    if start is None:  # the last step began at or before lo, so no step began in (lo, t]
-        return None
-    last, end, bound = index, len(times) - 1, t - link
-    while last < end and times[last] < bound and times[last + 1] - times[last] <= link:
-        last += 1
-    if times[last] < bound:
-        return times[start]
-    # t is inside that step's burst: the one before
-    before = _run_start(times, start - 1, lo, link) if start > 0 else None
-    return times[before] if before is not None else None
-
-
-def _run_start(times: list[float], index: int, lo: float, link: float) -> int | None:
-    """The index of the first token of the step that ``times[index]`` is in; None if it began at or before lo."""
-    while index > 0 and times[index] > lo and times[index] - times[index - 1] <= link:
-        index -= 1
-    return index if times[index] > lo else None
 
 
 class EngineSteps:
@@ -224,16 +255,20 @@ class EngineSteps:
 
     def step_before(self, t: float) -> float | None:
         """The end of the step before the one whose tokens arrived at ``t`` (looking back at most
-        ``LOOKBACK_SECONDS``: longer, and the engine idled in between)."""
-        lookback = 0.05
-        link = self.linkage
-        margin = 10 * link  # as in ``steps``: a burst is far shorter, so the runs found are whole steps
-        while True:
-            lo = t - lookback
-            found = _step_before(self._emissions.between(lo - margin, t + margin), lo, t, link)
-            if found is not None or lookback >= LOOKBACK_SECONDS:
-                return found
-            lookback *= 4
+        ``STEP_BEFORE_LOOKBACK_SECONDS``: longer, and the engine idled in between). What ``steps`` would give,
+        walking back over the last two steps only: the start of the last step that began in ``(t - lookback,
+        t]``, or of the one before it when ``t`` is inside the last one's burst."""
+        emissions, link, lo = self._emissions, self.linkage, t - STEP_BEFORE_LOOKBACK_SECONDS
+        lowest = math.floor(lo / BUCKET_SECONDS)  # earlier buckets hold only times before lo
+        last = emissions.last_at_or_before(t, lowest)  # a token of the last step begun by t
+        start = emissions.run_start(last, lo, link) if last is not None else None
+        if last is None or start is None:  # no step began in the window
+            return None
+        if emissions.at(last) < t - link:  # that step's burst ended before t (the next token, after t, is not in it)
+            return emissions.at(start)
+        previous = emissions.before(start, lowest)  # t is inside that step's burst: the one before
+        previous_start = emissions.run_start(previous, lo, link) if previous is not None else None
+        return emissions.at(previous_start) if previous_start is not None else None
 
     # -- prompts ---------------------------------------------------------------------------------
     def place_prompt(self, admitted: float, first_token: float | None, tokens: float,
