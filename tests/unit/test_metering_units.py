@@ -117,7 +117,8 @@ def test_events_round_trip_through_the_journal() -> None:
 
 
 def test_events_journalled_before_packed_chunk_times_still_restore() -> None:
-    """A pod upgraded with requests pending reads their events in the earlier layout: chunks as pairs."""
+    """An event journalled before chunk times were packed (chunks as pairs) still restores. The operator's pods
+    never meet one (the usage volume is an emptyDir), but a journal kept on other storage could hold one."""
     event = request("r", admitted=1.0, first_token=1.5, chunks=((1.5, 2), (2.0, 3)))
     body = json.loads(records.event_to_json(event))
     del body["chunk_times"], body["chunk_tokens"]
