@@ -373,3 +373,23 @@ def test_an_unreadable_step_model_in_the_journal_is_learned_again(tmp_path: Path
     assert "budget" not in again.attributor.learned()  # unbounded until learned, not a bad value
     again.cycle([], [], math.inf, final=True)
     assert _records(again.ledger) == requests  # and nothing lost
+
+
+def test_a_request_submitted_again_is_billed_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Twice in one cycle, again while pending, and again after its record is in the ledger: one record each.
+    # 1,200 requests, so the cycle's lookup of recorded ids spans several queries.
+    ledger = Ledger(tmp_path / "usage.db", chain.Signer(chain.generate_key()), {"namespace": "t", "service": "s"})
+    writer = UsageWriter(ledger, 1, placement="admission")
+    writer.start_timing(0.0, 0.1)
+    ctx = records.context_from_config(CONFIG, "pod-1", "NVIDIA-H100-80GB-HBM3", units.load_table())
+    events = [request(f"r{i}", admitted=0.001 * i, first_token=0.001 * i + 0.01, chunks=((0.001 * i + 0.01, 4),))
+              for i in range(1200)]
+    writer.cycle([(ctx, e) for e in events[:700]] + [(ctx, events[3])], [], 0.0, now=0.0)
+    writer.cycle([(ctx, events[4])], [], math.inf, now=3.0, final=True)
+    assert _records(ledger) == 700
+    writer.cycle([(ctx, e) for e in events], [], math.inf, now=4.0, final=True)
+    assert _records(ledger) == 1200
+    assert caplog.text.count("submitted twice") == 2 + 700
+    ids = [row[0] for row in ledger.conn.execute("SELECT id FROM records")]
+    assert len(set(ids)) == 1200
+    assert ledger.recorded([*ids[::2], "not-a-record"]) == set(ids[::2])

@@ -124,17 +124,18 @@ class Ledger:
     # -- the chain -----------------------------------------------------------------------------
     def append(self, bodies: Sequence[dict[str, Any]]) -> list[int]:
         """Chain, sign and insert records (inside the caller's transaction); their sequence numbers."""
-        seqs = []
+        rows = []
         for body in bodies:
             seq = self.head_seq + 1
             full = {**body, "ledger": self.ledger_id, "seq": seq, "prevHash": self.head_hash}
             text = chain.canonical(full)
             digest = chain.sha256_hex(text)
-            self.conn.execute("INSERT INTO records(seq, id, time, body, hash, signature) VALUES (?, ?, ?, ?, ?, ?)",
-                              (seq, full["id"], full["time"], text, digest, self.signer.sign_record(digest)))
+            rows.append((seq, full["id"], full["time"], text, digest, self.signer.sign_record(digest)))
             self.head_seq, self.head_hash = seq, digest
-            seqs.append(seq)
-        return seqs
+        # One statement for the cycle's records; a failure rolls the transaction back and resets the head.
+        self.conn.executemany("INSERT INTO records(seq, id, time, body, hash, signature) VALUES (?, ?, ?, ?, ?, ?)",
+                              rows)
+        return [row[0] for row in rows]
 
     def checkpoint(self) -> dict[str, Any]:
         """Sign the current head (inside the caller's transaction)."""
@@ -165,6 +166,15 @@ class Ledger:
 
     def has_record(self, record_id: str) -> bool:
         return self.conn.execute("SELECT 1 FROM records WHERE id = ?", (record_id,)).fetchone() is not None
+
+    def recorded(self, record_ids: Sequence[str]) -> set[str]:
+        """Which of these record ids the ledger holds (one query per 500 ids)."""
+        found: set[str] = set()
+        for at in range(0, len(record_ids), 500):
+            part = record_ids[at:at + 500]
+            query = f"SELECT id FROM records WHERE id IN ({','.join('?' * len(part))})"
+            found.update(row[0] for row in self.conn.execute(query, part))
+        return found
 
     # -- retention -----------------------------------------------------------------------------
     def prune(self, older_than_seconds: float, now: float | None = None) -> int:
