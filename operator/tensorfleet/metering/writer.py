@@ -178,8 +178,8 @@ class UsageWriter:
                     cold.append(body)
                 continue
             requests.append((records.request_record_id(ctx, event.request_id), ctx, event))
-        # One lookup and one insert statement per cycle, not per request: at thousands of requests a second
-        # the per-statement overhead was a tenth of the writer's time (bench.metering_writer --short-rate).
+        # One lookup and one insert statement per cycle, not per request: with the record inserts and the summed
+        # metrics, 9 % less writer CPU for short requests at 2,000/s (bench.metering_writer --short-rate).
         recorded = self.ledger.recorded([key for key, _, _ in requests])
         rows = []
         for key, ctx, event in requests:
