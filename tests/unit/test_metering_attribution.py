@@ -22,6 +22,7 @@ from metering_builders import (
 )
 from tensorfleet.metering import chain, records, units
 from tensorfleet.metering.attribution import Attributor, time_shares, work_spans
+from tensorfleet.metering.events import ColdStartEvent
 from tensorfleet.metering.ledger import Ledger
 from tensorfleet.metering.nvml import GpuInterval
 from tensorfleet.metering.writer import UsageWriter
@@ -384,12 +385,13 @@ def test_a_request_submitted_again_is_billed_once(tmp_path: Path, caplog: pytest
     ctx = records.context_from_config(CONFIG, "pod-1", "NVIDIA-H100-80GB-HBM3", units.load_table())
     events = [request(f"r{i}", admitted=0.001 * i, first_token=0.001 * i + 0.01, chunks=((0.001 * i + 0.01, 4),))
               for i in range(1200)]
-    writer.cycle([(ctx, e) for e in events[:700]] + [(ctx, events[3])], [], 0.0, now=0.0)
+    start = ColdStartEvent("pod-1", 1_700_000_000.0, (("engine", 30.0),), 30.0)  # and a pod's start: once
+    writer.cycle([(ctx, start), (ctx, start)] + [(ctx, e) for e in events[:700]] + [(ctx, events[3])], [], 0.0, now=0.0)
     writer.cycle([(ctx, events[4])], [], math.inf, now=3.0, final=True)
-    assert _records(ledger) == 700
-    writer.cycle([(ctx, e) for e in events], [], math.inf, now=4.0, final=True)
-    assert _records(ledger) == 1200
+    assert _records(ledger) == 701
+    writer.cycle([(ctx, start)] + [(ctx, e) for e in events], [], math.inf, now=4.0, final=True)
+    assert _records(ledger) == 1201
     assert caplog.text.count("submitted twice") == 2 + 700
     ids = [row[0] for row in ledger.conn.execute("SELECT id FROM records")]
-    assert len(set(ids)) == 1200
+    assert len(set(ids)) == 1201
     assert ledger.recorded([*ids[::2], "not-a-record"]) == set(ids[::2])

@@ -164,9 +164,6 @@ class Ledger:
             return self.get_meta("pruned_hash")
         return None
 
-    def has_record(self, record_id: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM records WHERE id = ?", (record_id,)).fetchone() is not None
-
     def recorded(self, record_ids: Sequence[str]) -> set[str]:
         """Which of these record ids the ledger holds (one query per 500 ids)."""
         found: set[str] = set()

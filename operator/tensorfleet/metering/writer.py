@@ -173,14 +173,17 @@ class UsageWriter:
         requests: list[tuple[str, RecordContext, RequestEvent]] = []
         for ctx, event in submitted:
             if isinstance(event, ColdStartEvent):
-                body = records.cold_start_record(event, ctx)
-                if not self.ledger.has_record(body["id"]) and body["id"] not in {b["id"] for b in cold}:
-                    cold.append(body)
-                continue
-            requests.append((records.request_record_id(ctx, event.request_id), ctx, event))
+                cold.append(records.cold_start_record(event, ctx))
+            else:
+                requests.append((records.request_record_id(ctx, event.request_id), ctx, event))
         # One lookup and one insert statement per cycle, not per request: with the record inserts and the summed
         # metrics, 9 % less writer CPU for short requests at 2,000/s (bench.metering_writer --short-rate).
-        recorded = self.ledger.recorded([key for key, _, _ in requests])
+        recorded = self.ledger.recorded([body["id"] for body in cold] + [key for key, _, _ in requests])
+        new_cold = []
+        for body in cold:  # a pod's start is recorded once, however often it was submitted
+            if body["id"] not in recorded:
+                recorded.add(body["id"])
+                new_cold.append(body)
         rows = []
         for key, ctx, event in requests:
             if key in recorded or key in self._pending:
@@ -191,7 +194,7 @@ class UsageWriter:
             self._pending[key] = (ctx, event)
             self.attributor.add_request(key, work_spans(event, self.prefill_token_weight), event.billable)
         self.ledger.conn.executemany("INSERT INTO pending(key, arrival, event, context) VALUES (?, ?, ?, ?)", rows)
-        return cold
+        return new_cold
 
     def _store_progress(self, finalised: list[Finalised]) -> None:
         conn = self.ledger.conn
