@@ -69,7 +69,8 @@ def render(filename: str, gpu_product: str | None, output: str, **options: Any) 
     settings = config.from_click(OperatorSettings, options)
     with click.open_file(filename) as stream:
         text = stream.read()
-    result = manifests.render_text(text, settings.render_context(), gpu_product=gpu_product)
+    result = manifests.render_text(text, settings.render_context(), gpu_product=gpu_product,
+                                   source="<stdin>" if filename == "-" else filename)
     for problem in [*result.warnings, *result.errors]:
         click.echo(problem, err=True)
     if result.objects:

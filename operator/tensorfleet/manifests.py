@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from typing import Any
 
 import yaml
@@ -19,12 +20,16 @@ class RenderResult:
     warnings: list[str] = dataclasses.field(default_factory=list)
 
 
-def render_text(text: str, ctx: RenderContext, gpu_product: str | None = None) -> RenderResult:
+def render_text(text: str, ctx: RenderContext, gpu_product: str | None = None,
+                source: str = "<input>") -> RenderResult:
+    """``source`` names the input (a file name) in YAML errors, with the line and column."""
     result = RenderResult()
+    stream = io.StringIO(text)
+    stream.name = source  # PyYAML's marks name a stream by its ``name``
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.safe_load_all(stream) if d is not None]
     except yaml.YAMLError as exc:
-        result.errors.append(f"error: the input is not valid YAML: {exc}")
+        result.errors.append(f"error: {source} is not valid YAML: {exc}")
         return result
     for index, doc in enumerate(docs):
         if not isinstance(doc, dict) or doc.get("kind") != "InferenceService":

@@ -65,4 +65,5 @@ def test_broken_yaml_is_reported(tmp_path: pathlib.Path) -> None:
     path.write_text("spec: [unclosed")
     result = CliRunner().invoke(main, ["render", "-f", str(path)])
     assert result.exit_code == 1
-    assert "not valid YAML" in result.stderr
+    assert f"{path} is not valid YAML" in result.stderr
+    assert f'in "{path}", line 1, column 16' in result.stderr  # where, in the user's file
