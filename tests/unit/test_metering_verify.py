@@ -1,5 +1,5 @@
 """`tensorfleet usage verify` over several sources: a ledger with its own export, pruned ledgers and their anchors,
-exports across a signing-key change."""
+exports across a signing-key change, and input that is not what the exporter writes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner, Result
 
 from metering_builders import CONFIG, request
@@ -209,3 +210,52 @@ def test_a_record_naming_a_trusted_key_it_was_not_signed_with_is_a_bad_signature
     recs, points = verify.from_events(events)
     result = verify.verify(recs, points, [chain.Verifier(old.public_key), chain.Verifier(new.public_key)])
     assert [(p.kind, p.seq) for p in result.problems] == [("bad-signature", 1)]
+
+
+# -- bad input: an error naming the option (and the event and field), never a traceback -----------------------
+@pytest.mark.parametrize(("events", "named"), [
+    ([1, 2], "event 1: expected a CloudEvent (a JSON object), got a number"),
+    ([{"type": "io.tensorfleet.usage.request.v1", "id": "a", "data": "text"}], "event 1 (id 'a'): 'data' must be"),
+    ([{"type": "io.tensorfleet.usage.request.v1", "id": "a", "data": {"seq": 1, "proof": "x"}}],
+     "'data.proof' must be a JSON object, got a string"),
+])
+@pytest.mark.parametrize("option", ["--export", "--checkpoints"])
+def test_events_not_shaped_as_exported_are_an_error_naming_the_file_and_event(tmp_path: Path, events: list,
+                                                                                named: str, option: str) -> None:
+    ledger = make_ledger(tmp_path / "usage.db", count=1, checkpoint_at=())
+    ledger.close()
+    path = write(tmp_path / "bad.json", events)
+    result = run("verify", "--ledger", str(tmp_path / "usage.db"), option, path, "--trust-embedded-key")
+    assert result.exit_code == 2
+    assert f"Invalid value for {option}: {path}: " in result.output
+    assert named in result.output
+    if option == "--export":
+        assert run("report", option, path).exit_code == 2
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--since", "yesterday"], "Invalid value for --since: 'yesterday'"),
+    (["--until", "2026-13-01"], "Invalid value for --until: '2026-13-01'"),
+    (["--window", "1e12d", "--by", "window"], "--window"),
+])
+def test_report_time_options_are_named_in_their_errors(tmp_path: Path, args: list[str], named: str) -> None:
+    ledger = make_ledger(tmp_path / "usage.db", count=1, checkpoint_at=())
+    ledger.close()
+    result = run("report", "--ledger", str(tmp_path / "usage.db"), *args)
+    assert result.exit_code == 2
+    assert named in result.output
+
+
+def test_a_ledger_row_that_is_not_json_is_named_by_report_and_a_bad_embedded_key_by_verify(tmp_path: Path) -> None:
+    make_ledger(tmp_path / "usage.db", count=2, checkpoint_at=()).close()
+    conn = attacker(tmp_path / "usage.db")
+    conn.execute("UPDATE records SET body = 'not json' WHERE seq = 2")
+    conn.execute("UPDATE meta SET value = 'AAAA' WHERE key = 'public_key'")
+    conn.close()
+    report = run("report", "--ledger", str(tmp_path / "usage.db"))
+    assert report.exit_code == 1
+    assert "ledger row 2 is not a JSON object" in report.output
+    verified = run("verify", "--ledger", str(tmp_path / "usage.db"), "--trust-embedded-key")
+    assert verified.exit_code == 2
+    assert "Invalid value for --ledger" in verified.output
+    assert "embedded public key" in verified.output

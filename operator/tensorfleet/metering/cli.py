@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -54,9 +55,13 @@ def _sources(ledgers: tuple[str, ...], exports: tuple[str, ...], checkpoint_file
 
 def _read_export(path: str, option: str) -> tuple[list[verify.Record], list[verify.Checkpoint]]:
     try:
-        return verify.from_events(verify.read_events(path))
+        events = verify.read_events(path)
     except (OSError, ValueError) as exc:
         raise click.BadParameter(f"{path}: not CloudEvents JSON ({exc})", param_hint=option) from None
+    try:
+        return verify.from_events(events)
+    except ValueError as exc:
+        raise click.BadParameter(f"{path}: {exc}", param_hint=option) from None
 
 
 def _trusted_keys(public_keys: tuple[str, ...], trust_embedded_key: bool,
@@ -139,10 +144,11 @@ def report_command(ledgers: tuple[str, ...], exports: tuple[str, ...], by: str, 
     records = _sources(ledgers, exports).records
     try:
         size = report.parse_window(window)
-        start = report.parse_time(since) if since else None
-        end = report.parse_time(until) if until else None
-    except ValueError as exc:
+    except ValueError as exc:  # its message names --window
         raise click.UsageError(str(exc)) from None
+    except OverflowError as exc:
+        raise click.BadParameter(f"{window!r}: too large ({exc})", param_hint="--window") from None
+    start, end = _time_option("--since", since), _time_option("--until", until)
     bodies = _unique_bodies(records)
     selected = report.billable(bodies, start, end)
     try:
@@ -158,11 +164,27 @@ def report_command(ledgers: tuple[str, ...], exports: tuple[str, ...], by: str, 
         click.echo(f"chart written to {chart}", err=True)
 
 
+def _time_option(option: str, value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    try:
+        return report.parse_time(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: expected an ISO 8601 time such as 2026-11-21T13:00:00Z ({exc})",
+                                 param_hint=option) from None
+
+
 def _unique_bodies(records: list[verify.Record]) -> list[dict[str, Any]]:
     """Record bodies, once each (exports are at-least-once)."""
     seen: dict[str, dict[str, Any]] = {}
     for record in records:
-        body = json.loads(record.body_text)
+        try:
+            body = json.loads(record.body_text)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            where = f"ledger row {record.position}" if record.position is not None else "an exported record"
+            raise click.ClickException(f"{where} is not a JSON object; run `tensorfleet usage verify` on it")
         seen.setdefault(str(body.get("id")), body)
     return list(seen.values())
 

@@ -344,7 +344,7 @@ def from_ledger_file(path: str | Path) -> tuple[list[Record], list[Checkpoint], 
     return records, checkpoints, anchors, meta.get("public_key", "")
 
 
-def read_events(path: str | Path) -> list[dict[str, Any]]:
+def read_events(path: str | Path) -> list[Any]:
     """CloudEvents from a JSON array, a JSON object, or JSON lines (each an event or a batch)."""
     text = Path(path).read_text()
     stripped = text.strip()
@@ -354,22 +354,50 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
         documents = [json.loads(stripped)]
     except ValueError:
         documents = [json.loads(line) for line in stripped.splitlines() if line.strip()]
-    events: list[dict[str, Any]] = []
+    events: list[Any] = []
     for document in documents:
         events.extend(document if isinstance(document, list) else [document])
     return events
 
 
-def from_events(events: Iterable[dict[str, Any]]) -> tuple[list[Record], list[Checkpoint]]:
+def from_events(events: Iterable[Any]) -> tuple[list[Record], list[Checkpoint]]:
+    """Records and checkpoints of exported CloudEvents (other types are skipped). ValueError names the event (its
+    number, from 1, and id) and the field when an event is not shaped as the exporter writes it."""
     records, checkpoints = [], []
     record_types = set(EVENT_TYPES.values())
-    for event in events:
-        data = dict(event.get("data") or {})
-        proof = data.pop("proof", {}) or {}
-        if event.get("type") in record_types:
+    for number, event in enumerate(events, 1):
+        if not isinstance(event, dict):
+            raise ValueError(f"event {number}: expected a CloudEvent (a JSON object), got {_json_type(event)}")
+        if event.get("type") not in record_types and event.get("type") != CHECKPOINT_TYPE:
+            continue
+        data, proof = _event_data(number, event)
+        if event.get("type") == CHECKPOINT_TYPE:
+            checkpoints.append(Checkpoint(data, str(proof.get("signature", ""))))
+        else:
             key_id = proof.get("keyId")
-            records.append(Record(chain.canonical(data), str(proof.get("hash", "")), str(proof.get("signature", "")),
+            records.append(Record(data, str(proof.get("hash", "")), str(proof.get("signature", "")),
                                   key_id=None if key_id is None else str(key_id)))
-        elif event.get("type") == CHECKPOINT_TYPE:
-            checkpoints.append(Checkpoint(chain.canonical(data), str(proof.get("signature", ""))))
     return records, checkpoints
+
+
+def _event_data(number: int, event: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """An event's data as canonical JSON without its proof, and the proof."""
+    where = f"event {number} (id {event.get('id')!r})"
+    data = event.get("data")
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: 'data' must be a JSON object, got {_json_type(data)}")
+    data = dict(data)
+    proof = data.pop("proof", None)
+    proof = {} if proof is None else proof
+    if not isinstance(proof, dict):
+        raise ValueError(f"{where}: 'data.proof' must be a JSON object, got {_json_type(proof)}")
+    try:
+        return chain.canonical(data), proof
+    except ValueError as exc:  # NaN or an infinite number: no record ever holds one
+        raise ValueError(f"{where}: 'data' is not a usage record ({exc})") from None
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
