@@ -142,7 +142,12 @@ def test_checkpoints_signed_by_another_key_do_not_count(tmp_path: Path) -> None:
     make_ledger(tmp_path / "u.db").close()
     recs, points, anchors, _ = verify.from_ledger_file(tmp_path / "u.db")
     other = chain.Verifier(chain.generate_key().public_key())
-    assert {"bad-signature"} == kinds(verify.verify(recs, points, other, anchors))
+    # Verified with another key only: every record and checkpoint names a key that is not trusted.
+    assert {"unknown-key"} == kinds(verify.verify(recs, points, other, anchors))
+    # A checkpoint that names the trusted key but was signed by another fails, and does not count (no truncation).
+    text = chain.canonical(json.loads(points[0].body_text) | {"seq": 99})
+    forged = verify.Checkpoint(text, chain.Signer(chain.generate_key()).sign_checkpoint(text))
+    assert {"bad-signature"} == kinds(verify.verify(recs, [forged], VERIFIER, anchors))
 
 
 def test_pruning_keeps_the_rest_verifiable_and_only_removes_exported_records(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -17,15 +19,21 @@ def usage() -> None:
     """Verify, report on and sign usage records (the metering ledger and its exports)."""
 
 
-def _sources(ledgers: tuple[str, ...], exports: tuple[str, ...]) -> tuple[list[verify.Record],
-                                                                         list[verify.Checkpoint],
-                                                                         dict[str, verify.Anchor], list[str]]:
+@dataclasses.dataclass
+class Sources:
+    """What the files on the command line hold: records, checkpoints, pruning anchors and embedded keys."""
+
+    records: list[verify.Record] = dataclasses.field(default_factory=list)
+    checkpoints: list[verify.Checkpoint] = dataclasses.field(default_factory=list)
+    anchors: dict[str, verify.Anchor] = dataclasses.field(default_factory=dict)
+    embedded_keys: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (ledger file, base64 key)
+
+
+def _sources(ledgers: tuple[str, ...], exports: tuple[str, ...], checkpoint_files: tuple[str, ...] = ()) -> Sources:
+    """Ledger files and exports give records and checkpoints; ``checkpoint_files`` only their checkpoints."""
     if not ledgers and not exports:
         raise click.UsageError("give at least one --ledger FILE or --export FILE")
-    records: list[verify.Record] = []
-    checkpoints: list[verify.Checkpoint] = []
-    anchors: dict[str, verify.Anchor] = {}
-    embedded: list[str] = []
+    sources = Sources()
     for path in ledgers:
         try:
             more, points, anchor, key = verify.from_ledger_file(path)
@@ -33,54 +41,83 @@ def _sources(ledgers: tuple[str, ...], exports: tuple[str, ...]) -> tuple[list[v
             raise click.BadParameter(f"{path}: {exc}", param_hint="--ledger") from None
         except Exception as exc:  # sqlite3.DatabaseError: not a ledger
             raise click.BadParameter(f"{path}: not a usage ledger ({exc})", param_hint="--ledger") from None
-        records += more
-        checkpoints += points
-        anchors.update(anchor)
-        embedded.append(key)
-    for path in exports:
-        try:
-            more, points = verify.from_events(verify.read_events(path))
-        except (OSError, ValueError) as exc:
-            raise click.BadParameter(f"{path}: not CloudEvents JSON ({exc})", param_hint="--export") from None
-        records += more
-        checkpoints += points
-    return records, checkpoints, anchors, embedded
+        sources.records += more
+        sources.checkpoints += points
+        sources.anchors.update(anchor)
+        sources.embedded_keys.append((path, key))
+    for option, paths in (("--export", exports), ("--checkpoints", checkpoint_files)):
+        for path in paths:
+            more, points = _read_export(path, option)
+            sources.records += more if option == "--export" else []
+            sources.checkpoints += points
+    return sources
+
+
+def _read_export(path: str, option: str) -> tuple[list[verify.Record], list[verify.Checkpoint]]:
+    try:
+        events = verify.read_events(path)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"{path}: not CloudEvents JSON ({exc})", param_hint=option) from None
+    try:
+        return verify.from_events(events)
+    except ValueError as exc:
+        raise click.BadParameter(f"{path}: {exc}", param_hint=option) from None
+
+
+def _trusted_keys(public_keys: tuple[str, ...], trust_embedded_key: bool,
+                  embedded: list[tuple[str, str]]) -> list[chain.Verifier]:
+    if public_keys:
+        verifiers = []
+        for path in public_keys:
+            try:
+                verifiers.append(chain.Verifier(chain.load_public_key(path)))
+            except (OSError, ValueError) as exc:
+                raise click.BadParameter(str(exc), param_hint="--public-key") from None
+        return verifiers
+    if trust_embedded_key and any(key for _, key in embedded):
+        verifiers = []
+        for path, key in embedded:
+            try:
+                verifiers.append(chain.Verifier(chain.public_key_from_b64(key)))
+            except ValueError as exc:
+                raise click.BadParameter(f"{path}: its embedded public key is not an Ed25519 key ({exc})",
+                                         param_hint="--ledger") from None
+        return verifiers
+    raise click.UsageError("--public-key is required (or --trust-embedded-key with --ledger)")
 
 
 @usage.command("verify")
 @click.option("--ledger", "ledgers", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A pod's ledger file (usage.db); repeatable.")
 @click.option("--export", "exports", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Exported CloudEvents (JSON or JSON lines), records and checkpoints; repeatable.")
+              help="Exported CloudEvents (JSON or JSON lines), records and checkpoints; repeatable. With --ledger, "
+                   "a record in both must be the same.")
 @click.option("--checkpoints", "checkpoint_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Checkpoints published outside the pod (exported CloudEvents) to detect a cut-off tail.")
-@click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
-              help="The Ed25519 public key (PEM) records must be signed with.")
+              help="Exported CloudEvents to take only the signed checkpoints from (to detect a cut-off tail of "
+                   "--ledger, or prove its pruning); repeatable.")
+@click.option("--public-key", "public_keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="An Ed25519 public key (PEM) to trust; repeatable (a ledger set aside at a key change, an export "
+                   "spanning one). Each record is checked with the key its proof names.")
 @click.option("--trust-embedded-key", is_flag=True,
-              help="Use the key stored in the ledger itself: proves integrity, not who signed.")
+              help="Use the keys stored in the ledgers themselves: proves integrity, not who signed.")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def verify_command(ledgers: tuple[str, ...], exports: tuple[str, ...], checkpoint_files: tuple[str, ...],
-                   public_key: str | None, trust_embedded_key: bool, output: str) -> None:
+                   public_keys: tuple[str, ...], trust_embedded_key: bool, output: str) -> None:
     """Check that no record was edited, deleted, reordered, inserted or cut off. Exit 1 on any problem."""
-    records, checkpoints, anchors, embedded = _sources(ledgers, exports + checkpoint_files)
-    if public_key:
-        try:
-            key = chain.load_public_key(public_key)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--public-key") from None
-    elif trust_embedded_key and embedded and embedded[0]:
-        key = chain.public_key_from_b64(embedded[0])
-    else:
-        raise click.UsageError("--public-key is required (or --trust-embedded-key with --ledger)")
-    result = verify.verify(records, checkpoints, chain.Verifier(key), anchors)
+    sources = _sources(ledgers, exports, checkpoint_files)
+    keys = _trusted_keys(public_keys, trust_embedded_key, sources.embedded_keys)
+    result = verify.verify(sources.records, sources.checkpoints, keys, sources.anchors)
     if output == "json":
         click.echo(json.dumps({"ok": result.ok, "ledgers": {k: vars(v) for k, v in result.ledgers.items()},
                                "problems": [vars(p) for p in result.problems], "warnings": result.warnings},
                               indent=2))
     else:
         for ledger, summary in result.ledgers.items():
-            click.echo(f"ledger {ledger}: records {summary.first_seq}..{summary.head_seq} ({summary.records}), "
-                       f"{summary.checkpoints} checkpoints, last at {summary.last_checkpoint_seq}")
+            present = (f"records {summary.first_seq}..{summary.head_seq} ({summary.records})" if summary.records
+                       else "no records")
+            pruned = f", pruned up to {summary.pruned_seq}" if summary.pruned_seq else ""
+            click.echo(f"ledger {ledger}: {present}{pruned}, {summary.checkpoints} checkpoints, "
+                       f"last at {summary.last_checkpoint_seq}")
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)
         for problem in result.problems:
@@ -104,13 +141,14 @@ def verify_command(ledgers: tuple[str, ...], exports: tuple[str, ...], checkpoin
 def report_command(ledgers: tuple[str, ...], exports: tuple[str, ...], by: str, window: str, since: str | None,
                    until: str | None, output: str, chart: str | None) -> None:
     """Totals of tokens, GPU-ms, resource units and cost per tenant, model, tier and time window."""
-    records, _, _, _ = _sources(ledgers, exports)
+    records = _sources(ledgers, exports).records
     try:
         size = report.parse_window(window)
-        start = report.parse_time(since) if since else None
-        end = report.parse_time(until) if until else None
-    except ValueError as exc:
+    except ValueError as exc:  # its message names --window
         raise click.UsageError(str(exc)) from None
+    except OverflowError as exc:
+        raise click.BadParameter(f"{window!r}: too large ({exc})", param_hint="--window") from None
+    start, end = _time_option("--since", since), _time_option("--until", until)
     bodies = _unique_bodies(records)
     selected = report.billable(bodies, start, end)
     try:
@@ -126,11 +164,27 @@ def report_command(ledgers: tuple[str, ...], exports: tuple[str, ...], by: str, 
         click.echo(f"chart written to {chart}", err=True)
 
 
+def _time_option(option: str, value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    try:
+        return report.parse_time(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: expected an ISO 8601 time such as 2026-11-21T13:00:00Z ({exc})",
+                                 param_hint=option) from None
+
+
 def _unique_bodies(records: list[verify.Record]) -> list[dict[str, Any]]:
     """Record bodies, once each (exports are at-least-once)."""
     seen: dict[str, dict[str, Any]] = {}
     for record in records:
-        body = json.loads(record.body_text)
+        try:
+            body = json.loads(record.body_text)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            where = f"ledger row {record.position}" if record.position is not None else "an exported record"
+            raise click.ClickException(f"{where} is not a JSON object; run `tensorfleet usage verify` on it")
         seen.setdefault(str(body.get("id")), body)
     return list(seen.values())
 
