@@ -161,6 +161,7 @@ def test_settings_come_from_the_environment_and_bad_values_name_the_variable() -
     settings = config.from_env(MeteringSettings, {"TENSORFLEET_METERING_SAMPLE_PERIOD_MS": "50",
                                                   "TENSORFLEET_METERING_SINK_URL": "ftp://x"})
     assert settings.sample_period_ms == 50.0
-    assert settings.validate() == ["TENSORFLEET_METERING_SINK_URL='ftp://x': must be an http:// or https:// URL"]
+    assert settings.validate() == [
+        "TENSORFLEET_METERING_SINK_URL='ftp://x': must be an http:// or https:// URL with a host"]
     assert "TENSORFLEET_METERING_SAMPLE_PERIOD_MS=5.0: must be between 10 and 10000" in \
         MeteringSettings(sample_period_ms=5.0).validate()
