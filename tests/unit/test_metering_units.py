@@ -143,7 +143,7 @@ def test_report_totals_per_tenant_and_window() -> None:
     assert acme[0]["resourceUnits"] == 200.0
     assert Decimal(acme[0]["cost"]) == 2 * Decimal(_bodies()[0]["price"])
     csv_text = report.render(rows, "csv")
-    assert csv_text.splitlines()[0].startswith("tenant,window,requests,inputTokens")
+    assert csv_text.splitlines()[0].startswith("tenant,window,currency,requests,inputTokens")
     assert json.loads(report.render(rows, "json")) == rows
     assert "acme" in report.render(rows, "table")
     with pytest.raises(ValueError, match="--by colour"):

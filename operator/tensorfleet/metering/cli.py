@@ -112,8 +112,8 @@ def report_command(ledgers: tuple[str, ...], exports: tuple[str, ...], by: str, 
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     bodies = _unique_bodies(records)
-    selected = report.billable(bodies, start, end)
     try:
+        selected = report.billable(bodies, start, end)
         rows = report.aggregate(selected, [k.strip() for k in by.split(",") if k.strip()], size)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
