@@ -52,6 +52,7 @@ class NvmlDouble:
         self.initialised = False
         self.samples_alive = 0
         self.calls: list[str] = []
+        self._activity: list[tuple[int, DeviceDouble, float]] = []  # (attempt, device, activity) per GPM sample
 
     def _device(self, handle: DeviceDouble) -> DeviceDouble:
         if handle.lost:
@@ -105,18 +106,25 @@ class NvmlDouble:
 
     def nvmlGpmSampleGet(self, handle: DeviceDouble, sample: dict[str, Any]) -> dict[str, Any]:
         self._taken += 1
-        sample.update(device=self._device(handle), activity=handle.gpm_activity, taken=self._taken)
+        # The device worked through the period whether or not it could be read: a failed attempt still
+        # counts towards the activity GPM reports over a span that includes it.
+        self._activity.append((self._taken, handle, handle.gpm_activity))
+        sample.update(device=self._device(handle), taken=self._taken)
         return sample
 
     _taken = 0
 
     def nvmlGpmMetricsGet(self, request: Any) -> Any:
-        # The real call compares two opaque samples; here the newer one carries the scripted activity.
+        # The real call compares two opaque samples: the activity over the whole span between them. Here it
+        # is the mean of the activity scripted at each sample attempt after the older sample, up to the newer.
         assert request.version == self.NVML_GPM_METRICS_GET_VERSION
         assert request.numMetrics == 1
-        assert request.sample1["device"] is request.sample2["device"], "samples of two devices"
-        assert request.sample1["taken"] < request.sample2["taken"], "sample2 must be the newer sample"
+        device = request.sample2["device"]
+        assert request.sample1["device"] is device, "samples of two devices"
+        first, last = request.sample1["taken"], request.sample2["taken"]
+        assert first < last, "sample2 must be the newer sample"
         assert request.metrics[0].metricId == self.NVML_GPM_METRIC_GRAPHICS_UTIL
+        span = [activity for taken, d, activity in self._activity if d is device and first < taken <= last]
         request.metrics[0].nvmlReturn = self.NVML_SUCCESS
-        request.metrics[0].value = request.sample2["activity"]
+        request.metrics[0].value = sum(span) / len(span)
         return request

@@ -65,9 +65,39 @@ def test_an_unreadable_device_yields_no_interval_rather_than_a_guess() -> None:
     assert sampler.sample() is None
     device.lost = False
     clock.now += 0.1
+    assert sampler.sample() is None  # the read after the gap primes the counters again
+    clock.now += 0.1
     after = sampler.sample()
     assert after is not None
-    assert after.start == pytest.approx(100.1)
+    assert (after.start, after.end) == (pytest.approx(100.2), pytest.approx(100.3))
+    assert after.activity == pytest.approx(0.9)
+
+
+def test_the_energy_and_activity_of_a_gap_are_not_billed_into_the_interval_after_it() -> None:
+    """Steady 100 mJ and full activity per 100 ms; during the unreadable period one device used 500 mJ and
+    was idle, the other (read fine) 300 mJ. Every interval after the gap holds only its own readings."""
+    devices = [DeviceDouble("GPU-a", gpm_activity=100.0), DeviceDouble("GPU-b", gpm_activity=100.0)]
+    sampler, _, clock = sampler_on(devices, None)
+
+    def period(lost: bool = False, energy: tuple[int, int] = (100, 100),
+               activity: float = 100.0) -> nvml.GpuInterval | None:
+        clock.now += 0.1
+        for device, used in zip(devices, energy, strict=True):
+            device.energy_mj += used
+            device.gpm_activity = activity
+        devices[1].lost = lost
+        return sampler.sample()
+
+    before = period()
+    assert before is not None
+    assert (before.energy_mj, before.activity) == (200, pytest.approx(1.0))
+    assert period(lost=True, energy=(300, 500), activity=0.0) is None  # GPU-a was read, GPU-b was not
+    assert period() is None  # priming again
+    after = [i for i in (period() for _ in range(3)) if i is not None]
+    assert [i.energy_mj for i in after] == [200, 200, 200]
+    assert [i.activity for i in after] == [pytest.approx(1.0)] * 3
+    assert [i.busy_ms for i in after] == [pytest.approx(200.0)] * 3
+    assert [i.start for i in after] == [pytest.approx(100.3), pytest.approx(100.4), pytest.approx(100.5)]
 
 
 def test_energy_is_absent_where_the_gpu_has_no_counter() -> None:

@@ -143,7 +143,7 @@ def test_report_totals_per_tenant_and_window() -> None:
     assert acme[0]["resourceUnits"] == 200.0
     assert Decimal(acme[0]["cost"]) == 2 * Decimal(_bodies()[0]["price"])
     csv_text = report.render(rows, "csv")
-    assert csv_text.splitlines()[0].startswith("tenant,window,requests,inputTokens")
+    assert csv_text.splitlines()[0].startswith("tenant,window,currency,requests,inputTokens")
     assert json.loads(report.render(rows, "json")) == rows
     assert "acme" in report.render(rows, "table")
     with pytest.raises(ValueError, match="--by colour"):
@@ -161,6 +161,7 @@ def test_settings_come_from_the_environment_and_bad_values_name_the_variable() -
     settings = config.from_env(MeteringSettings, {"TENSORFLEET_METERING_SAMPLE_PERIOD_MS": "50",
                                                   "TENSORFLEET_METERING_SINK_URL": "ftp://x"})
     assert settings.sample_period_ms == 50.0
-    assert settings.validate() == ["TENSORFLEET_METERING_SINK_URL='ftp://x': must be an http:// or https:// URL"]
+    assert settings.validate() == [
+        "TENSORFLEET_METERING_SINK_URL='ftp://x': must be an http:// or https:// URL with a host"]
     assert "TENSORFLEET_METERING_SAMPLE_PERIOD_MS=5.0: must be between 10 and 10000" in \
         MeteringSettings(sample_period_ms=5.0).validate()

@@ -144,14 +144,12 @@ def report_command(ledgers: tuple[str, ...], exports: tuple[str, ...], by: str, 
     records = _sources(ledgers, exports).records
     try:
         size = report.parse_window(window)
-    except ValueError as exc:  # its message names --window
+    except ValueError as exc:  # its message names --window and the limit
         raise click.UsageError(str(exc)) from None
-    except OverflowError as exc:
-        raise click.BadParameter(f"{window!r}: too large ({exc})", param_hint="--window") from None
     start, end = _time_option("--since", since), _time_option("--until", until)
     bodies = _unique_bodies(records)
-    selected = report.billable(bodies, start, end)
     try:
+        selected = report.billable(bodies, start, end)
         rows = report.aggregate(selected, [k.strip() for k in by.split(",") if k.strip()], size)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

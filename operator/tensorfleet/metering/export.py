@@ -9,9 +9,11 @@ they cover.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
+import sqlite3
 import threading
 import time
 import uuid
@@ -122,6 +124,8 @@ class Exporter:
             response = self.client.post(self.sink_url, content=json.dumps(events, separators=(",", ":")))
         except httpx.HTTPError as exc:
             raise ExportFailed(f"sink unreachable: {exc!r}") from None
+        except (httpx.InvalidURL, ValueError) as exc:  # a URL httpx cannot send to: retried, it may be fixed
+            raise ExportFailed(f"sink request to {self.sink_url!r} failed: {exc!r}") from None
         if response.status_code // 100 != 2:
             raise ExportFailed(f"sink answered {response.status_code}: {response.text[:200]}",
                                _retry_after(response))
@@ -176,7 +180,11 @@ class ExporterThread(threading.Thread):
             self.exporter.ledger.close()
 
     def step(self) -> float:
-        """Export what there is; how long to wait before the next step."""
+        """Export what there is, then prune; how long to wait before the next step.
+
+        Any failure (the sink, SQLite's "database or disk is full", a bug) is counted, logged and retried
+        with the backoff: the thread lives as long as the sink is open, and what was not marked exported is
+        sent again (at least once; the sink deduplicates by id)."""
         try:
             while self.exporter.export_once() and not self.stop_event.is_set():
                 self.failures = 0
@@ -184,13 +192,34 @@ class ExporterThread(threading.Thread):
             self.exporter.ledger.prune(self.settings.retention_seconds)
             update_spool_metrics(self.exporter.ledger, self.settings)
             return self.settings.export_interval_seconds
-        except ExportFailed as exc:
-            self.failures += 1
-            metrics.EXPORT_FAILURES.inc()
-            update_spool_metrics(self.exporter.ledger, self.settings)
-            wait = exc.retry_after if exc.retry_after is not None else self.delay(self.failures)
+        except Exception as exc:
+            return self._failed(exc)
+
+    def _failed(self, exc: Exception) -> float:
+        self.failures += 1
+        metrics.EXPORT_FAILURES.inc()
+        self._end_open_transaction()
+        retry_after = exc.retry_after if isinstance(exc, ExportFailed) else None
+        wait = min(retry_after if retry_after is not None else self.delay(self.failures),
+                   self.settings.retry_max_seconds)
+        if isinstance(exc, ExportFailed):
             log.warning("usage export failed (attempt %d, retry in %.1fs): %s", self.failures, wait, exc)
-            return min(wait, self.settings.retry_max_seconds)
+        else:
+            log.warning("usage export failed (attempt %d, retry in %.1fs): %r", self.failures, wait, exc,
+                        exc_info=exc)
+        try:
+            update_spool_metrics(self.exporter.ledger, self.settings)
+        except Exception as metrics_exc:  # the ledger may be what failed; the next step tries again
+            log.warning("usage spool metrics not updated: %r", metrics_exc)
+        return wait
+
+    def _end_open_transaction(self) -> None:
+        """A failed COMMIT can leave the exporter's connection inside a transaction; every later BEGIN would
+        fail. Roll it back (nothing in it was acknowledged: the export cursor moves only on commit)."""
+        conn = self.exporter.ledger.conn
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -5,6 +5,8 @@ graphics-engine activity between two GPM samples (exactly that interval); otherw
 utilization rate, the share of the driver's own last sample period (1/6 s to 1 s by product) in which
 a kernel ran. Busy time is ``interval x activity`` summed over the devices. A device that cannot be
 read yields no interval: the attribution sees a gap and bills nothing for it, never a made-up value.
+The read after a gap only primes the counters again (energy, GPM samples), so the gap's energy and
+activity are never billed into the interval after it.
 
 The ``nvml`` argument is the ``pynvml`` module (nvidia-ml-py); tests pass a test double.
 """
@@ -103,6 +105,16 @@ class _Device:
         previous, self.previous_energy = self.previous_energy, total
         return None if previous is None else max(0, total - previous)
 
+    @property
+    def unprimed(self) -> bool:
+        """The next read only sets a baseline: no GPM sample, or no energy reading, to measure from."""
+        return (self.gpm and not self.primed) or (self.energy_ok and self.previous_energy is None)
+
+    def forget_readings(self) -> None:
+        """After a gap: the next read is a baseline again, not the end of an interval spanning the gap."""
+        self.previous_energy = None
+        self.primed = False
+
     def close(self) -> None:
         for sample in self.samples:
             self.nvml.nvmlGpmSampleFree(sample)
@@ -174,13 +186,20 @@ class NvmlSampler:
         return gpm, util, energy, memory
 
     def sample(self) -> GpuInterval | None:
-        """The interval since the last call; None when a device could not be read (a gap, not a guess)."""
+        """The interval since the last call; None when a device could not be read (a gap, not a guess), and
+        for the read after a gap, which only primes the energy counters and GPM samples again."""
         if self._last is None:
             raise RuntimeError("NvmlSampler.sample() before open()")
+        priming = any(device.unprimed for device in self._devices)
         try:
             gpm, util, energy, memory = self._read_all()
         except self.nvml.NVMLError as exc:
             log.warning("NVML read failed, interval skipped: %s", exc)
+            for device in self._devices:  # some may have been read: their baselines would span the gap
+                device.forget_readings()
+            self._last = self.clock()
+            return None
+        if priming:
             self._last = self.clock()
             return None
         now, start = self.clock(), self._last

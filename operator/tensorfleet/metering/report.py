@@ -1,6 +1,8 @@
 """Usage reports: totals per tenant, model, tier and time window, as a table, CSV or JSON, and a chart.
 
-Only billable records count; cold starts are listed apart. Costs add up as decimals per currency.
+Only billable records count; cold starts are listed apart. Costs add up as decimals per currency: the
+currency is always part of a row's group, so amounts in two currencies are never summed into one.
+Bad input (an option, or a record's field) raises ValueError naming the option or the record and field.
 """
 
 from __future__ import annotations
@@ -10,14 +12,16 @@ import dataclasses
 import datetime
 import io
 import json
+import math
 from collections.abc import Iterable, Sequence
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 GROUP_KEYS = ("tenant", "model", "tier", "window", "service", "namespace", "gpuProduct", "currency")
 COLUMNS = ("requests", "inputTokens", "outputTokens", "cachedTokens", "gpuMs", "resourceUnits", "cost")
 COUNTS = ("estimatedRequests", "truncatedRequests", "truncatedTokens", "runawayStopped")  # numeric, after COLUMNS
+MAX_WINDOW = datetime.timedelta(days=3650)
 
 
 @dataclasses.dataclass
@@ -35,16 +39,17 @@ class Totals:
     runaway_stopped: int = 0  # generations stopped by runaway control
 
     def add(self, body: dict[str, Any]) -> None:
+        """Add one record (of one currency: the caller groups by it); ValueError names a bad field."""
         self.requests += 1
-        self.input_tokens += int(body.get("inputTokens") or 0)
-        self.output_tokens += int(body.get("outputTokens") or 0)
-        self.cached_tokens += int(body.get("cachedTokens") or 0)
-        self.gpu_ms += float(body.get("gpuMs") or 0.0)
-        self.resource_units += float(body.get("resourceUnits") or 0.0)
-        self.cost += Decimal(str(body.get("price") or "0"))
+        self.input_tokens += _count(body, "inputTokens")
+        self.output_tokens += _count(body, "outputTokens")
+        self.cached_tokens += _count(body, "cachedTokens")
+        self.gpu_ms += _amount(body, "gpuMs")
+        self.resource_units += _amount(body, "resourceUnits")
+        self.cost += _price(body)
         self.estimated += 1 if body.get("estimated") else 0
         self.truncated += 1 if body.get("truncated") else 0
-        self.truncated_tokens += int(body.get("truncatedTokens") or 0)
+        self.truncated_tokens += _count(body, "truncatedTokens")
         self.runaway_stopped += 1 if body.get("runawayStopped") else 0
 
     def row(self) -> dict[str, Any]:
@@ -55,35 +60,104 @@ class Totals:
                 "truncatedTokens": self.truncated_tokens, "runawayStopped": self.runaway_stopped}
 
 
+def _count(body: dict[str, Any], field: str) -> int:
+    value = body.get(field)
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():  # a sink may store JSON numbers as floats
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{field}={value!r}: must be a whole number, 0 or more")
+    return value
+
+
+def _amount(body: dict[str, Any], field: str) -> float:
+    value = body.get(field)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"{field}={value!r}: must be a finite number, 0 or more")
+    return float(value)
+
+
+def _price(body: dict[str, Any]) -> Decimal:
+    value = body.get("price")
+    if value is None:
+        return Decimal(0)
+    try:
+        price = None if isinstance(value, bool) or not isinstance(value, str | int | float) else Decimal(str(value))
+    except InvalidOperation:
+        price = None
+    if price is None or not price.is_finite() or price < 0:
+        raise ValueError(f"price={value!r}: must be a decimal string, 0 or more (e.g. \"0.0012\")")
+    return price
+
+
+def _currency(body: dict[str, Any]) -> str:
+    value = body.get("currency")
+    if value is None or value == "":
+        return "-"
+    if not isinstance(value, str):
+        raise ValueError(f"currency={value!r}: must be a currency code such as \"USD\"")
+    return value
+
+
+def _record(body: object, index: int) -> str:
+    """How an error names a record: its id, else its position in the input."""
+    record_id = body.get("id") if isinstance(body, dict) else None
+    return f"record {record_id}" if isinstance(record_id, str) and record_id else f"record #{index + 1}"
+
+
+def record_time(body: dict[str, Any]) -> datetime.datetime:
+    """A record's ``time``; ValueError names the field."""
+    value = body.get("time")
+    if not isinstance(value, str):
+        raise ValueError("time is missing" if value is None else f"time={value!r}: must be an RFC 3339 string")
+    try:
+        return parse_time(value)
+    except ValueError:
+        raise ValueError(f"time={value!r}: must be an RFC 3339 time such as 2026-11-21T13:45:31.670Z") from None
+
+
 def parse_time(value: str) -> datetime.datetime:
     moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
 
 
 def parse_window(value: str) -> datetime.timedelta:
-    """``30s``, ``15m``, ``1h``, ``1d``; ValueError names the option."""
+    """``30s``, ``15m``, ``1h``, ``1d`` (1 s to 3650 d); ValueError names the option and the limit."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
         seconds = float(value[:-1]) * units[value[-1]]
     except (KeyError, ValueError, IndexError):
         raise ValueError(f"--window={value!r}: expected a number and a unit s, m, h or d (e.g. 1h)") from None
-    if seconds <= 0:
-        raise ValueError(f"--window={value!r}: must be positive")
+    if not 1 <= seconds <= MAX_WINDOW.total_seconds():  # also false for nan
+        raise ValueError(f"--window={value!r}: must be between 1s and {MAX_WINDOW.days}d")
     return datetime.timedelta(seconds=seconds)
 
 
 def window_start(moment: datetime.datetime, window: datetime.timedelta) -> datetime.datetime:
     epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
-    return epoch + ((moment - epoch) // window) * window
+    try:
+        return epoch + ((moment - epoch) // window) * window
+    except OverflowError:
+        raise ValueError(f"time={moment.isoformat()!r}: its {_describe(window)} window would start before "
+                         "the year 1") from None
 
 
 def billable(bodies: Iterable[dict[str, Any]], since: datetime.datetime | None,
              until: datetime.datetime | None) -> list[dict[str, Any]]:
+    """The billable request records in [since, until); ValueError names a malformed record and its field."""
     out = []
-    for body in bodies:
+    for index, body in enumerate(bodies):
+        if not isinstance(body, dict):
+            raise ValueError(f"{_record(body, index)}: must be a JSON object, not {type(body).__name__}")
         if body.get("kind") != "request" or not body.get("billable"):
             continue
-        moment = parse_time(body["time"])
+        try:
+            moment = record_time(body)
+        except ValueError as exc:
+            raise ValueError(f"{_record(body, index)}: {exc}") from None
         if (since and moment < since) or (until and moment >= until):
             continue
         out.append(body)
@@ -92,21 +166,28 @@ def billable(bodies: Iterable[dict[str, Any]], since: datetime.datetime | None,
 
 def aggregate(bodies: Iterable[dict[str, Any]], by: Sequence[str],
               window: datetime.timedelta | None) -> list[dict[str, Any]]:
-    """One row per group (sorted), with the totals."""
+    """One row per group and currency (sorted), with the totals; ValueError names a bad record's field."""
     for key in by:
         if key not in GROUP_KEYS:
             raise ValueError(f"--by {key}: unknown; expected some of {', '.join(GROUP_KEYS)}")
+    keys = list(by) if "currency" in by else [*by, "currency"]  # costs never add across currencies
     groups: dict[tuple[str, ...], Totals] = {}
-    for body in bodies:
-        values = []
-        for key in by:
-            if key == "window":
-                start = window_start(parse_time(body["time"]), window or datetime.timedelta(hours=1))
-                values.append(start.isoformat().replace("+00:00", "Z"))
-            else:
-                values.append(str(body.get(key) or "-"))
-        groups.setdefault(tuple(values), Totals()).add(body)
-    return [{**dict(zip(by, key, strict=True)), **groups[key].row()} for key in sorted(groups)]
+    for index, body in enumerate(bodies):
+        try:
+            values = [_group_value(body, key, window) for key in keys]
+            groups.setdefault(tuple(values), Totals()).add(body)
+        except ValueError as exc:
+            raise ValueError(f"{_record(body, index)}: {exc}") from None
+    return [{**dict(zip(keys, key, strict=True)), **groups[key].row()} for key in sorted(groups)]
+
+
+def _group_value(body: dict[str, Any], key: str, window: datetime.timedelta | None) -> str:
+    if key == "window":
+        start = window_start(record_time(body), window or datetime.timedelta(hours=1))
+        return start.isoformat().replace("+00:00", "Z")
+    if key == "currency":
+        return _currency(body)
+    return str(body.get(key) or "-")
 
 
 def render(rows: list[dict[str, Any]], output: str) -> str:
@@ -140,10 +221,10 @@ def chart(bodies: Sequence[dict[str, Any]], window: datetime.timedelta, path: st
 
     series: dict[str, dict[datetime.datetime, float]] = {}
     for body in bodies:
-        start = window_start(parse_time(body["time"]), window)
+        start = window_start(record_time(body), window)
         tenant = str(body.get("tenant") or "-")
         series.setdefault(tenant, {})
-        series[tenant][start] = series[tenant].get(start, 0.0) + float(body.get("resourceUnits") or 0.0)
+        series[tenant][start] = series[tenant].get(start, 0.0) + _amount(body, "resourceUnits")
     figure, axes = plt.subplots(figsize=(10, 5), dpi=100)
     windows = sorted({w for points in series.values() for w in points})
     for tenant in sorted(series, key=lambda t: -sum(series[t].values())):

@@ -7,9 +7,13 @@ signing key and the sink token); the rest have defaults that suit a production p
 from __future__ import annotations
 
 import dataclasses
+import urllib.parse
 from typing import ClassVar
 
 from tensorfleet.config import setting
+
+MAX_RETENTION_SECONDS = 365 * 86400  # a year in the pod's ledger; the sink is the long-term store
+MAX_EXPORT_WAIT_SECONDS = 86400  # longest interval, retry delay or timeout of the exporter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +40,7 @@ class MeteringSettings:
     checkpoint_interval_seconds: float = setting(30.0, "Sign a checkpoint at least this often when records were added.")
     retention_seconds: float = setting(
         3600.0, "Keep exported records this long in the pod's ledger before pruning them (the sink keeps them); "
-        "0 keeps all.")
+        "0 keeps all; at most 31536000 (365 days).")
     flush_interval_ms: float = setting(200.0, "How often events are journalled and settled records appended.")
     settle_after_seconds: float = setting(
         300.0, "Longest request life the attribution waits for before finalising an interval, unless the "
@@ -70,15 +74,18 @@ class MeteringSettings:
 
         check("sample_period_ms", 10 <= self.sample_period_ms <= 10_000, "between 10 and 10000")
         check("export_batch_size", 1 <= self.export_batch_size <= 10_000, "between 1 and 10000")
-        check("export_interval_seconds", self.export_interval_seconds > 0, "positive")
-        check("retry_initial_seconds", self.retry_initial_seconds > 0, "positive")
-        check("retry_max_seconds", self.retry_max_seconds >= self.retry_initial_seconds,
-              "at least TENSORFLEET_METERING_RETRY_INITIAL_SECONDS")
+        wait_limit = f"positive, at most {MAX_EXPORT_WAIT_SECONDS}"
+        check("sink_timeout_seconds", 0 < self.sink_timeout_seconds <= MAX_EXPORT_WAIT_SECONDS, wait_limit)
+        check("export_interval_seconds", 0 < self.export_interval_seconds <= MAX_EXPORT_WAIT_SECONDS, wait_limit)
+        check("retry_initial_seconds", 0 < self.retry_initial_seconds <= MAX_EXPORT_WAIT_SECONDS, wait_limit)
+        check("retry_max_seconds", self.retry_initial_seconds <= self.retry_max_seconds <= MAX_EXPORT_WAIT_SECONDS,
+              f"at least TENSORFLEET_METERING_RETRY_INITIAL_SECONDS and at most {MAX_EXPORT_WAIT_SECONDS}")
         check("spool_max_records", self.spool_max_records >= 1, "at least 1")
         check("spool_alert_ratio", 0 < self.spool_alert_ratio <= 1, "in (0, 1]")
         check("checkpoint_every_records", self.checkpoint_every_records >= 1, "at least 1")
         check("checkpoint_interval_seconds", self.checkpoint_interval_seconds > 0, "positive")
-        check("retention_seconds", self.retention_seconds >= 0, "zero or positive")
+        check("retention_seconds", 0 <= self.retention_seconds <= MAX_RETENTION_SECONDS,
+              f"between 0 (keep all) and {MAX_RETENTION_SECONDS} (365 days)")
         check("flush_interval_ms", 1 <= self.flush_interval_ms <= 60_000, "between 1 and 60000")
         check("settle_after_seconds", self.settle_after_seconds >= 0, "zero or positive")
         check("prefill_token_weight", self.prefill_token_weight >= 0, "zero or positive")
@@ -86,6 +93,14 @@ class MeteringSettings:
         check("engine_step_tokens", self.engine_step_tokens >= 0, "zero (learn it) or positive")
         check("max_queued_events", self.max_queued_events >= 1, "at least 1")
         check("max_tenant_labels", self.max_tenant_labels >= 0, "zero or positive")
-        check("sink_url", self.sink_url is None or self.sink_url.startswith(("http://", "https://")),
-              "an http:// or https:// URL")
+        check("sink_url", self.sink_url is None or _http_url(self.sink_url), "an http:// or https:// URL with a host")
         return problems
+
+
+def _http_url(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in 0..65535
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
