@@ -15,7 +15,7 @@ class NVMLError(Exception):
         self.value = value
 
 
-NOT_SUPPORTED, GPU_IS_LOST, LIBRARY_NOT_FOUND = 3, 15, 12
+NOT_SUPPORTED, GPU_IS_LOST, LIBRARY_NOT_FOUND, UNKNOWN = 3, 15, 12, 999
 
 
 @dataclasses.dataclass
@@ -28,6 +28,7 @@ class DeviceDouble:
     memory_used: int = 10 * 2**30
     energy_mj: int = 1_000_000
     energy_supported: bool = True
+    energy_error: int | None = None  # an NVML error the energy counter's next reads raise
     lost: bool = False
 
 
@@ -35,6 +36,7 @@ class NvmlDouble:
     """Stands in for ``pynvml``; attribute names are NVML's."""
 
     NVML_SUCCESS = 0
+    NVML_ERROR_NOT_SUPPORTED = NOT_SUPPORTED
     NVML_GPM_METRICS_GET_VERSION = pynvml.NVML_GPM_METRICS_GET_VERSION
     NVML_GPM_METRIC_GRAPHICS_UTIL = pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL
     NVMLError = NVMLError
@@ -92,6 +94,8 @@ class NvmlDouble:
     def nvmlDeviceGetTotalEnergyConsumption(self, handle: DeviceDouble) -> int:
         if not handle.energy_supported:
             raise NVMLError(NOT_SUPPORTED)
+        if handle.energy_error is not None:
+            raise NVMLError(handle.energy_error)
         return self._device(handle).energy_mj
 
     def nvmlGpmQueryDeviceSupport(self, handle: DeviceDouble) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nvml_double import DeviceDouble, NvmlDouble
+from nvml_double import UNKNOWN, DeviceDouble, NvmlDouble
 from tensorfleet.metering import nvml
 
 
@@ -98,6 +98,22 @@ def test_the_energy_and_activity_of_a_gap_are_not_billed_into_the_interval_after
     assert [i.activity for i in after] == [pytest.approx(1.0)] * 3
     assert [i.busy_ms for i in after] == [pytest.approx(200.0)] * 3
     assert [i.start for i in after] == [pytest.approx(100.3), pytest.approx(100.4), pytest.approx(100.5)]
+
+
+def test_a_failed_energy_read_is_a_gap_and_energy_comes_back_after_it() -> None:
+    """Only a GPU without the counter loses energy for good; one failed read skips its interval."""
+    device = DeviceDouble("GPU-a", gpm_activity=100.0)
+    sampler, _, clock = sampler_on([device], None)
+
+    def period(error: int | None = None) -> nvml.GpuInterval | None:
+        clock.now += 0.1
+        device.energy_mj += 100
+        device.energy_error = error
+        return sampler.sample()
+
+    assert period(error=UNKNOWN) is None
+    assert period() is None  # priming again
+    assert [i.energy_mj for i in (period(), period()) if i is not None] == [100, 100]
 
 
 def test_energy_is_absent_where_the_gpu_has_no_counter() -> None:

@@ -99,7 +99,9 @@ class _Device:
             return None
         try:
             total = int(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))
-        except self.nvml.NVMLError:
+        except self.nvml.NVMLError as exc:
+            if getattr(exc, "value", None) != self.nvml.NVML_ERROR_NOT_SUPPORTED:
+                raise  # a failed read (a gap), not a GPU without the counter: energy comes back after it
             self.energy_ok = False
             return None
         previous, self.previous_energy = self.previous_energy, total
