@@ -162,3 +162,13 @@ def test_the_exporters_waits_must_be_finite(name: str, value: float) -> None:
 def test_a_sink_url_without_a_valid_host_is_rejected_at_start(url: str) -> None:
     assert MeteringSettings(sink_url=url).validate() == [
         f"TENSORFLEET_METERING_SINK_URL={url!r}: must be an http:// or https:// URL with a host"]
+
+
+@pytest.mark.parametrize(("name", "value", "limit"), [
+    ("checkpoint_interval_seconds", math.inf, "positive, at most 86400"),
+    ("settle_after_seconds", math.inf, "between 0 and 86400"),
+    ("prefill_token_weight", math.inf, "between 0 and 1000"),
+    ("prefill_token_weight", math.nan, "between 0 and 1000")])
+def test_the_writers_settings_must_be_finite(name: str, value: float, limit: str) -> None:
+    assert MeteringSettings(**{name: value}).validate() == [
+        f"TENSORFLEET_METERING_{name.upper()}={value!r}: must be {limit}"]

@@ -13,7 +13,8 @@ from typing import ClassVar
 from tensorfleet.config import setting
 
 MAX_RETENTION_SECONDS = 365 * 86400  # a year in the pod's ledger; the sink is the long-term store
-MAX_EXPORT_WAIT_SECONDS = 86400  # longest interval, retry delay or timeout of the exporter
+MAX_EXPORT_WAIT_SECONDS = 86400  # longest interval, retry delay or timeout of the exporter, and of the writer's waits
+MAX_PREFILL_TOKEN_WEIGHT = 1000.0  # a prompt token's work in generated tokens (an infinite weight makes shares NaN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +84,15 @@ class MeteringSettings:
         check("spool_max_records", self.spool_max_records >= 1, "at least 1")
         check("spool_alert_ratio", 0 < self.spool_alert_ratio <= 1, "in (0, 1]")
         check("checkpoint_every_records", self.checkpoint_every_records >= 1, "at least 1")
-        check("checkpoint_interval_seconds", self.checkpoint_interval_seconds > 0, "positive")
+        check("checkpoint_interval_seconds", 0 < self.checkpoint_interval_seconds <= MAX_EXPORT_WAIT_SECONDS,
+              f"positive, at most {MAX_EXPORT_WAIT_SECONDS}")
         check("retention_seconds", 0 <= self.retention_seconds <= MAX_RETENTION_SECONDS,
               f"between 0 (keep all) and {MAX_RETENTION_SECONDS} (365 days)")
         check("flush_interval_ms", 1 <= self.flush_interval_ms <= 60_000, "between 1 and 60000")
-        check("settle_after_seconds", self.settle_after_seconds >= 0, "zero or positive")
-        check("prefill_token_weight", self.prefill_token_weight >= 0, "zero or positive")
+        check("settle_after_seconds", 0 <= self.settle_after_seconds <= MAX_EXPORT_WAIT_SECONDS,
+              f"between 0 and {MAX_EXPORT_WAIT_SECONDS}")
+        check("prefill_token_weight", 0 <= self.prefill_token_weight <= MAX_PREFILL_TOKEN_WEIGHT,
+              f"between 0 and {MAX_PREFILL_TOKEN_WEIGHT:g}")
         check("prompt_placement", self.prompt_placement in ("steps", "admission"), "'steps' or 'admission'")
         check("engine_step_tokens", self.engine_step_tokens >= 0, "zero (learn it) or positive")
         check("max_queued_events", self.max_queued_events >= 1, "at least 1")
