@@ -175,21 +175,22 @@ class Proxy:
             return await self._serve_cached(request, proxied, outcome, cached)
         prompt_tokens = await self._check_input(proxied)
         reservation = self._reserve(proxied, prompt_tokens + max_tokens * s.engine.choices(proxied))
-        guard = self.relay.guard(proxied)
-        if guard is not None and not proxied.streaming and s.engine.can_stream_instead(proxied):
-            proxied.flags[COLLECT] = True  # watched while generated, so a stop saves the rest
-        s.engine.prepare_upstream(proxied, bool(proxied.flags.get(COLLECT)))
-        await s.admission.acquire()
-        s.metrics.queue_depth.dec()
-        outcome.queued = False
-        try:
-            outcome.admitted = time.monotonic()
-            self._tell_sink_admitted(proxied.request_id, outcome.admitted)
-            response = await self.relay.forward(request, proxied, outcome, original_options, key, guard)
+        try:  # settled however the request ends: refused by admission, cancelled while queued, served
+            guard = self.relay.guard(proxied)
+            if guard is not None and not proxied.streaming and s.engine.can_stream_instead(proxied):
+                proxied.flags[COLLECT] = True  # watched while generated, so a stop saves the rest
+            s.engine.prepare_upstream(proxied, bool(proxied.flags.get(COLLECT)))
+            await s.admission.acquire()
+            s.metrics.queue_depth.dec()
+            outcome.queued = False
+            try:
+                outcome.admitted = time.monotonic()
+                self._tell_sink_admitted(proxied.request_id, outcome.admitted)
+                return await self.relay.forward(request, proxied, outcome, original_options, key, guard)
+            finally:
+                s.admission.release()
         finally:
-            s.admission.release()
             s.limiter.settle(reservation, _used_tokens(proxied, outcome))
-        return response
 
     def _cache_key(self, proxied: ProxyRequest) -> str | None:
         if not self.s.config.token_policy.cache.enabled or not is_deterministic(proxied.body):
@@ -283,6 +284,8 @@ def _too_large(limit: int) -> GatewayError:
 
 
 def _used_tokens(proxied: ProxyRequest, outcome: Outcome) -> int:
+    if outcome.admitted is None:  # refused by admission or gone while queued: the engine saw nothing
+        return 0
     usage = outcome.usage
     if usage is not None:
         return usage.prompt_tokens + usage.completion_tokens
