@@ -102,6 +102,9 @@ class Proxy:
             outcome.status, outcome.error = CLIENT_CLOSED, "client_disconnected"
             s.metrics.client_disconnects.inc()
             raise
+        except Exception:  # a bug: the server answers 500 (and logs it); meter what the client got
+            outcome.status, outcome.error = 500, "internal_error"
+            raise
         finally:
             if outcome.queued:
                 s.metrics.queue_depth.dec()

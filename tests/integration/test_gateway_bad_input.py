@@ -1,0 +1,40 @@
+"""Bad input and the gateway's own failures: every answer JSON, never a 500 for what a client sent, and
+metered as what the client got. Against the stand-in engine."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import aiohttp
+import pytest
+
+from engines.standin import StandinEngine
+from gateway_support import RecordingSinkDouble, running_gateway, serving, url, wait_until
+from integration.test_gateway_pipeline import post
+from tensorfleet.gateway.hooks import ProxyRequest, TokenCounter
+
+pytestmark = pytest.mark.integration
+
+
+class _BrokenHook:
+    """A request hook with a bug in it."""
+
+    async def before_upstream(self, request: ProxyRequest, tokens: TokenCounter) -> None:
+        raise RuntimeError("a bug in a hook")
+
+
+async def test_an_unexpected_error_is_metered_as_the_500_the_client_got(tmp_path: pathlib.Path) -> None:
+    sink = RecordingSinkDouble()
+    async with serving(StandinEngine().app()) as upstream, \
+            running_gateway(tmp_path, upstream, sink=sink, hooks={"request_hooks": [_BrokenHook()]}) as gw, \
+            aiohttp.ClientSession() as session:
+        status, body, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
+        await wait_until(lambda: sink.client_requests(), 5, "the metering event")
+        labels: dict[str, Any] = {"model": "tiny", "endpoint": "/v1/completions"}
+        counted = {code: gw.metrics.registry.get_sample_value("tensorfleet_gateway_requests_total",
+                                                               {**labels, "code": code}) for code in ("2xx", "5xx")}
+    assert (status, body["error"]["code"]) == (500, "internal_error")
+    (event,) = sink.client_requests()
+    assert (event.status, event.error) == (500, "internal_error")
+    assert counted == {"2xx": None, "5xx": 1.0}
