@@ -38,3 +38,17 @@ async def test_an_unexpected_error_is_metered_as_the_500_the_client_got(tmp_path
     (event,) = sink.client_requests()
     assert (event.status, event.error) == (500, "internal_error")
     assert counted == {"2xx": None, "5xx": 1.0}
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+async def test_nan_and_infinity_are_not_json(tmp_path: pathlib.Path, literal: bytes) -> None:
+    engine = StandinEngine()
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream) as gw, \
+            aiohttp.ClientSession() as session:
+        warm_up = len(engine.raw)
+        status, body, _ = await post(session, url(gw, "/v1/completions"),
+                                     b'{"model":"tiny","prompt":"a","temperature":%b}' % literal)
+        forwarded = engine.raw[warm_up:]
+    assert (status, body["error"]["code"]) == (400, "invalid_json")
+    assert f"{literal.decode()} is not a JSON value" in body["error"]["message"]
+    assert forwarded == []

@@ -155,8 +155,8 @@ class Proxy:
         except TimeoutError:
             raise GatewayError(408, f"the request body did not arrive within "
                                     f"{settings.body_read_timeout_seconds:g} s", "request_timeout") from None
-        try:
-            body = json.loads(raw)
+        try:  # what json.loads(raw) does, with a decoder that refuses NaN and the infinities
+            body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
         if not isinstance(body, dict):
@@ -280,6 +280,13 @@ class Proxy:
             m.child(m.tokens, model, tier, "output").inc(usage.completion_tokens)
             m.child(m.tenant_tokens, tenant, "input").inc(usage.prompt_tokens)
             m.child(m.tenant_tokens, tenant, "output").inc(usage.completion_tokens)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (RFC 8259 has no NaN or infinities)")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _too_large(limit: int) -> GatewayError:
