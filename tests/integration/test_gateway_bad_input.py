@@ -4,6 +4,7 @@ metered as what the client got. Against the stand-in engine."""
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Any
 
 import aiohttp
@@ -38,6 +39,29 @@ async def test_an_unexpected_error_is_metered_as_the_500_the_client_got(tmp_path
     (event,) = sink.client_requests()
     assert (event.status, event.error) == (500, "internal_error")
     assert counted == {"2xx": None, "5xx": 1.0}
+
+
+def nested(depth: int) -> bytes:
+    """A completions body with a field nested ``depth`` deep; max_tokens over the ceiling, so the clamp writes
+    the body again."""
+    return b'{"model":"tiny","prompt":"a","max_tokens":100000,"x":' + b"[" * depth + b"]" * depth + b"}"
+
+
+async def test_deeply_nested_json_is_400_never_500(tmp_path: pathlib.Path) -> None:
+    # Python's JSON reader and writer stop at its recursion limit, less the caller's stack: bodies a little
+    # below the limit parse and then fail when the body is written again (the clamp), deeper ones fail parsing.
+    limit = sys.getrecursionlimit()  # 1000 in the gateway's process; a test dependency raises it
+    answers: dict[int, tuple[int, str]] = {}
+    async with serving(StandinEngine().app()) as upstream, running_gateway(tmp_path, upstream) as gw, \
+            aiohttp.ClientSession() as session:
+        for depth in (*range(limit - 100, limit + 1, 4), 100_000):
+            status, body, _ = await post(session, url(gw, "/v1/completions"), nested(depth))
+            answers[depth] = (status, "" if status == 200 else body["error"]["code"] + ": " + body["error"]["message"])
+    refused = {depth: answer for depth, answer in answers.items() if answer[0] != 200}
+    assert refused, "no depth was refused"
+    assert all(status == 400 and "nests JSON arrays and objects too deeply" in message
+               and f"recursion limit, {limit} levels" in message for status, message in refused.values()), refused
+    assert answers[100_000][1].startswith("invalid_json: ")
 
 
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,3 +45,10 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_req
 def engine_unavailable(detail: str) -> GatewayError:
     return GatewayError(503, f"the engine is unavailable: {detail}", "engine_unavailable",
                         headers={"Retry-After": "1"})
+
+
+def nested_too_deeply() -> GatewayError:
+    """JSON that nests deeper than Python's recursion limit lets the gateway read it, or write it again."""
+    return bad_request(f"the request body nests JSON arrays and objects too deeply (the limit is Python's recursion "
+                       f"limit, {sys.getrecursionlimit()} levels, less the gateway's own call depth)", None,
+                       "invalid_json")

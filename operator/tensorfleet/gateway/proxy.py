@@ -21,7 +21,7 @@ import aiohttp
 
 from tensorfleet.gateway.auth import AuthError
 from tensorfleet.gateway.cache import cache_key, is_deterministic
-from tensorfleet.gateway.errors import GatewayError, bad_request, engine_unavailable
+from tensorfleet.gateway.errors import GatewayError, bad_request, engine_unavailable, nested_too_deeply
 from tensorfleet.gateway.frontend import BodyIncomplete, BodyTooLarge, Request, Response, StreamResponse
 from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.ratelimit import RateLimited, Reservation
@@ -102,6 +102,13 @@ class Proxy:
             outcome.status, outcome.error = CLIENT_CLOSED, "client_disconnected"
             s.metrics.client_disconnects.inc()
             raise
+        except RecursionError:
+            if outcome.admitted is None:  # a body that only just parsed, written again (the clamp, the cache key)
+                error = nested_too_deeply()
+                outcome.status, outcome.error = error.status, error.code
+                return error.response(request_id)
+            outcome.status, outcome.error = 500, "internal_error"  # in the engine's answer: a 500 as below
+            raise
         except Exception:  # a bug: the server answers 500 (and logs it); meter what the client got
             outcome.status, outcome.error = 500, "internal_error"
             raise
@@ -159,6 +166,8 @@ class Proxy:
             body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+        except RecursionError:
+            raise nested_too_deeply() from None
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", None, "invalid_json")
         return body, raw
@@ -183,13 +192,14 @@ class Proxy:
             if guard is not None and not proxied.streaming and s.engine.can_stream_instead(proxied):
                 proxied.flags[COLLECT] = True  # watched while generated, so a stop saves the rest
             s.engine.prepare_upstream(proxied, bool(proxied.flags.get(COLLECT)))
+            payload = proxied.upstream_bytes()  # before admission: a body that cannot be written again takes no slot
             await s.admission.acquire()
             s.metrics.queue_depth.dec()
             outcome.queued = False
             try:
                 outcome.admitted = time.monotonic()
                 self._tell_sink_admitted(proxied.request_id, outcome.admitted)
-                return await self.relay.forward(request, proxied, outcome, original_options, key, guard)
+                return await self.relay.forward(request, proxied, outcome, original_options, key, guard, payload)
             finally:
                 s.admission.release()
         finally:
