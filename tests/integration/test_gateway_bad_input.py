@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from engines.standin import StandinEngine
-from gateway_support import RecordingSinkDouble, running_gateway, serving, url, wait_until
+from gateway_support import RecordingSinkDouble, gateway_document, running_gateway, serving, url, wait_until
 from integration.test_gateway_pipeline import post
 from tensorfleet.gateway.hooks import ProxyRequest, TokenCounter
 
@@ -75,4 +75,30 @@ async def test_nan_and_infinity_are_not_json(tmp_path: pathlib.Path, literal: by
         forwarded = engine.raw[warm_up:]
     assert (status, body["error"]["code"]) == (400, "invalid_json")
     assert f"{literal.decode()} is not a JSON value" in body["error"]["message"]
+    assert forwarded == []
+
+
+LONE_SURROGATES = {  # each makes the gateway write the body again, or key it for the cache
+    "max_tokens clamped": ("/v1/completions", b'{"model":"tiny","prompt":"\\ud800","max_tokens":100000}', "prompt"),
+    "stream_options rewritten": ("/v1/completions", b'{"model":"tiny","prompt":"a\\udfff","stream":true,'
+                                                    b'"stream_options":{}}', "prompt"),
+    "cache key": ("/v1/completions", b'{"model":"tiny","prompt":"\\udfff x","temperature":0}', "prompt"),
+    "chat": ("/v1/chat/completions", b'{"model":"tiny","messages":[{"role":"user","content":"hi"},'
+                                     b'{"role":"user","content":"\\ud83d"}],"max_tokens":100000}',
+             "messages[1].content"),
+}
+
+
+@pytest.mark.parametrize("case", list(LONE_SURROGATES))
+async def test_a_lone_surrogate_is_400_naming_the_field(tmp_path: pathlib.Path, case: str) -> None:
+    path, raw, field = LONE_SURROGATES[case]
+    engine = StandinEngine()
+    document = gateway_document(tokenPolicy={"responseCache": {"enabled": True}})
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document) as gw, \
+            aiohttp.ClientSession() as session:
+        warm_up = len(engine.raw)
+        status, body, _ = await post(session, url(gw, path), raw)
+        forwarded = engine.raw[warm_up:]
+    assert (status, body["error"]["code"], body["error"]["param"]) == (400, "invalid_value", field)
+    assert f"'{field}' has a lone UTF-16 surrogate" in body["error"]["message"]
     assert forwarded == []

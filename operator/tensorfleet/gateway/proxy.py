@@ -21,7 +21,13 @@ import aiohttp
 
 from tensorfleet.gateway.auth import AuthError
 from tensorfleet.gateway.cache import cache_key, is_deterministic
-from tensorfleet.gateway.errors import GatewayError, bad_request, engine_unavailable, nested_too_deeply
+from tensorfleet.gateway.errors import (
+    GatewayError,
+    bad_request,
+    engine_unavailable,
+    lone_surrogate,
+    nested_too_deeply,
+)
 from tensorfleet.gateway.frontend import BodyIncomplete, BodyTooLarge, Request, Response, StreamResponse
 from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.ratelimit import RateLimited, Reservation
@@ -210,7 +216,10 @@ class Proxy:
             return None
         proxied.response_headers[CACHE_HEADER] = "miss"
         self.s.metrics.cache_lookups.labels("miss").inc()
-        return cache_key(proxied.endpoint, proxied.body)
+        try:
+            return cache_key(proxied.endpoint, proxied.body)
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800"): parsed, but not text that can be written
+            raise lone_surrogate(proxied.body) from None
 
     async def _check_input(self, proxied: ProxyRequest) -> int:
         """Prompt tokens (counted when a limit needs them, else estimated); 400 naming the limit when over."""
