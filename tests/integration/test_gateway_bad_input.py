@@ -3,6 +3,7 @@ metered as what the client got. Against the stand-in engine."""
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 import sys
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from engines.standin import StandinEngine
 from gateway_support import RecordingSinkDouble, gateway_document, running_gateway, serving, url, wait_until
 from integration.test_gateway_pipeline import post
+from tensorfleet.gateway.engine import TOKENIZE_CONCURRENCY
 from tensorfleet.gateway.hooks import ProxyRequest, TokenCounter
 
 pytestmark = pytest.mark.integration
@@ -102,3 +104,51 @@ async def test_a_lone_surrogate_is_400_naming_the_field(tmp_path: pathlib.Path, 
     assert (status, body["error"]["code"], body["error"]["param"]) == (400, "invalid_value", field)
     assert f"'{field}' has a lone UTF-16 surrogate" in body["error"]["message"]
     assert forwarded == []
+
+
+async def test_a_batch_over_the_prompt_limit_is_400_naming_it(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    document = gateway_document(tokenPolicy={"maxInputTokens": 100})
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document) as gw, \
+            aiohttp.ClientSession() as session:
+        warm_up = len(engine.raw)
+        answers = [await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": prompts})
+                   for prompts in (["a"] * 1025, [[1, 2]] * 1025)]
+        forwarded = engine.raw[warm_up:]
+    for status, body, _ in answers:
+        assert (status, body["error"]["code"], body["error"]["param"]) == (400, "invalid_value", "prompt")
+        assert "'prompt' has 1025 prompts, over the limit of 1024 prompts in one request " \
+               "(TENSORFLEET_GATEWAY_MAX_BATCH_PROMPTS)" in body["error"]["message"]
+    assert forwarded == []
+
+
+class _TokenizeConcurrencyEngine(StandinEngine):
+    """The stand-in, recording how many /tokenize calls it serves at once; each takes a few ms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizing = self.peak = 0
+
+    async def tokenize(self, request: Any) -> Any:
+        self.tokenizing += 1
+        self.peak = max(self.peak, self.tokenizing)
+        try:
+            await asyncio.sleep(0.002)  # the tokenizer's work, so that calls overlap
+            return await super().tokenize(request)
+        finally:
+            self.tokenizing -= 1
+
+
+async def test_a_batch_is_counted_a_few_prompts_at_a_time(tmp_path: pathlib.Path) -> None:
+    engine = _TokenizeConcurrencyEngine()
+    document = gateway_document(tokenPolicy={"maxInputTokens": 2})
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document) as gw, \
+            aiohttp.ClientSession() as session:
+        prompts = ["a"] * 99 + ["a b c"]  # the last one is over the limit
+        over = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": prompts})
+        fits = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": prompts[:-1]})
+    assert (over[0], over[1]["error"]["code"]) == (400, "context_length_exceeded")
+    assert "prompt 99 has 3 tokens" in over[1]["error"]["message"]
+    assert fits[0] == 200
+    assert len(engine.received[-1]["prompt"]) == 99
+    assert 1 < engine.peak <= TOKENIZE_CONCURRENCY

@@ -27,6 +27,8 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 TRITON_GENERATE = "/v2/models/{model}/generate"
 TRITON_STREAM = "/v2/models/{model}/generate_stream"
+TOKENIZE_CONCURRENCY = 8  # /tokenize calls at once for the prompts of one batch request
+DEFAULT_MAX_BATCH_PROMPTS = 1024  # vLLM's own bound, VLLM_MAX_COMPLETION_PROMPTS, defaults to the same
 _TOKENIZE_CHAT_KEYS = ("add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs",
                        "tools", "add_special_tokens")
 
@@ -79,8 +81,9 @@ class VLLMEngine:
     health_path = "/health"
     routes = (Route("POST", CHAT, True), Route("POST", COMPLETIONS, True), Route("GET", "/v1/models", False))
 
-    def __init__(self, served_model: str) -> None:
+    def __init__(self, served_model: str, max_batch_prompts: int = DEFAULT_MAX_BATCH_PROMPTS) -> None:
         self.served_model = served_model
+        self.max_batch_prompts = max_batch_prompts
 
     def upstream_path(self, request: ProxyRequest) -> str:
         return request.endpoint
@@ -108,7 +111,7 @@ class VLLMEngine:
         if request.endpoint == CHAT:
             self._validate_messages(body.get("messages"))
         else:
-            self._validate_prompt(body.get("prompt"))
+            self._validate_prompt(body.get("prompt"), self.max_batch_prompts)
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise bad_request("'stream_options' must be an object", "stream_options", "invalid_type")
@@ -125,7 +128,10 @@ class VLLMEngine:
                                   f"messages[{index}]", "invalid_type")
 
     @staticmethod
-    def _validate_prompt(prompt: Any) -> None:
+    def _validate_prompt(prompt: Any, max_batch: int) -> None:
+        if isinstance(prompt, list) and len(prompt) > max_batch and not isinstance(prompt[0], int):
+            raise bad_request(f"'prompt' has {len(prompt)} prompts, over the limit of {max_batch} prompts in one "
+                              "request (TENSORFLEET_GATEWAY_MAX_BATCH_PROMPTS)", "prompt", "invalid_value")
         ok = isinstance(prompt, str) or (
             isinstance(prompt, list) and prompt and (
                 all(isinstance(p, str) for p in prompt)
@@ -190,17 +196,32 @@ class VLLMEngine:
             request.update({k: body[k] for k in _TOKENIZE_CHAT_KEYS if k in body})
             return [await self._tokenize(client, request)]
         prompt = body["prompt"]
-        if isinstance(prompt, str):
-            prompts: list[Any] = [prompt]
-        elif prompt and isinstance(prompt[0], int):
-            return [len(prompt)]
-        else:
-            prompts = prompt
         extra = {k: body[k] for k in ("add_special_tokens",) if k in body}
-        counts = await asyncio.gather(*(
-            self._tokenize(client, {"model": self.served_model, "prompt": p, **extra}) if isinstance(p, str)
-            else asyncio.sleep(0, len(p)) for p in prompts))
-        return [int(c) for c in counts]
+        if isinstance(prompt, str):
+            return [await self._tokenize(client, {"model": self.served_model, "prompt": prompt, **extra})]
+        if prompt and isinstance(prompt[0], int):
+            return [len(prompt)]
+        return await self._count_batch(client, prompt, extra)
+
+    async def _count_batch(self, client: EngineClient, prompts: list[Any], extra: Mapping[str, Any]) -> list[int]:
+        """Counts of a batch: token-id prompts by length, text prompts by ``TOKENIZE_CONCURRENCY`` workers."""
+        counts = [0 if isinstance(p, str) else len(p) for p in prompts]
+        texts = iter([index for index, p in enumerate(prompts) if isinstance(p, str)])
+
+        async def worker() -> None:
+            for index in texts:  # shared: each text is taken by one worker
+                counts[index] = await self._tokenize(client, {"model": self.served_model, "prompt": prompts[index],
+                                                              **extra})
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(min(TOKENIZE_CONCURRENCY, len(prompts)))]
+        try:
+            await asyncio.gather(*workers)  # cancelled with the request, it cancels the workers
+        except Exception:  # one failed: the others stop, and the first failure answers
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            raise
+        return counts
 
     @staticmethod
     async def _tokenize(client: EngineClient, request: Mapping[str, Any]) -> int:
@@ -350,7 +371,8 @@ class TritonEngine:
 Engine = VLLMEngine | TritonEngine
 
 
-def engine_for(runtime: str, served_model: str, tokenizer_model: str) -> Engine:
+def engine_for(runtime: str, served_model: str, tokenizer_model: str,
+               max_batch_prompts: int = DEFAULT_MAX_BATCH_PROMPTS) -> Engine:
     if runtime == "triton":
         return TritonEngine(served_model, tokenizer_model)
-    return VLLMEngine(served_model)
+    return VLLMEngine(served_model, max_batch_prompts)
