@@ -1,21 +1,25 @@
 """Bad input and the gateway's own failures: every answer JSON, never a 500 for what a client sent, and
-metered as what the client got. Against the stand-in engine."""
+metered as what the client got. Against the stand-in engine, and a test double of tritonserver's model API."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from engines.standin import StandinEngine
 from gateway_support import RecordingSinkDouble, gateway_document, running_gateway, serving, url, wait_until
 from integration.test_gateway_pipeline import post
-from tensorfleet.gateway.engine import TOKENIZE_CONCURRENCY
+from tensorfleet.gateway.engine import MAX_REMEMBERED_MODELS, TOKENIZE_CONCURRENCY
 from tensorfleet.gateway.hooks import ProxyRequest, TokenCounter
+from tensorfleet.gateway.server import Gateway
 
 pytestmark = pytest.mark.integration
 
@@ -152,3 +156,105 @@ async def test_a_batch_is_counted_a_few_prompts_at_a_time(tmp_path: pathlib.Path
     assert fits[0] == 200
     assert len(engine.received[-1]["prompt"]) == 99
     assert 1 < engine.peak <= TOKENIZE_CONCURRENCY
+
+
+class _TritonDouble:
+    """Test double of tritonserver's HTTP API, as far as the gateway's model checks go: health, repository index,
+    readiness and metadata per model (aiohttp decodes path segments, as a server may), generate. It records the
+    raw paths it is asked for."""
+
+    def __init__(self) -> None:
+        self.ready = {"tiny"}
+        self.raw_paths: list[str] = []
+        self.generated: list[str] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v2/health/ready", self.answer)
+        app.router.add_get("/metrics", self.answer)
+        app.router.add_post("/v2/repository/index", self.index)
+        app.router.add_get("/v2/models/{model}/ready", self.model_ready)
+        app.router.add_get("/v2/models/{model}", self.metadata)
+        app.router.add_post("/v2/models/{model}/generate", self.generate)
+        return app
+
+    async def answer(self, request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def index(self, request: web.Request) -> web.Response:
+        return web.json_response([{"name": "tiny", "state": "READY"}])
+
+    def _known(self, request: web.Request) -> bool:
+        self.raw_paths.append(request.raw_path)
+        return request.match_info["model"] in self.ready
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self._known(request) else 400)
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        if not self._known(request):
+            return web.json_response({"error": "unknown model"}, status=400)
+        return web.json_response({"name": request.match_info["model"]})
+
+    async def generate(self, request: web.Request) -> web.Response:
+        self.generated.append(request.raw_path)
+        body = await request.json()
+        if request.match_info["model"] not in self.ready:
+            return web.json_response({"error": "unknown model"}, status=400)
+        return web.json_response({"model_name": request.match_info["model"],
+                                  "text_output": " tok" * int(body.get("max_tokens") or 1)})
+
+
+@contextlib.asynccontextmanager
+async def _triton_gateway(tmp_path: pathlib.Path, engine: _TritonDouble) -> AsyncIterator[Gateway]:
+    document = gateway_document(runtime="triton", tokenPolicy={"maxOutputTokens": 5},
+                                warmup={"requests": [{"prompt": "warm up", "maxTokens": 2}]})
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, document, runtime="triton", engine_metrics_url=upstream + "/metrics",
+                            triton_tokenizer_model="none") as gw:
+        yield gw
+
+
+async def test_triton_model_names_are_quoted_and_only_ready_ones_remembered(tmp_path: pathlib.Path) -> None:
+    engine = _TritonDouble()
+    async with _triton_gateway(tmp_path, engine) as gw, aiohttp.ClientSession() as session:
+        warm_up = len(engine.generated)
+        answers = [await post(session, url(gw, f"/v2/models/{name}/generate"), {"text_input": "a", "max_tokens": 2})
+                   for name in ("tiny%3F0", "tiny%3F1", "tiny%23x")]
+        async with session.get(url(gw, "/v2/models/tiny%3Fx")) as response:
+            metadata = response.status
+        remembered = set(gw.engine.models)
+        served = await post(session, url(gw, "/v2/models/tiny/generate"), {"text_input": "a", "max_tokens": 2})
+    assert [status for status, _, _ in answers] == [404] * 3
+    assert {body["error"]["code"] for _, body, _ in answers} == {"model_not_found"}
+    assert {"/v2/models/tiny%3F0/ready", "/v2/models/tiny%23x/ready", "/v2/models/tiny%3Fx"} <= set(engine.raw_paths)
+    assert metadata == 400  # the engine's answer about `tiny?x`, not tiny's metadata
+    assert remembered == {"tiny"}
+    assert served[0] == 200
+    assert engine.generated[warm_up:] == ["/v2/models/tiny/generate"]
+
+
+async def test_triton_remembers_a_bounded_number_of_ready_models(tmp_path: pathlib.Path) -> None:
+    engine = _TritonDouble()
+    async with _triton_gateway(tmp_path, engine) as gw, aiohttp.ClientSession() as session:
+        gw.engine.models = frozenset(f"other-{i}" for i in range(MAX_REMEMBERED_MODELS - 1))  # one place left
+        engine.ready |= {"late-1", "late 2"}  # loaded after the index was read
+        answers = [await post(session, url(gw, f"/v2/models/{name}/generate"), {"text_input": "a", "max_tokens": 2})
+                   for name in ("late-1", "late%202", "late%202")]
+        remembered = gw.engine.models
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert "late-1" in remembered
+    assert "late 2" not in remembered  # the bound reached: asked again each time
+    assert len(remembered) == MAX_REMEMBERED_MODELS
+    assert engine.raw_paths.count("/v2/models/late%202/ready") == 2
+    assert engine.generated[-1] == "/v2/models/late%202/generate"
+
+
+async def test_triton_lone_surrogate_is_400_naming_the_field(tmp_path: pathlib.Path) -> None:
+    engine = _TritonDouble()
+    async with _triton_gateway(tmp_path, engine) as gw, aiohttp.ClientSession() as session:
+        warm_up = len(engine.generated)
+        status, body, _ = await post(session, url(gw, "/v2/models/tiny/generate"),
+                                     b'{"text_input":"\\ud800","max_tokens":50}')  # clamped to 5: written again
+    assert (status, body["error"]["code"], body["error"]["param"]) == (400, "invalid_value", "text_input")
+    assert engine.generated[warm_up:] == []

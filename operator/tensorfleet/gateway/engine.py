@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -28,6 +29,7 @@ COMPLETIONS = "/v1/completions"
 TRITON_GENERATE = "/v2/models/{model}/generate"
 TRITON_STREAM = "/v2/models/{model}/generate_stream"
 TOKENIZE_CONCURRENCY = 8  # /tokenize calls at once for the prompts of one batch request
+MAX_REMEMBERED_MODELS = 1024  # Triton models known ready (the repository index, then each one confirmed)
 DEFAULT_MAX_BATCH_PROMPTS = 1024  # vLLM's own bound, VLLM_MAX_COMPLETION_PROMPTS, defaults to the same
 _TOKENIZE_CHAT_KEYS = ("add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs",
                        "tools", "add_special_tokens")
@@ -279,19 +281,24 @@ class TritonEngine:
         request.streaming = request.endpoint == TRITON_STREAM
 
     async def ensure_model(self, client: EngineClient, path_model: str | None) -> None:
-        """404 unless the repository has ``path_model`` ready (asked once per name, then remembered)."""
-        if path_model is not None and path_model not in self.models:
+        """404 unless the repository has ``path_model`` ready: asked once per name (its path segment quoted, so a
+        ``?`` or ``#`` in it cannot turn the question into another one), then remembered, up to
+        ``MAX_REMEMBERED_MODELS`` names; beyond, a ready name is asked again each time."""
+        if path_model is not None and path_model in self.models:
+            return
+        ready = False
+        if path_model is not None:
             try:
-                async with client.session.get(f"{client.base_url}/v2/models/{path_model}/ready",
+                async with client.session.get(f"{client.base_url}/v2/models/{quote(path_model, safe='')}/ready",
                                               timeout=aiohttp.ClientTimeout(total=5)) as response:
                     ready = response.status == 200
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 raise engine_unavailable(str(exc) or type(exc).__name__) from None
-            if ready:
-                self.models = self.models | {path_model}
-        if path_model is None or path_model not in self.models:
+        if not ready:
             raise GatewayError(404, f"The model `{str(path_model)[:200]}` is not ready in the Triton repository.",
                                "model_not_found", "model")
+        if len(self.models) < MAX_REMEMBERED_MODELS:
+            self.models = self.models | {path_model}
 
     def clamp_output(self, request: ProxyRequest, limit: int) -> int:
         current = request.body.get("max_tokens")

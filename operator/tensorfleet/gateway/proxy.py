@@ -16,6 +16,7 @@ import logging
 import secrets
 import time
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -98,7 +99,7 @@ class Proxy:
                                    raw=raw, streaming=False, received=received, received_at=received_at,
                                    billable=s.state.ready)
             if s.engine.runtime == "triton":
-                proxied.flags["_path"] = request.path
+                proxied.flags["_path"] = request.path  # decoded; quoted again when sent (EngineConnections.post)
             s.engine.validate(proxied, request.match.get("model"))
             return await self._serve(request, proxied, outcome)
         except GatewayError as exc:
@@ -135,7 +136,8 @@ class Proxy:
     async def passthrough(self, request: Request) -> Response | StreamResponse:
         try:
             self._tenant(request)
-            async with self.s.client.session.get(self.s.client.base_url + request.path_qs) as upstream:
+            target = quote(request.path) + (f"?{request.query}" if request.query else "")  # path decoded, query not
+            async with self.s.client.session.get(self.s.client.base_url + target) as upstream:
                 data = await upstream.read()
                 return Response(client_status(upstream.status), data, upstream.content_type)
         except GatewayError as exc:
