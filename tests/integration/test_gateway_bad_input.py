@@ -258,3 +258,17 @@ async def test_triton_lone_surrogate_is_400_naming_the_field(tmp_path: pathlib.P
                                      b'{"text_input":"\\ud800","max_tokens":50}')  # clamped to 5: written again
     assert (status, body["error"]["code"], body["error"]["param"]) == (400, "invalid_value", "text_input")
     assert engine.generated[warm_up:] == []
+
+
+async def test_a_request_offering_an_h2c_upgrade_is_served(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    body = b'{"model":"tiny","prompt":"hello","max_tokens":2}'
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports["client"])
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                     b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nContent-Length: %d\r\n\r\n%b"
+                     % (len(body), body))
+        answer = await reader.read()  # the connection closes after the answer
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert engine.raw[-1] == body
