@@ -284,21 +284,22 @@ class TritonEngine:
         """404 unless the repository has ``path_model`` ready: asked once per name (its path segment quoted, so a
         ``?`` or ``#`` in it cannot turn the question into another one), then remembered, up to
         ``MAX_REMEMBERED_MODELS`` names; beyond, a ready name is asked again each time."""
-        if path_model is not None and path_model in self.models:
+        if path_model in self.models:
             return
-        ready = False
-        if path_model is not None:
-            try:
-                async with client.session.get(f"{client.base_url}/v2/models/{quote(path_model, safe='')}/ready",
-                                              timeout=aiohttp.ClientTimeout(total=5)) as response:
-                    ready = response.status == 200
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise engine_unavailable(str(exc) or type(exc).__name__) from None
-        if not ready:
+        if path_model is None or not await self._ready(client, path_model):
             raise GatewayError(404, f"The model `{str(path_model)[:200]}` is not ready in the Triton repository.",
                                "model_not_found", "model")
         if len(self.models) < MAX_REMEMBERED_MODELS:
             self.models = self.models | {path_model}
+
+    @staticmethod
+    async def _ready(client: EngineClient, model: str) -> bool:
+        try:
+            async with client.session.get(f"{client.base_url}/v2/models/{quote(model, safe='')}/ready",
+                                          timeout=aiohttp.ClientTimeout(total=5)) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise engine_unavailable(str(exc) or type(exc).__name__) from None
 
     def clamp_output(self, request: ProxyRequest, limit: int) -> int:
         current = request.body.get("max_tokens")
