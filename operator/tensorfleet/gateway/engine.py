@@ -208,14 +208,15 @@ class VLLMEngine:
     async def _count_batch(self, client: EngineClient, prompts: list[Any], extra: Mapping[str, Any]) -> list[int]:
         """Counts of a batch: token-id prompts by length, text prompts by ``TOKENIZE_CONCURRENCY`` workers."""
         counts = [0 if isinstance(p, str) else len(p) for p in prompts]
-        texts = iter([index for index, p in enumerate(prompts) if isinstance(p, str)])
+        indices = [index for index, p in enumerate(prompts) if isinstance(p, str)]
+        texts = iter(indices)
 
         async def worker() -> None:
             for index in texts:  # shared: each text is taken by one worker
                 counts[index] = await self._tokenize(client, {"model": self.served_model, "prompt": prompts[index],
                                                               **extra})
 
-        workers = [asyncio.ensure_future(worker()) for _ in range(min(TOKENIZE_CONCURRENCY, len(prompts)))]
+        workers = [asyncio.ensure_future(worker()) for _ in range(min(TOKENIZE_CONCURRENCY, len(indices)))]
         try:
             await asyncio.gather(*workers)  # cancelled with the request, it cancels the workers
         except Exception:  # one failed: the others stop, and the first failure answers
