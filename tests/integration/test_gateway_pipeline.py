@@ -128,6 +128,55 @@ async def test_tenant_budget_reserves_then_settles(tmp_path: pathlib.Path) -> No
     assert "100 tokens per minute" in body["error"]["message"]
 
 
+class HeldEngine(StandinEngine):
+    """The stand-in, whose generations wait while ``release`` is clear (it starts set, for the warm-up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def generate(self, request: Any) -> Any:
+        await self.release.wait()
+        return await super().generate(request)
+
+
+@pytest.mark.parametrize("ending", ["refused: queue full", "client gone while queued"])
+async def test_a_request_that_never_reaches_the_engine_gives_its_budget_back(tmp_path: pathlib.Path,
+                                                                              ending: str) -> None:
+    engine = HeldEngine()
+    document = gateway_document(tokenPolicy={"tenantTokensPerMinute": 600_000, "maxOutputTokens": 100_000})
+    small, big = {"model": "tiny", "prompt": "a", "max_tokens": 20}, {"model": "tiny", "prompt": "a",
+                                                                     "max_tokens": 100_000}
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, document, max_in_flight=1, max_queue=1) as gw, \
+            aiohttp.ClientSession() as session:
+        engine.release.clear()
+        services, target = gw.services, url(gw, "/v1/completions")
+        waiting = [asyncio.create_task(post(session, target, small))]  # takes the one slot
+        await wait_until(lambda: services.admission.in_flight == 1, 5, "the slot taken")
+        if ending == "refused: queue full":
+            waiting.append(asyncio.create_task(post(session, target, small)))  # fills the queue
+            await wait_until(lambda: services.admission.waiting == 1, 5, "the queue full")
+            before = services.limiter.available("default")
+            status, body, _ = await post(session, target, big)  # reserves ~100k tokens, then 503
+            assert (status, body["error"]["code"]) == (503, "queue_full")
+        else:
+            before = services.limiter.available("default")
+            _, writer = await asyncio.open_connection("127.0.0.1", gw.ports["client"])
+            raw = json.dumps(big).encode()
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(raw), raw))
+            await wait_until(lambda: services.admission.waiting == 1, 5, "the request queued")
+            writer.close()  # the client gives up while its request waits for the slot
+            await wait_until(lambda: services.active.count == 1, 5, "the abandoned request finished")
+        after = services.limiter.available("default")
+        engine.release.set()
+        assert [(await task)[0] for task in waiting] == [200] * len(waiting)
+    assert before is not None
+    assert after is not None
+    assert after >= before, f"{before - after:.0f} tokens of the budget kept by a request the engine never saw"
+
+
 async def test_deterministic_requests_are_cached(tmp_path: pathlib.Path) -> None:
     engine = StandinEngine()
     sink = RecordingSinkDouble()

@@ -42,6 +42,7 @@ class App:
         self.seen: list[dict[str, Any]] = []
         self.cancelled = asyncio.Event()
         self.release = asyncio.Event()
+        self.echo_started = asyncio.Event()
         self.stream_writes = 0
         self.draining = False
 
@@ -58,6 +59,7 @@ class App:
         return router
 
     async def echo(self, request: Request) -> Response:
+        self.echo_started.set()
         try:
             body = await request.read()
         except BodyTooLarge:
@@ -286,6 +288,42 @@ def test_upgrades_are_ignored_and_the_connection_closed_after_the_answer(loop: s
             assert await closed(reader)
             writer.close()
         assert (status, headers["connection"]) == (200, "close")
+
+    run(loop, scenario)
+
+
+@LOOPS
+def test_a_post_offering_an_upgrade_is_answered_with_its_body(loop: str) -> None:
+    # An h2c upgrade offer, as some clients send on http:// URLs: llhttp stops at the head; the body must not be lost.
+    async def scenario() -> None:
+        app = App()
+        async with serving(app) as port:
+            reader, writer = await connect(port)
+            request = post("/echo", b'{"a": "body"}', "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c",
+                           "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA")
+            writer.write(request[:-6])
+            await app.echo_started.wait()  # the head is parsed: the rest of the body comes in a later read
+            writer.write(request[-6:] + b"GET /echo HTTP/1.1\r\n\r\n")  # not parsed: the connection ends
+            status, headers, body = await read_response(reader)
+            assert await closed(reader)
+            writer.close()
+        assert (status, headers["connection"], body) == (200, "close", b'{"a": "body"}')
+
+    run(loop, scenario)
+
+
+@LOOPS
+def test_a_chunked_post_offering_an_upgrade_is_refused_naming_it(loop: str) -> None:
+    async def scenario() -> None:
+        async with serving(App()) as port:
+            reader, writer = await connect(port)
+            writer.write(b"POST /echo HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n")
+            status, headers, body = await read_response(reader)
+            assert await closed(reader)
+            writer.close()
+        assert (status, headers["connection"]) == (400, "close")
+        assert "protocol upgrades are not supported" in json.loads(body)["error"]["message"]
 
     run(loop, scenario)
 

@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -27,6 +28,9 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 TRITON_GENERATE = "/v2/models/{model}/generate"
 TRITON_STREAM = "/v2/models/{model}/generate_stream"
+TOKENIZE_CONCURRENCY = 8  # /tokenize calls at once for the prompts of one batch request
+MAX_REMEMBERED_MODELS = 1024  # Triton models known ready (the repository index, then each one confirmed)
+DEFAULT_MAX_BATCH_PROMPTS = 1024  # vLLM's own bound, VLLM_MAX_COMPLETION_PROMPTS, defaults to the same
 _TOKENIZE_CHAT_KEYS = ("add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs",
                        "tools", "add_special_tokens")
 
@@ -79,8 +83,9 @@ class VLLMEngine:
     health_path = "/health"
     routes = (Route("POST", CHAT, True), Route("POST", COMPLETIONS, True), Route("GET", "/v1/models", False))
 
-    def __init__(self, served_model: str) -> None:
+    def __init__(self, served_model: str, max_batch_prompts: int = DEFAULT_MAX_BATCH_PROMPTS) -> None:
         self.served_model = served_model
+        self.max_batch_prompts = max_batch_prompts
 
     def upstream_path(self, request: ProxyRequest) -> str:
         return request.endpoint
@@ -108,7 +113,7 @@ class VLLMEngine:
         if request.endpoint == CHAT:
             self._validate_messages(body.get("messages"))
         else:
-            self._validate_prompt(body.get("prompt"))
+            self._validate_prompt(body.get("prompt"), self.max_batch_prompts)
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise bad_request("'stream_options' must be an object", "stream_options", "invalid_type")
@@ -125,7 +130,10 @@ class VLLMEngine:
                                   f"messages[{index}]", "invalid_type")
 
     @staticmethod
-    def _validate_prompt(prompt: Any) -> None:
+    def _validate_prompt(prompt: Any, max_batch: int) -> None:
+        if isinstance(prompt, list) and len(prompt) > max_batch and not isinstance(prompt[0], int):
+            raise bad_request(f"'prompt' has {len(prompt)} prompts, over the limit of {max_batch} prompts in one "
+                              "request (TENSORFLEET_GATEWAY_MAX_BATCH_PROMPTS)", "prompt", "invalid_value")
         ok = isinstance(prompt, str) or (
             isinstance(prompt, list) and prompt and (
                 all(isinstance(p, str) for p in prompt)
@@ -190,17 +198,33 @@ class VLLMEngine:
             request.update({k: body[k] for k in _TOKENIZE_CHAT_KEYS if k in body})
             return [await self._tokenize(client, request)]
         prompt = body["prompt"]
-        if isinstance(prompt, str):
-            prompts: list[Any] = [prompt]
-        elif prompt and isinstance(prompt[0], int):
-            return [len(prompt)]
-        else:
-            prompts = prompt
         extra = {k: body[k] for k in ("add_special_tokens",) if k in body}
-        counts = await asyncio.gather(*(
-            self._tokenize(client, {"model": self.served_model, "prompt": p, **extra}) if isinstance(p, str)
-            else asyncio.sleep(0, len(p)) for p in prompts))
-        return [int(c) for c in counts]
+        if isinstance(prompt, str):
+            return [await self._tokenize(client, {"model": self.served_model, "prompt": prompt, **extra})]
+        if prompt and isinstance(prompt[0], int):
+            return [len(prompt)]
+        return await self._count_batch(client, prompt, extra)
+
+    async def _count_batch(self, client: EngineClient, prompts: list[Any], extra: Mapping[str, Any]) -> list[int]:
+        """Counts of a batch: token-id prompts by length, text prompts by ``TOKENIZE_CONCURRENCY`` workers."""
+        counts = [0 if isinstance(p, str) else len(p) for p in prompts]
+        indices = [index for index, p in enumerate(prompts) if isinstance(p, str)]
+        texts = iter(indices)
+
+        async def worker() -> None:
+            for index in texts:  # shared: each text is taken by one worker
+                counts[index] = await self._tokenize(client, {"model": self.served_model, "prompt": prompts[index],
+                                                              **extra})
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(min(TOKENIZE_CONCURRENCY, len(indices)))]
+        try:
+            await asyncio.gather(*workers)  # cancelled with the request, it cancels the workers
+        except Exception:  # one failed: the others stop, and the first failure answers
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            raise
+        return counts
 
     @staticmethod
     async def _tokenize(client: EngineClient, request: Mapping[str, Any]) -> int:
@@ -258,19 +282,25 @@ class TritonEngine:
         request.streaming = request.endpoint == TRITON_STREAM
 
     async def ensure_model(self, client: EngineClient, path_model: str | None) -> None:
-        """404 unless the repository has ``path_model`` ready (asked once per name, then remembered)."""
-        if path_model is not None and path_model not in self.models:
-            try:
-                async with client.session.get(f"{client.base_url}/v2/models/{path_model}/ready",
-                                              timeout=aiohttp.ClientTimeout(total=5)) as response:
-                    ready = response.status == 200
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise engine_unavailable(str(exc) or type(exc).__name__) from None
-            if ready:
-                self.models = self.models | {path_model}
-        if path_model is None or path_model not in self.models:
+        """404 unless the repository has ``path_model`` ready: asked once per name (its path segment quoted, so a
+        ``?`` or ``#`` in it cannot turn the question into another one), then remembered, up to
+        ``MAX_REMEMBERED_MODELS`` names; beyond, a ready name is asked again each time."""
+        if path_model in self.models:
+            return
+        if path_model is None or not await self._ready(client, path_model):
             raise GatewayError(404, f"The model `{str(path_model)[:200]}` is not ready in the Triton repository.",
                                "model_not_found", "model")
+        if len(self.models) < MAX_REMEMBERED_MODELS:
+            self.models = self.models | {path_model}
+
+    @staticmethod
+    async def _ready(client: EngineClient, model: str) -> bool:
+        try:
+            async with client.session.get(f"{client.base_url}/v2/models/{quote(model, safe='')}/ready",
+                                          timeout=aiohttp.ClientTimeout(total=5)) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise engine_unavailable(str(exc) or type(exc).__name__) from None
 
     def clamp_output(self, request: ProxyRequest, limit: int) -> int:
         current = request.body.get("max_tokens")
@@ -350,7 +380,8 @@ class TritonEngine:
 Engine = VLLMEngine | TritonEngine
 
 
-def engine_for(runtime: str, served_model: str, tokenizer_model: str) -> Engine:
+def engine_for(runtime: str, served_model: str, tokenizer_model: str,
+               max_batch_prompts: int = DEFAULT_MAX_BATCH_PROMPTS) -> Engine:
     if runtime == "triton":
         return TritonEngine(served_model, tokenizer_model)
-    return VLLMEngine(served_model)
+    return VLLMEngine(served_model, max_batch_prompts)

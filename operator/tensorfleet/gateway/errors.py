@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,3 +45,36 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_req
 def engine_unavailable(detail: str) -> GatewayError:
     return GatewayError(503, f"the engine is unavailable: {detail}", "engine_unavailable",
                         headers={"Retry-After": "1"})
+
+
+def nested_too_deeply() -> GatewayError:
+    """JSON that nests deeper than Python's recursion limit lets the gateway read it, or write it again."""
+    return bad_request(f"the request body nests JSON arrays and objects too deeply (the limit is Python's recursion "
+                       f"limit, {sys.getrecursionlimit()} levels, less the gateway's own call depth)", None,
+                       "invalid_json")
+
+
+def lone_surrogate(body: Any) -> GatewayError:
+    """The 400 for a body whose strings are not valid Unicode: a lone UTF-16 surrogate (``"\\ud800"`` is valid JSON
+    syntax, but no text). It names the first such field; only called once writing the body failed."""
+    pending: list[tuple[str, Any]] = [("", body)]
+    while pending:
+        path, value = pending.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in reversed(list(items)):
+            here = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+            for text in (key, item):
+                if isinstance(text, str) and (bad := _surrogate_in(text)) is not None:
+                    field = here.encode("utf-8", "backslashreplace").decode()[:200]  # a key may be the bad string
+                    return bad_request(f"'{field}' has a lone UTF-16 surrogate ({bad}): JSON strings must be valid "
+                                       "Unicode text", field, "invalid_value")
+            pending.append((here, item))
+    return bad_request("the request body has a string that is not valid Unicode", None, "invalid_value")
+
+
+def _surrogate_in(text: str) -> str | None:
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return f"\\u{ord(text[exc.start]):04x}"
+    return None

@@ -22,7 +22,8 @@ What it does for every connection:
 * **Client disconnects.** The running handler is cancelled, so the proxy aborts the engine request.
 * **Back-pressure.** :meth:`StreamResponse.write` waits while the socket's send buffer is full.
 * ``Expect: 100-continue`` is answered when the handler first reads the body.
-* ``Upgrade`` is ignored (the request is answered, then the connection closes).
+* ``Upgrade`` is ignored: the request is answered, with its ``Content-Length`` body, then the connection
+  closes (a chunked body offering an upgrade gets 400).
 * Malformed requests get a 400 JSON error and the connection is closed; an unknown path 404, a wrong
   method 405 (with ``Allow``), a handler's unexpected exception 500 (logged), all JSON.
 """
@@ -372,6 +373,8 @@ class _Connection(asyncio.Protocol):
         self._read_paused = False
         self._refused = False  # the parser refused the stream: nothing more is parsed
         self._lingering = False  # answered early: the request's rest is read and dropped, then the connection closes
+        self._upgrading: Request | None = None  # a request that offered an Upgrade, its body still arriving
+        self._upgrade_left = 0  # bytes of that body still to come
 
     # ---- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -418,15 +421,13 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
+            if self._upgrading is not None:
+                self._upgrade_body(data)
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            if self._parsing is None and self._queue:  # answered as a plain request (Upgrade ignored), then closed
-                self._queue[-1].keep_alive = False
-                self._refused = True
-            else:
-                self._refuse(400, "protocol upgrades are not supported", "bad_request")
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade(data[exc.args[0]:] if exc.args else b"")
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, _Reject):
@@ -436,6 +437,37 @@ class _Connection(asyncio.Protocol):
                 self._refuse(400, "malformed HTTP request", "bad_request")
         except httptools.HttpParserError as exc:
             self._refuse(400, f"malformed HTTP request: {exc}", "bad_request")
+
+    def _upgrade(self, rest: bytes) -> None:
+        """llhttp stops at the head of a request that offers an ``Upgrade`` and counts it complete, body or not.
+        The offer is ignored: the request is answered as HTTP/1.1 with its ``Content-Length`` body (read here,
+        from ``rest`` on), then the connection closes. A chunked body is not decoded here: 400."""
+        request = self._queue[-1] if self._parsing is None and self._queue else None
+        if request is None:
+            self._refuse(400, "protocol upgrades are not supported", "bad_request")
+            return
+        self._refused = True  # nothing after this request is parsed
+        request.keep_alive = False
+        if "transfer-encoding" in request.headers:  # its handler has not started: it is answered this refusal
+            request.refused = error_json(400, "protocol upgrades are not supported: a request offering one may "
+                                              "only have a Content-Length body", "bad_request")
+        elif request.content_length and not request.too_large:
+            request.complete = False
+            self._upgrading, self._upgrade_left = request, request.content_length
+            self._upgrade_body(rest)
+
+    def _upgrade_body(self, data: bytes) -> None:
+        request = self._upgrading
+        assert request is not None
+        part = data[:self._upgrade_left]
+        if part:
+            self._upgrade_left -= len(part)
+            request._size += len(part)
+            request._body.append(part)
+        if not self._upgrade_left:
+            request.complete = True
+            self._upgrading = None
+        request._wake()
 
     # ---- httptools callbacks ---------------------------------------------------------------------------------
 

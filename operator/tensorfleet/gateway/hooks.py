@@ -18,6 +18,8 @@ import json
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from tensorfleet.gateway.errors import lone_surrogate
+
 
 @dataclasses.dataclass(frozen=True)
 class Stop:
@@ -63,7 +65,10 @@ class ProxyRequest:
 
     def upstream_bytes(self) -> bytes:
         if self.modified:
-            return compact(self.body)
+            try:
+                return compact(self.body)
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800"): parsed, but not text that can be written
+                raise lone_surrogate(self.body) from None
         if self.appended:
             return self.raw.rstrip()[:-1] + b"," + compact(self.appended)[1:]
         return self.raw

@@ -16,12 +16,19 @@ import logging
 import secrets
 import time
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
 from tensorfleet.gateway.auth import AuthError
 from tensorfleet.gateway.cache import cache_key, is_deterministic
-from tensorfleet.gateway.errors import GatewayError, bad_request, engine_unavailable
+from tensorfleet.gateway.errors import (
+    GatewayError,
+    bad_request,
+    engine_unavailable,
+    lone_surrogate,
+    nested_too_deeply,
+)
 from tensorfleet.gateway.frontend import BodyIncomplete, BodyTooLarge, Request, Response, StreamResponse
 from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.ratelimit import RateLimited, Reservation
@@ -92,7 +99,7 @@ class Proxy:
                                    raw=raw, streaming=False, received=received, received_at=received_at,
                                    billable=s.state.ready)
             if s.engine.runtime == "triton":
-                proxied.flags["_path"] = request.path
+                proxied.flags["_path"] = request.path  # decoded; quoted again when sent (EngineConnections.post)
             s.engine.validate(proxied, request.match.get("model"))
             return await self._serve(request, proxied, outcome)
         except GatewayError as exc:
@@ -101,6 +108,16 @@ class Proxy:
         except asyncio.CancelledError:
             outcome.status, outcome.error = CLIENT_CLOSED, "client_disconnected"
             s.metrics.client_disconnects.inc()
+            raise
+        except RecursionError:
+            if outcome.admitted is None:  # a body that only just parsed, written again (the clamp, the cache key)
+                error = nested_too_deeply()
+                outcome.status, outcome.error = error.status, error.code
+                return error.response(request_id)
+            outcome.status, outcome.error = 500, "internal_error"  # in the engine's answer: a 500 as below
+            raise
+        except Exception:  # a bug: the server answers 500 (and logs it); meter what the client got
+            outcome.status, outcome.error = 500, "internal_error"
             raise
         finally:
             if outcome.queued:
@@ -119,7 +136,8 @@ class Proxy:
     async def passthrough(self, request: Request) -> Response | StreamResponse:
         try:
             self._tenant(request)
-            async with self.s.client.session.get(self.s.client.base_url + request.path_qs) as upstream:
+            target = quote(request.path) + (f"?{request.query}" if request.query else "")  # path decoded, query not
+            async with self.s.client.session.get(self.s.client.base_url + target) as upstream:
                 data = await upstream.read()
                 return Response(client_status(upstream.status), data, upstream.content_type)
         except GatewayError as exc:
@@ -152,10 +170,12 @@ class Proxy:
         except TimeoutError:
             raise GatewayError(408, f"the request body did not arrive within "
                                     f"{settings.body_read_timeout_seconds:g} s", "request_timeout") from None
-        try:
-            body = json.loads(raw)
+        try:  # what json.loads(raw) does, with a decoder that refuses NaN and the infinities
+            body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+        except RecursionError:
+            raise nested_too_deeply() from None
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", None, "invalid_json")
         return body, raw
@@ -175,28 +195,33 @@ class Proxy:
             return await self._serve_cached(request, proxied, outcome, cached)
         prompt_tokens = await self._check_input(proxied)
         reservation = self._reserve(proxied, prompt_tokens + max_tokens * s.engine.choices(proxied))
-        guard = self.relay.guard(proxied)
-        if guard is not None and not proxied.streaming and s.engine.can_stream_instead(proxied):
-            proxied.flags[COLLECT] = True  # watched while generated, so a stop saves the rest
-        s.engine.prepare_upstream(proxied, bool(proxied.flags.get(COLLECT)))
-        await s.admission.acquire()
-        s.metrics.queue_depth.dec()
-        outcome.queued = False
-        try:
-            outcome.admitted = time.monotonic()
-            self._tell_sink_admitted(proxied.request_id, outcome.admitted)
-            response = await self.relay.forward(request, proxied, outcome, original_options, key, guard)
+        try:  # settled however the request ends: refused by admission, cancelled while queued, served
+            guard = self.relay.guard(proxied)
+            if guard is not None and not proxied.streaming and s.engine.can_stream_instead(proxied):
+                proxied.flags[COLLECT] = True  # watched while generated, so a stop saves the rest
+            s.engine.prepare_upstream(proxied, bool(proxied.flags.get(COLLECT)))
+            payload = proxied.upstream_bytes()  # before admission: a body that cannot be written again takes no slot
+            await s.admission.acquire()
+            s.metrics.queue_depth.dec()
+            outcome.queued = False
+            try:
+                outcome.admitted = time.monotonic()
+                self._tell_sink_admitted(proxied.request_id, outcome.admitted)
+                return await self.relay.forward(request, proxied, outcome, original_options, key, guard, payload)
+            finally:
+                s.admission.release()
         finally:
-            s.admission.release()
             s.limiter.settle(reservation, _used_tokens(proxied, outcome))
-        return response
 
     def _cache_key(self, proxied: ProxyRequest) -> str | None:
         if not self.s.config.token_policy.cache.enabled or not is_deterministic(proxied.body):
             return None
         proxied.response_headers[CACHE_HEADER] = "miss"
         self.s.metrics.cache_lookups.labels("miss").inc()
-        return cache_key(proxied.endpoint, proxied.body)
+        try:
+            return cache_key(proxied.endpoint, proxied.body)
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800"): parsed, but not text that can be written
+            raise lone_surrogate(proxied.body) from None
 
     async def _check_input(self, proxied: ProxyRequest) -> int:
         """Prompt tokens (counted when a limit needs them, else estimated); 400 naming the limit when over."""
@@ -278,11 +303,20 @@ class Proxy:
             m.child(m.tenant_tokens, tenant, "output").inc(usage.completion_tokens)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (RFC 8259 has no NaN or infinities)")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _too_large(limit: int) -> GatewayError:
     return GatewayError(413, f"the request body is larger than the limit of {limit} bytes", "request_too_large")
 
 
 def _used_tokens(proxied: ProxyRequest, outcome: Outcome) -> int:
+    if outcome.admitted is None:  # refused by admission or gone while queued: the engine saw nothing
+        return 0
     usage = outcome.usage
     if usage is not None:
         return usage.prompt_tokens + usage.completion_tokens

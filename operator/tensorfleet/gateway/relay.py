@@ -52,12 +52,13 @@ class Relay:
         return guards[0] if len(guards) == 1 else _AllGuards(guards)
 
     async def forward(self, request: Request, proxied: ProxyRequest, outcome: Outcome, original_options: Any,
-                      key: str | None, guard: ResponseGuard | None) -> Response | StreamResponse:
+                      key: str | None, guard: ResponseGuard | None, payload: bytes) -> Response | StreamResponse:
+        """Send ``payload`` (the body, ``proxied.upstream_bytes()``) to the engine and relay its answer."""
         s = self.s
         connections = s.client.connections
         headers = {"Content-Type": "application/json", "X-Request-Id": proxied.request_id}
         try:
-            upstream = await connections.post(s.engine.upstream_path(proxied), proxied.upstream_bytes(), headers)
+            upstream = await connections.post(s.engine.upstream_path(proxied), payload, headers)
             try:
                 if upstream.status == 200 and proxied.streaming:
                     return await self._stream(request, proxied, outcome, upstream, original_options, guard, key)

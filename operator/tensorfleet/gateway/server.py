@@ -38,6 +38,8 @@ from tensorfleet.metering.events import EventSink
 
 log = logging.getLogger(__name__)
 
+_SESSION_CONNECTIONS = 100  # aiohttp's default: bounds the file descriptors of the calls beside the proxied ones
+
 
 class MeteringSink(EventSink, Protocol):
     """What the metering module's sink offers the gateway process (see tensorfleet.metering.sink)."""
@@ -64,7 +66,8 @@ class Gateway:
         self.state = GatewayState(self.metrics)
         self.keys = KeyStore(settings.api_keys_dir)
         self.keys.reload()
-        self.engine = engine_for(settings.runtime, self.config.served_model, settings.triton_tokenizer_model)
+        self.engine = engine_for(settings.runtime, self.config.served_model, settings.triton_tokenizer_model,
+                                 settings.max_batch_prompts)
         self.sink = sink
         # The token policy's own hooks read the live configuration, so reloads apply to the next request;
         # hooks passed in run before them (the context policy counts the body as it will be sent).
@@ -122,7 +125,8 @@ class Gateway:
         s = self.settings
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.upstream_connect_timeout_seconds,
                                         sock_read=s.upstream_idle_timeout_seconds)
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=60)
+        # Health, warm-up, /tokenize, model lists, metrics: at most this many sockets; further calls wait.
+        connector = aiohttp.TCPConnector(limit=_SESSION_CONNECTIONS, ttl_dns_cache=None, keepalive_timeout=60)
         session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                         skip_auto_headers=("User-Agent", "Accept-Encoding"))
         connections = EngineConnections(s.upstream, s.upstream_connect_timeout_seconds, s.upstream_idle_timeout_seconds)
