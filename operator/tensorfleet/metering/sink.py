@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from tensorfleet import config as settings_config
-from tensorfleet.metering import chain, metrics, nvml, records, units
+from tensorfleet.metering import chain, events, metrics, nvml, records, units
 from tensorfleet.metering.events import ColdStartEvent, RequestEvent
 from tensorfleet.metering.export import Exporter, ExporterThread, update_spool_metrics
 from tensorfleet.metering.ledger import Ledger
 from tensorfleet.metering.settings import MeteringSettings
-from tensorfleet.metering.writer import Submitted, UsageWriter
+from tensorfleet.metering.writer import Rejected, Submitted, UsageWriter, describe_event
 
 log = logging.getLogger(__name__)
 LOCAL_KEY_FILE = "signing-key.pem"
@@ -96,6 +96,7 @@ class MeteringSink:
         self._table = units.load_table((config.get("metering") or {}).get("resourceUnits"), settings.ru_table_file)
         self._ctx = records.context_from_config(config, self.pod, gpu_product, self._table)
         self._queue: collections.deque[Submitted] = collections.deque()
+        self._rejected: collections.deque[Rejected] = collections.deque()  # for the quarantine table
         self._intervals: collections.deque[nvml.GpuInterval] = collections.deque()
         self._lock = threading.Lock()
         self._journal_progress = threading.Condition()
@@ -142,12 +143,21 @@ class MeteringSink:
             thread.start()
 
     def submit(self, event: RequestEvent | ColdStartEvent) -> None:
-        """Queue the event; never blocks, never raises."""
+        """Queue the event; never blocks, never raises. An event no record can be made of (a time that is not
+        finite, a negative token count, ...) is refused: logged, counted, and kept in the quarantine table only."""
         try:
-            if len(self._queue) >= self.settings.max_queued_events:
+            if len(self._queue) + len(self._rejected) >= self.settings.max_queued_events:
                 metrics.EVENTS_DROPPED.inc()
                 return
-            self._queue.append((self._ctx, event))
+            problem = (events.request_problem(event) if isinstance(event, RequestEvent)
+                       else events.cold_start_problem(event))
+            if problem is not None:
+                log.warning("metering: %s refused, not billed (kept in the quarantine table): %s",
+                            describe_event(event), problem[1])
+                metrics.EVENTS_REJECTED.labels(problem[0]).inc()
+                self._rejected.append((self._ctx, event, problem))
+            else:
+                self._queue.append((self._ctx, event))
             self._submitted += 1
         except Exception:  # the response path must never see metering fail
             log.exception("metering could not take an event")
@@ -261,6 +271,7 @@ class MeteringSink:
         if self._sampler is not None and writer.measurement is None:
             writer.measurement = self._sampler.sampler.kind
         taken = [self._queue.popleft() for _ in range(len(self._queue))]
+        rejected = [self._rejected.popleft() for _ in range(len(self._rejected))]
         intervals = [self._intervals.popleft() for _ in range(len(self._intervals))]
         with self._lock:
             for _, event in taken:
@@ -268,21 +279,23 @@ class MeteringSink:
                     self._admissions.pop(event.request_id, None)
         now = time.monotonic()
         try:
-            writer.cycle(taken, intervals, float("inf") if final else self._watermark(now), now, final=final)
+            writer.cycle(taken, intervals, float("inf") if final else self._watermark(now), now, final=final,
+                         rejected=rejected)
         except Exception:
             if failures == 0:
                 log.exception("metering writer cycle failed; will retry")
             _reload(writer, report=failures == 0)
-            if failures + 1 >= MAX_FAILED_CYCLES and taken:
-                metrics.EVENTS_DROPPED.inc(len(taken))
-                log.error("dropping %d events that failed %d cycles", len(taken), MAX_FAILED_CYCLES)
+            if failures + 1 >= MAX_FAILED_CYCLES and (taken or rejected):
+                metrics.EVENTS_DROPPED.inc(len(taken) + len(rejected))
+                log.error("dropping %d events that failed %d cycles", len(taken) + len(rejected), MAX_FAILED_CYCLES)
                 self._intervals.extendleft(reversed(intervals))
                 return failures + 1
             self._queue.extendleft(reversed(taken))
+            self._rejected.extendleft(reversed(rejected))
             self._intervals.extendleft(reversed(intervals))
             return failures + 1
         with self._journal_progress:
-            self._journalled += len(taken)
+            self._journalled += len(taken) + len(rejected)
             self._journal_progress.notify_all()
         self._spool_full = writer.ledger.spool_size() >= self.settings.spool_max_records if taken else self._spool_full
         if not self.settings.sink_url:
@@ -298,3 +311,4 @@ def _reload(writer: UsageWriter, report: bool) -> None:
     except Exception:
         if report:  # once per run of failures, like the cycle's own error
             log.exception("metering writer could not reload its journal after a failed cycle")
+
