@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
     gpu_ms REAL, energy_mj REAL, covered REAL, problem TEXT NOT NULL, quarantined_at TEXT NOT NULL);
 """
 QUARANTINE_COLUMNS = "key, request_id, event, context, gpu_ms, energy_mj, covered, problem, quarantined_at"
+MEASUREMENTS: tuple[Measurement, ...] = ("gpm", "utilization", "timing")
 
 
 @dataclasses.dataclass
@@ -67,6 +68,8 @@ class UsageWriter:
         self.checkpoint_every = checkpoint_every_records
         self.checkpoint_interval = checkpoint_interval_seconds
         self.measurement: Measurement | None = None  # None until the sampler has started or failed
+        # What measured the journalled shares (meta ``measurement``): restored requests are settled with it.
+        self._journalled_measurement: Measurement | None = None
         self.timing_period = 0.1
         self._timing_start: float | None = None
         self.attributor = self._new_attributor()
@@ -86,6 +89,8 @@ class UsageWriter:
         conn = self.ledger.conn
         same_boot = self.ledger.get_meta("boot_id") == boot_id()
         frontier = int(self.ledger.get_meta("frontier") or 0)
+        journalled = self.ledger.get_meta("measurement")
+        self._journalled_measurement = next((m for m in MEASUREMENTS if m == journalled), None)
         self.attributor = self._new_attributor(frontier)
         self._placements_counted = {}
         self._pending = {}
@@ -101,8 +106,8 @@ class UsageWriter:
             self.attributor.set_last_end(self._timing_start)  # reloaded before any timing interval was committed
         count = self._restore_pending()
         if not same_boot and (rows or count):
-            log.warning("usage journal from an earlier boot: settling %d pending requests with what was measured",
-                        count)
+            log.warning("usage journal from an earlier boot: settling %d pending requests with what was measured "
+                        "(%s)", count, self._journalled_measurement or "timing")
             self.cycle([], [], math.inf, final=True)
             learned = self.attributor.learned()
             self.attributor = self._new_attributor(self.attributor.frontier)
@@ -177,6 +182,9 @@ class UsageWriter:
         now = time.monotonic() if now is None else now
         result = CycleResult()
         with self.ledger.transaction():
+            if self.measurement is not None and self.measurement != self._journalled_measurement:
+                self.ledger.set_meta("measurement", self.measurement)  # a restart after a reboot settles with it
+                self._journalled_measurement = self.measurement
             set_aside: list[QuarantineEntry] = [(_quarantine_key(ctx, event), ctx, event, None, problem[1])
                                                 for ctx, event, problem in rejected]
             self._take_intervals(intervals, now, final)
@@ -264,7 +272,8 @@ class UsageWriter:
         if not settled:
             return []
         self.ledger.conn.executemany("DELETE FROM pending WHERE key = ?", [(item.key,) for item in settled])
-        measurement = self.measurement or "timing"
+        # What measured the shares: after a reboot the journal's measurement (the sink sets the new one later).
+        measurement = self.measurement or self._journalled_measurement or "timing"
         bodies = []
         for item in settled:
             entry = self._pending.get(item.key)
