@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -31,7 +33,7 @@ from tensorfleet.metering.events import ColdStartEvent, RequestEvent
 from tensorfleet.metering.export import Exporter, ExporterThread, update_spool_metrics
 from tensorfleet.metering.ledger import Ledger
 from tensorfleet.metering.settings import MeteringSettings
-from tensorfleet.metering.writer import Rejected, Submitted, UsageWriter, describe_event
+from tensorfleet.metering.writer import Rejected, Submitted, UsageWriter, carry_journal, clear_journal, describe_event
 
 log = logging.getLogger(__name__)
 LOCAL_KEY_FILE = "signing-key.pem"
@@ -69,20 +71,89 @@ def _signer(settings: MeteringSettings, usage_dir: Path) -> tuple[chain.Signer, 
 
 
 def _open_ledger(path: Path, signer: chain.Signer, labels: dict[str, str]) -> Ledger:
-    """The ledger; one signed with another key (the key was rotated) is set aside, not appended to."""
+    """The ledger. One signed with another key (the key was changed) is set aside under a name no other file has,
+    never appended to again; its journal (requests not settled yet) moves into the new ledger, which bills them.
+
+    Crash-safe: the new ledger is built beside it (``<ledger>.new``) with a copy of the journal, then the old one is
+    renamed away and the new one into place. A start that finds only ``<ledger>.new`` finishes the second rename;
+    one that finds both, with the old key still in use, drops the copy (the old ledger still has its journal).
+    """
+    staged = path.with_name(path.name + ".new")
+    if staged.exists() and not path.exists():  # a key change stopped between its two renames
+        _rename(staged, path)
+    while (old_key := _key_of(path)) not in (None, signer.key_id):
+        _set_aside(path, staged, old_key, signer, labels)
+    _remove_database(staged)
+    return Ledger(path, signer, labels)
+
+
+def _set_aside(path: Path, staged: Path, old_key: str, signer: chain.Signer, labels: dict[str, str]) -> None:
+    _remove_database(staged)  # an earlier try's copy: the old ledger still holds its journal
+    new = Ledger(staged, signer, labels)
     try:
-        return Ledger(path, signer, labels)
-    except ValueError as exc:
-        if "signed with key" not in str(exc):
-            raise
-        conn = sqlite3.connect(str(path))
-        old_key = conn.execute("SELECT value FROM meta WHERE key = 'key_id'").fetchone()[0]
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        carried, new_id = carry_journal(path, new), new.ledger_id
+    finally:
+        new.close()
+    _checkpoint(path)
+    aside = _free_name(path, old_key)
+    _rename(path, aside)
+    _rename(staged, path)
+    clear_journal(aside, new_id)
+    log.error("the signing key changed: %s set aside as %s, never appended to (verify and report still read it); "
+              "its %d requests not settled yet moved to the new ledger, which bills them", path, aside, carried)
+
+
+def _key_of(path: Path) -> str | None:
+    """The key id a ledger file is signed with; None when there is no ledger there yet."""
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(str(path), timeout=30)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'key_id'").fetchone()
+    except sqlite3.OperationalError:  # an empty file: Ledger makes it one
+        return None
+    finally:
         conn.close()
-        aside = path.with_name(f"{path.stem}.{old_key}{path.suffix}")
-        path.rename(aside)
-        log.error("the signing key changed: %s set aside as %s (verify and report still read it)", path, aside)
-        return Ledger(path, signer, labels)
+    return None if row is None else str(row[0])
+
+
+def _checkpoint(path: Path) -> None:
+    """Move everything in the ledger's write-ahead log into the file, so renaming the file takes all of it."""
+    conn = sqlite3.connect(str(path), timeout=30)
+    try:
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    finally:
+        conn.close()
+    wal = Path(f"{path}-wal")
+    if busy or (wal.exists() and wal.stat().st_size > 0):
+        raise RuntimeError(f"{path} is in use by another process: cannot set it aside after the signing key changed")
+
+
+def _free_name(path: Path, old_key: str) -> Path:
+    """``usage.<keyid>.db``, or ``usage.<keyid>.<n>.db`` with the least n >= 2 that no file (or its WAL) has."""
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", old_key)[:64] or "unknown"
+    for n in itertools.count(1):
+        candidate = path.with_name(f"{path.stem}.{key}{'' if n == 1 else f'.{n}'}{path.suffix}")
+        if not any(Path(f"{candidate}{tail}").exists() for tail in ("", "-wal", "-shm", "-journal")):
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def _rename(source: Path, target: Path) -> None:
+    """Rename, never onto an existing file, and make the rename durable (fsync of the directory)."""
+    if target.exists():
+        raise FileExistsError(f"{target} exists: not replacing it with {source}")
+    os.rename(source, target)
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _remove_database(path: Path) -> None:
+    for tail in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{tail}").unlink(missing_ok=True)
 
 
 class MeteringSink:

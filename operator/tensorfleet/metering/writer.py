@@ -7,7 +7,8 @@ stopped: no record twice, none lost once its event was journalled.
 
 An event no record can be made of never fails a cycle: it is refused before the journal (the sink's ``submit``
 and ``_take_events`` check it), or, when its record still cannot be built, moved with its GPU share to the
-``quarantine`` table while the rest of the cycle settles.
+``quarantine`` table while the rest of the cycle settles. A signing-key change carries the journal into the new
+ledger (``carry_journal``), which bills what the old one had not settled.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import dataclasses
 import json
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from tensorfleet.metering import events, metrics, records
@@ -38,7 +41,11 @@ CREATE TABLE IF NOT EXISTS quarantine (
     key TEXT NOT NULL, request_id TEXT, event TEXT NOT NULL, context TEXT NOT NULL,
     gpu_ms REAL, energy_mj REAL, covered REAL, problem TEXT NOT NULL, quarantined_at TEXT NOT NULL);
 """
-QUARANTINE_COLUMNS = "key, request_id, event, context, gpu_ms, energy_mj, covered, problem, quarantined_at"
+# The journal: what a restart (or a ledger replacing this one) needs to go on settling where this one stopped.
+JOURNAL_TABLES = {"pending": "key, arrival, event, context, gpu_ms, energy_mj, covered",
+                  "intervals": "k, start, end, busy_ms, energy_mj, kind",
+                  "quarantine": "key, request_id, event, context, gpu_ms, energy_mj, covered, problem, quarantined_at"}
+JOURNAL_META = ("boot_id", "frontier", "last_end", "step_model", "measurement")
 MEASUREMENTS: tuple[Measurement, ...] = ("gpm", "utilization", "timing")
 
 
@@ -324,7 +331,7 @@ class UsageWriter:
     def _quarantine(self, entries: list[QuarantineEntry]) -> None:
         """Insert quarantine rows (inside the caller's transaction)."""
         if entries:
-            self.ledger.conn.executemany(f"INSERT INTO quarantine({QUARANTINE_COLUMNS}) "
+            self.ledger.conn.executemany(f"INSERT INTO quarantine({JOURNAL_TABLES['quarantine']}) "
                                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [_quarantine_row(*e) for e in entries])
 
     def _maybe_checkpoint(self, force: bool) -> None:
@@ -425,3 +432,44 @@ def _quarantine_row(key: str, ctx: RecordContext | str, event: RequestEvent | Co
     return (key, None if request_id is None else str(request_id), text, context, share.gpu_ms, share.energy_mj,
             share.covered_tokens, problem, utc_now())
 
+
+# -- the journal across a signing-key change ------------------------------------------------------------------
+def carry_journal(source: Path, target: Ledger) -> int:
+    """Copy the journal of the ledger file ``source`` (its unsettled events with their shares so far, the GPU
+    intervals not final yet, the attribution's progress, the quarantine) into ``target``'s, in one transaction of
+    ``target``; the number of unsettled events carried. ``source`` is not changed (``clear_journal`` does that)."""
+    conn = target.conn
+    conn.executescript(QUARANTINE_SCHEMA)
+    conn.execute("ATTACH DATABASE ? AS source", (str(source),))
+    try:
+        tables = {str(row[0]) for row in conn.execute("SELECT name FROM source.sqlite_master WHERE type = 'table'")}
+        keys = ",".join("?" * len(JOURNAL_META))
+        with target.transaction():
+            for table, columns in JOURNAL_TABLES.items():
+                if table in tables:  # a ledger from before the quarantine has none
+                    conn.execute(f"INSERT INTO main.{table}({columns}) SELECT {columns} FROM source.{table}")
+            for key, value in conn.execute(f"SELECT key, value FROM source.meta WHERE key IN ({keys})", JOURNAL_META):
+                target.set_meta(str(key), str(value))
+            row = conn.execute("SELECT value FROM source.meta WHERE key = 'ledger_id'").fetchone()
+            target.set_meta("journal_carried_from", str(row[0]) if row else "")
+        return int(conn.execute("SELECT COUNT(*) FROM main.pending").fetchone()[0])
+    finally:
+        conn.execute("DETACH DATABASE source")
+
+
+def clear_journal(path: Path, carried_to: str) -> None:
+    """Empty the journal of a ledger file whose journal ``carry_journal`` copied into the ledger ``carried_to``, so
+    nobody takes its unsettled events for unbilled ones (meta ``journal_carried_to`` says where they went)."""
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+    try:
+        tables = {str(row[0]) for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        conn.execute("BEGIN IMMEDIATE")
+        for table in JOURNAL_TABLES:
+            if table in tables:
+                conn.execute(f"DELETE FROM {table}")
+        conn.execute(f"DELETE FROM meta WHERE key IN ({','.join('?' * len(JOURNAL_META))})", JOURNAL_META)
+        conn.execute("INSERT INTO meta(key, value) VALUES ('journal_carried_to', ?) "
+                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (carried_to,))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
