@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -273,3 +274,21 @@ def test_submit_refuses_an_event_no_record_can_be_made_of_on_entry(tmp_path: Pat
     assert f"request 'bad' of tenant 'acme' refused, not billed (kept in the quarantine table): {field}={value!r}" \
         in caplog.text
     assert "'fine'" not in caplog.text
+
+
+def test_close_releases_a_drain_whose_caller_stopped_waiting(tmp_path: Path) -> None:
+    # drain() waits in a worker thread; a caller that bounds it with asyncio.timeout (as the docstring says) and then
+    # closes the sink must not leave that thread waiting, or asyncio.run (the gateway's exit) waits for it forever.
+    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", None, settings=FAST)  # not started: nothing journals
+    sink.submit(live_request("r1", time.monotonic()))
+
+    async def give_up_then_close() -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await sink.drain()
+        await sink.close()
+
+    runner = threading.Thread(target=asyncio.run, args=(give_up_then_close(),), daemon=True)
+    runner.start()
+    runner.join(timeout=10)
+    assert not runner.is_alive()

@@ -274,6 +274,8 @@ class MeteringSink:
             self._sampler.stop()
             self._sampler.join()
         self._stop.set()
+        with self._journal_progress:  # a drain() still waiting (its caller's timeout passed) sees the stop
+            self._journal_progress.notify_all()
         for thread in self._threads:
             if thread is not self._exporter:
                 thread.join()
