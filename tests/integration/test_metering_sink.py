@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import math
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from metering_builders import CONFIG, request
 from nvml_double import DeviceDouble, NvmlDouble
@@ -228,3 +232,63 @@ async def test_per_tenant_gpu_ms_and_resource_units_are_exported_as_recorded(tmp
             assert grown == pytest.approx(sum(b[field] for b in mine))
             assert grown > 0
     assert counted(names[0], "globex") == before[(names[0], "globex")]  # never its own label
+
+
+async def test_an_event_no_record_can_be_made_of_is_refused_and_every_other_request_is_billed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Before, the NaN time was journalled, its record failed every cycle (and every restart), and after five
+    # failures each cycle's events were dropped: no tenant was billed again.
+    (tmp_path / "devices").write_text("")
+    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", tmp_path / "devices", settings=FAST)
+    await sink.start()
+    counted = ("tensorfleet_metering_events_rejected_total", {"field": "received_at"})
+    before = REGISTRY.get_sample_value(*counted) or 0.0
+    start = time.monotonic()
+    await asyncio.sleep(0.07)
+    sink.submit(dataclasses.replace(live_request("bad", start), received_at=math.nan))  # type: ignore[type-var]
+    await run_traffic(sink, 5, tenant="other-team")
+    await sink.close()  # the last cycle settles everything
+    billed = [b["requestId"] for b in bodies(tmp_path / "usage") if b["kind"] == "request"]
+    assert sorted(billed) == [f"other-team-True-{i}" for i in range(5)]
+    assert REGISTRY.get_sample_value(*counted) == before + 1
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals == ["metering: request 'bad' of tenant 'acme' refused, not billed (kept in the quarantine "
+                        "table): received_at=nan: must be a wall-clock time within [0, 1e+10]"]
+    conn = sqlite3.connect(tmp_path / "usage" / "usage.db")
+    assert conn.execute("SELECT request_id, problem FROM quarantine").fetchall() == [
+        ("bad", "received_at=nan: must be a wall-clock time within [0, 1e+10]")]
+    assert conn.execute("SELECT COUNT(*) FROM pending").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("change", [{"received_at": math.inf}, {"prompt_tokens": -5}, {"done": math.nan}])
+def test_submit_refuses_an_event_no_record_can_be_made_of_on_entry(tmp_path: Path, change: dict[str, Any],
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # Refused by submit itself, before any writer cycle (this sink is not even started): counted by field.
+    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", None, settings=FAST)
+    [(field, value)] = change.items()
+    counted = ("tensorfleet_metering_events_rejected_total", {"field": field})
+    before = REGISTRY.get_sample_value(*counted) or 0.0
+    sink.submit(live_request("fine", time.monotonic()))
+    sink.submit(dataclasses.replace(live_request("bad", time.monotonic()), **change))  # type: ignore[type-var]
+    assert REGISTRY.get_sample_value(*counted) == before + 1
+    assert f"request 'bad' of tenant 'acme' refused, not billed (kept in the quarantine table): {field}={value!r}" \
+        in caplog.text
+    assert "'fine'" not in caplog.text
+
+
+def test_close_releases_a_drain_whose_caller_stopped_waiting(tmp_path: Path) -> None:
+    # drain() waits in a worker thread; a caller that bounds it with asyncio.timeout (as the docstring says) and then
+    # closes the sink must not leave that thread waiting, or asyncio.run (the gateway's exit) waits for it forever.
+    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", None, settings=FAST)  # not started: nothing journals
+    sink.submit(live_request("r1", time.monotonic()))
+
+    async def give_up_then_close() -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await sink.drain()
+        await sink.close()
+
+    runner = threading.Thread(target=asyncio.run, args=(give_up_then_close(),), daemon=True)
+    runner.start()
+    runner.join(timeout=10)
+    assert not runner.is_alive()

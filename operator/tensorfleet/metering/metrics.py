@@ -3,6 +3,8 @@
 No per-request labels; the per-tenant counters cap their tenant label at ``max_tenant_labels`` values (the rest
 count as ``other``), as the gateway's do, so cardinality stays bounded. Suggested alerts (docs/metering.md):
 ``tensorfleet_metering_spool_alert == 1`` for 15m, ``increase(tensorfleet_metering_events_dropped_total[5m]) > 0``,
+``increase(tensorfleet_metering_events_rejected_total[1h]) > 0``,
+``increase(tensorfleet_metering_events_quarantined_total[1h]) > 0``,
 ``time() - tensorfleet_metering_export_last_success_timestamp_seconds > 3600``.
 """
 
@@ -15,6 +17,10 @@ GPU_MS = Counter("tensorfleet_metering_gpu_milliseconds", "Measured busy GPU tim
                  "billed (to requests), excluded (warm-up and other non-billable work), unattributed "
                  "(busy while no request had work).", ["disposition"])
 EVENTS_DROPPED = Counter("tensorfleet_metering_events_dropped", "Events dropped because the journal queue was full.")
+EVENTS_REJECTED = Counter("tensorfleet_metering_events_rejected", "Events refused on entry because a field is out of "
+                          "range (by field); never attributed, kept in the journal's quarantine table.", ["field"])
+EVENTS_QUARANTINED = Counter("tensorfleet_metering_events_quarantined", "Journalled events whose usage record could "
+                             "not be made, moved to the journal's quarantine table with their GPU share.")
 PENDING = Gauge("tensorfleet_metering_pending_requests", "Requests journalled and waiting for their GPU time.")
 SPOOL = Gauge("tensorfleet_metering_spool_records", "Records in the ledger not yet exported.")
 SPOOL_CAPACITY = Gauge("tensorfleet_metering_spool_capacity_records", "Records the spool may hold.")

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import math
 import struct
 import uuid
 from collections.abc import Mapping
@@ -104,8 +105,11 @@ def request_record(event: RequestEvent, ctx: RecordContext, settled: Settled | N
     already (``request_record_id(ctx, event.request_id)``, a UUIDv5: it need not be hashed twice)."""
     gpu_ms = round(settled.share.gpu_ms, units.GPU_MS_DECIMALS) if settled else 0.0
     ru = round(gpu_ms * ctx.ru_per_gpu_ms, units.RU_DECIMALS)
-    price = units.price(ru, event.prompt_tokens, event.completion_tokens, ctx.prices)
     energy = round(settled.share.energy_mj, 3) if settled and measurement != "timing" else None
+    if not math.isfinite(ru + (energy or 0.0) + (settled.coverage if settled else 0.0)):  # NaN or inf in any
+        raise ValueError(f"gpuMs={gpu_ms!r}, resourceUnits={ru!r}, energyMj={energy!r}, coverage="
+                         f"{settled.coverage if settled else None!r}: a record's figures must be finite")
+    price = units.price(ru, event.prompt_tokens, event.completion_tokens, ctx.prices)
     return {
         "schema": SCHEMA, "kind": "request", "id": record_id or request_record_id(ctx, event.request_id),
         "billable": True, "requestId": event.request_id, "time": rfc3339(event.received_at),
@@ -145,15 +149,22 @@ _REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(RequestEvent))
 _COLD_START_FIELDS = tuple(f.name for f in dataclasses.fields(ColdStartEvent))
 
 
-def event_to_json(event: RequestEvent | ColdStartEvent) -> str:
+def chunk_columns(chunks: tuple[TokenChunk, ...]) -> tuple[list[float], list[int]]:
+    """A request's chunk times and token counts, as two lists (AttributeError when a chunk is not a TokenChunk)."""
+    return [c.at for c in chunks], [c.tokens for c in chunks]
+
+
+def event_to_json(event: RequestEvent | ColdStartEvent,
+                  columns: tuple[list[float], list[int]] | None = None) -> str:
+    """The event as the journal keeps it; ``columns``: its ``chunk_columns`` when the caller has them already."""
     # Field by field, not dataclasses.asdict: that deep-copies every token chunk, and cost the writer more
     # than a request's whole record (measured in bench.metering_writer). The chunks' times go in as packed
     # little-endian doubles (base64): exact, and about a sixth of the cost of writing each float as JSON text.
     if isinstance(event, RequestEvent):
         body: dict[str, Any] = {name: getattr(event, name) for name in _REQUEST_FIELDS if name != "chunks"}
-        chunks = event.chunks
-        body["chunk_times"] = base64.b64encode(struct.pack(f"<{len(chunks)}d", *[c.at for c in chunks])).decode()
-        body["chunk_tokens"] = [c.tokens for c in chunks]
+        times, tokens = columns or chunk_columns(event.chunks)
+        body["chunk_times"] = base64.b64encode(struct.pack(f"<{len(times)}d", *times)).decode()
+        body["chunk_tokens"] = tokens
         body["type"] = "request"
     else:
         body = {name: getattr(event, name) for name in _COLD_START_FIELDS}

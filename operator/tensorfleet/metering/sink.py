@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -26,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from tensorfleet import config as settings_config
-from tensorfleet.metering import chain, metrics, nvml, records, units
+from tensorfleet.metering import chain, events, metrics, nvml, records, units
 from tensorfleet.metering.events import ColdStartEvent, RequestEvent
 from tensorfleet.metering.export import Exporter, ExporterThread, update_spool_metrics
 from tensorfleet.metering.ledger import Ledger
 from tensorfleet.metering.settings import MeteringSettings
-from tensorfleet.metering.writer import Submitted, UsageWriter
+from tensorfleet.metering.writer import Rejected, Submitted, UsageWriter, carry_journal, clear_journal, describe_event
 
 log = logging.getLogger(__name__)
 LOCAL_KEY_FILE = "signing-key.pem"
@@ -69,20 +71,89 @@ def _signer(settings: MeteringSettings, usage_dir: Path) -> tuple[chain.Signer, 
 
 
 def _open_ledger(path: Path, signer: chain.Signer, labels: dict[str, str]) -> Ledger:
-    """The ledger; one signed with another key (the key was rotated) is set aside, not appended to."""
+    """The ledger. One signed with another key (the key was changed) is set aside under a name no other file has,
+    never appended to again; its journal (requests not settled yet) moves into the new ledger, which bills them.
+
+    Crash-safe: the new ledger is built beside it (``<ledger>.new``) with a copy of the journal, then the old one is
+    renamed away and the new one into place. A start that finds only ``<ledger>.new`` finishes the second rename;
+    one that finds both, with the old key still in use, drops the copy (the old ledger still has its journal).
+    """
+    staged = path.with_name(path.name + ".new")
+    if staged.exists() and not path.exists():  # a key change stopped between its two renames
+        _rename(staged, path)
+    while (old_key := _key_of(path)) not in (None, signer.key_id):
+        _set_aside(path, staged, old_key, signer, labels)
+    _remove_database(staged)
+    return Ledger(path, signer, labels)
+
+
+def _set_aside(path: Path, staged: Path, old_key: str, signer: chain.Signer, labels: dict[str, str]) -> None:
+    _remove_database(staged)  # an earlier try's copy: the old ledger still holds its journal
+    new = Ledger(staged, signer, labels)
     try:
-        return Ledger(path, signer, labels)
-    except ValueError as exc:
-        if "signed with key" not in str(exc):
-            raise
-        conn = sqlite3.connect(str(path))
-        old_key = conn.execute("SELECT value FROM meta WHERE key = 'key_id'").fetchone()[0]
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        carried, new_id = carry_journal(path, new), new.ledger_id
+    finally:
+        new.close()
+    _checkpoint(path)
+    aside = _free_name(path, old_key)
+    _rename(path, aside)
+    _rename(staged, path)
+    clear_journal(aside, new_id)
+    log.error("the signing key changed: %s set aside as %s, never appended to (verify and report still read it); "
+              "its %d requests not settled yet moved to the new ledger, which bills them", path, aside, carried)
+
+
+def _key_of(path: Path) -> str | None:
+    """The key id a ledger file is signed with; None when there is no ledger there yet."""
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(str(path), timeout=30)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'key_id'").fetchone()
+    except sqlite3.OperationalError:  # an empty file: Ledger makes it one
+        return None
+    finally:
         conn.close()
-        aside = path.with_name(f"{path.stem}.{old_key}{path.suffix}")
-        path.rename(aside)
-        log.error("the signing key changed: %s set aside as %s (verify and report still read it)", path, aside)
-        return Ledger(path, signer, labels)
+    return None if row is None else str(row[0])
+
+
+def _checkpoint(path: Path) -> None:
+    """Move everything in the ledger's write-ahead log into the file, so renaming the file takes all of it."""
+    conn = sqlite3.connect(str(path), timeout=30)
+    try:
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    finally:
+        conn.close()
+    wal = Path(f"{path}-wal")
+    if busy or (wal.exists() and wal.stat().st_size > 0):
+        raise RuntimeError(f"{path} is in use by another process: cannot set it aside after the signing key changed")
+
+
+def _free_name(path: Path, old_key: str) -> Path:
+    """``usage.<keyid>.db``, or ``usage.<keyid>.<n>.db`` with the least n >= 2 that no file (or its WAL) has."""
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", old_key)[:64] or "unknown"
+    for n in itertools.count(1):
+        candidate = path.with_name(f"{path.stem}.{key}{'' if n == 1 else f'.{n}'}{path.suffix}")
+        if not any(Path(f"{candidate}{tail}").exists() for tail in ("", "-wal", "-shm", "-journal")):
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def _rename(source: Path, target: Path) -> None:
+    """Rename, never onto an existing file, and make the rename durable (fsync of the directory)."""
+    if target.exists():
+        raise FileExistsError(f"{target} exists: not replacing it with {source}")
+    os.rename(source, target)
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _remove_database(path: Path) -> None:
+    for tail in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{tail}").unlink(missing_ok=True)
 
 
 class MeteringSink:
@@ -96,6 +167,7 @@ class MeteringSink:
         self._table = units.load_table((config.get("metering") or {}).get("resourceUnits"), settings.ru_table_file)
         self._ctx = records.context_from_config(config, self.pod, gpu_product, self._table)
         self._queue: collections.deque[Submitted] = collections.deque()
+        self._rejected: collections.deque[Rejected] = collections.deque()  # for the quarantine table
         self._intervals: collections.deque[nvml.GpuInterval] = collections.deque()
         self._lock = threading.Lock()
         self._journal_progress = threading.Condition()
@@ -142,12 +214,21 @@ class MeteringSink:
             thread.start()
 
     def submit(self, event: RequestEvent | ColdStartEvent) -> None:
-        """Queue the event; never blocks, never raises."""
+        """Queue the event; never blocks, never raises. An event no record can be made of (a time that is not
+        finite, a negative token count, ...) is refused: logged, counted, and kept in the quarantine table only."""
         try:
-            if len(self._queue) >= self.settings.max_queued_events:
+            if len(self._queue) + len(self._rejected) >= self.settings.max_queued_events:
                 metrics.EVENTS_DROPPED.inc()
                 return
-            self._queue.append((self._ctx, event))
+            problem = (events.request_problem(event) if isinstance(event, RequestEvent)
+                       else events.cold_start_problem(event))
+            if problem is not None:
+                log.warning("metering: %s refused, not billed (kept in the quarantine table): %s",
+                            describe_event(event), problem[1])
+                metrics.EVENTS_REJECTED.labels(problem[0]).inc()
+                self._rejected.append((self._ctx, event, problem))
+            else:
+                self._queue.append((self._ctx, event))
             self._submitted += 1
         except Exception:  # the response path must never see metering fail
             log.exception("metering could not take an event")
@@ -193,6 +274,8 @@ class MeteringSink:
             self._sampler.stop()
             self._sampler.join()
         self._stop.set()
+        with self._journal_progress:  # a drain() still waiting (its caller's timeout passed) sees the stop
+            self._journal_progress.notify_all()
         for thread in self._threads:
             if thread is not self._exporter:
                 thread.join()
@@ -261,6 +344,7 @@ class MeteringSink:
         if self._sampler is not None and writer.measurement is None:
             writer.measurement = self._sampler.sampler.kind
         taken = [self._queue.popleft() for _ in range(len(self._queue))]
+        rejected = [self._rejected.popleft() for _ in range(len(self._rejected))]
         intervals = [self._intervals.popleft() for _ in range(len(self._intervals))]
         with self._lock:
             for _, event in taken:
@@ -268,21 +352,23 @@ class MeteringSink:
                     self._admissions.pop(event.request_id, None)
         now = time.monotonic()
         try:
-            writer.cycle(taken, intervals, float("inf") if final else self._watermark(now), now, final=final)
+            writer.cycle(taken, intervals, float("inf") if final else self._watermark(now), now, final=final,
+                         rejected=rejected)
         except Exception:
             if failures == 0:
                 log.exception("metering writer cycle failed; will retry")
             _reload(writer, report=failures == 0)
-            if failures + 1 >= MAX_FAILED_CYCLES and taken:
-                metrics.EVENTS_DROPPED.inc(len(taken))
-                log.error("dropping %d events that failed %d cycles", len(taken), MAX_FAILED_CYCLES)
+            if failures + 1 >= MAX_FAILED_CYCLES and (taken or rejected):
+                metrics.EVENTS_DROPPED.inc(len(taken) + len(rejected))
+                log.error("dropping %d events that failed %d cycles", len(taken) + len(rejected), MAX_FAILED_CYCLES)
                 self._intervals.extendleft(reversed(intervals))
                 return failures + 1
             self._queue.extendleft(reversed(taken))
+            self._rejected.extendleft(reversed(rejected))
             self._intervals.extendleft(reversed(intervals))
             return failures + 1
         with self._journal_progress:
-            self._journalled += len(taken)
+            self._journalled += len(taken) + len(rejected)
             self._journal_progress.notify_all()
         self._spool_full = writer.ledger.spool_size() >= self.settings.spool_max_records if taken else self._spool_full
         if not self.settings.sink_url:
@@ -298,3 +384,4 @@ def _reload(writer: UsageWriter, report: bool) -> None:
     except Exception:
         if report:  # once per run of failures, like the cycle's own error
             log.exception("metering writer could not reload its journal after a failed cycle")
+
