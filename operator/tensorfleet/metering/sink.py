@@ -384,4 +384,3 @@ def _reload(writer: UsageWriter, report: bool) -> None:
     except Exception:
         if report:  # once per run of failures, like the cycle's own error
             log.exception("metering writer could not reload its journal after a failed cycle")
-
