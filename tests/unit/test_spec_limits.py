@@ -1,7 +1,8 @@
 """Specs the API server would accept but Kubernetes could not run are rejected naming the field and the limit.
 
-Autoscaling windows beyond what a HorizontalPodAutoscaler accepts in modes hpa and keda (CEL rules in
-the CRD). Every value that passes must render objects within the Kubernetes limits.
+Two kinds: resource requests above their limits (a cross-field check in Python: the CEL library has no
+quantities), and autoscaling windows beyond what a HorizontalPodAutoscaler accepts in modes hpa and keda
+(CEL rules in the CRD). Every value that passes must render objects within the Kubernetes limits.
 """
 
 from __future__ import annotations
@@ -23,6 +24,40 @@ from tensorfleet.render.context import RenderContext
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 HPA_MAX_STABILIZATION_SECONDS = 3600  # autoscaling/v2 validation: MaxStabilizationWindowSeconds
 HPA_MAX_PERIOD_SECONDS = 1800  # autoscaling/v2 validation: MaxPeriodSeconds
+
+
+def with_resources(**resources: Any) -> dict[str, Any]:
+    return stored(inference_service(resources=resources))
+
+
+@pytest.mark.parametrize(("requests", "limits", "field", "shown"), [
+    ({"cpu": "4"}, {"cpu": "2"}, "spec.resources.requests.cpu", '"4": must be less than or equal to '
+                                                                 'spec.resources.limits.cpu "2"'),
+    ({"cpu": "2001m"}, {"cpu": 2}, "spec.resources.requests.cpu", 'spec.resources.limits.cpu "2"'),
+    ({"memory": "1Gi", "cpu": 1}, {"memory": "1000Mi", "cpu": 1}, "spec.resources.requests.memory",
+     'spec.resources.limits.memory "1000Mi"'),
+])
+def test_a_request_above_its_limit_is_rejected_naming_the_field_and_the_limit(
+        requests: dict[str, Any], limits: dict[str, Any], field: str, shown: str) -> None:
+    errors = validate_body(with_resources(requests=requests, limits=limits))
+    assert [e.path for e in errors] == [field]
+    assert shown in errors[0].message
+
+
+@pytest.mark.parametrize(("requests", "limits"), [
+    ({"cpu": "2"}, {"cpu": "2000m"}),  # equal, in other units
+    ({"memory": "1Gi"}, {"memory": "1024Mi"}),
+    ({"cpu": "4"}, {"memory": "1Gi"}),  # no limit for cpu: no bound
+    ({"cpu": "500m", "memory": "8Gi"}, {"cpu": 1, "memory": "16Gi"}),
+])
+def test_requests_within_their_limits_are_accepted(requests: dict[str, Any], limits: dict[str, Any]) -> None:
+    assert validate_body(with_resources(requests=requests, limits=limits)) == []
+
+
+def test_reconcile_reports_the_request_above_its_limit_and_renders_nothing() -> None:
+    plan = reconcile(with_resources(requests={"cpu": "4"}, limits={"cpu": "2"}), Observed(), RenderContext(), NOW)
+    assert [e.path for e in plan.errors] == ["spec.resources.requests.cpu"]
+    assert not [o for o in plan.desired if o["kind"] == "Deployment"]
 
 
 def autoscaled(mode: str, **autoscaling: Any) -> dict[str, Any]:
