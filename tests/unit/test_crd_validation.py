@@ -78,6 +78,19 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
      "must not set nvidia.com/gpu"),
     ("quantity syntax", with_spec(resources={"requests": {"memory": "lots"}}), "spec.resources.requests.memory",
      "should match"),
+    ("request negative", with_spec(resources={"requests": {"cpu": "-1"}}), "spec.resources.requests.cpu",
+     "spec.resources.requests quantities must not be negative"),
+    ("limit negative integer", with_spec(resources={"limits": {"memory": -5}}), "spec.resources.limits.memory",
+     "spec.resources.limits quantities must not be negative"),
+    ("shm size negative", with_spec(shmSize="-16Gi"), "spec.shmSize", "spec.shmSize must not be negative"),
+    ("shm size negative integer", with_spec(shmSize=-1), "spec.shmSize", "spec.shmSize must not be negative"),
+    ("cache size negative", with_spec(modelCache={"sizeLimit": "-1Gi"}), "spec.modelCache.sizeLimit",
+     "spec.modelCache.sizeLimit must not be negative"),
+    ("hpa scale-down window over the HPA limit",
+     with_spec(autoscaling={"mode": "hpa", "scaleDownStabilizationSeconds": 3601}),
+     "spec.autoscaling.scaleDownStabilizationSeconds", "must be at most 3600 with mode hpa or keda"),
+    ("keda panic window over the HPA period limit", with_spec(autoscaling={"mode": "keda", "panicWindowSeconds": 1801}),
+     "spec.autoscaling.panicWindowSeconds", "must be at most 1800 with mode hpa or keda"),
     ("managed engine flag", with_spec(runtime={"extraArgs": ["--port", "9000"]}), "spec.runtime.extraArgs",
      "must not set --port"),
     ("unknown field", with_spec(replica=2), "spec.replica", 'unknown field "spec.replica"'),
@@ -126,8 +139,12 @@ def test_the_table_is_large_enough() -> None:
     assert len(INVALID) >= 20
 
 
-@pytest.mark.parametrize("obj", [inference_service(), triton_service(model={"uri": "hf://a/b@v1"})],
-                         ids=["vllm", "triton"])
+@pytest.mark.parametrize("obj", [
+    inference_service(), triton_service(model={"uri": "hf://a/b@v1"}),
+    with_spec(shmSize=0, modelCache={"sizeLimit": "+1Gi"}, resources={"requests": {"cpu": "500m", "memory": 0}}),
+    with_spec(autoscaling={"mode": "hpa", "scaleDownStabilizationSeconds": 3600, "panicWindowSeconds": 1800}),
+    with_spec(autoscaling={"mode": "tensorfleet", "scaleDownStabilizationSeconds": 7200, "panicWindowSeconds": 3600}),
+], ids=["vllm", "triton", "zero and positive quantities", "hpa at the HPA limits", "tensorfleet beyond the HPA limits"])
 def test_valid_specs_pass(obj: dict[str, Any]) -> None:
     assert crds.validate(obj) == []
 

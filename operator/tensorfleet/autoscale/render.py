@@ -72,7 +72,12 @@ def scale_target_ref(isvc: InferenceService) -> dict[str, str]:
 
 
 def behavior(spec: AutoscalingSpec) -> dict[str, Any]:
-    """HPA behavior from the same bounds tensorfleet's policy uses (windows at the default startup time)."""
+    """HPA behavior from the same bounds tensorfleet's policy uses (windows at the default startup time).
+
+    Within the HPA's limits for every spec the CRD accepts in modes hpa and keda: its rules cap
+    scaleDownStabilizationSeconds at 3600 (stabilizationWindowSeconds) and panicWindowSeconds, which
+    bounds the stable window and so the policy's periodSeconds, at 1800.
+    """
     windows = policy.derive_windows(policy.PolicyConfig.from_spec(spec), None)
     scale_up: dict[str, Any] = {"stabilizationWindowSeconds": 0}
     if spec.max_scale_up_rate > 1:
