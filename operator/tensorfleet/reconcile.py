@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tensorfleet import diff
+from tensorfleet.api.resources import request_limit_errors
 from tensorfleet.api.schema import FieldError
 from tensorfleet.api.types import InferenceService
 from tensorfleet.api.validation import validate_body
@@ -97,7 +98,8 @@ def desired_objects(isvc: InferenceService, ctx: RenderContext, gpu_products: tu
 def spec_errors(body: Mapping[str, Any], ctx: RenderContext) -> list[FieldError]:
     """Why a (schema-valid) service cannot be rendered here: cross-field rules, unusable engine options, and
     an autoscaling mode this installation does not allow. Empty when it can."""
-    return validate_body(body) or serving.service_errors(body) or mode_errors(body, ctx)
+    return (validate_body(body) or request_limit_errors(body) or serving.service_errors(body)
+            or mode_errors(body, ctx))
 
 
 def reconcile(body: Mapping[str, Any], observed: Observed, ctx: RenderContext, now: datetime.datetime) -> Plan:

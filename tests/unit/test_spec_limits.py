@@ -18,7 +18,7 @@ from builders import inference_service, stored
 from tensorfleet.api.types import InferenceService
 from tensorfleet.api.validation import validate_body
 from tensorfleet.autoscale import render
-from tensorfleet.reconcile import Observed, reconcile
+from tensorfleet.reconcile import Observed, reconcile, spec_errors
 from tensorfleet.render.context import RenderContext
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
@@ -39,7 +39,7 @@ def with_resources(**resources: Any) -> dict[str, Any]:
 ])
 def test_a_request_above_its_limit_is_rejected_naming_the_field_and_the_limit(
         requests: dict[str, Any], limits: dict[str, Any], field: str, shown: str) -> None:
-    errors = validate_body(with_resources(requests=requests, limits=limits))
+    errors = spec_errors(with_resources(requests=requests, limits=limits), RenderContext())
     assert [e.path for e in errors] == [field]
     assert shown in errors[0].message
 
@@ -51,7 +51,7 @@ def test_a_request_above_its_limit_is_rejected_naming_the_field_and_the_limit(
     ({"cpu": "500m", "memory": "8Gi"}, {"cpu": 1, "memory": "16Gi"}),
 ])
 def test_requests_within_their_limits_are_accepted(requests: dict[str, Any], limits: dict[str, Any]) -> None:
-    assert validate_body(with_resources(requests=requests, limits=limits)) == []
+    assert spec_errors(with_resources(requests=requests, limits=limits), RenderContext()) == []
 
 
 def test_reconcile_reports_the_request_above_its_limit_and_renders_nothing() -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from kubernetes.utils import quantity
-
 from tensorfleet.api import crds
 from tensorfleet.api.schema import FieldError
 from tensorfleet.api.types import InferenceServiceSpec
@@ -35,7 +33,6 @@ def validate_body(body: Mapping[str, Any]) -> list[FieldError]:
 def cross_field_errors(spec: InferenceServiceSpec) -> Iterator[FieldError]:
     yield from _context_window(spec)
     yield from _warmup(spec)
-    yield from _requests_within_limits(spec)
 
 
 def _context_window(spec: InferenceServiceSpec) -> Iterator[FieldError]:
@@ -94,27 +91,6 @@ def _warmup(spec: InferenceServiceSpec) -> Iterator[FieldError]:
                 f"{path}.concurrency",
                 f"Invalid value: {concurrency}: exceeds spec.engine.maxBatchSize {spec.engine.max_batch_size}",
             )
-
-
-def _requests_within_limits(spec: InferenceServiceSpec) -> Iterator[FieldError]:
-    """Kubernetes rejects a container whose request exceeds its limit; the CEL library cannot compare quantities."""
-    requests = spec.resources.get("requests") or {}
-    limits = spec.resources.get("limits") or {}
-    for name in sorted(requests.keys() & limits.keys()):
-        request, limit = _quantity(requests[name]), _quantity(limits[name])
-        if request is not None and limit is not None and request > limit:
-            yield FieldError(
-                f"spec.resources.requests.{name}",
-                f'Invalid value: "{requests[name]}": must be less than or equal to '
-                f'spec.resources.limits.{name} "{limits[name]}" (Kubernetes rejects a request above its limit)',
-            )
-
-
-def _quantity(value: Any) -> Any:
-    try:
-        return quantity.parse_quantity(value)  # type: ignore[no-untyped-call]
-    except ValueError:  # not a quantity: the schema's pattern reports it
-        return None
 
 
 def _context_limit(spec: InferenceServiceSpec) -> int | None:
