@@ -175,6 +175,50 @@ def test_a_corrupt_artifact_reported_by_a_serving_pod_triggers_one_rebuild() -> 
     assert condition(resolved.status, "Ready")["status"] == "True"
 
 
+def test_further_reports_of_the_artifact_being_rebuilt_never_restart_its_rebuild() -> None:
+    body = stored_engine()
+    sha = "sha256:" + "ab" * 32
+    ready = with_status(body, {"attempts": 1, "artifact": {"sha256": sha, "source": "build"},
+                               "conditions": [], "fingerprint": "f"})
+    first = CorruptionReport(pod="llama-a", finished_at="2026-11-21T12:05:00Z", sha256=sha, message="bad")
+    plan = reconcile_engine(ready, EngineObserved(corruption=(first,)), CTX, T0)
+    assert plan.create is not None
+    job = plan.create
+    status = plan.status
+    # another replica, then the first pod's init container after each CrashLoopBackOff restart (a new
+    # finishedAt each time), report the same artifact while its rebuild Job runs
+    later = [CorruptionReport(pod="llama-b", finished_at="2026-11-21T12:06:00Z", sha256=sha, message="bad"),
+             CorruptionReport(pod="llama-a", finished_at="2026-11-21T12:07:00Z", sha256=sha, message="bad"),
+             CorruptionReport(pod="llama-a", finished_at="2026-11-21T12:09:00Z", sha256=sha, message="bad")]
+    for seen in range(1, len(later) + 1):
+        again = reconcile_engine(with_status(ready, status), EngineObserved(jobs=(job,), corruption=(
+            first, *later[:seen])), CTX, T0 + datetime.timedelta(minutes=seen))
+        assert again.create is None
+        assert again.delete == ()
+        assert again.status["attempts"] == 2
+        assert condition(again.status, "Building")["reason"] == "JobRunning"
+        assert "ArtifactCorrupt" not in [e.reason for e in again.events]
+        status = again.status
+    assert status["corruption"]["pod"] == "llama-a"
+    assert status["corruption"]["sha256"] == sha
+    assert status["corruption"]["lastReportAt"] == "2026-11-21T12:09:00Z"
+    # the re-verification finds the stored copy sound (same sha256): the reports it answered start nothing
+    done = pod(job["metadata"]["name"], message=cache_report(ready, sha=sha))
+    resolved_at = T0 + datetime.timedelta(minutes=10)
+    resolved = reconcile_engine(with_status(ready, status), EngineObserved(jobs=(job,), pods=(done,), corruption=(
+        first, *later)), CTX, resolved_at)
+    assert resolved.status["corruption"]["resolved"] is True
+    settled = with_status(ready, resolved.status)
+    stale = CorruptionReport(pod="llama-c", finished_at="2026-11-21T12:09:30Z", sha256=sha, message="bad")
+    quiet = reconcile_engine(settled, EngineObserved(corruption=(first, *later, stale)), CTX, resolved_at)
+    assert quiet.create is None
+    # a report that ended after the re-verification is new evidence: one new attempt
+    new = CorruptionReport(pod="llama-a", finished_at="2026-11-21T12:15:00Z", sha256=sha, message="bad")
+    fresh = reconcile_engine(settled, EngineObserved(corruption=(first, *later, new)), CTX, resolved_at)
+    assert fresh.create is not None
+    assert fresh.create["metadata"]["name"].endswith("-3")
+
+
 def test_an_engine_whose_name_is_not_its_fingerprint_is_refused_with_the_right_name() -> None:
     body = stored_engine()
     right = body["metadata"]["name"]

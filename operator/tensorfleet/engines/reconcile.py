@@ -154,7 +154,7 @@ def _advance(body: Mapping[str, Any], observed: EngineObserved, ctx: EngineConte
         # Pods already running verified their own copy and keep serving; the artifact stays recorded until
         # the re-verification (cache) or rebuild (build) Job reports, then it is replaced.
         state.corruption = {"pod": report.pod, "finishedAt": report.finished_at, "message": report.message[:2000],
-                            "resolved": False}
+                            "sha256": report.sha256, "resolved": False}
         state.events.append(Event("Warning", "ArtifactCorrupt", f"{report.pod}: {report.message}"[:1024]))
         _start_attempt(body, ctx, state, store, by_name, "a serving pod found the artifact corrupt: "
                        "re-verifying the stored copy, rebuilding it if it is corrupt", force_new=True)
@@ -164,8 +164,8 @@ def _advance(body: Mapping[str, Any], observed: EngineObserved, ctx: EngineConte
         state.artifact = _artifact(succeeded[-1].report)
         state.finished.append(_outcome(succeeded[-1].report))
         state.failure = None
-        if state.corruption is not None:
-            state.corruption = {**state.corruption, "resolved": True}
+        if state.corruption is not None and not state.corruption.get("resolved"):
+            state.corruption = {**state.corruption, "resolved": True, "resolvedAt": timestamp(now)}
         rebuilding = False
     if state.artifact is not None and not rebuilding:
         _ready(state, by_name, observed)
@@ -192,11 +192,24 @@ def _outcome(report: Mapping[str, Any]) -> BuildOutcome:
 
 
 def _new_corruption(state: _State, reports: Sequence[CorruptionReport]) -> CorruptionReport | None:
+    """The report that starts a re-verification, or None. One corrupt artifact gets one rebuild: while the
+    rebuild of this artifact's sha256 runs, further reports (other replicas, or the same pod's init container
+    after each CrashLoopBackOff restart) are only recorded (``lastReportAt``), so none of them cancels it."""
     if state.artifact is None:
         return None
-    seen = str((state.corruption or {}).get("finishedAt") or "")
-    fresh = [r for r in reports if r.sha256 == state.artifact.get("sha256") and r.finished_at > seen]
-    return max(fresh, key=lambda r: r.finished_at) if fresh else None
+    sha = state.artifact.get("sha256")
+    corruption = state.corruption or {}
+    # reports that ended before the last rebuild finished are about the copy it replaced or re-verified
+    seen = max(str(corruption.get(field) or "") for field in ("finishedAt", "lastReportAt", "resolvedAt"))
+    fresh = [r for r in reports if r.sha256 == sha and r.finished_at > seen]
+    if not fresh:
+        return None
+    latest = max(fresh, key=lambda r: r.finished_at)
+    # status from before sha256 was recorded: an unresolved corruption was the current artifact's
+    if corruption and not corruption.get("resolved") and corruption.get("sha256", sha) == sha:
+        state.corruption = {**corruption, "lastReportAt": latest.finished_at}
+        return None
+    return latest
 
 
 def _ready(state: _State, by_name: Mapping[str, Mapping[str, Any]], observed: EngineObserved) -> None:
