@@ -20,6 +20,9 @@ from tensorfleet import API_GROUP
 HASH_ANNOTATION = f"{API_GROUP}/applied-hash"
 _QUANTITY_PARENTS = frozenset({"requests", "limits"})
 _QUANTITY_KEYS = frozenset({"sizeLimit"})
+# (parent, key) of quantities under a name too common to be a quantity everywhere (an env var's
+# ``value`` is not one): an HPA metric's target.
+_QUANTITY_FIELDS = frozenset({("target", "averageValue"), ("target", "value")})
 
 
 def content_hash(obj: Mapping[str, Any]) -> str:
@@ -68,7 +71,7 @@ def is_subset(want: Any, have: Any, key: str = "", parent: str = "") -> bool:
         return len(want) == len(have) and all(is_subset(w, h, key, parent) for w, h in zip(want, have, strict=True))
     if want == have:
         return True
-    if parent in _QUANTITY_PARENTS or key in _QUANTITY_KEYS:
+    if parent in _QUANTITY_PARENTS or key in _QUANTITY_KEYS or (parent, key) in _QUANTITY_FIELDS:
         return _same_quantity(want, have)
     return False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import itertools
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from builders import inference_service
 from tensorfleet.api.types import InferenceService
 from tensorfleet.autoscale import policy, signals
+from tensorfleet.autoscale import status as records
 from tensorfleet.autoscale.policy import Decision, History, Observation, PolicyConfig
 
 CONFIG = PolicyConfig(min_replicas=1, max_replicas=20, target_kv_cache_usage=0.8, target_queue_depth=4.0,
@@ -170,6 +172,57 @@ def test_windows_follow_the_measured_startup_time() -> None:
 def test_startup_time_is_remembered_when_pods_stop_reporting_it() -> None:
     decisions = run(CONFIG, [obs(0, 2, startup=300.0), obs(2, 2, startup=None)])
     assert decisions[-1].windows.startup_seconds == 300.0
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("garbage", [
+    {"queue": INF}, {"queue": NAN}, {"kv": INF}, {"concurrency": INF}, {"queue": -INF, "kv": NAN, "util": NAN},
+])
+def test_a_signal_that_is_no_finite_number_is_missing(garbage: dict[str, float]) -> None:
+    config = dataclasses.replace(CONFIG, target_in_flight=10.0)
+    signal = {"kv": 0.4, "queue": 8.0, "concurrency": 20.0, **garbage}
+    asked = policy.replicas_asked(config, obs(0, 4, **signal))
+    fields = {"kvCacheUsage": "kv", "queueDepth": "queue", "concurrency": "concurrency"}
+    assert asked == pytest.approx({name: 2.0 for name, field in fields.items() if field not in garbage})
+    decisions = run(config, steady(4, 40, **signal))
+    assert {d.reason for d in decisions} == {"Stable"}  # 2 of 4 asked for: under the tolerance, no history yet
+
+
+def test_with_only_garbage_signals_the_policy_holds_and_bounds_still_win() -> None:
+    held = run(CONFIG, steady(3, 20, kv=INF, queue=INF))[-1]
+    assert (held.replicas, held.reason) == (3, "NoSignals")
+    raised = run(dataclasses.replace(CONFIG, min_replicas=5), [obs(0, 3, kv=NAN, queue=INF)])[-1]
+    assert (raised.replicas, raised.reason) == (5, "BelowMinimum")
+
+
+def test_a_huge_finite_signal_asks_for_max_replicas_without_overflow() -> None:
+    decisions = run(CONFIG, steady(4, 20, queue=1.7e308, kv=None))  # averaging these over a window overflows
+    assert decisions[0].signals[0].stable == policy.MOST_REPLICAS
+    assert (decisions[0].replicas, decisions[0].reason) == (8, "ScaledUp")  # 2x the 4 ready
+
+
+@pytest.mark.parametrize(("ask", "replicas"), [(INF, policy.MOST_REPLICAS), (1e300, policy.MOST_REPLICAS),
+                                               (NAN, 0), (-INF, 0), (2.5, 3)])
+def test_whole_replicas_for_any_ask(ask: float, replicas: int) -> None:
+    assert policy._ceil(ask) == replicas
+
+
+def test_a_startup_time_that_is_no_finite_number_is_not_a_measurement() -> None:
+    assert policy.derive_windows(CONFIG, INF) == policy.derive_windows(CONFIG, None)
+    decisions = run(CONFIG, [obs(0, 2, startup=300.0), obs(2, 2, startup=INF), obs(4, 2, startup=NAN)])
+    assert [d.windows.startup_seconds for d in decisions] == [300.0, 300.0, 300.0]
+
+
+def test_garbage_signals_never_break_the_status_record() -> None:
+    observation = obs(0, 2, kv=1.0, queue=INF, util=INF, startup=INF)
+    decision = run(CONFIG, [observation])[-1]
+    assert (decision.replicas, decision.reason) == (3, "ScaledUp")  # on kvCacheUsage, the finite signal
+    record = records.decision_status(decision, None, datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC))
+    assert (record["startupSeconds"], record["startupMeasured"]) == (60, False)
+    assert "gpuUtilizationPercent" not in record
+    assert [s["name"] for s in record["signals"]] == ["kvCacheUsage"]
 
 
 def test_config_from_the_crd_section() -> None:

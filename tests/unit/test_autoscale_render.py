@@ -5,11 +5,15 @@ from __future__ import annotations
 import copy
 import datetime
 import pathlib
+from decimal import Decimal
 from typing import Any
 
+import pytest
 import yaml
+from kubernetes.utils import quantity
 
 from builders import inference_service, stored
+from tensorfleet import diff
 from tensorfleet.api import crds
 from tensorfleet.api.types import InferenceService
 from tensorfleet.autoscale import policy, render
@@ -40,6 +44,31 @@ def test_hpa_targets_the_scale_subresource_on_queue_and_kv_cache() -> None:
     assert [(m["pods"]["metric"]["name"], m["pods"]["target"]["averageValue"]) for m in hpa["spec"]["metrics"]] == [
         ("tensorfleet_queue_depth", "4"), ("tensorfleet_engine_kv_cache_usage_ratio", "800m")]
     assert hpa["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+@pytest.mark.parametrize(("autoscaling", "stored_as"), [
+    ({"targetKVCacheUsagePercent": 100}, ["4", "1"]),
+    ({"targetKVCacheUsagePercent": 5, "targetQueueDepth": 1000, "targetInFlight": 1500}, ["1k", "1500", "50m"]),
+    ({"targetQueueDepth": 10000, "targetInFlight": 100000}, ["10k", "100k", "800m"]),
+])
+def test_hpa_targets_are_canonical_quantities_so_a_converged_hpa_is_not_rewritten(
+        autoscaling: dict[str, Any], stored_as: list[str]) -> None:
+    plan = reconcile(service("hpa", **autoscaling), Observed(), CTX, NOW)
+    hpa = next(o for o in plan.desired if o["kind"] == "HorizontalPodAutoscaler")
+    assert [m["pods"]["target"]["averageValue"] for m in hpa["spec"]["metrics"]] == stored_as
+    stored_hpa = copy.deepcopy(hpa)  # as the API server keeps it: each quantity in its canonical form
+    for metric, canonical in zip(stored_hpa["spec"]["metrics"], stored_as, strict=True):
+        metric["pods"]["target"]["averageValue"] = canonical
+    assert diff.needs_apply(hpa, stored_hpa) is None
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (Decimal(0), "0"), (Decimal("0.8"), "800m"), (Decimal("0.0125"), "12500u"), (Decimal(1), "1"),
+    (Decimal(1000), "1k"), (Decimal(1500), "1500"), (Decimal(2_000_000), "2M"),
+])
+def test_canonical_quantity_is_the_api_servers_form(value: Decimal, text: str) -> None:
+    assert render.canonical_quantity(value) == text
+    assert quantity.parse_quantity(text) == value
 
 
 def test_hpa_never_scales_on_gpu_utilization() -> None:

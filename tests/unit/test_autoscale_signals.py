@@ -111,3 +111,27 @@ def test_observation_without_concurrency_reports_none() -> None:
     observation = signals.observe(0.0, 1, [PodTarget("a", "ready", "u")], {"a": PodMetrics(gateway_queue=1)})
     assert observation.concurrency is None
     assert observation.queue_depth == 1
+
+
+@pytest.mark.parametrize("text", [
+    f"{telemetry.QUEUE_DEPTH} +Inf\n{telemetry.ENGINE_WAITING} -Inf\n{telemetry.IN_FLIGHT} NaN\n",
+    f"{telemetry.QUEUE_DEPTH} 1e308\n{telemetry.ENGINE_WAITING} 1e300\n{telemetry.IN_FLIGHT} -1e300\n",
+    f'{telemetry.QUEUE_DEPTH}{{a="1"}} 1e308\n{telemetry.QUEUE_DEPTH}{{a="2"}} 1e308\n',  # a sum that overflows
+    f'{telemetry.KV_CACHE_USAGE}{{gpu="0"}} +Inf\n{telemetry.KV_CACHE_USAGE}{{gpu="1"}} -Inf\n',
+    f"{telemetry.READY} +Inf\n{telemetry.STARTUP_SECONDS} +Inf\n{telemetry.GPU_UTILIZATION} NaN\n",
+])
+def test_samples_that_are_no_finite_number_or_beyond_any_count_are_missing(text: str) -> None:
+    assert signals.parse_metrics(text) == PodMetrics()
+
+
+def test_garbage_samples_leave_the_pods_other_series_alone() -> None:
+    text = (f'{telemetry.QUEUE_DEPTH} +Inf\n{telemetry.ENGINE_WAITING} 3\n{telemetry.KV_CACHE_USAGE}{{gpu="0"}} NaN\n'
+            f'{telemetry.KV_CACHE_USAGE}{{gpu="1"}} 0.5\n{telemetry.STARTUP_SECONDS} 90\n')
+    assert signals.parse_metrics(text) == PodMetrics(engine_waiting=3.0, kv_cache_usage=0.5, startup_seconds=90.0)
+
+
+def test_a_repeated_series_counts_once_with_its_first_sample_as_in_prometheus() -> None:
+    text = (f"{telemetry.QUEUE_DEPTH} 5\n{telemetry.QUEUE_DEPTH} 7\n"
+            f'{telemetry.KV_CACHE_USAGE}{{gpu="0"}} 0.2\n{telemetry.KV_CACHE_USAGE}{{gpu="0"}} 1\n'
+            f'{telemetry.KV_CACHE_USAGE}{{gpu="1"}} 0.4\n')
+    assert signals.parse_metrics(text) == PodMetrics(gateway_queue=5.0, kv_cache_usage=pytest.approx(0.3))

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import pytest
 from click.testing import CliRunner
@@ -29,6 +29,18 @@ def test_quantities_compare_by_value() -> None:
                           {"resources": {"limits": {"cpu": "1", "memory": "1024Mi"}}})
     assert diff.is_subset({"emptyDir": {"sizeLimit": "1Gi"}}, {"emptyDir": {"sizeLimit": "1024Mi"}})
     assert not diff.is_subset({"image": "1"}, {"image": "1.0"})  # not a quantity field
+
+
+def test_hpa_metric_targets_compare_by_value_and_env_values_do_not() -> None:
+    def metric(target: dict[str, str]) -> dict[str, Any]:
+        return {"spec": {"metrics": [{"type": "Pods", "pods": {"metric": {"name": "q"}, "target": target}}]}}
+
+    assert diff.is_subset(metric({"type": "AverageValue", "averageValue": "1000m"}),
+                          metric({"type": "AverageValue", "averageValue": "1"}))
+    assert diff.is_subset(metric({"type": "Value", "value": "1000"}), metric({"type": "Value", "value": "1k"}))
+    assert not diff.is_subset(metric({"type": "AverageValue", "averageValue": "800m"}),
+                              metric({"type": "AverageValue", "averageValue": "1"}))
+    assert not diff.is_subset({"env": [{"name": "X", "value": "1000m"}]}, {"env": [{"name": "X", "value": "1"}]})
 
 
 def test_hash_changes_with_content_only() -> None:

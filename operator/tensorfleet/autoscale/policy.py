@@ -65,6 +65,7 @@ EPSILON = 1e-9
 DEFAULT_STARTUP_SECONDS = 60.0  # before any pod of the service has reported its own
 MAX_SCALE_DOWN_WINDOW = 1800.0
 UNDONE_MEMORY_SECONDS = 3600.0  # how long an undone scale-down keeps its lesson
+MOST_REPLICAS = 2**31 - 1  # spec.replicas is an int32: no ask means more than this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Windows:
 
 
 def derive_windows(config: PolicyConfig, startup_seconds: float | None) -> Windows:
-    measured = startup_seconds is not None and startup_seconds > 0
+    measured = _measured(startup_seconds)
     startup = float(startup_seconds) if measured and startup_seconds else config.default_startup_seconds
     panic = config.panic_window_seconds if config.panic_window_seconds is not None else _clamp(startup / 10, 6, 60)
     stable = _clamp(startup / 2, 60, 300)
@@ -142,7 +143,7 @@ class History:
         changed = bool(self.observations) and self.observations[-1].spec_replicas != obs.spec_replicas
         return dataclasses.replace(
             self, observations=(*kept, obs), since=obs.time if self.since is None else self.since,
-            startup_seconds=obs.startup_seconds or self.startup_seconds,
+            startup_seconds=obs.startup_seconds if _measured(obs.startup_seconds) else self.startup_seconds,
             last_change=obs.time if changed else self.last_change)
 
     def recommended(self, time: float, replicas: int, keep_seconds: float) -> History:
@@ -178,7 +179,11 @@ class Decision:
 
 
 def replicas_asked(config: PolicyConfig, obs: Observation) -> dict[SignalName, float]:
-    """Fractional replicas each available signal asks for in one observation (``current x value / target``)."""
+    """Fractional replicas each available signal asks for in one observation (``current x value / target``).
+
+    A signal whose value is not a finite number (NaN, infinite) is missing; an ask is at most
+    ``MOST_REPLICAS``, so that averages over a window never overflow.
+    """
     asked: dict[SignalName, float] = {}
     if obs.concurrency is not None and config.target_in_flight:
         asked["concurrency"] = obs.concurrency / config.target_in_flight
@@ -186,11 +191,11 @@ def replicas_asked(config: PolicyConfig, obs: Observation) -> dict[SignalName, f
         asked["queueDepth"] = obs.queue_depth / config.target_queue_depth
     if obs.kv_cache_usage is not None and config.target_kv_cache_usage:
         asked["kvCacheUsage"] = obs.ready * obs.kv_cache_usage / config.target_kv_cache_usage
-    return asked
+    return {name: min(float(MOST_REPLICAS), ask) for name, ask in asked.items() if math.isfinite(ask)}
 
 
 def decide(config: PolicyConfig, history: History, obs: Observation) -> Decision:
-    windows = derive_windows(config, obs.startup_seconds or history.startup_seconds)
+    windows = derive_windows(config, obs.startup_seconds if _measured(obs.startup_seconds) else history.startup_seconds)
     history = history.recorded(obs, max(windows.stable_seconds, windows.scale_down_seconds))
     current = obs.spec_replicas
     if obs.ready == 0 or obs.scraped == 0:
@@ -313,7 +318,8 @@ def _asked_over(config: PolicyConfig, history: History, start: float) -> dict[Si
 
 def _window_mean(history: History, start: float, field: str) -> float | None:
     values = [getattr(o, field) for o in history.observations if o.time > start and getattr(o, field) is not None]
-    return statistics.fmean(values) if values else None
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(finite) if finite else None
 
 
 def _driver(readings: tuple[SignalReading, ...], ask: float | None) -> str:
@@ -327,7 +333,14 @@ def _driver(readings: tuple[SignalReading, ...], ask: float | None) -> str:
 
 
 def _ceil(value: float) -> int:
-    return max(0, math.ceil(value - EPSILON))
+    """Whole replicas for a fractional ask, within [0, MOST_REPLICAS] (NaN asks for none)."""
+    if not value > 0:
+        return 0
+    return min(MOST_REPLICAS, math.ceil(min(value, MOST_REPLICAS) - EPSILON))
+
+
+def _measured(startup_seconds: float | None) -> bool:
+    return startup_seconds is not None and math.isfinite(startup_seconds) and startup_seconds > 0
 
 
 def _clamp(value: float, low: float, high: float) -> float:

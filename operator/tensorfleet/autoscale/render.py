@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 from tensorfleet import API_GROUP, API_VERSION, telemetry
@@ -99,11 +100,12 @@ def behavior(spec: AutoscalingSpec) -> dict[str, Any]:
 
 def render_hpa(isvc: InferenceService) -> dict[str, Any]:
     spec = isvc.spec.autoscaling
-    metrics = [_pods_metric(QUEUE_METRIC, str(spec.target_queue_depth))]
+    metrics = [_pods_metric(QUEUE_METRIC, canonical_quantity(Decimal(spec.target_queue_depth)))]
     if spec.target_in_flight:
-        metrics.append(_pods_metric(CONCURRENCY_METRIC, str(spec.target_in_flight)))
+        metrics.append(_pods_metric(CONCURRENCY_METRIC, canonical_quantity(Decimal(spec.target_in_flight))))
     if spec.target_kv_cache_usage_percent:
-        metrics.append(_pods_metric(KV_METRIC, f"{spec.target_kv_cache_usage_percent * 10}m"))
+        ratio = Decimal(spec.target_kv_cache_usage_percent) / 100
+        metrics.append(_pods_metric(KV_METRIC, canonical_quantity(ratio)))
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
@@ -163,6 +165,24 @@ def prometheus_adapter_rules() -> dict[str, Any]:
         {**rule(telemetry.KV_CACHE_USAGE, KV_METRIC, telemetry.KV_CACHE_USAGE),
          "metricsQuery": f"avg({telemetry.KV_CACHE_USAGE}{{<<.LabelMatchers>>}}) by (<<.GroupBy>>)"},
     ]}
+
+
+# Decimal SI suffixes, largest first, with the power of ten each stands for.
+_SI_SUFFIXES = (("E", 18), ("P", 15), ("T", 12), ("G", 9), ("M", 6), ("k", 3), ("", 0), ("m", -3), ("u", -6),
+                ("n", -9))
+
+
+def canonical_quantity(value: Decimal) -> str:
+    """``value`` as the API server stores a decimal quantity: a whole number with the largest SI suffix
+    that keeps it whole (0.8 -> ``800m``, 1 -> ``1``, 1000 -> ``1k``, 1500 -> ``1500``), so that what is
+    read back equals what was written."""
+    if value == 0:
+        return "0"
+    for suffix, exponent in _SI_SUFFIXES:
+        scaled = value.scaleb(-exponent)
+        if scaled == scaled.to_integral_value():
+            return f"{int(scaled)}{suffix}"
+    raise ValueError(f"{value} is finer than a quantity can hold (1n)")
 
 
 def _pods_metric(name: str, average: str) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Scraping the gateways' ``/metrics`` on their admin port: concurrent, time-bounded, failures tolerated.
 
-A pod that does not answer in time, answers with an error, or answers with something that is not
-Prometheus text is left out of that observation (the policy extrapolates from the pods that did
-answer, and holds when none did); the failure is counted and logged, never raised.
+A pod that does not answer in time, answers with an error, answers with something that is not
+Prometheus text, or whose text has none of the gateway's metrics with a finite value (a gateway
+always reports ``tensorfleet_gateway_ready``) is left out of that observation (the policy
+extrapolates from the pods that did answer, and holds when none did); the failure is counted and
+logged, never raised.
 """
 
 from __future__ import annotations
@@ -45,10 +47,17 @@ class Scraper:
     async def _fetch(self, target: PodTarget) -> PodMetrics | None:
         try:
             text = await self._get(str(target.metrics_url))
-            return signals.parse_metrics(text)
+            metrics = signals.parse_metrics(text)
+            if metrics == PodMetrics():
+                raise ScrapeError("none of the gateway's metrics has a finite value")
+            return metrics
         except (httpx.HTTPError, signals.MetricsError, ScrapeError) as exc:
             self._failed(target, f"{type(exc).__name__}: {exc}")
-            return None
+        except Exception as exc:  # one pod's bytes must never cost the other pods their metrics
+            logger.warning("metrics of %s (%s) could not be read, leaving the pod out", target.name,
+                           target.metrics_url, exc_info=True)
+            self._failed(target, f"{type(exc).__name__}: {exc}")
+        return None
 
     async def _get(self, url: str) -> str:
         async with self._slots, self._http.stream("GET", url) as response:

@@ -147,23 +147,25 @@ _FIELDS = {
 }
 _MEANS = {"gpu_utilization", "kv_cache_usage"}  # one series per GPU or engine: average them
 _RATIOS = _MEANS
+# The largest integer a float64 holds exactly. No real count or duration comes near it, so a sample
+# beyond it is garbage, and sums of samples within it cannot overflow.
+LARGEST_SAMPLE = float(2**53)
+SeriesKey = tuple[str, frozenset[tuple[str, str]]]
 
 
 def parse_metrics(text: str) -> PodMetrics:
     """The autoscaler's metrics from one gateway's exposition text; other metrics are ignored.
 
     Series of one name with different labels are summed (counts) or averaged (per-GPU ratios).
-    NaN samples are skipped; ratios are clamped to [0, 1] and counts to >= 0.
+    A series repeated with the same labels counts once, with its first sample: Prometheus's scrape
+    keeps the first and drops the rest as duplicates. A sample that is not a finite number (NaN,
+    +Inf, -Inf) or is larger than ``LARGEST_SAMPLE`` is missing; ratios are clamped to [0, 1] and
+    counts to >= 0. Text that is not Prometheus exposition raises ``MetricsError``.
     """
     found: dict[str, list[float]] = {}
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                field = _FIELDS.get(sample.name)
-                if field is not None and not math.isnan(sample.value):
-                    found.setdefault(field, []).append(float(sample.value))
-    except (ValueError, TypeError, IndexError) as exc:
-        raise MetricsError(f"not Prometheus text exposition: {exc}") from None
+    for (name, _labels), value in _series(text).items():
+        if math.isfinite(value) and abs(value) <= LARGEST_SAMPLE:
+            found.setdefault(_FIELDS[name], []).append(value)
     values: dict[str, Any] = {}
     for field, samples in found.items():
         if field == "ready":
@@ -175,6 +177,20 @@ def parse_metrics(text: str) -> PodMetrics:
         else:
             values[field] = max(0.0, sum(samples))
     return PodMetrics(**values)
+
+
+def _series(text: str) -> dict[SeriesKey, float]:
+    """The autoscaler's series in ``text`` by name and labels, each with its first sample."""
+    series: dict[SeriesKey, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in _FIELDS:
+                    key = (sample.name, frozenset(sample.labels.items()))
+                    series.setdefault(key, float(sample.value))
+    except (ValueError, TypeError, IndexError) as exc:
+        raise MetricsError(f"not Prometheus text exposition: {exc}") from None
+    return series
 
 
 # ---- one observation -------------------------------------------------------------------------------
