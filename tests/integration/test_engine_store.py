@@ -181,6 +181,31 @@ def test_a_tampered_file_fails_fetch_fast_and_is_rebuilt(store: EngineStore, tmp
     fetch_engine(store, again.fingerprint, str(again.sha256), tmp_path / "dest2", 8)
 
 
+def _delete(store: EngineStore, fingerprint: str, relative: str) -> None:
+    if isinstance(store, FilesystemStore):
+        (store.root / fingerprint / relative).unlink()
+    else:
+        assert isinstance(store, S3Store)
+        store.client.delete_object(Bucket=store.bucket, Key=store._key(fingerprint, relative))
+
+
+def test_a_lost_file_is_corrupt_for_fetch_and_rebuilt_by_ensure(store: EngineStore, tmp_path: pathlib.Path) -> None:
+    """A file engine.json lists but the store lost (a lifecycle rule, a cleanup, a partial restore) is gone
+    for good: fetch reports corrupt at once (so the operator rebuilds) and ensure discards and rebuilds."""
+    spec, builder = defaulted(), BuilderDouble()
+    outcome = ensure(spec, store, builder, tmp_path / "w")
+    manifest = store.manifest(outcome.fingerprint)
+    assert manifest is not None
+    _delete(store, outcome.fingerprint, f"builds/{manifest.build_id}/engine/rank0.engine")
+    started = time.monotonic()
+    with pytest.raises(CorruptArtifact, match=r"rank0\.engine.*listed in engine\.json, is missing"):
+        fetch_engine(store, outcome.fingerprint, str(outcome.sha256), tmp_path / "dest", 8)
+    assert time.monotonic() - started < 5
+    again = run_ensure(spec, store, builder, tmp_path / "w2", None, lock_timeout=10)
+    assert (again.result, builder.builds) == ("build", 2)
+    fetch_engine(store, again.fingerprint, str(again.sha256), tmp_path / "dest2", 8)
+
+
 def test_a_rewritten_manifest_does_not_match_the_recorded_digest(store: EngineStore, tmp_path: pathlib.Path) -> None:
     outcome = ensure(defaulted(), store, BuilderDouble(), tmp_path / "w")
     manifest = store.manifest(outcome.fingerprint)
