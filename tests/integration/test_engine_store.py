@@ -39,8 +39,10 @@ pytestmark = pytest.mark.integration
 class BuilderDouble:
     """Test double of TensorRTLLMBuilder: writes deterministic test bytes instead of running trtllm-build."""
 
-    def __init__(self, delay: float = 0.0, size: int = 256 * 1024, fail: bool = False) -> None:
+    def __init__(self, delay: float = 0.0, size: int = 256 * 1024, fail: bool = False,
+                 ranks: int | None = None, config: bool = True) -> None:
         self.delay, self.size, self.fail = delay, size, fail
+        self.ranks, self.config = ranks, config  # like trtllm-build by default: one rank file per TP rank
         self.builds = 0
         self._lock = threading.Lock()
 
@@ -54,8 +56,10 @@ class BuilderDouble:
         (out / "engine").mkdir(parents=True)
         (out / "tokenizer").mkdir()
         seed = key_of(spec).sha256.encode()
-        (out / "engine" / "rank0.engine").write_bytes((seed * (self.size // len(seed) + 1))[: self.size])
-        (out / "engine" / "config.json").write_text(json.dumps({"precision": spec["precision"]}))
+        for rank in range(spec["tensorParallelSize"] if self.ranks is None else self.ranks):
+            (out / "engine" / f"rank{rank}.engine").write_bytes((seed * (self.size // len(seed) + 1))[: self.size])
+        if self.config:
+            (out / "engine" / "config.json").write_text(json.dumps({"precision": spec["precision"]}))
         (out / "tokenizer" / "tokenizer.json").write_text("{}")
         return out
 
@@ -223,6 +227,24 @@ def test_a_failed_build_reports_reason_and_log_tail(store: EngineStore, tmp_path
     report = json.loads(log.read_text())
     assert (outcome.exit_code, report["result"], report["reason"]) == (1, "failed", "BuildFailed")
     assert "out of memory" in report["logTail"]
+    assert store.read_marker(outcome.fingerprint) is None
+
+
+@pytest.mark.parametrize(("spec_overrides", "builder", "missing"), [
+    ({}, BuilderDouble(ranks=0, config=False), "engine/config.json, engine/rank0.engine"),
+    ({"tensorParallelSize": 2}, BuilderDouble(ranks=1), "engine/rank1.engine"),
+    ({}, BuilderDouble(size=0), "engine/rank0.engine"),
+    ({}, BuilderDouble(config=False), "engine/config.json"),
+], ids=["empty", "a-rank-short", "empty-rank-file", "no-config"])
+def test_an_incomplete_engine_is_never_committed(store: EngineStore, tmp_path: pathlib.Path,
+                                                 spec_overrides: dict[str, Any], builder: BuilderDouble,
+                                                 missing: str) -> None:
+    """trtllm-build may exit 0 having written nothing usable: committing that would fail only later, in Triton."""
+    log = tmp_path / "termination-log"
+    outcome = run_ensure(defaulted(**spec_overrides), store, builder, tmp_path / "w", log, lock_timeout=10)
+    report = json.loads(log.read_text())
+    assert (outcome.exit_code, report["result"], report["reason"]) == (1, "failed", "IncompleteEngine")
+    assert f"lacks {missing} (missing or empty)" in report["message"]
     assert store.read_marker(outcome.fingerprint) is None
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from tensorfleet.engines import models, trtllm
-from tensorfleet.engines.fetch import CorruptArtifact, fetch_engine, verify_artifact
+from tensorfleet.engines.fetch import ENGINE_SUBDIR, CorruptArtifact, fetch_engine, verify_artifact
 from tensorfleet.engines.fingerprint import EngineKey, key_of
 from tensorfleet.engines.store import EngineStore, LeaseLost, LockTimeout, Manifest, StoreError, artifact_digest
 
@@ -95,6 +95,24 @@ def _from_manifest(store: EngineStore, manifest: Manifest, result: str) -> Outco
                    built_at=manifest.built_at, build_seconds=manifest.build_seconds)
 
 
+def missing_engine_files(output: pathlib.Path, tensor_parallel_size: int) -> list[str]:
+    """The files of a TensorRT-LLM engine that ``output`` lacks (or holds empty): trtllm-build writes
+    ``config.json`` and one ``rank<N>.engine`` per tensor-parallel rank into ``engine/``."""
+    required = [f"{ENGINE_SUBDIR}/config.json",
+                *(f"{ENGINE_SUBDIR}/rank{rank}.engine" for rank in range(tensor_parallel_size))]
+    return [name for name in required
+            if not (output / name).is_file() or (output / name).is_symlink() or (output / name).stat().st_size == 0]
+
+
+def _require_engine_files(output: pathlib.Path, tensor_parallel_size: int) -> None:
+    missing = missing_engine_files(output, tensor_parallel_size)
+    if missing:
+        raise BuildFailed("IncompleteEngine", f"the build output lacks {', '.join(missing)} (missing or empty): "
+                          f"a TensorRT-LLM engine needs {ENGINE_SUBDIR}/config.json and one "
+                          f"{ENGINE_SUBDIR}/rank<N>.engine per tensor-parallel rank "
+                          f"(spec.tensorParallelSize {tensor_parallel_size}); nothing was stored")
+
+
 def lookup(store: EngineStore, key: EngineKey) -> tuple[Manifest | None, bytes | None, str | None]:
     """(verified manifest, raw marker, why it is unusable) for the fingerprint."""
     raw = store.read_marker(key.sha256)
@@ -129,6 +147,7 @@ def ensure(spec: Mapping[str, Any], store: EngineStore, builder: Builder, workdi
         build_id = f"{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
         started = clock()
         output = builder.build(spec, workdir / build_id)
+        _require_engine_files(output, int(spec.get("tensorParallelSize") or 1))
         files = store.upload(key.sha256, build_id, output)
         manifest = Manifest(fingerprint=key.sha256, build_id=build_id, files=tuple(files),
                             sha256=artifact_digest(files), built_at=_now(),
