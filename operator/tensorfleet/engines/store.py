@@ -54,6 +54,16 @@ class ObjectMissing(StoreError):
     not transient: the marker is written after every file, so the file was lost (see fetch.verify_artifact)."""
 
 
+# OS errors a retry can cure (a flaky network filesystem or connection). Others, such as EACCES, EROFS,
+# ENOSPC or ENOTDIR, stay until someone fixes the volume: retrying them only delays the report.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ECONNRESET,
+                              errno.ECONNREFUSED, errno.ECONNABORTED, errno.ENETUNREACH, errno.EHOSTUNREACH})
+
+
+def is_transient(exc: OSError) -> bool:
+    return exc.errno in TRANSIENT_ERRNOS
+
+
 @dataclasses.dataclass(frozen=True)
 class FileEntry:
     path: str

@@ -167,6 +167,8 @@ class S3Store(EngineStore):
         body = response["Body"]
         try:
             yield body
+        except botocore.exceptions.BotoCoreError as exc:  # the stream broke mid-read: transient
+            raise StoreError(f"reading s3://{self.bucket}/{key}: {exc}") from exc
         finally:
             body.close()
 
