@@ -8,13 +8,16 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import pathlib
+import sys
 import threading
 import time
+import types
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import boto3
+import botocore.exceptions
 import pytest
 
 from builders import engine_spec
@@ -29,6 +32,7 @@ from tensorfleet.engines.store import (
     LeaseLost,
     LockTimeout,
     Manifest,
+    StoreError,
     artifact_digest,
 )
 from tensorfleet.engines.store_s3 import S3Store, _S3Lease
@@ -246,6 +250,63 @@ def test_an_incomplete_engine_is_never_committed(store: EngineStore, tmp_path: p
     assert (outcome.exit_code, report["result"], report["reason"]) == (1, "failed", "IncompleteEngine")
     assert f"lacks {missing} (missing or empty)" in report["message"]
     assert store.read_marker(outcome.fingerprint) is None
+
+
+class _RepositoryNotFoundError(Exception):
+    """Stands in for huggingface_hub.errors.RepositoryNotFoundError (huggingface_hub is not installed here)."""
+
+
+class _RevisionNotFoundError(Exception):
+    """Stands in for huggingface_hub.errors.RevisionNotFoundError."""
+
+
+class RaisingBuilder:
+    """Test double of a builder that fails with ``error`` (after the lock was taken, as a download would)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def build(self, spec: Mapping[str, Any], workdir: pathlib.Path) -> pathlib.Path:
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "reason", "message"), [
+    (_RepositoryNotFoundError("404 Client Error: Repository Not Found for url"), "ModelNotFound", "Repository Not"),
+    (_RevisionNotFoundError("404 Client Error: Revision Not Found for url"), "ModelNotFound", "Revision Not"),
+    (ValueError("spec.buildOptions.nosuchflag: Unsupported value"), "InvalidSpec", "spec.buildOptions.nosuchflag"),
+    (RuntimeError("hf:// models need huggingface_hub"), "InternalError", "RuntimeError: hf:// models need"),
+    (KeyError("model"), "InternalError", "KeyError: 'model'"),
+], ids=["hub-repository", "hub-revision", "value-error", "runtime-error", "key-error"])
+def test_every_build_error_is_a_reported_failure_and_frees_the_lock(
+        error: Exception, reason: str, message: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = types.ModuleType("huggingface_hub")
+    hub.errors = types.SimpleNamespace(  # type: ignore[attr-defined]
+        RepositoryNotFoundError=_RepositoryNotFoundError, RevisionNotFoundError=_RevisionNotFoundError)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    store, log, spec = FilesystemStore(tmp_path / "store"), tmp_path / "termination-log", defaulted()
+    outcome = run_ensure(spec, store, RaisingBuilder(error), tmp_path / "w", log, lock_timeout=1)
+    report = json.loads(log.read_text())
+    assert (outcome.exit_code, report["result"], report["reason"]) == (1, "failed", reason)
+    assert message in report["message"]
+    assert report["fingerprint"] == key_of(spec).sha256
+    assert run_ensure(spec, store, BuilderDouble(), tmp_path / "w2", None, lock_timeout=1).result == "build"
+
+
+def test_a_broken_s3_stream_is_a_transient_store_error() -> None:
+    class Body:
+        def read(self, size: int = -1) -> bytes:
+            raise botocore.exceptions.ResponseStreamingError(error="connection reset by peer")
+
+        def close(self) -> None:
+            pass
+
+    class Client:
+        def get_object(self, **kwargs: Any) -> dict[str, Any]:
+            return {"Body": Body()}
+
+    store = S3Store("bucket", "prefix", client=Client())
+    with pytest.raises(StoreError, match="connection reset by peer"), store.open("f" * 64, "builds/b/x") as stream:
+        stream.read()
 
 
 def test_an_expired_s3_lease_is_taken_over_and_its_holder_cannot_renew(s3_endpoint: str) -> None:

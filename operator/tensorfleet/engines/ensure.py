@@ -164,24 +164,51 @@ def ensure(spec: Mapping[str, Any], store: EngineStore, builder: Builder, workdi
         return _from_manifest(store, manifest, "build")
 
 
+# Why a build failed, by exception type (first match wins; subclasses before their bases).
+_FAILURE_REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (models.DigestMismatch, "ModelDigestMismatch"),
+    (models.DownloadTimeout, "ModelDownloadTimeout"),
+    (LockTimeout, "LockTimeout"),
+    (LeaseLost, "LeaseLost"),
+    (StoreError, "StoreError"),
+    (ValueError, "InvalidSpec"),  # e.g. build_plan's unknown buildOptions, an unparsable model URI
+)
+
+
+def _hub_not_found_errors() -> tuple[type[Exception], ...]:
+    """huggingface_hub's errors for a repository or revision that does not exist (never retried by models)."""
+    try:
+        from huggingface_hub import errors
+    except ImportError:
+        return ()
+    return (errors.RepositoryNotFoundError, errors.RevisionNotFoundError)
+
+
+def failure_reason(exc: Exception) -> str:
+    """The Outcome reason for an exception that ended ``ensure``."""
+    if isinstance(exc, _hub_not_found_errors()):
+        return "ModelNotFound"
+    return next((reason for kind, reason in _FAILURE_REASONS if isinstance(exc, kind)), "InternalError")
+
+
 def run_ensure(spec: Mapping[str, Any], store: EngineStore, builder: Builder, workdir: pathlib.Path,
                termination_log: pathlib.Path | None, lock_timeout: float) -> Outcome:
-    """``ensure`` with every failure turned into an Outcome, written to the termination log."""
-    fingerprint = key_of(spec).sha256
+    """``ensure`` with every failure turned into an Outcome, written to the termination log.
+
+    The Job reports through its termination message only, so nothing may end it without one: an
+    unexpected error is reported as ``InternalError`` (its traceback goes to the log)."""
+    fingerprint = ""
     try:
+        fingerprint = key_of(spec).sha256
         outcome = ensure(spec, store, builder, workdir, lock_timeout=lock_timeout)
     except BuildFailed as exc:
         outcome = Outcome("failed", fingerprint, reason=exc.reason, message=exc.message, log_tail=exc.log_tail)
-    except models.DigestMismatch as exc:
-        outcome = Outcome("failed", fingerprint, reason="ModelDigestMismatch", message=str(exc))
-    except models.DownloadTimeout as exc:
-        outcome = Outcome("failed", fingerprint, reason="ModelDownloadTimeout", message=str(exc))
-    except LockTimeout as exc:
-        outcome = Outcome("failed", fingerprint, reason="LockTimeout", message=str(exc))
-    except LeaseLost as exc:
-        outcome = Outcome("failed", fingerprint, reason="LeaseLost", message=str(exc))
-    except StoreError as exc:
-        outcome = Outcome("failed", fingerprint, reason="StoreError", message=str(exc))
+    except Exception as exc:  # every failure is reported, see the docstring
+        reason, message = failure_reason(exc), str(exc)
+        if reason == "InternalError":
+            logger.exception("ensure failed unexpectedly")
+            message = f"{type(exc).__name__}: {exc}"
+        outcome = Outcome("failed", fingerprint, reason=reason, message=message)
     if termination_log is not None:
         termination_log.write_text(outcome.termination_message())
     return outcome
