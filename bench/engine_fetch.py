@@ -47,6 +47,7 @@ class RandomEngineBytes:
     def build(self, spec: object, workdir: pathlib.Path) -> pathlib.Path:
         out = workdir / "artifact" / "engine"
         out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")  # ensure refuses an engine without its config.json
         half = self.mib * 1024 * 1024 // 2
         for rank in range(2):
             with (out / f"rank{rank}.engine").open("wb") as stream:

@@ -42,7 +42,9 @@ args, _ = p.parse_known_args()
 if os.environ.get("FAKE_TRTLLM_FAIL"):
     print("[TRT] [E] out of memory"); sys.exit(2)
 os.makedirs(args.output_dir, exist_ok=True)
-open(os.path.join(args.output_dir, "rank0.engine"), "wb").write(b"engine:" + " ".join(sys.argv).encode())
+open(os.path.join(args.output_dir, "config.json"), "w").write('{{"pretrained_config": {{}}}}')
+for rank in range(int(args.workers)):  # trtllm-build writes one engine file per tensor-parallel rank
+    open(os.path.join(args.output_dir, "rank%d.engine" % rank), "wb").write(b"engine:" + " ".join(sys.argv).encode())
 print("built", args.output_dir)
 """
 

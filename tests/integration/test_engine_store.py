@@ -8,13 +8,16 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import pathlib
+import sys
 import threading
 import time
+import types
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import boto3
+import botocore.exceptions
 import pytest
 
 from builders import engine_spec
@@ -29,6 +32,7 @@ from tensorfleet.engines.store import (
     LeaseLost,
     LockTimeout,
     Manifest,
+    StoreError,
     artifact_digest,
 )
 from tensorfleet.engines.store_s3 import S3Store, _S3Lease
@@ -39,8 +43,10 @@ pytestmark = pytest.mark.integration
 class BuilderDouble:
     """Test double of TensorRTLLMBuilder: writes deterministic test bytes instead of running trtllm-build."""
 
-    def __init__(self, delay: float = 0.0, size: int = 256 * 1024, fail: bool = False) -> None:
+    def __init__(self, delay: float = 0.0, size: int = 256 * 1024, fail: bool = False,
+                 ranks: int | None = None, config: bool = True) -> None:
         self.delay, self.size, self.fail = delay, size, fail
+        self.ranks, self.config = ranks, config  # like trtllm-build by default: one rank file per TP rank
         self.builds = 0
         self._lock = threading.Lock()
 
@@ -54,8 +60,10 @@ class BuilderDouble:
         (out / "engine").mkdir(parents=True)
         (out / "tokenizer").mkdir()
         seed = key_of(spec).sha256.encode()
-        (out / "engine" / "rank0.engine").write_bytes((seed * (self.size // len(seed) + 1))[: self.size])
-        (out / "engine" / "config.json").write_text(json.dumps({"precision": spec["precision"]}))
+        for rank in range(spec["tensorParallelSize"] if self.ranks is None else self.ranks):
+            (out / "engine" / f"rank{rank}.engine").write_bytes((seed * (self.size // len(seed) + 1))[: self.size])
+        if self.config:
+            (out / "engine" / "config.json").write_text(json.dumps({"precision": spec["precision"]}))
         (out / "tokenizer" / "tokenizer.json").write_text("{}")
         return out
 
@@ -181,6 +189,31 @@ def test_a_tampered_file_fails_fetch_fast_and_is_rebuilt(store: EngineStore, tmp
     fetch_engine(store, again.fingerprint, str(again.sha256), tmp_path / "dest2", 8)
 
 
+def _delete(store: EngineStore, fingerprint: str, relative: str) -> None:
+    if isinstance(store, FilesystemStore):
+        (store.root / fingerprint / relative).unlink()
+    else:
+        assert isinstance(store, S3Store)
+        store.client.delete_object(Bucket=store.bucket, Key=store._key(fingerprint, relative))
+
+
+def test_a_lost_file_is_corrupt_for_fetch_and_rebuilt_by_ensure(store: EngineStore, tmp_path: pathlib.Path) -> None:
+    """A file engine.json lists but the store lost (a lifecycle rule, a cleanup, a partial restore) is gone
+    for good: fetch reports corrupt at once (so the operator rebuilds) and ensure discards and rebuilds."""
+    spec, builder = defaulted(), BuilderDouble()
+    outcome = ensure(spec, store, builder, tmp_path / "w")
+    manifest = store.manifest(outcome.fingerprint)
+    assert manifest is not None
+    _delete(store, outcome.fingerprint, f"builds/{manifest.build_id}/engine/rank0.engine")
+    started = time.monotonic()
+    with pytest.raises(CorruptArtifact, match=r"rank0\.engine.*listed in engine\.json, is missing"):
+        fetch_engine(store, outcome.fingerprint, str(outcome.sha256), tmp_path / "dest", 8)
+    assert time.monotonic() - started < 5
+    again = run_ensure(spec, store, builder, tmp_path / "w2", None, lock_timeout=10)
+    assert (again.result, builder.builds) == ("build", 2)
+    fetch_engine(store, again.fingerprint, str(again.sha256), tmp_path / "dest2", 8)
+
+
 def test_a_rewritten_manifest_does_not_match_the_recorded_digest(store: EngineStore, tmp_path: pathlib.Path) -> None:
     outcome = ensure(defaulted(), store, BuilderDouble(), tmp_path / "w")
     manifest = store.manifest(outcome.fingerprint)
@@ -199,6 +232,81 @@ def test_a_failed_build_reports_reason_and_log_tail(store: EngineStore, tmp_path
     assert (outcome.exit_code, report["result"], report["reason"]) == (1, "failed", "BuildFailed")
     assert "out of memory" in report["logTail"]
     assert store.read_marker(outcome.fingerprint) is None
+
+
+@pytest.mark.parametrize(("spec_overrides", "builder", "missing"), [
+    ({}, BuilderDouble(ranks=0, config=False), "engine/config.json, engine/rank0.engine"),
+    ({"tensorParallelSize": 2}, BuilderDouble(ranks=1), "engine/rank1.engine"),
+    ({}, BuilderDouble(size=0), "engine/rank0.engine"),
+    ({}, BuilderDouble(config=False), "engine/config.json"),
+], ids=["empty", "a-rank-short", "empty-rank-file", "no-config"])
+def test_an_incomplete_engine_is_never_committed(store: EngineStore, tmp_path: pathlib.Path,
+                                                 spec_overrides: dict[str, Any], builder: BuilderDouble,
+                                                 missing: str) -> None:
+    """trtllm-build may exit 0 having written nothing usable: committing that would fail only later, in Triton."""
+    log = tmp_path / "termination-log"
+    outcome = run_ensure(defaulted(**spec_overrides), store, builder, tmp_path / "w", log, lock_timeout=10)
+    report = json.loads(log.read_text())
+    assert (outcome.exit_code, report["result"], report["reason"]) == (1, "failed", "IncompleteEngine")
+    assert f"lacks {missing} (missing or empty)" in report["message"]
+    assert store.read_marker(outcome.fingerprint) is None
+
+
+class _RepositoryNotFoundError(Exception):
+    """Stands in for huggingface_hub.errors.RepositoryNotFoundError (huggingface_hub is not installed here)."""
+
+
+class _RevisionNotFoundError(Exception):
+    """Stands in for huggingface_hub.errors.RevisionNotFoundError."""
+
+
+class RaisingBuilder:
+    """Test double of a builder that fails with ``error`` (after the lock was taken, as a download would)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def build(self, spec: Mapping[str, Any], workdir: pathlib.Path) -> pathlib.Path:
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "reason", "message"), [
+    (_RepositoryNotFoundError("404 Client Error: Repository Not Found for url"), "ModelNotFound", "Repository Not"),
+    (_RevisionNotFoundError("404 Client Error: Revision Not Found for url"), "ModelNotFound", "Revision Not"),
+    (ValueError("spec.buildOptions.nosuchflag: Unsupported value"), "InvalidSpec", "spec.buildOptions.nosuchflag"),
+    (RuntimeError("hf:// models need huggingface_hub"), "InternalError", "RuntimeError: hf:// models need"),
+    (KeyError("model"), "InternalError", "KeyError: 'model'"),
+], ids=["hub-repository", "hub-revision", "value-error", "runtime-error", "key-error"])
+def test_every_build_error_is_a_reported_failure_and_frees_the_lock(
+        error: Exception, reason: str, message: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = types.ModuleType("huggingface_hub")
+    hub.errors = types.SimpleNamespace(  # type: ignore[attr-defined]
+        RepositoryNotFoundError=_RepositoryNotFoundError, RevisionNotFoundError=_RevisionNotFoundError)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    store, log, spec = FilesystemStore(tmp_path / "store"), tmp_path / "termination-log", defaulted()
+    outcome = run_ensure(spec, store, RaisingBuilder(error), tmp_path / "w", log, lock_timeout=1)
+    report = json.loads(log.read_text())
+    assert (outcome.exit_code, report["result"], report["reason"]) == (1, "failed", reason)
+    assert message in report["message"]
+    assert report["fingerprint"] == key_of(spec).sha256
+    assert run_ensure(spec, store, BuilderDouble(), tmp_path / "w2", None, lock_timeout=1).result == "build"
+
+
+def test_a_broken_s3_stream_is_a_transient_store_error() -> None:
+    class Body:
+        def read(self, size: int = -1) -> bytes:
+            raise botocore.exceptions.ResponseStreamingError(error="connection reset by peer")
+
+        def close(self) -> None:
+            pass
+
+    class Client:
+        def get_object(self, **kwargs: Any) -> dict[str, Any]:
+            return {"Body": Body()}
+
+    store = S3Store("bucket", "prefix", client=Client())
+    with pytest.raises(StoreError, match="connection reset by peer"), store.open("f" * 64, "builds/b/x") as stream:
+        stream.read()
 
 
 def test_an_expired_s3_lease_is_taken_over_and_its_holder_cannot_renew(s3_endpoint: str) -> None:

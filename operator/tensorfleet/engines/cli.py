@@ -121,18 +121,12 @@ def key(filename: str, gpu_product: str | None, compute_capability: str | None, 
 def ensure(spec_json: str, workdir: pathlib.Path, timeout: int, termination_log: pathlib.Path | None,
            examples_dir: str, **options: Any) -> None:
     """Use the stored engine if it is complete and verifies; otherwise build, upload and commit it."""
-    from tensorfleet.api import crds
     from tensorfleet.engines import models
     from tensorfleet.engines.ensure import TensorRTLLMBuilder, run_ensure
 
     _logging()
     settings = config.from_click(StoreSettings, options)
-    try:
-        spec = json.loads(spec_json)
-    except ValueError as exc:
-        raise click.UsageError(f"--spec is not JSON: {exc}") from None
-    body = {"apiVersion": "tensorfleet.io/v1alpha1", "kind": "Engine", "metadata": {"name": "x"}, "spec": spec}
-    spec = crds.default(body)["spec"]
+    spec = _valid_engine_spec(spec_json, termination_log)
     builder = TensorRTLLMBuilder(timeout_seconds=timeout, download=models.RetryPolicy(timeout_seconds=timeout),
                                  s3_endpoint=settings.s3_endpoint, examples_dir=examples_dir)
     outcome = run_ensure(spec, settings.open(), builder, workdir, termination_log, lock_timeout=timeout)
@@ -140,9 +134,47 @@ def ensure(spec_json: str, workdir: pathlib.Path, timeout: int, termination_log:
     sys.exit(outcome.exit_code)
 
 
+def _valid_engine_spec(spec_json: str, termination_log: pathlib.Path | None) -> dict[str, Any]:
+    """``--spec`` defaulted as the API server would, checked as the operator checks an Engine (CRD schema,
+    then the trtllm-build options) before anything is downloaded or locked. A bad one is a usage error
+    naming each field, also reported in the termination log (reason InvalidSpec) for the operator."""
+    from tensorfleet.api import crds
+    from tensorfleet.engines import trtllm
+
+    try:
+        spec = json.loads(spec_json)
+    except ValueError as exc:
+        problems = [f"--spec is not JSON: {exc}"]
+    else:
+        body = {"apiVersion": "tensorfleet.io/v1alpha1", "kind": "Engine", "metadata": {"name": "ensure"},
+                "spec": spec}
+        if not isinstance(spec, dict):
+            problems = [f"spec: Invalid value: must be a JSON object (the Engine spec), got {type(spec).__name__}"]
+        else:
+            errors = crds.validate(body) or trtllm.build_option_errors(spec.get("buildOptions") or {})
+            problems = [str(e) for e in errors]
+    if problems:
+        message = "\n".join(problems)
+        _report(termination_log, {"result": "failed", "reason": "InvalidSpec", "message": message})
+        raise click.UsageError(f"--spec is not a valid Engine spec:\n{message}")
+    return dict(crds.default(body)["spec"])
+
+
+def _check_hex(length: int, prefix: str = "") -> Any:
+    """A click callback: the value must be ``prefix`` followed by ``length`` lower-case hex digits."""
+    def check(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        digits = value[len(prefix):] if value.startswith(prefix) else ""
+        if len(digits) != length or any(ch not in "0123456789abcdef" for ch in digits):
+            raise click.BadParameter(f"{value!r}: must be {prefix}{length} lower-case hex digits")
+        return value
+    return check
+
+
 @engine.command()
-@click.option("--fingerprint", required=True, help="The Engine's status.fingerprint.")
-@click.option("--sha256", "sha256", required=True, help="The artifact digest the Engine recorded.")
+@click.option("--fingerprint", required=True, callback=_check_hex(64),
+              help="The Engine's status.fingerprint (64 hex digits).")
+@click.option("--sha256", "sha256", required=True, callback=_check_hex(64, "sha256:"),
+              help="The artifact digest the Engine recorded (sha256:<64 hex>).")
 @click.option("--dest", type=click.Path(file_okay=False, path_type=pathlib.Path), default="/engines", show_default=True)
 @click.option("--max-batch-size", type=int, default=64, show_default=True)
 @click.option("--timeout", type=int, default=1800, show_default=True, help="Seconds to keep retrying transient errors.")
@@ -154,16 +186,27 @@ def fetch(fingerprint: str, sha256: str, dest: pathlib.Path, max_batch_size: int
     """Copy the engine into DEST, verifying every byte, and write Triton's model repository."""
     from tensorfleet.engines import models
     from tensorfleet.engines.fetch import CorruptArtifact, MissingArtifact, fetch_engine
-    from tensorfleet.engines.store import StoreError
+    from tensorfleet.engines.store import StoreError, is_transient
 
     _logging()
     store = config.from_click(StoreSettings, options).open()
     policy = models.RetryPolicy(timeout_seconds=timeout)
     report: dict[str, Any] = {"fingerprint": fingerprint, "sha256": sha256}
+
+    def attempt() -> None:
+        try:
+            fetch_engine(store, fingerprint, sha256, dest, max_batch_size)
+        except OSError as exc:
+            if is_transient(exc):  # a flaky network filesystem: retried like the store's own errors
+                raise StoreError(str(exc)) from exc
+            raise  # EACCES, ENOSPC, a read-only --dest...: retrying would only delay the report
+
     try:
-        models.with_retries(f"fetching engine {fingerprint}",
-                            lambda: fetch_engine(store, fingerprint, sha256, dest, max_batch_size), policy,
-                            retried=(StoreError, MissingArtifact, OSError))
+        models.with_retries(f"fetching engine {fingerprint}", attempt, policy, retried=(StoreError, MissingArtifact))
+    except OSError as exc:
+        _report(termination_log, {**report, "result": "failed", "message": str(exc)})
+        click.echo(f"engine-fetch: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
     except CorruptArtifact as exc:
         _report(termination_log, {**report, "result": "corrupt", "message": str(exc)})
         click.echo(f"engine-fetch: CORRUPT ARTIFACT, refusing to serve it: {exc}", err=True)

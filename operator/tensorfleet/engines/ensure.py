@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from tensorfleet.engines import models, trtllm
-from tensorfleet.engines.fetch import CorruptArtifact, fetch_engine, verify_artifact
+from tensorfleet.engines.fetch import ENGINE_SUBDIR, CorruptArtifact, fetch_engine, verify_artifact
 from tensorfleet.engines.fingerprint import EngineKey, key_of
 from tensorfleet.engines.store import EngineStore, LeaseLost, LockTimeout, Manifest, StoreError, artifact_digest
 
@@ -95,6 +95,24 @@ def _from_manifest(store: EngineStore, manifest: Manifest, result: str) -> Outco
                    built_at=manifest.built_at, build_seconds=manifest.build_seconds)
 
 
+def missing_engine_files(output: pathlib.Path, tensor_parallel_size: int) -> list[str]:
+    """The files of a TensorRT-LLM engine that ``output`` lacks (or holds empty): trtllm-build writes
+    ``config.json`` and one ``rank<N>.engine`` per tensor-parallel rank into ``engine/``."""
+    required = [f"{ENGINE_SUBDIR}/config.json",
+                *(f"{ENGINE_SUBDIR}/rank{rank}.engine" for rank in range(tensor_parallel_size))]
+    return [name for name in required
+            if not (output / name).is_file() or (output / name).is_symlink() or (output / name).stat().st_size == 0]
+
+
+def _require_engine_files(output: pathlib.Path, tensor_parallel_size: int) -> None:
+    missing = missing_engine_files(output, tensor_parallel_size)
+    if missing:
+        raise BuildFailed("IncompleteEngine", f"the build output lacks {', '.join(missing)} (missing or empty): "
+                          f"a TensorRT-LLM engine needs {ENGINE_SUBDIR}/config.json and one "
+                          f"{ENGINE_SUBDIR}/rank<N>.engine per tensor-parallel rank "
+                          f"(spec.tensorParallelSize {tensor_parallel_size}); nothing was stored")
+
+
 def lookup(store: EngineStore, key: EngineKey) -> tuple[Manifest | None, bytes | None, str | None]:
     """(verified manifest, raw marker, why it is unusable) for the fingerprint."""
     raw = store.read_marker(key.sha256)
@@ -129,6 +147,7 @@ def ensure(spec: Mapping[str, Any], store: EngineStore, builder: Builder, workdi
         build_id = f"{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
         started = clock()
         output = builder.build(spec, workdir / build_id)
+        _require_engine_files(output, int(spec.get("tensorParallelSize") or 1))
         files = store.upload(key.sha256, build_id, output)
         manifest = Manifest(fingerprint=key.sha256, build_id=build_id, files=tuple(files),
                             sha256=artifact_digest(files), built_at=_now(),
@@ -145,24 +164,51 @@ def ensure(spec: Mapping[str, Any], store: EngineStore, builder: Builder, workdi
         return _from_manifest(store, manifest, "build")
 
 
+# Why a build failed, by exception type (first match wins; subclasses before their bases).
+_FAILURE_REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (models.DigestMismatch, "ModelDigestMismatch"),
+    (models.DownloadTimeout, "ModelDownloadTimeout"),
+    (LockTimeout, "LockTimeout"),
+    (LeaseLost, "LeaseLost"),
+    (StoreError, "StoreError"),
+    (ValueError, "InvalidSpec"),  # e.g. build_plan's unknown buildOptions, an unparsable model URI
+)
+
+
+def _hub_not_found_errors() -> tuple[type[Exception], ...]:
+    """huggingface_hub's errors for a repository or revision that does not exist (never retried by models)."""
+    try:
+        from huggingface_hub import errors
+    except ImportError:
+        return ()
+    return (errors.RepositoryNotFoundError, errors.RevisionNotFoundError)
+
+
+def failure_reason(exc: Exception) -> str:
+    """The Outcome reason for an exception that ended ``ensure``."""
+    if isinstance(exc, _hub_not_found_errors()):
+        return "ModelNotFound"
+    return next((reason for kind, reason in _FAILURE_REASONS if isinstance(exc, kind)), "InternalError")
+
+
 def run_ensure(spec: Mapping[str, Any], store: EngineStore, builder: Builder, workdir: pathlib.Path,
                termination_log: pathlib.Path | None, lock_timeout: float) -> Outcome:
-    """``ensure`` with every failure turned into an Outcome, written to the termination log."""
-    fingerprint = key_of(spec).sha256
+    """``ensure`` with every failure turned into an Outcome, written to the termination log.
+
+    The Job reports through its termination message only, so nothing may end it without one: an
+    unexpected error is reported as ``InternalError`` (its traceback goes to the log)."""
+    fingerprint = ""
     try:
+        fingerprint = key_of(spec).sha256
         outcome = ensure(spec, store, builder, workdir, lock_timeout=lock_timeout)
     except BuildFailed as exc:
         outcome = Outcome("failed", fingerprint, reason=exc.reason, message=exc.message, log_tail=exc.log_tail)
-    except models.DigestMismatch as exc:
-        outcome = Outcome("failed", fingerprint, reason="ModelDigestMismatch", message=str(exc))
-    except models.DownloadTimeout as exc:
-        outcome = Outcome("failed", fingerprint, reason="ModelDownloadTimeout", message=str(exc))
-    except LockTimeout as exc:
-        outcome = Outcome("failed", fingerprint, reason="LockTimeout", message=str(exc))
-    except LeaseLost as exc:
-        outcome = Outcome("failed", fingerprint, reason="LeaseLost", message=str(exc))
-    except StoreError as exc:
-        outcome = Outcome("failed", fingerprint, reason="StoreError", message=str(exc))
+    except Exception as exc:  # every failure is reported, see the docstring
+        reason, message = failure_reason(exc), str(exc)
+        if reason == "InternalError":
+            logger.exception("ensure failed unexpectedly")
+            message = f"{type(exc).__name__}: {exc}"
+        outcome = Outcome("failed", fingerprint, reason=reason, message=message)
     if termination_log is not None:
         termination_log.write_text(outcome.termination_message())
     return outcome

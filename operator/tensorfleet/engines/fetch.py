@@ -4,7 +4,8 @@ model repository. Run by the serving pods' ``engine-fetch`` init container (``te
 Verification is done while copying (one pass over the bytes): each file's sha256 must match
 ``engine.json``, and the digest over that file list must equal the sha256 the Engine recorded, which
 the operator renders into the init container's arguments. A store whose ``engine.json`` or files
-were changed after the build therefore fails here, fast, with ``CorruptArtifact`` (never retried).
+were changed after the build, or that lost a file ``engine.json`` lists, therefore fails here, fast,
+with ``CorruptArtifact`` (never retried).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import shutil
 from collections.abc import Iterator
 from typing import IO
 
-from tensorfleet.engines.store import CHUNK, EngineStore, FileEntry, Manifest, artifact_digest
+from tensorfleet.engines.store import CHUNK, EngineStore, FileEntry, Manifest, ObjectMissing, artifact_digest
 from tensorfleet.render import context as c
 
 ENGINE_SUBDIR = "engine"
@@ -65,9 +66,15 @@ def verify_artifact(store: EngineStore, fingerprint: str, manifest: Manifest, ex
 
 def _verify_file(store: EngineStore, fingerprint: str, manifest: Manifest, entry: FileEntry,
                  destination: pathlib.Path | None) -> None:
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher, \
-            store.open(fingerprint, manifest.object_path(entry)) as source, _sink(destination, entry) as sink:
-        sha, size = _copy_and_hash(source, sink, hasher)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher, \
+                store.open(fingerprint, manifest.object_path(entry)) as source, _sink(destination, entry) as sink:
+            sha, size = _copy_and_hash(source, sink, hasher)
+    except ObjectMissing as exc:
+        # engine.json is written after every file it lists, so a listed file that is gone was lost for
+        # good (a lifecycle rule, a cleanup, a partial restore): retrying cannot help, rebuilding does.
+        raise CorruptArtifact(f"{manifest.object_path(entry)} of {fingerprint}, listed in engine.json, "
+                              f"is missing from the store: {exc}") from exc
     if size != entry.size or sha != entry.sha256:
         raise CorruptArtifact(f"{manifest.object_path(entry)} of {fingerprint}: expected sha256 "
                               f"{entry.sha256} ({entry.size} bytes), found {sha} ({size} bytes)")

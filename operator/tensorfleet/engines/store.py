@@ -49,6 +49,21 @@ class LeaseLost(StoreError):
     """Our lock expired and someone else took it: this build must not commit."""
 
 
+class ObjectMissing(StoreError):
+    """The object does not exist in the store. For a file that a committed ``engine.json`` lists this is
+    not transient: the marker is written after every file, so the file was lost (see fetch.verify_artifact)."""
+
+
+# OS errors a retry can cure (a flaky network filesystem or connection). Others, such as EACCES, EROFS,
+# ENOSPC or ENOTDIR, stay until someone fixes the volume: retrying them only delays the report.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ECONNRESET,
+                              errno.ECONNREFUSED, errno.ECONNABORTED, errno.ENETUNREACH, errno.EHOSTUNREACH})
+
+
+def is_transient(exc: OSError) -> bool:
+    return exc.errno in TRANSIENT_ERRNOS
+
+
 @dataclasses.dataclass(frozen=True)
 class FileEntry:
     path: str
@@ -261,6 +276,8 @@ class FilesystemStore(EngineStore):
         path = self._dir(fingerprint) / relative
         try:
             stream = path.open("rb")
+        except FileNotFoundError as exc:
+            raise ObjectMissing(f"opening {path}: {exc}") from exc
         except OSError as exc:
             raise StoreError(f"opening {path}: {exc}") from exc
         with stream:

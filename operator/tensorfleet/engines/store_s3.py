@@ -35,6 +35,7 @@ from tensorfleet.engines.store import (
     LeaseLost,
     LockTimeout,
     Manifest,
+    ObjectMissing,
     StoreError,
     hash_file,
     list_files,
@@ -155,10 +156,19 @@ class S3Store(EngineStore):
     @contextlib.contextmanager
     def open(self, fingerprint: str, relative: str) -> Iterator[IO[bytes]]:
         key = self._key(fingerprint, relative)
-        response = self._call(f"reading s3://{self.bucket}/{key}", self.client.get_object, Key=key)
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) == "NoSuchKey" or (_status(exc) == 404 and _code(exc) != "NoSuchBucket"):
+                raise ObjectMissing(f"reading s3://{self.bucket}/{key}: {exc}") from exc
+            raise StoreError(f"reading s3://{self.bucket}/{key}: {exc}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise StoreError(f"reading s3://{self.bucket}/{key}: {exc}") from exc
         body = response["Body"]
         try:
             yield body
+        except botocore.exceptions.BotoCoreError as exc:  # the stream broke mid-read: transient
+            raise StoreError(f"reading s3://{self.bucket}/{key}: {exc}") from exc
         finally:
             body.close()
 
