@@ -98,3 +98,24 @@ def test_fetch_retries_a_transient_os_error(tmp_path: pathlib.Path, monkeypatch:
     result = _fetch(tmp_path)
     assert (result.exit_code, len(calls)) == (0, 2), result.output
     assert json.loads((tmp_path / "termination-log").read_text())["result"] == "verified"
+
+
+def test_a_model_download_that_retrying_cannot_fix_is_reported_with_its_reason(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise models.DownloadFailed("NoSuchBucket", "s3://no-such-bucket/llama: the bucket does not exist")
+
+    monkeypatch.setattr(models, "fetch_model", refused)
+    log = tmp_path / "termination-log"
+    result = CliRunner().invoke(main, ["model", "fetch", "--uri", "s3://no-such-bucket/llama", "--dest",
+                                       str(tmp_path / "model"), "--termination-log", str(log)])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert json.loads(log.read_text())["reason"] == "NoSuchBucket"
+    assert "the bucket does not exist" in result.stderr
+
+
+def test_a_build_job_reports_a_model_download_that_retrying_cannot_fix_by_its_reason() -> None:
+    from tensorfleet.engines.ensure import failure_reason
+
+    assert failure_reason(models.DownloadFailed("AccessDenied", "denied")) == "ModelAccessDenied"

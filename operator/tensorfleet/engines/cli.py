@@ -261,6 +261,10 @@ def model_fetch(uri: str, digest_: str | None, dest: pathlib.Path, timeout: int,
         _report(termination_log, {"result": "corrupt", "uri": uri, "message": str(exc)})
         click.echo(f"model-fetch: {exc}", err=True)
         sys.exit(EXIT_CORRUPT)
+    except models.DownloadFailed as exc:  # retrying cannot help: say what to change, now
+        _report(termination_log, {"result": "failed", "reason": exc.reason, "uri": uri, "message": str(exc)})
+        click.echo(f"model-fetch: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
     except models.DownloadTimeout as exc:
         _report(termination_log, {"result": "timeout", "uri": uri, "message": str(exc)})
         click.echo(f"model-fetch: {exc}", err=True)

@@ -188,6 +188,8 @@ def failure_reason(exc: Exception) -> str:
     """The Outcome reason for an exception that ended ``ensure``."""
     if isinstance(exc, _hub_not_found_errors()):
         return "ModelNotFound"
+    if isinstance(exc, models.DownloadFailed):  # no such bucket, access denied, a full disk: not retried
+        return f"Model{exc.reason}"
     return next((reason for kind, reason in _FAILURE_REASONS if isinstance(exc, kind)), "InternalError")
 
 
