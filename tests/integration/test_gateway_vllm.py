@@ -145,10 +145,10 @@ async def test_input_is_counted_with_the_engines_tokenizer(vllm_url: str, tmp_pa
 
 async def test_a_client_that_leaves_aborts_the_request_in_vllm(vllm_url: str, tmp_path: pathlib.Path) -> None:
     sink = RecordingSinkDouble()
-    finished = 'finished_reason="length"'
+    generated, max_tokens = "vllm:generation_tokens_total", 1000
     async with running_gateway(tmp_path, vllm_url, sink=sink) as gw, aiohttp.ClientSession() as session:
-        completed = await settled_metric(session, vllm_url, "vllm:request_success_total", finished)
-        body = {**COMPLETION, "max_tokens": 1000, "stream": True}
+        before = await settled_metric(session, vllm_url, generated)
+        body = {**COMPLETION, "max_tokens": max_tokens, "stream": True}
         async with aiohttp.ClientSession() as client, client.post(url(gw, "/v1/completions"), json=body) as response:
             first = await response.content.readline()
             assert response.status == 200, (response.status, first)
@@ -168,8 +168,10 @@ async def test_a_client_that_leaves_aborts_the_request_in_vllm(vllm_url: str, tm
                 break
             await asyncio.sleep(0.1)
         assert await engine_metric(session, vllm_url, "vllm:num_requests_running") == 0
-        # Stopped, not finished: the engine never counted it as run to its length.
-        assert await engine_metric(session, vllm_url, "vllm:request_success_total", finished) == completed
+        # Stopped, not finished: the engine generated far fewer than the request's max_tokens. (Counting requests
+        # finished by length instead failed once on a loaded CI machine: an earlier request's completion can be
+        # published a beat after the counter looked settled. Tokens do not depend on that.)
+        assert await settled_metric(session, vllm_url, generated) - before < max_tokens / 2
         await wait_until(lambda: len(sink.client_requests()) == 1, 5, "the event")
     (event,) = sink.client_requests()
     assert event.status == 499
