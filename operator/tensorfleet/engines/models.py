@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import logging
 import os
 import pathlib
@@ -28,7 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from tensorfleet.api.types import ModelSource
-from tensorfleet.engines.store import StoreError, digest_directory
+from tensorfleet.engines.store import StoreError, digest_directory, flock_within
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -299,18 +298,9 @@ def _dest_lock(dest: pathlib.Path, uri: str, timeout: float) -> Iterator[None]:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(dest.parent / f".{dest.name}.tensorfleet-lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):  # EACCES: some NFS clients say "held" so
-                    raise
-                if time.monotonic() >= deadline:
-                    raise DownloadTimeout(f"downloading {uri}: another process kept downloading into {dest} "
-                                          f"for {timeout:.0f} s") from None
-                time.sleep(0.5)
+        if not flock_within(fd, timeout, poll=0.5):
+            raise DownloadTimeout(f"downloading {uri}: another process kept downloading into {dest} "
+                                  f"for {timeout:.0f} s")
         yield
     finally:
         os.close(fd)  # releases the lock

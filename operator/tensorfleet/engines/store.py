@@ -37,6 +37,22 @@ CHUNK = 4 * 1024 * 1024
 MANIFEST_VERSION = 1
 
 
+def flock_within(fd: int, timeout: float, poll: float) -> bool:
+    """Take an exclusive flock(2) on ``fd``, waiting up to ``timeout`` seconds; False when another holder kept it
+    that long. Other OSErrors propagate (EACCES counts as held: some NFS clients say "held" so)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+
+
 class StoreError(Exception):
     """The store could not be read or written (often transient: retried by callers)."""
 
@@ -304,18 +320,12 @@ class FilesystemStore(EngineStore):
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise StoreError(f"locking {fingerprint}: {exc}") from exc
-                    if time.monotonic() >= deadline:
-                        raise LockTimeout(f"{fingerprint} is being built by another builder "
-                                          f"(waited {timeout:.0f} s)") from None
-                    time.sleep(0.2)
+            try:
+                taken = flock_within(fd, timeout, poll=0.2)
+            except OSError as exc:
+                raise StoreError(f"locking {fingerprint}: {exc}") from exc
+            if not taken:
+                raise LockTimeout(f"{fingerprint} is being built by another builder (waited {timeout:.0f} s)")
             os.ftruncate(fd, 0)
             os.write(fd, holder.encode())
             yield _FlockLease()
