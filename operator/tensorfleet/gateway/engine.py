@@ -19,6 +19,7 @@ import aiohttp
 
 from tensorfleet.gateway.errors import GatewayError, bad_request, engine_unavailable
 from tensorfleet.gateway.hooks import ProxyRequest
+from tensorfleet.gateway.settings import DEFAULT_MAX_BATCH_PROMPTS
 from tensorfleet.gateway.streams import TritonStream, Usage, VLLMStream
 from tensorfleet.gateway.upstream import EngineConnections
 
@@ -30,7 +31,6 @@ TRITON_GENERATE = "/v2/models/{model}/generate"
 TRITON_STREAM = "/v2/models/{model}/generate_stream"
 TOKENIZE_CONCURRENCY = 8  # /tokenize calls at once for the prompts of one batch request
 MAX_REMEMBERED_MODELS = 1024  # Triton models known ready (the repository index, then each one confirmed)
-DEFAULT_MAX_BATCH_PROMPTS = 1024  # vLLM's own bound, VLLM_MAX_COMPLETION_PROMPTS, defaults to the same
 _TOKENIZE_CHAT_KEYS = ("add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs",
                        "tools", "add_special_tokens")
 

@@ -7,6 +7,8 @@ from typing import ClassVar, Literal
 
 from tensorfleet.config import setting
 
+DEFAULT_MAX_BATCH_PROMPTS = 1024  # vLLM's own bound, VLLM_MAX_COMPLETION_PROMPTS, defaults to the same
+
 RuntimeName = Literal["vllm", "triton"]
 
 
@@ -41,8 +43,8 @@ class GatewaySettings:
     upstream_idle_timeout_seconds: float = setting(
         600.0, "Most time between two reads from the engine. There is no total timeout: long streams run on.")
     max_batch_prompts: int = setting(
-        1024, "Most prompts in one completions request (an array of texts or of token-id arrays); 400 beyond. "
-        "vLLM's own bound, VLLM_MAX_COMPLETION_PROMPTS, defaults to 1024 too.")
+        DEFAULT_MAX_BATCH_PROMPTS, "Most prompts in one completions request (an array of texts or of token-id "
+        "arrays); 400 beyond. vLLM's own bound, VLLM_MAX_COMPLETION_PROMPTS, defaults to 1024 too.")
     max_in_flight: int = setting(0, "Requests sent to the engine at once; 0 leaves queueing to the engine.")
     max_queue: int = setting(1024, "Requests waiting in the gateway beyond max_in_flight before 503.")
     drain_delay_seconds: float = setting(
