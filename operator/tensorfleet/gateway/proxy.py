@@ -110,7 +110,7 @@ class Proxy:
             s.metrics.client_disconnects.inc()
             raise
         except RecursionError:
-            if outcome.admitted is None:  # a body that only just parsed, written again (the clamp, the cache key)
+            if outcome.admitted is None:  # the body, parsed or written again (the clamp, the cache key): a 400
                 error = nested_too_deeply()
                 outcome.status, outcome.error = error.status, error.code
                 return error.response(request_id)
@@ -174,8 +174,7 @@ class Proxy:
             body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
-        except RecursionError:
-            raise nested_too_deeply() from None
+        # Nesting too deep for the decoder (RecursionError) is answered by generate, as for the body written again.
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", None, "invalid_json")
         return body, raw
