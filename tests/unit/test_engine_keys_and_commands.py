@@ -226,3 +226,22 @@ def test_the_example_engine_is_named_by_its_fingerprint() -> None:
     body = yaml.safe_load(example.read_text())
     assert crds.validate(body) == []
     assert body["metadata"]["name"] == fingerprint.key_of_body(body).name
+
+
+@pytest.mark.parametrize("spelled", [
+    {"builderImage": ""},
+    {"buildOptions": {"kv_cache_type": "paged", "context_fmha": "enable"}},
+    {"buildOptions": {"gemm_plugin": "float16"}},  # fp16's own default
+    {"buildOptions": {"strip_plan": "false"}},  # a bare flag left off
+], ids=lambda c: json.dumps(c))
+def test_a_spec_that_spells_out_a_default_names_the_same_engine(spelled: dict[str, Any]) -> None:
+    """An engine takes minutes of GPU time to build: writing a default out (as GitOps templates do) must not
+    name, and build, a second engine with the same bytes."""
+    assert fingerprint.key_of(defaulted(**spelled)) == fingerprint.key_of(defaulted())
+    assert plan(**spelled).build == plan().build
+
+
+def test_an_option_set_away_from_its_default_still_names_another_engine() -> None:
+    assert fingerprint.key_of(defaulted(buildOptions={"gemm_plugin": "float16"}, precision="fp8")) != \
+        fingerprint.key_of(defaulted(precision="fp8"))
+    assert fingerprint.key_of(defaulted(buildOptions={"strip_plan": "true"})) != fingerprint.key_of(defaulted())

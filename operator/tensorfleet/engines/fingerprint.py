@@ -6,8 +6,13 @@ The fingerprint document (version 1) is canonical JSON (sorted keys, no spaces) 
      "model": {"uri": <uri without @revision>, "revision": <hf revision or null>, "digest": <sha256:... or null>},
      "gpu": {"product": <nvidia.com/gpu.product>, "computeCapability": "<major>.<minor>"},
      "precision": ..., "maxBatchSize": ..., "maxInputLen": ..., "maxSeqLen": ..., "tensorParallelSize": ...,
-     "trtllmVersion": ..., "builderImage": <only when set explicitly, else null>,
+     "trtllmVersion": ..., "builderImage": <only when set explicitly and not empty, else null>,
      "buildOptions": {<flag>: <value>, ...}}
+
+``buildOptions`` holds only the options that change the build command: one set to tensorfleet's own
+default for the precision (``trtllm.default_options``), or a bare flag set to ``false``, is left out, so a
+spec that spells out a default names the engine that leaving it out names (and a GitOps tool that writes
+``builderImage: ""`` does not cause a rebuild).
 
 Its sha256 (hex) is the store path, and ``engine-<first 32 hex>`` is the Engine's name. Where the
 engine is stored and how long a build may take are not inputs and are left out. A change of this
@@ -24,6 +29,7 @@ from typing import Any
 
 from tensorfleet import API_GROUP, API_VERSION
 from tensorfleet.api.types import InferenceService, ModelSource
+from tensorfleet.engines import trtllm
 
 FINGERPRINT_VERSION = 1
 NAME_PREFIX = "engine-"
@@ -61,7 +67,11 @@ def _model_identity(model: Mapping[str, Any]) -> dict[str, Any]:
 
 def key_of(spec: Mapping[str, Any]) -> EngineKey:
     """The key of an Engine spec (already defaulted by the CRD schema)."""
-    options = spec.get("buildOptions") or {}
+    options = trtllm.distinct_options(spec["precision"], spec.get("buildOptions") or {})
+    return _key(spec, options, spec.get("builderImage") or None)
+
+
+def _key(spec: Mapping[str, Any], options: Mapping[str, str], builder_image: str | None) -> EngineKey:
     document = {
         "fingerprintVersion": FINGERPRINT_VERSION,
         "model": _model_identity(spec["model"]),
@@ -72,8 +82,8 @@ def key_of(spec: Mapping[str, Any]) -> EngineKey:
         "maxSeqLen": int(spec["maxSeqLen"]),
         "tensorParallelSize": int(spec["tensorParallelSize"]),
         "trtllmVersion": str(spec["trtllmVersion"]),
-        "builderImage": spec.get("builderImage"),
-        "buildOptions": {str(k): str(v) for k, v in sorted(options.items())},
+        "builderImage": builder_image,
+        "buildOptions": dict(sorted(options.items())),
     }
     return EngineKey(document)
 

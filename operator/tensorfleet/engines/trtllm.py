@@ -114,18 +114,36 @@ def _convert(spec: Mapping[str, Any], model_dir: str, checkpoint_dir: str, examp
     return tuple(cmd)
 
 
-def _build(spec: Mapping[str, Any], checkpoint_dir: str, engine_dir: str) -> tuple[str, ...]:
-    _, _, gemm_plugin = _PRECISIONS[spec["precision"]]
-    defaults: dict[str, str] = {
-        "gemm_plugin": gemm_plugin,
+def default_options(precision: str) -> dict[str, str]:
+    """The trtllm-build options tensorfleet passes for ``precision`` unless buildOptions says otherwise.
+
+    They are not in the fingerprint (see ``fingerprint``): changing one changes the engine every key of that
+    precision names, so it must come with a ``FINGERPRINT_VERSION`` bump.
+    """
+    defaults = {
+        "gemm_plugin": _PRECISIONS[precision][2],
         "kv_cache_type": "paged",
         "remove_input_padding": "enable",
         "context_fmha": "enable",
         "use_paged_context_fmha": "enable",
     }
-    if spec["precision"] == "fp8":
+    if precision == "fp8":
         defaults["use_fp8_context_fmha"] = "enable"
-    options = {**defaults, **{str(k): str(v) for k, v in (spec.get("buildOptions") or {}).items()}}
+    return defaults
+
+
+def distinct_options(precision: str, options: Mapping[str, Any]) -> dict[str, str]:
+    """The buildOptions that change the build command: a value equal to the default, or a bare flag set
+    to ``false``, builds the same engine as leaving the option out. (A precision the schema refuses has no
+    defaults: its spec is still keyed, to name the Engine that reports it invalid.)"""
+    defaults = default_options(precision) if precision in _PRECISIONS else {}
+    return {str(flag): str(value) for flag, value in options.items()
+            if defaults.get(str(flag)) != str(value) and not (flag in _BARE_FLAGS and str(value) == "false")}
+
+
+def _build(spec: Mapping[str, Any], checkpoint_dir: str, engine_dir: str) -> tuple[str, ...]:
+    options = {**default_options(spec["precision"]),
+               **{str(k): str(v) for k, v in (spec.get("buildOptions") or {}).items()}}
     cmd = ["trtllm-build", "--checkpoint_dir", checkpoint_dir, "--output_dir", engine_dir,
            "--max_batch_size", str(spec["maxBatchSize"]), "--max_input_len", str(spec["maxInputLen"]),
            "--max_seq_len", str(spec["maxSeqLen"]), "--workers", str(spec["tensorParallelSize"])]
