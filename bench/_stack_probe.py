@@ -83,7 +83,8 @@ def run_lean(upstream: str, port: int) -> None:
 
     import uvloop
 
-    from tensorfleet.gateway.frontend import HTTPServer, Limits, Request, Router, StreamResponse
+    from tensorfleet.gateway.frontend import HTTPServer, Limits
+    from tensorfleet.gateway.messages import Request, Router, StreamResponse
     from tensorfleet.gateway.upstream import EngineConnections
 
     connections = EngineConnections(upstream, connect_timeout=5, idle_timeout=600)

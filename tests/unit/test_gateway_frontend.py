@@ -1,4 +1,4 @@
-"""The gateway's HTTP/1.1 server (tensorfleet.gateway.frontend), driven byte by byte over real loopback sockets.
+"""The gateway's HTTP/1.1 server (gateway.frontend and gateway.messages), byte by byte over real loopback sockets.
 
 Each test runs on asyncio's own loop and on uvloop (the gateway's), since transports differ between them.
 """
@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 import uvloop
 
-from tensorfleet.gateway.frontend import (
+from tensorfleet.gateway.frontend import HTTPServer, Limits
+from tensorfleet.gateway.messages import (
     BodyIncomplete,
     BodyTooLarge,
-    HTTPServer,
-    Limits,
     Request,
     Response,
     Router,

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from tensorfleet.gateway.frontend import Response, error_body, error_type
+from tensorfleet.gateway.messages import Response, error_body, error_type
 
 
 class GatewayError(Exception):

@@ -29,8 +29,8 @@ from tensorfleet.gateway.errors import (
     lone_surrogate,
     nested_too_deeply,
 )
-from tensorfleet.gateway.frontend import BodyIncomplete, BodyTooLarge, Request, Response, StreamResponse
 from tensorfleet.gateway.hooks import ProxyRequest
+from tensorfleet.gateway.messages import BodyIncomplete, BodyTooLarge, Request, Response, StreamResponse
 from tensorfleet.gateway.ratelimit import RateLimited, Reservation
 from tensorfleet.gateway.relay import COLLECT, Relay, client_status
 from tensorfleet.gateway.services import CLIENT_CLOSED, Outcome, Services

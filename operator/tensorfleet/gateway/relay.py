@@ -27,8 +27,8 @@ from tensorfleet.gateway import sse
 from tensorfleet.gateway.assemble import ResponseAssembler
 from tensorfleet.gateway.engine import TritonEngine
 from tensorfleet.gateway.errors import GatewayError, engine_unavailable, error_response
-from tensorfleet.gateway.frontend import Request, Response, StreamResponse
 from tensorfleet.gateway.hooks import ProxyRequest, ResponseGuard, Stop, compact
+from tensorfleet.gateway.messages import Request, Response, StreamResponse
 from tensorfleet.gateway.services import CLIENT_CLOSED, Outcome, Services
 from tensorfleet.gateway.streams import TritonStream, Usage, VLLMStream
 from tensorfleet.gateway.upstream import EngineUnreachable, Exchange

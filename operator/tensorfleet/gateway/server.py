@@ -24,8 +24,9 @@ from tensorfleet.gateway.auth import KeyStore, TenantResolver
 from tensorfleet.gateway.cache import ResponseCache
 from tensorfleet.gateway.context import ContextWindowPolicy
 from tensorfleet.gateway.engine import EngineClient, engine_for
-from tensorfleet.gateway.frontend import HTTPServer, Limits, Request, Response, Router, json_response
+from tensorfleet.gateway.frontend import HTTPServer, Limits
 from tensorfleet.gateway.hooks import RequestHook, ResponseHook
+from tensorfleet.gateway.messages import Request, Response, Router, json_response
 from tensorfleet.gateway.metrics import GatewayMetrics
 from tensorfleet.gateway.proxy import Proxy, Services
 from tensorfleet.gateway.ratelimit import TokenRateLimiter
