@@ -84,8 +84,9 @@ def test_only_deterministic_requests_are_cacheable(body: dict[str, Any], cacheab
 
 
 def test_cache_keys_ignore_key_order_but_not_values() -> None:
-    assert cache_key("/v1/completions", {"a": 1, "b": 2}) == cache_key("/v1/completions", {"b": 2, "a": 1})
-    assert cache_key("/v1/completions", {"a": 1}) != cache_key("/v1/chat/completions", {"a": 1})
+    assert cache_key("a", "/v1/completions", {"a": 1, "b": 2}) == cache_key("a", "/v1/completions", {"b": 2, "a": 1})
+    assert cache_key("a", "/v1/completions", {"a": 1}) != cache_key("a", "/v1/chat/completions", {"a": 1})
+    assert cache_key("a", "/v1/completions", {"a": 1}) != cache_key("b", "/v1/completions", {"a": 1})
 
 
 def keys(folder: pathlib.Path, **tenants: str) -> KeyStore:
