@@ -1,11 +1,11 @@
 """Exact-match response cache for deterministic requests (temperature 0, one choice).
 
-The key is the tenant, the endpoint, and the request body after
-the token policy rewrote it (which says whether the response streams); a hit replays the exact bytes the
-engine sent (every chunk of a stream), so the client sees what a miss would show. Tenants never share an
-entry: a hit served to one tenant would tell it that another sent exactly that prompt, and when. Entries
-expire after a TTL; the cache holds at most ``max_entries`` entries and ``max_bytes`` bytes, evicting the
-least recently used first.
+The key is the tenant, the request path (Triton's names the model: /v2/models/NAME/generate) and the
+request body after the token policy rewrote it (which says whether the response streams); a hit replays
+the exact bytes the engine sent (every chunk of a stream), so the client sees what a miss would show.
+Tenants never share an entry: a hit served to one tenant would tell it that another sent exactly that
+prompt, and when. Entries expire after a TTL; the cache holds at most ``max_entries`` entries and
+``max_bytes`` bytes, evicting the least recently used first.
 """
 
 from __future__ import annotations
