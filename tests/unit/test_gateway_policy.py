@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import pathlib
 import sys
 from typing import Any
@@ -112,6 +113,28 @@ def test_hashed_keys_identify_tenants_and_reload(tmp_path: pathlib.Path) -> None
     assert store.reload()
     assert [p.file for p in store.problems] == ["beta"]
     assert not store.reload()  # unchanged
+
+
+def test_a_key_listed_for_two_tenants_is_refused_for_both(tmp_path: pathlib.Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    store = keys(tmp_path / "k", alpha="secret-a", beta="secret-b")
+    resolver = TenantResolver(gwconfig.AuthConfig(api_keys=True), store)
+    assert resolver.resolve("Bearer secret-a", None, "10.1.2.3") == "alpha"
+    (tmp_path / "k" / "zeta").write_text(hashlib.sha256(b"secret-a").hexdigest())  # pasted in by mistake
+    with caplog.at_level(logging.ERROR):
+        assert store.reload()
+    with pytest.raises(AuthError):  # neither alpha nor zeta: which one was meant is unknown
+        resolver.resolve("Bearer secret-a", None, "10.1.2.3")
+    assert resolver.resolve("Bearer secret-b", None, "10.1.2.3") == "beta"
+    message = ("the same API key hash is listed for tenants alpha and zeta; a key must name one tenant, so it is "
+               "refused for both")
+    assert [(p.file, p.message) for p in store.problems] == [("alpha", message), ("zeta", message)]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"API key Secret, key {name}: {message} (ignored)" for name in ("alpha", "zeta")]
+    (tmp_path / "k" / "zeta").unlink()
+    assert store.reload()
+    assert not store.problems
+    assert resolver.resolve("Bearer secret-a", None, "10.1.2.3") == "alpha"
 
 
 def test_the_tenant_header_counts_only_from_trusted_proxies(tmp_path: pathlib.Path) -> None:
