@@ -209,6 +209,36 @@ def test_settings_come_from_the_environment() -> None:
     assert GatewaySettings().metrics_url == "http://127.0.0.1:8081/metrics"
 
 
+@pytest.mark.parametrize(("environment", "error"), [
+    ({"MAX_IN_FLIGHT": "-1"}, "MAX_IN_FLIGHT=-1: must be zero or positive"),  # every request waited forever
+    ({"RELOAD_SECONDS": "0"}, "RELOAD_SECONDS=0.0: must be positive, at most 86400"),  # the reload loop spun
+    ({"ENGINE_POLL_SECONDS": "nan"}, "ENGINE_POLL_SECONDS=nan: must be positive, at most 86400"),
+    ({"MAX_BODY_BYTES": "-1"}, "MAX_BODY_BYTES=-1: must be at least 1"),  # every body got 413
+    ({"PORT": "70000"}, "PORT=70000: must be between 0 and 65535"),  # listened on 70000 mod 65536
+    ({"ADMIN_PORT": "-5"}, "ADMIN_PORT=-5: must be between 0 and 65535"),  # a socket.gaierror traceback
+    ({"DRAIN_TIMEOUT_SECONDS": "-1"}, "DRAIN_TIMEOUT_SECONDS=-1.0: must be between 0 and 86400"),
+    ({"UPSTREAM": "https://engine:8081"}, "UPSTREAM='https://engine:8081': must be an http://HOST[:PORT] URL"),
+    ({"RUNTIME": "triton", "UPSTREAM": "http://127.0.0.1"},  # a traceback from metrics_url
+     "UPSTREAM='http://127.0.0.1': must be http://HOST:PORT with a port of at most 65533 for triton"),
+])
+def test_the_command_names_a_setting_out_of_range(tmp_path: pathlib.Path, environment: dict[str, str],
+                                                  error: str) -> None:
+    config = write_document(tmp_path, gateway_document())
+    result = CliRunner().invoke(cli.main, ["gateway", "--config", config],
+                                env={f"TENSORFLEET_GATEWAY_{name}": value for name, value in environment.items()})
+    assert result.exit_code == 2
+    assert f"Error: TENSORFLEET_GATEWAY_{error}" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_default_settings_are_in_range_and_triton_metrics_follow_the_upstream() -> None:
+    assert GatewaySettings().validate() == []
+    triton = GatewaySettings(runtime="triton", upstream="http://[fd00::7]:8000/")
+    assert triton.validate() == []
+    assert triton.metrics_url == "http://[fd00::7]:8002/metrics"
+    assert GatewaySettings(runtime="triton", upstream="http://h", engine_metrics_url="http://h:9/m").validate() == []
+
+
 def test_the_command_explains_a_missing_metering_module(tmp_path: pathlib.Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorfleet.metering.sink", None)  # as in a build without it
