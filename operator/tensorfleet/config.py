@@ -2,7 +2,8 @@
 
 A settings class is a frozen dataclass with ``ENV_PREFIX``; each field's metadata carries its help.
 ``from_env`` builds it from the environment (how pods are configured), ``click_options`` turns the
-same fields into flags whose values default to the environment (how people run it).
+same fields into flags whose values default to the environment (how people run it). Types and choices
+are checked on the way in; ranges and shapes by the class's ``validate()``, written with ``Checks``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -32,6 +34,31 @@ def setting(default: Any, help: str) -> Any:
 
 def env_name(cls: type[SettingsClass], field_name: str) -> str:
     return f"{cls.ENV_PREFIX}{field_name.upper()}"
+
+
+class Checks:
+    """What a settings class's ``validate()`` found: one line per problem, naming the variable, its value and
+    the limit (``TENSORFLEET_GATEWAY_PORT=70000: must be between 0 and 65535``). Write each check so that
+    NaN fails it (``0 < value``, not ``not value <= 0``)."""
+
+    def __init__(self, settings: SettingsClass) -> None:
+        self.settings = settings
+        self.problems: list[str] = []
+
+    def __call__(self, name: str, ok: bool, limit: str) -> None:
+        if not ok:
+            value = getattr(self.settings, name)
+            self.problems.append(f"{env_name(type(self.settings), name)}={value!r}: must be {limit}")
+
+
+def http_url(url: str, schemes: tuple[str, ...] = ("http", "https")) -> bool:
+    """Whether ``url`` has one of ``schemes``, a host, and no port or a number in 0..65535."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in 0..65535
+    except ValueError:
+        return False
+    return parts.scheme in schemes and bool(parts.hostname)
 
 
 def _kind(hint: Any) -> tuple[type, tuple[str, ...] | None, bool]:

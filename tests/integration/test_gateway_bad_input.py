@@ -206,8 +206,8 @@ class _TritonDouble:
 
 
 @contextlib.asynccontextmanager
-async def _triton_gateway(tmp_path: pathlib.Path, engine: _TritonDouble) -> AsyncIterator[Gateway]:
-    document = gateway_document(runtime="triton", tokenPolicy={"maxOutputTokens": 5},
+async def _triton_gateway(tmp_path: pathlib.Path, engine: _TritonDouble, **token_policy: Any) -> AsyncIterator[Gateway]:
+    document = gateway_document(runtime="triton", tokenPolicy={"maxOutputTokens": 5, **token_policy},
                                 warmup={"requests": [{"prompt": "warm up", "maxTokens": 2}]})
     async with serving(engine.app()) as upstream, \
             running_gateway(tmp_path, upstream, document, runtime="triton", engine_metrics_url=upstream + "/metrics",
@@ -232,6 +232,18 @@ async def test_triton_model_names_are_quoted_and_only_ready_ones_remembered(tmp_
     assert remembered == {"tiny"}
     assert served[0] == 200
     assert engine.generated[warm_up:] == ["/v2/models/tiny/generate"]
+
+
+async def test_triton_models_never_share_cached_answers(tmp_path: pathlib.Path) -> None:
+    engine = _TritonDouble()
+    engine.ready.add("other")
+    body = {"text_input": "a", "max_tokens": 2, "temperature": 0}
+    async with _triton_gateway(tmp_path, engine, responseCache={"enabled": True}) as gw, \
+            aiohttp.ClientSession() as session:
+        answers = [await post(session, url(gw, f"/v2/models/{name}/generate"), body)
+                   for name in ("tiny", "other", "tiny")]
+    assert [headers["X-TensorFleet-Cache"] for _, _, headers in answers] == ["miss", "miss", "hit"]
+    assert [answer["model_name"] for _, answer, _ in answers] == ["tiny", "other", "tiny"]
 
 
 async def test_triton_remembers_a_bounded_number_of_ready_models(tmp_path: pathlib.Path) -> None:

@@ -204,6 +204,22 @@ async def test_deterministic_requests_are_cached(tmp_path: pathlib.Path) -> None
     assert all(e.admitted is None and e.completion_tokens == 4 for e in hits)
 
 
+async def test_tenants_never_share_cached_answers(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    keys = write_keys(tmp_path / "keys", {"team-a": "key-a", "team-b": "key-b"})
+    document = gateway_document(auth={"apiKeysSecretRef": {"name": "keys"}},
+                                tokenPolicy={"responseCache": {"enabled": True}})
+    body = {"model": "tiny", "prompt": "the merger target is ACME", "max_tokens": 4, "temperature": 0}
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, document, api_keys_dir=keys) as gw, \
+            aiohttp.ClientSession() as session:
+        answers = [await post(session, url(gw, "/v1/completions"), body, headers={"Authorization": f"Bearer {key}"})
+                   for key in ("key-a", "key-b", "key-a")]
+    assert [headers["X-TensorFleet-Cache"] for _, _, headers in answers] == ["miss", "miss", "hit"]
+    assert answers[1][1]["id"] != answers[0][1]["id"]  # team-b's own answer, not team-a's
+    assert len([r for r in engine.received if r["prompt"] == body["prompt"]]) == 2
+
+
 def write_keys(folder: pathlib.Path, keys: dict[str, str]) -> str:
     folder.mkdir(exist_ok=True)
     for tenant, key in keys.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import pathlib
 import sys
 from typing import Any
@@ -84,8 +85,9 @@ def test_only_deterministic_requests_are_cacheable(body: dict[str, Any], cacheab
 
 
 def test_cache_keys_ignore_key_order_but_not_values() -> None:
-    assert cache_key("/v1/completions", {"a": 1, "b": 2}) == cache_key("/v1/completions", {"b": 2, "a": 1})
-    assert cache_key("/v1/completions", {"a": 1}) != cache_key("/v1/chat/completions", {"a": 1})
+    assert cache_key("a", "/v1/completions", {"a": 1, "b": 2}) == cache_key("a", "/v1/completions", {"b": 2, "a": 1})
+    assert cache_key("a", "/v1/completions", {"a": 1}) != cache_key("a", "/v1/chat/completions", {"a": 1})
+    assert cache_key("a", "/v1/completions", {"a": 1}) != cache_key("b", "/v1/completions", {"a": 1})
 
 
 def keys(folder: pathlib.Path, **tenants: str) -> KeyStore:
@@ -111,6 +113,28 @@ def test_hashed_keys_identify_tenants_and_reload(tmp_path: pathlib.Path) -> None
     assert store.reload()
     assert [p.file for p in store.problems] == ["beta"]
     assert not store.reload()  # unchanged
+
+
+def test_a_key_listed_for_two_tenants_is_refused_for_both(tmp_path: pathlib.Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    store = keys(tmp_path / "k", alpha="secret-a", beta="secret-b")
+    resolver = TenantResolver(gwconfig.AuthConfig(api_keys=True), store)
+    assert resolver.resolve("Bearer secret-a", None, "10.1.2.3") == "alpha"
+    (tmp_path / "k" / "zeta").write_text(hashlib.sha256(b"secret-a").hexdigest())  # pasted in by mistake
+    with caplog.at_level(logging.ERROR):
+        assert store.reload()
+    with pytest.raises(AuthError):  # neither alpha nor zeta: which one was meant is unknown
+        resolver.resolve("Bearer secret-a", None, "10.1.2.3")
+    assert resolver.resolve("Bearer secret-b", None, "10.1.2.3") == "beta"
+    message = ("the same API key hash is listed for tenants alpha and zeta; a key must name one tenant, so it is "
+               "refused for both")
+    assert [(p.file, p.message) for p in store.problems] == [("alpha", message), ("zeta", message)]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"API key Secret, key {name}: {message} (ignored)" for name in ("alpha", "zeta")]
+    (tmp_path / "k" / "zeta").unlink()
+    assert store.reload()
+    assert not store.problems
+    assert resolver.resolve("Bearer secret-a", None, "10.1.2.3") == "alpha"
 
 
 def test_the_tenant_header_counts_only_from_trusted_proxies(tmp_path: pathlib.Path) -> None:
@@ -183,6 +207,36 @@ def test_settings_come_from_the_environment() -> None:
     assert settings.max_in_flight == 8
     assert settings.metrics_url == "http://127.0.0.1:8083/metrics"
     assert GatewaySettings().metrics_url == "http://127.0.0.1:8081/metrics"
+
+
+@pytest.mark.parametrize(("environment", "error"), [
+    ({"MAX_IN_FLIGHT": "-1"}, "MAX_IN_FLIGHT=-1: must be zero or positive"),  # every request waited forever
+    ({"RELOAD_SECONDS": "0"}, "RELOAD_SECONDS=0.0: must be positive, at most 86400"),  # the reload loop spun
+    ({"ENGINE_POLL_SECONDS": "nan"}, "ENGINE_POLL_SECONDS=nan: must be positive, at most 86400"),
+    ({"MAX_BODY_BYTES": "-1"}, "MAX_BODY_BYTES=-1: must be at least 1"),  # every body got 413
+    ({"PORT": "70000"}, "PORT=70000: must be between 0 and 65535"),  # listened on 70000 mod 65536
+    ({"ADMIN_PORT": "-5"}, "ADMIN_PORT=-5: must be between 0 and 65535"),  # a socket.gaierror traceback
+    ({"DRAIN_TIMEOUT_SECONDS": "-1"}, "DRAIN_TIMEOUT_SECONDS=-1.0: must be between 0 and 86400"),
+    ({"UPSTREAM": "https://engine:8081"}, "UPSTREAM='https://engine:8081': must be an http://HOST[:PORT] URL"),
+    ({"RUNTIME": "triton", "UPSTREAM": "http://127.0.0.1"},  # a traceback from metrics_url
+     "UPSTREAM='http://127.0.0.1': must be http://HOST:PORT with a port of at most 65533 for triton"),
+])
+def test_the_command_names_a_setting_out_of_range(tmp_path: pathlib.Path, environment: dict[str, str],
+                                                  error: str) -> None:
+    config = write_document(tmp_path, gateway_document())
+    result = CliRunner().invoke(cli.main, ["gateway", "--config", config],
+                                env={f"TENSORFLEET_GATEWAY_{name}": value for name, value in environment.items()})
+    assert result.exit_code == 2
+    assert f"Error: TENSORFLEET_GATEWAY_{error}" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_default_settings_are_in_range_and_triton_metrics_follow_the_upstream() -> None:
+    assert GatewaySettings().validate() == []
+    triton = GatewaySettings(runtime="triton", upstream="http://[fd00::7]:8000/")
+    assert triton.validate() == []
+    assert triton.metrics_url == "http://[fd00::7]:8002/metrics"
+    assert GatewaySettings(runtime="triton", upstream="http://h", engine_metrics_url="http://h:9/m").validate() == []
 
 
 def test_the_command_explains_a_missing_metering_module(tmp_path: pathlib.Path,

@@ -2,8 +2,9 @@
 
 API keys live in a Kubernetes Secret mounted as a folder: one file per tenant, named after the tenant,
 holding the hex sha256 of that tenant's key (optionally prefixed ``sha256:``; several hashes, one per
-line, allow rotation). The gateway never sees plain keys at rest and re-reads the folder when the
-kubelet updates the mount. A tenant header is honoured only from a peer address inside
+line, allow rotation). A hash listed for two tenants is refused for both and reported as a problem of
+each file. The gateway never sees plain keys at rest and re-reads the folder when the kubelet updates
+the mount. A tenant header is honoured only from a peer address inside
 ``trustedProxies``; from anyone else it is ignored, so a client can never bill another tenant.
 """
 
@@ -77,10 +78,11 @@ class KeyStore:
         fingerprint = tuple((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries)
         if fingerprint == self._fingerprint:
             return False
-        by_hash: dict[str, str] = {}
+        owners: dict[str, set[str]] = {}
         problems: list[KeyFileProblem] = []
         for entry in entries:
-            self._read_one(entry, by_hash, problems)
+            self._read_one(entry, owners, problems)
+        by_hash = _one_tenant_each(owners, problems)
         for problem in problems:
             log.error("API key Secret, key %s: %s (ignored)", problem.file, problem.message)
         self._by_hash, self._fingerprint, self.problems = by_hash, fingerprint, problems
@@ -88,7 +90,7 @@ class KeyStore:
         return True
 
     @staticmethod
-    def _read_one(entry: os.DirEntry[str], by_hash: dict[str, str], problems: list[KeyFileProblem]) -> None:
+    def _read_one(entry: os.DirEntry[str], owners: dict[str, set[str]], problems: list[KeyFileProblem]) -> None:
         if not TENANT_NAME.match(entry.name):
             problems.append(KeyFileProblem(entry.name, "the key name must be a tenant name ([A-Za-z0-9._:@-])"))
             return
@@ -104,7 +106,22 @@ class KeyStore:
                 problems.append(KeyFileProblem(entry.name, "each line must be the hex sha256 of an API key, "
                                                            "e.g. from: printf %s \"$KEY\" | sha256sum"))
                 continue
-            by_hash[match.group(2).lower()] = entry.name
+            owners.setdefault(match.group(2).lower(), set()).add(entry.name)
+
+
+def _one_tenant_each(owners: dict[str, set[str]], problems: list[KeyFileProblem]) -> dict[str, str]:
+    """The tenant of each hash listed for one; a hash listed for several is refused for all of them (it must
+    not bill a tenant its holder may not be, and which one was meant is unknown), reported in each file."""
+    by_hash: dict[str, str] = {}
+    for digest, tenants in owners.items():
+        if len(tenants) == 1:
+            (by_hash[digest],) = tenants
+            continue
+        *others, last = sorted(tenants)
+        message = (f"the same API key hash is listed for tenants {', '.join(others)} and {last}; a key must name "
+                   f"one tenant, so it is refused for {'both' if len(tenants) == 2 else 'all of them'}")
+        problems.extend(KeyFileProblem(tenant, message) for tenant in sorted(tenants))
+    return by_hash
 
 
 class TenantResolver:

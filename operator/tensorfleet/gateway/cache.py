@@ -1,9 +1,11 @@
 """Exact-match response cache for deterministic requests (temperature 0, one choice).
 
-The key is the endpoint, the tenant-independent request body after the token policy rewrote it, and
-whether the response streams; a hit replays the exact bytes the engine sent (every chunk of a stream),
-so the client sees what a miss would show. Entries expire after a TTL; the cache holds at most
-``max_entries`` entries and ``max_bytes`` bytes, evicting the least recently used first.
+The key is the tenant, the request path (Triton's names the model: /v2/models/NAME/generate) and the
+request body after the token policy rewrote it (which says whether the response streams); a hit replays
+the exact bytes the engine sent (every chunk of a stream), so the client sees what a miss would show.
+Tenants never share an entry: a hit served to one tenant would tell it that another sent exactly that
+prompt, and when. Entries expire after a TTL; the cache holds at most ``max_entries`` entries and
+``max_bytes`` bytes, evicting the least recently used first.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ def is_deterministic(body: Mapping[str, Any]) -> bool:
     return not body.get("logprobs") and not body.get("user_random")
 
 
-def cache_key(endpoint: str, body: Mapping[str, Any]) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(f"{endpoint}\n{canonical}".encode()).hexdigest()
+def cache_key(tenant: str, path: str, body: Mapping[str, Any]) -> str:
+    canonical = json.dumps([tenant, path, body], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class ResponseCache:

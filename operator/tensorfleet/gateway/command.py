@@ -53,6 +53,8 @@ def gateway(**options: Any) -> None:
         settings = config.from_click(GatewaySettings, options)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if problems := settings.validate():
+        raise click.UsageError("; ".join(problems))
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

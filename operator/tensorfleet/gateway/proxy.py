@@ -218,7 +218,7 @@ class Proxy:
         proxied.response_headers[CACHE_HEADER] = "miss"
         self.s.metrics.cache_lookups.labels("miss").inc()
         try:
-            return cache_key(proxied.endpoint, proxied.body)
+            return cache_key(proxied.tenant, proxied.flags.get("_path", proxied.endpoint), proxied.body)
         except UnicodeEncodeError:  # a lone surrogate ("\ud800"): parsed, but not text that can be written
             raise lone_surrogate(proxied.body) from None
 

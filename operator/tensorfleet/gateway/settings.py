@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import urllib.parse
 from typing import ClassVar, Literal
 
-from tensorfleet.config import setting
+from tensorfleet.config import Checks, http_url, setting
 
 DEFAULT_MAX_BATCH_PROMPTS = 1024  # vLLM's own bound, VLLM_MAX_COMPLETION_PROMPTS, defaults to the same
+MAX_WAIT_SECONDS = 86400  # longest timeout, interval or drain wait: a day
+MAX_TRITON_PORT = 65535 - 2  # Triton's metrics are read from the upstream port + 2
+_PORTS = ("port", "admin_port")
+_SIZES = ("max_body_bytes", "max_header_bytes", "max_headers", "max_batch_prompts")  # 0 would refuse everything
+_OPTIONAL_COUNTS = ("max_in_flight", "max_queue", "max_tenant_labels")  # 0: no limit, no queue, no tenant labels
+_PERIODS = ("idle_timeout_seconds", "body_read_timeout_seconds", "upstream_connect_timeout_seconds",
+            "upstream_idle_timeout_seconds", "health_interval_seconds", "engine_poll_seconds", "reload_seconds")
+_DRAIN_WAITS = ("drain_delay_seconds", "drain_timeout_seconds")  # 0: do not wait
 
 RuntimeName = Literal["vllm", "triton"]
 
@@ -58,12 +67,39 @@ class GatewaySettings:
     log_level: Literal["debug", "info", "warning", "error"] = setting("info", "Log level.")
     access_log: bool = setting(False, "Log one line per request.")
 
+    def validate(self) -> list[str]:
+        """Problems, each naming the variable and its limit; the command refuses to start on any."""
+        check = Checks(self)
+        for name in _PORTS:
+            check(name, 0 <= getattr(self, name) <= 65535, "between 0 and 65535")
+        for name in _SIZES:
+            check(name, getattr(self, name) >= 1, "at least 1")
+        for name in _OPTIONAL_COUNTS:
+            check(name, getattr(self, name) >= 0, "zero or positive")
+        for name in _PERIODS:
+            check(name, 0 < getattr(self, name) <= MAX_WAIT_SECONDS, f"positive, at most {MAX_WAIT_SECONDS}")
+        for name in _DRAIN_WAITS:
+            check(name, 0 <= getattr(self, name) <= MAX_WAIT_SECONDS, f"between 0 and {MAX_WAIT_SECONDS}")
+        check("engine_metrics_url", self.engine_metrics_url is None or http_url(self.engine_metrics_url),
+              "an http:// or https:// URL with a host")
+        if not http_url(self.upstream, ("http",)):
+            check("upstream", False, "an http://HOST[:PORT] URL (the engine, in the pod)")
+        elif self.runtime == "triton" and not self.engine_metrics_url:
+            port = urllib.parse.urlsplit(self.upstream).port
+            check("upstream", port is not None and port <= MAX_TRITON_PORT,
+                  f"http://HOST:PORT with a port of at most {MAX_TRITON_PORT} for triton, whose metrics are read "
+                  "from PORT+2 (or set TENSORFLEET_GATEWAY_ENGINE_METRICS_URL)")
+        return check.problems
+
     @property
     def metrics_url(self) -> str:
+        """The engine's Prometheus endpoint: for triton, port+2 of the upstream (``validate()`` requires the port;
+        without it, 80 as for the engine's connections)."""
         if self.engine_metrics_url:
             return self.engine_metrics_url
         if self.runtime == "vllm":
             return self.upstream.rstrip("/") + "/metrics"
-        scheme, _, rest = self.upstream.partition("://")
-        host, _, port = rest.rstrip("/").rpartition(":")
-        return f"{scheme}://{host}:{int(port) + 2}/metrics"
+        parts = urllib.parse.urlsplit(self.upstream)
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address
+        return f"{parts.scheme}://{host}:{(parts.port or 80) + 2}/metrics"

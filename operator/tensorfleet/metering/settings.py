@@ -7,10 +7,9 @@ signing key and the sink token); the rest have defaults that suit a production p
 from __future__ import annotations
 
 import dataclasses
-import urllib.parse
 from typing import ClassVar
 
-from tensorfleet.config import setting
+from tensorfleet.config import Checks, http_url, setting
 
 MAX_RETENTION_SECONDS = 365 * 86400  # a year in the pod's ledger; the sink is the long-term store
 MAX_EXPORT_WAIT_SECONDS = 86400  # longest interval, retry delay or timeout of the exporter, and of the writer's waits
@@ -67,12 +66,7 @@ class MeteringSettings:
 
     def validate(self) -> list[str]:
         """Problems, each naming the variable and its limit."""
-        problems: list[str] = []
-
-        def check(name: str, ok: bool, limit: str) -> None:
-            if not ok:
-                problems.append(f"{self.ENV_PREFIX}{name.upper()}={getattr(self, name)!r}: must be {limit}")
-
+        check = Checks(self)
         check("sample_period_ms", 10 <= self.sample_period_ms <= 10_000, "between 10 and 10000")
         check("export_batch_size", 1 <= self.export_batch_size <= 10_000, "between 1 and 10000")
         wait_limit = f"positive, at most {MAX_EXPORT_WAIT_SECONDS}"
@@ -97,14 +91,5 @@ class MeteringSettings:
         check("engine_step_tokens", self.engine_step_tokens >= 0, "zero (learn it) or positive")
         check("max_queued_events", self.max_queued_events >= 1, "at least 1")
         check("max_tenant_labels", self.max_tenant_labels >= 0, "zero or positive")
-        check("sink_url", self.sink_url is None or _http_url(self.sink_url), "an http:// or https:// URL with a host")
-        return problems
-
-
-def _http_url(url: str) -> bool:
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in 0..65535
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+        check("sink_url", self.sink_url is None or http_url(self.sink_url), "an http:// or https:// URL with a host")
+        return check.problems
