@@ -231,6 +231,15 @@ def test_the_command_names_a_setting_out_of_range(tmp_path: pathlib.Path, enviro
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+def test_the_command_names_a_metering_setting_out_of_range(tmp_path: pathlib.Path) -> None:
+    config = write_document(tmp_path, gateway_document())
+    result = CliRunner().invoke(cli.main, ["gateway", "--config", config, "--usage-dir", str(tmp_path)],
+                                env={"TENSORFLEET_METERING_SAMPLE_PERIOD_MS": "5"})  # was a ValueError traceback
+    assert result.exit_code == 1
+    assert "Error: TENSORFLEET_METERING_SAMPLE_PERIOD_MS=5.0: must be between 10 and 10000" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_default_settings_are_in_range_and_triton_metrics_follow_the_upstream() -> None:
     assert GatewaySettings().validate() == []
     triton = GatewaySettings(runtime="triton", upstream="http://[fd00::7]:8000/")

@@ -60,7 +60,7 @@ def gateway(**options: Any) -> None:
     try:
         gwconfig.load(settings.config, api_keys_mounted=bool(settings.api_keys_dir))  # fail fast, naming the field
         sink = _open_sink(settings)
-    except gwconfig.ConfigError as exc:
+    except (gwconfig.ConfigError, ValueError) as exc:  # open_sink: ValueError names a bad TENSORFLEET_METERING_*
         raise click.ClickException(str(exc)) from None
     _use_uvloop()
     sys.exit(asyncio.run(server.serve(settings, sink, pod=os.environ.get("POD_NAME", ""))))
