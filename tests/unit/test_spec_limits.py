@@ -1,8 +1,10 @@
-"""Specs the API server would accept but Kubernetes could not run are rejected naming the field and the limit.
+"""Specs the API server would accept but Kubernetes or the engine could not run are rejected naming the field
+and the limit.
 
-Two kinds: resource requests above their limits (a cross-field check in Python: the CEL library has no
-quantities), and autoscaling windows beyond what a HorizontalPodAutoscaler accepts in modes hpa and keda
-(CEL rules in the CRD). Every value that passes must render objects within the Kubernetes limits.
+Three kinds: resource requests above their limits (a cross-field check in Python: the CEL library has no
+quantities), autoscaling windows beyond what a HorizontalPodAutoscaler accepts in modes hpa and keda
+(CEL rules in the CRD), and token ceilings the model's context window cannot hold (the engine would refuse
+every such request). Every value that passes must render objects within the Kubernetes limits.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builders import inference_service, stored
+from builders import inference_service, stored, triton_service
 from tensorfleet.api.types import InferenceService
 from tensorfleet.api.validation import validate_body
 from tensorfleet.autoscale import render
@@ -112,3 +114,50 @@ def test_the_largest_accepted_windows_render_at_the_hpa_limits() -> None:
     scale_down = render.behavior(spec)["scaleDown"]
     assert scale_down["stabilizationWindowSeconds"] == HPA_MAX_STABILIZATION_SECONDS
     assert scale_down["policies"][0]["periodSeconds"] == HPA_MAX_PERIOD_SECONDS
+
+
+def errors_of(**spec: Any) -> list[tuple[str, str]]:
+    return [(e.path, e.message) for e in spec_errors(stored(inference_service(**spec)), RenderContext())]
+
+
+@pytest.mark.parametrize(("spec", "field", "shown"), [
+    ({"model": {"maxModelLen": 2048}}, "spec.tokenPolicy.maxOutputTokens",  # the default ceiling is 4096
+     "Invalid value: 4096: must be less than the context window 2048 (spec.model.maxModelLen)"),
+    ({"model": {"maxModelLen": 4096}}, "spec.tokenPolicy.maxOutputTokens", "the context window 4096"),
+    ({"tokenPolicy": {"maxOutputTokens": 8192}}, "spec.tokenPolicy.maxOutputTokens", "the context window 8192"),
+    ({"tokenPolicy": {"maxOutputTokens": 512}, "warmup": {"requests": [{"prompt": "hi", "maxTokens": 8192}]}},
+     "spec.warmup.requests[0].maxTokens", "Invalid value: 8192: must be less than the context window 8192"),
+    ({"model": {"maxModelLen": 2048}, "tokenPolicy": {"maxOutputTokens": 512},
+      "warmup": {"requests": [{"prompt": "hi"}, {"prompt": "hello", "maxTokens": 4096}]}},
+     "spec.warmup.requests[1].maxTokens", "the context window 2048 (spec.model.maxModelLen)"),
+], ids=["default ceiling over maxModelLen", "ceiling equal to maxModelLen", "ceiling equal to the window",
+        "warm-up prompt max tokens equal to the window", "warm-up prompt max tokens over maxModelLen"])
+def test_token_ceilings_the_context_window_cannot_hold_are_rejected(spec: dict[str, Any], field: str,
+                                                                    shown: str) -> None:
+    errors = errors_of(**spec)
+    assert [path for path, _ in errors] == [field]
+    assert shown in errors[0][1]
+
+
+@pytest.mark.parametrize("spec", [
+    {"model": {"maxModelLen": 2048}, "tokenPolicy": {"maxOutputTokens": 2047}},
+    {"model": {"maxModelLen": 2048}, "tokenPolicy": {"maxOutputTokens": 512},
+     "warmup": {"requests": [{"prompt": "hi", "maxTokens": 2047}, {"promptTokens": 1, "maxTokens": 2047}]}},
+], ids=["ceiling one under maxModelLen", "warm-up one under the window"])
+def test_token_ceilings_within_the_context_window_are_accepted(spec: dict[str, Any]) -> None:
+    assert errors_of(**spec) == []
+
+
+def test_without_max_model_len_vllm_judges_the_ceilings_itself() -> None:
+    body = inference_service(tokenPolicy={"maxOutputTokens": 65536},
+                             warmup={"requests": [{"prompt": "hi", "maxTokens": 65536}]})
+    del body["spec"]["model"]["maxModelLen"]  # vLLM derives the window from the model's config
+    assert spec_errors(stored(body), RenderContext()) == []
+
+
+def test_triton_ceilings_are_held_to_the_tighter_of_max_model_len_and_max_seq_len() -> None:
+    body = stored(triton_service(model={"uri": "hf://a/b@v1", "maxModelLen": 2048},
+                                 tokenPolicy={"maxOutputTokens": 4096}))
+    errors = spec_errors(body, RenderContext())
+    assert [e.path for e in errors] == ["spec.tokenPolicy.maxOutputTokens"]
+    assert "4096: must be less than the context window 2048 (spec.model.maxModelLen)" in errors[0].message

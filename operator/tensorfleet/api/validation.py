@@ -38,24 +38,18 @@ def cross_field_errors(spec: InferenceServiceSpec) -> Iterator[FieldError]:
 def _context_window(spec: InferenceServiceSpec) -> Iterator[FieldError]:
     max_input = spec.token_policy.get("maxInputTokens")
     max_output = spec.token_policy.get("maxOutputTokens")
-    window = _context_limit(spec)
-    if max_input is not None and window is not None and max_input >= window:
-        yield FieldError(
-            "spec.tokenPolicy.maxInputTokens",
-            f"Invalid value: {max_input}: must be less than the context window {window} "
-            f"({_context_source(spec)}) so that at least one token can be generated",
-        )
+    if max_input is not None:
+        yield from _within_window(spec, "spec.tokenPolicy.maxInputTokens", max_input,
+                                  "so that at least one token can be generated")
     if spec.engine is not None and max_input is not None and max_input > spec.engine.max_input_len:
         yield FieldError(
             "spec.tokenPolicy.maxInputTokens",
             f"Invalid value: {max_input}: exceeds spec.engine.maxInputLen {spec.engine.max_input_len}; "
             "the engine would reject such prompts",
         )
-    if spec.engine is not None and max_output is not None and max_output >= spec.engine.max_seq_len:
-        yield FieldError(
-            "spec.tokenPolicy.maxOutputTokens",
-            f"Invalid value: {max_output}: must be less than spec.engine.maxSeqLen {spec.engine.max_seq_len}",
-        )
+    if max_output is not None:  # the gateway sets max_tokens to it on every request that has none
+        yield from _within_window(spec, "spec.tokenPolicy.maxOutputTokens", max_output,
+                                  "so that a request without max_tokens leaves room for its prompt")
     if (
         spec.engine is not None
         and spec.model.max_model_len is not None
@@ -74,13 +68,16 @@ def _warmup(spec: InferenceServiceSpec) -> Iterator[FieldError]:
     for index, request in enumerate(spec.warmup.get("requests", ())):
         tokens = request.get("promptTokens")
         path = f"spec.warmup.requests[{index}]"
-        if tokens is not None and max_input is not None and tokens > max_input:
+        if tokens is None:  # a text prompt: its length is unknown, but it is at least one token
+            yield from _within_window(spec, f"{path}.maxTokens", request.get("maxTokens", 16),
+                                      "so that the prompt has room; the engine would refuse the warm-up request")
+        elif max_input is not None and tokens > max_input:
             yield FieldError(
                 f"{path}.promptTokens",
                 f"Invalid value: {tokens}: exceeds spec.tokenPolicy.maxInputTokens {max_input}; "
                 "the gateway would reject its own warm-up request",
             )
-        elif tokens is not None and window is not None and tokens + request.get("maxTokens", 16) > window:
+        elif window is not None and tokens + request.get("maxTokens", 16) > window:
             yield FieldError(
                 f"{path}.promptTokens",
                 f"Invalid value: {tokens}: promptTokens plus maxTokens exceeds the context window {window}",
@@ -91,6 +88,14 @@ def _warmup(spec: InferenceServiceSpec) -> Iterator[FieldError]:
                 f"{path}.concurrency",
                 f"Invalid value: {concurrency}: exceeds spec.engine.maxBatchSize {spec.engine.max_batch_size}",
             )
+
+
+def _within_window(spec: InferenceServiceSpec, path: str, tokens: int, why: str) -> Iterator[FieldError]:
+    """``tokens`` must leave at least one token of the context window free, when the window is known."""
+    window = _context_limit(spec)
+    if window is not None and tokens >= window:
+        yield FieldError(path, f"Invalid value: {tokens}: must be less than the context window {window} "
+                               f"({_context_source(spec)}) {why}")
 
 
 def _context_limit(spec: InferenceServiceSpec) -> int | None:
