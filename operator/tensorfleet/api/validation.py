@@ -2,8 +2,9 @@
 
 The API server already enforces structure, enums, ranges and the CEL rules. What is left here needs
 values the schema does not hold (defaults computed in Python, the model's context window as vLLM
-will derive it, token budgets across sections). A failure sets the ``Degraded`` condition with
-reason ``InvalidSpec`` and the field path; nothing is rendered until it is fixed.
+will derive it, token budgets across sections), and the structure of ``spec.affinity.nodeAffinity``,
+which the CRD leaves open. A failure sets the ``Degraded`` condition with reason ``InvalidSpec`` and
+the field path; nothing is rendered until it is fixed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from tensorfleet.api import crds
+from tensorfleet.api import crds, schema
 from tensorfleet.api.schema import FieldError
 from tensorfleet.api.types import InferenceServiceSpec
 
@@ -33,6 +34,7 @@ def validate_body(body: Mapping[str, Any]) -> list[FieldError]:
 def cross_field_errors(spec: InferenceServiceSpec) -> Iterator[FieldError]:
     yield from _context_window(spec)
     yield from _warmup(spec)
+    yield from _affinity(spec)
 
 
 def _context_window(spec: InferenceServiceSpec) -> Iterator[FieldError]:
@@ -88,6 +90,62 @@ def _warmup(spec: InferenceServiceSpec) -> Iterator[FieldError]:
                 f"{path}.concurrency",
                 f"Invalid value: {concurrency}: exceeds spec.engine.maxBatchSize {spec.engine.max_batch_size}",
             )
+
+
+# core/v1 NodeAffinity with the rules of Kubernetes' ValidateNodeSelector (pkg/apis/core/validation). The CRD
+# keeps spec.affinity open (x-kubernetes-preserve-unknown-fields); the operator ANDs its GPU-product
+# requirement into the nodeAffinity part, so that part is checked here: a mistake is InvalidSpec naming the
+# field, not a failed render or a Deployment the API server refuses. Pod (anti-)affinity passes through.
+_LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+              r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_EXPRESSION = {
+    "type": "object", "required": ["key", "operator"],
+    "properties": {"key": {"type": "string", "maxLength": 317, "pattern": _LABEL_KEY},
+                   "operator": {"type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]},
+                   "values": _STRINGS},
+    "x-kubernetes-validations": [
+        {"rule": "!(self.operator in ['In', 'NotIn']) || (has(self.values) && size(self.values) > 0)",
+         "message": "values must be non-empty when operator is In or NotIn"},
+        {"rule": "!(self.operator in ['Exists', 'DoesNotExist']) || !has(self.values) || size(self.values) == 0",
+         "message": "values must be empty when operator is Exists or DoesNotExist"},
+        {"rule": "!(self.operator in ['Gt', 'Lt']) || (has(self.values) && size(self.values) == 1)",
+         "message": "values must have exactly one item when operator is Gt or Lt"}],
+}
+_FIELD_EXPRESSION = {
+    "type": "object", "required": ["key", "operator", "values"],
+    "properties": {"key": {"type": "string", "enum": ["metadata.name"]},
+                   "operator": {"type": "string", "enum": ["In", "NotIn"]},
+                   "values": {**_STRINGS, "minItems": 1, "maxItems": 1}},
+}
+_TERM = {"type": "object", "properties": {"matchExpressions": {"type": "array", "items": _EXPRESSION},
+                                          "matchFields": {"type": "array", "items": _FIELD_EXPRESSION}}}
+_AFFINITY = {"type": "object", "properties": {
+    "nodeAffinity": {"type": "object", "properties": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "type": "object", "required": ["nodeSelectorTerms"],
+            "properties": {"nodeSelectorTerms": {"type": "array", "minItems": 1, "items": _TERM}}},
+        "preferredDuringSchedulingIgnoredDuringExecution": {"type": "array", "items": {
+            "type": "object", "required": ["weight", "preference"],
+            "properties": {"weight": {"type": "integer", "minimum": 1, "maximum": 100}, "preference": _TERM}}}}},
+    "podAffinity": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    "podAntiAffinity": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+}}
+
+
+def _affinity(spec: InferenceServiceSpec) -> Iterator[FieldError]:
+    yield from schema.validate(_AFFINITY, _without_null_fields(_AFFINITY, spec.affinity), root_path="spec.affinity")
+
+
+def _without_null_fields(node: Mapping[str, Any], value: Any) -> Any:
+    """Declared fields that are null dropped, as Kubernetes decodes them (absent); unknown ones kept, to be named."""
+    if isinstance(value, Mapping):
+        fields = node.get("properties", {})
+        return {k: _without_null_fields(fields.get(k, {}), v) for k, v in value.items()
+                if v is not None or k not in fields}
+    if isinstance(value, list):
+        return [_without_null_fields(node.get("items", {}), v) for v in value]
+    return value
 
 
 def _within_window(spec: InferenceServiceSpec, path: str, tokens: int, why: str) -> Iterator[FieldError]:
