@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from tensorfleet.api.schema import InvalidSpecError
 from tensorfleet.api.types import InferenceService
 from tensorfleet.reconcile import desired_objects, spec_errors
 from tensorfleet.render.context import RenderContext
@@ -48,7 +49,10 @@ def render_text(text: str, ctx: RenderContext, gpu_product: str | None = None,
             result.errors.append(f"InferenceService {name}: spec.gpu.products: Unsupported value: "
                                  f"{gpu_product!r}: the service allows {allowed}")
             continue
-        result.objects.extend(desired_objects(isvc, ctx, products))
+        try:
+            result.objects.extend(desired_objects(isvc, ctx, products))
+        except InvalidSpecError as exc:
+            result.errors.extend(f"InferenceService {name}: {error}" for error in exc.errors)
     return result
 
 

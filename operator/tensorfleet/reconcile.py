@@ -13,7 +13,7 @@ from typing import Any
 
 from tensorfleet import diff
 from tensorfleet.api.resources import request_limit_errors
-from tensorfleet.api.schema import FieldError
+from tensorfleet.api.schema import FieldError, InvalidSpecError
 from tensorfleet.api.types import InferenceService
 from tensorfleet.api.validation import validate_body
 from tensorfleet.autoscale import status as autoscale_status
@@ -110,14 +110,16 @@ def reconcile(body: Mapping[str, Any], observed: Observed, ctx: RenderContext, n
     engine_writes: tuple[serving.EngineWrite, ...] = ()
     owned = [c for c in observed.children if _owned_by(c, meta.get("uid"))]
     deployments = [c for c in owned if c.get("kind") == "Deployment"]
+    if not errors:
+        try:
+            isvc, triton, desired = _render(body, observed, ctx)
+        except InvalidSpecError as exc:  # a shape the checks let through: reported like theirs
+            errors = list(exc.errors)
     if errors:
-        desired: list[dict[str, Any]] = []
+        desired = []
         prune: list[Mapping[str, Any]] = []  # keep serving what runs until the spec is fixed
         status = _status(body, deployments, _invalid_conditions(errors, deployments), None, ctx)
     else:
-        isvc = InferenceService.from_body(body)
-        triton = _triton_plan(isvc, observed, ctx)
-        desired = desired_objects(isvc, ctx, observed.gpu_products, triton)
         wanted = {child_key(obj) for obj in desired}
         prune = [c for c in owned if child_key(c) not in wanted]
         rendered = [d for d in desired if d["kind"] == "Deployment"]
@@ -135,6 +137,14 @@ def reconcile(body: Mapping[str, Any], observed: Observed, ctx: RenderContext, n
     status["conditions"] = merge_conditions(previous, status.pop("_conditions"), generation, now)
     events = transitions(previous, status["conditions"])
     return Plan(tuple(desired), tuple(prune), status, tuple(events), tuple(errors), engine_writes)
+
+
+def _render(body: Mapping[str, Any], observed: Observed,
+            ctx: RenderContext) -> tuple[InferenceService, serving.TritonPlan | None, list[dict[str, Any]]]:
+    """The service, its Engine plan and its children; InvalidSpecError for a shape the checks let through."""
+    isvc = InferenceService.from_body(body)
+    triton = _triton_plan(isvc, observed, ctx)
+    return isvc, triton, desired_objects(isvc, ctx, observed.gpu_products, triton)
 
 
 def _triton_plan(isvc: InferenceService, observed: Observed, ctx: RenderContext) -> serving.TritonPlan | None:

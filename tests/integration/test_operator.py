@@ -66,7 +66,8 @@ def test_spec_update_rolls_children_and_observed_generation(emulator: EmulatorTh
     with operator(emulator, monkeypatch):
         cluster.create(inference_service("llama"))
         converge(cluster, "llama")
-        cluster.patch(ISVC, "InferenceService", "llama", {"spec": {"replicas": 3, "model": {"maxModelLen": 4096}}})
+        cluster.patch(ISVC, "InferenceService", "llama", {"spec": {"replicas": 3, "model": {"maxModelLen": 4096},
+                                                                 "tokenPolicy": {"maxOutputTokens": 1024}}})
         deployment = wait_for(lambda: (d := cluster.get("apps/v1", "Deployment", "llama")) and
                               d["spec"]["replicas"] == 3 and d, what="3 replicas")
         assert "4096" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -3,10 +3,12 @@ from __future__ import annotations
 import json
 import pathlib
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
 from builders import inference_service
+from tensorfleet import manifests
 from tensorfleet.cli import main
 
 
@@ -44,6 +46,26 @@ def test_invalid_input_exits_1_naming_each_field(tmp_path: pathlib.Path) -> None
     assert "InferenceService a: spec.gpu.count: Invalid value: 0: must be greater than or equal to 1" in result.stderr
     assert 'InferenceService a: spec.runtime.name: Unsupported value: "tgi"' in result.stderr
     assert result.stdout == ""
+
+
+def test_a_wrongly_shaped_affinity_is_one_line_naming_the_field(tmp_path: pathlib.Path) -> None:
+    bad = inference_service("a", gpu={"products": ["NVIDIA-L4"]}, affinity={"nodeAffinity": []})
+    result = CliRunner().invoke(main, ["render", "-f", write(tmp_path, bad)])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
+        'InferenceService a: spec.affinity.nodeAffinity: Invalid value: "array": must be of type object']
+
+
+def test_a_spec_the_renderer_cannot_use_is_an_error_not_a_traceback(tmp_path: pathlib.Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manifests, "spec_errors", lambda body, ctx: [])  # a gap in the checks
+    bad = inference_service("a", gpu={"products": ["NVIDIA-L4"]}, affinity={"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": ["x"]}}})
+    result = CliRunner().invoke(main, ["render", "-f", write(tmp_path, bad)])
+    assert result.exit_code == 1
+    assert "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]: " \
+           'Invalid value: "x": must be of type object' in result.stderr
+    assert "Traceback" not in result.output
 
 
 def test_disallowed_gpu_product_is_an_error(tmp_path: pathlib.Path) -> None:

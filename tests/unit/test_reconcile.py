@@ -4,8 +4,11 @@ import copy
 import datetime
 from typing import Any
 
+import pytest
+
 from builders import inference_service, stored
 from tensorfleet import diff
+from tensorfleet import reconcile as reconcile_module
 from tensorfleet.reconcile import Observed, child_key, reconcile
 from tensorfleet.render.context import RenderContext
 from tensorfleet.status import condition
@@ -101,6 +104,19 @@ def test_schema_invalid_body_does_not_crash_reconcile() -> None:
     plan = reconcile(body, Observed(), CTX, T0)
     assert condition(plan.status, "Degraded")["reason"] == "InvalidSpec"
     assert "spec.gpu.count" in condition(plan.status, "Degraded")["message"]
+
+
+def test_a_spec_the_renderer_cannot_use_degrades_like_an_invalid_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should a wrong shape get past the checks, rendering names it and reconcile reports it: never a crash."""
+    monkeypatch.setattr(reconcile_module, "spec_errors", lambda body, ctx: [])  # a gap in the checks
+    body = stored(inference_service(affinity={"nodeAffinity": []}, gpu={"products": ["NVIDIA-L4"]}))
+    plan = reconcile(body, Observed(gpu_products=("NVIDIA-L4",)), CTX, T0)
+    assert plan.desired == ()
+    assert plan.prune == ()
+    assert [e.path for e in plan.errors] == ["spec.affinity.nodeAffinity"]
+    degraded = condition(plan.status, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "InvalidSpec")
+    assert "spec.affinity.nodeAffinity: Invalid value" in degraded["message"]
 
 
 def test_children_of_other_owners_are_never_pruned() -> None:

@@ -2,7 +2,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from builders import inference_service, triton_service
+from tensorfleet.api.schema import InvalidSpecError
 from tensorfleet.api.types import InferenceService
 from tensorfleet.reconcile import desired_objects, eligible_products, split_replicas
 from tensorfleet.render import labels
@@ -86,6 +89,31 @@ def test_products_become_required_and_preferred_node_affinity() -> None:
     assert {"key": "nvidia.com/gpu.product", "operator": "In", "values": list(products)} in term["matchExpressions"]
     weights = [p["weight"] for p in node["preferredDuringSchedulingIgnoredDuringExecution"]]
     assert weights == sorted(weights, reverse=True)  # earlier products preferred
+
+
+REQUIRED = "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+
+
+@pytest.mark.parametrize(("affinity", "field", "shown"), [
+    ({"nodeAffinity": []}, "spec.affinity.nodeAffinity", 'Invalid value: "array": must be of type object'),
+    ({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": []}}, REQUIRED, "must be of type object"),
+    ({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": {}}}},
+     f"{REQUIRED}.nodeSelectorTerms", 'Invalid value: "object": must be of type array'),
+    ({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": ["x"]}}},
+     f"{REQUIRED}.nodeSelectorTerms[0]", 'Invalid value: "x": must be of type object'),
+    ({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": 7}]}}}, f"{REQUIRED}.nodeSelectorTerms[0].matchExpressions", "Invalid value: 7"),
+    ({"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": {"weight": 1}}},
+     "spec.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution", "must be of type array"),
+], ids=["node affinity", "required", "terms", "term", "expressions", "preferred"])
+def test_an_affinity_the_products_cannot_be_added_to_is_an_invalid_spec_naming_the_field(
+        affinity: dict[str, Any], field: str, shown: str) -> None:
+    """Rendering does not rely on validation having run: a wrong shape is an InvalidSpecError, not a crash."""
+    products = ("NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB")
+    with pytest.raises(InvalidSpecError) as raised:
+        render_deployment(isvc(gpu={"products": list(products)}, affinity=affinity), CTX, 1, products=products)
+    assert [e.path for e in raised.value.errors] == [field]
+    assert shown in raised.value.errors[0].message
 
 
 def test_gpu_toleration_is_always_added() -> None:

@@ -43,6 +43,14 @@ class FieldError:
         return f"{self.path}: {self.message}"
 
 
+class InvalidSpecError(ValueError):
+    """A spec that cannot be rendered although the checks passed it: reported as InvalidSpec, like their errors."""
+
+    def __init__(self, *errors: FieldError) -> None:
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = errors
+
+
 # --------------------------------------------------------------------------------------------
 # Defaulting
 # --------------------------------------------------------------------------------------------
@@ -117,6 +125,8 @@ def _translate(error: jsonschema_exceptions.ValidationError, root_path: str) -> 
         yield FieldError(path, f"Too long: may not be more than {limit} bytes")
     elif kind == "minLength":
         yield FieldError(path, f"Invalid value: {shown}: must be at least {limit} characters")
+    elif kind == "minItems":
+        yield FieldError(path, f"Required value: must have at least {limit} item{'' if limit == 1 else 's'}")
     elif kind == "maxItems":
         yield FieldError(path, f"Too many: {len(error.instance)}: must have at most {limit} items")
     elif kind == "maxProperties":

@@ -2,8 +2,9 @@
 
 The API server already enforces structure, enums, ranges and the CEL rules. What is left here needs
 values the schema does not hold (defaults computed in Python, the model's context window as vLLM
-will derive it, token budgets across sections). A failure sets the ``Degraded`` condition with
-reason ``InvalidSpec`` and the field path; nothing is rendered until it is fixed.
+will derive it, token budgets across sections), and the structure of ``spec.affinity.nodeAffinity``,
+which the CRD leaves open. A failure sets the ``Degraded`` condition with reason ``InvalidSpec`` and
+the field path; nothing is rendered until it is fixed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from tensorfleet.api import crds
+from tensorfleet.api import crds, schema
 from tensorfleet.api.schema import FieldError
 from tensorfleet.api.types import InferenceServiceSpec
 
@@ -33,29 +34,24 @@ def validate_body(body: Mapping[str, Any]) -> list[FieldError]:
 def cross_field_errors(spec: InferenceServiceSpec) -> Iterator[FieldError]:
     yield from _context_window(spec)
     yield from _warmup(spec)
+    yield from _affinity(spec)
 
 
 def _context_window(spec: InferenceServiceSpec) -> Iterator[FieldError]:
     max_input = spec.token_policy.get("maxInputTokens")
     max_output = spec.token_policy.get("maxOutputTokens")
-    window = _context_limit(spec)
-    if max_input is not None and window is not None and max_input >= window:
-        yield FieldError(
-            "spec.tokenPolicy.maxInputTokens",
-            f"Invalid value: {max_input}: must be less than the context window {window} "
-            f"({_context_source(spec)}) so that at least one token can be generated",
-        )
+    if max_input is not None:
+        yield from _within_window(spec, "spec.tokenPolicy.maxInputTokens", max_input,
+                                  "so that at least one token can be generated")
     if spec.engine is not None and max_input is not None and max_input > spec.engine.max_input_len:
         yield FieldError(
             "spec.tokenPolicy.maxInputTokens",
             f"Invalid value: {max_input}: exceeds spec.engine.maxInputLen {spec.engine.max_input_len}; "
             "the engine would reject such prompts",
         )
-    if spec.engine is not None and max_output is not None and max_output >= spec.engine.max_seq_len:
-        yield FieldError(
-            "spec.tokenPolicy.maxOutputTokens",
-            f"Invalid value: {max_output}: must be less than spec.engine.maxSeqLen {spec.engine.max_seq_len}",
-        )
+    if max_output is not None:  # the gateway sets max_tokens to it on every request that has none
+        yield from _within_window(spec, "spec.tokenPolicy.maxOutputTokens", max_output,
+                                  "so that a request without max_tokens leaves room for its prompt")
     if (
         spec.engine is not None
         and spec.model.max_model_len is not None
@@ -74,13 +70,16 @@ def _warmup(spec: InferenceServiceSpec) -> Iterator[FieldError]:
     for index, request in enumerate(spec.warmup.get("requests", ())):
         tokens = request.get("promptTokens")
         path = f"spec.warmup.requests[{index}]"
-        if tokens is not None and max_input is not None and tokens > max_input:
+        if tokens is None:  # a text prompt: its length is unknown, but it is at least one token
+            yield from _within_window(spec, f"{path}.maxTokens", request.get("maxTokens", 16),
+                                      "so that the prompt has room; the engine would refuse the warm-up request")
+        elif max_input is not None and tokens > max_input:
             yield FieldError(
                 f"{path}.promptTokens",
                 f"Invalid value: {tokens}: exceeds spec.tokenPolicy.maxInputTokens {max_input}; "
                 "the gateway would reject its own warm-up request",
             )
-        elif tokens is not None and window is not None and tokens + request.get("maxTokens", 16) > window:
+        elif window is not None and tokens + request.get("maxTokens", 16) > window:
             yield FieldError(
                 f"{path}.promptTokens",
                 f"Invalid value: {tokens}: promptTokens plus maxTokens exceeds the context window {window}",
@@ -91,6 +90,70 @@ def _warmup(spec: InferenceServiceSpec) -> Iterator[FieldError]:
                 f"{path}.concurrency",
                 f"Invalid value: {concurrency}: exceeds spec.engine.maxBatchSize {spec.engine.max_batch_size}",
             )
+
+
+# core/v1 NodeAffinity with the rules of Kubernetes' ValidateNodeSelector (pkg/apis/core/validation). The CRD
+# keeps spec.affinity open (x-kubernetes-preserve-unknown-fields); the operator ANDs its GPU-product
+# requirement into the nodeAffinity part, so that part is checked here: a mistake is InvalidSpec naming the
+# field, not a failed render or a Deployment the API server refuses. Pod (anti-)affinity passes through.
+_LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+              r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_EXPRESSION = {
+    "type": "object", "required": ["key", "operator"],
+    "properties": {"key": {"type": "string", "maxLength": 317, "pattern": _LABEL_KEY},
+                   "operator": {"type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]},
+                   "values": _STRINGS},
+    "x-kubernetes-validations": [
+        {"rule": "!(self.operator in ['In', 'NotIn']) || (has(self.values) && size(self.values) > 0)",
+         "message": "values must be non-empty when operator is In or NotIn"},
+        {"rule": "!(self.operator in ['Exists', 'DoesNotExist']) || !has(self.values) || size(self.values) == 0",
+         "message": "values must be empty when operator is Exists or DoesNotExist"},
+        {"rule": "!(self.operator in ['Gt', 'Lt']) || (has(self.values) && size(self.values) == 1)",
+         "message": "values must have exactly one item when operator is Gt or Lt"}],
+}
+_FIELD_EXPRESSION = {
+    "type": "object", "required": ["key", "operator", "values"],
+    "properties": {"key": {"type": "string", "enum": ["metadata.name"]},
+                   "operator": {"type": "string", "enum": ["In", "NotIn"]},
+                   "values": {**_STRINGS, "minItems": 1, "maxItems": 1}},
+}
+_TERM = {"type": "object", "properties": {"matchExpressions": {"type": "array", "items": _EXPRESSION},
+                                          "matchFields": {"type": "array", "items": _FIELD_EXPRESSION}}}
+_AFFINITY = {"type": "object", "properties": {
+    "nodeAffinity": {"type": "object", "properties": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "type": "object", "required": ["nodeSelectorTerms"],
+            "properties": {"nodeSelectorTerms": {"type": "array", "minItems": 1, "items": _TERM}}},
+        "preferredDuringSchedulingIgnoredDuringExecution": {"type": "array", "items": {
+            "type": "object", "required": ["weight", "preference"],
+            "properties": {"weight": {"type": "integer", "minimum": 1, "maximum": 100}, "preference": _TERM}}}}},
+    "podAffinity": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    "podAntiAffinity": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+}}
+
+
+def _affinity(spec: InferenceServiceSpec) -> Iterator[FieldError]:
+    yield from schema.validate(_AFFINITY, _without_null_fields(_AFFINITY, spec.affinity), root_path="spec.affinity")
+
+
+def _without_null_fields(node: Mapping[str, Any], value: Any) -> Any:
+    """Declared fields that are null dropped, as Kubernetes decodes them (absent); unknown ones kept, to be named."""
+    if isinstance(value, Mapping):
+        fields = node.get("properties", {})
+        return {k: _without_null_fields(fields.get(k, {}), v) for k, v in value.items()
+                if v is not None or k not in fields}
+    if isinstance(value, list):
+        return [_without_null_fields(node.get("items", {}), v) for v in value]
+    return value
+
+
+def _within_window(spec: InferenceServiceSpec, path: str, tokens: int, why: str) -> Iterator[FieldError]:
+    """``tokens`` must leave at least one token of the context window free, when the window is known."""
+    window = _context_limit(spec)
+    if window is not None and tokens >= window:
+        yield FieldError(path, f"Invalid value: {tokens}: must be less than the context window {window} "
+                               f"({_context_source(spec)}) {why}")
 
 
 def _context_limit(spec: InferenceServiceSpec) -> int | None:

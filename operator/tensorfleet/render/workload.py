@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
+from tensorfleet.api.schema import FieldError, InvalidSpecError
 from tensorfleet.api.types import InferenceService, InferenceServiceSpec
 from tensorfleet.render import context as c
 from tensorfleet.render import labels
@@ -14,6 +16,8 @@ from tensorfleet.render.metering import metering_volumes
 
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 GRACE_PERIOD_SECONDS = 120  # the gateway drains in-flight requests on SIGTERM
+_NODE_AFFINITY = "spec.affinity.nodeAffinity"
+_REQUIRED = f"{_NODE_AFFINITY}.requiredDuringSchedulingIgnoredDuringExecution"
 
 
 def deployment_name(isvc_name: str, variant: str) -> str:
@@ -48,26 +52,47 @@ def _gateway_volumes(isvc: InferenceService) -> list[dict[str, Any]]:
 
 
 def _product_affinity(spec: InferenceServiceSpec, products: list[str]) -> dict[str, Any]:
-    """The user's affinity, with the GPU-product requirement ANDed into every node-selector term."""
+    """The user's affinity, with the GPU-product requirement ANDed into every node-selector term.
+
+    ``api.validation`` checks the user's part; a shape that got past it raises InvalidSpecError naming the
+    field (reported like the checks' errors), never an AttributeError."""
     affinity = copy.deepcopy(dict(spec.affinity))
     if not products:
         return affinity
     requirement = {"key": labels.NODE_GPU_PRODUCT, "operator": "In", "values": products}
-    node = affinity.setdefault("nodeAffinity", {})
-    required = node.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
-    terms = required.setdefault("nodeSelectorTerms", []) or [{}]
-    for term in terms:
-        term.setdefault("matchExpressions", []).append(requirement)
+    node = _member(affinity, "nodeAffinity", dict, "spec.affinity")
+    required = _member(node, "requiredDuringSchedulingIgnoredDuringExecution", dict, _NODE_AFFINITY)
+    terms = _member(required, "nodeSelectorTerms", list, _REQUIRED) or [{}]
+    for index, term in enumerate(terms):
+        path = f"{_REQUIRED}.nodeSelectorTerms[{index}]"
+        _member(_typed(term, dict, path), "matchExpressions", list, path).append(requirement)
     required["nodeSelectorTerms"] = terms
     if len(products) > 1:  # earlier products in the allow-list are preferred
-        preferred = node.setdefault("preferredDuringSchedulingIgnoredDuringExecution", [])
-        for rank, product in enumerate(products):
-            preferred.append({
-                "weight": max(1, 100 - 10 * rank),
-                "preference": {"matchExpressions": [
-                    {"key": labels.NODE_GPU_PRODUCT, "operator": "In", "values": [product]}]},
-            })
+        preferred = _member(node, "preferredDuringSchedulingIgnoredDuringExecution", list, _NODE_AFFINITY)
+        preferred.extend(_product_preferences(products))
     return affinity
+
+
+def _member(parent: dict[str, Any], key: str, kind: type[dict[str, Any]] | type[list[Any]], path: str) -> Any:
+    """``parent[key]``, set to an empty ``kind`` when absent or null."""
+    if parent.get(key) is None:
+        parent[key] = kind()
+    return _typed(parent[key], kind, f"{path}.{key}")
+
+
+def _typed(value: Any, kind: type[dict[str, Any]] | type[list[Any]], path: str) -> Any:
+    if isinstance(value, kind):
+        return value
+    shown = '"object"' if isinstance(value, dict) else '"array"' if isinstance(value, list) else json.dumps(
+        value, default=str)
+    expected = "object" if kind is dict else "array"
+    raise InvalidSpecError(FieldError(path, f"Invalid value: {shown}: must be of type {expected}"))
+
+
+def _product_preferences(products: list[str]) -> list[dict[str, Any]]:
+    return [{"weight": max(1, 100 - 10 * rank),
+             "preference": {"matchExpressions": [{"key": labels.NODE_GPU_PRODUCT, "operator": "In", "values": [p]}]}}
+            for rank, p in enumerate(products)]
 
 
 def _pod_spec(isvc: InferenceService, ctx: c.RenderContext, gpu_product: str | None,
