@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -23,6 +24,7 @@ from integration.test_gateway_pipeline import CHAT, events_of, post
 from tensorfleet import telemetry
 from tensorfleet.gateway.hooks import ProxyRequest, Stop, TokenCounter
 from tensorfleet.gateway.upstream import EngineConnections
+from tensorfleet.metering import records, units
 
 pytestmark = pytest.mark.integration
 
@@ -402,6 +404,54 @@ async def test_configuration_reload_applies_and_a_broken_file_is_ignored(tmp_pat
     assert [r["max_tokens"] for r in engine.received[-2:]] == [5, 5]
     # metering saw the one good change (new prices apply from then on), not the broken file
     assert [c["tokenPolicy"]["maxOutputTokens"] for c in sink.configs] == [5]
+
+
+async def test_reload_keeps_the_model_the_pod_started_with(tmp_path: pathlib.Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """One ConfigMap serves every revision of a service's pods. While a rollout replaces the pods serving
+    "old" with pods serving "new", the old pods (Ready, still given traffic) reload the ConfigMap that says
+    "new": their gateways must go on serving the engine beside them, and take the new token policy."""
+    engine = StandinEngine(model="old")
+    sink = RecordingSinkDouble()
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, gateway_document("old"), sink) as gw, \
+            aiohttp.ClientSession() as session:
+        path = pathlib.Path(gw.settings.config)
+        with caplog.at_level(logging.INFO, logger="tensorfleet.gateway.server"):
+            _write(path, json.dumps(gateway_document("new", tokenPolicy={"maxOutputTokens": 5})))
+            assert gw.reload()
+            old, _, _ = await post(session, url(gw, "/v1/completions"), {"model": "old", "prompt": "a"})
+            new, _, _ = await post(session, url(gw, "/v1/completions"), {"model": "new", "prompt": "a"})
+            _write(path, json.dumps(gateway_document("new", tokenPolicy={"maxOutputTokens": 6})))
+            assert gw.reload()
+            await post(session, url(gw, "/v1/completions"), {"model": "old", "prompt": "a"})
+    assert (old, new) == (200, 404)  # "new" is served by the pods of the new revision
+    assert [r["max_tokens"] for r in engine.received[-2:]] == [5, 6]  # the policy applies at once
+    assert [c["model"]["servedName"] for c in sink.configs] == ["old", "old"]
+    deferred = [(r.levelno, r.getMessage().split(";")[0]) for r in caplog.records
+                if "pods of the new revision" in r.getMessage()]
+    assert deferred == [(logging.INFO, "gateway.json: model changed")]  # once, and not as an error
+    reloads = gw.metrics.registry.get_sample_value
+    assert (reloads("tensorfleet_gateway_config_reloads_total", {"result": "ok"}),
+            reloads("tensorfleet_gateway_config_reloads_total", {"result": "error"})) == (2.0, None)
+
+
+async def test_reload_keeps_the_engine_that_metering_prices_and_signs_by(tmp_path: pathlib.Path) -> None:
+    """A triton fp16 pod reloading its service's fp8 configuration still runs the fp16 engine: its records
+    keep fp16's resource-unit factor and fingerprint (new prices, a policy section, do apply)."""
+    fp16 = gateway_document(engine={"precision": "fp16", "fingerprint": "sha256:fp16"})
+    fp8 = gateway_document(engine={"precision": "fp8", "fingerprint": "sha256:fp8"},
+                           billing={"pricePerResourceUnit": "0.5"})
+    sink = RecordingSinkDouble()
+    async with serving(StandinEngine().app()) as upstream, running_gateway(tmp_path, upstream, fp16, sink) as gw:
+        _write(pathlib.Path(gw.settings.config), json.dumps(fp8))
+        assert gw.reload()
+    table = units.load_table()
+    (reloaded,) = (records.context_from_config(c, "pod", "NVIDIA-H100-80GB-HBM3", table) for c in sink.configs)
+    started = records.context_from_config(fp16, "pod", "NVIDIA-H100-80GB-HBM3", table)
+    assert (reloaded.precision, reloaded.ru_per_gpu_ms, reloaded.engine_fingerprint) == \
+        ("fp16", started.ru_per_gpu_ms, "sha256:fp16")
+    assert reloaded.prices["pricePerResourceUnit"] == "0.5"
 
 
 def _write(path: pathlib.Path, text: str) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from kopf.testing import KopfRunner
 
 from builders import inference_service
 from cluster import ISVC, Cluster, registry_from_env, wait_for
+from tensorfleet.gateway import config as gwconfig
+from tensorfleet.render import labels
 from tensorfleet.sandbox.apiserver import EmulatorThread
 
 pytestmark = pytest.mark.integration
@@ -73,6 +77,30 @@ def test_spec_update_rolls_children_and_observed_generation(emulator: EmulatorTh
         assert "4096" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         wait_for(lambda: cluster.isvc("llama")["status"]["observedGeneration"] == 2, what="observedGeneration 2")
         assert cluster.condition("llama", "Progressing")["status"] == "True"
+
+
+def test_gateway_revision_change_rolls_the_pods_and_a_policy_change_does_not(
+        emulator: EmulatorThread, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old and new pods mount the one gateway ConfigMap and keep the model and engine sections they started
+    with: a change to those must roll the pods, while the policy reaches the running pods in place."""
+    def deployment() -> dict[str, Any]:
+        return cluster.get("apps/v1", "Deployment", "llama") or {}
+
+    def document() -> dict[str, Any]:
+        return dict(json.loads((cluster.get("v1", "ConfigMap", "llama-gateway") or {})["data"]["gateway.json"]))
+
+    with operator(emulator, monkeypatch):
+        cluster.create(inference_service("llama", model={"servedName": "old"}))
+        converge(cluster, "llama")
+        cluster.patch(ISVC, "InferenceService", "llama", {"spec": {"tokenPolicy": {"maxOutputTokens": 64}}})
+        wait_for(lambda: cluster.isvc("llama")["status"]["observedGeneration"] == 2, what="observedGeneration 2")
+        assert document()["tokenPolicy"]["maxOutputTokens"] == 64
+        assert deployment()["metadata"]["generation"] == 1  # no roll: the gateways reload the policy
+        cluster.patch(ISVC, "InferenceService", "llama", {"spec": {"model": {"servedName": "new"}}})
+        wait_for(lambda: deployment()["metadata"]["generation"] == 2, what="the pods rolled")
+        assert document()["model"]["servedName"] == "new"
+        annotations = deployment()["spec"]["template"]["metadata"]["annotations"]
+        assert annotations[labels.GATEWAY_REVISION] == gwconfig.revision_hash(document())
 
 
 def test_hand_edited_child_is_restored(emulator: EmulatorThread, cluster: Cluster,

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -7,9 +9,11 @@ import pytest
 from builders import inference_service, triton_service
 from tensorfleet.api.schema import InvalidSpecError
 from tensorfleet.api.types import InferenceService
+from tensorfleet.gateway import config as gwconfig
 from tensorfleet.reconcile import desired_objects, eligible_products, split_replicas
 from tensorfleet.render import labels
 from tensorfleet.render.context import RenderContext
+from tensorfleet.render.gateway import render_config_map
 from tensorfleet.render.workload import render_deployment, render_pdb, render_service
 
 CTX = RenderContext(gateway_image="gw:1", vllm_image="vllm:1", triton_image_template="triton:1")
@@ -62,6 +66,54 @@ def test_pod_has_shm_model_cache_and_gateway_sidecar() -> None:
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert gateway["startupProbe"]["httpGet"]["path"] == "/readyz"
     assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def template(service: InferenceService, ctx: RenderContext = CTX) -> dict[str, Any]:
+    return render_deployment(service, ctx, 1)["spec"]["template"]
+
+
+def test_pod_template_carries_the_hash_the_gateway_computes_of_its_configuration() -> None:
+    service = isvc(podAnnotations={"team": "a"})
+    document = json.loads(render_config_map(service, CTX)["data"]["gateway.json"])
+    annotations = template(service)["metadata"]["annotations"]
+    assert annotations == {"team": "a", labels.GATEWAY_REVISION: gwconfig.revision_hash(document)}
+
+
+def test_policy_changes_reach_running_pods_without_rolling_them() -> None:
+    """tokenPolicy, auth, billing and the resource units are reloaded by the gateways in place."""
+    before = template(isvc())
+    assert template(isvc(tokenPolicy={"maxOutputTokens": 64, "tenantTokensPerMinute": 1000})) == before
+    assert template(isvc(auth={"trustedTenantHeader": "X-Tenant", "trustedProxies": ["10.0.0.0/8"]})) == before
+    assert template(isvc(billing={"tier": "premium", "pricePerResourceUnit": "0.5"})) == before
+    assert template(isvc(), dataclasses.replace(CTX, resource_units={"NVIDIA-L4": {"fp16": 0.4}})) == before
+
+
+@pytest.mark.parametrize("change", [
+    {"model": {"servedName": "llama3-new"}},
+    {"model": {"maxModelLen": 4096}},
+    {"warmup": {"requests": [{"prompt": "hello", "maxTokens": 4}]}},  # nowhere else in the pod template
+    {"warmup": {"enabled": False}},
+])
+def test_a_revision_bound_change_rolls_the_pods(change: dict[str, Any]) -> None:
+    """The gateways keep the model, engine and warm-up they started with: only new pods get a new one."""
+    before, after = template(isvc()), template(isvc(**change))
+    assert after != before
+    assert after["metadata"]["annotations"][labels.GATEWAY_REVISION] != \
+        before["metadata"]["annotations"][labels.GATEWAY_REVISION]
+
+
+def test_a_triton_precision_change_rolls_the_pods_of_every_product() -> None:
+    def revisions(precision: str) -> list[str]:
+        body = triton_service(engine={"precision": precision})
+        body["metadata"]["uid"] = "u"
+        objects = desired_objects(InferenceService.from_body(body), CTX)
+        return [o["spec"]["template"]["metadata"]["annotations"][labels.GATEWAY_REVISION]
+                for o in objects if o["kind"] == "Deployment"]
+
+    fp16, fp8 = revisions("fp16"), revisions("fp8")
+    assert fp16
+    assert len(fp16) == len(fp8)
+    assert not set(fp16) & set(fp8)
 
 
 def test_model_cache_can_be_a_claim() -> None:

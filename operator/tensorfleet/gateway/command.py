@@ -20,13 +20,13 @@ METERING_MISSING = (
 
 
 def _open_sink(settings: GatewaySettings) -> Any:
-    from tensorfleet.gateway.server import read_config_document
+    from tensorfleet.gateway import config as gwconfig
 
     try:
         from tensorfleet.metering.sink import open_sink  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
         raise click.ClickException(f"{METERING_MISSING} ({exc})") from None
-    document = read_config_document(settings.config)
+    document = gwconfig.read_document(settings.config)
     return open_sink(document, settings.usage_dir, settings.gpu_product or None, settings.devices_file or None)
 
 

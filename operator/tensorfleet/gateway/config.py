@@ -2,12 +2,20 @@
 
 The operator renders it from an InferenceService the API server has validated, but the file can be
 edited by hand, so it is checked again here and every problem names its field. The gateway re-reads it
-when it changes (``ConfigWatcher``); a broken edit keeps the previous configuration.
+when it changes (``Gateway.reload``); a broken edit keeps the previous configuration.
+
+The document has two parts. The policy sections (``POLICY_SECTIONS``: token policy, auth, billing,
+metering overrides) apply to the running gateway. The rest (service, model, runtime, GPUs, engine,
+warm-up) describes the engine beside it: it is bound to the pod's revision and read once, at start
+(``pin_revision``), since one ConfigMap serves every revision of a service's pods and during a rollout
+the old pods must go on describing the old engine. The operator puts ``revision_hash`` of the document
+into the pod template, so a change to that part rolls the pods and reaches them that way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import logging
@@ -18,6 +26,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_TENANT = "default"
+POLICY_SECTIONS = frozenset({"tokenPolicy", "auth", "billing", "metering"})  # applied while the gateway runs
 
 
 class ConfigError(ValueError):
@@ -259,15 +268,39 @@ def parse(doc: Mapping[str, Any], api_keys_mounted: bool = False) -> GatewayConf
     )
 
 
-def load(path: str, api_keys_mounted: bool = False) -> GatewayConfig:
+def read_document(path: str) -> Mapping[str, Any]:
+    """The JSON object in ``path``; ConfigError names the file and what is wrong with it."""
     try:
         with open(path, encoding="utf-8") as stream:
             doc = json.load(stream)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the gateway configuration: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-    return parse(doc, api_keys_mounted)
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return doc
+
+
+def load(path: str, api_keys_mounted: bool = False) -> GatewayConfig:
+    return parse(read_document(path), api_keys_mounted)
+
+
+def revision_part(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The sections of gateway.json bound to the pod's revision: all but ``POLICY_SECTIONS``."""
+    return {key: value for key, value in doc.items() if key not in POLICY_SECTIONS}
+
+
+def revision_hash(doc: Mapping[str, Any]) -> str:
+    """A short hash of ``revision_part(doc)``: equal for two documents exactly when that part is."""
+    canonical = json.dumps(revision_part(doc), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def pin_revision(doc: Mapping[str, Any], revision: Mapping[str, Any]) -> dict[str, Any]:
+    """``doc``'s policy sections with ``revision`` (the ``revision_part`` the gateway started with) in place
+    of its own revision-bound sections."""
+    return {**{key: value for key, value in doc.items() if key in POLICY_SECTIONS}, **revision}
 
 
 def file_version(path: str) -> tuple[int, int] | None:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import aiohttp
@@ -59,8 +58,12 @@ class Gateway:
                  request_hooks: Sequence[RequestHook] = (), response_hooks: Sequence[ResponseHook] = ()) -> None:
         self.settings = settings
         self.pod = pod
-        self.config = config or gwconfig.load(settings.config, api_keys_mounted=bool(settings.api_keys_dir))
         self._config_version = gwconfig.file_version(settings.config)
+        document = gwconfig.read_document(settings.config)
+        self.config = config or gwconfig.parse(document, api_keys_mounted=bool(settings.api_keys_dir))
+        # What this pod's engine is (model, runtime, engine, warm-up): fixed for the life of the process.
+        self._revision = gwconfig.revision_part(document)
+        self._pending_revision: dict[str, Any] | None = None  # a newer one, waiting for the pods of its revision
         self.metrics = GatewayMetrics(CollectorRegistry(), settings.max_tenant_labels)
         if gpu_utilization is not None:
             self.metrics.watch_gpu(gpu_utilization)
@@ -170,29 +173,52 @@ class Gateway:
             self.reload()
 
     def reload(self) -> bool:
-        """Apply a changed gateway.json and API keys; a broken file keeps the previous configuration."""
+        """Apply a changed gateway.json and API keys; a broken file keeps the previous configuration.
+
+        Only the policy sections apply (``gwconfig.POLICY_SECTIONS``); the revision-bound ones stay as the
+        gateway started with them, since they describe the engine beside it, which does not change.
+        """
         self.keys.reload()
         version = gwconfig.file_version(self.settings.config)
         if version is None or version == self._config_version:
             return False
         self._config_version = version
         try:
-            new = gwconfig.load(self.settings.config, api_keys_mounted=bool(self.settings.api_keys_dir))
+            document, new = self._read_policy()
         except gwconfig.ConfigError as exc:
             log.error("configuration change ignored: %s", exc)
             self.metrics.config_reloads.labels("error").inc()
             return False
         self.apply(new)
         try:
-            self.sink.reconfigure(read_config_document(self.settings.config))
+            self.sink.reconfigure(document)
         except ValueError as exc:  # prices or resource units the metering half cannot use
             log.error("metering keeps its previous prices and resource units: %s", exc)
         self.metrics.config_reloads.labels("ok").inc()
         return True
 
+    def _read_policy(self) -> tuple[dict[str, Any], gwconfig.GatewayConfig]:
+        """gateway.json, checked whole, with this pod's revision-bound sections in place of the file's."""
+        api_keys = bool(self.settings.api_keys_dir)
+        document = gwconfig.read_document(self.settings.config)
+        gwconfig.parse(document, api_keys_mounted=api_keys)  # a broken section is an error, whichever it is
+        self._note_revision(gwconfig.revision_part(document))
+        pinned = gwconfig.pin_revision(document, self._revision)
+        return pinned, gwconfig.parse(pinned, api_keys_mounted=api_keys)
+
+    def _note_revision(self, revision: dict[str, Any]) -> None:
+        """Log once that the revision-bound sections changed: new pods will have them, this one does not."""
+        logged = self._pending_revision
+        self._pending_revision = None if revision == self._revision else revision
+        if self._pending_revision is None or self._pending_revision == logged:
+            return
+        changed = sorted(key for key in revision.keys() | self._revision.keys()
+                         if revision.get(key) != self._revision.get(key))
+        log.info("gateway.json: %s changed; these describe the engine, so they take effect in the pods of the "
+                 "new revision and this pod keeps the ones it started with", ", ".join(changed))
+
     def apply(self, new: gwconfig.GatewayConfig) -> None:
         old, self.config = self.config, new
-        self.engine.served_model = new.served_model
         if self.services is not None:
             self.services.config = new
             self.services.resolver.config = new.auth
@@ -224,17 +250,6 @@ class Gateway:
         if self.services is not None:
             self.services.client.connections.close()
             await self._session.close()
-
-
-def read_config_document(path: str) -> Mapping[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as stream:
-            doc = json.load(stream)
-    except (OSError, ValueError) as exc:
-        raise gwconfig.ConfigError(f"{path}: {exc}") from None
-    if not isinstance(doc, dict):
-        raise gwconfig.ConfigError(f"{path}: expected a JSON object")
-    return doc
 
 
 async def serve(settings: GatewaySettings, sink: MeteringSink, pod: str = "",

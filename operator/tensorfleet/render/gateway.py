@@ -2,7 +2,10 @@
 
 The gateway re-reads its mounted configuration when the ConfigMap changes, so token-policy, auth
 and billing edits take effect without restarting GPU pods (a restart costs a cold start and a
-warm-up). Changes that do need a new pod (image, model, GPUs) live in the pod template.
+warm-up). Changes that do need a new pod (image, model, GPUs) live in the pod template. So do the
+configuration's revision-bound sections (model, runtime, engine, warm-up), by their hash
+(``gateway_revision``): the one ConfigMap is mounted by every revision of the pods and their gateways
+keep those sections as they started with them, so changing them must roll the pods.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 from typing import Any
 
 from tensorfleet.api.types import InferenceService
+from tensorfleet.gateway import config as gwconfig
 from tensorfleet.render import context as c
 from tensorfleet.render import labels
 from tensorfleet.render import metering as m
@@ -49,6 +53,11 @@ def gateway_config(isvc: InferenceService, ctx: c.RenderContext | None = None) -
         "billing": dict(spec.billing),
         "metering": m.metering_config(ctx),
     }
+
+
+def gateway_revision(isvc: InferenceService, ctx: c.RenderContext | None = None) -> str:
+    """The hash of the configuration's revision-bound part, for the pod template (labels.GATEWAY_REVISION)."""
+    return gwconfig.revision_hash(gateway_config(isvc, ctx))
 
 
 def render_config_map(isvc: InferenceService, ctx: c.RenderContext | None = None) -> dict[str, Any]:

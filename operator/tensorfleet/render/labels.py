@@ -14,6 +14,8 @@ ISVC_LABEL = f"{API_GROUP}/inferenceservice"
 VARIANT_LABEL = f"{API_GROUP}/variant"
 GPU_PRODUCT_LABEL = f"{API_GROUP}/gpu-product"
 NODE_GPU_PRODUCT = "nvidia.com/gpu.product"
+# Pod-template annotation: the hash of the gateway configuration's revision-bound part (render/gateway.py).
+GATEWAY_REVISION = f"{API_GROUP}/gateway-revision"
 DEFAULT_VARIANT = "default"
 
 

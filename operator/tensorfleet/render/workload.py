@@ -11,7 +11,7 @@ from tensorfleet.api.types import InferenceService, InferenceServiceSpec
 from tensorfleet.render import context as c
 from tensorfleet.render import labels
 from tensorfleet.render.engine_container import render_engine_container
-from tensorfleet.render.gateway import api_keys_volume, config_map_name, render_gateway_container
+from tensorfleet.render.gateway import api_keys_volume, config_map_name, gateway_revision, render_gateway_container
 from tensorfleet.render.metering import metering_volumes
 
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -130,9 +130,9 @@ def render_deployment(isvc: InferenceService, ctx: c.RenderContext, replicas: in
     if gpu_product:
         extra[labels.GPU_PRODUCT_LABEL] = gpu_product
     pod_labels = {**labels.common(isvc.name, "inference"), **extra}
-    template_meta: dict[str, Any] = {"labels": pod_labels}
-    if isvc.spec.pod_annotations:
-        template_meta["annotations"] = dict(isvc.spec.pod_annotations)
+    # A change to the gateway's revision-bound configuration rolls the pods (their gateways never reload it).
+    annotations = {**isvc.spec.pod_annotations, labels.GATEWAY_REVISION: gateway_revision(isvc, ctx)}
+    template_meta: dict[str, Any] = {"labels": pod_labels, "annotations": annotations}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
