@@ -61,8 +61,6 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
                                      replicas=5),
      "spec.autoscaling.minReplicas", "less than or equal to spec.autoscaling.maxReplicas"),
     ("autoscaling mode", with_spec(autoscaling={"mode": "aggressive"}), "spec.autoscaling.mode", "Unsupported value"),
-    ("replicas outside bounds", with_spec(autoscaling={"mode": "tensorfleet", "minReplicas": 1, "maxReplicas": 3},
-                                          replicas=7), "spec.replicas", "must lie within"),
     ("triton needs engine", with_spec(runtime={"name": "triton"}, model={"uri": "hf://a/b@rev"}), "spec.engine",
      "spec.engine is required when spec.runtime.name is triton"),
     ("triton needs pinned model", triton_service(model={"uri": "hf://meta-llama/Llama-3"}), "spec.model.uri",
@@ -167,6 +165,35 @@ def test_cel_transition_rules_see_old_self() -> None:
     assert schema.validate(rules, {"precision": "fp8"}) == []  # create: transition rules skipped
     errors = schema.validate(rules, {"precision": "fp8"}, old={"precision": "fp16"})
     assert [e.message for e in errors] == ['Invalid value: "object": precision is immutable']
+
+
+def autoscaled(replicas: int, min_replicas: int = 1, max_replicas: int = 10,
+               mode: str = "tensorfleet") -> dict[str, Any]:
+    bounds = {"mode": mode, "minReplicas": min_replicas, "maxReplicas": max_replicas}
+    return with_spec(replicas=replicas, autoscaling=bounds)
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    (autoscaled(8, max_replicas=10), autoscaled(8, max_replicas=5)),
+    (autoscaled(2, min_replicas=1), autoscaled(2, min_replicas=4)),
+    (autoscaled(8, max_replicas=10, mode="hpa"), autoscaled(8, max_replicas=5, mode="hpa")),
+    (autoscaled(3), autoscaled(6)),
+    (autoscaled(12, mode="none"), autoscaled(40, mode="none")),
+], ids=["lower max under load", "raise min", "hpa", "scale within the bounds", "no autoscaling"])
+def test_bounds_may_change_under_the_autoscalers_replicas(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """The autoscaler writes spec.replicas through /scale and GitOps manifests leave it out, so an update of
+    the bounds keeps the stored replicas: it must not be refused for them (the autoscaler moves them)."""
+    assert crds.validate(old) == []
+    assert crds.validate(new, old=old) == []
+
+
+@pytest.mark.parametrize("new", [autoscaled(12), autoscaled(0, min_replicas=2), autoscaled(20, max_replicas=5)],
+                         ids=["above max", "below min", "replicas and bounds change together"])
+def test_scaling_outside_the_bounds_is_refused(new: dict[str, Any]) -> None:
+    old = autoscaled(3)
+    errors = crds.validate(new, old=old)
+    assert [e.path for e in errors] == ["spec.replicas"]
+    assert "must lie within [spec.autoscaling.minReplicas, spec.autoscaling.maxReplicas]" in errors[0].message
 
 
 def _walk(node: Any, path: str = "") -> Any:

@@ -203,6 +203,18 @@ def test_triton_renders_one_deployment_per_product() -> None:
     assert all(len(d["metadata"]["name"]) <= 63 for d in deployments)
 
 
+@pytest.mark.parametrize(("replicas", "mode", "rendered"), [
+    (8, "tensorfleet", 5), (1, "tensorfleet", 2), (None, "hpa", 2), (3, "keda", 3), (8, "none", 8)])
+def test_autoscaled_replicas_are_rendered_within_the_bounds(replicas: int | None, mode: str, rendered: int) -> None:
+    """Bounds just tightened under replicas the autoscaler set: the Deployment follows the bounds at once."""
+    body = inference_service(replicas=replicas, autoscaling={"mode": mode, "minReplicas": 2, "maxReplicas": 5})
+    if replicas is None:
+        del body["spec"]["replicas"]
+    body["metadata"]["uid"] = "uid-1"
+    (deployment,) = [o for o in desired_objects(InferenceService.from_body(body), CTX) if o["kind"] == "Deployment"]
+    assert deployment["spec"]["replicas"] == rendered
+
+
 def test_eligible_products_follow_the_allow_list_order() -> None:
     service = isvc(gpu={"products": ["B", "A"]})
     assert eligible_products(service, ("A", "B", "C")) == ("B", "A")
