@@ -13,6 +13,7 @@ import pytest
 
 from builders import deep_merge, inference_service, triton_service
 from tensorfleet.api import crds, schema
+from tensorfleet.gateway import config as gateway_config
 
 LONG = "x" * 600
 
@@ -110,6 +111,15 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
      "spec.auth.trustedTenantHeader", "other than Authorization"),
     ("trusted proxy not a CIDR", with_spec(auth={"trustedTenantHeader": "X-Tenant", "trustedProxies": ["gateway"]}),
      "spec.auth.trustedProxies[0]", "IPv4 or IPv6 addresses or CIDRs"),
+    ("trusted proxy prefix over 32", with_spec(auth={"trustedTenantHeader": "X-Tenant",
+                                                     "trustedProxies": ["10.0.0.0/8", "10.0.0.0/99"]}),
+     "spec.auth.trustedProxies[1]", "prefix lengths at most 32 (IPv4) or 128 (IPv6)"),
+    ("trusted proxy octet over 255", with_spec(auth={"trustedProxies": ["300.1.2.3"]}), "spec.auth.trustedProxies[0]",
+     "IPv4 octets at most 255"),
+    ("trusted proxy colons only", with_spec(auth={"trustedProxies": ["::::::::::::"]}), "spec.auth.trustedProxies[0]",
+     "IPv4 or IPv6 addresses or CIDRs"),
+    ("trusted proxy IPv6 prefix over 128", with_spec(auth={"trustedProxies": ["fe80::1/200"]}),
+     "spec.auth.trustedProxies[0]", "IPv4 or IPv6 addresses or CIDRs"),
     ("anonymous tenant chars", with_spec(auth={"anonymousTenant": "team a"}), "spec.auth.anonymousTenant",
      "must be a tenant name"),
     ("tenant name chars", with_spec(tokenPolicy={"tenants": [{"name": "team/a"}]}), "spec.tokenPolicy.tenants[0].name",
@@ -165,6 +175,46 @@ def test_cel_transition_rules_see_old_self() -> None:
     assert schema.validate(rules, {"precision": "fp8"}) == []  # create: transition rules skipped
     errors = schema.validate(rules, {"precision": "fp8"}, old={"precision": "fp16"})
     assert [e.message for e in errors] == ['Invalid value: "object": precision is immutable']
+
+
+def _ipv6_spellings(groups: tuple[int, ...]) -> list[str]:
+    """Every way to write these IPv6 groups: in full, and with each run of zero groups as '::'."""
+    hexes = [format(g, "x") for g in groups]
+    spellings = [":".join(hexes)]
+    for start in range(len(groups)):
+        for end in range(start + 1, len(groups) + 1):
+            if not any(groups[start:end]):
+                spellings.append(":".join(hexes[:start]) + "::" + ":".join(hexes[end:]))
+    return spellings
+
+
+def _proxy_candidates() -> list[str]:
+    addresses = ["10.0.0.0", "192.168.1.1", "0.0.0.0", "255.255.255.255", "256.1.1.1", "1.2.3", "1.2.3.4.5", "01.2.3.4"]
+    for groups in [(0,) * 8, (0xfe80, 0, 0, 0, 0, 0, 0, 1), (0x2001, 0xdb8, 0, 0, 8, 0, 0, 0), (1, 2, 3, 4, 5, 6, 7, 8),
+                   (0, 0, 0, 0, 0, 0xffff, 0, 0)]:
+        addresses += _ipv6_spellings(groups)
+    addresses += [spelling[:-3] + "1.2.3.4" for spelling in _ipv6_spellings((0, 0, 0, 0, 0, 0xffff, 0, 0))
+                  if spelling.endswith(":0:0")]  # the last 32 bits as dotted IPv4
+    addresses += ["::ffff:1.2.3.4", "1::2::3", ":::", ":", "1:2:3:4:5:6:7:8:9", "12345::", "fe80::1%eth0", "::1.2.3"]
+    prefixes = ["", "/0", "/8", "/24", "/32", "/33", "/64", "/128", "/129", "/08", "/", "/-1"]
+    return [address + prefix for address in addresses for prefix in prefixes]
+
+
+def test_the_trusted_proxies_rule_accepts_only_what_the_gateway_parses() -> None:
+    """What the API server lets through reaches the gateway's config parser (ipaddress.ip_network), which
+    refuses to start on anything else. The rule may be stricter (leading zeros, zone ids), never looser."""
+    item = crds.version_schema("InferenceService", "v1alpha1")["properties"]["spec"]["properties"]["auth"][
+        "properties"]["trustedProxies"]["items"]
+    for candidate in _proxy_candidates():
+        accepted = schema.validate(item, candidate) == []
+        try:
+            gateway_config.parse({"model": {"servedName": "m"}, "auth": {"trustedProxies": [candidate]}})
+            parsed = True
+        except gateway_config.ConfigError:
+            parsed = False
+        assert parsed or not accepted, f"the CRD accepts {candidate!r}, which the gateway refuses"
+        written_oddly = candidate.startswith("01.") or candidate.endswith("/08") or "%" in candidate
+        assert accepted or not parsed or written_oddly, f"the CRD refuses {candidate!r}, which is a network"
 
 
 def autoscaled(replicas: int, min_replicas: int = 1, max_replicas: int = 10,
