@@ -92,6 +92,8 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
      "spec.autoscaling.panicWindowSeconds", "must be at most 1800 with mode hpa or keda"),
     ("managed engine flag", with_spec(runtime={"extraArgs": ["--port", "9000"]}), "spec.runtime.extraArgs",
      "must not set --port"),
+    ("env names unique", with_spec(runtime={"env": [{"name": "LOG", "value": "INFO"}, {"name": "LOG", "value": "x"}]}),
+     "spec.runtime.env[1]", "Duplicate value"),
     ("unknown field", with_spec(replica=2), "spec.replica", 'unknown field "spec.replica"'),
     ("name not DNS-1035", inference_service(name="Llama_3"), "", "metadata.name must be a DNS-1035 label"),
     ("name too long", inference_service(name="a" * 50), "", "metadata.name must be at most 45 characters"),

@@ -52,6 +52,17 @@ def test_extra_args_may_turn_prompt_token_details_off() -> None:
     assert engine["args"][-1] == "--no-enable-prompt-tokens-details"
 
 
+def test_user_env_replaces_the_operators_variable_of_the_same_name() -> None:
+    """env is keyed by name (server-side apply refuses repeats): HF_HOME and the credentials may be overridden."""
+    token = {"secretKeyRef": {"name": "other", "key": "token"}}
+    user = [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}, {"name": "HF_HOME", "value": "/data/hf"},
+            {"name": "HF_TOKEN", "valueFrom": token}]
+    service = isvc(model={"credentialsSecretRef": {"name": "hf"}}, runtime={"env": user})
+    env = containers(render_deployment(service, CTX, 1))["engine"]["env"]
+    assert env == [{"name": "HF_HOME", "value": "/data/hf"}, {"name": "HF_TOKEN", "valueFrom": token},
+                   {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}]
+
+
 def test_pod_has_shm_model_cache_and_gateway_sidecar() -> None:
     deployment = render_deployment(isvc(shmSize="8Gi", modelCache={"sizeLimit": "50Gi"}), CTX, 1)
     pod = deployment["spec"]["template"]["spec"]
