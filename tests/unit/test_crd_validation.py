@@ -90,8 +90,8 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
      "spec.autoscaling.scaleDownStabilizationSeconds", "must be at most 3600 with mode hpa or keda"),
     ("keda panic window over the HPA period limit", with_spec(autoscaling={"mode": "keda", "panicWindowSeconds": 1801}),
      "spec.autoscaling.panicWindowSeconds", "must be at most 1800 with mode hpa or keda"),
-    ("managed engine flag", with_spec(runtime={"extraArgs": ["--port", "9000"]}), "spec.runtime.extraArgs",
-     "must not set --port"),
+    ("managed engine flag", with_spec(runtime={"extraArgs": ["--port", "9000"]}), "spec.runtime.extraArgs[0]",
+     "must not set or abbreviate a flag the operator manages: --port"),
     ("env names unique", with_spec(runtime={"env": [{"name": "LOG", "value": "INFO"}, {"name": "LOG", "value": "x"}]}),
      "spec.runtime.env[1]", "Duplicate value"),
     ("unknown field", with_spec(replica=2), "spec.replica", 'unknown field "spec.replica"'),
@@ -217,6 +217,61 @@ def test_the_trusted_proxies_rule_accepts_only_what_the_gateway_parses() -> None
         assert parsed or not accepted, f"the CRD accepts {candidate!r}, which the gateway refuses"
         written_oddly = candidate.startswith("01.") or candidate.endswith("/08") or "%" in candidate
         assert accepted or not parsed or written_oddly, f"the CRD refuses {candidate!r}, which is a network"
+
+
+def with_extra_args(runtime: str, args: list[str]) -> dict[str, Any]:
+    if runtime == "vllm":
+        return with_spec(runtime={"extraArgs": args})
+    return triton_service(model={"uri": "hf://a/b@v1"}, runtime={"extraArgs": args})
+
+
+MANAGED_FLAGS = {
+    "vllm host abbreviated": ("vllm", ["--enforce-eager", "--hos", "0.0.0.0"], 1),
+    "vllm host with a value": ("vllm", ["--host=0.0.0.0"], 0),
+    "vllm host as a JSON key": ("vllm", ["--host.x", "0.0.0.0"], 0),
+    "vllm tensor parallel alias": ("vllm", ["-tp", "4"], 0),
+    "vllm tensor parallel alias abbreviated": ("vllm", ["-t", "4"], 0),
+    "vllm tensor parallel with underscores": ("vllm", ["--tensor_parallel_size", "4"], 0),
+    "vllm unix socket": ("vllm", ["--uds", "/tmp/engine.sock"], 0),
+    "triton http address": ("triton", ["--http-address=0.0.0.0"], 0),
+    "triton grpc on": ("triton", ["--allow-grpc=true", "--grpc-address=0.0.0.0"], 0),
+    "triton http address abbreviated": ("triton", ["--http-addr=0.0.0.0"], 0),
+    "triton sagemaker endpoint": ("triton", ["--allow-sagemaker=true"], 0),
+    "triton model store alias": ("triton", ["--model-store=/tmp"], 0),
+}
+
+
+@pytest.mark.parametrize(("runtime", "args", "index"), MANAGED_FLAGS.values(), ids=MANAGED_FLAGS.keys())
+def test_extra_args_cannot_reach_a_flag_the_operator_manages(runtime: str, args: list[str], index: int) -> None:
+    """The operator's flags come first and both engines take the last value: an extra argument that names a
+    managed flag, in any spelling the engine's parser accepts, would expose the engine past the gateway or
+    break the GPU count. The error names the entry."""
+    errors = crds.validate(with_extra_args(runtime, args))
+    assert [e.path for e in errors] == [f"spec.runtime.extraArgs[{index}]"], [str(e) for e in errors]
+    assert "must not set or abbreviate a flag the operator manages" in errors[0].message
+
+
+@pytest.mark.parametrize(("runtime", "args"), [
+    ("vllm", ["--model-impl", "transformers", "--model-loader-extra-config", "{}", "--max-num-seqs=64"]),
+    ("vllm", ["--grpc-port", "50051", "-pp", "1", "-O3", "--seed", "-1", "--enable-prefix-caching"]),
+    ("vllm", ["--compilation-config.level", "3", "--no-enable-prompt-tokens-details", "-", "--", "-.5"]),
+    ("triton", ["--model-load-thread-count=8", "--model-load-retry-count=2", "--log-verbose=1"]),
+    ("triton", ["--http-thread-count", "16", "--host-policy=numa0,numa-node=0", "--exit-timeout-secs=30"]),
+], ids=["vllm model flags", "vllm other flags", "vllm odd tokens", "triton model flags", "triton other flags"])
+def test_extra_args_that_only_share_a_prefix_with_a_managed_flag_pass(runtime: str, args: list[str]) -> None:
+    assert crds.validate(with_extra_args(runtime, args)) == []
+
+
+@pytest.mark.parametrize(("rule", "value"), [
+    ("self.split('=') == ['--a', 'b', 'c']", "--a=b=c"), ("self.split('=', 2) == ['--a', 'b=c']", "--a=b=c"),
+    ("self.split('') == ['a', 'b']", "ab"), ("self.split('', 2) == ['a', 'bc']", "abc"),
+    ("self.split('=', 0) == []", "a"), ("self.split(',') == ['']", ""),
+    ("self.replace('_', '-') == 'a-b-c'", "a_b_c"), ("self.replace('_', '-', 1) == 'a-b_c'", "a_b_c"),
+    ("self.replace('', '-') == '-a-b-'", "ab"),
+])
+def test_the_kubernetes_string_functions_behave_like_go(rule: str, value: str) -> None:
+    """split and replace of Kubernetes' CEL strings library (Go's strings.SplitN and strings.Replace)."""
+    assert schema.validate({"type": "string", "x-kubernetes-validations": [{"rule": rule}]}, value) == []
 
 
 def autoscaled(replicas: int, min_replicas: int = 1, max_replicas: int = 10,
