@@ -16,6 +16,7 @@ from tensorfleet.api import crds, schema
 from tensorfleet.gateway import config as gateway_config
 
 LONG = "x" * 600
+POD_NAME = {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
 def with_spec(**spec: Any) -> dict[str, Any]:
@@ -100,6 +101,47 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ("toleration exists with value",
      with_spec(tolerations=[{"key": "gpu", "operator": "Exists", "value": "yes"}]), "spec.tolerations[0]",
      "operator Exists must not have a value"),
+    # Pod fields passed through to the Deployment: the rules of core/v1 Pod validation, so that kubectl apply
+    # refuses what the Deployment would be refused for (Degraded/ApplyFailed with the Deployment's field paths).
+    ("toleration seconds without NoExecute",
+     with_spec(tolerations=[{"key": "spot", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 300}]),
+     "spec.tolerations[0].effect", "with tolerationSeconds must have effect NoExecute"),
+    ("toleration without a key", with_spec(tolerations=[{}]), "spec.tolerations[0].operator",
+     "without a key must have operator Exists"),
+    ("toleration key chars", with_spec(tolerations=[{"key": "gpu type", "operator": "Exists"}]),
+     "spec.tolerations[0].key", "must be a taint key"),
+    ("toleration value chars", with_spec(tolerations=[{"key": "pool", "operator": "Equal", "value": "a b"}]),
+     "spec.tolerations[0].value", "must be a label value"),
+    ("node selector key chars", with_spec(nodeSelector={"pool name": "gpu"}), "spec.nodeSelector",
+     "keys must be label keys"),
+    ("node selector key prefix too long", with_spec(nodeSelector={"a" * 254 + "/pool": "gpu"}), "spec.nodeSelector",
+     "prefix of at most 253 characters"),
+    ("node selector value chars", with_spec(nodeSelector={"pool": "gpu nodes"}), "spec.nodeSelector.pool",
+     "values must be label values"),
+    ("pod annotation key chars", with_spec(podAnnotations={"not a key!": "x"}), "spec.podAnnotations",
+     "keys must be qualified names"),
+    ("service account name", with_spec(serviceAccountName="Inference_SA"), "spec.serviceAccountName",
+     "must be a DNS subdomain"),
+    ("priority class name", with_spec(priorityClassName="High Priority"), "spec.priorityClassName",
+     "must be a DNS subdomain"),
+    ("env value and valueFrom",
+     with_spec(runtime={"env": [{"name": "POD", "value": "x", "valueFrom": POD_NAME}]}),
+     "spec.runtime.env[0].valueFrom", "must not have a non-empty value"),
+    ("env name empty", with_spec(runtime={"env": [{"name": ""}]}), "spec.runtime.env[0].name",
+     "must be an environment variable name"),
+    ("env name starts with a digit", with_spec(runtime={"env": [{"name": "1X", "value": "x"}]}),
+     "spec.runtime.env[0].name", "not starting with a digit"),
+    ("credentials secret name", with_spec(model={"credentialsSecretRef": {"name": "HF Token"}}),
+     "spec.model.credentialsSecretRef.name", "must be a DNS subdomain"),
+    ("api keys secret name", with_spec(auth={"apiKeysSecretRef": {"name": "Keys"}}), "spec.auth.apiKeysSecretRef.name",
+     "must be a DNS subdomain"),
+    ("engine store secret name",
+     triton_service(engine={"storeRef": {"s3": {"bucket": "b", "credentialsSecretRef": {"name": "S3_Keys"}}}}),
+     "spec.engine.storeRef.s3.credentialsSecretRef.name", "must be a DNS subdomain"),
+    ("resource name not standard", with_spec(resources={"requests": {"gpu-memory": "10Gi"}}), "spec.resources.requests",
+     "keys must be cpu, memory, ephemeral-storage, hugepages-* (e.g. hugepages-2Mi) or an extended resource"),
+    ("resource name without a name", with_spec(resources={"limits": {"example.com/": 1}}), "spec.resources.limits",
+     "keys must be cpu, memory"),
     ("warmup prompt and tokens", with_spec(warmup={"requests": [{"prompt": "hi", "promptTokens": 10}]}),
      "spec.warmup.requests[0]", "exactly one of prompt or promptTokens"),
     ("context strategy enum", with_spec(tokenPolicy={"contextStrategy": "drop"}), "spec.tokenPolicy.contextStrategy",
@@ -154,7 +196,19 @@ def test_the_table_is_large_enough() -> None:
     with_spec(shmSize=0, modelCache={"sizeLimit": "+1Gi"}, resources={"requests": {"cpu": "500m", "memory": 0}}),
     with_spec(autoscaling={"mode": "hpa", "scaleDownStabilizationSeconds": 3600, "panicWindowSeconds": 1800}),
     with_spec(autoscaling={"mode": "tensorfleet", "scaleDownStabilizationSeconds": 7200, "panicWindowSeconds": 3600}),
-], ids=["vllm", "triton", "zero and positive quantities", "hpa at the HPA limits", "tensorfleet beyond the HPA limits"])
+    with_spec(tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                           {"key": "spot", "value": "true", "effect": "NoExecute", "tolerationSeconds": 300},
+                           {"operator": "Exists"}, {"key": "pool", "operator": "Equal", "value": ""}],
+              nodeSelector={"cloud.google.com/gke-accelerator": "nvidia-l4", "pool": "", "Tier_2": "a.b-c"},
+              podAnnotations={"prometheus.io/scrape": "true", "Example.COM/Owner": "team a", "note": ""},
+              serviceAccountName="inference-sa", priorityClassName="gpu.high",
+              model={"credentialsSecretRef": {"name": "hf-token"}}, auth={"apiKeysSecretRef": {"name": "api.keys"}},
+              runtime={"env": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}, {"name": "_x.y-z", "value": ""},
+                               {"name": "POD", "value": "", "valueFrom": POD_NAME}]},
+              resources={"requests": {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "1Gi", "hugepages-2Mi": "1Gi",
+                                      "example.com/fpga": 1}, "limits": {"example.com/fpga": 1}}),
+], ids=["vllm", "triton", "zero and positive quantities", "hpa at the HPA limits", "tensorfleet beyond the HPA limits",
+        "pod fields as core/v1 accepts them"])
 def test_valid_specs_pass(obj: dict[str, Any]) -> None:
     assert crds.validate(obj) == []
 
