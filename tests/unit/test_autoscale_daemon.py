@@ -69,6 +69,17 @@ async def test_a_decision_writes_scale_then_status_then_an_event() -> None:
     assert client.events == [("Normal", "ScaledUp")]
 
 
+async def test_replicas_above_a_lowered_max_are_scaled_into_the_bounds() -> None:
+    """maxReplicas was lowered under the replicas the autoscaler had set: the next decision writes the bound."""
+    body = service()
+    body["spec"]["replicas"] = 8  # set through /scale while maxReplicas was 10; the user's update lowered it to 4
+    client = RecordingKubeClient()
+    await autoscaler(client, QUIET).tick(body, PODS, lambda: False)
+    scale, status = client.patches
+    assert scale == ("llama", {"spec": {"replicas": 4}}, "scale")
+    assert status[1]["status"]["autoscaling"]["reason"] == "AboveMaximum"
+
+
 async def test_steady_load_writes_nothing() -> None:
     client = RecordingKubeClient()
     scaler = autoscaler(client, QUIET)

@@ -52,6 +52,17 @@ def test_extra_args_may_turn_prompt_token_details_off() -> None:
     assert engine["args"][-1] == "--no-enable-prompt-tokens-details"
 
 
+def test_user_env_replaces_the_operators_variable_of_the_same_name() -> None:
+    """env is keyed by name (server-side apply refuses repeats): HF_HOME and the credentials may be overridden."""
+    token = {"secretKeyRef": {"name": "other", "key": "token"}}
+    user = [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}, {"name": "HF_HOME", "value": "/data/hf"},
+            {"name": "HF_TOKEN", "valueFrom": token}]
+    service = isvc(model={"credentialsSecretRef": {"name": "hf"}}, runtime={"env": user})
+    env = containers(render_deployment(service, CTX, 1))["engine"]["env"]
+    assert env == [{"name": "HF_HOME", "value": "/data/hf"}, {"name": "HF_TOKEN", "valueFrom": token},
+                   {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}]
+
+
 def test_pod_has_shm_model_cache_and_gateway_sidecar() -> None:
     deployment = render_deployment(isvc(shmSize="8Gi", modelCache={"sizeLimit": "50Gi"}), CTX, 1)
     pod = deployment["spec"]["template"]["spec"]
@@ -201,6 +212,18 @@ def test_triton_renders_one_deployment_per_product() -> None:
     assert [p["values"] for p in pinned] == [["NVIDIA-H100-80GB-HBM3"], ["NVIDIA-A100-SXM4-80GB"]]
     assert containers(deployments[0])["engine"]["args"][0] == "tritonserver"
     assert all(len(d["metadata"]["name"]) <= 63 for d in deployments)
+
+
+@pytest.mark.parametrize(("replicas", "mode", "rendered"), [
+    (8, "tensorfleet", 5), (1, "tensorfleet", 2), (None, "hpa", 2), (3, "keda", 3), (8, "none", 8)])
+def test_autoscaled_replicas_are_rendered_within_the_bounds(replicas: int | None, mode: str, rendered: int) -> None:
+    """Bounds just tightened under replicas the autoscaler set: the Deployment follows the bounds at once."""
+    body = inference_service(replicas=replicas, autoscaling={"mode": mode, "minReplicas": 2, "maxReplicas": 5})
+    if replicas is None:
+        del body["spec"]["replicas"]
+    body["metadata"]["uid"] = "uid-1"
+    (deployment,) = [o for o in desired_objects(InferenceService.from_body(body), CTX) if o["kind"] == "Deployment"]
+    assert deployment["spec"]["replicas"] == rendered
 
 
 def test_eligible_products_follow_the_allow_list_order() -> None:

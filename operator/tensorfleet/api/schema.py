@@ -26,7 +26,7 @@ import celpy
 import celpy.celtypes
 import openapi_schema_validator
 from celpy.adapter import json_to_cel
-from celpy.evaluation import CELEvalError
+from celpy.evaluation import CELEvalError, CELFunction
 from jsonschema import exceptions as jsonschema_exceptions
 
 Schema = Mapping[str, Any]
@@ -206,9 +206,30 @@ def _unknown_fields(schema: Schema, value: Any, path: str) -> Iterator[FieldErro
 _CEL_ENV = celpy.Environment()
 
 
+def _split(text: str, separator: str, limit: int = -1) -> celpy.celtypes.ListType:
+    """Kubernetes' CEL strings library: ``s.split(sep[, n])`` is Go's strings.SplitN (n < 0: all parts)."""
+    if limit == 0:
+        parts: list[str] = []
+    elif separator == "":
+        chars = list(text)
+        parts = chars if limit < 0 or limit >= len(chars) else [*chars[:limit - 1], "".join(chars[limit - 1:])]
+    else:
+        parts = text.split(separator, limit - 1 if limit > 0 else -1)
+    return celpy.celtypes.ListType([celpy.celtypes.StringType(part) for part in parts])
+
+
+def _replace(text: str, old: str, new: str, limit: int = -1) -> celpy.celtypes.StringType:
+    """Kubernetes' CEL strings library: ``s.replace(old, new[, n])`` is Go's strings.Replace (n < 0: all)."""
+    return celpy.celtypes.StringType(text.replace(old, new, limit if limit >= 0 else -1))
+
+
+# Functions of the Kubernetes CEL environment (>= 1.30, the chart's minimum) that cel-python lacks.
+_K8S_FUNCTIONS: dict[str, CELFunction] = {"split": _split, "replace": _replace}
+
+
 @functools.lru_cache(maxsize=512)
 def _program(rule: str) -> celpy.Runner:
-    return _CEL_ENV.program(_CEL_ENV.compile(rule))
+    return _CEL_ENV.program(_CEL_ENV.compile(rule), functions=_K8S_FUNCTIONS)
 
 
 def _cel_errors(schema: Schema, value: Any, old: Any, path: str) -> Iterator[FieldError]:

@@ -125,11 +125,20 @@ class InferenceServiceSpec:
     billing: Mapping[str, Any]
 
     @property
-    def desired_replicas(self) -> int:
-        """spec.replicas, or the autoscaler's floor when autoscaling is on and replicas is unset."""
+    def scale_replicas(self) -> int:
+        """spec.replicas as written by the user or, through /scale, the autoscaler (when unset: minReplicas with
+        autoscaling on, else 1). The autoscaler decides from this value."""
         if self.replicas is not None:
             return self.replicas
         return self.autoscaling.min_replicas if self.autoscaling.mode != "none" else 1
+
+    @property
+    def desired_replicas(self) -> int:
+        """Replicas to run: scale_replicas, moved into [minReplicas, maxReplicas] when autoscaling is on. The
+        bounds may just have changed under replicas the autoscaler set; it moves them on its next decision."""
+        if self.autoscaling.mode == "none":
+            return self.scale_replicas
+        return max(self.autoscaling.min_replicas, min(self.autoscaling.max_replicas, self.scale_replicas))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,7 +135,7 @@ class ServiceAutoscaler:
         isvc = InferenceService.from_body(body)
         config = policy.PolicyConfig.from_spec(isvc.spec.autoscaling)
         metrics = await self.scraper.scrape(targets)
-        observation = signals.observe(self.clock(), isvc.spec.desired_replicas, targets, metrics)
+        observation = signals.observe(self.clock(), isvc.spec.scale_replicas, targets, metrics)
         decision = policy.decide(config, self.history, observation)
         self.history = decision.history
         if stopped():

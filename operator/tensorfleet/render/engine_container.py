@@ -81,6 +81,9 @@ def _exec_probe(spec: InferenceServiceSpec, failure_threshold: int) -> dict[str,
 
 
 def _env(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
+    """The operator's variables, then spec.runtime.env. A user entry of the same name replaces the operator's in
+    its place (so $(HF_HOME) references still resolve): env is a list keyed by name, and server-side apply
+    refuses a Deployment that repeats a name."""
     env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": f"{c.MODEL_CACHE_DIR}/hf"}]
     ref: dict[str, Any]
     secret = spec.model.credentials_secret
@@ -89,7 +92,8 @@ def _env(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
         for key in keys:
             ref = {"name": secret, "key": key, "optional": True}
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
-    return env + [dict(item) for item in spec.runtime.env]
+    by_name = {item["name"]: item for item in [*env, *(dict(item) for item in spec.runtime.env)]}
+    return list(by_name.values())
 
 
 def _resources(spec: InferenceServiceSpec) -> dict[str, Any]:
