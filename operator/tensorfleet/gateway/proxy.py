@@ -97,7 +97,7 @@ class Proxy:
             body, raw = await self._parse(request)
             proxied = ProxyRequest(request_id=request_id, endpoint=request.route, tenant=tenant, body=body,
                                    raw=raw, streaming=False, received=received, received_at=received_at,
-                                   billable=s.state.ready)
+                                   billable=s.state.serving)
             if s.engine.runtime == "triton":
                 proxied.flags["_path"] = request.path  # decoded; quoted again when sent (EngineConnections.post)
             s.engine.validate(proxied, request.match.get("model"))

@@ -11,7 +11,7 @@ from tensorfleet.gateway.metrics import GatewayMetrics
 
 
 class GatewayState:
-    """Ready means: warmed up, the engine answers its health check, and no drain has begun."""
+    """Ready means: serving (warmed up, not failed), the engine answers its health check, and no drain has begun."""
 
     def __init__(self, metrics: GatewayMetrics) -> None:
         self.metrics = metrics
@@ -27,8 +27,16 @@ class GatewayState:
         metrics.ready.set(0)
 
     @property
+    def serving(self) -> bool:
+        """This pod's warm-up passed and nothing failed since: what the engine serves a client is billed.
+
+        A drain does not change it: the pod serves on while its endpoints update, and that work is billed too.
+        """
+        return self.warm and self.failed is None
+
+    @property
     def ready(self) -> bool:
-        return self.warm and self.engine_up and not self.draining and self.failed is None
+        return self.serving and self.engine_up and not self.draining
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
