@@ -268,9 +268,10 @@ async def test_not_ready_until_warm_and_nothing_before_ready_is_billed(tmp_path:
         async with session.get(url(gw, "/readyz", admin=True)) as response:
             assert response.status == 503
             assert (await response.json())["phase"] == "waiting_for_engine"
-        status, body, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
+        status, body, headers = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
         assert status == 503
-        assert body["error"]["code"] == "engine_unavailable"
+        assert body["error"]["code"] == "not_ready"
+        assert headers["Retry-After"] == "1"
         engine.healthy = True
         await wait_until(lambda: gw.state.ready, 10, "ready")
         async with session.get(url(gw, "/readyz", admin=True)) as response:
@@ -281,7 +282,7 @@ async def test_not_ready_until_warm_and_nothing_before_ready_is_billed(tmp_path:
     assert len(warmups) == 2
     assert all(e.status == 200 for e in warmups)
     assert not any(e.billable for e in sink.requests if e.status != 200 or e.tenant == "tensorfleet:warmup")
-    assert [e.billable for e in sink.client_requests()] == [False]  # the 503 before ready
+    assert [e.billable for e in sink.client_requests()] == [False]  # the 503 before ready: never served
     (cold,) = sink.cold_starts
     assert [name for name, _ in cold.stages] == ["engine_healthy", "warmed_up", "ready"]
     assert cold.total_seconds >= 0.3
@@ -292,11 +293,38 @@ async def test_not_ready_until_warm_and_nothing_before_ready_is_billed(tmp_path:
     assert "tensorfleet_metering_spool_records" in metrics
 
 
+async def test_client_requests_are_refused_until_the_warm_up_passed(tmp_path: pathlib.Path) -> None:
+    """The engine is healthy but still warming up: a client request that reaches the pod anyway (its IP, a
+    stale endpoint) is refused, so it neither competes with the warm-up nor gets served unbilled."""
+    engine = StandinEngine(token_delay=0.3)  # a warm-up request of 2 tokens: ~0.6 s
+    sink = RecordingSinkDouble()
+    document = gateway_document(warmup={"requests": [{"prompt": "warm up", "maxTokens": 2}]})
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, document, sink, wait_ready=False) as gw, \
+            aiohttp.ClientSession() as session:
+        await wait_until(lambda: gw.state.phase == "warming_up", 5, "warming up")
+        early = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a b", "max_tokens": 1})
+        await wait_until(lambda: gw.state.ready, 10, "ready")
+        served = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a b", "max_tokens": 1})
+    assert (early[0], early[1]["error"]["code"], early[2]["Retry-After"]) == (503, "not_ready", "1")
+    assert "warming_up" in early[1]["error"]["message"]
+    assert served[0] == 200
+    assert [b["prompt"] for b in engine.received] == ["warm up", "a b"]  # the refused request never got there
+    refused, billed = sink.client_requests()
+    assert (refused.billable, refused.admitted, refused.prompt_tokens, refused.completion_tokens) == (False, None, 0, 0)
+    assert (billed.billable, billed.completion_tokens) == (True, 1)
+
+
 async def test_warmup_latency_bound_holds_readiness(tmp_path: pathlib.Path) -> None:
     engine = StandinEngine(token_delay=0.05)  # 2 tokens: ~100 ms per warm-up request
     document = gateway_document(warmup={"maxLatencyMs": 20, "timeoutSeconds": 1})
     async with serving(engine.app()) as upstream, \
-            running_gateway(tmp_path, upstream, document, wait_ready=False) as gw:
+            running_gateway(tmp_path, upstream, document, wait_ready=False) as gw, \
+            aiohttp.ClientSession() as session:
         await wait_until(lambda: gw.state.failed is not None, 10, "warm-up failure")
         assert not gw.state.ready
         assert "maxLatencyMs 20" in (gw.state.failed or "")
+        warmups = len(engine.received)
+        status, body, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
+    assert (status, body["error"]["code"]) == (503, "not_ready")  # a failed pod serves nothing until restarted
+    assert len(engine.received) == warmups

@@ -1,10 +1,10 @@
 """The request pipeline: authenticate, validate, apply the token policy, forward, stream, meter.
 
 Order for a generating request: tenant (401) -> body (413/408/400) -> engine checks of the body
-(400/404) -> engine up (503) -> max_tokens clamp -> request hooks -> response cache (a hit ends here)
--> input count with the engine's tokenizer (400 over the limit) -> token budget reservation (429) ->
-admission (503 when the queue is full) -> the engine. Every request yields one metering event; the
-sink only queues it, so nothing waits on metering.
+(400/404) -> warm-up passed (503 not_ready) -> engine up (503) -> max_tokens clamp -> request hooks ->
+response cache (a hit ends here) -> input count with the engine's tokenizer (400 over the limit) -> token
+budget reservation (429) -> admission (503 when the queue is full) -> the engine. Every request yields
+one metering event; the sink only queues it, so nothing waits on metering.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tensorfleet.gateway.errors import (
     engine_unavailable,
     lone_surrogate,
     nested_too_deeply,
+    not_ready,
 )
 from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.messages import BodyIncomplete, BodyTooLarge, Request, Response, StreamResponse
@@ -181,8 +182,10 @@ class Proxy:
 
     async def _serve(self, request: Request, proxied: ProxyRequest, outcome: Outcome) -> Response | StreamResponse:
         s = self.s
+        if not s.state.serving:  # before the warm-up passed (or after it failed) the engine serves warm-up only
+            raise not_ready(s.state.phase)
         if not s.state.engine_up:
-            raise engine_unavailable("it is starting or failed its health check")
+            raise engine_unavailable("it failed its last health check or connection")
         await s.engine.ensure_model(s.client, request.match.get("model"))
         original_options = proxied.body.get("stream_options")
         max_tokens = s.engine.clamp_output(proxied, s.config.token_policy.max_output_tokens)

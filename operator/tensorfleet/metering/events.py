@@ -49,7 +49,7 @@ class RequestEvent:
     cached_tokens: int  # prompt tokens the engine served from its prefix cache
     status: int  # HTTP status sent to the client
     streaming: bool
-    billable: bool  # False for warm-up requests and anything served before the pod's warm-up passed
+    billable: bool  # False for warm-up requests, and client requests refused before the pod's warm-up passed
     cache_hit: bool = False  # answered from the gateway's response cache: no GPU time
     truncated: bool = False
     truncated_tokens: int = 0
