@@ -212,7 +212,9 @@ async def test_client_disconnect_aborts_the_engine_request(tmp_path: pathlib.Pat
 
 async def test_engine_down_is_503_and_engine_errors_are_502(tmp_path: pathlib.Path) -> None:
     engine = StandinEngine()
-    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream) as gw, \
+    # No health polls while the test runs: the proxied request alone finds the engine gone (a poll would too,
+    # and take the pod out of service with 503 not_ready until the engine is back and warmed up).
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, engine_poll_seconds=3600) as gw, \
             aiohttp.ClientSession() as session:
         engine.fail_status = 500
         status, body, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})

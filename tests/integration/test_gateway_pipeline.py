@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from engines.processes import free_port
 from engines.standin import FINGERPRINT, StandinEngine
 from gateway_support import RecordingSinkDouble, gateway_document, running_gateway, serving, url, wait_until
 from tensorfleet import telemetry
@@ -313,6 +314,51 @@ async def test_client_requests_are_refused_until_the_warm_up_passed(tmp_path: pa
     refused, billed = sink.client_requests()
     assert (refused.billable, refused.admitted, refused.prompt_tokens, refused.completion_tokens) == (False, None, 0, 0)
     assert (billed.billable, billed.completion_tokens) == (True, 1)
+
+
+async def test_a_restarted_engine_is_warmed_up_again_before_the_pod_serves(tmp_path: pathlib.Path) -> None:
+    """The engine container restarts on its own (OOM, its liveness probe) while the gateway runs on: its port
+    refuses connections, then a new, cold engine process answers there."""
+    port = free_port()
+    sink = RecordingSinkDouble()
+    document = gateway_document(warmup={"requests": [{"prompt": "warm up", "maxTokens": 2}]})
+    body = {"model": "tiny", "prompt": "a b", "max_tokens": 1}
+    async with running_gateway(tmp_path, f"http://127.0.0.1:{port}", document, sink, wait_ready=False) as gw, \
+            aiohttp.ClientSession() as session:
+        async with serving(StandinEngine().app(), port=port):
+            await wait_until(lambda: gw.state.ready, 10, "ready")
+            before = await post(session, url(gw, "/v1/completions"), body)
+        await wait_until(lambda: gw.state.phase == "waiting_for_engine", 5, "the engine seen gone")
+        gone = await post(session, url(gw, "/v1/completions"), body)
+        restarted = StandinEngine(token_delay=0.3)  # cold: a warm-up request takes ~0.6 s
+        async with serving(restarted.app(), port=port):
+            await wait_until(lambda: gw.state.phase == "warming_up", 5, "warming the new engine up")
+            warming = await post(session, url(gw, "/v1/completions"), body)
+            await wait_until(lambda: gw.state.ready, 10, "ready again")
+            after = await post(session, url(gw, "/v1/completions"), body)
+    assert [before[0], gone[0], warming[0], after[0]] == [200, 503, 503, 200]
+    assert gone[1]["error"]["code"] == warming[1]["error"]["code"] == "not_ready"
+    assert [b["prompt"] for b in restarted.received] == ["warm up", "a b"]  # warmed up before it served
+    assert len([e for e in sink.requests if e.tenant == "tensorfleet:warmup"]) == 2  # one per engine process
+    assert [e.billable for e in sink.client_requests()] == [True, False, False, True]
+    first, second = sink.cold_starts
+    assert [name for name, _ in second.stages] == ["engine_healthy", "warmed_up", "ready"]
+    assert dict(second.stages)["warmed_up"] >= 0.5  # the new engine's own warm-up
+    assert second.started_at > first.started_at
+
+
+async def test_a_restarted_engine_must_pass_the_latency_bound_too(tmp_path: pathlib.Path) -> None:
+    port = free_port()
+    document = gateway_document(warmup={"maxLatencyMs": 250, "timeoutSeconds": 2,
+                                        "requests": [{"prompt": "warm up", "maxTokens": 2}]})
+    async with running_gateway(tmp_path, f"http://127.0.0.1:{port}", document, wait_ready=False) as gw:
+        async with serving(StandinEngine().app(), port=port):
+            await wait_until(lambda: gw.state.ready, 10, "ready")
+        await wait_until(lambda: not gw.state.serving, 5, "the engine seen gone")
+        async with serving(StandinEngine(token_delay=0.2).app(), port=port):  # 2 tokens: ~400 ms
+            await wait_until(lambda: gw.state.failed is not None, 10, "warm-up failure")
+    assert not gw.state.ready
+    assert "maxLatencyMs 250" in (gw.state.failed or "")
 
 
 async def test_warmup_latency_bound_holds_readiness(tmp_path: pathlib.Path) -> None:

@@ -39,8 +39,8 @@ class GatewayState:
         return self.serving and self.engine_up and not self.draining
 
     def set_phase(self, phase: str) -> None:
-        self.phase = phase
-        self.metrics.warmup_state.state(phase)
+        self.phase = "draining" if self.draining and phase != "failed" else phase  # a drain is never undone
+        self.metrics.warmup_state.state(self.phase)
         self.refresh()
 
     def set_engine_up(self, up: bool) -> None:
@@ -52,6 +52,13 @@ class GatewayState:
         self.warm = True
         self.ready_since = time.monotonic()
         self.set_phase("ready")
+
+    def lose_engine(self) -> None:
+        """The engine process is gone (its container restarts): nothing is served until its successor is warm."""
+        self.warm = False
+        self.engine_up = False
+        self.ready_since = None
+        self.set_phase("waiting_for_engine")
 
     def fail(self, reason: str) -> None:
         self.failed = reason
