@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import json
 import pathlib
+import time
 from typing import Any
 
 import aiohttp
@@ -129,6 +130,19 @@ async def test_tenant_budget_reserves_then_settles(tmp_path: pathlib.Path) -> No
     assert "100 tokens per minute" in body["error"]["message"]
 
 
+async def test_a_refused_request_bills_no_tokens_though_its_prompt_was_counted(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    sink = RecordingSinkDouble()
+    document = gateway_document(tokenPolicy={"tenantTokensPerMinute": 100, "maxInputTokens": 500})
+    body = {"model": "tiny", "prompt": " ".join(["word"] * 90), "max_tokens": 5}
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document, sink) as gw, \
+            aiohttp.ClientSession() as session:
+        statuses = [(await post(session, url(gw, "/v1/completions"), body))[0] for _ in range(2)]
+        await wait_until(lambda: len(sink.client_requests()) == 2, 5, "the events")
+    assert statuses == [200, 429]
+    assert [(e.prompt_tokens, e.completion_tokens) for e in sink.client_requests()] == [(90, 5), (0, 0)]
+
+
 class HeldEngine(StandinEngine):
     """The stand-in, whose generations wait while ``release`` is clear (it starts set, for the warm-up)."""
 
@@ -176,6 +190,40 @@ async def test_a_request_that_never_reaches_the_engine_gives_its_budget_back(tmp
     assert before is not None
     assert after is not None
     assert after >= before, f"{before - after:.0f} tokens of the budget kept by a request the engine never saw"
+
+
+@pytest.mark.parametrize("leaves", ["stream, after two events", "stream, before its first token", "plain"])
+async def test_a_client_that_leaves_is_billed_and_charged_the_prompt_the_engine_took(tmp_path: pathlib.Path,
+                                                                                    leaves: str) -> None:
+    """The engine processed the prompt before the client hung up: it is billed and charged to the tenant's
+    budget, as the engine told it in the stream or, if it had not yet, as its tokenizer counts it afterwards."""
+    engine = StandinEngine(token_delay=1.0 if "before" in leaves else 0.05)
+    sink = RecordingSinkDouble()
+    document = gateway_document(tokenPolicy={"tenantTokensPerMinute": 6000, "maxOutputTokens": 100})
+    body = {"model": "tiny", "prompt": " ".join(["word"] * 500), "max_tokens": 100, "stream": leaves != "plain"}
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document, sink) as gw, \
+            aiohttp.ClientSession() as session:
+        limiter, now = gw.services.limiter, time.monotonic()
+        limiter.clock = lambda: now  # no refill while the test runs: the budget's changes are exact
+        before = limiter.available("default")
+        if leaves == "stream, after two events":
+            async with session.post(url(gw, "/v1/completions"), json=body) as response:
+                await response.content.readuntil(b"\n\n")
+                await response.content.readuntil(b"\n\n")
+        else:
+            with pytest.raises(TimeoutError):
+                await post(session, url(gw, "/v1/completions"), body, timeout=aiohttp.ClientTimeout(total=0.5))
+        await wait_until(lambda: len(sink.client_requests()) == 1 and gw.services.active.count == 0, 5, "the event")
+        after = limiter.available("default")
+    (event,) = sink.client_requests()
+    assert (event.status, event.billable, event.prompt_tokens) == (499, True, 500)
+    if leaves == "stream, after two events":
+        assert 2 <= event.completion_tokens < 100  # what was streamed, and nothing after the client left
+    else:
+        assert event.completion_tokens == 0
+    assert before is not None
+    assert after is not None
+    assert before - after == event.prompt_tokens + event.completion_tokens
 
 
 async def test_deterministic_requests_are_cached(tmp_path: pathlib.Path) -> None:
