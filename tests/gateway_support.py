@@ -72,11 +72,12 @@ def write_document(folder: pathlib.Path, document: dict[str, Any]) -> str:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: web.Application, **options: Any) -> AsyncIterator[str]:
-    """Serve ``app`` on a free loopback port (``options`` go to aiohttp's AppRunner); yields its base URL."""
+async def serving(app: web.Application, port: int = 0, **options: Any) -> AsyncIterator[str]:
+    """Serve ``app`` on a loopback port (a free one unless given; ``options`` go to aiohttp's AppRunner);
+    yields its base URL."""
     runner = web.AppRunner(app, access_log=None, **options)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = runner.addresses[0][1]
     try:

@@ -214,7 +214,9 @@ async def test_client_disconnect_aborts_the_engine_request(tmp_path: pathlib.Pat
 
 async def test_engine_down_is_503_and_engine_errors_are_502(tmp_path: pathlib.Path) -> None:
     engine = StandinEngine()
-    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream) as gw, \
+    # No health polls while the test runs: the proxied request alone finds the engine gone (a poll would too,
+    # and take the pod out of service with 503 not_ready until the engine is back and warmed up).
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, engine_poll_seconds=3600) as gw, \
             aiohttp.ClientSession() as session:
         engine.fail_status = 500
         status, body, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
@@ -233,7 +235,9 @@ async def test_engine_down_is_503_and_engine_errors_are_502(tmp_path: pathlib.Pa
 
 async def test_drain_turns_not_ready_first_then_lets_in_flight_finish(tmp_path: pathlib.Path) -> None:
     engine = StandinEngine(token_delay=0.05)
-    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream) as gw, \
+    sink = RecordingSinkDouble()
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, sink=sink, drain_delay_seconds=0.5) as gw, \
             aiohttp.ClientSession() as session:
         body = {**CHAT, "max_tokens": 20, "stream": True}
         request = asyncio.create_task(post(session, url(gw, "/v1/chat/completions"), body))
@@ -243,11 +247,16 @@ async def test_drain_turns_not_ready_first_then_lets_in_flight_finish(tmp_path: 
         async with session.get(url(gw, "/readyz", admin=True)) as response:
             assert response.status == 503
             assert (await response.json())["phase"] == "draining"
+        # Still in the Service's endpoints for DRAIN_DELAY_SECONDS: a request that arrives now is served.
+        late, _, _ = await post(session, url(gw, "/v1/chat/completions"), {**CHAT, "max_tokens": 2})
         assert not drain.done()
         status, raw, _ = await request
         assert await drain is True
-    assert status == 200
+    assert (status, late) == (200, 200)
     assert raw.endswith(b"data: [DONE]\n\n")
+    events = sink.client_requests()
+    assert sorted(e.completion_tokens for e in events) == [2, 20]
+    assert all(e.billable for e in events)  # the engine served them: a drain gives nothing away
 
 
 def test_sigterm_drains_a_real_process(tmp_path: pathlib.Path) -> None:

@@ -9,11 +9,13 @@ import asyncio
 import hashlib
 import json
 import pathlib
+import time
 from typing import Any
 
 import aiohttp
 import pytest
 
+from engines.processes import free_port
 from engines.standin import FINGERPRINT, StandinEngine
 from gateway_support import RecordingSinkDouble, gateway_document, running_gateway, serving, url, wait_until
 from tensorfleet import telemetry
@@ -128,6 +130,19 @@ async def test_tenant_budget_reserves_then_settles(tmp_path: pathlib.Path) -> No
     assert "100 tokens per minute" in body["error"]["message"]
 
 
+async def test_a_refused_request_bills_no_tokens_though_its_prompt_was_counted(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    sink = RecordingSinkDouble()
+    document = gateway_document(tokenPolicy={"tenantTokensPerMinute": 100, "maxInputTokens": 500})
+    body = {"model": "tiny", "prompt": " ".join(["word"] * 90), "max_tokens": 5}
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document, sink) as gw, \
+            aiohttp.ClientSession() as session:
+        statuses = [(await post(session, url(gw, "/v1/completions"), body))[0] for _ in range(2)]
+        await wait_until(lambda: len(sink.client_requests()) == 2, 5, "the events")
+    assert statuses == [200, 429]
+    assert [(e.prompt_tokens, e.completion_tokens) for e in sink.client_requests()] == [(90, 5), (0, 0)]
+
+
 class HeldEngine(StandinEngine):
     """The stand-in, whose generations wait while ``release`` is clear (it starts set, for the warm-up)."""
 
@@ -175,6 +190,40 @@ async def test_a_request_that_never_reaches_the_engine_gives_its_budget_back(tmp
     assert before is not None
     assert after is not None
     assert after >= before, f"{before - after:.0f} tokens of the budget kept by a request the engine never saw"
+
+
+@pytest.mark.parametrize("leaves", ["stream, after two events", "stream, before its first token", "plain"])
+async def test_a_client_that_leaves_is_billed_and_charged_the_prompt_the_engine_took(tmp_path: pathlib.Path,
+                                                                                    leaves: str) -> None:
+    """The engine processed the prompt before the client hung up: it is billed and charged to the tenant's
+    budget, as the engine told it in the stream or, if it had not yet, as its tokenizer counts it afterwards."""
+    engine = StandinEngine(token_delay=1.0 if "before" in leaves else 0.05)
+    sink = RecordingSinkDouble()
+    document = gateway_document(tokenPolicy={"tenantTokensPerMinute": 6000, "maxOutputTokens": 100})
+    body = {"model": "tiny", "prompt": " ".join(["word"] * 500), "max_tokens": 100, "stream": leaves != "plain"}
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document, sink) as gw, \
+            aiohttp.ClientSession() as session:
+        limiter, now = gw.services.limiter, time.monotonic()
+        limiter.clock = lambda: now  # no refill while the test runs: the budget's changes are exact
+        before = limiter.available("default")
+        if leaves == "stream, after two events":
+            async with session.post(url(gw, "/v1/completions"), json=body) as response:
+                await response.content.readuntil(b"\n\n")
+                await response.content.readuntil(b"\n\n")
+        else:
+            with pytest.raises(TimeoutError):
+                await post(session, url(gw, "/v1/completions"), body, timeout=aiohttp.ClientTimeout(total=0.5))
+        await wait_until(lambda: len(sink.client_requests()) == 1 and gw.services.active.count == 0, 5, "the event")
+        after = limiter.available("default")
+    (event,) = sink.client_requests()
+    assert (event.status, event.billable, event.prompt_tokens) == (499, True, 500)
+    if leaves == "stream, after two events":
+        assert 2 <= event.completion_tokens < 100  # what was streamed, and nothing after the client left
+    else:
+        assert event.completion_tokens == 0
+    assert before is not None
+    assert after is not None
+    assert before - after == event.prompt_tokens + event.completion_tokens
 
 
 async def test_deterministic_requests_are_cached(tmp_path: pathlib.Path) -> None:
@@ -284,9 +333,10 @@ async def test_not_ready_until_warm_and_nothing_before_ready_is_billed(tmp_path:
         async with session.get(url(gw, "/readyz", admin=True)) as response:
             assert response.status == 503
             assert (await response.json())["phase"] == "waiting_for_engine"
-        status, body, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
+        status, body, headers = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
         assert status == 503
-        assert body["error"]["code"] == "engine_unavailable"
+        assert body["error"]["code"] == "not_ready"
+        assert headers["Retry-After"] == "1"
         engine.healthy = True
         await wait_until(lambda: gw.state.ready, 10, "ready")
         async with session.get(url(gw, "/readyz", admin=True)) as response:
@@ -297,7 +347,7 @@ async def test_not_ready_until_warm_and_nothing_before_ready_is_billed(tmp_path:
     assert len(warmups) == 2
     assert all(e.status == 200 for e in warmups)
     assert not any(e.billable for e in sink.requests if e.status != 200 or e.tenant == "tensorfleet:warmup")
-    assert [e.billable for e in sink.client_requests()] == [False]  # the 503 before ready
+    assert [e.billable for e in sink.client_requests()] == [False]  # the 503 before ready: never served
     (cold,) = sink.cold_starts
     assert [name for name, _ in cold.stages] == ["engine_healthy", "warmed_up", "ready"]
     assert cold.total_seconds >= 0.3
@@ -308,11 +358,83 @@ async def test_not_ready_until_warm_and_nothing_before_ready_is_billed(tmp_path:
     assert "tensorfleet_metering_spool_records" in metrics
 
 
+async def test_client_requests_are_refused_until_the_warm_up_passed(tmp_path: pathlib.Path) -> None:
+    """The engine is healthy but still warming up: a client request that reaches the pod anyway (its IP, a
+    stale endpoint) is refused, so it neither competes with the warm-up nor gets served unbilled."""
+    engine = StandinEngine(token_delay=0.3)  # a warm-up request of 2 tokens: ~0.6 s
+    sink = RecordingSinkDouble()
+    document = gateway_document(warmup={"requests": [{"prompt": "warm up", "maxTokens": 2}]})
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, document, sink, wait_ready=False) as gw, \
+            aiohttp.ClientSession() as session:
+        await wait_until(lambda: gw.state.phase == "warming_up", 5, "warming up")
+        early = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a b", "max_tokens": 1})
+        await wait_until(lambda: gw.state.ready, 10, "ready")
+        served = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a b", "max_tokens": 1})
+    assert (early[0], early[1]["error"]["code"], early[2]["Retry-After"]) == (503, "not_ready", "1")
+    assert "warming_up" in early[1]["error"]["message"]
+    assert served[0] == 200
+    assert [b["prompt"] for b in engine.received] == ["warm up", "a b"]  # the refused request never got there
+    refused, billed = sink.client_requests()
+    assert (refused.billable, refused.admitted, refused.prompt_tokens, refused.completion_tokens) == (False, None, 0, 0)
+    assert (billed.billable, billed.completion_tokens) == (True, 1)
+
+
+async def test_a_restarted_engine_is_warmed_up_again_before_the_pod_serves(tmp_path: pathlib.Path) -> None:
+    """The engine container restarts on its own (OOM, its liveness probe) while the gateway runs on: its port
+    refuses connections, then a new, cold engine process answers there."""
+    port = free_port()
+    sink = RecordingSinkDouble()
+    document = gateway_document(warmup={"requests": [{"prompt": "warm up", "maxTokens": 2}]})
+    body = {"model": "tiny", "prompt": "a b", "max_tokens": 1}
+    async with running_gateway(tmp_path, f"http://127.0.0.1:{port}", document, sink, wait_ready=False) as gw, \
+            aiohttp.ClientSession() as session:
+        async with serving(StandinEngine().app(), port=port):
+            await wait_until(lambda: gw.state.ready, 10, "ready")
+            before = await post(session, url(gw, "/v1/completions"), body)
+        await wait_until(lambda: gw.state.phase == "waiting_for_engine", 5, "the engine seen gone")
+        gone = await post(session, url(gw, "/v1/completions"), body)
+        restarted = StandinEngine(token_delay=0.3)  # cold: a warm-up request takes ~0.6 s
+        async with serving(restarted.app(), port=port):
+            await wait_until(lambda: gw.state.phase == "warming_up", 5, "warming the new engine up")
+            warming = await post(session, url(gw, "/v1/completions"), body)
+            await wait_until(lambda: gw.state.ready, 10, "ready again")
+            after = await post(session, url(gw, "/v1/completions"), body)
+    assert [before[0], gone[0], warming[0], after[0]] == [200, 503, 503, 200]
+    assert gone[1]["error"]["code"] == warming[1]["error"]["code"] == "not_ready"
+    assert [b["prompt"] for b in restarted.received] == ["warm up", "a b"]  # warmed up before it served
+    assert len([e for e in sink.requests if e.tenant == "tensorfleet:warmup"]) == 2  # one per engine process
+    assert [e.billable for e in sink.client_requests()] == [True, False, False, True]
+    first, second = sink.cold_starts
+    assert [name for name, _ in second.stages] == ["engine_healthy", "warmed_up", "ready"]
+    assert dict(second.stages)["warmed_up"] >= 0.5  # the new engine's own warm-up
+    assert second.started_at > first.started_at
+
+
+async def test_a_restarted_engine_must_pass_the_latency_bound_too(tmp_path: pathlib.Path) -> None:
+    port = free_port()
+    document = gateway_document(warmup={"maxLatencyMs": 250, "timeoutSeconds": 2,
+                                        "requests": [{"prompt": "warm up", "maxTokens": 2}]})
+    async with running_gateway(tmp_path, f"http://127.0.0.1:{port}", document, wait_ready=False) as gw:
+        async with serving(StandinEngine().app(), port=port):
+            await wait_until(lambda: gw.state.ready, 10, "ready")
+        await wait_until(lambda: not gw.state.serving, 5, "the engine seen gone")
+        async with serving(StandinEngine(token_delay=0.2).app(), port=port):  # 2 tokens: ~400 ms
+            await wait_until(lambda: gw.state.failed is not None, 10, "warm-up failure")
+    assert not gw.state.ready
+    assert "maxLatencyMs 250" in (gw.state.failed or "")
+
+
 async def test_warmup_latency_bound_holds_readiness(tmp_path: pathlib.Path) -> None:
     engine = StandinEngine(token_delay=0.05)  # 2 tokens: ~100 ms per warm-up request
     document = gateway_document(warmup={"maxLatencyMs": 20, "timeoutSeconds": 1})
     async with serving(engine.app()) as upstream, \
-            running_gateway(tmp_path, upstream, document, wait_ready=False) as gw:
+            running_gateway(tmp_path, upstream, document, wait_ready=False) as gw, \
+            aiohttp.ClientSession() as session:
         await wait_until(lambda: gw.state.failed is not None, 10, "warm-up failure")
         assert not gw.state.ready
         assert "maxLatencyMs 20" in (gw.state.failed or "")
+        warmups = len(engine.received)
+        status, body, _ = await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a"})
+    assert (status, body["error"]["code"]) == (503, "not_ready")  # a failed pod serves nothing until restarted
+    assert len(engine.received) == warmups

@@ -147,6 +147,7 @@ async def test_a_client_that_leaves_aborts_the_request_in_vllm(vllm_url: str, tm
     sink = RecordingSinkDouble()
     generated, max_tokens = "vllm:generation_tokens_total", 1000
     async with running_gateway(tmp_path, vllm_url, sink=sink) as gw, aiohttp.ClientSession() as session:
+        _, counted, _ = await post(session, vllm_url + "/tokenize", {"model": "tiny", "prompt": COMPLETION["prompt"]})
         before = await settled_metric(session, vllm_url, generated)
         body = {**COMPLETION, "max_tokens": max_tokens, "stream": True}
         async with aiohttp.ClientSession() as client, client.post(url(gw, "/v1/completions"), json=body) as response:
@@ -176,6 +177,7 @@ async def test_a_client_that_leaves_aborts_the_request_in_vllm(vllm_url: str, tm
     (event,) = sink.client_requests()
     assert event.status == 499
     assert event.completion_tokens < 1000
+    assert event.prompt_tokens == counted["count"]  # vLLM processed the prompt: it is billed
 
 
 async def test_default_warmup_gates_readiness_and_is_never_billed(vllm_url: str, tmp_path: pathlib.Path) -> None:

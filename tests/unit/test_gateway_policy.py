@@ -26,8 +26,8 @@ from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.metrics import GatewayMetrics
 from tensorfleet.gateway.ratelimit import RateLimited, TokenRateLimiter
 from tensorfleet.gateway.settings import GatewaySettings
-from tensorfleet.gateway.state import Admission
-from tensorfleet.gateway.warmup import scrape_sum
+from tensorfleet.gateway.state import Admission, GatewayState
+from tensorfleet.gateway.warmup import EngineMonitor, Health, scrape_sum
 from tensorfleet.render.context import RenderContext
 from tensorfleet.render.workload import render_deployment
 
@@ -276,6 +276,29 @@ def test_engine_metrics_are_read_without_a_full_parse() -> None:
     assert scrape_sum(text, "vllm:num_requests_waiting") == 5.0
     assert scrape_sum(text, "nv_trt_llm_kv_cache_block_metrics", 'kv_cache_block_type="used"') == 5.0
     assert scrape_sum(text, "vllm:kv_cache_usage_perc") is None
+
+
+def test_the_engine_is_gone_after_a_refused_connection_or_failed_checks_in_a_row() -> None:
+    state = GatewayState(GatewayMetrics())
+    monitor = EngineMonitor(VLLMEngine("tiny"), None, state, state.metrics, "", 1.0, lost_after=3)  # type: ignore[arg-type]
+    state.set_engine_up(True)
+    state.mark_warm()
+    for health in (Health.FAILING, Health.FAILING, Health.OK, Health.FAILING, Health.FAILING):  # a slow /health
+        monitor.observe(health)
+    assert (state.serving, state.ready) == (True, False)  # down for now: not ready, but no new warm-up
+    monitor.observe(Health.OK)
+    assert state.ready
+    for _ in range(3):
+        monitor.observe(Health.FAILING)
+    assert (state.serving, state.engine_up, state.phase) == (False, False, "waiting_for_engine")
+    state.set_engine_up(True)
+    state.mark_warm()  # the next engine process passed its warm-up
+    monitor.observe(Health.GONE)  # nothing listens: gone at once
+    assert not state.serving
+    assert asyncio.run(asyncio.wait_for(monitor.engine_lost(), 1)) > 0
+    state.start_drain()
+    state.mark_warm()  # warmed up again while draining: still draining
+    assert (state.phase, state.serving, state.ready) == ("draining", True, False)
 
 
 def test_admission_hands_slots_over_in_order() -> None:

@@ -312,6 +312,22 @@ def test_no_engine_is_unreachable_naming_where(loop: str) -> None:
 
 
 @LOOPS
+def test_the_caller_hears_when_a_request_is_on_its_way_and_only_then(loop: str) -> None:
+    """What a request is billed once its client left depends on it: nothing unless the engine had it."""
+    async def scenario() -> None:
+        sent: list[str] = []
+        async with engine(echo_forever) as (url, _):
+            pool = connections(url)
+            pool.release(await pool.post("/v1/completions", b"{}", HEADERS, lambda: sent.append("reached")))
+            pool.close()
+        with pytest.raises(EngineUnreachable):
+            await connections(url).post("/v1/completions", b"{}", HEADERS, lambda: sent.append("unreachable"))
+        assert sent == ["reached"]
+
+    run(loop, scenario)
+
+
+@LOOPS
 def test_paths_are_percent_encoded_and_header_values_cannot_break_lines(loop: str) -> None:
     async def scenario() -> None:
         async with engine(echo_forever) as (url, _):

@@ -47,6 +47,12 @@ def engine_unavailable(detail: str) -> GatewayError:
                         headers={"Retry-After": "1"})
 
 
+def not_ready(phase: str) -> GatewayError:
+    """A client request on a pod whose warm-up has not passed (or failed): refused, so the engine never sees it."""
+    return GatewayError(503, f"this replica is not ready to serve (phase {phase}); another replica may serve "
+                             f"the request", "not_ready", headers={"Retry-After": "1"})
+
+
 def nested_too_deeply() -> GatewayError:
     """JSON that nests deeper than Python's recursion limit lets the gateway read it, or write it again."""
     return bad_request(f"the request body nests JSON arrays and objects too deeply (the limit is Python's recursion "

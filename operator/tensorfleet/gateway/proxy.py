@@ -1,10 +1,10 @@
 """The request pipeline: authenticate, validate, apply the token policy, forward, stream, meter.
 
 Order for a generating request: tenant (401) -> body (413/408/400) -> engine checks of the body
-(400/404) -> engine up (503) -> max_tokens clamp -> request hooks -> response cache (a hit ends here)
--> input count with the engine's tokenizer (400 over the limit) -> token budget reservation (429) ->
-admission (503 when the queue is full) -> the engine. Every request yields one metering event; the
-sink only queues it, so nothing waits on metering.
+(400/404) -> warm-up passed (503 not_ready) -> engine up (503) -> max_tokens clamp -> request hooks ->
+response cache (a hit ends here) -> input count with the engine's tokenizer (400 over the limit) -> token
+budget reservation (429) -> admission (503 when the queue is full) -> the engine. Every request yields
+one metering event; the sink only queues it, so nothing waits on metering.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tensorfleet.gateway.errors import (
     engine_unavailable,
     lone_surrogate,
     nested_too_deeply,
+    not_ready,
 )
 from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.messages import BodyIncomplete, BodyTooLarge, Request, Response, StreamResponse
@@ -81,6 +82,7 @@ class Proxy:
         self.s = services
         self.counter = Counter(services)
         self.relay = Relay(services)
+        self._counting: set[asyncio.Future[None]] = set()
 
     # ---- entry points -------------------------------------------------------------------------
 
@@ -97,7 +99,7 @@ class Proxy:
             body, raw = await self._parse(request)
             proxied = ProxyRequest(request_id=request_id, endpoint=request.route, tenant=tenant, body=body,
                                    raw=raw, streaming=False, received=received, received_at=received_at,
-                                   billable=s.state.ready)
+                                   billable=s.state.serving)
             if s.engine.runtime == "triton":
                 proxied.flags["_path"] = request.path  # decoded; quoted again when sent (EngineConnections.post)
             s.engine.validate(proxied, request.match.get("model"))
@@ -127,11 +129,31 @@ class Proxy:
             asyncio.get_running_loop().call_soon(self._finish, proxied, outcome, time.monotonic())
 
     def _finish(self, proxied: ProxyRequest | None, outcome: Outcome, done: float) -> None:
+        if proxied is not None and _prompt_to_count(proxied, outcome):
+            task = asyncio.ensure_future(self._count_then_finish(proxied, outcome, done))
+            self._counting.add(task)  # a reference, until it is done
+            task.add_done_callback(self._counting.discard)
+            return
         try:
             if proxied is not None:
+                usage = _usage(proxied, outcome)
+                self.s.limiter.settle(outcome.reservation, usage.prompt_tokens + usage.completion_tokens)
                 self._record(proxied, outcome, done)
         finally:
             self.s.active.leave()
+
+    async def _count_then_finish(self, proxied: ProxyRequest, outcome: Outcome, done: float) -> None:
+        """A request its client left while the engine had it: count the prompt the engine took (off the
+        response path, as the engine's tokenizer counts it for maxInputTokens), then bill and charge it."""
+        counts: list[int] = []
+        try:
+            counts = await self.counter.count_prompt(proxied.endpoint, proxied.body)
+        except Exception as exc:  # the engine (its tokenizer) is gone too: nothing is known to bill
+            log.warning("request %s: its client left and its prompt could not be counted: %s", proxied.request_id,
+                        exc)
+        finally:
+            proxied.prompt_tokens = sum(counts)
+            self._finish(proxied, outcome, done)
 
     async def passthrough(self, request: Request) -> Response | StreamResponse:
         try:
@@ -181,8 +203,10 @@ class Proxy:
 
     async def _serve(self, request: Request, proxied: ProxyRequest, outcome: Outcome) -> Response | StreamResponse:
         s = self.s
+        if not s.state.serving:  # before the warm-up passed (or after it failed) the engine serves warm-up only
+            raise not_ready(s.state.phase)
         if not s.state.engine_up:
-            raise engine_unavailable("it is starting or failed its health check")
+            raise engine_unavailable("it failed its last health check or connection")
         await s.engine.ensure_model(s.client, request.match.get("model"))
         original_options = proxied.body.get("stream_options")
         max_tokens = s.engine.clamp_output(proxied, s.config.token_policy.max_output_tokens)
@@ -193,24 +217,23 @@ class Proxy:
             s.metrics.cache_lookups.labels("hit").inc()
             return await self._serve_cached(request, proxied, outcome, cached)
         prompt_tokens = await self._check_input(proxied)
-        reservation = self._reserve(proxied, prompt_tokens + max_tokens * s.engine.choices(proxied))
-        try:  # settled however the request ends: refused by admission, cancelled while queued, served
-            guard = self.relay.guard(proxied)
-            if guard is not None and not proxied.streaming and s.engine.can_stream_instead(proxied):
-                proxied.flags[COLLECT] = True  # watched while generated, so a stop saves the rest
-            s.engine.prepare_upstream(proxied, bool(proxied.flags.get(COLLECT)))
-            payload = proxied.upstream_bytes()  # before admission: a body that cannot be written again takes no slot
-            await s.admission.acquire()
-            s.metrics.queue_depth.dec()
-            outcome.queued = False
-            try:
-                outcome.admitted = time.monotonic()
-                self._tell_sink_admitted(proxied.request_id, outcome.admitted)
-                return await self.relay.forward(request, proxied, outcome, original_options, key, guard, payload)
-            finally:
-                s.admission.release()
+        # Settled when the request is metered (_finish), however it ends: refused by admission, cancelled while
+        # queued, served, or left by its client.
+        outcome.reservation = self._reserve(proxied, prompt_tokens + max_tokens * s.engine.choices(proxied))
+        guard = self.relay.guard(proxied)
+        if guard is not None and not proxied.streaming and s.engine.can_stream_instead(proxied):
+            proxied.flags[COLLECT] = True  # watched while generated, so a stop saves the rest
+        s.engine.prepare_upstream(proxied, bool(proxied.flags.get(COLLECT)))
+        payload = proxied.upstream_bytes()  # before admission: a body that cannot be written again takes no slot
+        await s.admission.acquire()
+        s.metrics.queue_depth.dec()
+        outcome.queued = False
+        try:
+            outcome.admitted = time.monotonic()
+            self._tell_sink_admitted(proxied.request_id, outcome.admitted)
+            return await self.relay.forward(request, proxied, outcome, original_options, key, guard, payload)
         finally:
-            s.limiter.settle(reservation, _used_tokens(proxied, outcome))
+            s.admission.release()
 
     def _cache_key(self, proxied: ProxyRequest) -> str | None:
         if not self.s.config.token_policy.cache.enabled or not is_deterministic(proxied.body):
@@ -264,7 +287,7 @@ class Proxy:
 
     def _record(self, proxied: ProxyRequest, outcome: Outcome, done: float) -> None:
         s = self.s
-        usage = outcome.usage or Usage(proxied.prompt_tokens or 0, outcome.streamed_tokens)
+        usage = _usage(proxied, outcome)
         event = RequestEvent(
             request_id=proxied.request_id, tenant=proxied.tenant, model=s.config.served_model,
             endpoint=proxied.endpoint, received_at=proxied.received_at, received=proxied.received,
@@ -313,10 +336,15 @@ def _too_large(limit: int) -> GatewayError:
     return GatewayError(413, f"the request body is larger than the limit of {limit} bytes", "request_too_large")
 
 
-def _used_tokens(proxied: ProxyRequest, outcome: Outcome) -> int:
-    if outcome.admitted is None:  # refused by admission or gone while queued: the engine saw nothing
-        return 0
-    usage = outcome.usage
-    if usage is not None:
-        return usage.prompt_tokens + usage.completion_tokens
-    return (proxied.prompt_tokens or 0) + outcome.streamed_tokens
+def _usage(proxied: ProxyRequest, outcome: Outcome) -> Usage:
+    """What is billed and charged to the budget: the usage the engine (or the cache) told, else the prompt once
+    the engine had the request, and the tokens it streamed. Nothing before the engine had it (refused with
+    429 or by admission, left while queued), even where the prompt was counted for maxInputTokens."""
+    if outcome.usage is not None:
+        return outcome.usage
+    return Usage((proxied.prompt_tokens or 0) if outcome.sent else 0, outcome.streamed_tokens)
+
+
+def _prompt_to_count(proxied: ProxyRequest, outcome: Outcome) -> bool:
+    """Whether the request's client left after the engine had it, before the engine told its prompt's tokens."""
+    return outcome.status == CLIENT_CLOSED and outcome.sent and outcome.usage is None and proxied.prompt_tokens is None

@@ -58,7 +58,7 @@ class Relay:
         connections = s.client.connections
         headers = {"Content-Type": "application/json", "X-Request-Id": proxied.request_id}
         try:
-            upstream = await connections.post(s.engine.upstream_path(proxied), payload, headers)
+            upstream = await connections.post(s.engine.upstream_path(proxied), payload, headers, outcome.went_to_engine)
             try:
                 if upstream.status == 200 and proxied.streaming:
                     return await self._stream(request, proxied, outcome, upstream, original_options, guard, key)
@@ -146,12 +146,13 @@ class Relay:
             stopped = await self._pump(stream, upstream, outcome, guard, take)
         except (OSError, TimeoutError) as exc:
             raise _broke_off(exc) from None
+        finally:
+            _take_prompt(proxied, stream)
         if stopped is not None:
             upstream.close()  # abort the engine request now: vLLM cancels it when the connection drops
             proxied.flags[f"{stopped.reason}_stopped"] = True
-        prompt = proxied.prompt_tokens or stream.prompt_tokens or 0
         outcome.usage = stream.usage if stream.usage is not None and stopped is None \
-            else Usage(prompt, stream.completion_tokens)
+            else Usage(proxied.prompt_tokens or 0, stream.completion_tokens)
         data = compact(assembler.body(stopped, outcome.usage))
         if key is not None and stopped is None:
             self.s.cache.put(key, 200, "application/json", (data,), outcome.usage.prompt_tokens,
@@ -195,10 +196,12 @@ class Relay:
             log.warning("the engine broke off stream %s: %s", proxied.request_id, exc)
             request.abort()  # a truncated stream, not a clean end the client could trust
             return response
+        finally:  # however it ended (the client gone too: the prompt was processed, and is billed)
+            _take_prompt(proxied, stream)
         if stopped is not None:
             upstream.close()  # abort the engine request now, before the closing events are written
             proxied.flags[f"{stopped.reason}_stopped"] = True
-            ending.extend(stream.stopped(stopped, proxied.prompt_tokens or stream.prompt_tokens or 0))
+            ending.extend(stream.stopped(stopped, proxied.prompt_tokens or 0))
         else:
             tail = stream.finish()
             ending.extend(tail)
@@ -209,8 +212,7 @@ class Relay:
         except ConnectionError:
             return self._client_gone(outcome, response)
         if stream.usage is None and proxied.prompt_tokens is None:
-            proxied.prompt_tokens = stream.prompt_tokens if stream.prompt_tokens is not None \
-                else await self.triton_prompt(proxied)
+            proxied.prompt_tokens = await self.triton_prompt(proxied)
         outcome.usage = stream.usage or Usage(proxied.prompt_tokens or 0, outcome.streamed_tokens)
         if sent is not None and key is not None and stopped is None and stream.done:
             self.s.cache.put(key, 200, content_type, tuple(sent), outcome.usage.prompt_tokens,
@@ -249,6 +251,12 @@ class Relay:
             if stop is not None:
                 return stop
         return None
+
+
+def _take_prompt(proxied: ProxyRequest, stream: VLLMStream | TritonStream) -> None:
+    """The prompt's tokens as the engine reported them in the stream (vLLM's continuous usage), if not yet known."""
+    if proxied.prompt_tokens is None:
+        proxied.prompt_tokens = stream.prompt_tokens
 
 
 class _ClientGone(Exception):

@@ -144,9 +144,9 @@ class Gateway:
             server = HTTPServer(router, limits, lambda: self.state.draining, access_log)
             self.ports[name] = await server.start(s.host, port)
             self._servers.append(server)
-        self._spawn(self._warm_up(), "warm-up")
         monitor = EngineMonitor(self.engine, self.services.client, self.state, self.metrics, s.metrics_url,
                                 s.engine_poll_seconds)
+        self._spawn(self._warm_up(monitor), "warm-up")
         self._spawn(monitor.run(), "engine monitor")
         self._spawn(self._reload_forever(), "reload")
         log.info("gateway listening on %s:%d (admin %d), engine %s (%s)", s.host, self.ports["client"],
@@ -156,16 +156,21 @@ class Gateway:
         task = asyncio.create_task(coroutine, name=name)
         self._tasks.append(task)
 
-    async def _warm_up(self) -> None:
+    async def _warm_up(self, monitor: EngineMonitor) -> None:
+        """Warm the engine up before the pod serves, and each engine process after it that the monitor sees."""
         assert self.services is not None
-        gate = WarmupGate(self.config, self.engine, self.services.client, self.state, self.metrics, self.sink,
-                          self.pod, self.settings.health_interval_seconds)
-        try:
-            await gate.run()
-        except Exception as exc:
-            if self.state.failed is None:
-                log.exception("warm-up failed")
-                self.state.fail(f"warm-up failed: {exc}")
+        since: float | None = None  # the first start is this container's
+        while True:
+            gate = WarmupGate(self.config, self.engine, self.services.client, self.state, self.metrics, self.sink,
+                              self.pod, self.settings.health_interval_seconds, since)
+            try:
+                await gate.run()
+            except Exception as exc:
+                if self.state.failed is None:
+                    log.exception("warm-up failed")
+                    self.state.fail(f"warm-up failed: {exc}")
+                return
+            since = await monitor.engine_lost()
 
     async def _reload_forever(self) -> None:
         while True:

@@ -10,7 +10,7 @@ from tensorfleet.gateway.config import GatewayConfig
 from tensorfleet.gateway.engine import Engine, EngineClient
 from tensorfleet.gateway.hooks import RequestHook, ResponseHook
 from tensorfleet.gateway.metrics import GatewayMetrics
-from tensorfleet.gateway.ratelimit import TokenRateLimiter
+from tensorfleet.gateway.ratelimit import Reservation, TokenRateLimiter
 from tensorfleet.gateway.settings import GatewaySettings
 from tensorfleet.gateway.state import ActiveRequests, Admission, GatewayState
 from tensorfleet.gateway.streams import Usage
@@ -43,6 +43,8 @@ class Outcome:
 
     status: int = 200
     admitted: float | None = None
+    sent: bool = False  # the request went to the engine, which may have started on it
+    reservation: Reservation | None = None  # the tenant's budget taken for it, settled when it is metered
     first_token: float | None = None
     chunks: list[TokenChunk] = dataclasses.field(default_factory=list)
     usage: Usage | None = None
@@ -50,6 +52,9 @@ class Outcome:
     cache_hit: bool = False
     error: str | None = None
     queued: bool = True  # counted in the queue-depth gauge until admitted or refused
+
+    def went_to_engine(self) -> None:
+        self.sent = True
 
     def tokens_at(self, now: float, tokens: int) -> None:
         """``tokens`` generated tokens forwarded (or collected) at ``now``."""

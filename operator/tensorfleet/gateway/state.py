@@ -11,7 +11,7 @@ from tensorfleet.gateway.metrics import GatewayMetrics
 
 
 class GatewayState:
-    """Ready means: warmed up, the engine answers its health check, and no drain has begun."""
+    """Ready means: serving (warmed up, not failed), the engine answers its health check, and no drain has begun."""
 
     def __init__(self, metrics: GatewayMetrics) -> None:
         self.metrics = metrics
@@ -27,12 +27,20 @@ class GatewayState:
         metrics.ready.set(0)
 
     @property
+    def serving(self) -> bool:
+        """This pod's warm-up passed and nothing failed since: what the engine serves a client is billed.
+
+        A drain does not change it: the pod serves on while its endpoints update, and that work is billed too.
+        """
+        return self.warm and self.failed is None
+
+    @property
     def ready(self) -> bool:
-        return self.warm and self.engine_up and not self.draining and self.failed is None
+        return self.serving and self.engine_up and not self.draining
 
     def set_phase(self, phase: str) -> None:
-        self.phase = phase
-        self.metrics.warmup_state.state(phase)
+        self.phase = "draining" if self.draining and phase != "failed" else phase  # a drain is never undone
+        self.metrics.warmup_state.state(self.phase)
         self.refresh()
 
     def set_engine_up(self, up: bool) -> None:
@@ -44,6 +52,13 @@ class GatewayState:
         self.warm = True
         self.ready_since = time.monotonic()
         self.set_phase("ready")
+
+    def lose_engine(self) -> None:
+        """The engine process is gone (its container restarts): nothing is served until its successor is warm."""
+        self.warm = False
+        self.engine_up = False
+        self.ready_since = None
+        self.set_phase("waiting_for_engine")
 
     def fail(self, reason: str) -> None:
         self.failed = reason

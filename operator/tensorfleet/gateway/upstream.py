@@ -30,7 +30,7 @@ import asyncio
 import collections
 import time
 import typing
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from urllib.parse import quote, urlsplit
 
 import httptools
@@ -248,8 +248,10 @@ class EngineConnections:
         self._idle: list[Exchange] = []
         self.opened = 0  # connections made (tests read it)
 
-    async def post(self, path: str, body: bytes, headers: Mapping[str, str]) -> Exchange:
-        """Send one request; returns once the engine's status line and headers are in."""
+    async def post(self, path: str, body: bytes, headers: Mapping[str, str],
+                   sent: Callable[[], None] | None = None) -> Exchange:
+        """Send one request; returns once the engine's status line and headers are in. ``sent`` is called once
+        the request is on its way over a connection (from then on the engine may have started on it)."""
         lines = [f"POST {quote(self.prefix + path, safe=_PATH_SAFE)} HTTP/1.1\r\n".encode("latin-1"), self._head]
         for name, value in headers.items():
             if "\r" in value or "\n" in value:
@@ -264,6 +266,8 @@ class EngineConnections:
                 exchange = await self._connect()
             exchange._reset()
             exchange.send(request)
+            if sent is not None:
+                sent()
             try:
                 await exchange._answer()
             except _ClosedBeforeAnswer:

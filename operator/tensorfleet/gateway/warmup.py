@@ -1,14 +1,17 @@
 """Start-up: wait for the engine, warm it up, then turn ready; and keep watching the engine afterwards.
 
 Cold start is measured from the container start (this process's start time, read from /proc) through
-engine healthy and warmed up to ready, exported as metrics and submitted once as a ``ColdStartEvent``.
-Warm-up requests go straight to the engine and are recorded as non-billable events.
+engine healthy and warmed up to ready, exported as metrics and submitted as a ``ColdStartEvent``.
+Warm-up requests go straight to the engine and are recorded as non-billable events. When the engine
+container restarts on its own (OOM, its liveness probe), the monitor sees it gone and the gateway runs
+the same gate again for the new engine process, measured from when it was seen gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
 import os
 import time
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 WARMUP_TENANT = "tensorfleet:warmup"
 SHORT_PROMPT = "Hello! Please introduce yourself in one sentence."
 DEFAULT_BATCH = 8
+LOST_AFTER_FAILURES = 3  # failed health checks in a row (one poll apart) that mean the engine process is gone
 
 
 def process_age_seconds() -> float:
@@ -50,8 +54,15 @@ class WarmupResult:
 
 
 class WarmupGate:
+    """One engine process's way to ready: healthy, warmed up, one cold-start record.
+
+    ``since`` (monotonic) is when that start began: None for this container's start (its process's start
+    time), else when the previous engine process was seen gone.
+    """
+
     def __init__(self, config: GatewayConfig, engine: Engine, client: EngineClient, state: GatewayState,
-                 metrics: GatewayMetrics, sink: EventSink, pod: str, health_interval: float = 0.5) -> None:
+                 metrics: GatewayMetrics, sink: EventSink, pod: str, health_interval: float = 0.5,
+                 since: float | None = None) -> None:
         self.config = config
         self.engine = engine
         self.client = client
@@ -61,13 +72,14 @@ class WarmupGate:
         self.pod = pod
         self.health_interval = health_interval
         self.created = time.monotonic()
-        self.container_started = self.created - process_age_seconds()
-        self.container_started_at = time.time() - (time.monotonic() - self.container_started)
+        self.started = self.created - process_age_seconds() if since is None else since
+        self.start_event = "the container started" if since is None else "the previous engine process was seen gone"
+        self.started_at = time.time() - (time.monotonic() - self.started)
 
     async def run(self) -> None:
-        # The deadline runs from this gateway's start; the cold-start record below measures from the
-        # container's (the process's) start. They differ only when the gateway runs inside a longer-lived
-        # process, as in tests.
+        # The deadline runs from this gate's start; the cold-start record below measures from ``started``: the
+        # container's (the process's) start, or when the previous engine process was seen gone. For the first
+        # start the two differ only when the gateway runs inside a longer-lived process, as in tests.
         deadline = self.created + self.config.warmup.timeout_seconds
         await self._wait_healthy(deadline)
         healthy = time.monotonic()
@@ -80,13 +92,13 @@ class WarmupGate:
         warm = time.monotonic()
         self.state.mark_warm()
         ready = time.monotonic()
-        self._report({"engine_healthy": healthy - self.container_started, "warmed_up": warm - healthy,
-                      "ready": ready - warm}, ready - self.container_started)
+        self._report({"engine_healthy": healthy - self.started, "warmed_up": warm - healthy,
+                      "ready": ready - warm}, ready - self.started)
 
     async def _wait_healthy(self, deadline: float) -> None:
         log.info("waiting for the engine at %s%s", self.client.base_url, self.engine.health_path)
         while True:
-            if await engine_healthy(self.client, self.engine.health_path):
+            if await engine_health(self.client, self.engine.health_path) is Health.OK:
                 log.info("the engine is healthy")
                 return
             if time.monotonic() > deadline:
@@ -180,19 +192,29 @@ class WarmupGate:
         for stage, seconds in stages.items():
             self.metrics.cold_start.labels(stage).observe(seconds)
         self.metrics.startup_seconds.set(total)
-        log.info("ready %.1f s after the container started (%s)", total,
+        log.info("ready %.1f s after %s (%s)", total, self.start_event,
                  ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()))
-        self.sink.submit(ColdStartEvent(pod=self.pod, started_at=self.container_started_at,
+        self.sink.submit(ColdStartEvent(pod=self.pod, started_at=self.started_at,
                                         stages=tuple(stages.items()), total_seconds=total))
 
 
-async def engine_healthy(client: EngineClient, path: str, seconds: float = 5.0) -> bool:
+class Health(enum.Enum):
+    OK = "ok"
+    FAILING = "failing"  # another status, or no answer in time: the engine may only be busy
+    GONE = "gone"  # no connection could be made: nothing listens, the engine process is not running
+
+
+async def engine_health(client: EngineClient, path: str, seconds: float = 5.0) -> Health:
     try:
         async with client.session.get(client.base_url + path, timeout=aiohttp.ClientTimeout(total=seconds)) as resp:
             await resp.read()
-            return resp.status == 200
+            return Health.OK if resp.status == 200 else Health.FAILING
+    except aiohttp.ClientConnectorDNSError:
+        return Health.FAILING
+    except aiohttp.ClientConnectorError:  # refused (a connect timeout is not one of these)
+        return Health.GONE
     except (aiohttp.ClientError, OSError, TimeoutError):
-        return False
+        return Health.FAILING
 
 
 def scrape_sum(text: str, name: str, label: str = "") -> float | None:
@@ -214,23 +236,54 @@ def scrape_sum(text: str, name: str, label: str = "") -> float | None:
 
 
 class EngineMonitor:
-    """Polls the engine's health and re-exports its queue and KV-cache gauges."""
+    """Polls the engine's health and re-exports its queue and KV-cache gauges.
+
+    While the pod is warm, a failed check turns it not-ready until a check passes again. A refused
+    connection (nothing listens: the engine container is restarting) or ``lost_after`` failed checks in a
+    row mean the engine process is gone: the pod stops serving (``GatewayState.lose_engine``) and
+    ``engine_lost`` returns, so that the next engine process is warmed up before the pod serves again.
+    """
 
     def __init__(self, engine: Engine, client: EngineClient, state: GatewayState, metrics: GatewayMetrics,
-                 metrics_url: str, interval: float) -> None:
+                 metrics_url: str, interval: float, lost_after: int = LOST_AFTER_FAILURES) -> None:
         self.engine = engine
         self.client = client
         self.state = state
         self.metrics = metrics
         self.metrics_url = metrics_url
         self.interval = interval
+        self.lost_after = lost_after
+        self.failures = 0
+        self._lost = asyncio.Event()
+        self._lost_at = 0.0
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             if self.state.warm:
-                self.state.set_engine_up(await engine_healthy(self.client, self.engine.health_path))
+                health = await engine_health(self.client, self.engine.health_path)
+                if self.state.warm:
+                    self.observe(health)
             await self.scrape()
+
+    def observe(self, health: Health) -> None:
+        """One health check of the warm engine: up, down for now, or gone."""
+        self.failures = 0 if health is Health.OK else self.failures + 1
+        if health is not Health.GONE and self.failures < self.lost_after:
+            self.state.set_engine_up(health is Health.OK)
+            return
+        log.warning("the engine is gone (%s): not serving until its next process is warmed up",
+                    "connection refused" if health is Health.GONE else f"{self.failures} failed health checks")
+        self.failures = 0
+        self._lost_at = time.monotonic()
+        self.state.lose_engine()
+        self._lost.set()
+
+    async def engine_lost(self) -> float:
+        """Wait until the warm engine is found gone; returns when it was (monotonic)."""
+        await self._lost.wait()
+        self._lost.clear()
+        return self._lost_at
 
     async def scrape(self) -> None:
         try:

@@ -1,8 +1,9 @@
 """What the gateway tells metering about each request: the contract between the two halves.
 
-The gateway builds one ``RequestEvent`` per request and one ``ColdStartEvent`` per pod start and hands
-them to an ``EventSink``. ``submit`` must never block the response path and never raise: a sink
-queues the event and does its work (attribution, ledger append, export) elsewhere.
+The gateway builds one ``RequestEvent`` per request and one ``ColdStartEvent`` per engine start (the pod's,
+and each engine restart it sees) and hands them to an ``EventSink``. ``submit`` must never block the
+response path and never raise: a sink queues the event and does its work (attribution, ledger append,
+export) elsewhere.
 
 Times: ``*_at`` fields are wall-clock seconds (``time.time()``) for records; the others are
 ``time.monotonic()`` seconds, the base the NVML sampler also uses, so intervals line up.
@@ -49,7 +50,7 @@ class RequestEvent:
     cached_tokens: int  # prompt tokens the engine served from its prefix cache
     status: int  # HTTP status sent to the client
     streaming: bool
-    billable: bool  # False for warm-up requests and anything served before the pod was ready
+    billable: bool  # False for warm-up requests, and client requests refused before the pod's warm-up passed
     cache_hit: bool = False  # answered from the gateway's response cache: no GPU time
     truncated: bool = False
     truncated_tokens: int = 0
@@ -59,10 +60,11 @@ class RequestEvent:
 
 @dataclasses.dataclass(frozen=True)
 class ColdStartEvent:
-    """One pod start: container start -> engine healthy -> warm -> ready, each stage timed. Never billed."""
+    """One engine start: container start (or the previous engine seen gone) -> engine healthy -> warm -> ready,
+    each stage timed. Never billed."""
 
     pod: str
-    started_at: float  # wall clock of the container start
+    started_at: float  # wall clock of the container start (or of the previous engine seen gone)
     stages: tuple[tuple[str, float], ...]  # (stage name, seconds), in order
     total_seconds: float
 
