@@ -26,6 +26,9 @@ from tensorfleet.render.workload import render_deployment, render_pdb, render_se
 from tensorfleet.status import Condition, Event, merge_conditions, transitions
 
 MAX_LISTED_ERRORS = 10
+# status keys reconcile writes (status.autoscaling has its own merge patch: tensorfleet's autoscaler owns it
+# in mode tensorfleet); one that a valid spec's plan leaves out is removed.
+OWNED_STATUS_KEYS = ("replicas", "readyReplicas", "selector", "url", "gpu", "engines")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +130,7 @@ def reconcile(body: Mapping[str, Any], observed: Observed, ctx: RenderContext, n
 def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observed, owned: list[Mapping[str, Any]],
               ctx: RenderContext) -> Plan:
     """The plan of a valid spec. A triton Deployment whose product's new Engine cannot serve yet is kept as it
-    is (``TritonPlan.swaps``)."""
+    is (``TritonPlan.swaps``); the Engines of a service that no longer runs triton are released."""
     deployments = [c for c in owned if c.get("kind") == "Deployment"]
     triton = _triton_plan(isvc, observed, deployments, ctx)
     kept = [swap.deployment for swap in triton.swaps] if triton else []
@@ -140,12 +143,15 @@ def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observe
         if triton is not None and triton.views:
             conditions = serving.waiting_conditions(triton.views)
     status = _status(body, deployments, conditions, isvc, ctx)
-    writes: tuple[serving.EngineWrite, ...] = ()
-    if triton is not None:
+    if triton is None:
+        engines = {e["metadata"]["name"]: e for e in observed.engines or ()}
+        writes = tuple(serving.engine_writes(isvc, [], engines))  # none wanted: release those it owns
+    else:
         status["_conditions"] = [*serving.swap_conditions(conditions, triton.swaps),
                                  serving.engine_ready_condition(triton.views)]
         status["engines"] = [v.status_entry() for v in triton.views]
         writes = triton.writes
+    _remove_vanished(body, status)
     prune = tuple(c for c in owned if child_key(c) not in wanted)
     return Plan(tuple(desired), prune, status, (), (), writes)
 
@@ -157,6 +163,14 @@ def _triton_plan(isvc: InferenceService, observed: Observed, deployments: Sequen
     products = eligible_products(isvc, observed.gpu_products)
     return serving.plan_triton(isvc, ctx, products, observed.compute_capabilities, observed.engines, deployments,
                                split_replicas)
+
+
+def _remove_vanished(body: Mapping[str, Any], status: dict[str, Any]) -> None:
+    """A key reconcile owns that the stored status has and this plan does not: remove it (a merge-patch null)."""
+    stored = body.get("status") or {}
+    for key in OWNED_STATUS_KEYS:
+        if key in stored and key not in status:
+            status[key] = None
 
 
 def _owned_by(child: Mapping[str, Any], uid: str | None) -> bool:

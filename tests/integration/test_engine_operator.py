@@ -172,3 +172,18 @@ def test_an_engine_change_keeps_serving_the_old_engine_until_the_new_one_is_read
                  what="the Deployment rolled to the new Engine")
         wait_for(lambda: cluster.engine(old) is None, what="the old Engine released")
 
+
+def test_switching_to_vllm_releases_the_engines_and_cancels_their_build(
+        emulator: EmulatorThread, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    with operator(emulator, monkeypatch):
+        assert cluster.create(triton_service("llama", model={"uri": "hf://a/b@v1"})).status_code == 201
+        name = wait_for(lambda: cluster.engines(), what="the Engine")[0]["metadata"]["name"]
+        only_job(cluster, name)
+        wait_for(lambda: (cluster.isvc("llama").get("status") or {}).get("engines"), what="status.engines")
+        patched = cluster.patch(ISVC, "InferenceService", "llama", {"spec": {"runtime": {"name": "vllm"}}})
+        assert patched.status_code == 200
+        wait_for(lambda: cluster.get("apps/v1", "Deployment", "llama"), what="the vllm Deployment")
+        wait_for(lambda: cluster.engine(name) is None, what="the Engine released (its last owner left)")
+        wait_for(lambda: cluster.jobs(name) == [], what="its build Job cancelled")
+        wait_for(lambda: "engines" not in cluster.isvc("llama")["status"], what="status.engines removed")
+        assert cluster.condition("llama", "EngineReady") is None

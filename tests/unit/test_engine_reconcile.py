@@ -399,6 +399,22 @@ def test_scaling_to_zero_while_the_new_engine_builds_retires_the_old_deployment(
     assert [(w.action, w.name) for w in plan.engine_writes] == [("delete", old["metadata"]["name"])]
 
 
+def test_switching_to_vllm_releases_the_engines_and_removes_status_engines() -> None:
+    building = building_engine(isvc_engine(triton_body()))
+    first = reconcile(triton_body(), on_h100([], building), RCTX, T0)
+    assert first.status["engines"]
+    switched = stored(triton_service(model={"uri": "hf://a/b@v1"}, replicas=3, runtime={"name": "vllm"}),
+                      generation=2, **first.status)
+    plan = reconcile(switched, on_h100([], building), RCTX, T0)
+    assert [(w.action, w.name) for w in plan.engine_writes] == [("delete", building["metadata"]["name"])]
+    assert plan.status["engines"] is None  # a merge-patch null removes it
+    assert condition(plan.status, "EngineReady") is None
+    switched["status"] = {k: v for k, v in plan.status.items() if v is not None}
+    released = reconcile(switched, on_h100([]), RCTX, T0)
+    assert released.engine_writes == ()
+    assert "engines" not in released.status
+
+
 def test_vllm_with_a_pinned_digest_fetches_and_verifies_the_weights_first() -> None:
     digest = "sha256:" + "9" * 64
     body = stored(inference_service(model={"digest": digest}))
