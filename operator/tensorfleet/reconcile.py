@@ -26,6 +26,9 @@ from tensorfleet.render.workload import render_deployment, render_pdb, render_se
 from tensorfleet.status import Condition, Event, merge_conditions, transitions
 
 MAX_LISTED_ERRORS = 10
+# status keys reconcile writes (status.autoscaling has its own merge patch: tensorfleet's autoscaler owns it
+# in mode tensorfleet); one that a valid spec's plan leaves out is removed.
+OWNED_STATUS_KEYS = ("replicas", "readyReplicas", "selector", "url", "gpu", "engines")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,51 +110,67 @@ def reconcile(body: Mapping[str, Any], observed: Observed, ctx: RenderContext, n
     generation = int(meta.get("generation") or 0)
     previous = (body.get("status") or {}).get("conditions") or []
     errors = spec_errors(body, ctx)
-    engine_writes: tuple[serving.EngineWrite, ...] = ()
     owned = [c for c in observed.children if _owned_by(c, meta.get("uid"))]
-    deployments = [c for c in owned if c.get("kind") == "Deployment"]
+    plan: Plan | None = None
     if not errors:
         try:
-            isvc, triton, desired = _render(body, observed, ctx)
+            plan = _converge(body, InferenceService.from_body(body), observed, owned, ctx)
         except InvalidSpecError as exc:  # a shape the checks let through: reported like theirs
             errors = list(exc.errors)
-    if errors:
-        desired = []
-        prune: list[Mapping[str, Any]] = []  # keep serving what runs until the spec is fixed
-        status = _status(body, deployments, _invalid_conditions(errors, deployments), None, ctx)
-    else:
-        wanted = {child_key(obj) for obj in desired}
-        prune = [c for c in owned if child_key(c) not in wanted]
-        rendered = [d for d in desired if d["kind"] == "Deployment"]
-        conditions = _serving_conditions(rendered, deployments, observed.apply_error)
-        if not rendered:
-            conditions = _no_products_conditions(isvc, observed.gpu_products)
-            if triton is not None and triton.views:
-                conditions = serving.waiting_conditions(triton.views)
-        status = _status(body, deployments, conditions, isvc, ctx)
-        if triton is not None:
-            status["_conditions"].append(serving.engine_ready_condition(triton.views))
-            status["engines"] = [v.status_entry() for v in triton.views]
-            engine_writes = triton.writes
+    if plan is None:
+        deployments = [c for c in owned if c.get("kind") == "Deployment"]
+        plan = Plan((), (), _status(body, deployments, _invalid_conditions(errors, deployments), None, ctx), (),
+                    tuple(errors))  # keep serving what runs until the spec is fixed: nothing written, nothing pruned
+    status = plan.status
     status["observedGeneration"] = generation
     status["conditions"] = merge_conditions(previous, status.pop("_conditions"), generation, now)
-    events = transitions(previous, status["conditions"])
-    return Plan(tuple(desired), tuple(prune), status, tuple(events), tuple(errors), engine_writes)
+    return dataclasses.replace(plan, events=tuple(transitions(previous, status["conditions"])))
 
 
-def _render(body: Mapping[str, Any], observed: Observed,
-            ctx: RenderContext) -> tuple[InferenceService, serving.TritonPlan | None, list[dict[str, Any]]]:
-    """The service, its Engine plan and its children; InvalidSpecError for a shape the checks let through."""
-    isvc = InferenceService.from_body(body)
-    triton = _triton_plan(isvc, observed, ctx)
-    return isvc, triton, desired_objects(isvc, ctx, observed.gpu_products, triton)
+def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observed, owned: list[Mapping[str, Any]],
+              ctx: RenderContext) -> Plan:
+    """The plan of a valid spec. A triton Deployment whose product's new Engine cannot serve yet is kept as it
+    is (``TritonPlan.swaps``); the Engines of a service that no longer runs triton are released."""
+    deployments = [c for c in owned if c.get("kind") == "Deployment"]
+    triton = _triton_plan(isvc, observed, deployments, ctx)
+    kept = [swap.deployment for swap in triton.swaps] if triton else []
+    desired = desired_objects(isvc, ctx, observed.gpu_products, triton)
+    wanted = {child_key(obj) for obj in [*desired, *kept]}
+    serving_now = [*(d for d in desired if d["kind"] == "Deployment"), *kept]
+    conditions = _serving_conditions(serving_now, deployments, observed.apply_error)
+    if not serving_now:
+        conditions = _no_products_conditions(isvc, observed.gpu_products)
+        if triton is not None and triton.views:
+            conditions = serving.waiting_conditions(triton.views)
+    status = _status(body, deployments, conditions, isvc, ctx)
+    if triton is None:
+        engines = {e["metadata"]["name"]: e for e in observed.engines or ()}
+        writes = tuple(serving.engine_writes(isvc, [], engines))  # none wanted: release those it owns
+    else:
+        status["_conditions"] = [*serving.swap_conditions(conditions, triton.swaps),
+                                 serving.engine_ready_condition(triton.views)]
+        status["engines"] = [v.status_entry() for v in triton.views]
+        writes = triton.writes
+    _remove_vanished(body, status)
+    prune = tuple(c for c in owned if child_key(c) not in wanted)
+    return Plan(tuple(desired), prune, status, (), (), writes)
 
 
-def _triton_plan(isvc: InferenceService, observed: Observed, ctx: RenderContext) -> serving.TritonPlan | None:
+def _triton_plan(isvc: InferenceService, observed: Observed, deployments: Sequence[Mapping[str, Any]],
+                 ctx: RenderContext) -> serving.TritonPlan | None:
     if isvc.spec.runtime.name != "triton" or observed.engines is None:
         return None
     products = eligible_products(isvc, observed.gpu_products)
-    return serving.plan_triton(isvc, ctx, products, observed.compute_capabilities, observed.engines, split_replicas)
+    return serving.plan_triton(isvc, ctx, products, observed.compute_capabilities, observed.engines, deployments,
+                               split_replicas)
+
+
+def _remove_vanished(body: Mapping[str, Any], status: dict[str, Any]) -> None:
+    """A key reconcile owns that the stored status has and this plan does not: remove it (a merge-patch null)."""
+    stored = body.get("status") or {}
+    for key in OWNED_STATUS_KEYS:
+        if key in stored and key not in status:
+            status[key] = None
 
 
 def _owned_by(child: Mapping[str, Any], uid: str | None) -> bool:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from builders import engine, engine_spec, triton_service
-from cluster import Cluster, wait_for
+from cluster import ISVC, Cluster, wait_for
 from integration.test_operator import RESYNC, operator, writes_during
 from tensorfleet.sandbox.apiserver import EmulatorThread
 
@@ -38,6 +38,15 @@ def report(body: dict, result: str = "cache", **extra: object) -> dict:
 def only_job(cluster: Cluster, engine_name: str) -> dict:
     return wait_for(lambda: (found := cluster.jobs(engine_name)) and len(found) == 1 and found[0],
                     what=f"one Job of {engine_name}")
+
+
+def complete_build(cluster: Cluster, engine_name: str) -> None:
+    """Play the Job controller and kubelet: the Engine's build Job finds its artifact in the store."""
+    job = only_job(cluster, engine_name)
+    body = wait_for(lambda: (e := cluster.engine(engine_name)) and e.get("status", {}).get("fingerprint") and e,
+                    what="status.fingerprint")
+    cluster.simulate_job_pod(job, report(body), job_status={"succeeded": 1, "conditions": [
+        {"type": "Complete", "status": "True"}]})
 
 
 def test_triton_builds_one_engine_per_product_then_serves_it_verified(
@@ -131,3 +140,50 @@ def test_a_serving_pod_that_finds_the_artifact_corrupt_triggers_a_rebuild(
                              for d in cluster.children("llama") if d["kind"] == "Deployment"),
                  what="the rebuilt engine rolled out")
         assert cluster.engine(name)["status"]["corruption"]["resolved"] is True
+
+
+def test_an_engine_change_keeps_serving_the_old_engine_until_the_new_one_is_ready(
+        emulator: EmulatorThread, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    with operator(emulator, monkeypatch):
+        assert cluster.create(triton_service("llama", model={"uri": "hf://a/b@v1"}, replicas=2)).status_code == 201
+        old = wait_for(lambda: cluster.engines(), what="the Engine")[0]["metadata"]["name"]
+        complete_build(cluster, old)
+        wait_for(lambda: [d for d in cluster.children("llama") if d["kind"] == "Deployment"], what="a Deployment")
+        cluster.mark_deployments_ready("llama")
+        wait_for(lambda: (cluster.condition("llama", "Ready") or {}).get("status") == "True", what="service Ready")
+        serving = next(d for d in cluster.children("llama") if d["kind"] == "Deployment")
+
+        cluster.patch(ISVC, "InferenceService", "llama", {"spec": {"engine": {"maxBatchSize": 64}}})
+        new = wait_for(lambda: [n for e in cluster.engines() if (n := e["metadata"]["name"]) != old],
+                       what="the new Engine")[0]
+        building = wait_for(lambda: (c := cluster.condition("llama", "Progressing")) and c["reason"] ==
+                            "BuildingEngines" and c, what="Progressing=True, BuildingEngines")
+        assert building["status"] == "True"
+        assert f"keeps serving Engine {old}" in building["message"]
+        time.sleep(2 * RESYNC)
+        assert writes_during(cluster, 3 * RESYNC) == []  # a pending swap is steady too
+        assert [d for d in cluster.children("llama") if d["kind"] == "Deployment"] == [serving]  # untouched
+        assert cluster.engine(old) is not None
+        assert cluster.condition("llama", "Ready")["status"] == "True"
+
+        complete_build(cluster, new)
+        wait_for(lambda: any(d["spec"]["template"]["metadata"]["labels"]["tensorfleet.io/engine"] == new
+                             for d in cluster.children("llama") if d["kind"] == "Deployment"),
+                 what="the Deployment rolled to the new Engine")
+        wait_for(lambda: cluster.engine(old) is None, what="the old Engine released")
+
+
+def test_switching_to_vllm_releases_the_engines_and_cancels_their_build(
+        emulator: EmulatorThread, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    with operator(emulator, monkeypatch):
+        assert cluster.create(triton_service("llama", model={"uri": "hf://a/b@v1"})).status_code == 201
+        name = wait_for(lambda: cluster.engines(), what="the Engine")[0]["metadata"]["name"]
+        only_job(cluster, name)
+        wait_for(lambda: (cluster.isvc("llama").get("status") or {}).get("engines"), what="status.engines")
+        patched = cluster.patch(ISVC, "InferenceService", "llama", {"spec": {"runtime": {"name": "vllm"}}})
+        assert patched.status_code == 200
+        wait_for(lambda: cluster.get("apps/v1", "Deployment", "llama"), what="the vllm Deployment")
+        wait_for(lambda: cluster.engine(name) is None, what="the Engine released (its last owner left)")
+        wait_for(lambda: cluster.jobs(name) == [], what="its build Job cancelled")
+        wait_for(lambda: "engines" not in cluster.isvc("llama")["status"], what="status.engines removed")
+        assert cluster.condition("llama", "EngineReady") is None

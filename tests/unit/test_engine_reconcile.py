@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from builders import engine, engine_spec, inference_service, stored, triton_service
+from tensorfleet import diff
 from tensorfleet.api.types import InferenceService
 from tensorfleet.engines import jobs, serving
 from tensorfleet.engines.reconcile import (
@@ -20,6 +21,7 @@ from tensorfleet.engines.reconcile import (
 from tensorfleet.reconcile import Observed, reconcile
 from tensorfleet.render.context import RenderContext
 from tensorfleet.status import condition
+from unit.test_reconcile import as_created, deployment_status
 
 T0 = datetime.datetime(2026, 11, 21, 12, 0, tzinfo=datetime.UTC)
 CTX = EngineContext(retry_base_seconds=60, retry_max_seconds=600)
@@ -323,6 +325,94 @@ def test_shared_engines_gain_and_lose_owners_and_user_engines_are_never_touched(
     user_applied["metadata"]["labels"] = {}
     user_applied["metadata"]["ownerReferences"] = []
     assert serving.engine_writes(isvc, [manifest], {manifest["metadata"]["name"]: user_applied}) == []
+
+
+def building_engine(manifest: dict[str, Any], failed: str | None = None) -> dict[str, Any]:
+    """``manifest`` as the operator created it for service uid-1, its first build running (or failed)."""
+    out = ready_engine(manifest)
+    out["status"] = {"fingerprint": "f" * 64, "conditions": [
+        {"type": "Ready", "status": "False", "reason": "Building", "message": "build attempt 1 running"}]}
+    if failed:
+        out["status"]["conditions"].append({"type": "Failed", "status": "True", "reason": "BuildFailed",
+                                            "message": failed})
+    return out
+
+
+def engine_change(**engine: Any) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """A triton service serving 3 ready replicas from its Engine, then a change of its engine settings:
+    (the changed body, the children as stored, the serving Engine, the new Engine's manifest)."""
+    old = ready_engine(isvc_engine(triton_body()))
+    plan = reconcile(triton_body(), Observed(gpu_products=(H100,), compute_capabilities={H100: "9.0"},
+                                             engines=(old,)), RCTX, T0)
+    children = deployment_status(as_created(plan.desired), ready=3)
+    changed = stored(triton_service(model={"uri": "hf://a/b@v1"}, replicas=3, engine=engine), generation=2,
+                     **plan.status)
+    return changed, children, old, isvc_engine(changed)
+
+
+def on_h100(children: list[dict[str, Any]], *engines: dict[str, Any]) -> Observed:
+    return Observed(tuple(children), gpu_products=(H100,), compute_capabilities={H100: "9.0"}, engines=engines)
+
+
+def test_an_engine_change_keeps_the_deployment_serving_until_the_new_engine_can_serve_then_rolls() -> None:
+    changed, children, old, manifest = engine_change(maxBatchSize=64)
+    serving_now = next(c for c in children if c["kind"] == "Deployment")
+    for new_engine in ((), (building_engine(manifest),)):
+        plan = reconcile(changed, on_h100(children, old, *new_engine), RCTX, T0)
+        assert plan.prune == ()
+        assert "Deployment" not in [o["kind"] for o in plan.desired]  # left exactly as it runs
+        assert [w.action for w in plan.engine_writes] == ([] if new_engine else ["create"])  # the old one stays
+        assert condition(plan.status, "Ready")["status"] == "True"
+        progressing = condition(plan.status, "Progressing")
+        assert (progressing["status"], progressing["reason"]) == ("True", "BuildingEngines")
+        assert (f"Deployment {serving_now['metadata']['name']} keeps serving Engine {old['metadata']['name']} "
+                f"until Engine {manifest['metadata']['name']} can serve") in progressing["message"]
+    again = reconcile({**changed, "status": plan.status}, on_h100(children, old, building_engine(manifest)), RCTX, T0)
+    assert again.status == plan.status  # steady while the new engine builds: no status write either
+    plan = reconcile(changed, on_h100(children, old, ready_engine(manifest)), RCTX, T0)
+    rolled = next(o for o in plan.desired if o["kind"] == "Deployment")
+    assert rolled["metadata"]["name"] == serving_now["metadata"]["name"]
+    assert diff.needs_apply(rolled, serving_now) == "update"  # rolls: maxSurge 1, maxUnavailable 0
+    assert rolled["spec"]["template"]["metadata"]["labels"]["tensorfleet.io/engine"] == manifest["metadata"]["name"]
+    assert [(w.action, w.name) for w in plan.engine_writes] == [("delete", old["metadata"]["name"])]
+
+
+def test_a_failed_build_of_the_new_engine_leaves_the_old_deployment_serving_and_degrades() -> None:
+    changed, children, old, manifest = engine_change(precision="bf16")
+    failed = building_engine(manifest, failed="trtllm-build exited with status 1")
+    plan = reconcile(changed, on_h100(children, old, failed), RCTX, T0)
+    assert plan.prune == ()
+    assert plan.engine_writes == ()
+    assert condition(plan.status, "Ready")["status"] == "True"
+    degraded = condition(plan.status, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "EngineBuildFailed")
+    assert f"keeps serving Engine {old['metadata']['name']}" in degraded["message"]
+    assert "trtllm-build exited with status 1" in degraded["message"]
+    assert condition(plan.status, "Progressing")["reason"] == "EngineBuildFailed"
+
+
+def test_scaling_to_zero_while_the_new_engine_builds_retires_the_old_deployment() -> None:
+    changed, children, old, manifest = engine_change(maxBatchSize=64)
+    changed["spec"]["replicas"] = 0
+    plan = reconcile(changed, on_h100(children, old, building_engine(manifest)), RCTX, T0)
+    assert [p["kind"] for p in plan.prune] == ["Deployment"]
+    assert [(w.action, w.name) for w in plan.engine_writes] == [("delete", old["metadata"]["name"])]
+
+
+def test_switching_to_vllm_releases_the_engines_and_removes_status_engines() -> None:
+    building = building_engine(isvc_engine(triton_body()))
+    first = reconcile(triton_body(), on_h100([], building), RCTX, T0)
+    assert first.status["engines"]
+    switched = stored(triton_service(model={"uri": "hf://a/b@v1"}, replicas=3, runtime={"name": "vllm"}),
+                      generation=2, **first.status)
+    plan = reconcile(switched, on_h100([], building), RCTX, T0)
+    assert [(w.action, w.name) for w in plan.engine_writes] == [("delete", building["metadata"]["name"])]
+    assert plan.status["engines"] is None  # a merge-patch null removes it
+    assert condition(plan.status, "EngineReady") is None
+    switched["status"] = {k: v for k, v in plan.status.items() if v is not None}
+    released = reconcile(switched, on_h100([]), RCTX, T0)
+    assert released.engine_writes == ()
+    assert "engines" not in released.status
 
 
 def test_vllm_with_a_pinned_digest_fetches_and_verifies_the_weights_first() -> None:

@@ -154,9 +154,10 @@ def _ours(body: Mapping[str, Any]) -> bool:
 
 
 def engine_writes(isvc: InferenceService, wanted: Sequence[Mapping[str, Any]],
-                  observed: Mapping[str, Mapping[str, Any]]) -> list[EngineWrite]:
+                  observed: Mapping[str, Mapping[str, Any]], keep: frozenset[str] = frozenset()) -> list[EngineWrite]:
     """Create missing Engines owned by the service; add the service as an owner of Engines it now
-    shares; drop it from those it no longer needs (deleting them when it was the last owner).
+    shares; drop it from those it no longer needs (deleting them when it was the last owner), except
+    ``keep``: Engines that Deployments of the service still serve while their new Engine builds.
     Engines a user applied (without tensorfleet's managed-by label) are used, never owned or deleted."""
     ref = {**labels.owner_reference(isvc.name, isvc.uid), "controller": False}
     writes = []
@@ -176,7 +177,7 @@ def engine_writes(isvc: InferenceService, wanted: Sequence[Mapping[str, Any]],
             writes.append(EngineWrite("patch", name, isvc.namespace, _owner_patch(body, [*refs, ref])))
     for name, body in observed.items():
         refs = list(body.get("metadata", {}).get("ownerReferences") or [])
-        if name in wanted_names or not _ours(body) or not any(r.get("uid") == isvc.uid for r in refs):
+        if name in wanted_names or name in keep or not _ours(body) or not any(r.get("uid") == isvc.uid for r in refs):
             continue
         rest = [r for r in refs if r.get("uid") != isvc.uid]
         writes.append(EngineWrite("patch", name, isvc.namespace, _owner_patch(body, rest)) if rest
@@ -266,26 +267,87 @@ def with_model_fetch(deployment: dict[str, Any], isvc: InferenceService, ctx: c.
 
 
 @dataclasses.dataclass(frozen=True)
+class Swap:
+    """A product whose observed Deployment keeps serving the Engine it fetches until the product's new Engine
+    (``view``) can serve: then the Deployment rolls to it (maxSurge 1, maxUnavailable 0)."""
+
+    deployment: Mapping[str, Any]
+    view: EngineView
+
+    @property
+    def serving_engine(self) -> str:
+        return fetched_engine(self.deployment) or ""
+
+    def message(self) -> str:
+        name = self.deployment["metadata"]["name"]
+        new = f"Engine {self.view.name}" if self.view.name else "its new Engine"
+        return (f"{self.view.product}: Deployment {name} keeps serving Engine {self.serving_engine} until "
+                f"{new} can serve ({self.view.message})")
+
+
+@dataclasses.dataclass(frozen=True)
 class TritonPlan:
     deployments: tuple[dict[str, Any], ...]
     views: tuple[EngineView, ...]
     writes: tuple[EngineWrite, ...]
+    swaps: tuple[Swap, ...] = ()  # observed Deployments left as they are: their product's new Engine cannot serve yet
+
+
+def fetched_engine(deployment: Mapping[str, Any]) -> str | None:
+    """The Engine a serving Deployment's pods fetch (its pod template's engine label), None for none."""
+    template = (deployment.get("spec") or {}).get("template") or {}
+    return ((template.get("metadata") or {}).get("labels") or {}).get(ENGINE_LABEL)
+
+
+def pending_swaps(views: Sequence[EngineView], running: Sequence[Mapping[str, Any]]) -> dict[str, Swap]:
+    """product -> Swap, for each product whose wanted Engine cannot serve yet while a Deployment of the
+    service serves it from another Engine: keep serving what runs until the new engine can take over."""
+    by_product = {(d.get("metadata", {}).get("labels") or {}).get(labels.GPU_PRODUCT_LABEL): d
+                  for d in running if fetched_engine(d)}
+    return {v.product: Swap(by_product[v.product], v) for v in views if not v.servable and v.product in by_product}
 
 
 def plan_triton(isvc: InferenceService, ctx: c.RenderContext, products: tuple[str, ...],
                 capabilities: Mapping[str, str], engines: Sequence[Mapping[str, Any]],
+                running: Sequence[Mapping[str, Any]],
                 split_replicas: Callable[[int, tuple[str, ...]], dict[str, int]]) -> TritonPlan:
-    """One Deployment per eligible product whose Engine is Ready, replicas spread over those products."""
+    """One Deployment per eligible product whose Engine can serve, replicas spread over the products that
+    serve: those and the ones whose ``running`` Deployment keeps serving an older Engine meanwhile (a swap).
+    A swapping product with no replicas requested is not kept. Engines a kept Deployment fetches stay owned."""
 
     observed = {e["metadata"]["name"]: e for e in engines}
     wanted = desired_engines(isvc, products, capabilities)
     views = engine_views(products, wanted, observed)
-    ready = tuple(v.product for v in views if v.servable)
+    swaps = pending_swaps(views, running)
+    ready = {v.product for v in views if v.servable}
+    counts = split_replicas(isvc.spec.desired_replicas, tuple(v.product for v in views
+                                                                if v.product in ready or v.product in swaps))
+    swaps = {product: swap for product, swap in swaps.items() if counts[product]}
     assert isvc.spec.engine is not None
     deployments = []
-    for product, count in split_replicas(isvc.spec.desired_replicas, ready).items():
-        name = wanted[product]["metadata"]["name"]
-        base = render_deployment(isvc, ctx, count, variant=labels.product_slug(product), gpu_product=product)
-        deployments.append(with_engine_fetch(base, observed[name], ctx, isvc.spec.engine.max_batch_size))
-    writes = engine_writes(isvc, list(wanted.values()), observed)
-    return TritonPlan(tuple(deployments), tuple(views), tuple(writes))
+    for product, count in counts.items():
+        if product in ready:
+            name = wanted[product]["metadata"]["name"]
+            base = render_deployment(isvc, ctx, count, variant=labels.product_slug(product), gpu_product=product)
+            deployments.append(with_engine_fetch(base, observed[name], ctx, isvc.spec.engine.max_batch_size))
+    in_use = frozenset(swap.serving_engine for swap in swaps.values())
+    writes = engine_writes(isvc, list(wanted.values()), observed, keep=in_use)
+    return TritonPlan(tuple(deployments), tuple(views), tuple(writes), tuple(swaps.values()))
+
+
+def swap_conditions(conditions: Sequence[Condition], swaps: Sequence[Swap]) -> list[Condition]:
+    """The service's conditions while Deployments keep serving an older Engine (see ``Swap``): Progressing=True
+    (BuildingEngines) while a new Engine builds; once one failed, Degraded=True (EngineBuildFailed) and, with
+    nothing else in progress, Progressing=False. Ready and an ApplyFailed or RolloutFailed stay as they are."""
+    by_type = {cond.type: cond for cond in conditions}
+    failed = [s.message() for s in swaps if s.view.reason == "BuildFailed"]
+    building = [s.message() for s in swaps if s.view.reason != "BuildFailed"]
+    progressing, degraded = by_type["Progressing"], by_type["Degraded"]
+    rolling = [progressing.message] if progressing.status == "True" else []
+    if building:
+        by_type["Progressing"] = Condition("Progressing", "True", "BuildingEngines", "; ".join([*building, *rolling]))
+    elif failed and not rolling:
+        by_type["Progressing"] = Condition("Progressing", "False", "EngineBuildFailed", "; ".join(failed))
+    if failed and degraded.status != "True":
+        by_type["Degraded"] = Condition("Degraded", "True", "EngineBuildFailed", "; ".join(failed))
+    return list(by_type.values())
