@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
+import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,13 +198,60 @@ def _unique_bodies(records: list[verify.Record]) -> list[dict[str, Any]]:
               help="Where to write the public key (PEM) that verifiers use.")
 def keygen_command(private_key: str, public_key: str) -> None:
     """Make a signing key pair for the metering Secret."""
-    for path in (private_key, public_key):
-        if Path(path).exists():
-            raise click.BadParameter(f"{path} exists; refusing to overwrite a key", param_hint="--private-key")
+    _check_key_paths(private_key, public_key)
     key = chain.generate_key()
-    Path(private_key).touch(mode=0o600)
-    Path(private_key).write_bytes(chain.private_pem(key))
-    Path(public_key).write_bytes(chain.public_pem(key.public_key()))
+    _write_all([("--private-key", Path(private_key), chain.private_pem(key), 0o600),
+                ("--public-key", Path(public_key), chain.public_pem(key.public_key()), 0o644)])
     click.echo(f"key id {chain.key_id(key.public_key())}; create the Secret in each serving namespace with\n"
                f"  kubectl -n NAMESPACE create secret generic tensorfleet-metering "
                f"--from-file=signing-key={private_key}")
+
+
+def _check_key_paths(private_key: str, public_key: str) -> None:
+    """Both paths new, in existing folders, and not the same file (the public key would replace the private one)."""
+    private, public = Path(private_key), Path(public_key)
+    if private.resolve() == public.resolve() or (private.exists() and public.exists()
+                                                 and os.path.samefile(private, public)):
+        raise click.BadParameter(f"{public_key}: must differ from --private-key", param_hint="--public-key")
+    for flag, path in (("--private-key", private), ("--public-key", public)):
+        if path.exists() or path.is_symlink():
+            raise click.BadParameter(f"{path} exists; refusing to overwrite a key", param_hint=flag)
+        if not path.resolve().parent.is_dir():
+            raise click.BadParameter(f"{path}: no such folder {path.parent}", param_hint=flag)
+
+
+def _write_all(files: list[tuple[str, Path, bytes, int]]) -> None:
+    """Write every (flag, path, content, mode) or none: each goes to a temporary file beside its target first,
+    and a failure or Ctrl-C before the last is in place removes what was written."""
+    written: list[Path] = []  # temporary files, then the targets they became
+    try:
+        temporaries = [_write_temporary(flag, path, content, mode, written) for flag, path, content, mode in files]
+        for (flag, path, _, _), temporary in zip(files, temporaries, strict=True):
+            with _naming(flag, path):
+                os.replace(temporary, path)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _write_temporary(flag: str, path: Path, content: bytes, mode: int, written: list[Path]) -> Path:
+    with _naming(flag, path):
+        descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)  # O_EXCL, 0600
+        written.append(Path(name))
+        with os.fdopen(descriptor, "wb") as stream:
+            os.fchmod(stream.fileno(), mode)
+            stream.write(content)
+            stream.flush()
+            os.fsync(stream.fileno())
+    return Path(name)
+
+
+@contextlib.contextmanager
+def _naming(flag: str, path: Path) -> Iterator[None]:
+    """An ``OSError`` as the usage error of ``flag``."""
+    try:
+        yield
+    except OSError as exc:
+        raise click.BadParameter(f"{path}: {exc.strerror or exc}", param_hint=flag) from None
