@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
+from tensorfleet import cli_files
 from tensorfleet.metering import chain, report, verify
 
 
@@ -216,8 +215,7 @@ def _check_key_paths(private_key: str, public_key: str) -> None:
     for flag, path in (("--private-key", private), ("--public-key", public)):
         if path.exists() or path.is_symlink():
             raise click.BadParameter(f"{path} exists; refusing to overwrite a key", param_hint=flag)
-        if not path.resolve().parent.is_dir():
-            raise click.BadParameter(f"{path}: no such folder {path.parent}", param_hint=flag)
+        cli_files.check_writable(str(path), flag)
 
 
 def _write_all(files: list[tuple[str, Path, bytes, int]]) -> None:
@@ -227,7 +225,7 @@ def _write_all(files: list[tuple[str, Path, bytes, int]]) -> None:
     try:
         temporaries = [_write_temporary(flag, path, content, mode, written) for flag, path, content, mode in files]
         for (flag, path, _, _), temporary in zip(files, temporaries, strict=True):
-            with _naming(flag, path):
+            with cli_files.naming(flag, path):
                 os.replace(temporary, path)
             written.append(path)
     except BaseException:
@@ -237,7 +235,7 @@ def _write_all(files: list[tuple[str, Path, bytes, int]]) -> None:
 
 
 def _write_temporary(flag: str, path: Path, content: bytes, mode: int, written: list[Path]) -> Path:
-    with _naming(flag, path):
+    with cli_files.naming(flag, path):
         descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)  # O_EXCL, 0600
         written.append(Path(name))
         with os.fdopen(descriptor, "wb") as stream:
@@ -246,12 +244,3 @@ def _write_temporary(flag: str, path: Path, content: bytes, mode: int, written: 
             stream.flush()
             os.fsync(stream.fileno())
     return Path(name)
-
-
-@contextlib.contextmanager
-def _naming(flag: str, path: Path) -> Iterator[None]:
-    """An ``OSError`` as the usage error of ``flag``."""
-    try:
-        yield
-    except OSError as exc:
-        raise click.BadParameter(f"{path}: {exc.strerror or exc}", param_hint=flag) from None
