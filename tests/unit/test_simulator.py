@@ -254,3 +254,39 @@ def test_simulate_reports_a_bad_trace_line(tmp_path: pathlib.Path) -> None:
     result = CliRunner().invoke(main, ["simulate", "--trace", str(bad), "--plot", ""])
     assert result.exit_code == 1
     assert "bad.csv:3: column GeneratedTokens" in result.output
+
+
+def test_simulate_reads_its_files_naming_the_flag(tmp_path: pathlib.Path) -> None:
+    """A trace that is not UTF-8 was a UnicodeDecodeError traceback."""
+    bad = tmp_path / "trace.csv"
+    bad.write_bytes(b"TIMESTAMP,ContextTokens,GeneratedTokens\n0,100,10\n\xff\xfe,100,10\n")
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(bad), "--plot", ""])
+    assert result.exit_code == 2
+    assert f"Invalid value for --trace: {bad}: not UTF-8 text" in result.output
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_simulate_checks_its_outputs_before_the_run(tmp_path: pathlib.Path, flag: str) -> None:
+    """An output in a missing folder was an OSError traceback after the whole run and its printed table."""
+    csv = write_trace(tmp_path / "trace.csv", steady_trace(rate=1.0, seconds=10))
+    out = tmp_path / "missing" / "out"
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(csv), "--plot", "", flag, str(out)])
+    assert result.exit_code == 2
+    assert f"Invalid value for {flag}: {out}: no such folder" in result.output
+    assert "tensorfleet " not in result.output  # the comparison table: nothing ran
+
+
+@pytest.mark.parametrize(("manifest", "named"), [
+    ("a: [\n", "not valid YAML"),
+    ("---\nkind: InferenceService\n---\nkind: InferenceService\n", "must be one InferenceService manifest"),
+    ("kind: InferenceService\nspec: [1]\n", "spec: Invalid value: must be a mapping"),
+    ("kind: InferenceService\nspec:\n  autoscaling: 3\n", "spec.autoscaling: Invalid value: must be a mapping"),
+], ids=["not-yaml", "two-documents", "spec-not-a-mapping", "autoscaling-not-a-mapping"])
+def test_simulate_refuses_a_service_manifest_it_cannot_use(tmp_path: pathlib.Path, manifest: str, named: str) -> None:
+    """Each was a traceback (ComposerError, AttributeError, ...)."""
+    csv = write_trace(tmp_path / "trace.csv", steady_trace(rate=1.0, seconds=10))
+    service = tmp_path / "svc.yaml"
+    service.write_text(manifest)
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(csv), "--plot", "", "--service", str(service)])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for --service: {service}: {named}" in result.output
