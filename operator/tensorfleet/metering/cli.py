@@ -144,12 +144,14 @@ def verify_command(ledgers: tuple[str, ...], exports: tuple[str, ...], checkpoin
 def report_command(ledgers: tuple[str, ...], exports: tuple[str, ...], by: str, window: str, since: str | None,
                    until: str | None, output: str, chart: str | None) -> None:
     """Totals of tokens, GPU-ms, resource units and cost per tenant, model, tier and time window."""
-    records = _sources(ledgers, exports).records
     try:
         size = report.parse_window(window)
     except ValueError as exc:  # its message names --window and the limit
         raise click.UsageError(str(exc)) from None
     start, end = _time_option("--since", since), _time_option("--until", until)
+    if chart:
+        cli_files.check_writable(chart, "--chart")
+    records = _sources(ledgers, exports).records
     bodies = _unique_bodies(records)
     try:
         selected = report.billable(bodies, start, end)
@@ -159,7 +161,8 @@ def report_command(ledgers: tuple[str, ...], exports: tuple[str, ...], by: str, 
     click.echo(report.render(rows, output), nl=False)
     if chart:
         try:
-            report.chart(selected, size, chart)
+            with cli_files.naming("--chart", chart):
+                report.chart(selected, size, chart)
         except ImportError:
             raise click.ClickException("--chart needs matplotlib: pip install 'tensorfleet[plots]'") from None
         click.echo(f"chart written to {chart}", err=True)
