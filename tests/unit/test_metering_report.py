@@ -145,3 +145,11 @@ def test_a_chart_that_cannot_be_written_is_refused_before_the_report(tmp_path: P
     assert f"Invalid value for --chart: {chart}: no such folder" in result.output
     assert "acme" not in result.output
 
+
+def test_since_not_before_until_is_a_usage_error(tmp_path: Path) -> None:
+    """A swapped pair printed 'no billable usage in the selection' with exit 0: a file reading as a zero bill."""
+    path = ledger_of(tmp_path / "usage.db", [record("a")])
+    result = run_report("--ledger", str(path), "--since", "2030-01-01", "--until", "2020-01-01")
+    assert result.exit_code == 2, result.output
+    assert ("Invalid value for --since: 2030-01-01T00:00:00Z must be before --until 2020-01-01T00:00:00Z"
+            in result.output)

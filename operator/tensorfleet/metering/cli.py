@@ -148,7 +148,7 @@ def report_command(ledgers: tuple[str, ...], exports: tuple[str, ...], by: str, 
         size = report.parse_window(window)
     except ValueError as exc:  # its message names --window and the limit
         raise click.UsageError(str(exc)) from None
-    start, end = _time_option("--since", since), _time_option("--until", until)
+    start, end = _time_range(since, until)
     if chart:
         cli_files.check_writable(chart, "--chart")
     records = _sources(ledgers, exports).records
@@ -166,6 +166,17 @@ def report_command(ledgers: tuple[str, ...], exports: tuple[str, ...], by: str, 
         except ImportError:
             raise click.ClickException("--chart needs matplotlib: pip install 'tensorfleet[plots]'") from None
         click.echo(f"chart written to {chart}", err=True)
+
+
+def _time_range(since: str | None, until: str | None) -> tuple[datetime.datetime | None, datetime.datetime | None]:
+    start, end = _time_option("--since", since), _time_option("--until", until)
+    if start and end and start >= end:  # a swapped pair would select nothing and read as a zero bill
+        raise click.BadParameter(f"{_utc(start)} must be before --until {_utc(end)}", param_hint="--since")
+    return start, end
+
+
+def _utc(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _time_option(option: str, value: str | None) -> datetime.datetime | None:
