@@ -323,3 +323,15 @@ def _verify_as_nobody(evidence: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
                           capture_output=True, text=True, env={**os.environ, "HOME": "/"}, check=False)
 
+
+
+def test_a_bad_line_of_an_export_is_named_by_its_line_in_the_file(tmp_path: Path) -> None:
+    """Each line was parsed alone, so every error said 'line 1 column 2 (char 1)', whatever the line."""
+    export_file = write(tmp_path / "e.jsonl", exported(make_ledger(tmp_path / "usage.db", 3, (3,))))
+    lines = Path(export_file).read_text().splitlines()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join([lines[0], "", lines[1], '{"broken', *lines[2:]]) + "\n")
+    result = run("verify", "--export", str(broken), "--trust-embedded-key")
+    assert result.exit_code == 2
+    assert f"{broken}: not CloudEvents JSON: line 4: not JSON (Unterminated string starting at: column 2)" \
+        in result.output, result.output

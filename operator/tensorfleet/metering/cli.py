@@ -58,9 +58,9 @@ def _sources(ledgers: tuple[str, ...], exports: tuple[str, ...], checkpoint_file
 
 def _read_export(path: str, option: str) -> tuple[list[verify.Record], list[verify.Checkpoint]]:
     try:
-        events = verify.read_events(path)
-    except (OSError, ValueError) as exc:
-        raise click.BadParameter(f"{path}: not CloudEvents JSON ({exc})", param_hint=option) from None
+        events = verify.parse_events(cli_files.read_text(path, option))
+    except ValueError as exc:
+        raise click.BadParameter(f"{path}: not CloudEvents JSON: {exc}", param_hint=option) from None
     try:
         return verify.from_events(events)
     except ValueError as exc:
