@@ -252,9 +252,16 @@ def model() -> None:
 def model_fetch(uri: str, digest_: str | None, dest: pathlib.Path, timeout: int, s3_endpoint: str | None,
                 termination_log: pathlib.Path) -> None:
     """Download the weights into DEST (retrying with backoff until TIMEOUT) and verify DIGEST."""
+    from tensorfleet.api.types import ModelSource
     from tensorfleet.engines import models
 
     _logging()
+    try:
+        ModelSource.parse(uri)
+    except ValueError as exc:  # the operator validated it: a Pod edited by hand, or the command run by a person
+        _report(termination_log, {"result": "failed", "reason": "InvalidURI", "uri": uri, "message": str(exc)})
+        click.echo(f"model-fetch: --uri: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
     try:
         local = models.fetch_model(uri, dest, digest_, models.RetryPolicy(timeout_seconds=timeout), s3_endpoint)
     except models.DigestMismatch as exc:
