@@ -18,6 +18,7 @@ WORKDIR /src
 COPY hack/image-install.sh /usr/local/bin/image-install
 COPY pyproject.toml setup.py README.md ./
 COPY crds ./crds
+COPY examples/inferenceservice.yaml ./examples/inferenceservice.yaml
 COPY operator ./operator
 RUN image-install /opt/tensorfleet /src
 

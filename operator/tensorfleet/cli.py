@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from tensorfleet import __version__, config
+from tensorfleet import __version__, cli_files, config
 from tensorfleet.autoscale.simulator import command as simulate_command
 from tensorfleet.gateway import command as gateway_command
 from tensorfleet.settings import OperatorSettings
@@ -67,8 +67,7 @@ def render(filename: str, gpu_product: str | None, output: str, **options: Any) 
     from tensorfleet import manifests
 
     settings = config.from_click(OperatorSettings, options)
-    with click.open_file(filename) as stream:
-        text = stream.read()
+    text = cli_files.read_text(filename, "'-f' / '--filename'")
     result = manifests.render_text(text, settings.render_context(), gpu_product=gpu_product,
                                    source="<stdin>" if filename == "-" else filename)
     for problem in [*result.warnings, *result.errors]:

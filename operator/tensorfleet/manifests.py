@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from tensorfleet.api import manifest_yaml
 from tensorfleet.api.schema import InvalidSpecError
 from tensorfleet.api.types import InferenceService
 from tensorfleet.reconcile import desired_objects, spec_errors
@@ -28,7 +29,7 @@ def render_text(text: str, ctx: RenderContext, gpu_product: str | None = None,
     stream = io.StringIO(text)
     stream.name = source  # PyYAML's marks name a stream by its ``name``
     try:
-        docs = [d for d in yaml.safe_load_all(stream) if d is not None]
+        docs = manifest_yaml.load_all(stream)
     except yaml.YAMLError as exc:
         result.errors.append(f"error: {source} is not valid YAML: {exc}")
         return result

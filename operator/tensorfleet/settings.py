@@ -68,8 +68,8 @@ class OperatorSettings:
     prometheus_url: str = setting(
         "http://prometheus-operated.monitoring.svc:9090",
         "autoscaling.mode keda: the Prometheus that KEDA's triggers query for the gateway metrics.")
-    example: str = setting("examples/inferenceservice.yaml",
-                           "Quickstart only: the manifest applied to the embedded emulator.")
+    example: str | None = setting(None, "Quickstart only: the manifest applied to the embedded emulator (unset: "
+                                        "examples/inferenceservice.yaml, shipped in the package).")
     demo_timeout_seconds: float = setting(60.0, "Quickstart only: how long to wait for convergence.")
     metering_sink_url: str | None = setting(
         None, "CloudEvents endpoint every gateway exports usage records to (e.g. OpenMeter's /api/v1/events).")

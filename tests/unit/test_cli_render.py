@@ -89,3 +89,32 @@ def test_broken_yaml_is_reported(tmp_path: pathlib.Path) -> None:
     assert result.exit_code == 1
     assert f"{path} is not valid YAML" in result.stderr
     assert f'in "{path}", line 1, column 16' in result.stderr  # where, in the user's file
+
+
+@pytest.mark.parametrize("command", [["render"], ["engine", "key"]])
+@pytest.mark.parametrize(("content", "named"), [
+    (None, "No such file or directory"),
+    (b"\xff\xfe\x00kind: InferenceService\n", "not UTF-8 text"),
+], ids=["missing", "not-utf8"])
+def test_a_manifest_file_that_cannot_be_read_is_one_line_naming_the_flag(tmp_path: pathlib.Path, command: list[str],
+                                                                        content: bytes | None, named: str) -> None:
+    """Both were a FileNotFoundError or UnicodeDecodeError traceback."""
+    path = tmp_path / "svc.yaml"
+    if content is not None:
+        path.write_bytes(content)
+    result = CliRunner().invoke(main, [*command, "-f", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '-f' / '--filename': {path}: {named}" in result.output.replace("\n", " ")
+
+
+def test_unquoted_dates_stay_strings_as_kubectl_keeps_them(tmp_path: pathlib.Path) -> None:
+    """PyYAML made `servedName: 2020-01-01` a date, and rendering it ended in a traceback."""
+    path = tmp_path / "in.yaml"
+    service = yaml.safe_dump(inference_service("a")).replace("maxModelLen: 8192",
+                                                             "maxModelLen: 8192\n    servedName: 2020-01-01")
+    path.write_text(service)
+    assert "servedName: 2020-01-01" in service
+    result = CliRunner().invoke(main, ["render", "-f", str(path), "-o", "json"])
+    assert result.exit_code == 0, result.output
+    assert '--served-model-name' in result.stdout
+    assert "2020-01-01" in result.stdout

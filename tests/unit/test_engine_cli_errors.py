@@ -119,3 +119,15 @@ def test_a_build_job_reports_a_model_download_that_retrying_cannot_fix_by_its_re
     from tensorfleet.engines.ensure import failure_reason
 
     assert failure_reason(models.DownloadFailed("AccessDenied", "denied")) == "ModelAccessDenied"
+
+
+def test_a_model_uri_of_no_supported_scheme_is_reported_not_a_traceback(tmp_path: pathlib.Path) -> None:
+    """`model fetch --uri ftp://a/b` raised ValueError as a traceback and left no termination message."""
+    log = tmp_path / "termination-log"
+    result = CliRunner().invoke(main, ["model", "fetch", "--uri", "ftp://a/b", "--dest", str(tmp_path / "model"),
+                                       "--termination-log", str(log)])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "model-fetch: --uri: spec.model.uri 'ftp://a/b' is not hf://" in result.stderr
+    assert json.loads(log.read_text())["reason"] == "InvalidURI"
+    assert not (tmp_path / "model").exists()

@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from metering_builders import CONFIG, request
 from tensorfleet.metering import chain, export, records, units, verify
@@ -214,6 +214,60 @@ def test_keygen_writes_a_pair_that_signs_and_verifies(tmp_path: Path) -> None:
                                        "--public-key", str(tmp_path / "x.pub")])
     assert again.exit_code == 2
     assert "refusing to overwrite" in again.output
+
+
+def keygen(private_key: Path, public_key: Path) -> Result:
+    return CliRunner().invoke(usage, ["keygen", "--private-key", str(private_key), "--public-key", str(public_key)])
+
+
+def test_keygen_with_one_path_for_both_keys_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    """It wrote the private key, then the public key over it, and printed the Secret command for that file."""
+    result = keygen(tmp_path / "k.pem", tmp_path / "." / "k.pem")
+    assert result.exit_code == 2, result.output
+    assert "--public-key" in result.output
+    assert "must differ from --private-key" in result.output
+    assert not (tmp_path / "k.pem").exists()
+
+
+def test_keygen_that_cannot_write_the_public_key_leaves_no_private_key(tmp_path: Path) -> None:
+    """A half pair made every re-run refuse ('exists') until the user deleted the key by hand."""
+    result = keygen(tmp_path / "k.pem", tmp_path / "no-dir" / "k.pub")
+    assert result.exit_code == 2, result.output
+    assert "--public-key" in result.output
+    assert "no-dir" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keygen_that_fails_placing_the_second_key_removes_the_first(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    replace = os.replace
+    calls: list[object] = []
+
+    def full_disk_on_second(source: str, target: str) -> None:
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", full_disk_on_second)
+    result = keygen(tmp_path / "k.pem", tmp_path / "k.pub")
+    assert result.exit_code == 2
+    assert "--public-key" in result.output
+    assert "No space left" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keygen_blames_the_flag_whose_file_exists(tmp_path: Path) -> None:
+    (tmp_path / "k.pub").write_text("x")
+    result = keygen(tmp_path / "k.pem", tmp_path / "k.pub")
+    assert result.exit_code == 2
+    assert "Invalid value for --public-key" in result.output
+    assert "refusing to overwrite" in result.output
+    assert not (tmp_path / "k.pem").exists()
+    assert (tmp_path / "k.pub").read_text() == "x"
 
 
 def test_a_ledger_refuses_a_different_signing_key(tmp_path: Path) -> None:

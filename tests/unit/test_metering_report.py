@@ -134,3 +134,22 @@ def test_a_record_that_is_not_an_object_is_named_by_its_position() -> None:
 def test_an_infinite_amount_is_named() -> None:  # JSON exports cannot hold one; a caller's dict can
     with pytest.raises(ValueError, match=r"record [-0-9a-f]+: gpuMs=inf: must be a finite number, 0 or more"):
         report.aggregate([{**record("a"), "gpuMs": math.inf}], ["tenant"], None)
+
+
+def test_a_chart_that_cannot_be_written_is_refused_before_the_report(tmp_path: Path) -> None:
+    """--chart in a missing folder was an OSError traceback after the table had been printed."""
+    path = ledger_of(tmp_path / "usage.db", [record("a")])
+    chart = tmp_path / "no-dir" / "ru.png"
+    result = run_report("--ledger", str(path), "--chart", str(chart))
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for --chart: {chart}: no such folder" in result.output
+    assert "acme" not in result.output
+
+
+def test_since_not_before_until_is_a_usage_error(tmp_path: Path) -> None:
+    """A swapped pair printed 'no billable usage in the selection' with exit 0: a file reading as a zero bill."""
+    path = ledger_of(tmp_path / "usage.db", [record("a")])
+    result = run_report("--ledger", str(path), "--since", "2030-01-01", "--until", "2020-01-01")
+    assert result.exit_code == 2, result.output
+    assert ("Invalid value for --since: 2030-01-01T00:00:00Z must be before --until 2020-01-01T00:00:00Z"
+            in result.output)

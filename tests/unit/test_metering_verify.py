@@ -3,8 +3,14 @@ exports across a signing-key change, and input that is not what the exporter wri
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -259,3 +265,73 @@ def test_a_ledger_row_that_is_not_json_is_named_by_report_and_a_bad_embedded_key
     assert verified.exit_code == 2
     assert "Invalid value for --ledger" in verified.output
     assert "embedded public key" in verified.output
+
+
+# -- the evidence is read, never written (bug: verify folded a copied WAL into usage.db and deleted it) -----------
+def copied_live_ledger(tmp_path: Path) -> Path:
+    """usage.db and usage.db-wal as `kubectl cp` takes them from a running pod (the ledger still open)."""
+    live = make_ledger(tmp_path / "usage.db", count=5, checkpoint_at=(5,))
+    evidence = tmp_path / "evidence"
+    evidence.mkdir()
+    for name in ("usage.db", "usage.db-wal"):
+        shutil.copy(tmp_path / name, evidence / name)
+    live.close()
+    return evidence
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_verify_leaves_a_copied_ledger_and_its_wal_as_they_were(tmp_path: Path) -> None:
+    evidence = copied_live_ledger(tmp_path)
+    before = digests(evidence)
+    result = run("verify", "--ledger", str(evidence / "usage.db"), "--public-key", public_key(tmp_path / "p.pem"))
+    assert result.exit_code == 0, result.output
+    assert "records 1..5 (5)" in result.output  # the records only in the WAL are read too
+    assert digests(evidence) == before
+
+
+def test_a_live_ledger_is_read_beside_its_writer_without_checkpointing_it(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path / "usage.db", count=3, checkpoint_at=(3,))
+    before = digests(tmp_path)
+    assert not check(tmp_path / "usage.db").problems
+    after = digests(tmp_path)
+    assert (after["usage.db"], after["usage.db-wal"]) == (before["usage.db"], before["usage.db-wal"])
+    ledger.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to run as another user")
+def test_verify_reads_a_ledger_copy_it_may_not_write(tmp_path: Path) -> None:
+    """A copy owned by another user (a forensic mount) was 'not a usage ledger (unable to open database file)'."""
+    copied = copied_live_ledger(tmp_path)
+    with tempfile.TemporaryDirectory() as reachable:  # pytest's tmp_path is 0700: user nobody cannot reach it
+        evidence = Path(reachable) / "evidence"
+        shutil.copytree(copied, evidence)
+        public_key(evidence / "p.pem")
+        for path in (Path(reachable), evidence, *evidence.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        result = _verify_as_nobody(evidence)
+    assert result.returncode == 0, result.stderr
+    assert "OK: every record verifies" in result.stdout
+
+
+def _verify_as_nobody(evidence: Path) -> subprocess.CompletedProcess[str]:
+    code = ("import sys; from tensorfleet.metering.cli import usage; "
+            f"usage(['verify', '--ledger', {str(evidence / 'usage.db')!r}, '--public-key', "
+            f"{str(evidence / 'p.pem')!r}])")
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                          capture_output=True, text=True, env={**os.environ, "HOME": "/"}, check=False)
+
+
+
+def test_a_bad_line_of_an_export_is_named_by_its_line_in_the_file(tmp_path: Path) -> None:
+    """Each line was parsed alone, so every error said 'line 1 column 2 (char 1)', whatever the line."""
+    export_file = write(tmp_path / "e.jsonl", exported(make_ledger(tmp_path / "usage.db", 3, (3,))))
+    lines = Path(export_file).read_text().splitlines()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join([lines[0], "", lines[1], '{"broken', *lines[2:]]) + "\n")
+    result = run("verify", "--export", str(broken), "--trust-embedded-key")
+    assert result.exit_code == 2
+    assert f"{broken}: not CloudEvents JSON: line 4: not JSON (Unterminated string starting at: column 2)" \
+        in result.output, result.output

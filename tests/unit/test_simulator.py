@@ -7,6 +7,7 @@ import json
 import math
 import pathlib
 import random
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -55,13 +56,41 @@ def test_bad_traces_name_the_line_and_column(lines: list[str], message: str) -> 
         trace.parse_trace(lines, "t.csv")
 
 
+@pytest.mark.parametrize(("rows", "message"), [
+    (["0,2,3\n", "nan,2,3\n"], "t.csv:3: column TIMESTAMP: 'nan' is not a finite number"),
+    (["0,2,3\n", "-inf,2,3\n"], "t.csv:3: column TIMESTAMP: '-inf' is not a finite number"),
+    (["0,2,3\n", "1e12,2,3\n"], "t.csv:3: column TIMESTAMP: '1e12' makes the trace span 11574074.1 days "
+                                  "(from line 2); at most 31"),
+    (["2023-11-16 18:15:46,2,3\n", "2023-12-18 18:15:46,2,3\n"], "t.csv:3: column TIMESTAMP: "
+     "'2023-12-18 18:15:46' makes the trace span 32.0 days (from line 2); at most 31"),
+    (["0,2,3\n", "2023-11-16 18:15:46.6805900,2,3\n"], "t.csv:3: column TIMESTAMP: '2023-11-16 18:15:46.6805900' "
+     "is a date-time, but line 2 is seconds: use one format"),
+])
+def test_traces_with_no_sensible_span_are_refused(rows: list[str], message: str) -> None:
+    """A NaN sorted anywhere and gave 'infs' TTFTs with exit 0; inf, 1e12 or seconds mixed with dates made a span
+    simulated tick by tick for ever, one timeline sample per simulated second."""
+    with pytest.raises(trace.TraceError, match=re.escape(message)):
+        trace.parse_trace(["TIMESTAMP,ContextTokens,GeneratedTokens\n", *rows], "t.csv")
+
+
+@pytest.mark.parametrize("field", ["decode_step_seconds_per_sequence", "startup_seconds", "decode_step_seconds",
+                                   "prefill_tokens_per_second"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_replica_model_numbers_must_be_finite(field: str, value: str) -> None:
+    """NaN passed `x < 0` and inf passed both checks: the table showed 'infs' TTFTs with exit 0."""
+    with pytest.raises(ValueError, match=re.escape(f"--set {field}='{value}': expected a finite number")):
+        A10G.with_overrides({field: value})
+    with pytest.raises(ValueError, match=f"replica model {field} must be a finite number"):
+        dataclasses.replace(A10G, **{field: float(value)})
+
+
 def test_replica_model_overrides_are_checked() -> None:
     assert A10G.with_overrides({"max-batch": "64", "startup_seconds": "30"}).max_batch == 64
     with pytest.raises(ValueError, match="not a replica model field"):
         A10G.with_overrides({"speed": "1"})
     with pytest.raises(ValueError, match="expected a whole number"):
         A10G.with_overrides({"max_batch": "many"})
-    with pytest.raises(ValueError, match="prefill_tokens_per_second must be greater than 0"):
+    with pytest.raises(ValueError, match="prefill_tokens_per_second must be a finite number greater than 0"):
         A10G.with_overrides({"prefill_tokens_per_second": "0"})
 
 
@@ -225,3 +254,39 @@ def test_simulate_reports_a_bad_trace_line(tmp_path: pathlib.Path) -> None:
     result = CliRunner().invoke(main, ["simulate", "--trace", str(bad), "--plot", ""])
     assert result.exit_code == 1
     assert "bad.csv:3: column GeneratedTokens" in result.output
+
+
+def test_simulate_reads_its_files_naming_the_flag(tmp_path: pathlib.Path) -> None:
+    """A trace that is not UTF-8 was a UnicodeDecodeError traceback."""
+    bad = tmp_path / "trace.csv"
+    bad.write_bytes(b"TIMESTAMP,ContextTokens,GeneratedTokens\n0,100,10\n\xff\xfe,100,10\n")
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(bad), "--plot", ""])
+    assert result.exit_code == 2
+    assert f"Invalid value for --trace: {bad}: not UTF-8 text" in result.output
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_simulate_checks_its_outputs_before_the_run(tmp_path: pathlib.Path, flag: str) -> None:
+    """An output in a missing folder was an OSError traceback after the whole run and its printed table."""
+    csv = write_trace(tmp_path / "trace.csv", steady_trace(rate=1.0, seconds=10))
+    out = tmp_path / "missing" / "out"
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(csv), "--plot", "", flag, str(out)])
+    assert result.exit_code == 2
+    assert f"Invalid value for {flag}: {out}: no such folder" in result.output
+    assert "tensorfleet " not in result.output  # the comparison table: nothing ran
+
+
+@pytest.mark.parametrize(("manifest", "named"), [
+    ("a: [\n", "not valid YAML"),
+    ("---\nkind: InferenceService\n---\nkind: InferenceService\n", "must be one InferenceService manifest"),
+    ("kind: InferenceService\nspec: [1]\n", "spec: Invalid value: must be a mapping"),
+    ("kind: InferenceService\nspec:\n  autoscaling: 3\n", "spec.autoscaling: Invalid value: must be a mapping"),
+], ids=["not-yaml", "two-documents", "spec-not-a-mapping", "autoscaling-not-a-mapping"])
+def test_simulate_refuses_a_service_manifest_it_cannot_use(tmp_path: pathlib.Path, manifest: str, named: str) -> None:
+    """Each was a traceback (ComposerError, AttributeError, ...)."""
+    csv = write_trace(tmp_path / "trace.csv", steady_trace(rate=1.0, seconds=10))
+    service = tmp_path / "svc.yaml"
+    service.write_text(manifest)
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(csv), "--plot", "", "--service", str(service)])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for --service: {service}: {named}" in result.output

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import click
 import yaml
 
-from tensorfleet import config
+from tensorfleet import cli_files, config
 from tensorfleet.config import setting
 
 EXIT_FAILED = 1
@@ -62,16 +62,16 @@ def engine() -> None:
               show_default=True, help="name, the full sha256, the fingerprint document, or the Engine manifest.")
 def key(filename: str, gpu_product: str | None, compute_capability: str | None, output: str) -> None:
     """Print the Engine name (or fingerprint) for FILE: the same inputs always give the same name."""
-    from tensorfleet.api import crds
+    from tensorfleet.api import crds, manifest_yaml
     from tensorfleet.api.types import InferenceService
     from tensorfleet.api.validation import validate_body
     from tensorfleet.engines import fingerprint
 
-    with click.open_file(filename) as stream:
-        try:
-            docs = [d for d in yaml.safe_load_all(stream) if d]
-        except yaml.YAMLError as exc:
-            raise click.ClickException(f"{filename} is not valid YAML: {exc}") from None
+    text = cli_files.read_text(filename, "'-f' / '--filename'")
+    try:
+        docs = [d for d in manifest_yaml.load_all(text) if d]
+    except yaml.YAMLError as exc:
+        raise click.ClickException(f"{filename} is not valid YAML: {exc}") from None
     for doc in docs:
         kind = doc.get("kind") if isinstance(doc, dict) else None
         spec: dict[str, Any]
@@ -252,9 +252,16 @@ def model() -> None:
 def model_fetch(uri: str, digest_: str | None, dest: pathlib.Path, timeout: int, s3_endpoint: str | None,
                 termination_log: pathlib.Path) -> None:
     """Download the weights into DEST (retrying with backoff until TIMEOUT) and verify DIGEST."""
+    from tensorfleet.api.types import ModelSource
     from tensorfleet.engines import models
 
     _logging()
+    try:
+        ModelSource.parse(uri)
+    except ValueError as exc:  # the operator validated it: a Pod edited by hand, or the command run by a person
+        _report(termination_log, {"result": "failed", "reason": "InvalidURI", "uri": uri, "message": str(exc)})
+        click.echo(f"model-fetch: --uri: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
     try:
         local = models.fetch_model(uri, dest, digest_, models.RetryPolicy(timeout_seconds=timeout), s3_endpoint)
     except models.DigestMismatch as exc:

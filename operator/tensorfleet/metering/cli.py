@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
 
+from tensorfleet import cli_files
 from tensorfleet.metering import chain, report, verify
 
 
@@ -55,9 +58,9 @@ def _sources(ledgers: tuple[str, ...], exports: tuple[str, ...], checkpoint_file
 
 def _read_export(path: str, option: str) -> tuple[list[verify.Record], list[verify.Checkpoint]]:
     try:
-        events = verify.read_events(path)
-    except (OSError, ValueError) as exc:
-        raise click.BadParameter(f"{path}: not CloudEvents JSON ({exc})", param_hint=option) from None
+        events = verify.parse_events(cli_files.read_text(path, option))
+    except ValueError as exc:
+        raise click.BadParameter(f"{path}: not CloudEvents JSON: {exc}", param_hint=option) from None
     try:
         return verify.from_events(events)
     except ValueError as exc:
@@ -141,12 +144,14 @@ def verify_command(ledgers: tuple[str, ...], exports: tuple[str, ...], checkpoin
 def report_command(ledgers: tuple[str, ...], exports: tuple[str, ...], by: str, window: str, since: str | None,
                    until: str | None, output: str, chart: str | None) -> None:
     """Totals of tokens, GPU-ms, resource units and cost per tenant, model, tier and time window."""
-    records = _sources(ledgers, exports).records
     try:
         size = report.parse_window(window)
     except ValueError as exc:  # its message names --window and the limit
         raise click.UsageError(str(exc)) from None
-    start, end = _time_option("--since", since), _time_option("--until", until)
+    start, end = _time_range(since, until)
+    if chart:
+        cli_files.check_writable(chart, "--chart")
+    records = _sources(ledgers, exports).records
     bodies = _unique_bodies(records)
     try:
         selected = report.billable(bodies, start, end)
@@ -156,10 +161,22 @@ def report_command(ledgers: tuple[str, ...], exports: tuple[str, ...], by: str, 
     click.echo(report.render(rows, output), nl=False)
     if chart:
         try:
-            report.chart(selected, size, chart)
+            with cli_files.naming("--chart", chart):
+                report.chart(selected, size, chart)
         except ImportError:
             raise click.ClickException("--chart needs matplotlib: pip install 'tensorfleet[plots]'") from None
         click.echo(f"chart written to {chart}", err=True)
+
+
+def _time_range(since: str | None, until: str | None) -> tuple[datetime.datetime | None, datetime.datetime | None]:
+    start, end = _time_option("--since", since), _time_option("--until", until)
+    if start and end and start >= end:  # a swapped pair would select nothing and read as a zero bill
+        raise click.BadParameter(f"{_utc(start)} must be before --until {_utc(end)}", param_hint="--since")
+    return start, end
+
+
+def _utc(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _time_option(option: str, value: str | None) -> datetime.datetime | None:
@@ -194,13 +211,50 @@ def _unique_bodies(records: list[verify.Record]) -> list[dict[str, Any]]:
               help="Where to write the public key (PEM) that verifiers use.")
 def keygen_command(private_key: str, public_key: str) -> None:
     """Make a signing key pair for the metering Secret."""
-    for path in (private_key, public_key):
-        if Path(path).exists():
-            raise click.BadParameter(f"{path} exists; refusing to overwrite a key", param_hint="--private-key")
+    _check_key_paths(private_key, public_key)
     key = chain.generate_key()
-    Path(private_key).touch(mode=0o600)
-    Path(private_key).write_bytes(chain.private_pem(key))
-    Path(public_key).write_bytes(chain.public_pem(key.public_key()))
+    _write_all([("--private-key", Path(private_key), chain.private_pem(key), 0o600),
+                ("--public-key", Path(public_key), chain.public_pem(key.public_key()), 0o644)])
     click.echo(f"key id {chain.key_id(key.public_key())}; create the Secret in each serving namespace with\n"
                f"  kubectl -n NAMESPACE create secret generic tensorfleet-metering "
                f"--from-file=signing-key={private_key}")
+
+
+def _check_key_paths(private_key: str, public_key: str) -> None:
+    """Both paths new, in existing folders, and not the same file (the public key would replace the private one)."""
+    private, public = Path(private_key), Path(public_key)
+    if private.resolve() == public.resolve() or (private.exists() and public.exists()
+                                                 and os.path.samefile(private, public)):
+        raise click.BadParameter(f"{public_key}: must differ from --private-key", param_hint="--public-key")
+    for flag, path in (("--private-key", private), ("--public-key", public)):
+        if path.exists() or path.is_symlink():
+            raise click.BadParameter(f"{path} exists; refusing to overwrite a key", param_hint=flag)
+        cli_files.check_writable(str(path), flag)
+
+
+def _write_all(files: list[tuple[str, Path, bytes, int]]) -> None:
+    """Write every (flag, path, content, mode) or none: each goes to a temporary file beside its target first,
+    and a failure or Ctrl-C before the last is in place removes what was written."""
+    written: list[Path] = []  # temporary files, then the targets they became
+    try:
+        temporaries = [_write_temporary(flag, path, content, mode, written) for flag, path, content, mode in files]
+        for (flag, path, _, _), temporary in zip(files, temporaries, strict=True):
+            with cli_files.naming(flag, path):
+                os.replace(temporary, path)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _write_temporary(flag: str, path: Path, content: bytes, mode: int, written: list[Path]) -> Path:
+    with cli_files.naming(flag, path):
+        descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)  # O_EXCL, 0600
+        written.append(Path(name))
+        with os.fdopen(descriptor, "wb") as stream:
+            os.fchmod(stream.fileno(), mode)
+            stream.write(content)
+            stream.flush()
+            os.fsync(stream.fileno())
+    return Path(name)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import shutil
 import sqlite3
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -221,10 +223,28 @@ class Ledger:
 
 
 def read_ledger(path: str | Path) -> tuple[dict[str, str], list[tuple[int, str, str, str]], list[tuple[str, str]]]:
-    """(meta, records as (seq, body, hash, signature), checkpoints as (body, signature)) of a ledger file."""
-    if not Path(path).exists():
+    """(meta, records as (seq, body, hash, signature), checkpoints as (body, signature)) of a ledger file.
+
+    The file and its WAL are never written: a read-write connection closing last would fold the WAL into the
+    file and delete it, changing the evidence a verifier reads. A live ledger (its ``-shm`` beside it) is read
+    in place, read-only, beside its writer; otherwise, or when that fails, a snapshot copy in a temporary folder.
+    """
+    path = Path(path)
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such ledger")
-    conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+    if Path(f"{path}-shm").exists():
+        with contextlib.suppress(sqlite3.OperationalError):
+            return _read_tables(f"{path.absolute().as_uri()}?mode=ro")
+    with tempfile.TemporaryDirectory(prefix="tensorfleet-ledger-") as folder:
+        copy = Path(folder) / "usage.db"
+        shutil.copyfile(path, copy)
+        if Path(f"{path}-wal").exists():
+            shutil.copyfile(f"{path}-wal", f"{copy}-wal")
+        return _read_tables(copy.as_uri())
+
+
+def _read_tables(uri: str) -> tuple[dict[str, str], list[tuple[int, str, str, str]], list[tuple[str, str]]]:
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
     try:
         meta = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
         records = [(int(s), str(b), str(h), str(g)) for s, b, h, g in

@@ -344,20 +344,31 @@ def from_ledger_file(path: str | Path) -> tuple[list[Record], list[Checkpoint], 
     return records, checkpoints, anchors, meta.get("public_key", "")
 
 
-def read_events(path: str | Path) -> list[Any]:
-    """CloudEvents from a JSON array, a JSON object, or JSON lines (each an event or a batch)."""
-    text = Path(path).read_text()
+def parse_events(text: str) -> list[Any]:
+    """CloudEvents from a JSON array, a JSON object, or JSON lines (each an event or a batch). ValueError names
+    the line (from 1) of JSON lines that is not JSON."""
     stripped = text.strip()
     if not stripped:
         return []
     try:
         documents = [json.loads(stripped)]
     except ValueError:
-        documents = [json.loads(line) for line in stripped.splitlines() if line.strip()]
+        documents = _json_lines(text)
     events: list[Any] = []
     for document in documents:
         events.extend(document if isinstance(document, list) else [document])
     return events
+
+
+def _json_lines(text: str) -> list[Any]:
+    documents = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                documents.append(json.loads(line))
+            except json.JSONDecodeError as exc:  # its position is within the line alone
+                raise ValueError(f"line {number}: not JSON ({exc.msg}: column {exc.colno})") from None
+    return documents
 
 
 def from_events(events: Iterable[Any]) -> tuple[list[Record], list[Checkpoint]]:

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.resources
 import logging
-import pathlib
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
+import click
 import yaml
 
-from tensorfleet import __version__, kube
+from tensorfleet import __version__, cli_files, kube
+from tensorfleet.api import manifest_yaml
 from tensorfleet.metrics import OperatorMetrics
 from tensorfleet.sandbox.apiserver import EmulatorThread
 from tensorfleet.sandbox.kubelet import SimulatedDeploymentController, seed_nodes
@@ -43,9 +45,20 @@ class Narrator:
         self.out.flush()
 
 
-def _load(path: str) -> list[dict[str, Any]]:
-    text = pathlib.Path(path).read_text()
-    return [doc for doc in yaml.safe_load_all(text) if doc]
+EXAMPLE_FLAG = "--example (TENSORFLEET_EXAMPLE)"
+
+
+def example_manifests(path: str | None) -> list[dict[str, Any]]:
+    """The manifests of ``path``, or of examples/inferenceservice.yaml as the package ships it (so the quickstart
+    runs from any folder). A file that cannot be read or is not YAML is a usage error naming the flag."""
+    if path is None:
+        text = importlib.resources.files("tensorfleet.sandbox").joinpath("example.yaml").read_text(encoding="utf-8")
+    else:
+        text = cli_files.read_text(path, EXAMPLE_FLAG)
+    try:
+        return [doc for doc in manifest_yaml.load_all(text) if doc]
+    except yaml.YAMLError as exc:
+        raise click.BadParameter(f"{path}: not valid YAML: {exc}", param_hint=EXAMPLE_FLAG) from None
 
 
 def _describe(obj: Mapping[str, Any]) -> str:
@@ -162,11 +175,7 @@ def run(settings: OperatorSettings, out: TextIO = sys.stdout, startup_seconds: f
               "Running the operator end to end against an embedded Kubernetes API emulator\n"
               "(kmock KubernetesEmulator; GPU nodes and kubelets are simulated). With a kubeconfig,\n"
               "`tensorfleet run` is the real operator.\n\n")
-    try:
-        docs = _load(settings.example)
-    except (OSError, yaml.YAMLError) as exc:
-        out.write(f"cannot read {settings.example}: {exc}\n")
-        return 2
+    docs = example_manifests(settings.example)
     narrator = Narrator(out)
     for handler in logging.getLogger().handlers:  # the operator runs in a thread here, by design
         handler.addFilter(_NotInMainThread())
@@ -181,7 +190,7 @@ def run(settings: OperatorSettings, out: TextIO = sys.stdout, startup_seconds: f
             created = _apply(emulator, docs, narrator)
             code = _converge(emulator, narrator, created, settings.demo_timeout_seconds, out)
         except kube.APIError as exc:
-            out.write(f"\nthe API server rejected {settings.example}:\n  {exc.message}\n")
+            out.write(f"\nthe API server rejected {settings.example or 'the example'}:\n  {exc.message}\n")
             code = 1
         finally:
             stop.set()

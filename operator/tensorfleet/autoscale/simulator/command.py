@@ -63,12 +63,17 @@ def simulate(trace_path: str, service_path: str | None, profile: str, overrides:
     baseline on GPU utilization and the oracle lower bound, and compare GPU-hours, queue-wait SLO
     attainment, TTFT percentiles and scale events.
     """
+    from tensorfleet import cli_files
     from tensorfleet.autoscale.simulator import compare, model, report, trace
 
     spec = _autoscaling_spec(service_path, autoscaling)
     replica = _replica_model(model, profile, overrides, startup_seconds)
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if path:  # before the run, which can take minutes
+            cli_files.check_writable(path, flag)
     try:
-        requests = trace.load_trace(trace_path)
+        requests = trace.parse_trace(cli_files.read_text(trace_path, "--trace").splitlines(keepends=True),
+                                     trace_path)
     except trace.TraceError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{len(requests)} requests over {requests.duration / 60:.1f} min from {trace_path}", err=True)
@@ -81,11 +86,13 @@ def simulate(trace_path: str, service_path: str | None, profile: str, overrides:
     if len(result.runs[0].events) > shown_events:
         click.echo(f"  ... {len(result.runs[0].events) - shown_events} more (--events, --json)")
     if json_path:
-        pathlib.Path(json_path).write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+        with cli_files.naming("--json", json_path):
+            pathlib.Path(json_path).write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     if plot_path:
         title = f"{replica.name}, startup {replica.startup_seconds:g} s, queue-wait SLO {slo_seconds:g} s"
         try:
-            report.plot(result.runs, requests, plot_path, title)
+            with cli_files.naming("--plot", plot_path):
+                report.plot(result.runs, requests, plot_path, title)
         except RuntimeError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"plot: {plot_path}", err=True)
@@ -93,18 +100,13 @@ def simulate(trace_path: str, service_path: str | None, profile: str, overrides:
 
 def _autoscaling_spec(service_path: str | None, flags: dict[str, int | None]) -> Any:
     """spec.autoscaling from the manifest and flags, validated and defaulted by the CRD as the API server would."""
-    import yaml
-
     from tensorfleet.api import crds
     from tensorfleet.api.types import InferenceService
 
     body: dict[str, Any] = {"apiVersion": "tensorfleet.io/v1alpha1", "kind": "InferenceService",
                             "metadata": {"name": "simulated"}, "spec": {"model": {"uri": "hf://simulated/model"}}}
     if service_path:
-        loaded = yaml.safe_load(pathlib.Path(service_path).read_text())
-        if not isinstance(loaded, dict) or loaded.get("kind") != "InferenceService":
-            raise click.BadParameter("must be one InferenceService manifest", param_hint="--service")
-        body = loaded
+        body = _service_manifest(service_path)
     autoscaling = dict((body.get("spec") or {}).get("autoscaling") or {})
     if not service_path:
         autoscaling.setdefault("maxReplicas", DEFAULT_MAX_REPLICAS)
@@ -116,6 +118,27 @@ def _autoscaling_spec(service_path: str | None, flags: dict[str, int | None]) ->
     if errors:
         raise click.UsageError("invalid autoscaling settings:\n  " + "\n  ".join(str(e) for e in errors))
     return InferenceService.from_body(body).spec.autoscaling
+
+
+def _service_manifest(path: str) -> dict[str, Any]:
+    """The one InferenceService in ``path``, its spec and spec.autoscaling mappings (the CRD checks the rest)."""
+    import yaml
+
+    from tensorfleet import cli_files
+    from tensorfleet.api import manifest_yaml
+
+    try:
+        docs = manifest_yaml.load_all(cli_files.read_text(path, "--service"))
+    except yaml.YAMLError as exc:
+        raise click.BadParameter(f"{path}: not valid YAML: {exc}", param_hint="--service") from None
+    if len(docs) != 1 or not isinstance(docs[0], dict) or docs[0].get("kind") != "InferenceService":
+        raise click.BadParameter(f"{path}: must be one InferenceService manifest", param_hint="--service")
+    body, spec = docs[0], docs[0].get("spec") or {}
+    field = "spec" if not isinstance(spec, dict) else "spec.autoscaling"
+    if not isinstance(spec, dict) or not isinstance(spec.get("autoscaling") or {}, dict):
+        raise click.BadParameter(f"{path}: {field}: Invalid value: must be a mapping", param_hint="--service")
+    body["spec"] = spec
+    return body
 
 
 def _replica_model(model: Any, profile: str, overrides: tuple[str, ...], startup_seconds: float | None) -> Any:

@@ -24,8 +24,13 @@ line overrides any field, so measured values can replace them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
+
+NUMBERS = ("gpus", "prefill_tokens_per_second", "decode_step_seconds", "decode_step_seconds_per_sequence",
+           "max_batch", "kv_cache_tokens", "step_token_budget", "startup_seconds")
+_MAY_BE_ZERO = ("decode_step_seconds_per_sequence", "startup_seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +47,12 @@ class ReplicaModel:
     source: str = ""
 
     def __post_init__(self) -> None:
-        for field in ("gpus", "prefill_tokens_per_second", "decode_step_seconds", "max_batch", "kv_cache_tokens",
-                      "step_token_budget"):
-            if not getattr(self, field) > 0:
-                raise ValueError(f"replica model {field} must be greater than 0, got {getattr(self, field)!r}")
-        for field in ("decode_step_seconds_per_sequence", "startup_seconds"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"replica model {field} must not be negative, got {getattr(self, field)!r}")
+        for field in NUMBERS:
+            value = getattr(self, field)
+            positive = field not in _MAY_BE_ZERO
+            if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+                limit = "greater than 0" if positive else "of at least 0"
+                raise ValueError(f"replica model {field} must be a finite number {limit}, got {value!r}")
 
     def step_seconds(self, running: int, prefill_tokens: float = 0.0) -> float:
         return (self.decode_step_seconds + self.decode_step_seconds_per_sequence * running
@@ -69,6 +73,8 @@ class ReplicaModel:
             except ValueError:
                 raise ValueError(f"--set {key}={raw!r}: expected {'a whole number' if kind is int else 'a number'}")\
                     from None
+            if not math.isfinite(values[name]):
+                raise ValueError(f"--set {key}={raw!r}: expected a finite number")
         return dataclasses.replace(self, **values) if values else self
 
 

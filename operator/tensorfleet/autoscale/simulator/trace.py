@@ -3,7 +3,8 @@
 The format is the Azure LLM inference trace's (Patel et al., "Splitwise: Efficient generative LLM
 inference using phase splitting", ISCA 2024): a CSV with the columns ``TIMESTAMP``, ``ContextTokens``
 and ``GeneratedTokens``. ``TIMESTAMP`` is a date-time (``2023-11-16 18:15:46.6805900``; digits past
-microseconds are dropped) or a number of seconds. Arrival times are made relative to the first request.
+microseconds are dropped) or a number of seconds, the same in every row. Arrival times are made relative to the
+first request; a trace spans at most 31 days.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import math
 import pathlib
 from collections.abc import Iterable
 
 COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 MAX_TOKENS = 10_000_000
+MAX_SPAN_SECONDS = 31 * 86400  # a month of arrivals; simulated tick by tick
 
 
 class TraceError(ValueError):
@@ -63,24 +66,49 @@ def parse_trace(lines: Iterable[str], source: str = "<trace>") -> Trace:
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise TraceError(f"{source}: missing column(s) {', '.join(missing)}; a trace needs {', '.join(COLUMNS)}")
-    rows: list[tuple[float, int, int]] = []
+    rows: list[tuple[float, int, int, int, str]] = []  # (time, context, generated, line, TIMESTAMP as written)
+    first: tuple[bool, int] | None = None  # (written as a date-time, line) of the first row
     for line, raw in enumerate(reader, start=2):
         row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
         where = f"{source}:{line}"
-        rows.append((_timestamp(row["TIMESTAMP"], where), _tokens(row["ContextTokens"], where, "ContextTokens", 1),
-                     _tokens(row["GeneratedTokens"], where, "GeneratedTokens", 1)))
+        stamp, is_date = _timestamp(row["TIMESTAMP"], where)
+        first = first or (is_date, line)
+        if is_date != first[0]:
+            raise TraceError(f"{where}: column TIMESTAMP: {row['TIMESTAMP']!r} is {_FORMATS[is_date]}, but line "
+                             f"{first[1]} is {_FORMATS[first[0]]}: use one format")
+        rows.append((stamp, _tokens(row["ContextTokens"], where, "ContextTokens", 1),
+                     _tokens(row["GeneratedTokens"], where, "GeneratedTokens", 1), line, row["TIMESTAMP"]))
     if not rows:
         raise TraceError(f"{source}: the trace has no requests")
     rows.sort(key=lambda r: r[0])
+    _check_span(rows[0], rows[-1], source)
     start = rows[0][0]
     return Trace(tuple(r[0] - start for r in rows), tuple(r[1] for r in rows), tuple(r[2] for r in rows), source)
 
 
-def _timestamp(text: str, where: str) -> float:
+_FORMATS = {True: "a date-time", False: "seconds"}
+
+
+def _check_span(first: tuple[float, int, int, int, str], last: tuple[float, int, int, int, str], source: str) -> None:
+    """The simulation steps through every tick of the span: a span of years (a typo, ``1e12``) would never end."""
+    span = last[0] - first[0]
+    if span > MAX_SPAN_SECONDS:
+        later = last if last[3] > first[3] else first
+        earlier = first if later is last else last
+        raise TraceError(f"{source}:{later[3]}: column TIMESTAMP: {later[4]!r} makes the trace span "
+                         f"{span / 86400:.1f} days (from line {earlier[3]}); at most {MAX_SPAN_SECONDS // 86400}")
+
+
+def _timestamp(text: str, where: str) -> tuple[float, bool]:
+    """(seconds, whether written as a date-time)."""
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise TraceError(f"{where}: column TIMESTAMP: {text!r} is not a finite number")
+        return seconds, False
     try:
         head, dot, fraction = text.partition(".")
         stamp = datetime.datetime.fromisoformat(f"{head}.{fraction[:6]}" if dot else head)
@@ -88,7 +116,7 @@ def _timestamp(text: str, where: str) -> float:
         raise TraceError(f"{where}: column TIMESTAMP: {text!r} is neither a date-time nor seconds") from None
     if stamp.tzinfo is None:
         stamp = stamp.replace(tzinfo=datetime.UTC)
-    return stamp.timestamp()
+    return stamp.timestamp(), True
 
 
 def _tokens(text: str, where: str, column: str, minimum: int) -> int:
