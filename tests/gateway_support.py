@@ -71,6 +71,26 @@ def write_document(folder: pathlib.Path, document: dict[str, Any]) -> str:
     return str(path)
 
 
+def pod_gateway_files(deployment: Mapping[str, Any], config_maps: Mapping[str, Mapping[str, Any]],
+                      folder: pathlib.Path) -> dict[str, str]:
+    """What the gateway of a pod of ``deployment`` reads when it starts now, with the cluster's ConfigMaps
+    ``config_maps`` (by name): the files of its gateway-config volume, written into ``folder`` as the
+    kubelet mounts them, and the gateway settings (``config``, ``revision_config``) its env points at."""
+    pod = deployment["spec"]["template"]["spec"]
+    (gateway,) = [c for c in pod["containers"] if c["name"] == "gateway"]
+    (mount,) = [m["mountPath"] for m in gateway["volumeMounts"] if m["name"] == "gateway-config"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "gateway-config"]
+    sources = [s["configMap"] for s in volume["projected"]["sources"]] if "projected" in volume \
+        else [volume["configMap"]]
+    for source in sources:
+        for key, text in config_maps[source["name"]]["data"].items():
+            (folder / key).write_text(text)
+    env = {e["name"]: e["value"] for e in gateway["env"] if "value" in e}
+    return {setting: str(folder / pathlib.PurePosixPath(env[name]).relative_to(mount))
+            for setting, name in (("config", "TENSORFLEET_GATEWAY_CONFIG"),
+                                  ("revision_config", "TENSORFLEET_GATEWAY_REVISION_CONFIG")) if name in env}
+
+
 @contextlib.asynccontextmanager
 async def serving(app: web.Application, port: int = 0, **options: Any) -> AsyncIterator[str]:
     """Serve ``app`` on a loopback port (a free one unless given; ``options`` go to aiohttp's AppRunner);

@@ -21,7 +21,7 @@ from tensorfleet.autoscale.render import autoscaler_objects, mode_errors
 from tensorfleet.engines import serving
 from tensorfleet.render import labels
 from tensorfleet.render.context import RenderContext
-from tensorfleet.render.gateway import render_config_map
+from tensorfleet.render.gateway import render_config_map, render_revision_config_map
 from tensorfleet.render.workload import render_deployment, render_pdb, render_service, service_url
 from tensorfleet.status import Condition, Event, merge_conditions, transitions
 
@@ -93,8 +93,8 @@ def desired_objects(isvc: InferenceService, ctx: RenderContext, gpu_products: tu
     else:
         deployments = [render_deployment(isvc, ctx, count, variant=labels.product_slug(product), gpu_product=product)
                        for product, count in split_replicas(replicas, products).items()]
-    objects = [render_config_map(isvc, ctx), *deployments, render_service(isvc), render_pdb(isvc),
-               *autoscaler_objects(isvc, ctx)]
+    objects = [render_config_map(isvc, ctx), render_revision_config_map(isvc, ctx), *deployments,
+               render_service(isvc), render_pdb(isvc), *autoscaler_objects(isvc, ctx)]
     return [diff.stamp(obj) for obj in objects]
 
 
@@ -136,7 +136,8 @@ def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observe
     kept = [swap.deployment for swap in triton.swaps] if triton else []
     desired = desired_objects(isvc, ctx, observed.gpu_products, triton)
     wanted = {child_key(obj) for obj in [*desired, *kept]}
-    serving_now = [*(d for d in desired if d["kind"] == "Deployment"), *kept]
+    rendered = [d for d in desired if d["kind"] == "Deployment"]
+    serving_now = [*rendered, *kept]
     conditions = _serving_conditions(serving_now, deployments, observed.apply_error)
     if not serving_now:
         conditions = _no_products_conditions(isvc, observed.gpu_products)
@@ -152,7 +153,7 @@ def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observe
         status["engines"] = [v.status_entry() for v in triton.views]
         writes = triton.writes
     _remove_vanished(body, status)
-    prune = tuple(c for c in owned if child_key(c) not in wanted)
+    prune = tuple(c for c in owned if child_key(c) not in wanted and not _revision_in_use(c, rendered, deployments))
     return Plan(tuple(desired), prune, status, (), (), writes)
 
 
@@ -171,6 +172,29 @@ def _remove_vanished(body: Mapping[str, Any], status: dict[str, Any]) -> None:
     for key in OWNED_STATUS_KEYS:
         if key in stored and key not in status:
             status[key] = None
+
+
+def _revision_in_use(child: Mapping[str, Any], rendered: Sequence[Mapping[str, Any]],
+                     observed: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether ``child`` is the gateway ConfigMap of an older pod revision that pods may still start with.
+
+    It is kept while a Deployment's template (as observed) mounts it, and then until every rollout completed:
+    an old pod that restarts or is rescheduled during the rollout must find its own revision's engine facts.
+    """
+    meta = child.get("metadata") or {}
+    if child.get("kind") != "ConfigMap" or \
+            (meta.get("labels") or {}).get(labels.COMPONENT_LABEL) != labels.GATEWAY_REVISION_COMPONENT:
+        return False
+    if any(meta.get("name") in _projected_config_maps(d) for d in observed):
+        return True
+    by_name = {d["metadata"]["name"]: d for d in observed}
+    return not all(_rollout(want, by_name.get(want["metadata"]["name"]))[0] for want in rendered)
+
+
+def _projected_config_maps(deployment: Mapping[str, Any]) -> set[str]:
+    pod = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
+    return {str(source["configMap"].get("name")) for volume in pod.get("volumes") or ()
+            for source in ((volume.get("projected") or {}).get("sources") or ()) if source.get("configMap")}
 
 
 def _owned_by(child: Mapping[str, Any], uid: str | None) -> bool:

@@ -63,7 +63,7 @@ def add_pod(cluster: Cluster, gateways: list[LoopbackGatewayMetrics], name: str,
 
 
 def converge(cluster: Cluster, name: str = "llama") -> None:
-    wait_for(lambda: len(cluster.children(name)) == 4, what="4 children")
+    wait_for(lambda: len(cluster.children(name)) == 5, what="5 children")
     cluster.mark_deployments_ready(name)
     wait_for(lambda: (cluster.condition(name, "Ready") or {}).get("status") == "True", what="Ready=True")
 

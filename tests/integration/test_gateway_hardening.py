@@ -17,14 +17,30 @@ from typing import Any
 import aiohttp
 import pytest
 
+from builders import inference_service, stored, triton_service
 from engines.processes import free_port
 from engines.standin import StandinEngine
-from gateway_support import RecordingSinkDouble, gateway_document, running_gateway, serving, url, wait_until
+from gateway_support import (
+    RecordingSinkDouble,
+    gateway_document,
+    pod_gateway_files,
+    running_gateway,
+    serving,
+    url,
+    wait_until,
+)
 from integration.test_gateway_pipeline import CHAT, events_of, post
 from tensorfleet import telemetry
+from tensorfleet.api.types import InferenceService
+from tensorfleet.gateway import command as gateway_command
 from tensorfleet.gateway.hooks import ProxyRequest, Stop, TokenCounter
+from tensorfleet.gateway.settings import GatewaySettings
 from tensorfleet.gateway.upstream import EngineConnections
 from tensorfleet.metering import records, units
+from tensorfleet.metering import sink as metering_sink
+from tensorfleet.reconcile import desired_objects
+from tensorfleet.render.context import RenderContext
+from tensorfleet.render.gateway import gateway_config
 
 pytestmark = pytest.mark.integration
 
@@ -461,6 +477,59 @@ async def test_reload_keeps_the_engine_that_metering_prices_and_signs_by(tmp_pat
     assert (reloaded.precision, reloaded.ru_per_gpu_ms, reloaded.engine_fingerprint) == \
         ("fp16", started.ru_per_gpu_ms, "sha256:fp16")
     assert reloaded.prices["pricePerResourceUnit"] == "0.5"
+
+
+def _rollout_under_way(old: dict[str, Any], new: dict[str, Any], folder: pathlib.Path) -> dict[str, str]:
+    """The gateway settings of a pod of ``old``'s revision that starts once ``new`` is applied (its gateway
+    restarted, or it was rescheduled on another node): the files it reads, from the ConfigMaps as they are
+    now. The old revision's own ConfigMap is still there, since its pods still run."""
+    def render(body: dict[str, Any]) -> list[dict[str, Any]]:
+        return desired_objects(InferenceService.from_body(stored(body)), RenderContext())
+
+    cluster = {o["metadata"]["name"]: o for o in [*render(old), *render(new)] if o["kind"] == "ConfigMap"}
+    (deployment, *_) = [o for o in render(old) if o["kind"] == "Deployment"]
+    folder.mkdir()
+    return pod_gateway_files(deployment, cluster, folder)
+
+
+async def test_an_old_revision_gateway_started_during_the_rollout_serves_its_own_model(
+        tmp_path: pathlib.Path) -> None:
+    """The rollout from "old" to "new" is under way and the old pods still get traffic: an old pod whose
+    gateway starts now, in front of the engine serving "old", must serve "old" with the new token policy."""
+    files = _rollout_under_way(inference_service(model={"servedName": "old"}),
+                               inference_service(model={"servedName": "new"}, tokenPolicy={"maxOutputTokens": 5}),
+                               tmp_path / "pod")
+    engine = StandinEngine(model="old")
+    sink = RecordingSinkDouble()
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, sink=sink, **files) as gw, \
+            aiohttp.ClientSession() as session:
+        old, _, _ = await post(session, url(gw, "/v1/completions"), {"model": "old", "prompt": "a"})
+        new, _, _ = await post(session, url(gw, "/v1/completions"), {"model": "new", "prompt": "a"})
+        _write(pathlib.Path(files["config"]), json.dumps({"tokenPolicy": {"maxOutputTokens": 6}}))
+        assert gw.reload()
+        await post(session, url(gw, "/v1/completions"), {"model": "old", "prompt": "a"})
+    assert (old, new) == (200, 404)
+    assert [r["max_tokens"] for r in engine.received[-2:]] == [5, 6]
+    assert [c["model"]["servedName"] for c in sink.configs] == ["old"]
+
+
+def test_an_old_revision_gateway_started_during_the_rollout_prices_and_signs_as_its_engine(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton fp16 -> fp8 is rolling out: an fp16 pod that starts now opens its metering sink with fp16's
+    resource-unit factor and the fp16 engine's fingerprint (and the new prices, a policy section)."""
+    old = triton_service("llama", engine={"precision": "fp16"})
+    new = triton_service("llama", engine={"precision": "fp8"}, billing={"pricePerResourceUnit": "0.5"})
+    files = _rollout_under_way(old, new, tmp_path / "pod")
+    opened: list[Any] = []
+    monkeypatch.setattr(metering_sink, "open_sink", lambda document, *args: opened.append(document))
+    gateway_command._open_sink(GatewaySettings(**files))
+    table = units.load_table()
+    (started,) = (records.context_from_config(d, "pod", "NVIDIA-H100-80GB-HBM3", table) for d in opened)
+    fp16 = gateway_config(InferenceService.from_body(stored(old)), RenderContext())
+    expected = records.context_from_config(fp16, "pod", "NVIDIA-H100-80GB-HBM3", table)
+    assert (started.precision, started.ru_per_gpu_ms, started.engine_fingerprint) == \
+        ("fp16", expected.ru_per_gpu_ms, fp16["engine"]["fingerprint"])
+    assert started.prices["pricePerResourceUnit"] == "0.5"
 
 
 def _write(path: pathlib.Path, text: str) -> None:

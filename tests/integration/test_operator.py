@@ -13,7 +13,6 @@ from kopf.testing import KopfRunner
 from builders import inference_service
 from cluster import ISVC, Cluster, registry_from_env, wait_for
 from tensorfleet.gateway import config as gwconfig
-from tensorfleet.render import labels
 from tensorfleet.sandbox.apiserver import EmulatorThread
 
 pytestmark = pytest.mark.integration
@@ -37,7 +36,7 @@ def operator(emulator: EmulatorThread, monkeypatch: pytest.MonkeyPatch) -> KopfR
 
 
 def converge(cluster: Cluster, name: str, replicas: int = 1) -> None:
-    wait_for(lambda: len(cluster.children(name)) == 4, what="4 children")
+    wait_for(lambda: len(cluster.children(name)) == 5, what="5 children")
     wait_for(lambda: cluster.condition(name, "Progressing"), what="status conditions")
     cluster.mark_deployments_ready(name)
     wait_for(lambda: (cluster.condition(name, "Ready") or {}).get("status") == "True", what="Ready=True")
@@ -81,26 +80,38 @@ def test_spec_update_rolls_children_and_observed_generation(emulator: EmulatorTh
 
 def test_gateway_revision_change_rolls_the_pods_and_a_policy_change_does_not(
         emulator: EmulatorThread, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Old and new pods mount the one gateway ConfigMap and keep the model and engine sections they started
-    with: a change to those must roll the pods, while the policy reaches the running pods in place."""
+    """The policy is one ConfigMap that every pod reloads in place; the model and engine facts are one
+    ConfigMap per pod revision, named by their hash: changing them rolls the pods, and the old revision's
+    ConfigMap stays until the rollout completed (an old pod may still restart or be rescheduled)."""
     def deployment() -> dict[str, Any]:
         return cluster.get("apps/v1", "Deployment", "llama") or {}
 
-    def document() -> dict[str, Any]:
-        return dict(json.loads((cluster.get("v1", "ConfigMap", "llama-gateway") or {})["data"]["gateway.json"]))
+    def document(name: str, key: str) -> dict[str, Any]:
+        return dict(json.loads((cluster.get("v1", "ConfigMap", name) or {})["data"][key]))
+
+    def revision_map() -> str:
+        (volume,) = [v for v in deployment()["spec"]["template"]["spec"]["volumes"] if v["name"] == "gateway-config"]
+        return str(volume["projected"]["sources"][1]["configMap"]["name"])
 
     with operator(emulator, monkeypatch):
         cluster.create(inference_service("llama", model={"servedName": "old"}))
         converge(cluster, "llama")
+        old = revision_map()
         cluster.patch(ISVC, "InferenceService", "llama", {"spec": {"tokenPolicy": {"maxOutputTokens": 64}}})
         wait_for(lambda: cluster.isvc("llama")["status"]["observedGeneration"] == 2, what="observedGeneration 2")
-        assert document()["tokenPolicy"]["maxOutputTokens"] == 64
+        assert document("llama-gateway", "gateway.json")["tokenPolicy"]["maxOutputTokens"] == 64
         assert deployment()["metadata"]["generation"] == 1  # no roll: the gateways reload the policy
         cluster.patch(ISVC, "InferenceService", "llama", {"spec": {"model": {"servedName": "new"}}})
         wait_for(lambda: deployment()["metadata"]["generation"] == 2, what="the pods rolled")
-        assert document()["model"]["servedName"] == "new"
-        annotations = deployment()["spec"]["template"]["metadata"]["annotations"]
-        assert annotations[labels.GATEWAY_REVISION] == gwconfig.revision_hash(document())
+        new = revision_map()
+        revision = document(new, "gateway-revision.json")
+        assert (revision["model"]["servedName"], new) == ("new", f"llama-gateway-{gwconfig.revision_hash(revision)}")
+        assert "model" not in document("llama-gateway", "gateway.json")
+        time.sleep(2 * RESYNC)
+        assert document(old, "gateway-revision.json")["model"]["servedName"] == "old"  # the rollout is running
+        cluster.mark_deployments_ready("llama")
+        wait_for(lambda: cluster.get("v1", "ConfigMap", old) is None, what="the old revision's ConfigMap pruned")
+        assert len(cluster.children("llama")) == 5
 
 
 def test_hand_edited_child_is_restored(emulator: EmulatorThread, cluster: Cluster,

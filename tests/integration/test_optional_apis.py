@@ -68,7 +68,7 @@ def test_served_but_forbidden_apis_are_never_touched_when_their_modes_are_off(
         del scaled["spec"]["replicas"]  # the autoscaler's to set
         assert cluster.create(scaled).status_code == 201
         # Not held back: a stalled operator would take over a minute (kopf's retries) to write anything.
-        wait_for(lambda: len(cluster.children("llama")) == 4, timeout=10, what="children, without a stall")
+        wait_for(lambda: len(cluster.children("llama")) == 5, timeout=10, what="children, without a stall")
         degraded = wait_for(lambda: cluster.condition("scaled", "Degraded"), timeout=10, what="the refusal")
     assert runner.exit_code == 0, runner.output
     assert (degraded["status"], degraded["reason"]) == ("True", "InvalidSpec")

@@ -67,7 +67,7 @@ def test_only_the_leader_acts_and_the_other_takes_over(emulator: EmulatorThread)
         with replica(emulator.urls[0], priority=200):
             time.sleep(3)  # both see each other's peering record; the lower priority pauses
             cluster.create(inference_service("llama"))
-            wait_for(lambda: len(cluster.children("llama")) == 4, what="children")
+            wait_for(lambda: len(cluster.children("llama")) == 5, what="children")
             cluster.patch(ISVC, "InferenceService", "llama", {"spec": {"replicas": 2}})
             wait_for(lambda: cluster.get("apps/v1", "Deployment", "llama")["spec"]["replicas"] == 2, what="scale")
             assert acting_writes(emulator, leader_port), "the leader did not act"

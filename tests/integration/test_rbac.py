@@ -45,9 +45,24 @@ def discover_gpus(cluster: Cluster) -> None:
 def serve_a_model(cluster: Cluster) -> None:
     """Create -> children applied (created), status written, Ready event posted."""
     assert cluster.create(inference_service("llama")).status_code == 201
-    wait_for(lambda: len(cluster.children("llama")) == 4, what="4 children")
+    wait_for(lambda: len(cluster.children("llama")) == 5, what="5 children")
     cluster.mark_deployments_ready("llama")
     wait_for(lambda: (cluster.condition("llama", "Ready") or {}).get("status") == "True", what="Ready=True")
+
+
+def roll_out_a_new_model(cluster: Cluster) -> None:
+    """A new model rolls the pods; once they are all of the new revision, the old revision's gateway
+    ConfigMap is deleted."""
+    def revision_maps() -> set[str]:
+        return {c["metadata"]["name"] for c in cluster.children("llama")
+                if c["kind"] == "ConfigMap" and c["metadata"]["name"] != "llama-gateway"}
+
+    (old,) = revision_maps()
+    cluster.patch(ISVC, "InferenceService", "llama", {"spec": {"model": {"servedName": "llama-new"}}})
+    wait_for(lambda: len(revision_maps()) == 2, what="the new revision's ConfigMap")
+    wait_for(lambda: cluster.get("apps/v1", "Deployment", "llama")["metadata"]["generation"] == 2, what="rolled")
+    cluster.mark_deployments_ready("llama")
+    wait_for(lambda: old not in revision_maps(), what="the old revision's ConfigMap pruned")
 
 
 def build_engines_then_drop_a_gpu_product(cluster: Cluster) -> None:
@@ -69,7 +84,7 @@ def autoscale_on_queue_depth(cluster: Cluster) -> None:
                                                   "panicWindowSeconds": 1, "scaleDownStabilizationSeconds": 3})
     del body["spec"]["replicas"]
     assert cluster.create(body).status_code == 201
-    wait_for(lambda: len(cluster.children("auto")) == 4, what="4 children")
+    wait_for(lambda: len(cluster.children("auto")) == 5, what="5 children")
     cluster.mark_deployments_ready("auto")
     gateway = LoopbackGatewayMetrics(queue_depth=12, in_flight=8, kv_cache_usage=0.95, gpu_utilization=1.0)
     try:
@@ -104,8 +119,9 @@ def delete_the_services(cluster: Cluster) -> None:
     wait_for(lambda: cluster.engines() == [], what="Engines released")
 
 
-SCENARIO: list[Callable[[Cluster], None]] = [discover_gpus, serve_a_model, build_engines_then_drop_a_gpu_product,
-                                             autoscale_on_queue_depth, delete_the_services]
+SCENARIO: list[Callable[[Cluster], None]] = [discover_gpus, serve_a_model, roll_out_a_new_model,
+                                             build_engines_then_drop_a_gpu_product, autoscale_on_queue_depth,
+                                             delete_the_services]
 # The chart's optional modes: the operator runs with their settings on, and this step exercises them.
 WITH_HPA_AND_KEDA: dict[str, Any] = {"autoscaling": {"hpa": True, "keda": True}}
 SCENARIO_WITH_HPA_AND_KEDA = [*SCENARIO[:-1], hand_over_to_hpa_and_keda, SCENARIO[-1]]

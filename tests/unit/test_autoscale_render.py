@@ -112,7 +112,7 @@ def test_adapter_rules_serve_every_metric_the_hpa_uses() -> None:
 def test_reconcile_renders_the_autoscaler_of_the_mode() -> None:
     kinds = {mode: sorted(o["kind"] for o in reconcile(service(mode), Observed(), CTX, NOW).desired)
              for mode in ("none", "tensorfleet", "hpa", "keda")}
-    base = ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"]
+    base = ["ConfigMap", "ConfigMap", "Deployment", "PodDisruptionBudget", "Service"]
     assert kinds == {"none": base, "tensorfleet": base, "hpa": sorted([*base, "HorizontalPodAutoscaler"]),
                      "keda": sorted([*base, "ScaledObject"])}
 

@@ -22,7 +22,7 @@ def test_render_prints_the_children(tmp_path: pathlib.Path) -> None:
     result = CliRunner().invoke(main, ["render", "-f", write(tmp_path, inference_service("a"))])
     assert result.exit_code == 0, result.output
     kinds = [d["kind"] for d in yaml.safe_load_all(result.stdout)]
-    assert kinds == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
+    assert kinds == ["ConfigMap", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
 
 
 def test_render_json_output(tmp_path: pathlib.Path) -> None:

@@ -264,6 +264,32 @@ def test_the_command_names_a_bad_configuration_field(tmp_path: pathlib.Path) -> 
     assert "tokenPolicy.maxOutputTokens: must be at least 1" in result.output
 
 
+def test_the_revision_file_takes_precedence_over_gateway_json(tmp_path: pathlib.Path) -> None:
+    """The operator splits the configuration (policy in gateway.json, engine facts in the revision file); a
+    single gateway.json still works alone, and where both have revision-bound sections the revision file's win."""
+    config = write_document(tmp_path, gateway_document("from-config", tokenPolicy={"maxOutputTokens": 7}))
+    revision = tmp_path / "gateway-revision.json"
+    revision.write_text(json.dumps({**gwconfig.revision_part(gateway_document("from-revision")),
+                                    "tokenPolicy": {"maxOutputTokens": 9}}))  # policy here is not read
+    assert gwconfig.load(config).served_model == "from-config"
+    both = gwconfig.load(config, revision_path=str(revision))
+    assert (both.served_model, both.token_policy.max_output_tokens) == ("from-revision", 7)
+    assert gwconfig.read_configuration(config, str(revision)) == {
+        **gateway_document("from-revision"), "tokenPolicy": gateway_document(tokenPolicy={"maxOutputTokens": 7})[
+            "tokenPolicy"]}
+
+
+def test_the_command_names_a_bad_field_of_the_revision_file(tmp_path: pathlib.Path) -> None:
+    config = write_document(tmp_path, gwconfig.policy_part(gateway_document()))
+    revision = tmp_path / "gateway-revision.json"
+    revision.write_text(json.dumps(gwconfig.revision_part(gateway_document(""))))
+    result = CliRunner().invoke(cli.main, ["gateway", "--config", config],
+                                env={"TENSORFLEET_GATEWAY_REVISION_CONFIG": str(revision)})
+    assert result.exit_code == 1
+    assert f"Error: {revision}: model.servedName: required" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_tenant_labels_are_capped() -> None:
     metrics = GatewayMetrics(max_tenant_labels=2)
     assert [metrics.tenant_label(t) for t in ("a", "b", "c", "a")] == ["a", "b", "other", "a"]

@@ -40,7 +40,8 @@ def deployment_status(children: list[dict[str, Any]], ready: int) -> list[dict[s
 def test_first_reconcile_creates_children_and_reports_progress() -> None:
     body = stored(inference_service(replicas=2))
     plan = reconcile(body, Observed(), CTX, T0)
-    assert sorted(o["kind"] for o in plan.desired) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"]
+    assert sorted(o["kind"] for o in plan.desired) == ["ConfigMap", "ConfigMap", "Deployment", "PodDisruptionBudget",
+                                                       "Service"]
     assert plan.status["observedGeneration"] == 1
     assert condition(plan.status, "Ready")["status"] == "False"
     assert condition(plan.status, "Progressing")["status"] == "True"
@@ -67,7 +68,7 @@ def test_converged_service_needs_no_write() -> None:
     body["status"] = first.status
     again = reconcile(body, Observed(tuple(children)), CTX, T1)
     current = {child_key(c): c for c in children}
-    assert [diff.needs_apply(o, current[child_key(o)]) for o in again.desired] == [None] * 4
+    assert [diff.needs_apply(o, current[child_key(o)]) for o in again.desired] == [None] * 5
     assert again.status == body["status"]  # byte-identical: lastTransitionTime kept
     assert again.events == ()
 
@@ -129,6 +130,29 @@ def test_children_of_other_owners_are_never_pruned() -> None:
     ours["metadata"]["ownerReferences"][0]["uid"] = "uid-1"
     plan = reconcile(body, Observed((stray, ours)), CTX, T0)
     assert [p["metadata"]["name"] for p in plan.prune] == ["llama-leftover"]
+
+
+def test_an_old_revisions_gateway_config_map_is_pruned_only_once_no_pod_of_it_can_start() -> None:
+    """A new model rolls the pods; the old revision's ConfigMap (its engine facts) stays while the observed
+    Deployment still mounts it and while the rollout runs, since an old pod may restart or be rescheduled."""
+    def revision_maps(objects: Any) -> list[str]:
+        return [o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"
+                and o["metadata"]["name"] != "llama-gateway"]
+
+    old = stored(inference_service(model={"servedName": "old"}))
+    new = stored(inference_service(model={"servedName": "new"}), generation=2)
+    running = deployment_status(as_created(reconcile(old, Observed(), CTX, T0).desired), ready=1)
+    (old_map,) = revision_maps(running)
+    assert reconcile(new, Observed(tuple(running)), CTX, T1).prune == ()  # the Deployment still mounts it
+    rolling = as_created(reconcile(new, Observed(tuple(running)), CTX, T1).desired, rv=11)
+    for child in rolling:
+        child["metadata"]["generation"] = 2
+    observed = [c for c in running if c["kind"] == "ConfigMap" and c["metadata"]["name"] == old_map] + rolling
+    assert reconcile(new, Observed(tuple(deployment_status(observed, ready=1))), CTX, T1).prune == ()
+    for child in observed:  # the controller saw generation 2 and every pod is of the new revision
+        if child["kind"] == "Deployment":
+            child["status"]["observedGeneration"] = 2
+    assert revision_maps(reconcile(new, Observed(tuple(observed)), CTX, T1).prune) == [old_map]
 
 
 def test_rollout_failure_is_degraded() -> None:

@@ -2,18 +2,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 from typing import Any
 
 import pytest
 
 from builders import inference_service, triton_service
+from gateway_support import pod_gateway_files
 from tensorfleet.api.schema import InvalidSpecError
 from tensorfleet.api.types import InferenceService
 from tensorfleet.gateway import config as gwconfig
 from tensorfleet.reconcile import desired_objects, eligible_products, split_replicas
 from tensorfleet.render import labels
 from tensorfleet.render.context import RenderContext
-from tensorfleet.render.gateway import render_config_map
+from tensorfleet.render.gateway import gateway_config
 from tensorfleet.render.workload import render_deployment, render_pdb, render_service
 
 CTX = RenderContext(gateway_image="gw:1", vllm_image="vllm:1", triton_image_template="triton:1")
@@ -83,11 +85,30 @@ def template(service: InferenceService, ctx: RenderContext = CTX) -> dict[str, A
     return render_deployment(service, ctx, 1)["spec"]["template"]
 
 
-def test_pod_template_carries_the_hash_the_gateway_computes_of_its_configuration() -> None:
+def revision_config_map(pod_template: dict[str, Any]) -> str:
+    """The name of the ConfigMap of the gateway's revision-bound configuration that the pods mount."""
+    (volume,) = [v for v in pod_template["spec"]["volumes"] if v["name"] == "gateway-config"]
+    policy, revision = (source["configMap"]["name"] for source in volume["projected"]["sources"])
+    assert policy == "llama-gateway"
+    return str(revision)
+
+
+def config_maps(service: InferenceService) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in desired_objects(service, CTX) if o["kind"] == "ConfigMap"}
+
+
+def test_the_policy_is_shared_and_the_revision_bound_part_is_named_by_its_hash() -> None:
     service = isvc(podAnnotations={"team": "a"})
-    document = json.loads(render_config_map(service, CTX)["data"]["gateway.json"])
-    annotations = template(service)["metadata"]["annotations"]
-    assert annotations == {"team": "a", labels.GATEWAY_REVISION: gwconfig.revision_hash(document)}
+    maps = config_maps(service)
+    name = revision_config_map(template(service))
+    assert set(maps) == {"llama-gateway", name}
+    policy = json.loads(maps["llama-gateway"]["data"]["gateway.json"])
+    revision = json.loads(maps[name]["data"]["gateway-revision.json"])
+    assert set(policy) == gwconfig.POLICY_SECTIONS
+    assert {**policy, **revision} == gateway_config(service, CTX)
+    assert name == f"llama-gateway-{gwconfig.revision_hash(revision)}"
+    assert maps[name]["metadata"]["labels"][labels.COMPONENT_LABEL] == labels.GATEWAY_REVISION_COMPONENT
+    assert template(service)["metadata"]["annotations"] == {"team": "a"}
 
 
 def test_policy_changes_reach_running_pods_without_rolling_them() -> None:
@@ -97,6 +118,27 @@ def test_policy_changes_reach_running_pods_without_rolling_them() -> None:
     assert template(isvc(auth={"trustedTenantHeader": "X-Tenant", "trustedProxies": ["10.0.0.0/8"]})) == before
     assert template(isvc(billing={"tier": "premium", "pricePerResourceUnit": "0.5"})) == before
     assert template(isvc(), dataclasses.replace(CTX, resource_units={"NVIDIA-L4": {"fp16": 0.4}})) == before
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    (inference_service(model={"servedName": "old"}), inference_service(model={"servedName": "new"})),
+    (triton_service("llama", engine={"precision": "fp16"}), triton_service("llama", engine={"precision": "fp8"})),
+])
+def test_an_old_revision_pod_that_starts_during_the_rollout_reads_its_own_engine(
+        old: dict[str, Any], new: dict[str, Any], tmp_path: pathlib.Path) -> None:
+    """Once the new revision is applied, a pod of the old one that starts (its gateway restarts, or it is
+    rescheduled on another node) reads the new policy and the old revision's model and engine."""
+    old["metadata"]["uid"] = new["metadata"]["uid"] = "uid-1"
+    new["spec"]["tokenPolicy"] = {"maxOutputTokens": 64}
+    before, after = InferenceService.from_body(old), InferenceService.from_body(new)
+    cluster = {**config_maps(before), **config_maps(after)}  # the old revision's ConfigMap is not pruned yet
+    (deployment, *_) = [o for o in desired_objects(before, CTX) if o["kind"] == "Deployment"]
+    files = pod_gateway_files(deployment, cluster, tmp_path)
+    read = [json.loads(pathlib.Path(path).read_text()) for path in files.values()]
+    engine_facts = [gwconfig.revision_part(document) for document in read if gwconfig.revision_part(document)]
+    assert engine_facts == [gwconfig.revision_part(gateway_config(before, CTX))]
+    document = gwconfig.read_configuration(files["config"], files["revision_config"])
+    assert document == {**gateway_config(before, CTX), "tokenPolicy": gateway_config(after, CTX)["tokenPolicy"]}
 
 
 @pytest.mark.parametrize("change", [
@@ -109,17 +151,15 @@ def test_a_revision_bound_change_rolls_the_pods(change: dict[str, Any]) -> None:
     """The gateways keep the model, engine and warm-up they started with: only new pods get a new one."""
     before, after = template(isvc()), template(isvc(**change))
     assert after != before
-    assert after["metadata"]["annotations"][labels.GATEWAY_REVISION] != \
-        before["metadata"]["annotations"][labels.GATEWAY_REVISION]
+    assert revision_config_map(after) != revision_config_map(before)
 
 
 def test_a_triton_precision_change_rolls_the_pods_of_every_product() -> None:
     def revisions(precision: str) -> list[str]:
-        body = triton_service(engine={"precision": precision})
+        body = triton_service("llama", engine={"precision": precision})
         body["metadata"]["uid"] = "u"
         objects = desired_objects(InferenceService.from_body(body), CTX)
-        return [o["spec"]["template"]["metadata"]["annotations"][labels.GATEWAY_REVISION]
-                for o in objects if o["kind"] == "Deployment"]
+        return [revision_config_map(o["spec"]["template"]) for o in objects if o["kind"] == "Deployment"]
 
     fp16, fp8 = revisions("fp16"), revisions("fp8")
     assert fp16

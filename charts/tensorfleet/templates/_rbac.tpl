@@ -20,10 +20,15 @@ exercises it to SCENARIO in that test; the test fails until both agree.
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [list, watch, create, patch, delete]
-# The Service in front of the pods and the gateway's ConfigMap: server-side apply.
+# The Service in front of the pods: server-side apply.
 - apiGroups: [""]
-  resources: [services, configmaps]
+  resources: [services]
   verbs: [list, watch, create, patch]
+# The gateway's ConfigMaps: server-side apply; one per pod revision (<name>-gateway-<hash>), pruned once no
+# pod of that revision can start any more.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [list, watch, create, patch, delete]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [list, watch, create, patch]

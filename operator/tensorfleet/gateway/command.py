@@ -26,7 +26,7 @@ def _open_sink(settings: GatewaySettings) -> Any:
         from tensorfleet.metering.sink import open_sink  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
         raise click.ClickException(f"{METERING_MISSING} ({exc})") from None
-    document = gwconfig.read_document(settings.config)
+    document = gwconfig.read_configuration(settings.config, settings.revision_config)
     return open_sink(document, settings.usage_dir, settings.gpu_product or None, settings.devices_file or None)
 
 
@@ -58,7 +58,8 @@ def gateway(**options: Any) -> None:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        gwconfig.load(settings.config, api_keys_mounted=bool(settings.api_keys_dir))  # fail fast, naming the field
+        # Fail fast, naming the field.
+        gwconfig.load(settings.config, bool(settings.api_keys_dir), settings.revision_config)
         sink = _open_sink(settings)
     except (gwconfig.ConfigError, ValueError) as exc:  # open_sink: ValueError names a bad TENSORFLEET_METERING_*
         raise click.ClickException(str(exc)) from None

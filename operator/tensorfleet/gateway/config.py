@@ -6,10 +6,12 @@ when it changes (``Gateway.reload``); a broken edit keeps the previous configura
 
 The document has two parts. The policy sections (``POLICY_SECTIONS``: token policy, auth, billing,
 metering overrides) apply to the running gateway. The rest (service, model, runtime, GPUs, engine,
-warm-up) describes the engine beside it: it is bound to the pod's revision and read once, at start
-(``pin_revision``), since one ConfigMap serves every revision of a service's pods and during a rollout
-the old pods must go on describing the old engine. The operator puts ``revision_hash`` of the document
-into the pod template, so a change to that part rolls the pods and reaches them that way.
+warm-up) describes the engine beside it: it is bound to the pod's revision and read once, at start.
+The operator renders the two parts into two ConfigMaps: the policy into ``<name>-gateway``, which every
+revision of a service's pods mounts and reloads, and the revision-bound part into
+``<name>-gateway-<revision_hash>``, which only the pods of that revision mount (``read_configuration``
+puts them together, the revision file taking precedence). So a pod that starts during a rollout, of
+either revision, reads its own engine's facts, and a change to them rolls the pods.
 """
 
 from __future__ import annotations
@@ -282,13 +284,33 @@ def read_document(path: str) -> Mapping[str, Any]:
     return doc
 
 
-def load(path: str, api_keys_mounted: bool = False) -> GatewayConfig:
-    return parse(read_document(path), api_keys_mounted)
+def read_configuration(path: str, revision_path: str | None = None) -> dict[str, Any]:
+    """The gateway's whole configuration document: ``path`` (gateway.json) and, when given, the revision-bound
+    sections of ``revision_path`` in place of any in ``path`` (they take precedence). ConfigError names the
+    file and what is wrong with it; a bad field of the revision file names the file and the field."""
+    document = read_document(path)
+    if revision_path is None:
+        return dict(document)
+    revision = revision_part(read_document(revision_path))
+    try:
+        parse(revision)  # alone, so that its errors name its file
+    except ConfigError as exc:
+        raise ConfigError(f"{revision_path}: {exc}") from None
+    return pin_revision(document, revision)
+
+
+def load(path: str, api_keys_mounted: bool = False, revision_path: str | None = None) -> GatewayConfig:
+    return parse(read_configuration(path, revision_path), api_keys_mounted)
 
 
 def revision_part(doc: Mapping[str, Any]) -> dict[str, Any]:
     """The sections of gateway.json bound to the pod's revision: all but ``POLICY_SECTIONS``."""
     return {key: value for key, value in doc.items() if key not in POLICY_SECTIONS}
+
+
+def policy_part(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The sections of gateway.json the running gateway applies: ``POLICY_SECTIONS``."""
+    return {key: value for key, value in doc.items() if key in POLICY_SECTIONS}
 
 
 def revision_hash(doc: Mapping[str, Any]) -> str:
@@ -300,7 +322,7 @@ def revision_hash(doc: Mapping[str, Any]) -> str:
 def pin_revision(doc: Mapping[str, Any], revision: Mapping[str, Any]) -> dict[str, Any]:
     """``doc``'s policy sections with ``revision`` (the ``revision_part`` the gateway started with) in place
     of its own revision-bound sections."""
-    return {**{key: value for key, value in doc.items() if key in POLICY_SECTIONS}, **revision}
+    return {**policy_part(doc), **revision}
 
 
 def file_version(path: str) -> tuple[int, int] | None:

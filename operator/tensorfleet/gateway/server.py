@@ -59,7 +59,7 @@ class Gateway:
         self.settings = settings
         self.pod = pod
         self._config_version = gwconfig.file_version(settings.config)
-        document = gwconfig.read_document(settings.config)
+        document = gwconfig.read_configuration(settings.config, settings.revision_config)
         self.config = config or gwconfig.parse(document, api_keys_mounted=bool(settings.api_keys_dir))
         # What this pod's engine is (model, runtime, engine, warm-up): fixed for the life of the process.
         self._revision = gwconfig.revision_part(document)
@@ -203,11 +203,15 @@ class Gateway:
         return True
 
     def _read_policy(self) -> tuple[dict[str, Any], gwconfig.GatewayConfig]:
-        """gateway.json, checked whole, with this pod's revision-bound sections in place of the file's."""
+        """gateway.json with this pod's revision-bound sections in place of any in the file.
+
+        Without a revision file (``settings.revision_config``), gateway.json holds them too: it is checked
+        whole (a broken section is an error, whichever it is) and a change to them is noted."""
         api_keys = bool(self.settings.api_keys_dir)
         document = gwconfig.read_document(self.settings.config)
-        gwconfig.parse(document, api_keys_mounted=api_keys)  # a broken section is an error, whichever it is
-        self._note_revision(gwconfig.revision_part(document))
+        if self.settings.revision_config is None:
+            gwconfig.parse(document, api_keys_mounted=api_keys)
+            self._note_revision(gwconfig.revision_part(document))
         pinned = gwconfig.pin_revision(document, self._revision)
         return pinned, gwconfig.parse(pinned, api_keys_mounted=api_keys)
 

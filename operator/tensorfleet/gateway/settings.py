@@ -27,6 +27,10 @@ class GatewaySettings:
 
     config: str = setting("/etc/tensorfleet/gateway.json",
                           "Path of gateway.json (the service's model, warm-up, token policy, auth and billing).")
+    revision_config: str | None = setting(
+        None, "Path of the revision-bound part of the configuration (service, model, runtime, GPUs, engine, "
+        "warm-up), read once at start; when set, it takes precedence over those sections of CONFIG, which then "
+        "needs only the policy (token policy, auth, billing, metering).")
     upstream: str = setting("http://127.0.0.1:8081", "Base URL of the engine.")
     runtime: RuntimeName = setting("vllm", "Engine runtime: vllm (OpenAI API) or triton (generate endpoints).")
     host: str = setting("0.0.0.0", "Address to listen on for clients and the admin endpoints.")

@@ -15,7 +15,8 @@ ENGINE_METRICS_PORT = ENGINE_PORT + 2  # Triton's Prometheus port (vLLM serves /
 SERVICE_PORT = 80
 
 CONFIG_DIR = "/etc/tensorfleet"
-GATEWAY_CONFIG_FILE = "gateway.json"
+GATEWAY_CONFIG_FILE = "gateway.json"  # the policy: reloaded while the gateway runs
+GATEWAY_REVISION_FILE = "gateway-revision.json"  # this pod revision's engine facts: read once, at start
 USAGE_DIR = "/var/lib/tensorfleet"
 API_KEYS_DIR = "/var/run/secrets/tensorfleet/api-keys"  # the auth Secret: tenant -> sha256 of its API key
 SHARED_RUN_DIR = "/run/tensorfleet"  # engine and gateway exchange facts (visible GPUs) here

@@ -1,11 +1,14 @@
-"""The gateway sidecar container and the ConfigMap that carries its configuration.
+"""The gateway sidecar container and the two ConfigMaps that carry its configuration.
 
-The gateway re-reads its mounted configuration when the ConfigMap changes, so token-policy, auth
-and billing edits take effect without restarting GPU pods (a restart costs a cold start and a
-warm-up). Changes that do need a new pod (image, model, GPUs) live in the pod template. So do the
-configuration's revision-bound sections (model, runtime, engine, warm-up), by their hash
-(``gateway_revision``): the one ConfigMap is mounted by every revision of the pods and their gateways
-keep those sections as they started with them, so changing them must roll the pods.
+The policy (token policy, auth, billing, metering overrides) is in ``<name>-gateway``, which every
+revision of a service's pods mounts: the gateways re-read it when it changes, so those edits take
+effect without restarting GPU pods (a restart costs a cold start and a warm-up). What describes the
+engine beside the gateway (model, runtime, GPUs, engine, warm-up) is bound to the pod's revision: it is
+in ``<name>-gateway-<hash of it>``, which only the pods of that revision mount. Changing it changes the
+pod template, so the pods roll, and a pod of the old revision that starts during the rollout (a
+container restart, a pod rescheduled elsewhere) still reads its own revision's facts. It is not an
+environment variable because ``spec.warmup`` may hold 16 prompts of 64 KiB each, and Linux refuses to
+start a process with an environment string over 128 KiB.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ _PROBE_PERIOD_SECONDS = 5
 
 
 def config_map_name(isvc_name: str) -> str:
+    """The policy ConfigMap, shared by every revision of the service's pods."""
     return f"{isvc_name}-gateway"
+
+
+def revision_config_map_name(isvc: InferenceService, ctx: c.RenderContext | None = None) -> str:
+    """The ConfigMap of this revision's engine facts, named by their hash."""
+    return f"{config_map_name(isvc.name)}-{gwconfig.revision_hash(gateway_config(isvc, ctx))}"
 
 
 def gateway_config(isvc: InferenceService, ctx: c.RenderContext | None = None) -> dict[str, Any]:
@@ -55,19 +64,33 @@ def gateway_config(isvc: InferenceService, ctx: c.RenderContext | None = None) -
     }
 
 
-def gateway_revision(isvc: InferenceService, ctx: c.RenderContext | None = None) -> str:
-    """The hash of the configuration's revision-bound part, for the pod template (labels.GATEWAY_REVISION)."""
-    return gwconfig.revision_hash(gateway_config(isvc, ctx))
-
-
 def render_config_map(isvc: InferenceService, ctx: c.RenderContext | None = None) -> dict[str, Any]:
-    document = json.dumps(gateway_config(isvc, ctx), sort_keys=True, indent=2)
+    """``<name>-gateway``: the policy sections, which the running gateways reload."""
+    return _config_map(isvc, config_map_name(isvc.name), c.GATEWAY_CONFIG_FILE,
+                       gwconfig.policy_part(gateway_config(isvc, ctx)))
+
+
+def render_revision_config_map(isvc: InferenceService, ctx: c.RenderContext | None = None) -> dict[str, Any]:
+    """``<name>-gateway-<hash>``: the revision-bound sections, which a gateway reads once, at start."""
+    return _config_map(isvc, revision_config_map_name(isvc, ctx), c.GATEWAY_REVISION_FILE,
+                       gwconfig.revision_part(gateway_config(isvc, ctx)), labels.GATEWAY_REVISION_COMPONENT)
+
+
+def _config_map(isvc: InferenceService, name: str, key: str, document: dict[str, Any],
+                component: str = "gateway") -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": labels.metadata(config_map_name(isvc.name), isvc.namespace, isvc.name, isvc.uid, "gateway"),
-        "data": {c.GATEWAY_CONFIG_FILE: document},
+        "metadata": labels.metadata(name, isvc.namespace, isvc.name, isvc.uid, component),
+        "data": {key: json.dumps(document, sort_keys=True, indent=2)},
     }
+
+
+def gateway_config_volume(isvc: InferenceService, ctx: c.RenderContext) -> dict[str, Any]:
+    """Both ConfigMaps in one folder (c.CONFIG_DIR); the kubelet keeps a projected ConfigMap up to date too."""
+    sources = [{"configMap": {"name": name}}
+               for name in (config_map_name(isvc.name), revision_config_map_name(isvc, ctx))]
+    return {"name": "gateway-config", "projected": {"sources": sources}}
 
 
 def _probe(path: str, failure_threshold: int) -> dict[str, Any]:
@@ -100,6 +123,7 @@ def _env(isvc: InferenceService, gpu_product: str | None, ctx: c.RenderContext) 
 
     env: list[dict[str, Any]] = [
         {"name": "TENSORFLEET_GATEWAY_CONFIG", "value": f"{c.CONFIG_DIR}/{c.GATEWAY_CONFIG_FILE}"},
+        {"name": "TENSORFLEET_GATEWAY_REVISION_CONFIG", "value": f"{c.CONFIG_DIR}/{c.GATEWAY_REVISION_FILE}"},
         {"name": "TENSORFLEET_GATEWAY_UPSTREAM", "value": f"http://127.0.0.1:{c.ENGINE_PORT}"},
         {"name": "TENSORFLEET_GATEWAY_RUNTIME", "value": isvc.spec.runtime.name},
         {"name": "TENSORFLEET_GATEWAY_PORT", "value": str(c.GATEWAY_PORT)},

@@ -11,11 +11,12 @@ from tensorfleet import API_GROUP, API_VERSION
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "tensorfleet"
 ISVC_LABEL = f"{API_GROUP}/inferenceservice"
+COMPONENT_LABEL = "app.kubernetes.io/component"
 VARIANT_LABEL = f"{API_GROUP}/variant"
 GPU_PRODUCT_LABEL = f"{API_GROUP}/gpu-product"
 NODE_GPU_PRODUCT = "nvidia.com/gpu.product"
-# Pod-template annotation: the hash of the gateway configuration's revision-bound part (render/gateway.py).
-GATEWAY_REVISION = f"{API_GROUP}/gateway-revision"
+# Component label of the ConfigMaps of a pod revision's gateway configuration (render/gateway.py).
+GATEWAY_REVISION_COMPONENT = "gateway-revision"
 DEFAULT_VARIANT = "default"
 
 
@@ -44,7 +45,7 @@ def common(isvc_name: str, component: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "tensorfleet-inference",
         "app.kubernetes.io/instance": isvc_name,
-        "app.kubernetes.io/component": component,
+        COMPONENT_LABEL: component,
         MANAGED_BY: MANAGER,
         ISVC_LABEL: isvc_name,
     }

@@ -11,7 +11,7 @@ from tensorfleet.api.types import InferenceService, InferenceServiceSpec
 from tensorfleet.render import context as c
 from tensorfleet.render import labels
 from tensorfleet.render.engine_container import render_engine_container
-from tensorfleet.render.gateway import api_keys_volume, config_map_name, gateway_revision, render_gateway_container
+from tensorfleet.render.gateway import api_keys_volume, gateway_config_volume, render_gateway_container
 from tensorfleet.render.metering import metering_volumes
 
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -24,7 +24,7 @@ def deployment_name(isvc_name: str, variant: str) -> str:
     return isvc_name if variant == labels.DEFAULT_VARIANT else f"{isvc_name}-{variant}"
 
 
-def _volumes(spec: InferenceServiceSpec, isvc_name: str) -> list[dict[str, Any]]:
+def _volumes(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
     cache: dict[str, Any]
     if spec.model_cache.claim_name:
         cache = {"name": "model-cache", "persistentVolumeClaim": {"claimName": spec.model_cache.claim_name}}
@@ -36,7 +36,6 @@ def _volumes(spec: InferenceServiceSpec, isvc_name: str) -> list[dict[str, Any]]
         {"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         {"name": "usage", "emptyDir": {"sizeLimit": "2Gi"}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
-        {"name": "gateway-config", "configMap": {"name": config_map_name(isvc_name)}},
     ]
     if spec.model.source.scheme == "pvc":
         claim = spec.model.source.location
@@ -46,9 +45,9 @@ def _volumes(spec: InferenceServiceSpec, isvc_name: str) -> list[dict[str, Any]]
     return volumes
 
 
-def _gateway_volumes(isvc: InferenceService) -> list[dict[str, Any]]:
+def _gateway_volumes(isvc: InferenceService, ctx: c.RenderContext) -> list[dict[str, Any]]:
     keys = api_keys_volume(isvc)
-    return [keys] if keys is not None else []
+    return [gateway_config_volume(isvc, ctx), *([keys] if keys is not None else [])]
 
 
 def _product_affinity(spec: InferenceServiceSpec, products: list[str]) -> dict[str, Any]:
@@ -100,7 +99,7 @@ def _pod_spec(isvc: InferenceService, ctx: c.RenderContext, gpu_product: str | N
     spec = isvc.spec
     pod: dict[str, Any] = {
         "containers": [render_engine_container(isvc, ctx), render_gateway_container(isvc, ctx, gpu_product)],
-        "volumes": [*_volumes(spec, isvc.name), *_gateway_volumes(isvc), *metering_volumes(ctx)],
+        "volumes": [*_volumes(spec), *_gateway_volumes(isvc, ctx), *metering_volumes(ctx)],
         "tolerations": [*(dict(t) for t in spec.tolerations), GPU_TOLERATION],
         "terminationGracePeriodSeconds": GRACE_PERIOD_SECONDS,
         "enableServiceLinks": False,
@@ -130,9 +129,9 @@ def render_deployment(isvc: InferenceService, ctx: c.RenderContext, replicas: in
     if gpu_product:
         extra[labels.GPU_PRODUCT_LABEL] = gpu_product
     pod_labels = {**labels.common(isvc.name, "inference"), **extra}
-    # A change to the gateway's revision-bound configuration rolls the pods (their gateways never reload it).
-    annotations = {**isvc.spec.pod_annotations, labels.GATEWAY_REVISION: gateway_revision(isvc, ctx)}
-    template_meta: dict[str, Any] = {"labels": pod_labels, "annotations": annotations}
+    template_meta: dict[str, Any] = {"labels": pod_labels}
+    if isvc.spec.pod_annotations:
+        template_meta["annotations"] = dict(isvc.spec.pod_annotations)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
