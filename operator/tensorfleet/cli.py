@@ -33,6 +33,8 @@ def run(**options: Any) -> None:
         settings = config.from_click(OperatorSettings, options)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if problems := settings.validate():
+        raise click.UsageError("; ".join(problems))
     runner.configure_logging(settings)
     try:
         connection = runner.resolve_connection(settings)

@@ -76,6 +76,8 @@ def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
 @handlers.declare(kopf.on.startup)
 async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     ours = settings_from_memo(memo)
+    if problems := ours.validate():  # kopf run, which skips tensorfleet run's check: stop rather than misbehave
+        raise kopf.PermanentError("; ".join(problems))
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)

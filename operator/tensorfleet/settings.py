@@ -11,6 +11,9 @@ from tensorfleet.metering import units
 from tensorfleet.render.context import RenderContext
 
 ClusterMode = Literal["auto", "kubeconfig", "incluster", "emulator"]
+MAX_WAIT_SECONDS = 86400  # longest resync, timeout or retry wait (a day); the chart's values.schema.json agrees
+MAX_ENGINE_RETRY_SECONDS = 7 * 86400
+MAX_PORT = 65535
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,26 @@ class OperatorSettings:
     metering_ru_table_file: str | None = setting(
         None, "YAML/JSON resource-unit overrides {product: {precision: RU per GPU-ms}} (the chart's "
         "metering.resourceUnits), passed to every gateway in its configuration.")
+
+    def validate(self) -> list[str]:
+        """Problems, each naming the variable and its limit; ``tensorfleet run`` refuses to start on any. The
+        chart's values.schema.json is as strict or stricter (its ports cannot be 0, which turns an endpoint off)."""
+        check = config.Checks(self)
+        wait_limit = f"positive, at most {MAX_WAIT_SECONDS}"
+        check("resync_seconds", 0 < self.resync_seconds <= MAX_WAIT_SECONDS, wait_limit)
+        check("debounce_seconds", 0 <= self.debounce_seconds <= 60, "between 0 and 60")
+        for port in ("liveness_port", "metrics_port"):
+            check(port, 0 <= getattr(self, port) <= MAX_PORT, f"between 0 (off) and {MAX_PORT}")
+        check("engine_build_retries", 0 <= self.engine_build_retries <= 20, "between 0 and 20")
+        check("engine_retry_base_seconds", 0 < self.engine_retry_base_seconds <= MAX_WAIT_SECONDS, wait_limit)
+        check("engine_retry_max_seconds", 0 < self.engine_retry_max_seconds <= MAX_ENGINE_RETRY_SECONDS,
+              f"positive, at most {MAX_ENGINE_RETRY_SECONDS}")
+        for timeout in ("engine_fetch_timeout_seconds", "model_fetch_timeout_seconds", "demo_timeout_seconds"):
+            check(timeout, 0 < getattr(self, timeout) <= MAX_WAIT_SECONDS, wait_limit)
+        check("autoscale_interval_seconds", 0 < self.autoscale_interval_seconds <= 300, "positive, at most 300")
+        check("autoscale_scrape_timeout_seconds", 0 < self.autoscale_scrape_timeout_seconds <= 60,
+              "positive, at most 60")
+        return check.problems
 
     def render_context(self) -> RenderContext:
         """The renderers' context; ValueError names the field of a bad resource-unit file."""
