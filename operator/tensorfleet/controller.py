@@ -83,10 +83,14 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
     settings.posting.enabled = False  # we post our own Events, on transitions only
     settings.watching.server_timeout = 300
+    try:
+        ctx = ours.render_context()
+    except ValueError as exc:  # a bad resource-unit file: stop, rather than retry the startup every minute
+        raise kopf.PermanentError(str(exc)) from None
     memo.runtime = Runtime(
         settings=ours,
         client=kube.KubeClient(connection_for(ours)),
-        ctx=ours.render_context(),
+        ctx=ctx,
         metrics=memo.get("metrics") or OperatorMetrics(),
     )
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Generator, Mapping
 from typing import Any, Literal
 
 import httpx
+import yaml
 
 from tensorfleet import API_GROUP, API_VERSION, FIELD_MANAGER, __version__
 
@@ -116,21 +117,29 @@ class _BearerAuth(httpx.Auth):
 
 
 def discover_connection(kubeconfig: str | None = None, context: str | None = None) -> Connection | None:
-    """In-cluster service account, else kubeconfig (with exec plugins), else None when neither exists."""
+    """In-cluster service account, else kubeconfig (with exec plugins), else None when neither exists.
+    ValueError, in one line naming the file and context, when the one found cannot be used."""
     from kubernetes import client, config
 
     cfg = client.Configuration()
     namespace = None
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
-        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not kubeconfig
+    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    if not in_cluster and not any(os.path.exists(p) for p in path.split(os.pathsep)):
+        return None
+    try:
+        if in_cluster:
+            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        else:
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=path, context=context, client_configuration=cfg)
+    except (config.ConfigException, yaml.YAMLError) as exc:
+        where = "the in-cluster service account" if in_cluster else \
+            f"--kubeconfig {path}{f' --context {context}' if context else ''}"
+        raise ValueError(f"{where}: {' '.join(str(exc).split())}") from None
+    if in_cluster:
         ns_file = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
         namespace = pathlib.Path(ns_file).read_text().strip() if os.path.exists(ns_file) else None
-    else:
-        path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-        if not any(os.path.exists(p) for p in path.split(os.pathsep)):
-            return None
-        config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=path, context=context, client_configuration=cfg)
 
     def token() -> str | None:
         # The kubernetes client refreshes expiring tokens (exec plugins, rotated files) in this call.
@@ -290,11 +299,23 @@ def _is_already_exists(method: str, response: httpx.Response) -> bool:
 
 
 def check_crds(connection: Connection) -> None:
-    """Fail early, with the fix, when the tensorfleet API is not served (CRDs not installed)."""
-    with httpx.Client(verify=_ssl_context(connection), auth=_BearerAuth(connection), timeout=15,
-                      headers={"User-Agent": USER_AGENT}) as http:
-        response = http.get(f"{connection.server}/apis/{API_GROUP}/{API_VERSION}")
-    if response.status_code == 404:
-        raise SystemExit(f"the {API_GROUP}/{API_VERSION} API is not served: install the CRDs first "
-                         "(kubectl apply -R -f crds/, or helm install tensorfleet charts/tensorfleet)")
-    response.raise_for_status()
+    """Fail early, in one line saying what to check, when the API server cannot be reached, refuses the
+    credentials or the RBAC, or does not serve the tensorfleet API (CRDs not installed)."""
+    path = f"/apis/{API_GROUP}/{API_VERSION}"
+    try:
+        with httpx.Client(verify=_ssl_context(connection), auth=_BearerAuth(connection), timeout=15,
+                          headers={"User-Agent": USER_AGENT}) as http:
+            response = http.get(f"{connection.server}{path}")
+    except httpx.TransportError as exc:
+        raise SystemExit(f"cannot reach the API server at {connection.server}: {exc or type(exc).__name__}; "
+                         "check --server or the kubeconfig's cluster, and the network to it") from None
+    if response.is_success:
+        return
+    advice = {
+        401: "check the credentials (the kubeconfig's user, or the service account's token)",
+        403: "check the operator's RBAC (its service account needs the chart's ClusterRole)",
+        404: f"the {API_GROUP}/{API_VERSION} API is not served: install the CRDs first "
+             "(kubectl apply -R -f crds/, or helm install tensorfleet charts/tensorfleet)",
+    }.get(response.status_code, "check the API server's health")
+    raise SystemExit(f"{response.status_code} {response.reason_phrase} reading {path} from the API server at "
+                     f"{connection.server}: {advice}")

@@ -104,16 +104,11 @@ class OperatorSettings:
         return check.problems
 
     def render_context(self) -> RenderContext:
-        """The renderers' context; ValueError names the field of a bad resource-unit file."""
-        overrides: dict[str, Any] = {}
-        if self.metering_ru_table_file:
-            data = units.read_override_file(self.metering_ru_table_file)
-            units.parse_overrides(data, self.metering_ru_table_file)  # validate before any gateway sees it
-            overrides = dict(data or {})
+        """The renderers' context; ValueError names the setting and the field of a bad resource-unit file."""
         return RenderContext(
             metering_sink_url=self.metering_sink_url,
             metering_secret=self.metering_secret,
-            resource_units=overrides,
+            resource_units=self._resource_units(),
             gateway_image=self.gateway_image,
             vllm_image=self.vllm_image,
             triton_image_template=self.triton_image,
@@ -127,6 +122,17 @@ class OperatorSettings:
             prometheus_url=self.prometheus_url,
             disabled_autoscaling_modes=self.disabled_autoscaling_modes,
         )
+
+    def _resource_units(self) -> dict[str, Any]:
+        """The overrides of ``metering_ru_table_file``, validated before any gateway sees them."""
+        if not self.metering_ru_table_file:
+            return {}
+        try:
+            data = units.read_override_file(self.metering_ru_table_file)
+            units.parse_overrides(data, self.metering_ru_table_file)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{config.env_name(OperatorSettings, 'metering_ru_table_file')}: {exc}") from None
+        return dict(data or {})
 
     @property
     def disabled_autoscaling_modes(self) -> tuple[str, ...]:
