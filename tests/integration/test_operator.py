@@ -173,6 +173,21 @@ def test_persistent_failure_is_reported_as_degraded(emulator: EmulatorThread, cl
                  timeout=60, what="recovery after the fault clears")
 
 
+def test_a_rejected_child_stops_none_of_the_others(emulator: EmulatorThread, cluster: Cluster,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    emulator.server.inject_fault("PATCH", r"/deployments/llama$", 422, times=1000)  # an admission webhook, say
+    emulator.server.inject_fault("PATCH", r"/poddisruptionbudgets/llama$", 403, times=1000)
+    with operator(emulator, monkeypatch):
+        cluster.create(inference_service("llama"))
+        wait_for(lambda: {c["kind"] for c in cluster.children("llama")} == {"ConfigMap", "Service"},
+                 what="the children after the refused ones written")
+        degraded = wait_for(lambda: (c := cluster.condition("llama", "Degraded")) and c["status"] == "True" and
+                            "PodDisruptionBudget" in c["message"] and c, what="Degraded naming both")
+    assert degraded["reason"] == "ApplyFailed"
+    assert degraded["message"].startswith("writing child objects failed: Deployment llama: 422 ")
+    assert "; PodDisruptionBudget llama: 403 " in degraded["message"]
+
+
 def test_cross_field_error_sets_invalid_spec_with_the_field(emulator: EmulatorThread, cluster: Cluster,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     with operator(emulator, monkeypatch):
