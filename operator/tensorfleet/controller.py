@@ -24,7 +24,7 @@ from tensorfleet.api.types import InferenceService
 from tensorfleet.autoscale import daemon as _autoscaler  # noqa: F401  (registers the autoscaler's handlers)
 from tensorfleet.engines import controller as engines  # registers the Engine handlers and indices
 from tensorfleet.metrics import OperatorMetrics
-from tensorfleet.reconcile import Observed, Plan, child_key, reconcile
+from tensorfleet.reconcile import Observed, Plan, child_key, owned_by, reconcile
 from tensorfleet.render import labels
 from tensorfleet.render.context import RenderContext
 from tensorfleet.settings import OperatorSettings
@@ -232,21 +232,26 @@ async def reconcile_once(runtime: Runtime, body: Mapping[str, Any], children: An
 
 async def _plan_and_write(runtime: Runtime, body: Mapping[str, Any], observed: list[Mapping[str, Any]],
                           extra: Mapping[str, Any]) -> tuple[Plan, Writes]:
-    """Plan, write the children and the Engines, and when some write failed, plan again so that the status
-    names every object that could not be written."""
+    """Plan, write the children and the Engines, and when some write failed or a child's name was taken,
+    plan again so that the status names every object that could not be written."""
     plan = reconcile(body, Observed(tuple(observed), **extra), runtime.ctx, _now())
     writes = await _write_children(runtime, body, plan, observed)
     try:
         await engines.write_engines(runtime.client, plan.engine_writes)
     except kube.APIError as exc:
         writes.failures.append((str(exc.status), f"Engines: {exc}"))
-    if not writes.failures:
+    if not writes.failures and not writes.conflicts:
         return plan, writes
-    runtime.metrics.errors.labels(reason=writes.failures[0][0]).inc()
-    message = "writing child objects failed: " + "; ".join(problem for _, problem in writes.failures)
-    logger.warning("reconcile of %s/%s: %s", body["metadata"].get("namespace"), body["metadata"].get("name"),
-                   message)
-    return reconcile(body, Observed(tuple(observed), apply_error=message, **extra), runtime.ctx, _now()), writes
+    where = f"{body['metadata'].get('namespace')}/{body['metadata'].get('name')}"
+    message = None
+    if writes.failures:
+        runtime.metrics.errors.labels(reason=writes.failures[0][0]).inc()
+        message = "writing child objects failed: " + "; ".join(problem for _, problem in writes.failures)
+        logger.warning("reconcile of %s: %s", where, message)
+    if writes.conflicts:
+        logger.warning("reconcile of %s: left alone, not controlled by it: %s", where, ", ".join(writes.conflicts))
+    again = Observed(tuple(observed), apply_error=message, conflicts=tuple(writes.conflicts), **extra)
+    return reconcile(body, again, runtime.ctx, _now()), writes
 
 
 # Objects that stand in for one another: a mode change replaces an HPA by a ScaledObject (the same role).
@@ -260,15 +265,21 @@ def _role(obj: Mapping[str, Any]) -> str:
 @dataclasses.dataclass
 class Writes:
     """One write pass: the resourceVersion each write replaced (for ``_catch_up``), what could not be written
-    ((metric reason, message) each), the roles of those objects, and the drift repaired."""
+    ((metric reason, message) each), the children whose name another object has, the roles of those
+    objects, and the drift repaired."""
 
     replaced: dict[Any, str | None] = dataclasses.field(default_factory=dict)
     failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    conflicts: list[str] = dataclasses.field(default_factory=list)
     failed_roles: set[str] = dataclasses.field(default_factory=set)
     drift: list[str] = dataclasses.field(default_factory=list)
 
     def failed(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
         self.failures.append((reason, f"{obj['kind']} {obj['metadata']['name']}: {message}"))
+        self.failed_roles.add(_role(obj))
+
+    def conflict(self, obj: Mapping[str, Any]) -> None:
+        self.conflicts.append(f"{obj['kind']} {obj['metadata']['name']}")
         self.failed_roles.add(_role(obj))
 
     def applied(self, obj: Mapping[str, Any], why: str, before: Mapping[str, Any] | None) -> None:
@@ -284,7 +295,7 @@ async def _write_children(runtime: Runtime, body: Mapping[str, Any], plan: Plan,
     current: dict[Any, Mapping[str, Any]] = {child_key(c): c for c in observed}
     writes = Writes()
     for obj in plan.desired:
-        await _write_child(runtime, obj, current.get(child_key(obj)), writes)
+        await _write_child(runtime, obj, current.get(child_key(obj)), body["metadata"].get("uid"), writes)
     for stale in plan.prune:
         if _role(stale) not in writes.failed_roles:  # keep it serving until its replacement is written
             await _prune(runtime, stale, writes)
@@ -295,11 +306,23 @@ async def _write_children(runtime: Runtime, body: Mapping[str, Any], plan: Plan,
 
 
 async def _write_child(runtime: Runtime, obj: Mapping[str, Any], before: Mapping[str, Any] | None,
-                       writes: Writes) -> None:
+                       uid: str | None, writes: Writes) -> None:
+    """Apply ``obj`` where it differs from ``before`` (as the index shows it), never over an object that
+    this service does not control: one labelled as ours, or one the index does not show, as the name of a
+    child to create may already be taken (server-side apply with force would take it over)."""
+    if before is not None and not owned_by(before, uid):
+        writes.conflict(obj)
+        return
     why = diff.needs_apply(obj, before)
     if why is None:
         return
     try:
+        if why == "create":
+            meta = obj["metadata"]
+            before = await runtime.client.find(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+            if before is not None and not owned_by(before, uid):
+                writes.conflict(obj)
+                return
         await runtime.client.apply(obj)
     except kube.APIError as exc:
         writes.failed(obj, str(exc.status), str(exc))

@@ -218,10 +218,16 @@ class KubeClient:
         return self._check(response)
 
     async def list(self, api_version: str, kind: str, namespace: str | None = None,
-                   label_selector: str | None = None) -> list[dict[str, Any]]:
-        params = {"labelSelector": label_selector} if label_selector else None
+                   label_selector: str | None = None, field_selector: str | None = None) -> list[dict[str, Any]]:
+        selectors = {"labelSelector": label_selector, "fieldSelector": field_selector}
+        params = {key: value for key, value in selectors.items() if value}
         response = await self._request("GET", resource_for(api_version, kind).path(namespace), params=params)
         return list(self._check(response).get("items") or [])
+
+    async def find(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """The object of that name, or None: read with a list (the operator's RBAC grants no ``get``)."""
+        found = await self.list(api_version, kind, namespace, field_selector=f"metadata.name={name}")
+        return found[0] if found else None
 
     async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply of an object we own (created when missing)."""
