@@ -33,11 +33,10 @@ def run(**options: Any) -> None:
     settings, _ = _settings(options)  # the startup handler builds its own context from the same settings
     try:
         connection = runner.resolve_connection(settings)
-    except ValueError as exc:
+        runner.check_ports(settings)
+    except ValueError as exc:  # a kubeconfig, context or --cluster that cannot be used, a busy port
         raise click.ClickException(str(exc)) from None
-    except runner.NoClusterError as exc:
-        if settings.cluster not in ("auto", "emulator"):
-            raise click.ClickException(f"--cluster={settings.cluster}: {exc}") from None
+    except runner.NoClusterError:  # --cluster auto with nothing named and nothing found, or emulator
         from tensorfleet.sandbox import quickstart
 
         quiet = config.from_click(OperatorSettings, {**options, "log_level": options.get("log_level") or "warning",

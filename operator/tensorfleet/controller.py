@@ -52,7 +52,7 @@ class Runtime:
 def connection_for(settings: OperatorSettings) -> kube.Connection:
     if settings.server:
         return kube.Connection(server=settings.server, insecure=True)
-    found = kube.discover_connection(settings.kubeconfig, settings.context)
+    found = kube.discover_connection(settings.kubeconfig, settings.context, settings.cluster)
     if found is None:
         raise kopf.LoginError("no in-cluster service account and no kubeconfig: nothing to connect to")
     return found

@@ -116,31 +116,60 @@ class _BearerAuth(httpx.Auth):
         yield request
 
 
-def discover_connection(kubeconfig: str | None = None, context: str | None = None) -> Connection | None:
-    """In-cluster service account, else kubeconfig (with exec plugins), else None when neither exists.
-    ValueError, in one line naming the file and context, when the one found cannot be used."""
-    from kubernetes import client, config
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
+
+def discover_connection(kubeconfig: str | None = None, context: str | None = None,
+                        cluster: str = "auto") -> Connection | None:
+    """The connection ``cluster`` (``--cluster``) asks for: ``incluster`` only the pod's service account,
+    ``kubeconfig`` only a kubeconfig, ``auto`` the service account in a pod unless ``--kubeconfig`` is given,
+    else a kubeconfig. None only for ``auto`` outside a pod when no kubeconfig was named (flag or $KUBECONFIG)
+    and ~/.kube/config does not exist. ValueError, in one line naming the flag or variable and its value,
+    when the one asked for cannot be used."""
+    from kubernetes import client
+
+    in_pod = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     cfg = client.Configuration()
-    namespace = None
-    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not kubeconfig
-    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-    if not in_cluster and not any(os.path.exists(p) for p in path.split(os.pathsep)):
-        return None
+    if cluster == "incluster" or (cluster == "auto" and in_pod and not kubeconfig):
+        if not in_pod:
+            raise ValueError("--cluster=incluster: not in a pod (KUBERNETES_SERVICE_HOST is not set)")
+        _load(cfg, "the in-cluster service account", None, None)
+        ns_file = pathlib.Path(SERVICE_ACCOUNT, "namespace")
+        return _connection(cfg, ns_file.read_text().strip() if ns_file.exists() else None)
+    named, path = _kubeconfig_path(kubeconfig)
+    if not any(os.path.exists(p) for p in path.split(os.pathsep)):
+        if cluster == "auto" and named is None:
+            return None
+        where = named or f"--cluster={cluster}: the default kubeconfig {path}"
+        raise ValueError(f"{where}: no such file")
+    _load(cfg, f"{named or f'kubeconfig {path}'}{f' --context {context}' if context else ''}", path, context)
+    return _connection(cfg, None)
+
+
+def _kubeconfig_path(kubeconfig: str | None) -> tuple[str | None, str]:
+    """Which kubeconfig, and how it was named (``--kubeconfig PATH``, ``KUBECONFIG=PATH``; None: the default)."""
+    if kubeconfig:
+        return f"--kubeconfig {kubeconfig}", kubeconfig
+    if from_env := os.environ.get("KUBECONFIG"):
+        return f"KUBECONFIG={from_env}", from_env
+    return None, os.path.expanduser("~/.kube/config")
+
+
+def _load(cfg: Any, where: str, path: str | None, context: str | None) -> None:
+    """Fill ``cfg`` from the service account (``path`` None) or a kubeconfig; ValueError naming ``where``."""
+    from kubernetes import config
+
     try:
-        if in_cluster:
+        if path is None:
             config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
         else:
             config.load_kube_config(  # type: ignore[no-untyped-call]
                 config_file=path, context=context, client_configuration=cfg)
-    except (config.ConfigException, yaml.YAMLError) as exc:
-        where = "the in-cluster service account" if in_cluster else \
-            f"--kubeconfig {path}{f' --context {context}' if context else ''}"
+    except (config.ConfigException, yaml.YAMLError, OSError) as exc:
         raise ValueError(f"{where}: {' '.join(str(exc).split())}") from None
-    if in_cluster:
-        ns_file = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-        namespace = pathlib.Path(ns_file).read_text().strip() if os.path.exists(ns_file) else None
 
+
+def _connection(cfg: Any, namespace: str | None) -> Connection:
     def token() -> str | None:
         # The kubernetes client refreshes expiring tokens (exec plugins, rotated files) in this call.
         value = cfg.get_api_key_with_prefix("authorization") or cfg.get_api_key_with_prefix("BearerToken")

@@ -21,8 +21,9 @@ class OperatorSettings:
     ENV_PREFIX: ClassVar[str] = "TENSORFLEET_"
 
     cluster: ClusterMode = setting(
-        "auto", "Where the API server is: auto uses the in-cluster account or a kubeconfig when there is one, "
-        "and otherwise runs the quickstart against an embedded Kubernetes API emulator.")
+        "auto", "Where the API server is: incluster only the pod's service account, kubeconfig only a kubeconfig; "
+        "auto the service account in a pod, else a kubeconfig, and when none is named and ~/.kube/config does "
+        "not exist the quickstart against an embedded Kubernetes API emulator (emulator: always that).")
     kubeconfig: str | None = setting(None, "Path to a kubeconfig file (default: $KUBECONFIG or ~/.kube/config).")
     context: str | None = setting(None, "kubeconfig context to use.")
     server: str | None = setting(None, "API server URL to use without credentials (an emulator in tests).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -70,9 +71,12 @@ def _get(url: str) -> httpx.Response | None:
         return None
 
 
-def _run(*args: str) -> tuple[int, str]:
-    """``tensorfleet run ARGS`` in this process: its exit code and output, failing on a traceback."""
-    result = CliRunner().invoke(main, ["run", *QUIET, *args], env={"TENSORFLEET_CLUSTER": None})
+def _run(*args: str, env: dict[str, str | None] | None = None) -> tuple[int, str]:
+    """``tensorfleet run ARGS`` in this process, outside a pod and with no kubeconfig named unless ``env``
+    says so: its exit code and output, failing on a traceback."""
+    env = {"TENSORFLEET_CLUSTER": None, "TENSORFLEET_KUBECONFIG": None, "KUBECONFIG": None,
+           "KUBERNETES_SERVICE_HOST": None, **(env or {})}
+    result = CliRunner().invoke(main, ["run", *QUIET, *args], env=env)
     assert isinstance(result.exception, SystemExit), result.exception  # anything else would be a traceback
     return result.exit_code, result.output.strip()
 
@@ -124,3 +128,50 @@ def test_run_names_an_unusable_kubeconfig(tmp_path: pathlib.Path) -> None:
     assert code == 1
     assert output.startswith(f"Error: --kubeconfig {kubeconfig} --context prod: ")
     assert "prod" in output.removeprefix(f"Error: --kubeconfig {kubeconfig} --context prod: ")
+
+
+def _kubeconfig(path: pathlib.Path, server: str) -> pathlib.Path:
+    path.write_text(f"apiVersion: v1\nkind: Config\ncurrent-context: c\nusers: [{{name: u, user: {{token: t}}}}]\n"
+                    f"clusters: [{{name: c, cluster: {{server: '{server}'}}}}]\n"
+                    "contexts: [{name: c, context: {cluster: c, user: u}}]\n")
+    return path
+
+
+@pytest.mark.parametrize(("flag", "env", "named"), [
+    (True, {}, "--kubeconfig {path}"),
+    (False, {"TENSORFLEET_KUBECONFIG": "{path}"}, "--kubeconfig {path}"),
+    (False, {"KUBECONFIG": "{path}"}, "KUBECONFIG={path}"),
+], ids=["flag", "TENSORFLEET_KUBECONFIG", "KUBECONFIG"])
+def test_run_refuses_a_named_kubeconfig_that_does_not_exist(tmp_path: pathlib.Path, flag: bool,
+                                                            env: dict[str, str], named: str) -> None:
+    """A mistyped path is an error, never the quickstart's emulator (which would look like a converged cluster)."""
+    path = str(tmp_path / "typo.yaml")
+    args = ["--kubeconfig", path] if flag else []
+    code, output = _run(*args, "--demo-timeout-seconds", "5", env={k: v.format(path=path) for k, v in env.items()})
+    assert (code, output) == (1, f"Error: {named.format(path=path)}: no such file")
+
+
+@pytest.mark.parametrize("flag", ["--metrics-port", "--liveness-port"])
+def test_run_names_a_busy_port(emulator: EmulatorThread, flag: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, output = _run("--server", emulator.url, flag, str(port))
+    assert (code, output) == (1, f"Error: {flag}={port}: cannot listen on it: Address already in use; "
+                                 "choose a free port or 0 to disable it")
+
+
+def test_run_cluster_incluster_uses_only_the_service_account(tmp_path: pathlib.Path) -> None:
+    kubeconfig = _kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{free_port()}")
+    code, output = _run("--cluster", "incluster", env={"KUBECONFIG": str(kubeconfig)})
+    assert (code, output) == (1, "Error: --cluster=incluster: not in a pod (KUBERNETES_SERVICE_HOST is not set)")
+
+
+def test_run_cluster_kubeconfig_in_a_pod_uses_only_the_kubeconfig(tmp_path: pathlib.Path) -> None:
+    server = f"http://127.0.0.1:{free_port()}"
+    kubeconfig = _kubeconfig(tmp_path / "kubeconfig", server)
+    code, output = _run("--cluster", "kubeconfig",
+                        env={"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": "10.96.0.1"})
+    assert code == 1
+    assert output.startswith(f"cannot reach the API server at {server}: ")  # not the pod's service account
