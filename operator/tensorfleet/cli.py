@@ -14,6 +14,7 @@ import click
 from tensorfleet import __version__, cli_files, config
 from tensorfleet.autoscale.simulator import command as simulate_command
 from tensorfleet.gateway import command as gateway_command
+from tensorfleet.render.context import RenderContext
 from tensorfleet.settings import OperatorSettings
 
 
@@ -29,16 +30,13 @@ def run(**options: Any) -> None:
     """Run the operator. Without a cluster, run it end to end against an embedded API emulator."""
     from tensorfleet import runner
 
-    try:
-        settings = config.from_click(OperatorSettings, options)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    runner.configure_logging(settings)
+    settings, _ = _settings(options)  # the startup handler builds its own context from the same settings
     try:
         connection = runner.resolve_connection(settings)
-    except runner.NoClusterError as exc:
-        if settings.cluster not in ("auto", "emulator"):
-            raise click.ClickException(f"--cluster={settings.cluster}: {exc}") from None
+        runner.check_ports(settings)
+    except ValueError as exc:  # a kubeconfig, context or --cluster that cannot be used, a busy port
+        raise click.ClickException(str(exc)) from None
+    except runner.NoClusterError:  # --cluster auto with nothing named and nothing found, or emulator
         from tensorfleet.sandbox import quickstart
 
         quiet = config.from_click(OperatorSettings, {**options, "log_level": options.get("log_level") or "warning",
@@ -47,8 +45,21 @@ def run(**options: Any) -> None:
         sys.exit(quickstart.run(quiet))
     from tensorfleet import kube
 
-    kube.check_crds(connection)
+    kube.check_crds(connection)  # before logging is set up, so that a failure is its one line
+    runner.configure_logging(settings)
     runner.run_operator(settings)
+
+
+def _settings(options: dict[str, Any]) -> tuple[OperatorSettings, RenderContext]:
+    """The operator's settings from the flags, and the render context with the resource-unit file they name:
+    bad ones are a usage error naming the variable, before anything connects or starts."""
+    try:
+        settings = config.from_click(OperatorSettings, options)
+        if not (problems := settings.validate()):
+            return settings, settings.render_context()
+    except ValueError as exc:
+        problems = [str(exc)]
+    raise click.UsageError("; ".join(problems))
 
 
 @main.command()
@@ -66,9 +77,9 @@ def render(filename: str, gpu_product: str | None, output: str, **options: Any) 
     """
     from tensorfleet import manifests
 
-    settings = config.from_click(OperatorSettings, options)
+    _, ctx = _settings(options)
     text = cli_files.read_text(filename, "'-f' / '--filename'")
-    result = manifests.render_text(text, settings.render_context(), gpu_product=gpu_product,
+    result = manifests.render_text(text, ctx, gpu_product=gpu_product,
                                    source="<stdin>" if filename == "-" else filename)
     for problem in [*result.warnings, *result.errors]:
         click.echo(problem, err=True)

@@ -24,7 +24,7 @@ from tensorfleet.api.types import InferenceService
 from tensorfleet.autoscale import daemon as _autoscaler  # noqa: F401  (registers the autoscaler's handlers)
 from tensorfleet.engines import controller as engines  # registers the Engine handlers and indices
 from tensorfleet.metrics import OperatorMetrics
-from tensorfleet.reconcile import Observed, Plan, child_key, reconcile
+from tensorfleet.reconcile import Observed, Plan, child_key, owned_by, reconcile
 from tensorfleet.render import labels
 from tensorfleet.render.context import RenderContext
 from tensorfleet.settings import OperatorSettings
@@ -52,7 +52,7 @@ class Runtime:
 def connection_for(settings: OperatorSettings) -> kube.Connection:
     if settings.server:
         return kube.Connection(server=settings.server, insecure=True)
-    found = kube.discover_connection(settings.kubeconfig, settings.context)
+    found = kube.discover_connection(settings.kubeconfig, settings.context, settings.cluster)
     if found is None:
         raise kopf.LoginError("no in-cluster service account and no kubeconfig: nothing to connect to")
     return found
@@ -76,15 +76,21 @@ def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
 @handlers.declare(kopf.on.startup)
 async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     ours = settings_from_memo(memo)
+    if problems := ours.validate():  # kopf run, which skips tensorfleet run's check: stop rather than misbehave
+        raise kopf.PermanentError("; ".join(problems))
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
     settings.posting.enabled = False  # we post our own Events, on transitions only
     settings.watching.server_timeout = 300
+    try:
+        ctx = ours.render_context()
+    except ValueError as exc:  # a bad resource-unit file: stop, rather than retry the startup every minute
+        raise kopf.PermanentError(str(exc)) from None
     memo.runtime = Runtime(
         settings=ours,
         client=kube.KubeClient(connection_for(ours)),
-        ctx=ours.render_context(),
+        ctx=ctx,
         metrics=memo.get("metrics") or OperatorMetrics(),
     )
 
@@ -201,19 +207,8 @@ async def reconcile_once(runtime: Runtime, body: Mapping[str, Any], children: An
     started = time.monotonic()
     snapshot = copy.deepcopy(dict(body))
     observed = children()
-    extra = cluster()
-    apply_error = None
     try:
-        plan = reconcile(snapshot, Observed(tuple(observed), **extra), runtime.ctx, _now())
-        replaced = await _write_children(runtime, snapshot, plan, observed)
-        await engines.write_engines(runtime.client, plan.engine_writes)
-    except kube.APIError as exc:
-        runtime.metrics.errors.labels(reason=str(exc.status)).inc()
-        logger.warning("reconcile of %s/%s failed: %s", snapshot["metadata"].get("namespace"),
-                       snapshot["metadata"].get("name"), exc)
-        apply_error = f"writing child objects failed: {exc}"
-        plan = reconcile(snapshot, Observed(tuple(observed), apply_error=apply_error, **extra), runtime.ctx, _now())
-        replaced = {}
+        plan, writes = await _plan_and_write(runtime, snapshot, observed, cluster())
     except Exception:  # never let one bad object take the operator down
         runtime.metrics.errors.labels(reason="exception").inc()
         logger.exception("reconcile crashed")
@@ -226,40 +221,124 @@ async def reconcile_once(runtime: Runtime, body: Mapping[str, Any], children: An
         return False
     finally:
         runtime.metrics.duration.observe(time.monotonic() - started)
-    await _catch_up(replaced, children, body, status_replaced)
-    runtime.metrics.reconciles.labels(result="error" if apply_error else "ok").inc()
+    await _catch_up(writes.replaced, children, body, status_replaced)
+    runtime.metrics.reconciles.labels(result="error" if writes.failures else "ok").inc()
     meta = snapshot["metadata"]
     desired = None if plan.errors else InferenceService.from_body(snapshot).spec.desired_replicas
     runtime.metrics.service_replicas(meta.get("namespace", ""), meta["name"], desired,
                                      int(plan.status.get("readyReplicas") or 0))
-    return apply_error is None
+    return not writes.failures
+
+
+async def _plan_and_write(runtime: Runtime, body: Mapping[str, Any], observed: list[Mapping[str, Any]],
+                          extra: Mapping[str, Any]) -> tuple[Plan, Writes]:
+    """Plan, write the children and the Engines, and when some write failed or a child's name was taken,
+    plan again so that the status names every object that could not be written."""
+    plan = reconcile(body, Observed(tuple(observed), **extra), runtime.ctx, _now())
+    writes = await _write_children(runtime, body, plan, observed)
+    try:
+        await engines.write_engines(runtime.client, plan.engine_writes)
+    except kube.APIError as exc:
+        writes.failures.append((str(exc.status), f"Engines: {exc}"))
+    if not writes.failures and not writes.conflicts:
+        return plan, writes
+    where = f"{body['metadata'].get('namespace')}/{body['metadata'].get('name')}"
+    message = None
+    if writes.failures:
+        runtime.metrics.errors.labels(reason=writes.failures[0][0]).inc()
+        message = "writing child objects failed: " + "; ".join(problem for _, problem in writes.failures)
+        logger.warning("reconcile of %s: %s", where, message)
+    if writes.conflicts:
+        logger.warning("reconcile of %s: left alone, not controlled by it: %s", where, ", ".join(writes.conflicts))
+    again = Observed(tuple(observed), apply_error=message, conflicts=tuple(writes.conflicts), **extra)
+    return reconcile(body, again, runtime.ctx, _now()), writes
+
+
+# Objects that stand in for one another: a mode change replaces an HPA by a ScaledObject (the same role).
+_ROLES = {"HorizontalPodAutoscaler": "autoscaler", "ScaledObject": "autoscaler"}
+
+
+def _role(obj: Mapping[str, Any]) -> str:
+    return _ROLES.get(str(obj.get("kind")), str(obj.get("kind")))
+
+
+@dataclasses.dataclass
+class Writes:
+    """One write pass: the resourceVersion each write replaced (for ``_catch_up``), what could not be written
+    ((metric reason, message) each), the children whose name another object has, the roles of those
+    objects, and the drift repaired."""
+
+    replaced: dict[Any, str | None] = dataclasses.field(default_factory=dict)
+    failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    conflicts: list[str] = dataclasses.field(default_factory=list)
+    failed_roles: set[str] = dataclasses.field(default_factory=set)
+    drift: list[str] = dataclasses.field(default_factory=list)
+
+    def failed(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
+        self.failures.append((reason, f"{obj['kind']} {obj['metadata']['name']}: {message}"))
+        self.failed_roles.add(_role(obj))
+
+    def conflict(self, obj: Mapping[str, Any]) -> None:
+        self.conflicts.append(f"{obj['kind']} {obj['metadata']['name']}")
+        self.failed_roles.add(_role(obj))
+
+    def applied(self, obj: Mapping[str, Any], why: str, before: Mapping[str, Any] | None) -> None:
+        self.replaced[child_key(obj)] = before.get("metadata", {}).get("resourceVersion") if before else None
+        if why == "drift":
+            self.drift.append(f"restored {obj['kind']} {obj['metadata']['name']}: it was changed outside tensorfleet")
 
 
 async def _write_children(runtime: Runtime, body: Mapping[str, Any], plan: Plan,
-                          observed: list[Mapping[str, Any]]) -> dict[Any, str | None]:
-    """Apply what differs, delete what is no longer wanted; the resourceVersion each write replaced."""
+                          observed: list[Mapping[str, Any]]) -> Writes:
+    """Apply what differs, each child on its own (one refused child stops none of the others), then delete
+    what is no longer wanted, except where the object that replaces it could not be written."""
     current: dict[Any, Mapping[str, Any]] = {child_key(c): c for c in observed}
-    written: dict[Any, str | None] = {}
-    drift_events: list[str] = []
+    writes = Writes()
     for obj in plan.desired:
-        why = diff.needs_apply(obj, current.get(child_key(obj)))
-        if why is None:
-            continue
-        await runtime.client.apply(obj)
-        runtime.metrics.writes.labels(kind=obj["kind"], why=why).inc()
-        before = current.get(child_key(obj))
-        written[child_key(obj)] = before.get("metadata", {}).get("resourceVersion") if before else None
-        if why == "drift":
-            message = f"restored {obj['kind']} {obj['metadata']['name']}: it was changed outside tensorfleet"
-            logger.info(message)
-            drift_events.append(message)
+        await _write_child(runtime, obj, current.get(child_key(obj)), body["metadata"].get("uid"), writes)
     for stale in plan.prune:
-        meta = stale["metadata"]
-        await runtime.client.delete(stale["apiVersion"], stale["kind"], meta.get("namespace"), meta["name"])
-        runtime.metrics.writes.labels(kind=stale["kind"], why="prune").inc()
-    for message in drift_events:
+        if _role(stale) not in writes.failed_roles:  # keep it serving until its replacement is written
+            await _prune(runtime, stale, writes)
+    for message in writes.drift:
+        logger.info(message)
         await runtime.client.post_event(body, "Normal", "DriftRestored", message, _now())
-    return written
+    return writes
+
+
+async def _write_child(runtime: Runtime, obj: Mapping[str, Any], before: Mapping[str, Any] | None,
+                       uid: str | None, writes: Writes) -> None:
+    """Apply ``obj`` where it differs from ``before`` (as the index shows it), never over an object that
+    this service does not control: one labelled as ours, or one the index does not show, as the name of a
+    child to create may already be taken (server-side apply with force would take it over)."""
+    if before is not None and not owned_by(before, uid):
+        writes.conflict(obj)
+        return
+    why = diff.needs_apply(obj, before)
+    if why is None:
+        return
+    try:
+        if why == "create":
+            meta = obj["metadata"]
+            before = await runtime.client.find(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+            if before is not None and not owned_by(before, uid):
+                writes.conflict(obj)
+                return
+        await runtime.client.apply(obj)
+    except kube.APIError as exc:
+        writes.failed(obj, str(exc.status), str(exc))
+        return
+    runtime.metrics.writes.labels(kind=obj["kind"], why=why).inc()
+    writes.applied(obj, why, before)
+
+
+async def _prune(runtime: Runtime, stale: Mapping[str, Any], writes: Writes) -> None:
+    meta = stale["metadata"]
+    try:
+        await runtime.client.delete(stale["apiVersion"], stale["kind"], meta.get("namespace"), meta["name"])
+    except kube.APIError as exc:
+        writes.failed(stale, str(exc.status), f"deleting: {exc}")
+        return
+    runtime.metrics.writes.labels(kind=stale["kind"], why="prune").inc()
 
 
 async def _write_status(runtime: Runtime, body: Mapping[str, Any], plan: Plan) -> str | None:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Generator, Mapping
 from typing import Any, Literal
 
 import httpx
+import yaml
 
 from tensorfleet import API_GROUP, API_VERSION, FIELD_MANAGER, __version__
 
@@ -115,23 +116,60 @@ class _BearerAuth(httpx.Auth):
         yield request
 
 
-def discover_connection(kubeconfig: str | None = None, context: str | None = None) -> Connection | None:
-    """In-cluster service account, else kubeconfig (with exec plugins), else None when neither exists."""
-    from kubernetes import client, config
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
+
+def discover_connection(kubeconfig: str | None = None, context: str | None = None,
+                        cluster: str = "auto") -> Connection | None:
+    """The connection ``cluster`` (``--cluster``) asks for: ``incluster`` only the pod's service account,
+    ``kubeconfig`` only a kubeconfig, ``auto`` the service account in a pod unless ``--kubeconfig`` is given,
+    else a kubeconfig. None only for ``auto`` outside a pod when no kubeconfig was named (flag or $KUBECONFIG)
+    and ~/.kube/config does not exist. ValueError, in one line naming the flag or variable and its value,
+    when the one asked for cannot be used."""
+    from kubernetes import client
+
+    in_pod = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     cfg = client.Configuration()
-    namespace = None
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
-        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-        ns_file = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-        namespace = pathlib.Path(ns_file).read_text().strip() if os.path.exists(ns_file) else None
-    else:
-        path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-        if not any(os.path.exists(p) for p in path.split(os.pathsep)):
+    if cluster == "incluster" or (cluster == "auto" and in_pod and not kubeconfig):
+        if not in_pod:
+            raise ValueError("--cluster=incluster: not in a pod (KUBERNETES_SERVICE_HOST is not set)")
+        _load(cfg, "the in-cluster service account", None, None)
+        ns_file = pathlib.Path(SERVICE_ACCOUNT, "namespace")
+        return _connection(cfg, ns_file.read_text().strip() if ns_file.exists() else None)
+    named, path = _kubeconfig_path(kubeconfig)
+    if not any(os.path.exists(p) for p in path.split(os.pathsep)):
+        if cluster == "auto" and named is None:
             return None
-        config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=path, context=context, client_configuration=cfg)
+        where = named or f"--cluster={cluster}: the default kubeconfig {path}"
+        raise ValueError(f"{where}: no such file")
+    _load(cfg, f"{named or f'kubeconfig {path}'}{f' --context {context}' if context else ''}", path, context)
+    return _connection(cfg, None)
 
+
+def _kubeconfig_path(kubeconfig: str | None) -> tuple[str | None, str]:
+    """Which kubeconfig, and how it was named (``--kubeconfig PATH``, ``KUBECONFIG=PATH``; None: the default)."""
+    if kubeconfig:
+        return f"--kubeconfig {kubeconfig}", kubeconfig
+    if from_env := os.environ.get("KUBECONFIG"):
+        return f"KUBECONFIG={from_env}", from_env
+    return None, os.path.expanduser("~/.kube/config")
+
+
+def _load(cfg: Any, where: str, path: str | None, context: str | None) -> None:
+    """Fill ``cfg`` from the service account (``path`` None) or a kubeconfig; ValueError naming ``where``."""
+    from kubernetes import config
+
+    try:
+        if path is None:
+            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        else:
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=path, context=context, client_configuration=cfg)
+    except (config.ConfigException, yaml.YAMLError, OSError) as exc:
+        raise ValueError(f"{where}: {' '.join(str(exc).split())}") from None
+
+
+def _connection(cfg: Any, namespace: str | None) -> Connection:
     def token() -> str | None:
         # The kubernetes client refreshes expiring tokens (exec plugins, rotated files) in this call.
         value = cfg.get_api_key_with_prefix("authorization") or cfg.get_api_key_with_prefix("BearerToken")
@@ -209,10 +247,16 @@ class KubeClient:
         return self._check(response)
 
     async def list(self, api_version: str, kind: str, namespace: str | None = None,
-                   label_selector: str | None = None) -> list[dict[str, Any]]:
-        params = {"labelSelector": label_selector} if label_selector else None
+                   label_selector: str | None = None, field_selector: str | None = None) -> list[dict[str, Any]]:
+        selectors = {"labelSelector": label_selector, "fieldSelector": field_selector}
+        params = {key: value for key, value in selectors.items() if value}
         response = await self._request("GET", resource_for(api_version, kind).path(namespace), params=params)
         return list(self._check(response).get("items") or [])
+
+    async def find(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """The object of that name, or None: read with a list (the operator's RBAC grants no ``get``)."""
+        found = await self.list(api_version, kind, namespace, field_selector=f"metadata.name={name}")
+        return found[0] if found else None
 
     async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply of an object we own (created when missing)."""
@@ -290,11 +334,23 @@ def _is_already_exists(method: str, response: httpx.Response) -> bool:
 
 
 def check_crds(connection: Connection) -> None:
-    """Fail early, with the fix, when the tensorfleet API is not served (CRDs not installed)."""
-    with httpx.Client(verify=_ssl_context(connection), auth=_BearerAuth(connection), timeout=15,
-                      headers={"User-Agent": USER_AGENT}) as http:
-        response = http.get(f"{connection.server}/apis/{API_GROUP}/{API_VERSION}")
-    if response.status_code == 404:
-        raise SystemExit(f"the {API_GROUP}/{API_VERSION} API is not served: install the CRDs first "
-                         "(kubectl apply -R -f crds/, or helm install tensorfleet charts/tensorfleet)")
-    response.raise_for_status()
+    """Fail early, in one line saying what to check, when the API server cannot be reached, refuses the
+    credentials or the RBAC, or does not serve the tensorfleet API (CRDs not installed)."""
+    path = f"/apis/{API_GROUP}/{API_VERSION}"
+    try:
+        with httpx.Client(verify=_ssl_context(connection), auth=_BearerAuth(connection), timeout=15,
+                          headers={"User-Agent": USER_AGENT}) as http:
+            response = http.get(f"{connection.server}{path}")
+    except httpx.TransportError as exc:
+        raise SystemExit(f"cannot reach the API server at {connection.server}: {exc or type(exc).__name__}; "
+                         "check --server or the kubeconfig's cluster, and the network to it") from None
+    if response.is_success:
+        return
+    advice = {
+        401: "check the credentials (the kubeconfig's user, or the service account's token)",
+        403: "check the operator's RBAC (its service account needs the chart's ClusterRole)",
+        404: f"the {API_GROUP}/{API_VERSION} API is not served: install the CRDs first "
+             "(kubectl apply -R -f crds/, or helm install tensorfleet charts/tensorfleet)",
+    }.get(response.status_code, "check the API server's health")
+    raise SystemExit(f"{response.status_code} {response.reason_phrase} reading {path} from the API server at "
+                     f"{connection.server}: {advice}")

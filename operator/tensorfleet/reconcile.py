@@ -33,13 +33,15 @@ OWNED_STATUS_KEYS = ("replicas", "readyReplicas", "selector", "url", "gpu", "eng
 
 @dataclasses.dataclass(frozen=True)
 class Observed:
-    """What exists now: the children labelled as ours, the GPU products in the cluster, the last write failure.
+    """What exists now: the children labelled as ours, the GPU products in the cluster, the last write failure,
+    and the children whose name an object this service does not control already has ('Service llama').
 
     ``gpu_products`` is None when nothing is known about the cluster's GPUs (no discovery yet).
     """
 
     children: tuple[Mapping[str, Any], ...] = ()
     apply_error: str | None = None
+    conflicts: tuple[str, ...] = ()
     gpu_products: tuple[str, ...] | None = None
     # GPU discovery and Engines (tensorfleet.engines). engines None: not observed (offline render).
     compute_capabilities: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -110,7 +112,7 @@ def reconcile(body: Mapping[str, Any], observed: Observed, ctx: RenderContext, n
     generation = int(meta.get("generation") or 0)
     previous = (body.get("status") or {}).get("conditions") or []
     errors = spec_errors(body, ctx)
-    owned = [c for c in observed.children if _owned_by(c, meta.get("uid"))]
+    owned = [c for c in observed.children if owned_by(c, meta.get("uid"))]
     plan: Plan | None = None
     if not errors:
         try:
@@ -138,7 +140,7 @@ def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observe
     wanted = {child_key(obj) for obj in [*desired, *kept]}
     rendered = [d for d in desired if d["kind"] == "Deployment"]
     serving_now = [*rendered, *kept]
-    conditions = _serving_conditions(serving_now, deployments, observed.apply_error)
+    conditions = _serving_conditions(serving_now, deployments, observed)
     if not serving_now:
         conditions = _no_products_conditions(isvc, observed.gpu_products)
         if triton is not None and triton.views:
@@ -197,7 +199,9 @@ def _projected_config_maps(deployment: Mapping[str, Any]) -> set[str]:
             for source in ((volume.get("projected") or {}).get("sources") or ()) if source.get("configMap")}
 
 
-def _owned_by(child: Mapping[str, Any], uid: str | None) -> bool:
+def owned_by(child: Mapping[str, Any], uid: str | None) -> bool:
+    """Whether ``child`` has a controller ownerReference to the object with ``uid``: only such objects
+    are ever written over or pruned; any other object with a child's name is left alone."""
     refs = child.get("metadata", {}).get("ownerReferences") or []
     return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
 
@@ -249,9 +253,9 @@ def _no_products_conditions(isvc: InferenceService, present: tuple[str, ...] | N
     ]
 
 
-def _serving_conditions(rendered: Sequence[Mapping[str, Any]], observed: Sequence[Mapping[str, Any]],
-                        apply_error: str | None) -> list[Condition]:
-    by_name = {d["metadata"]["name"]: d for d in observed}
+def _serving_conditions(rendered: Sequence[Mapping[str, Any]], deployments: Sequence[Mapping[str, Any]],
+                        observed: Observed) -> list[Condition]:
+    by_name = {d["metadata"]["name"]: d for d in deployments}
     desired_total = sum(_spec_replicas(d) for d in rendered)
     rollout = [_rollout(want, by_name.get(want["metadata"]["name"])) for want in rendered]
     pending = [msg for done, _, msg in rollout if not done]
@@ -259,13 +263,22 @@ def _serving_conditions(rendered: Sequence[Mapping[str, Any]], observed: Sequenc
     live = [by_name[w["metadata"]["name"]] for w in rendered if w["metadata"]["name"] in by_name]
     progressing = (Condition("Progressing", "True", "RollingOut", "; ".join(pending)) if pending
                    else Condition("Progressing", "False", "RolloutComplete", "all replicas are updated and ready"))
-    if apply_error:
-        degraded = Condition("Degraded", "True", "ApplyFailed", apply_error)
+    if observed.conflicts:
+        degraded = _name_conflict(observed.conflicts, observed.apply_error)
+    elif observed.apply_error:
+        degraded = Condition("Degraded", "True", "ApplyFailed", observed.apply_error)
     elif failures:
         degraded = Condition("Degraded", "True", "RolloutFailed", "; ".join(failures))
     else:
         degraded = Condition("Degraded", "False", "AsExpected", "no problems found")
     return [_ready_condition(live, desired_total, None), progressing, degraded]
+
+
+def _name_conflict(conflicts: Sequence[str], apply_error: str | None) -> Condition:
+    message = ("objects this InferenceService does not control (no controller ownerReference to it) have the "
+               f"names of its children: {', '.join(conflicts)}; tensorfleet leaves them alone: delete or rename "
+               "them to let it create its own")
+    return Condition("Degraded", "True", "NameConflict", f"{message}; {apply_error}" if apply_error else message)
 
 
 def _ready_condition(deployments: Iterable[Mapping[str, Any]], desired: int, reason_if_not: str | None) -> Condition:

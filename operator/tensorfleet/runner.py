@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import threading
 from typing import Any
 
@@ -33,10 +34,25 @@ def resolve_connection(settings: OperatorSettings) -> kube.Connection:
         return kube.Connection(server=settings.server, insecure=True)
     if settings.cluster == "emulator":
         raise NoClusterError("the emulator was asked for")
-    found = kube.discover_connection(settings.kubeconfig, settings.context)
+    found = kube.discover_connection(settings.kubeconfig, settings.context, settings.cluster)
     if found is None:
         raise NoClusterError("no in-cluster service account and no kubeconfig found")
     return found
+
+
+def check_ports(settings: OperatorSettings) -> None:
+    """Fail before starting, naming the flag, when the metrics or liveness port cannot be listened on
+    (kopf's liveness server would end in a traceback deep in the operator)."""
+    for flag, port in (("--metrics-port", settings.metrics_port), ("--liveness-port", settings.liveness_port)):
+        if not port:
+            continue
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as both servers do
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError as exc:
+                raise ValueError(f"{flag}={port}: cannot listen on it: {exc.strerror or exc}; "
+                                 "choose a free port or 0 to disable it") from None
 
 
 def operator_kwargs(settings: OperatorSettings) -> dict[str, Any]:

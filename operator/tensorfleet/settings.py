@@ -11,6 +11,9 @@ from tensorfleet.metering import units
 from tensorfleet.render.context import RenderContext
 
 ClusterMode = Literal["auto", "kubeconfig", "incluster", "emulator"]
+MAX_WAIT_SECONDS = 86400  # longest resync, timeout or retry wait (a day); the chart's values.schema.json agrees
+MAX_ENGINE_RETRY_SECONDS = 7 * 86400
+MAX_PORT = 65535
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,8 +21,9 @@ class OperatorSettings:
     ENV_PREFIX: ClassVar[str] = "TENSORFLEET_"
 
     cluster: ClusterMode = setting(
-        "auto", "Where the API server is: auto uses the in-cluster account or a kubeconfig when there is one, "
-        "and otherwise runs the quickstart against an embedded Kubernetes API emulator.")
+        "auto", "Where the API server is: incluster only the pod's service account, kubeconfig only a kubeconfig; "
+        "auto the service account in a pod, else a kubeconfig, and when none is named and ~/.kube/config does "
+        "not exist the quickstart against an embedded Kubernetes API emulator (emulator: always that).")
     kubeconfig: str | None = setting(None, "Path to a kubeconfig file (default: $KUBECONFIG or ~/.kube/config).")
     context: str | None = setting(None, "kubeconfig context to use.")
     server: str | None = setting(None, "API server URL to use without credentials (an emulator in tests).")
@@ -80,17 +84,32 @@ class OperatorSettings:
         None, "YAML/JSON resource-unit overrides {product: {precision: RU per GPU-ms}} (the chart's "
         "metering.resourceUnits), passed to every gateway in its configuration.")
 
+    def validate(self) -> list[str]:
+        """Problems, each naming the variable and its limit; ``tensorfleet run`` refuses to start on any. The
+        chart's values.schema.json is as strict or stricter (its ports cannot be 0, which turns an endpoint off)."""
+        check = config.Checks(self)
+        wait_limit = f"positive, at most {MAX_WAIT_SECONDS}"
+        check("resync_seconds", 0 < self.resync_seconds <= MAX_WAIT_SECONDS, wait_limit)
+        check("debounce_seconds", 0 <= self.debounce_seconds <= 60, "between 0 and 60")
+        for port in ("liveness_port", "metrics_port"):
+            check(port, 0 <= getattr(self, port) <= MAX_PORT, f"between 0 (off) and {MAX_PORT}")
+        check("engine_build_retries", 0 <= self.engine_build_retries <= 20, "between 0 and 20")
+        check("engine_retry_base_seconds", 0 < self.engine_retry_base_seconds <= MAX_WAIT_SECONDS, wait_limit)
+        check("engine_retry_max_seconds", 0 < self.engine_retry_max_seconds <= MAX_ENGINE_RETRY_SECONDS,
+              f"positive, at most {MAX_ENGINE_RETRY_SECONDS}")
+        for timeout in ("engine_fetch_timeout_seconds", "model_fetch_timeout_seconds", "demo_timeout_seconds"):
+            check(timeout, 0 < getattr(self, timeout) <= MAX_WAIT_SECONDS, wait_limit)
+        check("autoscale_interval_seconds", 0 < self.autoscale_interval_seconds <= 300, "positive, at most 300")
+        check("autoscale_scrape_timeout_seconds", 0 < self.autoscale_scrape_timeout_seconds <= 60,
+              "positive, at most 60")
+        return check.problems
+
     def render_context(self) -> RenderContext:
-        """The renderers' context; ValueError names the field of a bad resource-unit file."""
-        overrides: dict[str, Any] = {}
-        if self.metering_ru_table_file:
-            data = units.read_override_file(self.metering_ru_table_file)
-            units.parse_overrides(data, self.metering_ru_table_file)  # validate before any gateway sees it
-            overrides = dict(data or {})
+        """The renderers' context; ValueError names the setting and the field of a bad resource-unit file."""
         return RenderContext(
             metering_sink_url=self.metering_sink_url,
             metering_secret=self.metering_secret,
-            resource_units=overrides,
+            resource_units=self._resource_units(),
             gateway_image=self.gateway_image,
             vllm_image=self.vllm_image,
             triton_image_template=self.triton_image,
@@ -104,6 +123,17 @@ class OperatorSettings:
             prometheus_url=self.prometheus_url,
             disabled_autoscaling_modes=self.disabled_autoscaling_modes,
         )
+
+    def _resource_units(self) -> dict[str, Any]:
+        """The overrides of ``metering_ru_table_file``, validated before any gateway sees them."""
+        if not self.metering_ru_table_file:
+            return {}
+        try:
+            data = units.read_override_file(self.metering_ru_table_file)
+            units.parse_overrides(data, self.metering_ru_table_file)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{config.env_name(OperatorSettings, 'metering_ru_table_file')}: {exc}") from None
+        return dict(data or {})
 
     @property
     def disabled_autoscaling_modes(self) -> tuple[str, ...]:

@@ -34,4 +34,5 @@ def test_explicit_cluster_mode_without_credentials_fails_clearly(tmp_path: pathl
     result = subprocess.run([sys.executable, "-m", "tensorfleet", "run", "--cluster", "kubeconfig"], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
-    assert "--cluster=kubeconfig: no in-cluster service account and no kubeconfig found" in result.stderr
+    assert f"--cluster=kubeconfig: the default kubeconfig {tmp_path}/.kube/config: no such file" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -195,6 +195,27 @@ def test_keda_mode_renders_a_scaled_object_and_switching_mode_prunes_it(
         wait_for(lambda: cluster.get("keda.sh/v1alpha1", "ScaledObject", "llama") is None, what="pruned")
 
 
+def test_stale_children_are_pruned_unless_their_replacement_was_refused(
+        emulator: EmulatorThread, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    emulator.server.resources["keda.sh/v1alpha1/scaledobjects"] = kmock.ResourceInfo(  # a cluster with KEDA
+        kind="ScaledObject", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"})
+    with operator(emulator, monkeypatch):
+        cluster.create(autoscaled(mode="hpa"))
+        converge(cluster)
+        emulator.server.inject_fault("PATCH", r"/deployments/llama$", 422, times=1000)
+        emulator.server.inject_fault("PATCH", r"/scaledobjects/llama$", 422, times=1000)
+        cluster.patch(ISVC, "InferenceService", "llama",
+                      {"spec": {"autoscaling": {"mode": "keda"}, "model": {"maxModelLen": 16384}}})
+        wait_for(lambda: "ScaledObject llama: 422" in (cluster.condition("llama", "Degraded") or {}).get("message", ""),
+                 what="the refused ScaledObject reported")
+        time.sleep(1)
+        assert cluster.get("autoscaling/v2", "HorizontalPodAutoscaler", "llama"), "the HPA it replaces is kept"
+        cluster.patch(ISVC, "InferenceService", "llama", {"spec": {"autoscaling": {"mode": "tensorfleet"}}})
+        wait_for(lambda: cluster.get("autoscaling/v2", "HorizontalPodAutoscaler", "llama") is None,
+                 what="the HPA pruned while the Deployment is still refused")
+        assert "Deployment llama: 422" in cluster.condition("llama", "Degraded")["message"]
+
+
 def test_refuses_to_fight_another_hpa(emulator: EmulatorThread, cluster: Cluster,
                                      gateways: list[LoopbackGatewayMetrics], monkeypatch: pytest.MonkeyPatch) -> None:
     foreign = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "by-hand"},

@@ -13,6 +13,7 @@ from kopf.testing import KopfRunner
 from builders import inference_service
 from cluster import ISVC, Cluster, registry_from_env, wait_for
 from tensorfleet.gateway import config as gwconfig
+from tensorfleet.render import labels
 from tensorfleet.sandbox.apiserver import EmulatorThread
 
 pytestmark = pytest.mark.integration
@@ -143,6 +144,37 @@ def test_delete_cascades_to_children(emulator: EmulatorThread, cluster: Cluster,
         wait_for(lambda: cluster.children("llama") == [], what="children garbage-collected")
 
 
+def test_an_existing_object_with_a_childs_name_is_left_alone(emulator: EmulatorThread, cluster: Cluster,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    theirs = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "llama", "labels": {"app": "legacy"}},
+              "spec": {"selector": {"app": "legacy"}, "ports": [{"name": "redis", "port": 6379}]}}
+    labelled = {"apiVersion": "v1", "kind": "ConfigMap",  # labelled like a child, but no controller reference
+                "metadata": {"name": "llama-gateway", "labels": labels.common("llama", "gateway")},
+                "data": {"nginx.conf": "user data"}}
+    for obj in (theirs, labelled):
+        assert cluster.create(json.loads(json.dumps(obj))).status_code == 201
+    with operator(emulator, monkeypatch):
+        cluster.create(inference_service("llama"))
+        degraded = wait_for(lambda: (c := cluster.condition("llama", "Degraded")) and c["reason"] == "NameConflict"
+                            and c, what="Degraded=True NameConflict")
+        assert degraded["status"] == "True"
+        assert "Service llama" in degraded["message"]
+        assert "ConfigMap llama-gateway" in degraded["message"]
+        wait_for(lambda: cluster.get("policy/v1", "PodDisruptionBudget", "llama"), what="the other children")
+        cluster.mark_deployments_ready("llama")
+        wait_for(lambda: (cluster.condition("llama", "Ready") or {}).get("status") == "True", what="Ready=True")
+        time.sleep(2 * RESYNC)
+        assert writes_during(cluster, 3 * RESYNC) == []  # the conflict is reported once, not fought over
+        service, config_map = cluster.get("v1", "Service", "llama"), cluster.get("v1", "ConfigMap", "llama-gateway")
+        assert (service["spec"], config_map["data"]) == (theirs["spec"], labelled["data"])
+        assert "ownerReferences" not in service["metadata"]
+        assert "ownerReferences" not in config_map["metadata"]
+        cluster.delete(ISVC, "InferenceService", "llama")
+        wait_for(lambda: cluster.get("apps/v1", "Deployment", "llama") is None, what="its own children collected")
+    assert cluster.get("v1", "Service", "llama")
+    assert cluster.get("v1", "ConfigMap", "llama-gateway")
+
+
 def test_restarted_operator_converges_without_duplicates(emulator: EmulatorThread, cluster: Cluster,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     with operator(emulator, monkeypatch):
@@ -182,6 +214,21 @@ def test_persistent_failure_is_reported_as_degraded(emulator: EmulatorThread, cl
         emulator.server.faults.clear()
         wait_for(lambda: (cluster.condition("llama", "Degraded") or {}).get("status") == "False",
                  timeout=60, what="recovery after the fault clears")
+
+
+def test_a_rejected_child_stops_none_of_the_others(emulator: EmulatorThread, cluster: Cluster,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    emulator.server.inject_fault("PATCH", r"/deployments/llama$", 422, times=1000)  # an admission webhook, say
+    emulator.server.inject_fault("PATCH", r"/poddisruptionbudgets/llama$", 403, times=1000)
+    with operator(emulator, monkeypatch):
+        cluster.create(inference_service("llama"))
+        wait_for(lambda: {c["kind"] for c in cluster.children("llama")} == {"ConfigMap", "Service"},
+                 what="the children after the refused ones written")
+        degraded = wait_for(lambda: (c := cluster.condition("llama", "Degraded")) and c["status"] == "True" and
+                            "PodDisruptionBudget" in c["message"] and c, what="Degraded naming both")
+    assert degraded["reason"] == "ApplyFailed"
+    assert degraded["message"].startswith("writing child objects failed: Deployment llama: 422 ")
+    assert "; PodDisruptionBudget llama: 403 " in degraded["message"]
 
 
 def test_cross_field_error_sets_invalid_spec_with_the_field(emulator: EmulatorThread, cluster: Cluster,

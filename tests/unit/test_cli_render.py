@@ -118,3 +118,19 @@ def test_unquoted_dates_stay_strings_as_kubectl_keeps_them(tmp_path: pathlib.Pat
     assert result.exit_code == 0, result.output
     assert '--served-model-name' in result.stdout
     assert "2020-01-01" in result.stdout
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("NVIDIA-L4: {fp16: abc}\n", "ru.yaml.NVIDIA-L4.fp16='abc': must be a number in (0, 1000]"),
+    (None, "[Errno 2] No such file or directory: "),
+])
+def test_a_bad_resource_unit_file_is_a_usage_error(tmp_path: pathlib.Path, content: str | None, problem: str) -> None:
+    if content is not None:
+        (tmp_path / "ru.yaml").write_text(content)
+    path = write(tmp_path, inference_service("a"))
+    result = CliRunner().invoke(main, ["render", "-f", path, "--metering-ru-table-file", str(tmp_path / "ru.yaml")])
+    assert result.exit_code == 2
+    assert isinstance(result.exception, SystemExit)  # not a traceback
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: TENSORFLEET_METERING_RU_TABLE_FILE: ")
+    assert problem in last

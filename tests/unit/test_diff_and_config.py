@@ -91,3 +91,35 @@ def test_every_field_is_a_flag_and_an_env_var() -> None:
     help_text = CliRunner().invoke(command, ["--help"]).output
     for field in dataclasses.fields(Sample):
         assert config.env_name(Sample, field.name) in help_text
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--resync-seconds", "0", "TENSORFLEET_RESYNC_SECONDS=0.0: must be positive, at most 86400"),
+    ("--resync-seconds", "-5", "TENSORFLEET_RESYNC_SECONDS=-5.0: must be positive, at most 86400"),
+    ("--resync-seconds", "nan", "TENSORFLEET_RESYNC_SECONDS=nan: must be positive, at most 86400"),
+    ("--debounce-seconds", "-0.1", "TENSORFLEET_DEBOUNCE_SECONDS=-0.1: must be between 0 and 60"),
+    ("--metrics-port", "70000", "TENSORFLEET_METRICS_PORT=70000: must be between 0 (off) and 65535"),
+    ("--engine-fetch-timeout-seconds", "0",
+     "TENSORFLEET_ENGINE_FETCH_TIMEOUT_SECONDS=0: must be positive, at most 86400"),
+    ("--autoscale-scrape-timeout-seconds", "inf",
+     "TENSORFLEET_AUTOSCALE_SCRAPE_TIMEOUT_SECONDS=inf: must be positive, at most 60"),
+])
+def test_operator_settings_out_of_range_are_a_usage_error(flag: str, value: str, message: str) -> None:
+    from tensorfleet.cli import main
+
+    result = CliRunner().invoke(main, ["run", f"{flag}={value}", "--server", "http://127.0.0.1:1"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == f"Error: {message}"
+
+
+async def test_operator_settings_are_checked_at_startup_without_the_cli() -> None:
+    """``kopf run`` (or a test's KopfRunner) reads the settings from the environment: the startup stops."""
+    import kopf
+
+    from tensorfleet import controller
+    from tensorfleet.settings import OperatorSettings
+
+    assert OperatorSettings(resync_seconds=86400, debounce_seconds=0, liveness_port=0).validate() == []
+    memo = kopf.Memo(settings=config.from_env(OperatorSettings, {"TENSORFLEET_RESYNC_SECONDS": "0"}))
+    with pytest.raises(kopf.PermanentError, match=r"^TENSORFLEET_RESYNC_SECONDS=0.0: must be positive"):
+        await controller.startup(settings=kopf.OperatorSettings(), memo=memo)

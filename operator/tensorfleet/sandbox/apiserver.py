@@ -12,7 +12,7 @@ emulator leaves out:
 * optimistic concurrency on ``metadata.resourceVersion``; 409 AlreadyExists on duplicate creates;
 * for tensorfleet's own CRDs: defaults and OpenAPI/CEL validation from the CRD (422 Invalid);
 * finalizers and the garbage collector: deleting an owner deletes what it owns;
-* ``labelSelector`` on lists;
+* ``labelSelector`` and ``fieldSelector`` (``metadata.name``, ``metadata.namespace``) on lists;
 * injected faults (``inject_fault``) that reject a request before it changes anything;
 * a record of every resource request as the RBAC authorizer sees it (``requests``: verb, API group,
   resource, subresource, namespace), so tests can prove the chart grants exactly what the code uses.
@@ -397,12 +397,13 @@ class EmulatedAPIServer(kmock.KubernetesEmulator):
         if request.resource not in self._get_resources():
             raise k8s.KubernetesResourceNotFoundError()
         matches = _selector(request.params.get("labelSelector", ""))
+        named = _field_selector(request.params.get("fieldSelector", ""))
         async with self._lock:
             items = [
                 copy.deepcopy(obj.raw) for (resource, namespace, _), obj in self._objects.items()
                 if resource == request.resource and not obj.deleted
                 and (request.namespace is None or namespace == request.namespace)
-                and matches(obj.get("metadata", {}).get("labels") or {})
+                and matches(obj.get("metadata", {}).get("labels") or {}) and named(obj.get("metadata", {}))
             ]
         return {"kind": "List", "apiVersion": "v1",
                 "metadata": {"resourceVersion": str(next(self._versions))}, "items": items}
@@ -486,6 +487,17 @@ def _selector(text: str) -> Callable[[Mapping[str, str]], bool]:
         return True
 
     return matches
+
+
+def _field_selector(text: str) -> Callable[[Mapping[str, Any]], bool]:
+    """``metadata.name=x,metadata.namespace=y``: the field selectors every resource supports."""
+    wanted: dict[str, str] = {}
+    for clause in filter(None, (c.strip() for c in text.split(","))):
+        field, equals, value = clause.replace("==", "=").partition("=")
+        if not equals or field not in ("metadata.name", "metadata.namespace"):
+            raise _error(400, "BadRequest", f'"{clause}" is not a supported field selector')
+        wanted[field.removeprefix("metadata.")] = value
+    return lambda meta: all(meta.get(key) == value for key, value in wanted.items())
 
 
 class EmulatorThread:
