@@ -122,15 +122,19 @@ SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 def discover_connection(kubeconfig: str | None = None, context: str | None = None,
                         cluster: str = "auto") -> Connection | None:
     """The connection ``cluster`` (``--cluster``) asks for: ``incluster`` only the pod's service account,
-    ``kubeconfig`` only a kubeconfig, ``auto`` the service account in a pod unless ``--kubeconfig`` is given,
-    else a kubeconfig. None only for ``auto`` outside a pod when no kubeconfig was named (flag or $KUBECONFIG)
-    and ~/.kube/config does not exist. ValueError, in one line naming the flag or variable and its value,
-    when the one asked for cannot be used."""
+    ``kubeconfig`` only a kubeconfig, ``auto`` the service account in a pod unless ``--kubeconfig`` or
+    ``--context`` is given, else a kubeconfig. None only for ``auto`` outside a pod when neither a kubeconfig
+    (flag or $KUBECONFIG) nor a context was named and ~/.kube/config does not exist: a named cluster never falls
+    back to the emulator. ValueError, in one line naming the flag or variable and its value, when the one asked
+    for cannot be used."""
     from kubernetes import client
 
     in_pod = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     cfg = client.Configuration()
-    if cluster == "incluster" or (cluster == "auto" and in_pod and not kubeconfig):
+    if cluster == "incluster" and context:
+        raise ValueError(f"--context {context}: --cluster=incluster uses the pod's service account, which has "
+                         "no contexts; leave --context out or use --cluster=kubeconfig")
+    if cluster == "incluster" or (cluster == "auto" and in_pod and not kubeconfig and not context):
         if not in_pod:
             raise ValueError("--cluster=incluster: not in a pod (KUBERNETES_SERVICE_HOST is not set)")
         _load(cfg, "the in-cluster service account", None, None)
@@ -138,9 +142,10 @@ def discover_connection(kubeconfig: str | None = None, context: str | None = Non
         return _connection(cfg, ns_file.read_text().strip() if ns_file.exists() else None)
     named, path = _kubeconfig_path(kubeconfig)
     if not any(os.path.exists(p) for p in path.split(os.pathsep)):
-        if cluster == "auto" and named is None:
+        if cluster == "auto" and named is None and not context:
             return None
-        where = named or f"--cluster={cluster}: the default kubeconfig {path}"
+        asked = f"--context {context}" if cluster == "auto" else f"--cluster={cluster}"
+        where = named or f"{asked}: the default kubeconfig {path}"
         raise ValueError(f"{where}: no such file")
     _load(cfg, f"{named or f'kubeconfig {path}'}{f' --context {context}' if context else ''}", path, context)
     return _connection(cfg, None)
@@ -167,6 +172,12 @@ def _load(cfg: Any, where: str, path: str | None, context: str | None) -> None:
                 config_file=path, context=context, client_configuration=cfg)
     except (config.ConfigException, yaml.YAMLError, OSError) as exc:
         raise ValueError(f"{where}: {' '.join(str(exc).split())}") from None
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:
+        # The client indexes the file's YAML without checking its shape (a list, a scalar, ``clusters: 5``),
+        # and decodes base64 fields (``certificate-authority-data``) with binascii.Error, a ValueError.
+        raise ValueError(f"{where}: not a usable kubeconfig ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())}); expected a mapping with clusters, users and contexts "
+                         "lists, and valid base64 in its *-data fields") from None
 
 
 def _connection(cfg: Any, namespace: str | None) -> Connection:

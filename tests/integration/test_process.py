@@ -175,3 +175,42 @@ def test_run_cluster_kubeconfig_in_a_pod_uses_only_the_kubeconfig(tmp_path: path
                         env={"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": "10.96.0.1"})
     assert code == 1
     assert output.startswith(f"cannot reach the API server at {server}: ")  # not the pod's service account
+
+
+@pytest.mark.parametrize("text", ["hello\n", "[]\n", "apiVersion: v1\nkind: Config\nclusters: 5\n",
+                                  "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+                                  "users: [{name: u, user: {token: t}}]\n"
+                                  "clusters: [{name: c, cluster: {server: 'https://k', "
+                                  "certificate-authority-data: 'not base64!'}}]\n"
+                                  "contexts: [{name: c, context: {cluster: c, user: u}}]\n"],
+                         ids=["scalar", "list", "clusters-not-a-list", "bad-base64"])
+def test_run_names_a_malformed_kubeconfig(tmp_path: pathlib.Path, text: str) -> None:
+    """The kubernetes client indexes the YAML without checking its shape: a TypeError traceback, until now."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(text)
+    code, output = _run("--kubeconfig", str(kubeconfig))
+    assert code == 1
+    assert output.startswith(f"Error: --kubeconfig {kubeconfig}: ")
+    assert "\n" not in output
+
+
+def test_run_with_a_context_never_falls_back_to_the_emulator(tmp_path: pathlib.Path) -> None:
+    """``--context prod`` names a cluster: with no kubeconfig that is an error, never the quickstart."""
+    code, output = _run("--context", "prod", "--demo-timeout-seconds", "5", env={"HOME": str(tmp_path)})
+    assert (code, output) == (1, f"Error: --context prod: the default kubeconfig {tmp_path}/.kube/config: "
+                                 "no such file")
+
+
+def test_run_with_a_context_in_a_pod_uses_the_kubeconfig(tmp_path: pathlib.Path) -> None:
+    """In a pod, ``--context`` asks for a kubeconfig as ``--kubeconfig`` does, not the service account."""
+    server = f"http://127.0.0.1:{free_port()}"
+    kubeconfig = _kubeconfig(tmp_path / "kubeconfig", server)
+    code, output = _run("--context", "c", env={"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": "10.96.0.1"})
+    assert code == 1
+    assert output.startswith(f"cannot reach the API server at {server}: ")
+
+
+def test_run_refuses_a_context_with_the_service_account(tmp_path: pathlib.Path) -> None:
+    code, output = _run("--cluster", "incluster", "--context", "prod", env={"KUBERNETES_SERVICE_HOST": "10.96.0.1"})
+    assert code == 1
+    assert output.startswith("Error: --context prod: --cluster=incluster uses the pod's service account")
