@@ -248,6 +248,18 @@ def test_simulate_rejects_bad_settings_naming_them(tmp_path: pathlib.Path, args:
     assert message in result.output
 
 
+@pytest.mark.parametrize("flag", ["--tick", "--interval", "--slo-seconds", "--startup-seconds"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_simulate_refuses_a_number_that_is_not_finite(tmp_path: pathlib.Path, flag: str, value: str) -> None:
+    """NaN passed every bound of click.FloatRange and inf every open one: --tick nan never ended, --slo-seconds nan
+    and --interval inf printed figures, --startup-seconds nan was blamed on --set."""
+    csv = write_trace(tmp_path / "trace.csv", steady_trace(rate=1.0, seconds=10))
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(csv), "--plot", "", flag, value])
+    assert result.exit_code == 2
+    assert f"Invalid value for '{flag}': " in result.output
+    assert "tensorfleet " not in result.output  # the comparison table: nothing ran
+
+
 def test_simulate_reports_a_bad_trace_line(tmp_path: pathlib.Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n1,2,3\n2,3,x\n")
