@@ -301,6 +301,23 @@ def test_a_live_ledger_is_read_beside_its_writer_without_checkpointing_it(tmp_pa
     ledger.close()
 
 
+@pytest.mark.parametrize("live", [True, False], ids=["live", "copied"])
+def test_a_ledger_named_through_a_symlink_is_read_with_its_wal(tmp_path: Path, live: bool) -> None:
+    """latest.db -> usage.db: the -wal and -shm were looked for beside the link, so the records only in the WAL
+    were left out: report billed part of them and verify said OK on what was left."""
+    ledger = make_ledger(tmp_path / "usage.db", count=5, checkpoint_at=(5,)) if live else None
+    folder = tmp_path if live else copied_live_ledger(tmp_path)
+    link = tmp_path / "latest.db"
+    link.symlink_to(folder / "usage.db")
+    key = public_key(tmp_path / "p.pem")
+    for command in (["verify", "--public-key", key], ["report", "--output", "json"]):
+        direct, linked = (run(*command, "--ledger", str(path)) for path in (folder / "usage.db", link))
+        assert (linked.exit_code, linked.output) == (direct.exit_code, direct.output)
+    assert "records 1..5 (5)" in run("verify", "--public-key", key, "--ledger", str(link)).output
+    if ledger:
+        ledger.close()
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to run as another user")
 def test_verify_reads_a_ledger_copy_it_may_not_write(tmp_path: Path) -> None:
     """A copy owned by another user (a forensic mount) was 'not a usage ledger (unable to open database file)'."""
