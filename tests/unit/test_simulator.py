@@ -293,7 +293,9 @@ def test_simulate_checks_its_outputs_before_the_run(tmp_path: pathlib.Path, flag
     ("---\nkind: InferenceService\n---\nkind: InferenceService\n", "must be one InferenceService manifest"),
     ("kind: InferenceService\nspec: [1]\n", "spec: Invalid value: must be a mapping"),
     ("kind: InferenceService\nspec:\n  autoscaling: 3\n", "spec.autoscaling: Invalid value: must be a mapping"),
-], ids=["not-yaml", "two-documents", "spec-not-a-mapping", "autoscaling-not-a-mapping"])
+    ("kind: InferenceService\nmetadata:\n  annotations: {built: !!timestamp 2020-01-01}\n",
+     "not valid YAML: a !!timestamp value is not JSON"),
+], ids=["not-yaml", "two-documents", "spec-not-a-mapping", "autoscaling-not-a-mapping", "timestamp-tag"])
 def test_simulate_refuses_a_service_manifest_it_cannot_use(tmp_path: pathlib.Path, manifest: str, named: str) -> None:
     """Each was a traceback (ComposerError, AttributeError, ...)."""
     csv = write_trace(tmp_path / "trace.csv", steady_trace(rate=1.0, seconds=10))
