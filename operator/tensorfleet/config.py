@@ -9,6 +9,7 @@ are checked on the way in; ranges and shapes by the class's ``validate()``, writ
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 import urllib.parse
@@ -154,6 +155,17 @@ def _shown(default: Any) -> str:
     if isinstance(default, tuple):
         return ",".join(default)
     return str(default)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that refuses NaN, which passes every bound, and the infinities, which pass open ones
+    (``Invalid value for '--tick': 'nan' is not a finite number.``): for every float flag of a command."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 class _LazyGroup(click.Group):

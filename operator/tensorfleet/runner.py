@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 import threading
 from typing import Any
 
 import kopf
 from prometheus_client import start_http_server
 
-from tensorfleet import controller, kube
+from tensorfleet import cli_ports, controller, kube
 from tensorfleet.metrics import OperatorMetrics
 from tensorfleet.settings import OperatorSettings
 
@@ -43,16 +42,9 @@ def resolve_connection(settings: OperatorSettings) -> kube.Connection:
 def check_ports(settings: OperatorSettings) -> None:
     """Fail before starting, naming the flag, when the metrics or liveness port cannot be listened on
     (kopf's liveness server would end in a traceback deep in the operator)."""
-    for flag, port in (("--metrics-port", settings.metrics_port), ("--liveness-port", settings.liveness_port)):
-        if not port:
-            continue
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as both servers do
-            try:
-                probe.bind(("0.0.0.0", port))
-            except OSError as exc:
-                raise ValueError(f"{flag}={port}: cannot listen on it: {exc.strerror or exc}; "
-                                 "choose a free port or 0 to disable it") from None
+    cli_ports.check_listenable("0.0.0.0", (("--metrics-port", settings.metrics_port),
+                                           ("--liveness-port", settings.liveness_port)),
+                               "choose a free port or 0 to disable it")
 
 
 def operator_kwargs(settings: OperatorSettings) -> dict[str, Any]:

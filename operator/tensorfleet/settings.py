@@ -93,6 +93,8 @@ class OperatorSettings:
         check("debounce_seconds", 0 <= self.debounce_seconds <= 60, "between 0 and 60")
         for port in ("liveness_port", "metrics_port"):
             check(port, 0 <= getattr(self, port) <= MAX_PORT, f"between 0 (off) and {MAX_PORT}")
+        check("metrics_port", not self.metrics_port or self.metrics_port != self.liveness_port,
+              f"different from TENSORFLEET_LIVENESS_PORT={self.liveness_port}: two endpoints cannot share a port")
         check("engine_build_retries", 0 <= self.engine_build_retries <= 20, "between 0 and 20")
         check("engine_retry_base_seconds", 0 < self.engine_retry_base_seconds <= MAX_WAIT_SECONDS, wait_limit)
         check("engine_retry_max_seconds", 0 < self.engine_retry_max_seconds <= MAX_ENGINE_RETRY_SECONDS,

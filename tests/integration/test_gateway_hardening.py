@@ -8,6 +8,7 @@ import logging
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from click.testing import CliRunner
 
 from builders import inference_service, stored, triton_service
 from engines.processes import free_port
@@ -28,9 +30,10 @@ from gateway_support import (
     serving,
     url,
     wait_until,
+    write_document,
 )
 from integration.test_gateway_pipeline import CHAT, events_of, post
-from tensorfleet import telemetry
+from tensorfleet import cli, telemetry
 from tensorfleet.api.types import InferenceService
 from tensorfleet.gateway import command as gateway_command
 from tensorfleet.gateway.hooks import ProxyRequest, Stop, TokenCounter
@@ -530,6 +533,22 @@ def test_an_old_revision_gateway_started_during_the_rollout_prices_and_signs_as_
     assert (started.precision, started.ru_per_gpu_ms, started.engine_fingerprint) == \
         ("fp16", expected.ru_per_gpu_ms, fp16["engine"]["fingerprint"])
     assert started.prices["pricePerResourceUnit"] == "0.5"
+
+
+@pytest.mark.parametrize("flag", ["--port", "--admin-port"])
+def test_the_command_names_a_busy_port(tmp_path: pathlib.Path, flag: str) -> None:
+    """A port another process listens on was an OSError traceback out of the running server."""
+    config = write_document(tmp_path, gateway_document())
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        other = "--admin-port" if flag == "--port" else "--port"
+        result = CliRunner().invoke(cli.main, ["gateway", "--config", config, "--usage-dir", str(tmp_path),
+                                               "--host", "127.0.0.1", flag, str(port), other, "0"])
+    assert isinstance(result.exception, SystemExit), result.exception  # anything else would be a traceback
+    assert (result.exit_code, result.output.strip()) == (
+        1, f"Error: {flag}={port}: cannot listen on it: Address already in use; choose a free port or 0 for any")
 
 
 def _write(path: pathlib.Path, text: str) -> None:

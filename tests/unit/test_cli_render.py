@@ -120,6 +120,23 @@ def test_unquoted_dates_stay_strings_as_kubectl_keeps_them(tmp_path: pathlib.Pat
     assert "2020-01-01" in result.stdout
 
 
+@pytest.mark.parametrize("command", [["render"], ["engine", "key"]])
+@pytest.mark.parametrize("tagged", ["!!timestamp 2020-01-01", "!!binary aGVsbG8=", "!!set {a: null}"])
+def test_an_explicit_tag_json_cannot_hold_is_named_with_its_line(tmp_path: pathlib.Path, command: list[str],
+                                                                 tagged: str) -> None:
+    """A date, bytes or a set in a manifest ended in "ValueError: unexpected type ... in JSON structure"."""
+    path = tmp_path / "in.yaml"
+    path.write_text(yaml.safe_dump(inference_service("a")).replace("maxModelLen: 8192",
+                                                                   f"maxModelLen: 8192\n    servedName: {tagged}"))
+    line = path.read_text().splitlines().index(f"    servedName: {tagged}") + 1
+    result = CliRunner().invoke(main, [*command, "-f", str(path)])
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    tag = tagged.split()[0]
+    assert f"is not valid YAML: a {tag} value is not JSON, which is all a manifest holds; quote it" in result.output
+    assert f", line {line}, column 17" in result.output
+
+
 @pytest.mark.parametrize(("content", "problem"), [
     ("NVIDIA-L4: {fp16: abc}\n", "ru.yaml.NVIDIA-L4.fp16='abc': must be a number in (0, 1000]"),
     (None, "[Errno 2] No such file or directory: "),

@@ -112,6 +112,20 @@ def test_operator_settings_out_of_range_are_a_usage_error(flag: str, value: str,
     assert result.output.strip().splitlines()[-1] == f"Error: {message}"
 
 
+def test_one_port_for_metrics_and_liveness_is_a_usage_error() -> None:
+    """Each was checked free on its own, then the liveness server found the metrics server on it: a traceback."""
+    from tensorfleet.cli import main
+    from tensorfleet.settings import OperatorSettings
+
+    result = CliRunner().invoke(main, ["run", "--metrics-port", "9999", "--liveness-port", "9999",
+                                       "--server", "http://127.0.0.1:1"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: TENSORFLEET_METRICS_PORT=9999: must be different from TENSORFLEET_LIVENESS_PORT=9999: two endpoints "
+        "cannot share a port")
+    assert OperatorSettings(metrics_port=0, liveness_port=0).validate() == []
+
+
 async def test_operator_settings_are_checked_at_startup_without_the_cli() -> None:
     """``kopf run`` (or a test's KopfRunner) reads the settings from the environment: the startup stops."""
     import kopf

@@ -216,6 +216,8 @@ def test_settings_come_from_the_environment() -> None:
     ({"MAX_BODY_BYTES": "-1"}, "MAX_BODY_BYTES=-1: must be at least 1"),  # every body got 413
     ({"PORT": "70000"}, "PORT=70000: must be between 0 and 65535"),  # listened on 70000 mod 65536
     ({"ADMIN_PORT": "-5"}, "ADMIN_PORT=-5: must be between 0 and 65535"),  # a socket.gaierror traceback
+    ({"PORT": "8000", "ADMIN_PORT": "8000"},  # an OSError traceback once the admin server listened
+     "ADMIN_PORT=8000: must be different from TENSORFLEET_GATEWAY_PORT=8000"),
     ({"DRAIN_TIMEOUT_SECONDS": "-1"}, "DRAIN_TIMEOUT_SECONDS=-1.0: must be between 0 and 86400"),
     ({"UPSTREAM": "https://engine:8081"}, "UPSTREAM='https://engine:8081': must be an http://HOST[:PORT] URL"),
     ({"RUNTIME": "triton", "UPSTREAM": "http://127.0.0.1"},  # a traceback from metrics_url

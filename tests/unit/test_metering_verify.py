@@ -267,6 +267,28 @@ def test_a_ledger_row_that_is_not_json_is_named_by_report_and_a_bad_embedded_key
     assert "embedded public key" in verified.output
 
 
+def test_json_nested_too_deeply_is_named_not_a_recursion_error(tmp_path: Path) -> None:
+    """A corrupt or hostile export, or ledger row, nested beyond the parser's depth was a RecursionError traceback."""
+    deep = "[" * 100_000 + "]" * 100_000
+    export_file = tmp_path / "deep.json"
+    export_file.write_text(deep)
+    for command in (["verify", "--trust-embedded-key"], ["report"]):
+        result = run(*command, "--export", str(export_file))
+        assert result.exit_code == 2
+        assert (f"Invalid value for --export: {export_file}: not CloudEvents JSON: line 1: not JSON "
+                "(JSON nested too deeply)") in result.output
+    make_ledger(tmp_path / "usage.db", count=2, checkpoint_at=()).close()
+    conn = attacker(tmp_path / "usage.db")
+    conn.execute("UPDATE records SET body = ? WHERE seq = 2", (deep,))
+    conn.close()
+    report = run("report", "--ledger", str(tmp_path / "usage.db"))
+    assert (report.exit_code, report.output) == (1, "Error: ledger row 2 is not a JSON object; run `tensorfleet "
+                                                    "usage verify` on it\n")
+    verified = run("verify", "--ledger", str(tmp_path / "usage.db"), "--trust-embedded-key")
+    assert verified.exit_code == 1
+    assert "malformed" in verified.output
+
+
 # -- the evidence is read, never written (bug: verify folded a copied WAL into usage.db and deleted it) -----------
 def copied_live_ledger(tmp_path: Path) -> Path:
     """usage.db and usage.db-wal as `kubectl cp` takes them from a running pod (the ledger still open)."""
@@ -299,6 +321,23 @@ def test_a_live_ledger_is_read_beside_its_writer_without_checkpointing_it(tmp_pa
     after = digests(tmp_path)
     assert (after["usage.db"], after["usage.db-wal"]) == (before["usage.db"], before["usage.db-wal"])
     ledger.close()
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["live", "copied"])
+def test_a_ledger_named_through_a_symlink_is_read_with_its_wal(tmp_path: Path, live: bool) -> None:
+    """latest.db -> usage.db: the -wal and -shm were looked for beside the link, so the records only in the WAL
+    were left out: report billed part of them and verify said OK on what was left."""
+    ledger = make_ledger(tmp_path / "usage.db", count=5, checkpoint_at=(5,)) if live else None
+    folder = tmp_path if live else copied_live_ledger(tmp_path)
+    link = tmp_path / "latest.db"
+    link.symlink_to(folder / "usage.db")
+    key = public_key(tmp_path / "p.pem")
+    for command in (["verify", "--public-key", key], ["report", "--output", "json"]):
+        direct, linked = (run(*command, "--ledger", str(path)) for path in (folder / "usage.db", link))
+        assert (linked.exit_code, linked.output) == (direct.exit_code, direct.output)
+    assert "records 1..5 (5)" in run("verify", "--public-key", key, "--ledger", str(link)).output
+    if ledger:
+        ledger.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to run as another user")

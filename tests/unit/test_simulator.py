@@ -248,6 +248,18 @@ def test_simulate_rejects_bad_settings_naming_them(tmp_path: pathlib.Path, args:
     assert message in result.output
 
 
+@pytest.mark.parametrize("flag", ["--tick", "--interval", "--slo-seconds", "--startup-seconds"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_simulate_refuses_a_number_that_is_not_finite(tmp_path: pathlib.Path, flag: str, value: str) -> None:
+    """NaN passed every bound of click.FloatRange and inf every open one: --tick nan never ended, --slo-seconds nan
+    and --interval inf printed figures, --startup-seconds nan was blamed on --set."""
+    csv = write_trace(tmp_path / "trace.csv", steady_trace(rate=1.0, seconds=10))
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(csv), "--plot", "", flag, value])
+    assert result.exit_code == 2
+    assert f"Invalid value for '{flag}': " in result.output
+    assert "tensorfleet " not in result.output  # the comparison table: nothing ran
+
+
 def test_simulate_reports_a_bad_trace_line(tmp_path: pathlib.Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n1,2,3\n2,3,x\n")
@@ -281,7 +293,9 @@ def test_simulate_checks_its_outputs_before_the_run(tmp_path: pathlib.Path, flag
     ("---\nkind: InferenceService\n---\nkind: InferenceService\n", "must be one InferenceService manifest"),
     ("kind: InferenceService\nspec: [1]\n", "spec: Invalid value: must be a mapping"),
     ("kind: InferenceService\nspec:\n  autoscaling: 3\n", "spec.autoscaling: Invalid value: must be a mapping"),
-], ids=["not-yaml", "two-documents", "spec-not-a-mapping", "autoscaling-not-a-mapping"])
+    ("kind: InferenceService\nmetadata:\n  annotations: {built: !!timestamp 2020-01-01}\n",
+     "not valid YAML: a !!timestamp value is not JSON"),
+], ids=["not-yaml", "two-documents", "spec-not-a-mapping", "autoscaling-not-a-mapping", "timestamp-tag"])
 def test_simulate_refuses_a_service_manifest_it_cannot_use(tmp_path: pathlib.Path, manifest: str, named: str) -> None:
     """Each was a traceback (ComposerError, AttributeError, ...)."""
     csv = write_trace(tmp_path / "trace.csv", steady_trace(rate=1.0, seconds=10))

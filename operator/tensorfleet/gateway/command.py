@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from tensorfleet import config
+from tensorfleet import cli_ports, config
 from tensorfleet.gateway.settings import GatewaySettings
 
 METERING_MISSING = (
@@ -55,6 +55,11 @@ def gateway(**options: Any) -> None:
         raise click.UsageError(str(exc)) from None
     if problems := settings.validate():
         raise click.UsageError("; ".join(problems))
+    try:
+        cli_ports.check_listenable(settings.host, (("--port", settings.port), ("--admin-port", settings.admin_port)),
+                                   "choose a free port or 0 for any")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -76,6 +76,8 @@ class GatewaySettings:
         check = Checks(self)
         for name in _PORTS:
             check(name, 0 <= getattr(self, name) <= 65535, "between 0 and 65535")
+        check("admin_port", not self.admin_port or self.admin_port != self.port,
+              f"different from TENSORFLEET_GATEWAY_PORT={self.port}: the admin and client servers cannot share a port")
         for name in _SIZES:
             check(name, getattr(self, name) >= 1, "at least 1")
         for name in _OPTIONAL_COUNTS:

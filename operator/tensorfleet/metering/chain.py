@@ -25,11 +25,25 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 RECORD_DOMAIN = b"tensorfleet.usage.record.v1\n"
 CHECKPOINT_DOMAIN = b"tensorfleet.usage.checkpoint.v1\n"
+TOO_DEEP = "JSON nested too deeply"
 GENESIS_DOMAIN = b"tensorfleet.usage.genesis.v1\n"
 
 
 def canonical(body: Any) -> str:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """ValueError on NaN, an infinity, or nesting too deep to encode."""
+    try:
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except RecursionError:
+        raise ValueError(TOO_DEEP) from None
+
+
+def parse(text: str) -> Any:
+    """The JSON value of ``text`` from a file given to verify or report; ValueError where it is not JSON or is
+    nested too deeply for the parser (a corrupt or hostile file), never a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(TOO_DEEP) from None
 
 
 def sha256_hex(text: str) -> str:

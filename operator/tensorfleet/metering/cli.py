@@ -194,7 +194,7 @@ def _unique_bodies(records: list[verify.Record]) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
     for record in records:
         try:
-            body = json.loads(record.body_text)
+            body = chain.parse(record.body_text)
         except ValueError:
             body = None
         if not isinstance(body, dict):

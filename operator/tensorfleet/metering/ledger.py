@@ -228,13 +228,14 @@ def read_ledger(path: str | Path) -> tuple[dict[str, str], list[tuple[int, str, 
     The file and its WAL are never written: a read-write connection closing last would fold the WAL into the
     file and delete it, changing the evidence a verifier reads. A live ledger (its ``-shm`` beside it) is read
     in place, read-only, beside its writer; otherwise, or when that fails, a snapshot copy in a temporary folder.
+    A symlink (``latest.db -> usage.db``) is followed first: the ``-wal`` and ``-shm`` lie beside the real file.
     """
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such ledger")
+    path = Path(path).resolve()
     if Path(f"{path}-shm").exists():
         with contextlib.suppress(sqlite3.OperationalError):
-            return _read_tables(f"{path.absolute().as_uri()}?mode=ro")
+            return _read_tables(f"{path.as_uri()}?mode=ro")
     with tempfile.TemporaryDirectory(prefix="tensorfleet-ledger-") as folder:
         copy = Path(folder) / "usage.db"
         shutil.copyfile(path, copy)

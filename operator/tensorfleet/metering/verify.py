@@ -127,7 +127,7 @@ def verify(records: Iterable[Record], checkpoints: Iterable[Checkpoint],
     by_ledger: dict[str, list[Item]] = {}
     for record in records:
         try:
-            body = json.loads(record.body_text)
+            body = chain.parse(record.body_text)
             ledger = str(body["ledger"])
             int(body["seq"])
         except (ValueError, KeyError, TypeError):
@@ -250,7 +250,7 @@ def verify_appended(ledger: str, rows: Sequence[tuple[int, str, str, str]], veri
     previous = anchor
     for seq, body_text, digest, signature in rows:
         try:
-            body = json.loads(body_text)
+            body = chain.parse(body_text)
         except ValueError:
             body = None
         if not isinstance(body, dict):
@@ -291,7 +291,7 @@ def _signed_heads(checkpoints: Iterable[Checkpoint], trusted: TrustedKeys,
     signed: dict[str, dict[int, str]] = {}
     for checkpoint in checkpoints:
         try:
-            body = json.loads(checkpoint.body_text)
+            body = chain.parse(checkpoint.body_text)
             ledger, seq, head = str(body["ledger"]), int(body["seq"]), str(body["head"])
         except (ValueError, KeyError, TypeError):
             result.problems.append(Problem("?", None, "malformed", "checkpoint is not a usage checkpoint"))
@@ -351,7 +351,7 @@ def parse_events(text: str) -> list[Any]:
     if not stripped:
         return []
     try:
-        documents = [json.loads(stripped)]
+        documents = [chain.parse(stripped)]
     except ValueError:
         documents = _json_lines(text)
     events: list[Any] = []
@@ -365,9 +365,11 @@ def _json_lines(text: str) -> list[Any]:
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                documents.append(json.loads(line))
+                documents.append(chain.parse(line))
             except json.JSONDecodeError as exc:  # its position is within the line alone
                 raise ValueError(f"line {number}: not JSON ({exc.msg}: column {exc.colno})") from None
+            except ValueError as exc:
+                raise ValueError(f"line {number}: not JSON ({exc})") from None
     return documents
 
 

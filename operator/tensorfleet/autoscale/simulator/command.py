@@ -1,6 +1,6 @@
 """``tensorfleet simulate``: replay a request trace under tensorfleet's autoscaler, an HPA-like baseline and the oracle.
 
-Only click is imported here; the simulator loads when the command runs.
+Only click (and tensorfleet.config's flag types) is imported here; the simulator loads when the command runs.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import pathlib
 from typing import Any
 
 import click
+
+from tensorfleet import config
 
 _AUTOSCALING_FLAGS = {
     "min_replicas": "minReplicas",
@@ -42,13 +44,13 @@ def _autoscaling_options(command: Any) -> Any:
               help="Replica model: a10g-llama3-8b or l4-llama3-8b (see docs/autoscaling.md).")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
               help="Override a replica model field, e.g. --set prefill_tokens_per_second=5000 (repeatable).")
-@click.option("--startup-seconds", type=click.FloatRange(min=0), default=None,
+@click.option("--startup-seconds", type=config.FiniteFloatRange(min=0), default=None,
               help="Engine load plus warm-up of a new replica [default: the profile's].")
-@click.option("--slo-seconds", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+@click.option("--slo-seconds", type=config.FiniteFloatRange(min=0, min_open=True), default=2.0, show_default=True,
               help="Queue-wait SLO: longest wait from arrival to admission into the engine.")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+@click.option("--interval", type=config.FiniteFloatRange(min=0.1), default=2.0, show_default=True,
               help="How often tensorfleet's autoscaler decides (the operator's --autoscale-interval-seconds).")
-@click.option("--tick", type=click.FloatRange(min=0.01, max=1.0), default=0.1, show_default=True,
+@click.option("--tick", type=config.FiniteFloatRange(min=0.01, max=1.0), default=0.1, show_default=True,
               help="Simulation time step in seconds.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default="simulation.png", show_default=True,
               help="PNG of load, replicas and queue over time ('' for none; needs matplotlib).")
