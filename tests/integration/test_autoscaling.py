@@ -181,10 +181,15 @@ def test_hpa_mode_renders_an_hpa_and_leaves_replicas_to_it(emulator: EmulatorThr
         assert spec_replicas(cluster) == 3
 
 
+def with_keda(emulator: EmulatorThread) -> None:
+    """Make the emulated cluster one with KEDA: it serves ScaledObjects."""
+    emulator.server.resources["keda.sh/v1alpha1/scaledobjects"] = kmock.ResourceInfo(
+        kind="ScaledObject", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"})
+
+
 def test_keda_mode_renders_a_scaled_object_and_switching_mode_prunes_it(
         emulator: EmulatorThread, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    emulator.server.resources["keda.sh/v1alpha1/scaledobjects"] = kmock.ResourceInfo(  # a cluster with KEDA
-        kind="ScaledObject", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"})
+    with_keda(emulator)
     with operator(emulator, monkeypatch):
         cluster.create(autoscaled(mode="keda"))
         converge(cluster)
@@ -197,8 +202,7 @@ def test_keda_mode_renders_a_scaled_object_and_switching_mode_prunes_it(
 
 def test_stale_children_are_pruned_unless_their_replacement_was_refused(
         emulator: EmulatorThread, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    emulator.server.resources["keda.sh/v1alpha1/scaledobjects"] = kmock.ResourceInfo(  # a cluster with KEDA
-        kind="ScaledObject", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"})
+    with_keda(emulator)
     with operator(emulator, monkeypatch):
         cluster.create(autoscaled(mode="hpa"))
         converge(cluster)
