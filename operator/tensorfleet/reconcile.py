@@ -142,9 +142,7 @@ def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observe
     serving_now = [*rendered, *kept]
     conditions = _serving_conditions(serving_now, deployments, observed)
     if not serving_now:
-        conditions = _no_products_conditions(isvc, observed.gpu_products)
-        if triton is not None and triton.views:
-            conditions = serving.waiting_conditions(triton.views)
+        conditions = _waiting_conditions(isvc, observed, triton, conditions)
     status = _status(body, deployments, conditions, isvc, ctx)
     if triton is None:
         engines = {e["metadata"]["name"]: e for e in observed.engines or ()}
@@ -157,6 +155,19 @@ def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observe
     _remove_vanished(body, status)
     prune = tuple(c for c in owned if child_key(c) not in wanted and not _revision_in_use(c, rendered, deployments))
     return Plan(tuple(desired), prune, status, (), (), writes)
+
+
+def _waiting_conditions(isvc: InferenceService, observed: Observed, triton: serving.TritonPlan | None,
+                        serving_conditions: list[Condition]) -> list[Condition]:
+    """The conditions while nothing serves: no GPU product to run on, or Engines that cannot
+    serve yet. A name conflict or a failed write (say, a refused Engine create) is Degraded's reason over them."""
+    conditions = _no_products_conditions(isvc, observed.gpu_products)
+    if triton is not None and triton.views:
+        conditions = serving.waiting_conditions(triton.views)
+    write_problem = next(c for c in serving_conditions if c.type == "Degraded")
+    if write_problem.reason in ("NameConflict", "ApplyFailed"):
+        conditions = [write_problem if c.type == "Degraded" else c for c in conditions]
+    return conditions
 
 
 def _triton_plan(isvc: InferenceService, observed: Observed, deployments: Sequence[Mapping[str, Any]],
