@@ -131,32 +131,53 @@ def reconcile(body: Mapping[str, Any], observed: Observed, ctx: RenderContext, n
 
 def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observed, owned: list[Mapping[str, Any]],
               ctx: RenderContext) -> Plan:
-    """The plan of a valid spec. A triton Deployment whose product's new Engine cannot serve yet is kept as it
-    is (``TritonPlan.swaps``); the Engines of a service that no longer runs triton are released."""
+    """The plan of a valid spec. Observed Deployments that keep serving until what takes over from them can
+    serve (``serving.Swap``: a product's new Engine, or the new runtime after a runtime switch) are kept as they
+    are, with the Engines they fetch; the Engines of a service that no longer runs triton are released."""
     deployments = [c for c in owned if c.get("kind") == "Deployment"]
     triton = _triton_plan(isvc, observed, deployments, ctx)
-    kept = [swap.deployment for swap in triton.swaps] if triton else []
     desired = desired_objects(isvc, ctx, observed.gpu_products, triton)
-    wanted = {child_key(obj) for obj in [*desired, *kept]}
     rendered = [d for d in desired if d["kind"] == "Deployment"]
-    serving_now = [*rendered, *kept]
-    conditions = _serving_conditions(serving_now, deployments, observed)
-    if not serving_now:
-        conditions = _no_products_conditions(isvc, observed.gpu_products)
-        if triton is not None and triton.views:
-            conditions = serving.waiting_conditions(triton.views)
+    switch = serving.runtime_switch(isvc, deployments, rendered, triton.views if triton else (),
+                                    _taken_over(rendered, deployments))
+    swaps = [*(triton.swaps if triton else ()), *switch]
+    kept = [swap.deployment for swap in swaps]
+    conditions = _serving_conditions([*rendered, *kept], deployments, observed, [s.deployment for s in switch])
+    if not rendered and not kept:
+        conditions = _waiting_conditions(isvc, observed, triton, conditions)
     status = _status(body, deployments, conditions, isvc, ctx)
+    status["_conditions"] = serving.swap_conditions(conditions, swaps)
     if triton is None:
         engines = {e["metadata"]["name"]: e for e in observed.engines or ()}
-        writes = tuple(serving.engine_writes(isvc, [], engines))  # none wanted: release those it owns
+        in_use = frozenset(swap.serving_engine for swap in switch)
+        writes = tuple(serving.engine_writes(isvc, [], engines, keep=in_use))  # release those no Deployment serves
     else:
-        status["_conditions"] = [*serving.swap_conditions(conditions, triton.swaps),
-                                 serving.engine_ready_condition(triton.views)]
+        status["_conditions"].append(serving.engine_ready_condition(triton.views))
         status["engines"] = [v.status_entry() for v in triton.views]
         writes = triton.writes
     _remove_vanished(body, status)
+    wanted = {child_key(obj) for obj in [*desired, *kept]}
     prune = tuple(c for c in owned if child_key(c) not in wanted and not _revision_in_use(c, rendered, deployments))
     return Plan(tuple(desired), prune, status, (), (), writes)
+
+
+def _taken_over(rendered: Sequence[Mapping[str, Any]], observed: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a rendered Deployment completed its rollout: it serves, and what it replaces may go."""
+    by_name = {d["metadata"]["name"]: d for d in observed}
+    return any(_rollout(want, by_name.get(want["metadata"]["name"]))[0] for want in rendered)
+
+
+def _waiting_conditions(isvc: InferenceService, observed: Observed, triton: serving.TritonPlan | None,
+                        serving_conditions: list[Condition]) -> list[Condition]:
+    """The conditions while nothing serves or is kept serving: no GPU product to run on, or Engines that cannot
+    serve yet. A name conflict or a failed write (say, a refused Engine create) is Degraded's reason over them."""
+    conditions = _no_products_conditions(isvc, observed.gpu_products)
+    if triton is not None and triton.views:
+        conditions = serving.waiting_conditions(triton.views)
+    write_problem = next(c for c in serving_conditions if c.type == "Degraded")
+    if write_problem.reason in ("NameConflict", "ApplyFailed"):
+        conditions = [write_problem if c.type == "Degraded" else c for c in conditions]
+    return conditions
 
 
 def _triton_plan(isvc: InferenceService, observed: Observed, deployments: Sequence[Mapping[str, Any]],
@@ -254,13 +275,16 @@ def _no_products_conditions(isvc: InferenceService, present: tuple[str, ...] | N
 
 
 def _serving_conditions(rendered: Sequence[Mapping[str, Any]], deployments: Sequence[Mapping[str, Any]],
-                        observed: Observed) -> list[Condition]:
+                        observed: Observed, serving_now: Sequence[Mapping[str, Any]] = ()) -> list[Condition]:
+    """Ready, Progressing and Degraded from the rollouts of ``rendered``; Ready from ``serving_now`` instead
+    where given (the old runtime's Deployments, which serve until a Deployment of the new one can)."""
     by_name = {d["metadata"]["name"]: d for d in deployments}
-    desired_total = sum(_spec_replicas(d) for d in rendered)
+    counted = serving_now or rendered
+    desired_total = sum(_spec_replicas(d) for d in counted)
     rollout = [_rollout(want, by_name.get(want["metadata"]["name"])) for want in rendered]
     pending = [msg for done, _, msg in rollout if not done]
     failures = [msg for _, failed, msg in rollout if failed]
-    live = [by_name[w["metadata"]["name"]] for w in rendered if w["metadata"]["name"] in by_name]
+    live = [by_name[w["metadata"]["name"]] for w in counted if w["metadata"]["name"] in by_name]
     progressing = (Condition("Progressing", "True", "RollingOut", "; ".join(pending)) if pending
                    else Condition("Progressing", "False", "RolloutComplete", "all replicas are updated and ready"))
     if observed.conflicts:

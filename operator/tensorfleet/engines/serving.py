@@ -268,21 +268,64 @@ def with_model_fetch(deployment: dict[str, Any], isvc: InferenceService, ctx: c.
 
 @dataclasses.dataclass(frozen=True)
 class Swap:
-    """A product whose observed Deployment keeps serving the Engine it fetches until the product's new Engine
-    (``view``) can serve: then the Deployment rolls to it (maxSurge 1, maxUnavailable 0)."""
+    """An observed Deployment of the service left exactly as it runs, serving what it serves, until what takes
+    over from it (``successor``) can serve: its product's new Engine (an engine change, ``engine_swap``), or the
+    Deployments of the service's new runtime (``runtime_switch``). ``reason``: the Progressing reason while that
+    is under way (BuildingEngines, RollingOut), None when nothing is; ``failure``: the Degraded reason when it
+    cannot come (EngineBuildFailed, NoGPUProducts), None otherwise; ``detail``: where it stands."""
 
     deployment: Mapping[str, Any]
-    view: EngineView
+    successor: str
+    detail: str
+    reason: str | None
+    failure: str | None = None
 
     @property
     def serving_engine(self) -> str:
         return fetched_engine(self.deployment) or ""
 
     def message(self) -> str:
-        name = self.deployment["metadata"]["name"]
-        new = f"Engine {self.view.name}" if self.view.name else "its new Engine"
-        return (f"{self.view.product}: Deployment {name} keeps serving Engine {self.serving_engine} until "
-                f"{new} can serve ({self.view.message})")
+        meta = self.deployment["metadata"]
+        product = (meta.get("labels") or {}).get(labels.GPU_PRODUCT_LABEL)
+        engine = self.serving_engine
+        serves = f"Engine {engine}" if engine else f"with runtime {runtime_of(self.deployment)}"
+        detail = f" ({self.detail})" if self.detail else ""
+        return (f"{f'{product}: ' if product else ''}Deployment {meta['name']} keeps serving {serves} until "
+                f"{self.successor} can serve{detail}")
+
+
+def engine_swap(deployment: Mapping[str, Any], view: EngineView) -> Swap:
+    """``deployment`` serves another Engine than its product's wanted one (``view``), which cannot serve yet."""
+    failed = view.reason == "BuildFailed"
+    return Swap(deployment, f"Engine {view.name}" if view.name else "its new Engine", view.message,
+                None if failed else "BuildingEngines", "EngineBuildFailed" if failed else None)
+
+
+def runtime_of(deployment: Mapping[str, Any]) -> str:
+    """The runtime a serving Deployment of tensorfleet runs: triton's are pinned to one GPU product."""
+    return "triton" if labels.GPU_PRODUCT_LABEL in (deployment["metadata"].get("labels") or {}) else "vllm"
+
+
+def runtime_switch(isvc: InferenceService, running: Sequence[Mapping[str, Any]], rendered: Sequence[Mapping[str, Any]],
+                   views: Sequence[EngineView], taken_over: bool) -> list[Swap]:
+    """A Swap for each ``running`` Deployment of the runtime the service left (vllm <-> triton): it keeps
+    serving until a Deployment of the new runtime completed its rollout (``taken_over``). While none is
+    rendered yet (triton: no Engine can serve), it waits on the Engines (``views``). None with 0 replicas asked,
+    and none for a Deployment that runs none."""
+    runtime = isvc.spec.runtime.name
+    old = [d for d in running if runtime_of(d) != runtime and (d.get("spec") or {}).get("replicas")]
+    if taken_over or not old or not isvc.spec.desired_replicas:
+        return []
+    successor = f"runtime {runtime}"
+    if rendered:
+        return [Swap(d, successor, "", "RollingOut") for d in old]
+    failed = [v for v in views if v.reason == "BuildFailed"]
+    detail = "; ".join(f"{v.product}: {v.message}" for v in views) or "no GPU product is eligible"
+    reason = "BuildingEngines" if len(failed) < len(views) else None
+    failure = "EngineBuildFailed" if failed else None
+    if not views:
+        failure = "NoGPUProducts"
+    return [Swap(d, successor, detail, reason, failure) for d in old]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +347,8 @@ def pending_swaps(views: Sequence[EngineView], running: Sequence[Mapping[str, An
     service serves it from another Engine: keep serving what runs until the new engine can take over."""
     by_product = {(d.get("metadata", {}).get("labels") or {}).get(labels.GPU_PRODUCT_LABEL): d
                   for d in running if fetched_engine(d)}
-    return {v.product: Swap(by_product[v.product], v) for v in views if not v.servable and v.product in by_product}
+    return {v.product: engine_swap(by_product[v.product], v) for v in views
+            if not v.servable and v.product in by_product}
 
 
 def plan_triton(isvc: InferenceService, ctx: c.RenderContext, products: tuple[str, ...],
@@ -336,18 +380,23 @@ def plan_triton(isvc: InferenceService, ctx: c.RenderContext, products: tuple[st
 
 
 def swap_conditions(conditions: Sequence[Condition], swaps: Sequence[Swap]) -> list[Condition]:
-    """The service's conditions while Deployments keep serving an older Engine (see ``Swap``): Progressing=True
-    (BuildingEngines) while a new Engine builds; once one failed, Degraded=True (EngineBuildFailed) and, with
-    nothing else in progress, Progressing=False. Ready and an ApplyFailed or RolloutFailed stay as they are."""
+    """The service's conditions while Deployments keep serving (see ``Swap``): Progressing=True while what takes
+    over builds (BuildingEngines) or rolls out (RollingOut); once it cannot come, Degraded=True (EngineBuildFailed,
+    NoGPUProducts) and, with nothing else in progress, Progressing=False. Ready and an ApplyFailed, NameConflict
+    or RolloutFailed stay as they are."""
     by_type = {cond.type: cond for cond in conditions}
-    failed = [s.message() for s in swaps if s.view.reason == "BuildFailed"]
-    building = [s.message() for s in swaps if s.view.reason != "BuildFailed"]
+    failed = [s for s in swaps if s.failure]
+    moving = [s for s in swaps if s.reason]
     progressing, degraded = by_type["Progressing"], by_type["Degraded"]
     rolling = [progressing.message] if progressing.status == "True" else []
-    if building:
-        by_type["Progressing"] = Condition("Progressing", "True", "BuildingEngines", "; ".join([*building, *rolling]))
+    if moving:
+        reason = "BuildingEngines" if any(s.reason == "BuildingEngines" for s in moving) else "RollingOut"
+        by_type["Progressing"] = Condition("Progressing", "True", reason,
+                                           "; ".join([*(s.message() for s in moving), *rolling]))
     elif failed and not rolling:
-        by_type["Progressing"] = Condition("Progressing", "False", "EngineBuildFailed", "; ".join(failed))
+        by_type["Progressing"] = Condition("Progressing", "False", str(failed[0].failure),
+                                           "; ".join(s.message() for s in failed))
     if failed and degraded.status != "True":
-        by_type["Degraded"] = Condition("Degraded", "True", "EngineBuildFailed", "; ".join(failed))
+        by_type["Degraded"] = Condition("Degraded", "True", str(failed[0].failure),
+                                        "; ".join(s.message() for s in failed))
     return list(by_type.values())
