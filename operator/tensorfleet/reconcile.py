@@ -142,7 +142,7 @@ def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observe
                                     _taken_over(rendered, deployments))
     swaps = [*(triton.swaps if triton else ()), *switch]
     kept = [swap.deployment for swap in swaps]
-    conditions = _serving_conditions([*rendered, *kept], deployments, observed, [s.deployment for s in switch])
+    conditions = _serving_conditions([*rendered, *kept], deployments, observed, kept if switch else ())
     if not rendered and not kept:
         conditions = _waiting_conditions(isvc, observed, triton, conditions)
     status = _status(body, deployments, conditions, isvc, ctx)
@@ -162,9 +162,13 @@ def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observe
 
 
 def _taken_over(rendered: Sequence[Mapping[str, Any]], observed: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether a rendered Deployment completed its rollout: it serves, and what it replaces may go."""
+    """Whether the rendered Deployments serve all the replicas asked for, so what they replace may go: every
+    one that runs replicas completed its rollout (one asked for 0 is complete at once and serves nothing, and
+    one product's Deployment carries only its share)."""
     by_name = {d["metadata"]["name"]: d for d in observed}
-    return any(_rollout(want, by_name.get(want["metadata"]["name"]))[0] for want in rendered)
+    serving_ones = [want for want in rendered if _spec_replicas(want)]
+    return bool(serving_ones) and all(_rollout(want, by_name.get(want["metadata"]["name"]))[0]
+                                      for want in serving_ones)
 
 
 def _waiting_conditions(isvc: InferenceService, observed: Observed, triton: serving.TritonPlan | None,
@@ -277,7 +281,7 @@ def _no_products_conditions(isvc: InferenceService, present: tuple[str, ...] | N
 def _serving_conditions(rendered: Sequence[Mapping[str, Any]], deployments: Sequence[Mapping[str, Any]],
                         observed: Observed, serving_now: Sequence[Mapping[str, Any]] = ()) -> list[Condition]:
     """Ready, Progressing and Degraded from the rollouts of ``rendered``; Ready from ``serving_now`` instead
-    where given (the old runtime's Deployments, which serve until a Deployment of the new one can)."""
+    where given (the Deployments kept serving during a runtime switch, until the new runtime's can)."""
     by_name = {d["metadata"]["name"]: d for d in deployments}
     counted = serving_now or rendered
     desired_total = sum(_spec_replicas(d) for d in counted)

@@ -1,5 +1,5 @@
 """Who serves while what takes over cannot serve yet: a runtime switch (vllm <-> triton) keeps the old runtime's
-Deployments serving until a Deployment of the new one completed its rollout; and what a triton service that
+Deployments serving until the new one's Deployments completed their rollouts; and what a triton service that
 waits for its Engines reports when a write failed. (The engine change's swap: test_engine_reconcile.py.)"""
 
 from __future__ import annotations
@@ -146,3 +146,71 @@ def test_a_name_conflict_or_failed_write_is_reported_while_the_engines_build() -
     refused = reconcile(triton_body(), Observed(apply_error=error, **waiting), RCTX, T0)
     degraded = condition(refused.status, "Degraded")
     assert (degraded["status"], degraded["reason"], degraded["message"]) == ("True", "ApplyFailed", error)
+
+
+
+A100 = "NVIDIA-A100-SXM4-80GB"
+TWO_PRODUCTS = {"gpu_products": (H100, A100), "compute_capabilities": {H100: "9.0", A100: "8.0"}}
+
+
+def two_product_switch(replicas: int) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
+    """A vLLM service on H100 and A100 serving ``replicas``, switched to triton with both Engines ready: (the
+    switched body with its status, the vLLM children, the plan of the switch's first pass)."""
+    gpu = {"count": 1, "products": [H100, A100]}
+    vllm = vllm_body(gpu=gpu)
+    vllm["spec"]["replicas"] = replicas
+    first = reconcile(vllm, Observed(**TWO_PRODUCTS), RCTX, T0)
+    children = deployment_status(as_created(first.desired), ready=replicas)
+    body = switched(triton_body(gpu=gpu), first.status, replicas=replicas)
+    plan = reconcile(body, two_products(body, children), RCTX, T0)
+    return {**body, "status": plan.status}, children, plan
+
+
+def two_products(body: dict[str, Any], children: list[dict[str, Any]]) -> Observed:
+    engines = (ready_engine(isvc_engine(body, H100, "9.0")), ready_engine(isvc_engine(body, A100, "8.0")))
+    return Observed(tuple(children), engines=engines, **TWO_PRODUCTS)
+
+
+def started(plan: Any, available: dict[str, int]) -> list[dict[str, Any]]:
+    """The plan's Deployments as the API server created them, all updated, with ``available`` replicas by GPU
+    product (0 for a product not named)."""
+    out = as_created(tuple(o for o in plan.desired if o["kind"] == "Deployment"))
+    for d in out:
+        want, product = d["spec"]["replicas"], d["metadata"]["labels"]["tensorfleet.io/gpu-product"]
+        up = available.get(product, 0)
+        d["status"] = {"observedGeneration": 1, "replicas": want, "updatedReplicas": want, "readyReplicas": up,
+                       "availableReplicas": up}
+    return out
+
+
+def test_vllm_stays_until_every_triton_product_given_replicas_has_rolled_out() -> None:
+    """A product given 0 replicas is complete at once, and one product done first carries only its share:
+    neither retires vLLM while the replicas asked for are not served. Once both are, vLLM goes."""
+    for replicas, partly in ((1, {}), (3, {H100: 2})):
+        body, vllm, plan = two_product_switch(replicas)
+        shares = {d["metadata"]["labels"]["tensorfleet.io/gpu-product"]: d["spec"]["replicas"]
+                  for d in plan.desired if d["kind"] == "Deployment"}
+        assert sorted(shares.values()) == ([0, 1] if replicas == 1 else [1, 2])
+        step = reconcile(body, two_products(body, vllm + started(plan, partly)), RCTX, T0)
+        assert deployments(step.prune) == [], (replicas, partly)
+        assert condition(step.status, "Ready")["status"] == "True"
+        done = reconcile(body, two_products(body, vllm + started(plan, shares)), RCTX, T0)
+        assert deployments(done.prune) == deployments(vllm)
+
+
+def test_switching_back_to_triton_before_vllm_ever_served_keeps_triton_ready() -> None:
+    """triton -> vllm -> triton with a changed engine, before a vLLM pod was available: the triton Deployment
+    still serves from the old Engine and is the service's Ready; the vLLM Deployment never served, so it holds
+    no GPUs for a handover it cannot make."""
+    children, status, old_engine = serving_triton()
+    to_vllm = reconcile(switched(vllm_body(), status), on_h100(children, old_engine), RCTX, T0)
+    pending_vllm = as_created(tuple(o for o in to_vllm.desired if o["kind"] == "Deployment"))
+    for d in pending_vllm:  # created, its pods Pending: none available
+        d["status"] = {"observedGeneration": 1, "replicas": 3, "updatedReplicas": 3, "readyReplicas": 0,
+                       "availableReplicas": 0}
+    back = switched(triton_body(engine={"maxBatchSize": 64}), {k: v for k, v in to_vllm.status.items() if v})
+    back["metadata"]["generation"] = 3
+    new_engine = building_engine(isvc_engine(back))
+    plan = reconcile(back, on_h100(children + pending_vllm, old_engine, new_engine), RCTX, T0)
+    assert condition(plan.status, "Ready")["status"] == "True", condition(plan.status, "Ready")
+    assert deployments(plan.prune) == deployments(pending_vllm)

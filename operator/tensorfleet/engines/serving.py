@@ -309,11 +309,12 @@ def runtime_of(deployment: Mapping[str, Any]) -> str:
 def runtime_switch(isvc: InferenceService, running: Sequence[Mapping[str, Any]], rendered: Sequence[Mapping[str, Any]],
                    views: Sequence[EngineView], taken_over: bool) -> list[Swap]:
     """A Swap for each ``running`` Deployment of the runtime the service left (vllm <-> triton): it keeps
-    serving until a Deployment of the new runtime completed its rollout (``taken_over``). While none is
+    serving until the new runtime's Deployments completed their rollouts (``taken_over``). While none is
     rendered yet (triton: no Engine can serve), it waits on the Engines (``views``). None with 0 replicas asked,
-    and none for a Deployment that runs none."""
+    and none for a Deployment that runs none or has none available (a switch back before it ever served)."""
     runtime = isvc.spec.runtime.name
-    old = [d for d in running if runtime_of(d) != runtime and (d.get("spec") or {}).get("replicas")]
+    old = [d for d in running if runtime_of(d) != runtime and (d.get("spec") or {}).get("replicas")
+           and (d.get("status") or {}).get("availableReplicas")]  # one that never served has nothing to hand over
     if taken_over or not old or not isvc.spec.desired_replicas:
         return []
     successor = f"runtime {runtime}"
