@@ -138,8 +138,9 @@ def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observe
     triton = _triton_plan(isvc, observed, deployments, ctx)
     desired = desired_objects(isvc, ctx, observed.gpu_products, triton)
     rendered = [d for d in desired if d["kind"] == "Deployment"]
+    replicated = [d for d in rendered if _spec_replicas(d)]  # one asked for 0 is complete at once, serving nothing
     switch = serving.runtime_switch(isvc, deployments, rendered, triton.views if triton else (),
-                                    _taken_over(rendered, deployments))
+                                    bool(replicated) and _rolled_out(replicated, deployments))
     swaps = [*(triton.swaps if triton else ()), *switch]
     kept = [swap.deployment for swap in swaps]
     conditions = _serving_conditions([*rendered, *kept], deployments, observed, kept if switch else ())
@@ -157,27 +158,27 @@ def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observe
         writes = triton.writes
     _remove_vanished(body, status)
     wanted = {child_key(obj) for obj in [*desired, *kept]}
-    prune = tuple(c for c in owned if child_key(c) not in wanted and not _revision_in_use(c, rendered, deployments))
+    rolling = not _rolled_out(rendered, deployments)
+    prune = tuple(c for c in owned if child_key(c) not in wanted and not _revision_in_use(c, rolling, deployments))
     return Plan(tuple(desired), prune, status, (), (), writes)
 
 
-def _taken_over(rendered: Sequence[Mapping[str, Any]], observed: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether the rendered Deployments serve all the replicas asked for, so what they replace may go: every
-    one that runs replicas completed its rollout (one asked for 0 is complete at once and serves nothing, and
-    one product's Deployment carries only its share)."""
+def _rolled_out(rendered: Sequence[Mapping[str, Any]], observed: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether every rendered Deployment completed its rollout (as ``observed`` shows it). Over those that run
+    replicas, it says the new runtime serves all the replicas asked for, so what it replaces may go (one
+    product's Deployment carries only its share)."""
     by_name = {d["metadata"]["name"]: d for d in observed}
-    serving_ones = [want for want in rendered if _spec_replicas(want)]
-    return bool(serving_ones) and all(_rollout(want, by_name.get(want["metadata"]["name"]))[0]
-                                      for want in serving_ones)
+    return all(_rollout(want, by_name.get(want["metadata"]["name"]))[0] for want in rendered)
 
 
 def _waiting_conditions(isvc: InferenceService, observed: Observed, triton: serving.TritonPlan | None,
                         serving_conditions: list[Condition]) -> list[Condition]:
     """The conditions while nothing serves or is kept serving: no GPU product to run on, or Engines that cannot
     serve yet. A name conflict or a failed write (say, a refused Engine create) is Degraded's reason over them."""
-    conditions = _no_products_conditions(isvc, observed.gpu_products)
     if triton is not None and triton.views:
         conditions = serving.waiting_conditions(triton.views)
+    else:
+        conditions = _no_products_conditions(isvc, observed.gpu_products)
     write_problem = next(c for c in serving_conditions if c.type == "Degraded")
     if write_problem.reason in ("NameConflict", "ApplyFailed"):
         conditions = [write_problem if c.type == "Degraded" else c for c in conditions]
@@ -201,21 +202,17 @@ def _remove_vanished(body: Mapping[str, Any], status: dict[str, Any]) -> None:
             status[key] = None
 
 
-def _revision_in_use(child: Mapping[str, Any], rendered: Sequence[Mapping[str, Any]],
-                     observed: Sequence[Mapping[str, Any]]) -> bool:
+def _revision_in_use(child: Mapping[str, Any], rolling: bool, observed: Sequence[Mapping[str, Any]]) -> bool:
     """Whether ``child`` is the gateway ConfigMap of an older pod revision that pods may still start with.
 
-    It is kept while a Deployment's template (as observed) mounts it, and then until every rollout completed:
+    It is kept while a Deployment's template (as observed) mounts it, and then while a rollout is ``rolling``:
     an old pod that restarts or is rescheduled during the rollout must find its own revision's engine facts.
     """
     meta = child.get("metadata") or {}
     if child.get("kind") != "ConfigMap" or \
             (meta.get("labels") or {}).get(labels.COMPONENT_LABEL) != labels.GATEWAY_REVISION_COMPONENT:
         return False
-    if any(meta.get("name") in _projected_config_maps(d) for d in observed):
-        return True
-    by_name = {d["metadata"]["name"]: d for d in observed}
-    return not all(_rollout(want, by_name.get(want["metadata"]["name"]))[0] for want in rendered)
+    return rolling or any(meta.get("name") in _projected_config_maps(d) for d in observed)
 
 
 def _projected_config_maps(deployment: Mapping[str, Any]) -> set[str]:

@@ -176,10 +176,7 @@ def started(plan: Any, available: dict[str, int]) -> list[dict[str, Any]]:
     product (0 for a product not named)."""
     out = as_created(tuple(o for o in plan.desired if o["kind"] == "Deployment"))
     for d in out:
-        want, product = d["spec"]["replicas"], d["metadata"]["labels"]["tensorfleet.io/gpu-product"]
-        up = available.get(product, 0)
-        d["status"] = {"observedGeneration": 1, "replicas": want, "updatedReplicas": want, "readyReplicas": up,
-                       "availableReplicas": up}
+        deployment_status([d], ready=available.get(d["metadata"]["labels"]["tensorfleet.io/gpu-product"], 0))
     return out
 
 
@@ -204,10 +201,9 @@ def test_switching_back_to_triton_before_vllm_ever_served_keeps_triton_ready() -
     no GPUs for a handover it cannot make."""
     children, status, old_engine = serving_triton()
     to_vllm = reconcile(switched(vllm_body(), status), on_h100(children, old_engine), RCTX, T0)
-    pending_vllm = as_created(tuple(o for o in to_vllm.desired if o["kind"] == "Deployment"))
-    for d in pending_vllm:  # created, its pods Pending: none available
-        d["status"] = {"observedGeneration": 1, "replicas": 3, "updatedReplicas": 3, "readyReplicas": 0,
-                       "availableReplicas": 0}
+    # created, its pods Pending: none available
+    pending_vllm = deployment_status(as_created(tuple(o for o in to_vllm.desired if o["kind"] == "Deployment")),
+                                     ready=0)
     back = switched(triton_body(engine={"maxBatchSize": 64}), {k: v for k, v in to_vllm.status.items() if v})
     back["metadata"]["generation"] = 3
     new_engine = building_engine(isvc_engine(back))

@@ -157,7 +157,7 @@ def engine_writes(isvc: InferenceService, wanted: Sequence[Mapping[str, Any]],
                   observed: Mapping[str, Mapping[str, Any]], keep: frozenset[str] = frozenset()) -> list[EngineWrite]:
     """Create missing Engines owned by the service; add the service as an owner of Engines it now
     shares; drop it from those it no longer needs (deleting them when it was the last owner), except
-    ``keep``: Engines that Deployments of the service still serve while their new Engine builds.
+    ``keep``: Engines that Deployments of the service still serve until what takes over can (see ``Swap``).
     Engines a user applied (without tensorfleet's managed-by label) are used, never owned or deleted."""
     ref = {**labels.owner_reference(isvc.name, isvc.uid), "controller": False}
     writes = []
@@ -286,7 +286,7 @@ class Swap:
 
     def message(self) -> str:
         meta = self.deployment["metadata"]
-        product = (meta.get("labels") or {}).get(labels.GPU_PRODUCT_LABEL)
+        product = product_of(self.deployment)
         engine = self.serving_engine
         serves = f"Engine {engine}" if engine else f"with runtime {runtime_of(self.deployment)}"
         detail = f" ({self.detail})" if self.detail else ""
@@ -301,9 +301,14 @@ def engine_swap(deployment: Mapping[str, Any], view: EngineView) -> Swap:
                 None if failed else "BuildingEngines", "EngineBuildFailed" if failed else None)
 
 
+def product_of(deployment: Mapping[str, Any]) -> str | None:
+    """The GPU product a serving Deployment is pinned to (its label), None for none."""
+    return ((deployment.get("metadata") or {}).get("labels") or {}).get(labels.GPU_PRODUCT_LABEL)
+
+
 def runtime_of(deployment: Mapping[str, Any]) -> str:
     """The runtime a serving Deployment of tensorfleet runs: triton's are pinned to one GPU product."""
-    return "triton" if labels.GPU_PRODUCT_LABEL in (deployment["metadata"].get("labels") or {}) else "vllm"
+    return "triton" if product_of(deployment) is not None else "vllm"
 
 
 def runtime_switch(isvc: InferenceService, running: Sequence[Mapping[str, Any]], rendered: Sequence[Mapping[str, Any]],
@@ -346,8 +351,7 @@ def fetched_engine(deployment: Mapping[str, Any]) -> str | None:
 def pending_swaps(views: Sequence[EngineView], running: Sequence[Mapping[str, Any]]) -> dict[str, Swap]:
     """product -> Swap, for each product whose wanted Engine cannot serve yet while a Deployment of the
     service serves it from another Engine: keep serving what runs until the new engine can take over."""
-    by_product = {(d.get("metadata", {}).get("labels") or {}).get(labels.GPU_PRODUCT_LABEL): d
-                  for d in running if fetched_engine(d)}
+    by_product = {product_of(d): d for d in running if fetched_engine(d)}
     return {v.product: engine_swap(by_product[v.product], v) for v in views
             if not v.servable and v.product in by_product}
 
