@@ -33,6 +33,10 @@ def setting(default: Any, help: str) -> Any:
     return dataclasses.field(default=factory_free, metadata={"help": help})
 
 
+MAX_WAIT_SECONDS = 86400  # the longest timeout, interval, retry or drain wait any setting may ask for: a day
+MAX_PORT = 65535
+
+
 def env_name(cls: type[SettingsClass], field_name: str) -> str:
     return f"{cls.ENV_PREFIX}{field_name.upper()}"
 

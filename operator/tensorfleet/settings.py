@@ -6,14 +6,12 @@ import dataclasses
 from typing import Any, ClassVar, Literal
 
 from tensorfleet import __version__, config
-from tensorfleet.config import setting
+from tensorfleet.config import MAX_PORT, MAX_WAIT_SECONDS, setting  # the chart's values.schema.json agrees
 from tensorfleet.metering import units
 from tensorfleet.render.context import RenderContext
 
 ClusterMode = Literal["auto", "kubeconfig", "incluster", "emulator"]
-MAX_WAIT_SECONDS = 86400  # longest resync, timeout or retry wait (a day); the chart's values.schema.json agrees
 MAX_ENGINE_RETRY_SECONDS = 7 * 86400
-MAX_PORT = 65535
 
 
 @dataclasses.dataclass(frozen=True)

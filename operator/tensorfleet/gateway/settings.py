@@ -6,11 +6,10 @@ import dataclasses
 import urllib.parse
 from typing import ClassVar, Literal
 
-from tensorfleet.config import Checks, http_url, setting
+from tensorfleet.config import MAX_PORT, MAX_WAIT_SECONDS, Checks, http_url, setting
 
 DEFAULT_MAX_BATCH_PROMPTS = 1024  # vLLM's own bound, VLLM_MAX_COMPLETION_PROMPTS, defaults to the same
-MAX_WAIT_SECONDS = 86400  # longest timeout, interval or drain wait: a day
-MAX_TRITON_PORT = 65535 - 2  # Triton's metrics are read from the upstream port + 2
+MAX_TRITON_PORT = MAX_PORT - 2  # Triton's metrics are read from the upstream port + 2
 _PORTS = ("port", "admin_port")
 _SIZES = ("max_body_bytes", "max_header_bytes", "max_headers", "max_batch_prompts")  # 0 would refuse everything
 _OPTIONAL_COUNTS = ("max_in_flight", "max_queue", "max_tenant_labels")  # 0: no limit, no queue, no tenant labels
@@ -75,7 +74,7 @@ class GatewaySettings:
         """Problems, each naming the variable and its limit; the command refuses to start on any."""
         check = Checks(self)
         for name in _PORTS:
-            check(name, 0 <= getattr(self, name) <= 65535, "between 0 and 65535")
+            check(name, 0 <= getattr(self, name) <= MAX_PORT, f"between 0 and {MAX_PORT}")
         check("admin_port", not self.admin_port or self.admin_port != self.port,
               f"different from TENSORFLEET_GATEWAY_PORT={self.port}: the admin and client servers cannot share a port")
         for name in _SIZES:

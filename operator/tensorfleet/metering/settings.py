@@ -9,10 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from tensorfleet.config import Checks, http_url, setting
+from tensorfleet.config import MAX_WAIT_SECONDS, Checks, http_url, setting
 
 MAX_RETENTION_SECONDS = 365 * 86400  # a year in the pod's ledger; the sink is the long-term store
-MAX_EXPORT_WAIT_SECONDS = 86400  # longest interval, retry delay or timeout of the exporter, and of the writer's waits
 MAX_PREFILL_TOKEN_WEIGHT = 1000.0  # a prompt token's work in generated tokens (an infinite weight makes shares NaN)
 
 
@@ -69,22 +68,22 @@ class MeteringSettings:
         check = Checks(self)
         check("sample_period_ms", 10 <= self.sample_period_ms <= 10_000, "between 10 and 10000")
         check("export_batch_size", 1 <= self.export_batch_size <= 10_000, "between 1 and 10000")
-        wait_limit = f"positive, at most {MAX_EXPORT_WAIT_SECONDS}"
-        check("sink_timeout_seconds", 0 < self.sink_timeout_seconds <= MAX_EXPORT_WAIT_SECONDS, wait_limit)
-        check("export_interval_seconds", 0 < self.export_interval_seconds <= MAX_EXPORT_WAIT_SECONDS, wait_limit)
-        check("retry_initial_seconds", 0 < self.retry_initial_seconds <= MAX_EXPORT_WAIT_SECONDS, wait_limit)
-        check("retry_max_seconds", self.retry_initial_seconds <= self.retry_max_seconds <= MAX_EXPORT_WAIT_SECONDS,
-              f"at least TENSORFLEET_METERING_RETRY_INITIAL_SECONDS and at most {MAX_EXPORT_WAIT_SECONDS}")
+        wait_limit = f"positive, at most {MAX_WAIT_SECONDS}"
+        check("sink_timeout_seconds", 0 < self.sink_timeout_seconds <= MAX_WAIT_SECONDS, wait_limit)
+        check("export_interval_seconds", 0 < self.export_interval_seconds <= MAX_WAIT_SECONDS, wait_limit)
+        check("retry_initial_seconds", 0 < self.retry_initial_seconds <= MAX_WAIT_SECONDS, wait_limit)
+        check("retry_max_seconds", self.retry_initial_seconds <= self.retry_max_seconds <= MAX_WAIT_SECONDS,
+              f"at least TENSORFLEET_METERING_RETRY_INITIAL_SECONDS and at most {MAX_WAIT_SECONDS}")
         check("spool_max_records", self.spool_max_records >= 1, "at least 1")
         check("spool_alert_ratio", 0 < self.spool_alert_ratio <= 1, "in (0, 1]")
         check("checkpoint_every_records", self.checkpoint_every_records >= 1, "at least 1")
-        check("checkpoint_interval_seconds", 0 < self.checkpoint_interval_seconds <= MAX_EXPORT_WAIT_SECONDS,
-              f"positive, at most {MAX_EXPORT_WAIT_SECONDS}")
+        check("checkpoint_interval_seconds", 0 < self.checkpoint_interval_seconds <= MAX_WAIT_SECONDS,
+              f"positive, at most {MAX_WAIT_SECONDS}")
         check("retention_seconds", 0 <= self.retention_seconds <= MAX_RETENTION_SECONDS,
               f"between 0 (keep all) and {MAX_RETENTION_SECONDS} (365 days)")
         check("flush_interval_ms", 1 <= self.flush_interval_ms <= 60_000, "between 1 and 60000")
-        check("settle_after_seconds", 0 <= self.settle_after_seconds <= MAX_EXPORT_WAIT_SECONDS,
-              f"between 0 and {MAX_EXPORT_WAIT_SECONDS}")
+        check("settle_after_seconds", 0 <= self.settle_after_seconds <= MAX_WAIT_SECONDS,
+              f"between 0 and {MAX_WAIT_SECONDS}")
         check("prefill_token_weight", 0 <= self.prefill_token_weight <= MAX_PREFILL_TOKEN_WEIGHT,
               f"between 0 and {MAX_PREFILL_TOKEN_WEIGHT:g}")
         check("prompt_placement", self.prompt_placement in ("steps", "admission"), "'steps' or 'admission'")
