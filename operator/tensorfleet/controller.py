@@ -49,10 +49,16 @@ class Runtime:
     triggers: Triggers = dataclasses.field(default_factory=Triggers)
 
 
-def connection_for(settings: OperatorSettings) -> kube.Connection:
+def find_connection(settings: OperatorSettings) -> kube.Connection | None:
+    """``--server`` (no credentials), else what ``--cluster`` asks for (``kube.discover_connection``); None
+    when nothing was named and nothing is there."""
     if settings.server:
         return kube.Connection(server=settings.server, insecure=True)
-    found = kube.discover_connection(settings.kubeconfig, settings.context, settings.cluster)
+    return kube.discover_connection(settings.kubeconfig, settings.context, settings.cluster)
+
+
+def connection_for(settings: OperatorSettings) -> kube.Connection:
+    found = find_connection(settings)
     if found is None:
         raise kopf.LoginError("no in-cluster service account and no kubeconfig: nothing to connect to")
     return found

@@ -29,11 +29,9 @@ def configure_logging(settings: OperatorSettings) -> None:
 
 
 def resolve_connection(settings: OperatorSettings) -> kube.Connection:
-    if settings.server:
-        return kube.Connection(server=settings.server, insecure=True)
-    if settings.cluster == "emulator":
+    if settings.cluster == "emulator" and not settings.server:
         raise NoClusterError("the emulator was asked for")
-    found = kube.discover_connection(settings.kubeconfig, settings.context, settings.cluster)
+    found = controller.find_connection(settings)
     if found is None:
         raise NoClusterError("no in-cluster service account and no kubeconfig found")
     return found
