@@ -53,13 +53,11 @@ def run(**options: Any) -> None:
 def _settings(options: dict[str, Any]) -> tuple[OperatorSettings, RenderContext]:
     """The operator's settings from the flags, and the render context with the resource-unit file they name:
     bad ones are a usage error naming the variable, before anything connects or starts."""
+    settings = config.checked_from_click(OperatorSettings, options)
     try:
-        settings = config.from_click(OperatorSettings, options)
-        if not (problems := settings.validate()):
-            return settings, settings.render_context()
+        return settings, settings.render_context()
     except ValueError as exc:
-        problems = [str(exc)]
-    raise click.UsageError("; ".join(problems))
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command()

@@ -27,6 +27,13 @@ class SettingsClass(Protocol):
 S = TypeVar("S", bound=SettingsClass)
 
 
+class ValidatedSettings(SettingsClass, Protocol):
+    def validate(self) -> list[str]: ...
+
+
+V = TypeVar("V", bound=ValidatedSettings)
+
+
 def setting(default: Any, help: str) -> Any:
     """A settings field with its help text."""
     factory_free = default if not isinstance(default, list | dict | set) else None
@@ -159,6 +166,18 @@ def _shown(default: Any) -> str:
     if isinstance(default, tuple):
         return ",".join(default)
     return str(default)
+
+
+def checked_from_click(cls: type[V], values: Mapping[str, Any]) -> V:
+    """``from_click``, then the settings' own ``validate()``: a usage error naming every problem, before the
+    command starts anything."""
+    try:
+        settings = from_click(cls, values)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if problems := settings.validate():
+        raise click.UsageError("; ".join(problems))
+    return settings
 
 
 class FiniteFloatRange(click.FloatRange):

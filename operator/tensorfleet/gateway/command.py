@@ -49,12 +49,7 @@ def gateway(**options: Any) -> None:
     from tensorfleet.gateway import config as gwconfig
     from tensorfleet.gateway import server
 
-    try:
-        settings = config.from_click(GatewaySettings, options)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    if problems := settings.validate():
-        raise click.UsageError("; ".join(problems))
+    settings = config.checked_from_click(GatewaySettings, options)
     try:
         cli_ports.check_listenable(settings.host, (("--port", settings.port), ("--admin-port", settings.admin_port)),
                                    "choose a free port or 0 for any")
