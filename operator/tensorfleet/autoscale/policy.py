@@ -28,7 +28,8 @@ a stable window has seen the replicas as they are now (a lightly loaded fleet un
 fewer replicas will need: on an LLM engine, prefill steals decode time, so per-replica load grows
 faster than linearly as replicas are removed; a scale-down that the next change undoes is remembered,
 see ``_remember``). The policy never scales down before it has watched a whole window: after an
-operator restart or a leader change it starts with no history.
+operator restart or a leader change it starts with no history, and a decision without metrics asks
+for the replicas the service has (a window spent blind is not a window watched).
 
 The windows follow the service's measured startup time (engine load plus warm-up, which each
 gateway reports as ``tensorfleet_gateway_startup_seconds``; 60 s until one does):
@@ -202,11 +203,10 @@ def decide(config: PolicyConfig, history: History, obs: Observation) -> Decision
         reason: Reason = "NoReadyReplicas" if obs.ready == 0 else "NoMetrics"
         why = ("no replica is ready yet" if obs.ready == 0 else
                f"none of the {obs.ready} ready replicas answered with metrics")
-        return _bounded(config, Decision(current, current, reason, why, history, windows))
+        return _held(config, history, obs, windows, reason, why)
     readings = _readings(config, history, obs.time, windows)
     if not readings:
-        return _bounded(config, Decision(current, current, "NoSignals", "the gateways report no load signal",
-                                         history, windows))
+        return _held(config, history, obs, windows, "NoSignals", "the gateways report no load signal")
     stable_ask = max(r.stable for r in readings)
     burst_ask = max(r.burst for r in readings)
     if burst_ask >= config.panic_threshold * obs.ready:
@@ -223,6 +223,16 @@ def decide(config: PolicyConfig, history: History, obs: Observation) -> Decision
     long_ask = max(_asked_over(config, history, obs.time - long_window).values(), default=stable_ask)
     decision = _bounded(config, up if up is not None else (_scale_down(config, base, obs, long_ask) or base))
     return _remember(decision, long_ask, obs.time)
+
+
+def _held(config: PolicyConfig, history: History, obs: Observation, windows: Windows, reason: Reason,
+          why: str) -> Decision:
+    """Hold while the load cannot be seen. The hold is recorded as a recommendation of the current
+    replicas, so that a scale-down window made of missing data asks for what the service had, and a
+    single sample after an outage (or after a restart during one) cannot remove capacity."""
+    current = obs.spec_replicas
+    history = history.recommended(obs.time, config.bound(current), windows.scale_down_seconds)
+    return _bounded(config, Decision(current, current, reason, why, history, windows))
 
 
 def _remember(decision: Decision, long_ask: float, now: float) -> Decision:
