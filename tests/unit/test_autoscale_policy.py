@@ -66,7 +66,23 @@ def test_queue_scale_up_is_limited_to_the_rate_times_ready_replicas() -> None:
 def test_pending_and_unschedulable_pods_are_not_capacity() -> None:
     # 6 asked for, 2 ready, 4 not running: the rate limit counts the ready ones, so nothing more is added.
     decision = run(CONFIG, [obs(0, 6, ready=2, queue=40.0, pending=2, unschedulable=2)])[-1]
-    assert (decision.replicas, decision.reason) == (6, "Stable")
+    assert (decision.replicas, decision.reason) == (6, "ScaleUpLimited")
+    assert "at most 2x the 2 ready may be asked for (spec.autoscaling.maxScaleUpRate) and 6 already are" in (
+        decision.message)
+
+
+def test_a_stored_rate_of_1_says_it_blocks_every_scale_up() -> None:
+    """The CRD refuses maxScaleUpRate 1 now; an object stored before must not read as load within tolerance."""
+    config = dataclasses.replace(CONFIG, max_scale_up_rate=1.0)
+    decision = run(config, steady(2, 60, kv=1.0, queue=400.0))[-1]
+    assert (decision.replicas, decision.reason) == (2, "ScaleUpLimited")
+    assert "queueDepth asks for 100.0 replicas" in decision.message
+
+
+def test_an_ask_above_max_replicas_says_so() -> None:
+    decision = run(CONFIG, [obs(0, 20, kv=1.0)])[-1]
+    assert (decision.replicas, decision.reason) == (20, "ScaleUpLimited")
+    assert decision.message.endswith("but spec.autoscaling.maxReplicas is 20")
 
 
 def test_warming_pods_are_not_averaged_as_idle() -> None:

@@ -237,6 +237,7 @@ def test_simulate_command_compares_the_three_and_writes_plot_and_json(tmp_path: 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--min-replicas", "0"], "spec.autoscaling.minReplicas must be at least 1"),
+    (["--max-scale-up-rate", "1"], "spec.autoscaling.maxScaleUpRate must be at least 2"),
     (["--min-replicas", "5", "--max-replicas", "2"], "minReplicas must be less than or equal to"),
     (["--set", "speed=3"], "not a replica model field"),
     (["--profile", "tpu"], "'tpu' is not one of"),

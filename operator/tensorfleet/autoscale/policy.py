@@ -61,7 +61,7 @@ from tensorfleet.autoscale.signals import Observation
 
 SignalName = Literal["concurrency", "queueDepth", "kvCacheUsage"]
 Reason = Literal["ScaledUp", "ScaledDown", "BelowMinimum", "AboveMaximum", "Stable", "NoReadyReplicas",
-                 "NoMetrics", "NoSignals", "GPUsNotBusy"]
+                 "NoMetrics", "NoSignals", "GPUsNotBusy", "ScaleUpLimited"]
 EPSILON = 1e-9
 DEFAULT_STARTUP_SECONDS = 60.0  # before any pod of the service has reported its own
 MAX_SCALE_DOWN_WINDOW = 1800.0
@@ -269,9 +269,13 @@ def _scale_up(config: PolicyConfig, base: Decision, obs: Observation, ask: float
             f"{gate:.0%} target: adding GPUs would not help"))
     limit = max(current, math.ceil(config.max_scale_up_rate * max(obs.ready, 1)))
     target = config.bound(min(_ceil(ask), limit))
-    if target <= current:
-        return None
     driver = _driver(base.signals, ask)
+    if target <= current:
+        return dataclasses.replace(base, reason="ScaleUpLimited", message=(
+            f"{driver}, but " + (f"spec.autoscaling.maxReplicas is {config.max_replicas}"
+                                 if current >= config.max_replicas else
+                                 f"at most {config.max_scale_up_rate:g}x the {obs.ready} ready may be asked for "
+                                 f"(spec.autoscaling.maxScaleUpRate) and {current} already are")))
     limited = f", limited to {config.max_scale_up_rate:g}x the {obs.ready} ready" if target < _ceil(ask) else ""
     mode = " (panic: a burst)" if base.panic else ""
     return dataclasses.replace(base, replicas=target, reason="ScaledUp", message=(
