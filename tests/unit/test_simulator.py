@@ -43,11 +43,29 @@ def test_trace_reads_the_azure_format_sorted_and_rebased() -> None:
     assert seconds.arrivals == (0.0, 1.5)
 
 
+def test_date_times_keep_their_offset_with_or_without_a_fraction() -> None:
+    """As datetime.isoformat() writes them: the fraction only when the microsecond is not 0. Cutting the fraction
+    at 6 characters dropped '+01:00' from the second row: the requests came out an hour and 1.5 s apart."""
+    parsed = trace.parse_trace(["TIMESTAMP,ContextTokens,GeneratedTokens\n", "2023-11-16T18:00:00+01:00,1,1\n",
+                                "2023-11-16T18:00:01.500000+01:00,1,1\n", "2023-11-16T17:00:02.5Z,1,1\n",
+                                "2023-11-16T18:00:03.12345678+01:00,1,1\n"])
+    assert parsed.arrivals == pytest.approx((0.0, 1.5, 2.5, 3.123456))
+
+
+def test_a_byte_order_mark_before_the_header_is_not_part_of_the_first_column() -> None:
+    """Excel's 'CSV UTF-8' writes one: the trace was refused as missing its TIMESTAMP column."""
+    parsed = trace.parse_trace(["\ufeffTIMESTAMP,ContextTokens,GeneratedTokens\n", "0,1,1\n", "2,1,1\n"])
+    assert parsed.arrivals == (0.0, 2.0)
+
+
 @pytest.mark.parametrize(("lines", "message"), [
     (["TIMESTAMP,ContextTokens\n", "1,2\n"], "missing column(s) GeneratedTokens"),
     (["TIMESTAMP,ContextTokens,GeneratedTokens\n", "1,2,3\n", "2,lots,3\n"],
      "t.csv:3: column ContextTokens: 'lots' is not a whole number"),
     (["TIMESTAMP,ContextTokens,GeneratedTokens\n", "yesterday,2,3\n"], "t.csv:2: column TIMESTAMP"),
+    (["TIMESTAMP,ContextTokens,GeneratedTokens\n", "0,1,1\n", "\n", "1,1,1\n", "2,x,1\n"],
+     "t.csv:5: column ContextTokens: 'x'"),  # the blank line 3 is skipped, and still counted
+    (["TIMESTAMP,ContextTokens,GeneratedTokens\n", '0,1,"1\n', '"\n', "1,x,1\n"], "t.csv:4: column ContextTokens"),
     (["TIMESTAMP,ContextTokens,GeneratedTokens\n", "1,2,0\n"], "column GeneratedTokens: 0 is outside [1,"),
     (["TIMESTAMP,ContextTokens,GeneratedTokens\n"], "the trace has no requests"),
 ])
