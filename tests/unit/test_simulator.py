@@ -192,6 +192,14 @@ def test_tensorfleet_controller_runs_the_operators_policy(monkeypatch: pytest.Mo
     assert all(o.ready >= 1 and o.kv_cache_usage is not None for o in calls)
 
 
+def test_replay_refuses_an_interval_shorter_than_the_tick() -> None:
+    """At most one decision per step: interval 0.5 at tick 1 decided every 1 s and divided a tick's busy time
+    by 0.5 s."""
+    controller = controllers.TensorfleetController(policy.PolicyConfig(max_replicas=4), interval=0.5)
+    with pytest.raises(ValueError, match=re.escape("interval 0.5 s is shorter than the tick 1 s")):
+        runs.replay(steady_trace(rate=1.0, seconds=10), A10G, controller, 1, tick=1.0)
+
+
 @pytest.mark.parametrize(("rate", "seed"), [(2.0, 3), (4.0, 1), (6.0, 2)])
 def test_constant_load_settles_and_stays(rate: float, seed: int) -> None:
     """Closed loop, Poisson arrivals at a constant rate, from an over-provisioned start: the replicas find
@@ -259,6 +267,8 @@ def test_simulate_command_compares_the_three_and_writes_plot_and_json(tmp_path: 
     (["--min-replicas", "5", "--max-replicas", "2"], "minReplicas must be less than or equal to"),
     (["--set", "speed=3"], "not a replica model field"),
     (["--profile", "tpu"], "'tpu' is not one of"),
+    (["--interval", "0.5", "--tick", "1"], "Invalid value for --interval: 0.5 is shorter than --tick 1: the "
+     "simulation decides at most once a tick"),  # it decided every tick, and overstated GPU utilization
 ])
 def test_simulate_rejects_bad_settings_naming_them(tmp_path: pathlib.Path, args: list[str], message: str) -> None:
     csv = write_trace(tmp_path / "trace.csv", steady_trace(rate=1.0, seconds=10))
