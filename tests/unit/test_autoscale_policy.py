@@ -66,7 +66,23 @@ def test_queue_scale_up_is_limited_to_the_rate_times_ready_replicas() -> None:
 def test_pending_and_unschedulable_pods_are_not_capacity() -> None:
     # 6 asked for, 2 ready, 4 not running: the rate limit counts the ready ones, so nothing more is added.
     decision = run(CONFIG, [obs(0, 6, ready=2, queue=40.0, pending=2, unschedulable=2)])[-1]
-    assert (decision.replicas, decision.reason) == (6, "Stable")
+    assert (decision.replicas, decision.reason) == (6, "ScaleUpLimited")
+    assert "at most 2x the 2 ready may be asked for (spec.autoscaling.maxScaleUpRate) and 6 already are" in (
+        decision.message)
+
+
+def test_a_stored_rate_of_1_says_it_blocks_every_scale_up() -> None:
+    """The CRD refuses maxScaleUpRate 1 now; an object stored before must not read as load within tolerance."""
+    config = dataclasses.replace(CONFIG, max_scale_up_rate=1.0)
+    decision = run(config, steady(2, 60, kv=1.0, queue=400.0))[-1]
+    assert (decision.replicas, decision.reason) == (2, "ScaleUpLimited")
+    assert "queueDepth asks for 100.0 replicas" in decision.message
+
+
+def test_an_ask_above_max_replicas_says_so() -> None:
+    decision = run(CONFIG, [obs(0, 20, kv=1.0)])[-1]
+    assert (decision.replicas, decision.reason) == (20, "ScaleUpLimited")
+    assert decision.message.endswith("but spec.autoscaling.maxReplicas is 20")
 
 
 def test_warming_pods_are_not_averaged_as_idle() -> None:
@@ -155,6 +171,36 @@ def test_no_metrics_holds() -> None:
     observation = dataclasses.replace(obs(0, 3, kv=None, queue=None), scraped=0)
     decision = run(CONFIG, [observation])[-1]
     assert (decision.replicas, decision.reason) == (3, "NoMetrics")
+
+
+def blind(spec: int, seconds: float, start: float, **fields: int) -> list[Observation]:
+    """Ticks without metrics: no gateway answered (``scraped=0``) or none was ready (``ready=0``)."""
+    return [dataclasses.replace(obs(start + i * 2.0, spec, kv=None, queue=None, util=None), **fields)
+            for i in range(int(seconds / 2.0))]
+
+
+@pytest.mark.parametrize("fields", [{"scraped": 0}, {"ready": 0, "scraped": 0}], ids=["no metrics", "none ready"])
+def test_one_sample_after_an_outage_removes_nothing(fields: dict[str, int]) -> None:
+    """Windows (startup 30 s): scale-down 120 s. 10 minutes at 7.5 of 8 replicas' load, 130 s blind, then one dip:
+    the scale-down window holds one real sample, which is no reason to halve the fleet."""
+    busy = steady(8, 600, kv=0.75)
+    assert all(d.replicas == 8 for d in run(CONFIG, busy))
+    last = run(CONFIG, [*busy, *blind(8, 130, 600, **fields), obs(730, 8, kv=0.1)])[-1]
+    assert (last.replicas, last.reason) == (8, "Stable"), last.message
+
+
+def test_a_restart_during_a_metrics_outage_removes_nothing_on_the_first_sample() -> None:
+    last = run(CONFIG, [*blind(8, 130, 0, scraped=0), obs(130, 8, kv=0.1)])[-1]
+    assert last.replicas == 8, last.message
+
+
+def test_scale_down_resumes_a_window_after_an_outage() -> None:
+    history = run(CONFIG, [*steady(8, 600, kv=0.75), *blind(8, 130, 600, scraped=0)])[-1].history
+    window = policy.derive_windows(CONFIG, 30.0).scale_down_seconds
+    quiet = run(CONFIG, steady(8, 200, start=730, kv=0.1), history)
+    first = next(d for d in quiet if d.changed)
+    assert (first.replicas, first.reason) == (4, "ScaledDown")
+    assert first.history.observations[-1].time - 728 >= window  # the last blind tick left the window first
 
 
 def test_windows_follow_the_measured_startup_time() -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
 import httpx
 
 from tensorfleet import telemetry
@@ -52,5 +56,28 @@ async def test_an_unexpected_error_reading_one_pod_leaves_only_that_pod_out() ->
         scraped = await scraper.scrape([PodTarget(n, "ready", f"http://{n}/metrics") for n in ("good", "broken")])
     finally:
         await scraper.aclose()
+    assert set(scraped) == {"good"}
+    assert scraper.failures == 1
+
+
+async def test_a_pod_dribbling_its_answer_is_left_out_after_its_budget() -> None:
+    """httpx's timeout bounds each read: one byte every 0.2 s is never a timeout, yet the answer takes 2.4 s."""
+    async def dribble() -> AsyncIterator[bytes]:
+        for byte in GOOD.encode()[:12]:
+            await asyncio.sleep(0.2)
+            yield bytes([byte])
+
+    def gateways(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=dribble() if request.url.host == "slow" else GOOD.encode())
+
+    scraper = Scraper(timeout_seconds=0.5)
+    await scraper.aclose()
+    scraper._http = httpx.AsyncClient(transport=httpx.MockTransport(gateways))
+    start = time.monotonic()
+    try:
+        scraped = await scraper.scrape([PodTarget(n, "ready", f"http://{n}/metrics") for n in ("good", "slow")])
+    finally:
+        await scraper.aclose()
+    assert time.monotonic() - start < 1.5
     assert set(scraped) == {"good"}
     assert scraper.failures == 1

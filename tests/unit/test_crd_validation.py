@@ -63,6 +63,8 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
                                      replicas=5),
      "spec.autoscaling.minReplicas", "less than or equal to spec.autoscaling.maxReplicas"),
     ("autoscaling mode", with_spec(autoscaling={"mode": "aggressive"}), "spec.autoscaling.mode", "Unsupported value"),
+    ("scale-up rate 1", with_spec(autoscaling={"mode": "tensorfleet", "maxScaleUpRate": 1}),
+     "spec.autoscaling.maxScaleUpRate", "must be at least 2: with 1 (at most 1x the ready replicas) a scale-up would"),
     ("triton needs engine", with_spec(runtime={"name": "triton"}, model={"uri": "hf://a/b@rev"}), "spec.engine",
      "spec.engine is required when spec.runtime.name is triton"),
     ("triton needs pinned model", triton_service(model={"uri": "hf://meta-llama/Llama-3"}), "spec.model.uri",

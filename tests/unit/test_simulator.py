@@ -43,11 +43,29 @@ def test_trace_reads_the_azure_format_sorted_and_rebased() -> None:
     assert seconds.arrivals == (0.0, 1.5)
 
 
+def test_date_times_keep_their_offset_with_or_without_a_fraction() -> None:
+    """As datetime.isoformat() writes them: the fraction only when the microsecond is not 0. Cutting the fraction
+    at 6 characters dropped '+01:00' from the second row: the requests came out an hour and 1.5 s apart."""
+    parsed = trace.parse_trace(["TIMESTAMP,ContextTokens,GeneratedTokens\n", "2023-11-16T18:00:00+01:00,1,1\n",
+                                "2023-11-16T18:00:01.500000+01:00,1,1\n", "2023-11-16T17:00:02.5Z,1,1\n",
+                                "2023-11-16T18:00:03.12345678+01:00,1,1\n"])
+    assert parsed.arrivals == pytest.approx((0.0, 1.5, 2.5, 3.123456))
+
+
+def test_a_byte_order_mark_before_the_header_is_not_part_of_the_first_column() -> None:
+    """Excel's 'CSV UTF-8' writes one: the trace was refused as missing its TIMESTAMP column."""
+    parsed = trace.parse_trace(["\ufeffTIMESTAMP,ContextTokens,GeneratedTokens\n", "0,1,1\n", "2,1,1\n"])
+    assert parsed.arrivals == (0.0, 2.0)
+
+
 @pytest.mark.parametrize(("lines", "message"), [
     (["TIMESTAMP,ContextTokens\n", "1,2\n"], "missing column(s) GeneratedTokens"),
     (["TIMESTAMP,ContextTokens,GeneratedTokens\n", "1,2,3\n", "2,lots,3\n"],
      "t.csv:3: column ContextTokens: 'lots' is not a whole number"),
     (["TIMESTAMP,ContextTokens,GeneratedTokens\n", "yesterday,2,3\n"], "t.csv:2: column TIMESTAMP"),
+    (["TIMESTAMP,ContextTokens,GeneratedTokens\n", "0,1,1\n", "\n", "1,1,1\n", "2,x,1\n"],
+     "t.csv:5: column ContextTokens: 'x'"),  # the blank line 3 is skipped, and still counted
+    (["TIMESTAMP,ContextTokens,GeneratedTokens\n", '0,1,"1\n', '"\n', "1,x,1\n"], "t.csv:4: column ContextTokens"),
     (["TIMESTAMP,ContextTokens,GeneratedTokens\n", "1,2,0\n"], "column GeneratedTokens: 0 is outside [1,"),
     (["TIMESTAMP,ContextTokens,GeneratedTokens\n"], "the trace has no requests"),
 ])
@@ -174,6 +192,14 @@ def test_tensorfleet_controller_runs_the_operators_policy(monkeypatch: pytest.Mo
     assert all(o.ready >= 1 and o.kv_cache_usage is not None for o in calls)
 
 
+def test_replay_refuses_an_interval_shorter_than_the_tick() -> None:
+    """At most one decision per step: interval 0.5 at tick 1 decided every 1 s and divided a tick's busy time
+    by 0.5 s."""
+    controller = controllers.TensorfleetController(policy.PolicyConfig(max_replicas=4), interval=0.5)
+    with pytest.raises(ValueError, match=re.escape("interval 0.5 s is shorter than the tick 1 s")):
+        runs.replay(steady_trace(rate=1.0, seconds=10), A10G, controller, 1, tick=1.0)
+
+
 @pytest.mark.parametrize(("rate", "seed"), [(2.0, 3), (4.0, 1), (6.0, 2)])
 def test_constant_load_settles_and_stays(rate: float, seed: int) -> None:
     """Closed loop, Poisson arrivals at a constant rate, from an over-provisioned start: the replicas find
@@ -237,9 +263,12 @@ def test_simulate_command_compares_the_three_and_writes_plot_and_json(tmp_path: 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--min-replicas", "0"], "spec.autoscaling.minReplicas must be at least 1"),
+    (["--max-scale-up-rate", "1"], "spec.autoscaling.maxScaleUpRate must be at least 2"),
     (["--min-replicas", "5", "--max-replicas", "2"], "minReplicas must be less than or equal to"),
     (["--set", "speed=3"], "not a replica model field"),
     (["--profile", "tpu"], "'tpu' is not one of"),
+    (["--interval", "0.5", "--tick", "1"], "Invalid value for --interval: 0.5 is shorter than --tick 1: the "
+     "simulation decides at most once a tick"),  # it decided every tick, and overstated GPU utilization
 ])
 def test_simulate_rejects_bad_settings_naming_them(tmp_path: pathlib.Path, args: list[str], message: str) -> None:
     csv = write_trace(tmp_path / "trace.csv", steady_trace(rate=1.0, seconds=10))

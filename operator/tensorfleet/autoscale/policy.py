@@ -28,7 +28,8 @@ a stable window has seen the replicas as they are now (a lightly loaded fleet un
 fewer replicas will need: on an LLM engine, prefill steals decode time, so per-replica load grows
 faster than linearly as replicas are removed; a scale-down that the next change undoes is remembered,
 see ``_remember``). The policy never scales down before it has watched a whole window: after an
-operator restart or a leader change it starts with no history.
+operator restart or a leader change it starts with no history, and a decision without metrics asks
+for the replicas the service has (a window spent blind is not a window watched).
 
 The windows follow the service's measured startup time (engine load plus warm-up, which each
 gateway reports as ``tensorfleet_gateway_startup_seconds``; 60 s until one does):
@@ -60,7 +61,7 @@ from tensorfleet.autoscale.signals import Observation
 
 SignalName = Literal["concurrency", "queueDepth", "kvCacheUsage"]
 Reason = Literal["ScaledUp", "ScaledDown", "BelowMinimum", "AboveMaximum", "Stable", "NoReadyReplicas",
-                 "NoMetrics", "NoSignals", "GPUsNotBusy"]
+                 "NoMetrics", "NoSignals", "GPUsNotBusy", "ScaleUpLimited"]
 EPSILON = 1e-9
 DEFAULT_STARTUP_SECONDS = 60.0  # before any pod of the service has reported its own
 MAX_SCALE_DOWN_WINDOW = 1800.0
@@ -202,11 +203,10 @@ def decide(config: PolicyConfig, history: History, obs: Observation) -> Decision
         reason: Reason = "NoReadyReplicas" if obs.ready == 0 else "NoMetrics"
         why = ("no replica is ready yet" if obs.ready == 0 else
                f"none of the {obs.ready} ready replicas answered with metrics")
-        return _bounded(config, Decision(current, current, reason, why, history, windows))
+        return _held(config, history, obs, windows, reason, why)
     readings = _readings(config, history, obs.time, windows)
     if not readings:
-        return _bounded(config, Decision(current, current, "NoSignals", "the gateways report no load signal",
-                                         history, windows))
+        return _held(config, history, obs, windows, "NoSignals", "the gateways report no load signal")
     stable_ask = max(r.stable for r in readings)
     burst_ask = max(r.burst for r in readings)
     if burst_ask >= config.panic_threshold * obs.ready:
@@ -223,6 +223,16 @@ def decide(config: PolicyConfig, history: History, obs: Observation) -> Decision
     long_ask = max(_asked_over(config, history, obs.time - long_window).values(), default=stable_ask)
     decision = _bounded(config, up if up is not None else (_scale_down(config, base, obs, long_ask) or base))
     return _remember(decision, long_ask, obs.time)
+
+
+def _held(config: PolicyConfig, history: History, obs: Observation, windows: Windows, reason: Reason,
+          why: str) -> Decision:
+    """Hold while the load cannot be seen. The hold is recorded as a recommendation of the current
+    replicas, so that a scale-down window made of missing data asks for what the service had, and a
+    single sample after an outage (or after a restart during one) cannot remove capacity."""
+    current = obs.spec_replicas
+    history = history.recommended(obs.time, config.bound(current), windows.scale_down_seconds)
+    return _bounded(config, Decision(current, current, reason, why, history, windows))
 
 
 def _remember(decision: Decision, long_ask: float, now: float) -> Decision:
@@ -259,9 +269,13 @@ def _scale_up(config: PolicyConfig, base: Decision, obs: Observation, ask: float
             f"{gate:.0%} target: adding GPUs would not help"))
     limit = max(current, math.ceil(config.max_scale_up_rate * max(obs.ready, 1)))
     target = config.bound(min(_ceil(ask), limit))
-    if target <= current:
-        return None
     driver = _driver(base.signals, ask)
+    if target <= current:
+        return dataclasses.replace(base, reason="ScaleUpLimited", message=(
+            f"{driver}, but " + (f"spec.autoscaling.maxReplicas is {config.max_replicas}"
+                                 if current >= config.max_replicas else
+                                 f"at most {config.max_scale_up_rate:g}x the {obs.ready} ready may be asked for "
+                                 f"(spec.autoscaling.maxScaleUpRate) and {current} already are")))
     limited = f", limited to {config.max_scale_up_rate:g}x the {obs.ready} ready" if target < _ceil(ask) else ""
     mode = " (panic: a burst)" if base.panic else ""
     return dataclasses.replace(base, replicas=target, reason="ScaledUp", message=(

@@ -85,7 +85,7 @@ def behavior(spec: AutoscalingSpec) -> dict[str, Any]:
         scale_up["selectPolicy"] = "Max"
         scale_up["policies"] = [{"type": "Percent", "value": (spec.max_scale_up_rate - 1) * 100,
                                  "periodSeconds": HPA_SYNC_SECONDS}]
-    else:
+    else:  # 1: only in objects stored before the CRD required at least 2; as then, no scale-up (until edited)
         scale_up["selectPolicy"] = "Disabled"
     return {
         "scaleUp": scale_up,

@@ -1,8 +1,9 @@
 """Scraping the gateways' ``/metrics`` on their admin port: concurrent, time-bounded, failures tolerated.
 
-A pod that does not answer in time, answers with an error, answers with something that is not
-Prometheus text, or whose text has none of the gateway's metrics with a finite value (a gateway
-always reports ``tensorfleet_gateway_ready``) is left out of that observation (the policy
+A pod that does not answer in full within its budget (the scrape timeout, from connect to the last
+byte), answers with an error, answers with something that is not Prometheus text, or whose text has
+none of the gateway's metrics with a finite value (a gateway always reports
+``tensorfleet_gateway_ready``) is left out of that observation (the policy
 extrapolates from the pods that did answer, and holds when none did); the failure is counted and
 logged, never raised.
 """
@@ -33,6 +34,7 @@ class Scraper:
                                        follow_redirects=False,
                                        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=16))
         self._slots = asyncio.Semaphore(concurrency)
+        self.timeout_seconds = timeout_seconds  # each pod's budget, from its turn to its last byte
         self.failures = 0
 
     async def aclose(self) -> None:
@@ -46,11 +48,17 @@ class Scraper:
 
     async def _fetch(self, target: PodTarget) -> PodMetrics | None:
         try:
-            text = await self._get(str(target.metrics_url))
+            async with self._slots:
+                # The budget is the whole scrape: httpx's timeout bounds each read, so a pod dribbling its
+                # answer would hold the service's decision for as long as it dribbles.
+                async with asyncio.timeout(self.timeout_seconds):
+                    text = await self._get(str(target.metrics_url))
             metrics = signals.parse_metrics(text)
             if metrics == PodMetrics():
                 raise ScrapeError("none of the gateway's metrics has a finite value")
             return metrics
+        except TimeoutError:
+            self._failed(target, f"no complete answer within {self.timeout_seconds:g}s")
         except (httpx.HTTPError, signals.MetricsError, ScrapeError) as exc:
             self._failed(target, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # one pod's bytes must never cost the other pods their metrics
@@ -60,7 +68,7 @@ class Scraper:
         return None
 
     async def _get(self, url: str) -> str:
-        async with self._slots, self._http.stream("GET", url) as response:
+        async with self._http.stream("GET", url) as response:
             if response.status_code != 200:
                 raise ScrapeError(f"HTTP {response.status_code}")
             body = bytearray()

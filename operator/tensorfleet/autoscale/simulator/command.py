@@ -49,7 +49,8 @@ def _autoscaling_options(command: Any) -> Any:
 @click.option("--slo-seconds", type=config.FiniteFloatRange(min=0, min_open=True), default=2.0, show_default=True,
               help="Queue-wait SLO: longest wait from arrival to admission into the engine.")
 @click.option("--interval", type=config.FiniteFloatRange(min=0.1), default=2.0, show_default=True,
-              help="How often tensorfleet's autoscaler decides (the operator's --autoscale-interval-seconds).")
+              help="How often tensorfleet's autoscaler decides (the operator's --autoscale-interval-seconds); "
+                   "at least --tick.")
 @click.option("--tick", type=config.FiniteFloatRange(min=0.01, max=1.0), default=0.1, show_default=True,
               help="Simulation time step in seconds.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default="simulation.png", show_default=True,
@@ -68,6 +69,9 @@ def simulate(trace_path: str, service_path: str | None, profile: str, overrides:
     from tensorfleet import cli_files
     from tensorfleet.autoscale.simulator import compare, model, report, trace
 
+    if interval < tick:
+        raise click.BadParameter(f"{interval:g} is shorter than --tick {tick:g}: the simulation decides at most "
+                                 "once a tick", param_hint="--interval")
     spec = _autoscaling_spec(service_path, autoscaling)
     replica = _replica_model(model, profile, overrides, startup_seconds)
     for flag, path in (("--json", json_path), ("--plot", plot_path)):

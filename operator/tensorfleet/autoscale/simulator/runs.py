@@ -55,6 +55,8 @@ class _Timeline:
 def replay(trace: Trace, model: ReplicaModel, controller: Controller, initial_replicas: int,
            tick: float = 0.1) -> RunResult:
     """Replay ``trace`` with ``initial_replicas`` warm replicas, letting ``controller`` scale every interval."""
+    if controller.interval < tick:  # one decision per step at most: a shorter interval would not be kept
+        raise ValueError(f"the controller's interval {controller.interval:g} s is shorter than the tick {tick:g} s")
     log = RequestLog(len(trace))
     cluster = Cluster(trace, model, log, tick)
     cluster.scale_to(initial_replicas, startup=0.0)

@@ -3,8 +3,8 @@
 The format is the Azure LLM inference trace's (Patel et al., "Splitwise: Efficient generative LLM
 inference using phase splitting", ISCA 2024): a CSV with the columns ``TIMESTAMP``, ``ContextTokens``
 and ``GeneratedTokens``. ``TIMESTAMP`` is a date-time (``2023-11-16 18:15:46.6805900``; digits past
-microseconds are dropped) or a number of seconds, the same in every row. Arrival times are made relative to the
-first request; a trace spans at most 31 days.
+microseconds are dropped; UTC unless it has an offset) or a number of seconds, the same in every row.
+Arrival times are made relative to the first request; a trace spans at most 31 days.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import math
 import pathlib
+import re
 from collections.abc import Iterable
 
 COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -62,14 +63,15 @@ def load_trace(path: str | pathlib.Path) -> Trace:
 
 def parse_trace(lines: Iterable[str], source: str = "<trace>") -> Trace:
     reader = csv.DictReader(lines)
-    header = [h.strip() for h in reader.fieldnames or ()]
+    header = _header(reader)
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise TraceError(f"{source}: missing column(s) {', '.join(missing)}; a trace needs {', '.join(COLUMNS)}")
     rows: list[tuple[float, int, int, int, str]] = []  # (time, context, generated, line, TIMESTAMP as written)
     first: tuple[bool, int] | None = None  # (written as a date-time, line) of the first row
-    for line, raw in enumerate(reader, start=2):
-        row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+    for raw in reader:
+        line = reader.line_num  # the file's line (blank lines are skipped, a quoted field may span lines)
+        row = {k: (v or "").strip() for k, v in raw.items() if k is not None}
         where = f"{source}:{line}"
         stamp, is_date = _timestamp(row["TIMESTAMP"], where)
         first = first or (is_date, line)
@@ -87,6 +89,16 @@ def parse_trace(lines: Iterable[str], source: str = "<trace>") -> Trace:
 
 
 _FORMATS = {True: "a date-time", False: "seconds"}
+_PAST_MICROSECONDS = re.compile(r"(\.\d{6})\d+")  # digits of a fraction past microseconds (the Azure trace has 7)
+
+
+def _header(reader: csv.DictReader[str]) -> list[str]:
+    """The column names, stripped; without the byte-order mark that Excel's "CSV UTF-8" writes first."""
+    names = [name.strip() for name in reader.fieldnames or ()]
+    if names:
+        names[0] = names[0].removeprefix("\ufeff").strip()
+    reader.fieldnames = names
+    return names
 
 
 def _check_span(first: tuple[float, int, int, int, str], last: tuple[float, int, int, int, str], source: str) -> None:
@@ -110,8 +122,7 @@ def _timestamp(text: str, where: str) -> tuple[float, bool]:
             raise TraceError(f"{where}: column TIMESTAMP: {text!r} is not a finite number")
         return seconds, False
     try:
-        head, dot, fraction = text.partition(".")
-        stamp = datetime.datetime.fromisoformat(f"{head}.{fraction[:6]}" if dot else head)
+        stamp = datetime.datetime.fromisoformat(_PAST_MICROSECONDS.sub(r"\1", text, count=1))
     except ValueError:
         raise TraceError(f"{where}: column TIMESTAMP: {text!r} is neither a date-time nor seconds") from None
     if stamp.tzinfo is None:
