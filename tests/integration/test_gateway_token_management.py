@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from engines.standin import StandinEngine
 from gateway_support import (
@@ -113,6 +114,41 @@ async def test_reject_answers_400_naming_the_limit_and_the_count(tmp_path: pathl
     assert "tokenPolicy.maxInputTokens" in error["message"]
     assert not [r for r in engine.received if "messages" in r]
     assert rejections == 1
+
+
+class RagTemplateStandinDouble(StandinEngine):
+    """The stand-in with a RAG chat template, placed as vLLM places it: a chat request's ``documents`` are
+    rendered into the prompt (ChatCompletionRequest.build_chat_params), while ``/tokenize`` ignores a top-level
+    ``documents`` and renders only what comes in ``chat_template_kwargs`` (TokenizeChatRequest)."""
+
+    @staticmethod
+    def count(body: dict[str, Any]) -> int:
+        return StandinEngine.count(body) + _document_words(body.get("documents"))
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        count = StandinEngine.count(body) + _document_words((body.get("chat_template_kwargs") or {}).get("documents"))
+        return web.json_response({"count": count, "max_model_len": 1024, "tokens": list(range(count))})
+
+
+def _document_words(documents: Any) -> int:
+    return sum(len(str(document.get("text", "")).split()) for document in documents or ())
+
+
+@pytest.mark.parametrize("strategy", ["reject", "truncate-oldest"])
+async def test_documents_count_against_max_input_tokens(tmp_path: pathlib.Path, strategy: str) -> None:
+    engine = RagTemplateStandinDouble()
+    document = gateway_document(tokenPolicy={"maxInputTokens": 100, "contextStrategy": strategy})
+    body = {"model": "tiny", "max_tokens": 4, "documents": [{"title": "manual", "text": "lorem " * 600}],
+            "chat_template_kwargs": {"citation_mode": "fast"},
+            "messages": [{"role": "user", "content": "summarise the manual"}]}
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document) as gw, \
+            aiohttp.ClientSession() as session:
+        status, answer, _ = await post(session, url(gw, "/v1/chat/completions"), body)
+    assert status == 400, answer
+    assert answer["error"]["code"] == "context_length_exceeded"
+    assert answer["error"]["count"] == RagTemplateStandinDouble.count(body) == 606
+    assert not [r for r in engine.received if "messages" in r]
 
 
 # ---- runaway control -----------------------------------------------------------------------------------------
