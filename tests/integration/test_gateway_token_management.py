@@ -233,3 +233,49 @@ async def test_clean_text_is_not_stopped(tmp_path: pathlib.Path, stream: bool) -
     assert not event.runaway_stopped
     assert event.completion_tokens == 300
     assert engine.aborted == 0
+
+
+class VLLMPlainOnlyFieldsStandinDouble(StandinEngine):
+    """The stand-in with vLLM's answers to the fields a watched plain request must not be streamed for:
+    ``prompt_logprobs`` refused on a stream (completion/protocol.py, chat_completion/protocol.py: "not
+    available when `stream=True`"), and the plain answer's ``token_ids``/``prompt_token_ids``,
+    ``prompt_text`` and ``kv_transfer_params``, which a folded stream does not give back."""
+
+    async def _plain(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        answer = json.loads((await super()._plain(request, body)).text or "{}")
+        n, prompt_ids = answer["usage"]["completion_tokens"], list(range(self.count(body)))
+        holder = answer if "messages" in body else answer["choices"][0]
+        extra = {"return_token_ids": {"prompt_token_ids": prompt_ids}, "return_prompt_text": {"prompt_text": "p"},
+                 "kv_transfer_params": {"kv_transfer_params": {"remote_block_ids": [7]}}}
+        for field, fields in extra.items():
+            if body.get(field):
+                holder.update(fields)
+        if body.get("return_token_ids"):
+            answer["choices"][0]["token_ids"] = list(range(n))
+        return web.json_response(answer)
+
+    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        if body.get("prompt_logprobs"):
+            return web.json_response({"error": {"message": "`prompt_logprobs` are not available when "
+                                                           "`stream=True`.", "code": 400}}, status=400)
+        return await super()._stream(request, body)
+
+
+@pytest.mark.parametrize("field", [{"prompt_logprobs": 1}, {"prompt_logprobs": -1}, {"return_token_ids": True},
+                                   {"return_prompt_text": True}, {"kv_transfer_params": {"do_remote_decode": True}}],
+                         ids=["prompt-logprobs", "all-prompt-logprobs", "token-ids", "prompt-text", "kv-transfer"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_a_watched_plain_request_the_engine_cannot_stream_gets_the_engines_own_answer(
+        tmp_path: pathlib.Path, path: str, field: dict[str, Any]) -> None:
+    engine = VLLMPlainOnlyFieldsStandinDouble(words=PROSE)
+    body: dict[str, Any] = {"model": "tiny", "max_tokens": 20, "temperature": 0, **field}
+    body.update({"prompt": "hello there"} if path == "/v1/completions" else
+                {"messages": [{"role": "user", "content": "hello there"}]})
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, runaway_document()) as gw, \
+            aiohttp.ClientSession() as session:
+        status, answer, _ = await post(session, url(gw, path), body)
+        _, direct, _ = await post(session, upstream + path, body)
+    assert status == 200, answer
+    assert not engine.received[-2].get("stream")  # the gateway's request: plain, judged whole
+    assert {k: v for k, v in answer.items() if k not in ("id", "created")} == \
+        {k: v for k, v in direct.items() if k not in ("id", "created")}

@@ -36,6 +36,9 @@ _TOKENIZE_CHAT_KEYS = ("add_generation_prompt", "continue_final_message", "chat_
 # Chat request fields vLLM hands to the chat template beside chat_template_kwargs (ChatCompletionRequest.
 # build_chat_params); its /tokenize takes none of them, so they are counted inside chat_template_kwargs.
 _TEMPLATE_ARGUMENTS = ("documents", "reasoning_effort")
+# Plain-request fields vLLM refuses on a stream, or whose plain answer carries what a folded stream cannot give
+# back (token ids, the prompt's text, kv-transfer parameters): such requests are not streamed instead.
+_NOT_STREAMED_INSTEAD = ("prompt_logprobs", "return_token_ids", "return_prompt_text", "kv_transfer_params")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +186,8 @@ class VLLMEngine:
         body = request.body
         n, best_of = body.get("n") or 1, body.get("best_of")
         return not body.get("use_beam_search") and "stream_options" not in body \
-            and not (isinstance(best_of, int) and best_of > n)
+            and not (isinstance(best_of, int) and best_of > n) \
+            and not any(body.get(key) for key in _NOT_STREAMED_INSTEAD)
 
     def prepare_upstream(self, request: ProxyRequest, stream_instead: bool = False) -> None:
         """Ask the engine for per-event usage on streams (the client's own options are kept in the stream);
