@@ -26,7 +26,7 @@ from gateway_support import (
     url,
     wait_until,
 )
-from integration.test_gateway_pipeline import post
+from integration.test_gateway_pipeline import MidStreamFailureStandinDouble, post
 from tensorfleet.gateway.context import TRUNCATED_TOKENS_HEADER, TRUNCATED_TURNS_HEADER
 
 pytestmark = pytest.mark.integration
@@ -279,3 +279,27 @@ async def test_a_watched_plain_request_the_engine_cannot_stream_gets_the_engines
     assert not engine.received[-2].get("stream")  # the gateway's request: plain, judged whole
     assert {k: v for k, v in answer.items() if k not in ("id", "created")} == \
         {k: v for k, v in direct.items() if k not in ("id", "created")}
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "cache"])
+@pytest.mark.parametrize("runaway", [False, True], ids=["runaway-off", "runaway-on"])
+async def test_an_engine_failure_mid_generation_is_a_502_whether_watched_or_not(
+        tmp_path: pathlib.Path, runaway: bool, cache: bool) -> None:
+    """Watched, the plain request is streamed upstream and the failure comes as vLLM's error event: the client
+    gets what it gets unwatched (the engine's 500 as a 502), nothing generated is billed, nothing is cached."""
+    engine = MidStreamFailureStandinDouble()
+    sink = RecordingSinkDouble()
+    document = gateway_document(tokenPolicy={"runaway": {"enabled": runaway}, "responseCache": {"enabled": cache}})
+    body = {"model": "tiny", "max_tokens": 50, "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document, sink=sink) as gw, \
+            aiohttp.ClientSession() as session:
+        answers = [await post(session, url(gw, "/v1/chat/completions"), body) for _ in range(2)]
+        await wait_until(lambda: len(sink.client_requests()) == 2, 5, "both metered")
+    for status, answer, headers in answers:
+        assert status == 502, answer
+        assert answer["error"]["code"] == "engine_error"
+        assert answer["error"]["message"] == "the engine failed: Internal server error"
+        assert headers.get("X-TensorFleet-Cache") != "hit"
+    assert [r.get("stream", False) for r in engine.received if "messages" in r] == [runaway, runaway]
+    for event in sink.client_requests():
+        assert (event.status, event.error, event.completion_tokens, event.chunks) == (502, "engine_error", 0, ())
