@@ -303,3 +303,40 @@ async def test_an_engine_failure_mid_generation_is_a_502_whether_watched_or_not(
     assert [r.get("stream", False) for r in engine.received if "messages" in r] == [runaway, runaway]
     for event in sink.client_requests():
         assert (event.status, event.error, event.completion_tokens, event.chunks) == (502, "engine_error", 0, ())
+
+
+class EchoingStandinDouble(StandinEngine):
+    """The stand-in generating clean prose, echoing a completions prompt as vLLM does: the first chunk's
+    text (a plain answer's text) is the prompt followed by the first token (completion/serving.py)."""
+
+    def __init__(self) -> None:
+        super().__init__(words=PROSE)
+        self.echoed = ""
+
+    def token(self, index: int) -> str:
+        return (self.echoed if index == 0 else "") + super().token(index)
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        self.echoed = body.get("prompt", "") if body.get("echo") else ""
+        return await super().generate(request)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+async def test_an_echoed_prompt_is_not_judged_as_generated_text(tmp_path: pathlib.Path, stream: bool) -> None:
+    """A code prompt with repeated rows, echoed: only the clean generated text is watched."""
+    engine = EchoingStandinDouble()
+    sink = RecordingSinkDouble()
+    prompt = "Fill in this configuration, one value per line:\n" + "x = 0\n" * 40 + "Answer:"
+    body = {"model": "tiny", "max_tokens": 200, "stream": stream, "echo": True, "prompt": prompt}
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, runaway_document(), sink=sink) as gw, \
+            aiohttp.ClientSession() as session:
+        async with session.post(url(gw, "/v1/completions"), json=body) as response:
+            raw = await response.read()
+        await wait_until(lambda: sink.client_requests(), 5, "metered")
+    text = streamed_text(stream_chunks(raw)) if stream else json.loads(raw)["choices"][0]["text"]
+    assert text == prompt + "".join(" " + w for w in PROSE[:200])
+    (event,) = sink.client_requests()
+    assert not event.runaway_stopped
+    assert event.completion_tokens == 200
