@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from engines.processes import free_port
 from engines.standin import FINGERPRINT, StandinEngine
@@ -267,6 +268,57 @@ async def test_tenants_never_share_cached_answers(tmp_path: pathlib.Path) -> Non
     assert [headers["X-TensorFleet-Cache"] for _, _, headers in answers] == ["miss", "miss", "hit"]
     assert answers[1][1]["id"] != answers[0][1]["id"]  # team-b's own answer, not team-a's
     assert len([r for r in engine.received if r["prompt"] == body["prompt"]]) == 2
+
+
+class MidStreamFailureStandinDouble(StandinEngine):
+    """The stand-in failing a generation after ``tokens`` tokens, as vLLM does (chat_completion/serving.py,
+    completion/serving.py): a stream gets ``data: {"error": ...}`` then ``[DONE]``; a plain request a 500.
+    The warm-up (``ignore_eos``) is served."""
+
+    ERROR = {"error": {"message": "Internal server error", "type": "InternalServerError", "param": None,
+                       "code": 500}}
+
+    def __init__(self, tokens: int = 5) -> None:
+        super().__init__()
+        self.tokens = tokens
+
+    async def _plain(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        if body.get("ignore_eos"):
+            return await super()._plain(request, body)
+        return web.json_response(self.ERROR, status=500)
+
+    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        chat = "messages" in body
+        head = {"id": "cmpl-1", "object": "chat.completion.chunk" if chat else "text_completion", "created": 1,
+                "model": self.model}
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+        for i in range(1, self.tokens + 1):
+            choice = {"index": 0, **({"delta": {"content": self.token(i)}} if chat else {"text": self.token(i)}),
+                      "logprobs": None, "finish_reason": None}
+            chunk = {**head, "choices": [choice], "usage": self._usage(body, i)}
+            await response.write(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
+        await response.write(b"data: " + json.dumps(self.ERROR).encode() + b"\n\ndata: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_a_stream_that_failed_in_the_engine_is_passed_on_but_not_cached(tmp_path: pathlib.Path,
+                                                                             path: str) -> None:
+    engine = MidStreamFailureStandinDouble()
+    document = gateway_document(tokenPolicy={"responseCache": {"enabled": True}})
+    body: dict[str, Any] = {"model": "tiny", "max_tokens": 50, "temperature": 0, "stream": True}
+    body.update({"prompt": "a b"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "a"}]})
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document) as gw, \
+            aiohttp.ClientSession() as session:
+        answers = []
+        for _ in range(2):
+            async with session.post(url(gw, path), json=body) as response:
+                answers.append((await response.read(), response.headers.get("X-TensorFleet-Cache")))
+    assert [hit for _, hit in answers] == ["miss", "miss"]
+    assert all(raw.endswith(b'"code": 500}}\n\ndata: [DONE]\n\n') for raw, _ in answers)  # the client sees it
+    assert len([r for r in engine.received if r.get("stream")]) == 2
 
 
 def write_keys(folder: pathlib.Path, keys: dict[str, str]) -> str:

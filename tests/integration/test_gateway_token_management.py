@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from engines.standin import StandinEngine
 from gateway_support import (
@@ -25,7 +26,7 @@ from gateway_support import (
     url,
     wait_until,
 )
-from integration.test_gateway_pipeline import post
+from integration.test_gateway_pipeline import MidStreamFailureStandinDouble, post
 from tensorfleet.gateway.context import TRUNCATED_TOKENS_HEADER, TRUNCATED_TURNS_HEADER
 
 pytestmark = pytest.mark.integration
@@ -115,6 +116,41 @@ async def test_reject_answers_400_naming_the_limit_and_the_count(tmp_path: pathl
     assert rejections == 1
 
 
+class RagTemplateStandinDouble(StandinEngine):
+    """The stand-in with a RAG chat template, placed as vLLM places it: a chat request's ``documents`` are
+    rendered into the prompt (ChatCompletionRequest.build_chat_params), while ``/tokenize`` ignores a top-level
+    ``documents`` and renders only what comes in ``chat_template_kwargs`` (TokenizeChatRequest)."""
+
+    @staticmethod
+    def count(body: dict[str, Any]) -> int:
+        return StandinEngine.count(body) + _document_words(body.get("documents"))
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        count = StandinEngine.count(body) + _document_words((body.get("chat_template_kwargs") or {}).get("documents"))
+        return web.json_response({"count": count, "max_model_len": 1024, "tokens": list(range(count))})
+
+
+def _document_words(documents: Any) -> int:
+    return sum(len(str(document.get("text", "")).split()) for document in documents or ())
+
+
+@pytest.mark.parametrize("strategy", ["reject", "truncate-oldest"])
+async def test_documents_count_against_max_input_tokens(tmp_path: pathlib.Path, strategy: str) -> None:
+    engine = RagTemplateStandinDouble()
+    document = gateway_document(tokenPolicy={"maxInputTokens": 100, "contextStrategy": strategy})
+    body = {"model": "tiny", "max_tokens": 4, "documents": [{"title": "manual", "text": "lorem " * 600}],
+            "chat_template_kwargs": {"citation_mode": "fast"},
+            "messages": [{"role": "user", "content": "summarise the manual"}]}
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document) as gw, \
+            aiohttp.ClientSession() as session:
+        status, answer, _ = await post(session, url(gw, "/v1/chat/completions"), body)
+    assert status == 400, answer
+    assert answer["error"]["code"] == "context_length_exceeded"
+    assert answer["error"]["count"] == RagTemplateStandinDouble.count(body) == 606
+    assert not [r for r in engine.received if "messages" in r]
+
+
 # ---- runaway control -----------------------------------------------------------------------------------------
 
 async def test_a_looping_stream_is_stopped_cleanly_and_billed_for_what_was_produced(tmp_path: pathlib.Path) -> None:
@@ -197,3 +233,110 @@ async def test_clean_text_is_not_stopped(tmp_path: pathlib.Path, stream: bool) -
     assert not event.runaway_stopped
     assert event.completion_tokens == 300
     assert engine.aborted == 0
+
+
+class VLLMPlainOnlyFieldsStandinDouble(StandinEngine):
+    """The stand-in with vLLM's answers to the fields a watched plain request must not be streamed for:
+    ``prompt_logprobs`` refused on a stream (completion/protocol.py, chat_completion/protocol.py: "not
+    available when `stream=True`"), and the plain answer's ``token_ids``/``prompt_token_ids``,
+    ``prompt_text`` and ``kv_transfer_params``, which a folded stream does not give back."""
+
+    async def _plain(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        answer = json.loads((await super()._plain(request, body)).text or "{}")
+        n, prompt_ids = answer["usage"]["completion_tokens"], list(range(self.count(body)))
+        holder = answer if "messages" in body else answer["choices"][0]
+        extra = {"return_token_ids": {"prompt_token_ids": prompt_ids}, "return_prompt_text": {"prompt_text": "p"},
+                 "kv_transfer_params": {"kv_transfer_params": {"remote_block_ids": [7]}}}
+        for field, fields in extra.items():
+            if body.get(field):
+                holder.update(fields)
+        if body.get("return_token_ids"):
+            answer["choices"][0]["token_ids"] = list(range(n))
+        return web.json_response(answer)
+
+    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        if body.get("prompt_logprobs"):
+            return web.json_response({"error": {"message": "`prompt_logprobs` are not available when "
+                                                           "`stream=True`.", "code": 400}}, status=400)
+        return await super()._stream(request, body)
+
+
+@pytest.mark.parametrize("field", [{"prompt_logprobs": 1}, {"prompt_logprobs": -1}, {"return_token_ids": True},
+                                   {"return_prompt_text": True}, {"kv_transfer_params": {"do_remote_decode": True}}],
+                         ids=["prompt-logprobs", "all-prompt-logprobs", "token-ids", "prompt-text", "kv-transfer"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_a_watched_plain_request_the_engine_cannot_stream_gets_the_engines_own_answer(
+        tmp_path: pathlib.Path, path: str, field: dict[str, Any]) -> None:
+    engine = VLLMPlainOnlyFieldsStandinDouble(words=PROSE)
+    body: dict[str, Any] = {"model": "tiny", "max_tokens": 20, "temperature": 0, **field}
+    body.update({"prompt": "hello there"} if path == "/v1/completions" else
+                {"messages": [{"role": "user", "content": "hello there"}]})
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, runaway_document()) as gw, \
+            aiohttp.ClientSession() as session:
+        status, answer, _ = await post(session, url(gw, path), body)
+        _, direct, _ = await post(session, upstream + path, body)
+    assert status == 200, answer
+    assert not engine.received[-2].get("stream")  # the gateway's request: plain, judged whole
+    assert {k: v for k, v in answer.items() if k not in ("id", "created")} == \
+        {k: v for k, v in direct.items() if k not in ("id", "created")}
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "cache"])
+@pytest.mark.parametrize("runaway", [False, True], ids=["runaway-off", "runaway-on"])
+async def test_an_engine_failure_mid_generation_is_a_502_whether_watched_or_not(
+        tmp_path: pathlib.Path, runaway: bool, cache: bool) -> None:
+    """Watched, the plain request is streamed upstream and the failure comes as vLLM's error event: the client
+    gets what it gets unwatched (the engine's 500 as a 502), nothing generated is billed, nothing is cached."""
+    engine = MidStreamFailureStandinDouble()
+    sink = RecordingSinkDouble()
+    document = gateway_document(tokenPolicy={"runaway": {"enabled": runaway}, "responseCache": {"enabled": cache}})
+    body = {"model": "tiny", "max_tokens": 50, "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document, sink=sink) as gw, \
+            aiohttp.ClientSession() as session:
+        answers = [await post(session, url(gw, "/v1/chat/completions"), body) for _ in range(2)]
+        await wait_until(lambda: len(sink.client_requests()) == 2, 5, "both metered")
+    for status, answer, headers in answers:
+        assert status == 502, answer
+        assert answer["error"]["code"] == "engine_error"
+        assert answer["error"]["message"] == "the engine failed: Internal server error"
+        assert headers.get("X-TensorFleet-Cache") != "hit"
+    assert [r.get("stream", False) for r in engine.received if "messages" in r] == [runaway, runaway]
+    for event in sink.client_requests():
+        assert (event.status, event.error, event.completion_tokens, event.chunks) == (502, "engine_error", 0, ())
+
+
+class EchoingStandinDouble(StandinEngine):
+    """The stand-in generating clean prose, echoing a completions prompt as vLLM does: the first chunk's
+    text (a plain answer's text) is the prompt followed by the first token (completion/serving.py)."""
+
+    def __init__(self) -> None:
+        super().__init__(words=PROSE)
+        self.echoed = ""
+
+    def token(self, index: int) -> str:
+        return (self.echoed if index == 0 else "") + super().token(index)
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        self.echoed = body.get("prompt", "") if body.get("echo") else ""
+        return await super().generate(request)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+async def test_an_echoed_prompt_is_not_judged_as_generated_text(tmp_path: pathlib.Path, stream: bool) -> None:
+    """A code prompt with repeated rows, echoed: only the clean generated text is watched."""
+    engine = EchoingStandinDouble()
+    sink = RecordingSinkDouble()
+    prompt = "Fill in this configuration, one value per line:\n" + "x = 0\n" * 40 + "Answer:"
+    body = {"model": "tiny", "max_tokens": 200, "stream": stream, "echo": True, "prompt": prompt}
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, runaway_document(), sink=sink) as gw, \
+            aiohttp.ClientSession() as session:
+        async with session.post(url(gw, "/v1/completions"), json=body) as response:
+            raw = await response.read()
+        await wait_until(lambda: sink.client_requests(), 5, "metered")
+    text = streamed_text(stream_chunks(raw)) if stream else json.loads(raw)["choices"][0]["text"]
+    assert text == prompt + "".join(" " + w for w in PROSE[:200])
+    (event,) = sink.client_requests()
+    assert not event.runaway_stopped
+    assert event.completion_tokens == 200

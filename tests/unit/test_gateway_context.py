@@ -22,6 +22,7 @@ from tensorfleet.gateway.context import (
     fewest_turns,
     input_limit,
 )
+from tensorfleet.gateway.engine import rendered_template_kwargs
 from tensorfleet.gateway.errors import GatewayError
 from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.metrics import GatewayMetrics
@@ -218,3 +219,20 @@ async def test_other_endpoints_and_odd_bodies_are_left_alone() -> None:
     completion.endpoint = "/v1/completions"
     await hook.before_upstream(completion, WordCounterDouble())
     assert completion.prompt_tokens is None
+
+
+@pytest.mark.parametrize(("body", "kwargs"), [
+    ({"documents": [{"text": "d"}]}, {"documents": [{"text": "d"}]}),
+    ({"documents": [{"text": "d"}], "chat_template_kwargs": {"documents": [], "x": 1}},
+     {"documents": [{"text": "d"}], "x": 1}),
+    ({"documents": None, "chat_template_kwargs": {"documents": [{"text": "own"}]}}, {"documents": [{"text": "own"}]}),
+    ({"reasoning_effort": "low"}, {"reasoning_effort": "low", "enable_thinking": True}),
+    ({"reasoning_effort": "none"}, {"reasoning_effort": "none", "enable_thinking": False}),
+    ({"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}},
+     {"reasoning_effort": "high", "enable_thinking": False}),
+    ({"chat_template_kwargs": "not an object", "documents": []}, "not an object"),
+], ids=["documents", "over-the-clients", "none-keeps-the-clients", "effort", "effort-none", "client-thinking",
+        "odd-kwargs"])
+def test_tokenize_gets_what_vllm_hands_the_chat_template(body: dict[str, Any], kwargs: Any) -> None:
+    """As vLLM 0.32's ChatCompletionRequest.build_chat_params merges them (merge_kwargs drops None values)."""
+    assert rendered_template_kwargs(body) == kwargs

@@ -26,6 +26,7 @@ from tensorfleet.gateway.runaway import PUNCTUATION, REPETITION, RunawayDetector
 from tensorfleet.gateway.runaway_hook import (
     CHECK_EVERY,
     SINGLE_CHOICE_SHAPES,
+    EchoedPrompt,
     RunawayGuard,
     RunawayHook,
     body_texts,
@@ -383,6 +384,42 @@ def test_a_whole_body_is_cut_where_the_loop_was_recognised() -> None:
     triton = {"text_output": "ok" + "." * 300}
     assert guard()[0].on_body(triton) is not None
     assert triton["text_output"] == "ok" + "." * 201
+
+
+TABLE = "Fill in, one value per line:\n" + "x = 0\n" * 40
+
+
+@pytest.mark.parametrize("request_body", [
+    {"prompt": TABLE, "echo": True},
+    {"prompt": ["short", TABLE], "n": 2, "echo": True},
+    {"messages": [{"role": "user", "content": "go on"}, {"role": "assistant", "content": TABLE}], "echo": True},
+], ids=["completions", "batch", "chat"])
+def test_an_echoed_prompt_in_a_whole_answer_is_not_judged_and_a_loop_after_it_is_cut(
+        request_body: dict[str, Any]) -> None:
+    chat = "messages" in request_body
+    index = 2 if "n" in request_body else 0  # the first choice of the second prompt
+
+    def answer(generated: str) -> dict[str, Any]:
+        part = {"message": {"role": "assistant", "content": TABLE + generated}} if chat else {"text": TABLE + generated}
+        return {"choices": [{"index": index, **part, "finish_reason": "length"}]}
+
+    watch = RunawayGuard(RunawayConfig(enabled=True), [].append, echo=EchoedPrompt(request_body))
+    clean = answer(" x = 3, y = 4 and the rest as before.")
+    assert watch.on_body(clean) is None
+    looping = answer(" fox" * 200)
+    assert watch.on_body(looping) is not None
+    kept = looping["choices"][0]["message"]["content"] if chat else looping["choices"][0]["text"]
+    assert kept.startswith(TABLE + " fox fox")
+    assert len(kept) < len(TABLE) + 4 * 100
+
+
+def test_an_echoed_prompt_in_a_stream_is_not_judged() -> None:
+    echo = EchoedPrompt({"prompt": [TABLE, [1, 2, 3]], "echo": True})
+    assert echo.generated(0, TABLE + " first") == " first"
+    assert echo.generated(0, TABLE) == TABLE  # after the first text: all generated
+    assert echo.generated(1, "decoded token ids first") == ""  # echoed text the gateway does not know
+    chat = EchoedPrompt({"messages": [{"role": "assistant", "content": TABLE}], "echo": True})
+    assert chat.generated(0, " first") == " first"  # chat streams the echo in events with no tokens
 
 
 def test_the_hook_is_off_by_default_and_counts_stops_per_model() -> None:

@@ -3,8 +3,9 @@
 A chat prompt may use at most ``limit`` tokens: the smaller of ``tokenPolicy.maxInputTokens`` and the
 model's context window less the client's ``max_tokens`` (less one token when the client set none, so at
 least one can be generated). Tokens are counted by the engine's own tokenizer with the model's chat
-template applied (vLLM's ``/tokenize`` with the request's messages), so the count is the one the engine
-will see.
+template applied (vLLM's ``/tokenize`` with the request's messages, tools and what else vLLM hands the
+template: ``documents`` and ``reasoning_effort`` go in ``chat_template_kwargs``), so the count is the one the
+engine will see.
 
 * ``reject`` (the default): a prompt over the limit gets a 400 whose error object carries ``limit`` and
   ``count``.
@@ -39,7 +40,8 @@ TRUNCATED_TURNS_HEADER = "X-TensorFleet-Truncated-Turns"
 TRUNCATED_TOKENS_HEADER = "X-TensorFleet-Truncated-Tokens"
 KEPT_ROLES = frozenset({"system", "developer"})
 # Request fields that change what the chat template renders beyond the messages' own bytes.
-_TEMPLATE_FIELDS = ("tools", "functions", "documents", "chat_template", "chat_template_kwargs", "mm_processor_kwargs")
+_TEMPLATE_FIELDS = ("tools", "functions", "documents", "reasoning_effort", "chat_template", "chat_template_kwargs",
+                    "mm_processor_kwargs")
 _PLAIN_MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls"})
 _TEMPLATE_PROBE = [{"role": "user", "content": ""}]
 

@@ -32,7 +32,13 @@ TRITON_STREAM = "/v2/models/{model}/generate_stream"
 TOKENIZE_CONCURRENCY = 8  # /tokenize calls at once for the prompts of one batch request
 MAX_REMEMBERED_MODELS = 1024  # Triton models known ready (the repository index, then each one confirmed)
 _TOKENIZE_CHAT_KEYS = ("add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs",
-                       "tools", "add_special_tokens")
+                       "tools", "add_special_tokens", "mm_processor_kwargs", "media_io_kwargs")
+# Chat request fields vLLM hands to the chat template beside chat_template_kwargs (ChatCompletionRequest.
+# build_chat_params); its /tokenize takes none of them, so they are counted inside chat_template_kwargs.
+_TEMPLATE_ARGUMENTS = ("documents", "reasoning_effort")
+# Plain-request fields vLLM refuses on a stream, or whose plain answer carries what a folded stream cannot give
+# back (token ids, the prompt's text, kv-transfer parameters): such requests are not streamed instead.
+_NOT_STREAMED_INSTEAD = ("prompt_logprobs", "return_token_ids", "return_prompt_text", "kv_transfer_params")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +58,19 @@ def _int_or_none(body: Mapping[str, Any], key: str, minimum: int = 1, maximum: i
         bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
         raise bad_request(f"'{key}' must be {bound}, got {value}", key, "invalid_value")
     return value
+
+
+def rendered_template_kwargs(body: Mapping[str, Any]) -> Any:
+    """The chat_template_kwargs vLLM's template gets for a chat request (``ChatCompletionRequest.
+    build_chat_params``): the client's own, overridden by ``documents`` and ``reasoning_effort`` where set (not
+    None or "auto"), and ``enable_thinking`` from ``reasoning_effort`` unless the client set it."""
+    own = body.get("chat_template_kwargs") or {}
+    if not isinstance(own, dict):
+        return own  # the engine's tokenizer rejects it, as the engine would the request
+    extra = {k: body[k] for k in _TEMPLATE_ARGUMENTS if body.get(k) not in (None, "auto")}
+    if body.get("reasoning_effort") is not None and "enable_thinking" not in own:
+        extra["enable_thinking"] = body["reasoning_effort"] != "none"
+    return {**own, **extra}
 
 
 class EngineClient:
@@ -167,7 +186,8 @@ class VLLMEngine:
         body = request.body
         n, best_of = body.get("n") or 1, body.get("best_of")
         return not body.get("use_beam_search") and "stream_options" not in body \
-            and not (isinstance(best_of, int) and best_of > n)
+            and not (isinstance(best_of, int) and best_of > n) \
+            and not any(body.get(key) for key in _NOT_STREAMED_INSTEAD)
 
     def prepare_upstream(self, request: ProxyRequest, stream_instead: bool = False) -> None:
         """Ask the engine for per-event usage on streams (the client's own options are kept in the stream);
@@ -196,6 +216,8 @@ class VLLMEngine:
         if endpoint == CHAT:
             request = {"model": self.served_model, "messages": body["messages"]}
             request.update({k: body[k] for k in _TOKENIZE_CHAT_KEYS if k in body})
+            if "documents" in body or "reasoning_effort" in body:
+                request["chat_template_kwargs"] = rendered_template_kwargs(body)
             return [await self._tokenize(client, request)]
         prompt = body["prompt"]
         extra = {k: body[k] for k in ("add_special_tokens",) if k in body}

@@ -95,6 +95,7 @@ class Relay:
         if outcome.usage is not None and outcome.usage.completion_tokens:
             outcome.tokens_at(done, outcome.usage.completion_tokens)
         if upstream.status >= 500:
+            outcome.error = "engine_error"
             return error_response(outcome.status, _engine_message(body, upstream.status), "engine_error",
                                   request_id=proxied.request_id)
         if guard is not None and upstream.status == 200 and isinstance(body, dict) \
@@ -148,13 +149,15 @@ class Relay:
             raise _broke_off(exc) from None
         finally:
             _take_prompt(proxied, stream)
+        if stream.error is not None:  # what the same request sent plain gets: the engine's failure
+            return _engine_failed(proxied, outcome, stream.error)
         if stopped is not None:
             upstream.close()  # abort the engine request now: vLLM cancels it when the connection drops
             proxied.flags[f"{stopped.reason}_stopped"] = True
         outcome.usage = stream.usage if stream.usage is not None and stopped is None \
             else Usage(proxied.prompt_tokens or 0, stream.completion_tokens)
         data = compact(assembler.body(stopped, outcome.usage))
-        if key is not None and stopped is None:
+        if key is not None and _complete(stream, stopped):
             self.s.cache.put(key, 200, "application/json", (data,), outcome.usage.prompt_tokens,
                              outcome.usage.completion_tokens)
             self.s.metrics.cache_entries.set(len(self.s.cache))
@@ -214,7 +217,7 @@ class Relay:
         if stream.usage is None and proxied.prompt_tokens is None:
             proxied.prompt_tokens = await self.triton_prompt(proxied)
         outcome.usage = stream.usage or Usage(proxied.prompt_tokens or 0, outcome.streamed_tokens)
-        if sent is not None and key is not None and stopped is None and stream.done:
+        if sent is not None and key is not None and _complete(stream, stopped):
             self.s.cache.put(key, 200, content_type, tuple(sent), outcome.usage.prompt_tokens,
                              outcome.usage.completion_tokens)
             self.s.metrics.cache_entries.set(len(self.s.cache))
@@ -251,6 +254,25 @@ class Relay:
             if stop is not None:
                 return stop
         return None
+
+
+def _complete(stream: VLLMStream | TritonStream, stopped: Stop | None) -> bool:
+    """Whether the engine's answer ended as it meant to (to [DONE], no error event, no guard's stop): cacheable."""
+    return stopped is None and stream.done and stream.error is None
+
+
+def _engine_failed(proxied: ProxyRequest, outcome: Outcome, event: bytes) -> Response:
+    """The answer to a collected request whose stream ended in the engine's error event, as vLLM answers the
+    same failure in a plain request (its status, our 502 for a 5xx); the partial text is dropped."""
+    try:
+        body = json.loads(event)
+    except ValueError:
+        body = None
+    code = body["error"].get("code") if isinstance(body, dict) and isinstance(body.get("error"), dict) else None
+    engine_status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    outcome.failed(client_status(engine_status), "engine_error")
+    return error_response(outcome.status, _engine_message(body, engine_status), "engine_error",
+                          request_id=proxied.request_id)
 
 
 def _take_prompt(proxied: ProxyRequest, stream: VLLMStream | TritonStream) -> None:

@@ -172,21 +172,72 @@ SINGLE_CHOICE_SHAPES = {"chat": EventShape(b'{"content":"', ord("}")),
                         "triton": EventShape(b'"text_output":"', -1)}
 
 
+class EchoedPrompt:
+    """The prompt text vLLM puts before the generated text of an ``echo`` request, which is not judged.
+
+    Completions: each choice's first streamed text is its prompt followed by the first token (a whole answer's
+    text starts with the prompt). Chat: a whole answer's content starts with the last message's when that is
+    the assistant's; a stream sends that in events of their own, which carry no tokens and are never judged.
+    A prompt of token ids is echoed as text the gateway does not know: the first streamed text is dropped whole.
+    """
+
+    __slots__ = ("_choices", "_prompts", "_seen", "streamed")
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.streamed = "messages" not in body  # completions: the echo comes with the first token
+        n = body.get("n")
+        self._choices = n if isinstance(n, int) and n > 0 else 1
+        self._prompts = _echoed_texts(body)
+        self._seen: set[int] = set()
+
+    def prefix(self, index: int) -> str | None:
+        """The echoed text before choice ``index``'s generated text, when known."""
+        prompts = self._prompts
+        at = index // self._choices if len(prompts) > 1 else 0
+        return prompts[at] if at < len(prompts) else None
+
+    def generated(self, index: int, text: str) -> str:
+        """A streamed text of choice ``index`` less the echoed prompt."""
+        if not self.streamed or index in self._seen:
+            return text
+        self._seen.add(index)
+        prefix = self.prefix(index)
+        return text[len(prefix):] if prefix is not None and text.startswith(prefix) else ""
+
+
+def _echoed_texts(body: dict[str, Any]) -> list[str]:
+    if "messages" in body:
+        messages = body["messages"]
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        if not isinstance(last, dict) or last.get("role") != "assistant":
+            return []
+        content = last.get("content")
+        if isinstance(content, list):  # vLLM joins the text parts with newlines
+            content = "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        return [content] if isinstance(content, str) and content else []
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    return [p for p in prompt if isinstance(p, str)] if isinstance(prompt, list) else []
+
+
 class RunawayGuard:
     """One request's detectors, one per choice; a Stop when any of them trips.
 
     ``single`` (from SINGLE_CHOICE_SHAPES) marks a one-choice request: a batch whose every event has
-    the usual shape is read in one pass. Anything else takes the general path.
+    the usual shape is read in one pass. Anything else takes the general path, as does an ``echo``
+    request (``echo``: its prompt is taken out of the text first).
     """
 
-    __slots__ = ("_events", "_single", "config", "detectors", "on_trip")
+    __slots__ = ("_echo", "_events", "_single", "config", "detectors", "on_trip")
 
     def __init__(self, config: RunawayConfig, on_trip: Callable[[str], None],
-                 single: EventShape | None = None) -> None:
+                 single: EventShape | None = None, echo: EchoedPrompt | None = None) -> None:
         self.config = config
         self.detectors: dict[int, RunawayDetector] = {}
         self.on_trip = on_trip
-        self._single = single
+        self._single = single if echo is None else None
+        self._echo = echo
         self._events: list[bytes] = []
 
     def _detector(self, index: int) -> RunawayDetector:
@@ -212,9 +263,10 @@ class RunawayGuard:
                 tripped = detector.feed(_unescape(raw)) if b"\\" in raw else detector.feed_utf8(raw)
                 return None if tripped is None else self._stop(detector)
         texts: dict[int, list[str]] = {}
+        echo = self._echo
         for payload in events:
             for index, text in stream_texts(payload):
-                texts.setdefault(index, []).append(text)
+                texts.setdefault(index, []).append(text if echo is None else echo.generated(index, text))
         for index, parts in texts.items():
             detector = self._detector(index)
             if detector.feed("".join(parts)) is not None:
@@ -225,16 +277,23 @@ class RunawayGuard:
         """A whole response: on a trip the generated text is cut where the loop was recognised, in place."""
         stop: Stop | None = None
         for index, text in body_texts(body):
+            skip = _echoed_length(self._echo, index, text)
             detector = self._detector(index)
-            keep = detector.feed(text)
+            keep = detector.feed(text[skip:] if skip else text)
             if keep is not None:
-                _cut(body, index, text, keep)
+                _cut(body, index, text, skip + keep)
                 stop = stop or self._stop(detector)
         return stop
 
     def _stop(self, detector: RunawayDetector) -> Stop:
         self.on_trip(detector.signal or REPETITION)
         return Stop("runaway", "length")
+
+
+def _echoed_length(echo: EchoedPrompt | None, index: int, text: str) -> int:
+    """How many characters at the start of a whole answer's ``text`` are the echoed prompt."""
+    prefix = echo.prefix(index) if echo is not None else None
+    return len(prefix) if prefix is not None and text.startswith(prefix) else 0
 
 
 def _unescape(raw: bytes) -> str:
@@ -281,7 +340,8 @@ class RunawayHook:
         def tripped(signal: str) -> None:
             self.metrics.child(self.metrics.runaway_stops, model, signal).inc()
 
-        return RunawayGuard(runaway, tripped, single_choice_shape(request))
+        echo = EchoedPrompt(request.body) if request.body.get("echo") else None
+        return RunawayGuard(runaway, tripped, single_choice_shape(request), echo)
 
 
 def single_choice_shape(request: ProxyRequest) -> EventShape | None:

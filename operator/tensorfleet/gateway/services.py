@@ -62,3 +62,11 @@ class Outcome:
         self.streamed_tokens += tokens
         if self.first_token is None:
             self.first_token = now
+
+    def failed(self, status: int, error: str) -> None:
+        """The engine failed the request and the client gets the error: what it generated is not delivered, so
+        none of it is billed (the prompt is, once the engine had it, as for any failure)."""
+        self.status, self.error = status, error
+        self.chunks.clear()
+        self.streamed_tokens = 0
+        self.first_token = None

@@ -26,6 +26,7 @@ _VLLM_USAGE = re.compile(rb',"usage":\{"prompt_tokens":(\d+),"total_tokens":\d+,
 _EMPTY_CHOICES = b'"choices":[]'
 _FINISHED = b'"finish_reason":"'
 _FINGERPRINT = b'"system_fingerprint":"'
+_ERROR = b'{"error"'  # vLLM's event for a generation that failed mid-stream (then [DONE]): no choices, no usage
 
 
 class Usage:
@@ -59,6 +60,7 @@ class VLLMStream:
         self._held: list[bytes] = []
         self.last_chunk: bytes | None = None
         self.done = False
+        self.error: bytes | None = None  # the engine's error event: the generation failed
 
     def process(self, payload: bytes) -> tuple[list[bytes], int]:
         if payload == sse.DONE:
@@ -85,6 +87,8 @@ class VLLMStream:
                                        sse.int_field(payload, b"prompt_tokens", start, end))
                 if not self.client_continuous:
                     payload = payload[:start] + payload[end:]
+        elif payload.startswith(_ERROR):  # only events without usage: the common path pays nothing
+            self.error = payload
         if finished and not self.client_usage:
             self._held.append(payload)
             return [], tokens
@@ -165,10 +169,13 @@ class TritonStream:
         self.prompt_tokens: int | None = None
         self.last_chunk: bytes | None = None
         self.done = False
+        self.error: bytes | None = None
 
     def process(self, payload: bytes) -> tuple[list[bytes], int]:
         self.last_chunk = payload
-        tokens = 0 if b'"error"' in payload[:12] else 1
+        tokens = 1
+        if b'"error"' in payload[:12]:
+            self.error, tokens = payload, 0
         self.completion_tokens += tokens
         return [sse.event(payload)], tokens
 
