@@ -70,3 +70,21 @@ def engine(spec: dict[str, Any] | None = None, namespace: str = "default", name:
     if name:
         manifest["metadata"]["name"] = name
     return manifest
+
+
+def rolled_out(children: list[dict[str, Any]], ready: int) -> list[dict[str, Any]]:
+    """Deployments as the controller reports them once the current revision rolled out completely, with
+    ``ready`` of their replicas available now (fewer: pods lost since, or a scale-up starting new ones)."""
+    for child in children:
+        if child["kind"] == "Deployment":
+            want = child["spec"]["replicas"]
+            available = ("True", "MinimumReplicasAvailable", "Deployment has minimum availability.") \
+                if ready >= want else ("False", "MinimumReplicasUnavailable",
+                                       "Deployment does not have minimum availability.")
+            child["status"] = {"observedGeneration": 1, "replicas": want, "updatedReplicas": want,
+                               "readyReplicas": ready, "availableReplicas": ready, "conditions": [
+                                   dict(zip(("status", "reason", "message"), available, strict=True),
+                                        type="Available"),
+                                   {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable",
+                                    "message": 'ReplicaSet "llama-5d8f9" has successfully progressed.'}]}
+    return children

@@ -84,7 +84,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     ours = settings_from_memo(memo)
     if problems := ours.validate():  # kopf run, which skips tensorfleet run's check: stop rather than misbehave
         raise kopf.PermanentError("; ".join(problems))
-    settings.persistence.finalizer = FINALIZER
+    settings.persistence.finalizer = FINALIZER  # none is added; kopf removes this one, left by older versions
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
     settings.posting.enabled = False  # we post our own Events, on transitions only
@@ -166,10 +166,14 @@ async def scaledobjects_idx(body: kopf.Body, memo: Any, **_: Any) -> Any:
 
 
 @handlers.declare(kopf.on.event, API_GROUP, API_VERSION, PLURAL)
-async def inferenceservice_event(namespace: str | None, name: str | None, memo: Any, **_: Any) -> None:
+async def inferenceservice_event(type: str | None, namespace: str | None, name: str | None, uid: str | None,
+                                 memo: Any, **_: Any) -> None:
     runtime: Runtime | None = getattr(memo, "runtime", None)
-    if runtime is not None:
-        runtime.triggers.poke(namespace, name)
+    if runtime is None:
+        return
+    if type == "DELETED":  # no finalizer holds it back: its daemons end here (tensorfleet.handlers)
+        runtime.triggers.deleted(uid)
+    runtime.triggers.poke(namespace, name)
 
 
 # ---- the reconcile daemon -------------------------------------------------------------------------
@@ -195,11 +199,12 @@ async def reconcile_daemon(stopped: Any, body: kopf.Body, namespace: str | None,
     engine_indices = {index: kwargs[index] for index in engines.ENGINE_INDICES}
     runtime.metrics.services.inc()
     try:
-        await reconcile_loop(
-            runtime.triggers.event(namespace, name), stopped,
-            lambda: reconcile_once(runtime, body, lambda: _children(indices, (namespace, name)),
-                                   lambda: engines.observed_for_service(engine_indices, namespace)),
-            resync_seconds=runtime.settings.resync_seconds, debounce_seconds=runtime.settings.debounce_seconds)
+        with runtime.triggers.until_deleted(stopped, str(body.metadata.uid)) as stop:
+            await reconcile_loop(
+                runtime.triggers.event(namespace, name), stop,
+                lambda: reconcile_once(runtime, body, lambda: _children(indices, (namespace, name)),
+                                       lambda: engines.observed_for_service(engine_indices, namespace)),
+                resync_seconds=runtime.settings.resync_seconds, debounce_seconds=runtime.settings.debounce_seconds)
     finally:
         runtime.metrics.services.dec()
         runtime.metrics.forget_service(namespace, name)

@@ -66,9 +66,27 @@ def declared() -> tuple[Declaration, ...]:
 
 
 def build(settings: OperatorSettings) -> kopf.OperatorRegistry:
-    """A fresh registry with every declared handler that ``settings`` allow."""
+    """A fresh registry with every declared handler that ``settings`` allow, its daemons without finalizers."""
     registry = kopf.OperatorRegistry()
     for declaration in _DECLARED:
         if declaration.wanted(settings):
             declaration.decorator(*declaration.args, registry=registry, **declaration.kwargs)(declaration.fn)
+    _without_finalizers(registry)
     return registry
+
+
+def _without_finalizers(registry: kopf.OperatorRegistry) -> None:
+    """Daemons that put no finalizer on the objects they serve.
+
+    ``kopf.daemon`` always marks its handler ``requires_finalizer`` (kopf has no option for it; nolar/kopf#896,
+    which proposed one, was closed), so that no object vanishes before kopf has stopped its daemons. But only a
+    running operator removes that finalizer: with the operator uninstalled, scaled to 0 or crash-looping, deleting
+    an InferenceService or Engine, its namespace or the CRD would hang, and the children would never be collected.
+    tensorfleet has nothing to do on deletion (owner references collect the children), so its daemons end on
+    their object's DELETED event instead (``triggers.Triggers.deleted``), and on kopf's own stop as before:
+    pause by a peer, shutdown, a deletion that other finalizers hold back. This flag is the only thing kopf
+    reads to decide on the finalizer (``SpawningRegistry.requires_finalizer``); tests/integration/test_operator.py
+    fails if a kopf upgrade moves it.
+    """
+    spawning = registry._spawning._handlers
+    spawning[:] = [dataclasses.replace(handler, requires_finalizer=False) for handler in spawning]

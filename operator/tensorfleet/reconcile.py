@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from tensorfleet import diff
 from tensorfleet.api.resources import request_limit_errors
@@ -23,7 +23,7 @@ from tensorfleet.render import labels
 from tensorfleet.render.context import RenderContext
 from tensorfleet.render.gateway import render_config_map, render_revision_config_map
 from tensorfleet.render.workload import render_deployment, render_pdb, render_service, service_url
-from tensorfleet.status import Condition, Event, merge_conditions, transitions
+from tensorfleet.status import Condition, Event, condition, merge_conditions, transitions
 
 MAX_LISTED_ERRORS = 10
 # status keys reconcile writes (status.autoscaling has its own merge patch: tensorfleet's autoscaler owns it
@@ -143,7 +143,8 @@ def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observe
                                     bool(replicated) and _rolled_out(replicated, deployments))
     swaps = [*(triton.swaps if triton else ()), *switch]
     kept = [swap.deployment for swap in swaps]
-    conditions = _serving_conditions([*rendered, *kept], deployments, observed, kept if switch else ())
+    conditions = _serving_conditions([*rendered, *kept], deployments, observed, kept if switch else (),
+                                     _serving_floor(body))
     if not rendered and not kept:
         conditions = _waiting_conditions(isvc, observed, triton, conditions)
     status = _status(body, deployments, conditions, isvc, ctx)
@@ -168,7 +169,7 @@ def _rolled_out(rendered: Sequence[Mapping[str, Any]], observed: Sequence[Mappin
     replicas, it says the new runtime serves all the replicas asked for, so what it replaces may go (one
     product's Deployment carries only its share)."""
     by_name = {d["metadata"]["name"]: d for d in observed}
-    return all(_rollout(want, by_name.get(want["metadata"]["name"]))[0] for want in rendered)
+    return all(_rollout(want, by_name.get(want["metadata"]["name"])).state == "complete" for want in rendered)
 
 
 def _waiting_conditions(isvc: InferenceService, observed: Observed, triton: serving.TritonPlan | None,
@@ -276,27 +277,47 @@ def _no_products_conditions(isvc: InferenceService, present: tuple[str, ...] | N
 
 
 def _serving_conditions(rendered: Sequence[Mapping[str, Any]], deployments: Sequence[Mapping[str, Any]],
-                        observed: Observed, serving_now: Sequence[Mapping[str, Any]] = ()) -> list[Condition]:
+                        observed: Observed, serving_now: Sequence[Mapping[str, Any]] = (),
+                        floor: int | None = None) -> list[Condition]:
     """Ready, Progressing and Degraded from the rollouts of ``rendered``; Ready from ``serving_now`` instead
-    where given (the Deployments kept serving during a runtime switch, until the new runtime's can)."""
+    where given (the Deployments kept serving during a runtime switch, until the new runtime's can).
+
+    Like a Deployment's own conditions: Progressing is a rollout of a new spec (or a scale-up, while the
+    service stays Ready), not replicas lost after a rollout completed; those are Degraded."""
     by_name = {d["metadata"]["name"]: d for d in deployments}
     counted = serving_now or rendered
-    desired_total = sum(_spec_replicas(d) for d in counted)
-    rollout = [_rollout(want, by_name.get(want["metadata"]["name"])) for want in rendered]
-    pending = [msg for done, _, msg in rollout if not done]
-    failures = [msg for _, failed, msg in rollout if failed]
+    rollouts = [_rollout(want, by_name.get(want["metadata"]["name"])) for want in rendered]
     live = [by_name[w["metadata"]["name"]] for w in counted if w["metadata"]["name"] in by_name]
-    progressing = (Condition("Progressing", "True", "RollingOut", "; ".join(pending)) if pending
-                   else Condition("Progressing", "False", "RolloutComplete", "all replicas are updated and ready"))
+    ready = _ready_condition(live, sum(_spec_replicas(d) for d in counted), None, floor)
+    pending, failures, short = ([r.message for r in rollouts if r.state == state]
+                                for state in ("rolling", "failed", "short"))
+    if pending:
+        progressing = Condition("Progressing", "True", "RollingOut", "; ".join(pending))
+    elif short and ready.status == "True":  # a scale-up: the replicas that served still serve
+        progressing = Condition("Progressing", "True", "Scaling", ready.message)
+    else:
+        done = "every replica runs the current spec" if short else "all replicas are updated and ready"
+        progressing = Condition("Progressing", "False", "RolloutComplete", done)
     if observed.conflicts:
         degraded = _name_conflict(observed.conflicts, observed.apply_error)
     elif observed.apply_error:
         degraded = Condition("Degraded", "True", "ApplyFailed", observed.apply_error)
     elif failures:
         degraded = Condition("Degraded", "True", "RolloutFailed", "; ".join(failures))
+    elif short and ready.status != "True":
+        degraded = Condition("Degraded", "True", "ReplicasUnavailable", "; ".join(short))
     else:
         degraded = Condition("Degraded", "False", "AsExpected", "no problems found")
-    return [_ready_condition(live, desired_total, None), progressing, degraded]
+    return [ready, progressing, degraded]
+
+
+def _serving_floor(body: Mapping[str, Any]) -> int | None:
+    """The replicas the service was Ready with, as its status recorded them; None when it was not Ready.
+    A scale-up keeps it Ready while those still are (its new replicas start); losing one of them does not."""
+    status = body.get("status") or {}
+    if (condition(status, "Ready") or {}).get("status") != "True":
+        return None
+    return int(status.get("readyReplicas") or 0)
 
 
 def _name_conflict(conflicts: Sequence[str], apply_error: str | None) -> Condition:
@@ -306,11 +327,13 @@ def _name_conflict(conflicts: Sequence[str], apply_error: str | None) -> Conditi
     return Condition("Degraded", "True", "NameConflict", f"{message}; {apply_error}" if apply_error else message)
 
 
-def _ready_condition(deployments: Iterable[Mapping[str, Any]], desired: int, reason_if_not: str | None) -> Condition:
+def _ready_condition(deployments: Iterable[Mapping[str, Any]], desired: int, reason_if_not: str | None,
+                     floor: int | None = None) -> Condition:
+    """Ready when every replica asked for is, or (``floor``, after a scale-up) as many as were when it was."""
     ready = sum(int((d.get("status") or {}).get("readyReplicas") or 0) for d in deployments)
     if desired == 0:
         return Condition("Ready", "False", reason_if_not or "ScaledToZero", "no replicas are requested")
-    if ready >= desired:
+    if ready >= min(desired, max(1, floor or desired)):
         return Condition("Ready", "True", "Available", f"{ready}/{desired} replicas ready")
     return Condition("Ready", "False", reason_if_not or "ReplicasNotReady", f"{ready}/{desired} replicas ready")
 
@@ -319,25 +342,41 @@ def _spec_replicas(deployment: Mapping[str, Any]) -> int:
     return int((deployment.get("spec") or {}).get("replicas") or 0)
 
 
-def _rollout(want: Mapping[str, Any], have: Mapping[str, Any] | None) -> tuple[bool, bool, str]:
-    """(complete, failed, message) for one Deployment, from its status as the controller reports it."""
+class Rollout(NamedTuple):
+    """One Deployment's rollout. ``state``: complete; rolling (a new spec or revision, or the first start);
+    failed (its progress deadline passed, or a replica could not be created); short: its current revision
+    rolled out completely and nothing rolls, but fewer replicas are available than it asks for (pods lost
+    since, or a scale-up starting new ones)."""
+
+    state: str
+    message: str
+
+
+def _rollout(want: Mapping[str, Any], have: Mapping[str, Any] | None) -> Rollout:
+    """The rollout of one Deployment, from its status as the controller reports it."""
     name = want["metadata"]["name"]
     if have is None:
-        return False, False, f"Deployment {name} is being created"
+        return Rollout("rolling", f"Deployment {name} is being created")
     status = have.get("status") or {}
     replicas = _spec_replicas(want)
-    for cond in status.get("conditions") or ():
-        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
-            return False, True, f"Deployment {name}: {cond.get('message') or 'progress deadline exceeded'}"
-        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
-            return False, True, f"Deployment {name}: {cond.get('message') or cond.get('reason')}"
+    conditions = {c.get("type"): c for c in status.get("conditions") or ()}
+    progress, failure = conditions.get("Progressing") or {}, conditions.get("ReplicaFailure") or {}
+    if progress.get("reason") == "ProgressDeadlineExceeded":
+        return Rollout("failed", f"Deployment {name}: {progress.get('message') or 'progress deadline exceeded'}")
+    if failure.get("status") == "True":
+        return Rollout("failed", f"Deployment {name}: {failure.get('message') or failure.get('reason')}")
     generation = int(have.get("metadata", {}).get("generation") or 0)
     seen = int(status.get("observedGeneration") or 0)
     updated = int(status.get("updatedReplicas") or 0)
     available = int(status.get("availableReplicas") or 0)
-    total = int(status.get("replicas") or 0)
     if seen < generation:
-        return False, False, f"Deployment {name}: waiting for the controller to observe generation {generation}"
-    if updated < replicas or total > replicas or available < replicas:
-        return False, False, f"Deployment {name}: {updated}/{replicas} updated, {available}/{replicas} available"
-    return True, False, f"Deployment {name} complete"
+        return Rollout("rolling", f"Deployment {name}: waiting for the controller to observe generation {generation}")
+    counts = f"{updated}/{replicas} updated, {available}/{replicas} available"
+    if updated < replicas or int(status.get("replicas") or 0) > replicas:
+        return Rollout("rolling", f"Deployment {name}: {counts}")
+    if available >= replicas:
+        return Rollout("complete", f"Deployment {name} complete")
+    if progress.get("reason") != "NewReplicaSetAvailable":  # this revision never was available in full yet
+        return Rollout("rolling", f"Deployment {name}: {counts}")
+    why = (conditions.get("Available") or {}).get("message") or "replicas unavailable"
+    return Rollout("short", f"Deployment {name}: {available}/{replicas} available: {why}")

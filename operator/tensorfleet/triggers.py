@@ -3,12 +3,16 @@
 Both the InferenceService and the Engine controllers run a kopf daemon per object: it reconciles at
 start, whenever an index sees a change that concerns the object (a poke), and every resync period;
 a failure backs off exponentially. Pokes arriving while a reconcile runs are kept and coalesced.
+
+The daemons run without kopf's finalizer (``tensorfleet.handlers``), so an object may vanish without
+kopf stopping its daemons: its DELETED event ends them instead (``Triggers.deleted``, ``Stop``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 MAX_BACKOFF_SECONDS = 60.0
@@ -19,6 +23,7 @@ class Triggers:
 
     def __init__(self) -> None:
         self._events: dict[tuple[str, str], asyncio.Event] = {}
+        self._deletions: dict[str, tuple[asyncio.Event, int]] = {}  # by uid: the event and its daemons
 
     def event(self, namespace: str, name: str) -> asyncio.Event:
         return self._events.setdefault((namespace, name), asyncio.Event())
@@ -35,6 +40,45 @@ class Triggers:
 
     def forget(self, namespace: str, name: str) -> None:
         self._events.pop((namespace, name), None)
+
+    def deleted(self, uid: str | None) -> None:
+        """The object with ``uid`` is gone: end its daemons (a DELETED event; a new object has a new uid)."""
+        if uid in self._deletions:
+            self._deletions[uid][0].set()
+
+    @contextlib.contextmanager
+    def until_deleted(self, stopped: Any, uid: str) -> Iterator[Stop]:
+        """For one daemon of the object ``uid``: kopf's ``stopped``, or that object's deletion."""
+        deletion, daemons = self._deletions.get(uid, (asyncio.Event(), 0))
+        self._deletions[uid] = (deletion, daemons + 1)
+        try:
+            yield Stop(stopped, deletion)
+        finally:
+            deletion, daemons = self._deletions.pop(uid)
+            if daemons > 1:
+                self._deletions[uid] = (deletion, daemons - 1)
+
+
+class Stop:
+    """Whether a daemon must end, as kopf's ``stopped`` flag reads: kopf stopped it (pause, shutdown, a
+    deletion in progress) or its object was deleted."""
+
+    def __init__(self, stopped: Any, deletion: asyncio.Event) -> None:
+        self._stopped = stopped
+        self._deletion = deletion
+
+    def __bool__(self) -> bool:
+        return bool(self._stopped) or self._deletion.is_set()
+
+    async def wait(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109  (kopf's stopped.wait)
+        """Until stopped or ``timeout`` seconds have passed; whether it is stopped."""
+        waits = {asyncio.ensure_future(self._stopped.wait()), asyncio.ensure_future(self._deletion.wait())}
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        return bool(self)
 
 
 async def reconcile_loop(trigger: asyncio.Event, stopped: Any, reconcile: Callable[[], Awaitable[bool]], *,

@@ -108,6 +108,7 @@ def test_a_gitops_engine_that_fails_reports_why_and_deleting_it_cancels_its_job(
         spec_edit = cluster.patch("tensorfleet.io/v1alpha1", "Engine", name, {"spec": {"precision": "bf16"}})
         assert spec_edit.status_code == 422
         assert "spec is immutable" in spec_edit.json()["message"]
+        assert not cluster.engine(name)["metadata"].get("finalizers")  # deletable without an operator too
         cluster.delete("tensorfleet.io/v1alpha1", "Engine", name)
         wait_for(lambda: cluster.engine(name) is None, what="the Engine gone")
         wait_for(lambda: cluster.jobs(name) == [], what="its Job cancelled")

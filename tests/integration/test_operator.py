@@ -139,9 +139,32 @@ def test_delete_cascades_to_children(emulator: EmulatorThread, cluster: Cluster,
         converge(cluster, "llama")
         assert all(c["metadata"]["ownerReferences"][0]["uid"] == cluster.isvc("llama")["metadata"]["uid"]
                    for c in cluster.children("llama"))
+        assert not cluster.isvc("llama")["metadata"].get("finalizers")
         cluster.delete(ISVC, "InferenceService", "llama")
-        wait_for(lambda: cluster.isvc("llama") is None, what="the finalizer released")
+        wait_for(lambda: cluster.isvc("llama") is None, what="the service deleted")
         wait_for(lambda: cluster.children("llama") == [], what="children garbage-collected")
+        # its daemons ended with it: a resync of a daemon left behind would write the children again
+        assert writes_during(cluster, 3 * RESYNC) == []
+
+
+def test_delete_completes_once_the_operator_is_gone(emulator: EmulatorThread, cluster: Cluster,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    with operator(emulator, monkeypatch):
+        cluster.create(inference_service("llama"))
+        converge(cluster, "llama")
+    cluster.delete(ISVC, "InferenceService", "llama")  # after helm uninstall, or with the operator crash-looping
+    wait_for(lambda: cluster.isvc("llama") is None, what="the service deleted without an operator")
+    wait_for(lambda: cluster.children("llama") == [], what="children garbage-collected")
+
+
+def test_the_finalizer_of_older_versions_is_removed(emulator: EmulatorThread, cluster: Cluster,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    legacy = inference_service("llama")
+    legacy["metadata"]["finalizers"] = ["tensorfleet.io/finalizer"]
+    assert cluster.create(legacy).status_code == 201
+    with operator(emulator, monkeypatch):
+        converge(cluster, "llama")
+        wait_for(lambda: not cluster.isvc("llama")["metadata"].get("finalizers"), what="the finalizer removed")
 
 
 def test_an_existing_object_with_a_childs_name_is_left_alone(emulator: EmulatorThread, cluster: Cluster,

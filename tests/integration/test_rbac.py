@@ -20,7 +20,7 @@ import kmock
 import pytest
 from kopf.testing import KopfRunner
 
-from builders import deep_merge, inference_service, triton_service
+from builders import deep_merge, engine, engine_spec, inference_service, triton_service
 from chart import NAMESPACE, of_kind, one, render
 from cluster import ISVC, Cluster, registry_from_env, wait_for
 from gateway_metrics import LoopbackGatewayMetrics, ready_status, serving_pod
@@ -111,17 +111,29 @@ def hand_over_to_hpa_and_keda(cluster: Cluster) -> None:
     wait_for(lambda: cluster.get(KEDA, "ScaledObject", "by-keda") is None, what="ScaledObject pruned")
 
 
+def remove_the_finalizers_of_an_older_release(cluster: Cluster) -> None:
+    """Objects an older release put kopf's finalizer on: kopf patches it away, as no handler needs one now."""
+    legacy = [inference_service("old"), engine(engine_spec(), name="old")]
+    for obj in legacy:
+        obj["metadata"]["finalizers"] = ["tensorfleet.io/finalizer"]
+        assert cluster.create(obj).status_code == 201
+    wait_for(lambda: not any(cluster.get(o["apiVersion"], o["kind"], "old")["metadata"].get("finalizers")
+                             for o in legacy), what="the finalizers removed")
+    cluster.delete(ISVC, "Engine", "old")
+    wait_for(lambda: cluster.engine("old") is None, what="the Engine deleted")
+
+
 def delete_the_services(cluster: Cluster) -> None:
-    """Deletion: the daemons stop and kopf removes its finalizers (Engines go with their owner)."""
+    """Deletion: the daemons stop (Engines go with their owner)."""
     for service in cluster.list(ISVC, "InferenceService"):
         cluster.delete(ISVC, "InferenceService", service["metadata"]["name"])
-    wait_for(lambda: cluster.list(ISVC, "InferenceService") == [], what="finalizers released")
+    wait_for(lambda: cluster.list(ISVC, "InferenceService") == [], what="services deleted")
     wait_for(lambda: cluster.engines() == [], what="Engines released")
 
 
 SCENARIO: list[Callable[[Cluster], None]] = [discover_gpus, serve_a_model, roll_out_a_new_model,
                                              build_engines_then_drop_a_gpu_product, autoscale_on_queue_depth,
-                                             delete_the_services]
+                                             remove_the_finalizers_of_an_older_release, delete_the_services]
 # The chart's optional modes: the operator runs with their settings on, and this step exercises them.
 WITH_HPA_AND_KEDA: dict[str, Any] = {"autoscaling": {"hpa": True, "keda": True}}
 SCENARIO_WITH_HPA_AND_KEDA = [*SCENARIO[:-1], hand_over_to_hpa_and_keda, SCENARIO[-1]]

@@ -16,7 +16,7 @@ import lupa.lua51
 import pytest
 import yaml
 
-from builders import engine, engine_spec, inference_service, stored
+from builders import engine, engine_spec, inference_service, rolled_out, stored
 from tensorfleet.engines.reconcile import EngineContext, EngineObserved, reconcile_engine
 from tensorfleet.reconcile import Observed, reconcile
 from tensorfleet.render.context import RenderContext
@@ -84,6 +84,27 @@ def test_invalid_spec_is_degraded_naming_the_field() -> None:
 
 def test_scaled_to_zero_is_suspended() -> None:
     assert health(reconciled(ready=0, replicas=0))["status"] == "Suspended"
+
+
+def after_rollout(ready: int, replicas: int) -> dict[str, Any]:
+    """A service that was Ready with 2 replicas, now asking for ``replicas``, of which ``ready`` are."""
+    body = reconciled(ready=2)
+    body["spec"]["replicas"] = replicas
+    children = rolled_out(list(_children(body, 0, reconcile(body, Observed(), CTX, T0).desired)), ready)
+    body["status"] = reconcile(body, Observed(tuple(children)), CTX, T0).status
+    return body
+
+
+def test_replicas_lost_after_a_rollout_are_degraded() -> None:
+    assert health(after_rollout(ready=0, replicas=2)) == {
+        "status": "Degraded",
+        "message": "ReplicasUnavailable: Deployment llama: 0/2 available: Deployment does not have minimum "
+                   "availability."}
+
+
+def test_a_scale_up_is_progressing_like_a_deployments() -> None:
+    assert health(after_rollout(ready=2, replicas=3)) == {"status": "Progressing",
+                                                          "message": "Scaling: 2/3 replicas ready"}
 
 
 def test_spec_change_not_yet_observed_is_progressing_even_if_ready() -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from builders import inference_service, stored
+from builders import inference_service, rolled_out, stored
 from tensorfleet import diff
 from tensorfleet import reconcile as reconcile_module
 from tensorfleet.reconcile import Observed, child_key, reconcile
@@ -166,6 +166,45 @@ def test_rollout_failure_is_degraded() -> None:
     plan = reconcile(body, Observed(tuple(children)), CTX, T0)
     degraded = condition(plan.status, "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "RolloutFailed")
+
+
+def ready_service(replicas: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A service whose ``replicas`` are all ready, with the status the operator wrote; and its children."""
+    body = stored(inference_service(replicas=replicas))
+    children = rolled_out(as_created(reconcile(body, Observed(), CTX, T0).desired), ready=replicas)
+    body["status"] = reconcile(body, Observed(tuple(children)), CTX, T0).status
+    return body, children
+
+
+def conditions_of(plan: reconcile_module.Plan) -> dict[str, tuple[str, str, str]]:
+    return {c["type"]: (c["status"], c["reason"], c["message"]) for c in plan.status["conditions"]}
+
+
+def test_replicas_lost_after_a_complete_rollout_are_degraded_not_progressing() -> None:
+    body, children = ready_service(2)
+    plan = reconcile(body, Observed(tuple(rolled_out(children, ready=0))), CTX, T1)
+    conditions = conditions_of(plan)
+    assert conditions["Ready"] == ("False", "ReplicasNotReady", "0/2 replicas ready")
+    assert conditions["Progressing"][:2] == ("False", "RolloutComplete")
+    assert conditions["Degraded"] == ("True", "ReplicasUnavailable", "Deployment llama: 0/2 available: "
+                                      "Deployment does not have minimum availability.")
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "NotReady"), ("Warning", "ReplicasUnavailable")]
+
+
+def test_a_scale_up_keeps_the_service_ready_and_shows_in_progressing() -> None:
+    body, _ = ready_service(2)
+    body["spec"]["replicas"] = 3  # through /scale, as an autoscaler does
+    scaled = rolled_out(as_created(reconcile(body, Observed(), CTX, T0).desired), ready=2)
+    plan = reconcile(body, Observed(tuple(scaled)), CTX, T1)
+    conditions = conditions_of(plan)
+    assert conditions["Ready"] == ("True", "Available", "2/3 replicas ready")
+    assert conditions["Progressing"] == ("True", "Scaling", "2/3 replicas ready")
+    assert conditions["Degraded"][0] == "False"
+    assert plan.events == ()
+    body["status"] = plan.status
+    lost = reconcile(body, Observed(tuple(rolled_out(scaled, ready=1))), CTX, T1)  # one that served is lost
+    assert conditions_of(lost)["Ready"] == ("False", "ReplicasNotReady", "1/3 replicas ready")
+    assert conditions_of(lost)["Degraded"][:2] == ("True", "ReplicasUnavailable")
 
 
 def test_transition_time_moves_only_when_status_flips() -> None:

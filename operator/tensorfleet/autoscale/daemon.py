@@ -90,16 +90,17 @@ async def autoscaler_daemon(stopped: Any, body: kopf.Body, namespace: str | None
     autoscaler = ServiceAutoscaler(runtime.client, memo.autoscale_scraper, namespace, name)
     interval = runtime.settings.autoscale_interval_seconds
     logger.info("autoscaling %s/%s every %.1f s", namespace, name, interval)
-    while not stopped:
-        await stopped.wait(interval)
-        if stopped:
-            break
-        try:
-            await autoscaler.tick(body, list(pods.get((namespace, name), ())), lambda: bool(stopped))
-        except kube.APIError as exc:
-            logger.warning("autoscaling %s/%s: %s", namespace, name, exc)
-        except Exception:  # one service's trouble must not end its autoscaling for good
-            logger.exception("autoscaling %s/%s crashed; retrying", namespace, name)
+    with runtime.triggers.until_deleted(stopped, str(body.metadata.uid)) as stop:
+        while not stop:
+            await stop.wait(interval)
+            if stop:
+                break
+            try:
+                await autoscaler.tick(body, list(pods.get((namespace, name), ())), lambda: bool(stop))
+            except kube.APIError as exc:
+                logger.warning("autoscaling %s/%s: %s", namespace, name, exc)
+            except Exception:  # one service's trouble must not end its autoscaling for good
+                logger.exception("autoscaling %s/%s crashed; retrying", namespace, name)
 
 
 @handlers.declare(kopf.on.cleanup)

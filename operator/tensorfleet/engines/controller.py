@@ -88,6 +88,14 @@ async def engines_idx(body: kopf.Body, namespace: str | None, name: str | None, 
     return {namespace: copy.deepcopy(dict(body))} if namespace else None
 
 
+@handlers.declare(kopf.on.event, API_GROUP, API_VERSION, "engines")
+async def engine_event(type: str | None, uid: str | None, memo: Any, **_: Any) -> None:
+    """No finalizer holds a deleted Engine back: its daemon ends here (``tensorfleet.handlers``)."""
+    engines = _engines(memo)
+    if engines is not None and type == "DELETED":
+        engines.triggers.deleted(uid)
+
+
 def _index_by_engine(body: kopf.Body, namespace: str | None, memo: Any) -> Any:
     """Objects labelled with an Engine's name, by (namespace, engine); each change pokes that Engine."""
     engine = (body.metadata.labels or {}).get(ENGINE_LABEL)
@@ -176,10 +184,11 @@ async def engine_daemon(stopped: Any, body: kopf.Body, namespace: str | None, na
     namespace = namespace or ""
     runtime.metrics.watch_engine(namespace, str(((body.get("spec") or {}).get("gpu") or {}).get("product") or ""))
     try:
-        await reconcile_loop(
-            engines.triggers.event(namespace, name), stopped,
-            lambda: reconcile_engine_once(runtime, engines, body, lambda: _observe(kwargs, namespace, name)),
-            resync_seconds=runtime.settings.resync_seconds, debounce_seconds=runtime.settings.debounce_seconds)
+        with engines.triggers.until_deleted(stopped, str(body.metadata.uid)) as stop:
+            await reconcile_loop(
+                engines.triggers.event(namespace, name), stop,
+                lambda: reconcile_engine_once(runtime, engines, body, lambda: _observe(kwargs, namespace, name)),
+                resync_seconds=runtime.settings.resync_seconds, debounce_seconds=runtime.settings.debounce_seconds)
     finally:
         engines.triggers.forget(namespace, name)
 
