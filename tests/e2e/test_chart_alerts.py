@@ -69,3 +69,37 @@ def test_events_not_billed_alert_with_only_some_counters_exported(rules: list[di
 
 
 # ---- TensorfleetSlowColdStart -------------------------------------------------------------------------
+
+SLOW = {"namespace": "team-a", "inferenceservice": "llama", "pod": "llama-0"}
+PROCESS_START, READY = "process_start_time_seconds", "tensorfleet_gateway_ready"
+STARTUP, START_BEGAN = "tensorfleet_gateway_startup_seconds", "tensorfleet_gateway_engine_start_timestamp_seconds"
+
+
+def a_pod(ready: str, startup: str, start_began: str) -> list[dict[str, str]]:
+    """A gateway whose container started at minute 1 (60 s): what it exports, minute by minute."""
+    return [series(PROCESS_START, "_ 60x90"), series(READY, ready), series(STARTUP, startup),
+            series(START_BEGAN, start_began)]
+
+
+def test_a_quick_engine_restart_of_a_long_running_pod_is_not_a_slow_cold_start(
+        rules: list[dict[str, Any]]) -> None:
+    # Warm after 5 minutes; at minute 60 the engine container restarts, warm again at minute 64 (240 s). Before,
+    # the alert measured the gateway process's age, an hour, and fired at 62 minutes.
+    pod = a_pod(ready="_ 0x4 1x53 0x3 1x30", startup="_ 0x4 300x57 240x30", start_began="_ 60x4 0x53 3600x3 0x30")
+    assert_alerts(rules, "TensorfleetSlowColdStart", pod, {"12m": [], "63m": [], "66m": [], "80m": []})
+
+
+def test_a_cold_start_slower_than_the_threshold_alerts_while_it_lasts(rules: list[dict[str, Any]]) -> None:
+    never_ready = a_pod(ready="_ 0x30", startup="_ 0x30", start_began="_ 60x30")  # started at 60 s
+    assert_alerts(rules, "TensorfleetSlowColdStart", never_ready, {"10m": [], "15m": firing(SLOW)})
+
+
+def test_an_engine_restart_slower_than_the_threshold_alerts(rules: list[dict[str, Any]]) -> None:
+    # The engine is lost at minute 60 and not warm again by minute 75: past 600 s from minute 70, firing at 72.
+    pod = a_pod(ready="_ 0x4 1x53 0x30", startup="_ 0x4 300x80", start_began="_ 60x4 0x53 3600x30")
+    assert_alerts(rules, "TensorfleetSlowColdStart", pod, {"68m": [], "75m": firing(SLOW)})
+
+
+def test_a_finished_cold_start_slower_than_the_threshold_alerts(rules: list[dict[str, Any]]) -> None:
+    pod = a_pod(ready="_ 0x14 1x30", startup="_ 0x14 900x30", start_began="_ 60x14 0x30")  # ready after 15 min
+    assert_alerts(rules, "TensorfleetSlowColdStart", pod, {"20m": firing(SLOW)})
