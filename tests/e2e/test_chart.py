@@ -250,6 +250,20 @@ def test_operator_environment_is_exactly_operator_settings(
     engine_context(settings)  # and parses the default engine store
 
 
+def test_changing_the_resource_unit_table_rolls_the_operator() -> None:
+    """The operator reads the table once, at start: only a new pod template (a rollout) makes it read a new one."""
+    def template(units: dict[str, Any]) -> dict[str, Any]:
+        values = {"metering": {"resourceUnits": units}, "operator": {"podAnnotations": {"team": "ml"}}}
+        return dict(one(render(values), "Deployment", "-operator")["spec"]["template"])
+
+    tables = [{"NVIDIA-H100-80GB-HBM3": {"fp16": 2.0}}, {"NVIDIA-H100-80GB-HBM3": {"fp16": 3.5}}, {}]
+    templates = [template(units) for units in tables]
+    checksums = {t["metadata"]["annotations"]["checksum/resource-units"] for t in templates}
+    assert len(checksums) == 3  # a changed table, and a table removed
+    assert all(t["metadata"]["annotations"]["team"] == "ml" for t in templates)
+    assert template(tables[0]) == templates[0]  # the same values: no rollout
+
+
 def _settings(docs: list[dict[str, Any]]) -> OperatorSettings:
     return config.from_env(OperatorSettings, _env(_container(docs)))
 
