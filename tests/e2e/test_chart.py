@@ -40,7 +40,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "runtimes": {"modelFetchTimeoutSeconds": 1200},
         "metering": {"sinkUrl": "https://billing.example.com/events", "secretName": "billing-keys",
                      "resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"fp16": 2.0, "fp8": 3.6},
-                                       "NVIDIA-A100-SXM4-80GB": {"fp16": 1.0}}},
+                                       "NVIDIA-A100-SXM4-80GB": {"fp16": 1.0},
+                                       "tiers": {"economy": {"pricePerResourceUnit": "0.0000012",
+                                                             "pricePerMillionInputTokens": 0.5}}}},
         "autoscaling": {"hpa": True, "keda": True, "intervalSeconds": 5, "scrapeTimeoutSeconds": 0.5,
                         "prometheusUrl": "http://prometheus.monitoring:9090"},
         "metrics": MONITORING,
@@ -79,6 +81,18 @@ def test_helm_lint_is_clean(value_set: str) -> None:
     ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": -1}}}, "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3"),
     ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"fp16": 0}}}},
      "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3/fp16"),
+    # --set gives text: "2.9" is refused here rather than by the operator at start (it would crash-loop).
+    ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"fp16": "2.9"}}}},
+     "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3/fp16"),
+    ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"FP16": 3}}}},
+     "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3"),
+    ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"fp16": {"x": 1}}}}},
+     "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3/fp16"),
+    ({"metering": {"resourceUnits": {"tiers": {"economy": {"pricePerRU": "1"}}}}},
+     "/metering/resourceUnits/tiers/economy"),
+    ({"metering": {"resourceUnits": {"tiers": {"economy": {"pricePerResourceUnit": "-1"}}}}},
+     "/metering/resourceUnits/tiers/economy/pricePerResourceUnit"),
+    ({"metering": {"resourceUnits": {"tiers": {"gold": {}}}}}, "/metering/resourceUnits/tiers"),
     ({"metrics": {"podMonitor": {"interval": "fast"}}}, "/metrics/podMonitor/interval"),
 ])
 def test_invalid_values_are_rejected_naming_the_field(values: dict[str, Any], complaint: str) -> None:
@@ -86,6 +100,14 @@ def test_invalid_values_are_rejected_naming_the_field(values: dict[str, Any], co
         result = helm(command, values, check=False)
         assert result.returncode != 0, f"helm {command} accepted {values}"
         assert complaint in result.stdout + result.stderr
+
+
+def test_one_port_for_metrics_and_liveness_is_refused() -> None:
+    """Each port is in the schema's range, but the operator refuses to start on one port for both (a crash loop).
+    The schema cannot compare two values: the template refuses them (helm lint only logs a template's fail)."""
+    result = helm("template", {"operator": {"livenessPort": 9090}}, check=False)
+    assert result.returncode != 0
+    assert "operator.livenessPort: Invalid value: 9090: must differ from operator.metricsPort (9090)" in result.stderr
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -306,8 +328,8 @@ def test_metering_values_reach_the_operator(rendered: dict[str, list[dict[str, A
     path = env["TENSORFLEET_METERING_RU_TABLE_FILE"]
     table = next(o for o in rendered["everything"]
                  if o["kind"] == "ConfigMap" and "resource-units" in o["metadata"]["name"])
-    assert yaml.safe_load(table["data"][path.rsplit("/", 1)[1]]) == {
-        "NVIDIA-H100-80GB-HBM3": {"fp16": 2.0, "fp8": 3.6}, "NVIDIA-A100-SXM4-80GB": {"fp16": 1.0}}
+    units = VALUE_SETS["everything"]["metering"]["resourceUnits"]  # factors and tiers, as given
+    assert yaml.safe_load(table["data"][path.rsplit("/", 1)[1]]) == units
     assert any(m["mountPath"] == path.rsplit("/", 1)[0] for m in container["volumeMounts"])
     defaults = _env(_container(rendered["defaults"]))
     assert "TENSORFLEET_METERING_RU_TABLE_FILE" not in defaults
