@@ -110,6 +110,16 @@ def test_one_port_for_metrics_and_liveness_is_refused() -> None:
     assert "operator.livenessPort: Invalid value: 9090: must differ from operator.metricsPort (9090)" in result.stderr
 
 
+@pytest.mark.parametrize("release", ["inference-platform-prod-eu-west-1-gpu-serving-cluster",  # 53, Helm's most
+                                     "platform-tensorfleet-prod-eu-west-1-gpu-serving-teams"])  # contains the name
+def test_object_names_are_valid_for_any_release_name_helm_accepts(release: str) -> None:
+    assert len(release) == 53
+    text = run([tool("helm"), "template", release, str(CHART), "--namespace", NAMESPACE]).stdout
+    names = {doc["kind"]: doc["metadata"]["name"] for doc in yaml.safe_load_all(text) if doc}
+    # A Service's name is a DNS-1035 label: 63 characters at most (the rest: DNS subdomains, 253).
+    assert re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", names["Service"]), names["Service"]
+
+
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
 def test_manifests_validate_against_the_kubernetes_openapi_schema(
