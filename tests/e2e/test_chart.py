@@ -360,9 +360,29 @@ def test_no_access_to_secrets_and_no_wildcards(rendered: dict[str, list[dict[str
         assert "*" not in rule["resources"] + rule["verbs"] + rule["apiGroups"]
 
 
+AGGREGATED = ("-aggregate-edit", "-aggregate-view")
+
+
+def test_namespace_users_read_and_manage_every_tensorfleet_kind(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The built-in view, edit and admin roles cover InferenceServices and Engines (docs send users to both)."""
+    plurals = [yaml.safe_load(p.read_text())["spec"]["names"]["plural"] for p in (ROOT / "crds").glob("*.yaml")]
+    assert sorted(plurals) == ["engines", "inferenceservices"]
+    needs = {"view": ("get", "list", "watch"), "edit": ("get", "list", "watch", "create", "update", "patch", "delete"),
+             "admin": ("get", "list", "watch", "create", "update", "patch", "delete")}
+    for role, verbs in needs.items():
+        label = f"rbac.authorization.k8s.io/aggregate-to-{role}"
+        rules = [rule for d in of_kind(rendered["defaults"], "ClusterRole")
+                 if d["metadata"].get("labels", {}).get(label) == "true" for rule in d["rules"]]
+        missing = [f"{verb} {resource}" for resource in plurals + [f"{p}/status" for p in plurals]
+                   for verb in (verbs if "/" not in resource else ("get",))
+                   if not any("tensorfleet.io" in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+                              for r in rules)]
+        assert missing == [], f"{role}: {missing}"
+
+
 def test_namespaced_mode_writes_nothing_cluster_wide(rendered: dict[str, list[dict[str, Any]]]) -> None:
     docs = rendered["namespaced"]
-    operator_roles = [d for d in of_kind(docs, "ClusterRole") if "inferenceservices-" not in d["metadata"]["name"]]
+    operator_roles = [d for d in of_kind(docs, "ClusterRole") if not d["metadata"]["name"].endswith(AGGREGATED)]
     assert [verb for rule in _rules(operator_roles, "ClusterRole") for verb in rule["verbs"]
             if verb not in ("list", "watch")] == []
     assert sorted(r["metadata"]["namespace"] for r in of_kind(docs, "Role")) == ["team-a", "team-b"]
