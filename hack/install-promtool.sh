@@ -6,7 +6,12 @@ set -euo pipefail
 dest=${1:-.tools/bin}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && apt-get download prometheus)
+# The package lists a machine image ships with can name a version the archive has since replaced: then the
+# download fails, and the lists are refreshed once (this needs root, as CI has) before trying again.
+if ! (cd "$work" && apt-get download prometheus); then
+    apt-get update -qq
+    (cd "$work" && apt-get download prometheus)
+fi
 dpkg-deb -x "$work"/prometheus_*.deb "$work/pkg"
 mkdir -p "$dest"
 install -m 0755 "$work/pkg/usr/bin/promtool" "$dest/promtool"
