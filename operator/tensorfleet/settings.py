@@ -84,7 +84,8 @@ class OperatorSettings:
 
     def validate(self) -> list[str]:
         """Problems, each naming the variable and its limit; ``tensorfleet run`` refuses to start on any. The
-        chart's values.schema.json is as strict or stricter (its ports cannot be 0, which turns an endpoint off)."""
+        chart's values.schema.json is as strict or stricter (its ports cannot be 0, which turns an endpoint off);
+        what it cannot compare, one port for metrics and liveness, its Deployment template refuses."""
         check = config.Checks(self)
         wait_limit = f"positive, at most {MAX_WAIT_SECONDS}"
         check("resync_seconds", 0 < self.resync_seconds <= MAX_WAIT_SECONDS, wait_limit)

@@ -40,7 +40,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "runtimes": {"modelFetchTimeoutSeconds": 1200},
         "metering": {"sinkUrl": "https://billing.example.com/events", "secretName": "billing-keys",
                      "resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"fp16": 2.0, "fp8": 3.6},
-                                       "NVIDIA-A100-SXM4-80GB": {"fp16": 1.0}}},
+                                       "NVIDIA-A100-SXM4-80GB": {"fp16": 1.0},
+                                       "tiers": {"economy": {"pricePerResourceUnit": "0.0000012",
+                                                             "pricePerMillionInputTokens": 0.5}}}},
         "autoscaling": {"hpa": True, "keda": True, "intervalSeconds": 5, "scrapeTimeoutSeconds": 0.5,
                         "prometheusUrl": "http://prometheus.monitoring:9090"},
         "metrics": MONITORING,
@@ -79,6 +81,18 @@ def test_helm_lint_is_clean(value_set: str) -> None:
     ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": -1}}}, "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3"),
     ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"fp16": 0}}}},
      "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3/fp16"),
+    # --set gives text: "2.9" is refused here rather than by the operator at start (it would crash-loop).
+    ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"fp16": "2.9"}}}},
+     "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3/fp16"),
+    ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"FP16": 3}}}},
+     "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3"),
+    ({"metering": {"resourceUnits": {"NVIDIA-H100-80GB-HBM3": {"fp16": {"x": 1}}}}},
+     "/metering/resourceUnits/NVIDIA-H100-80GB-HBM3/fp16"),
+    ({"metering": {"resourceUnits": {"tiers": {"economy": {"pricePerRU": "1"}}}}},
+     "/metering/resourceUnits/tiers/economy"),
+    ({"metering": {"resourceUnits": {"tiers": {"economy": {"pricePerResourceUnit": "-1"}}}}},
+     "/metering/resourceUnits/tiers/economy/pricePerResourceUnit"),
+    ({"metering": {"resourceUnits": {"tiers": {"gold": {}}}}}, "/metering/resourceUnits/tiers"),
     ({"metrics": {"podMonitor": {"interval": "fast"}}}, "/metrics/podMonitor/interval"),
 ])
 def test_invalid_values_are_rejected_naming_the_field(values: dict[str, Any], complaint: str) -> None:
@@ -86,6 +100,24 @@ def test_invalid_values_are_rejected_naming_the_field(values: dict[str, Any], co
         result = helm(command, values, check=False)
         assert result.returncode != 0, f"helm {command} accepted {values}"
         assert complaint in result.stdout + result.stderr
+
+
+def test_one_port_for_metrics_and_liveness_is_refused() -> None:
+    """Each port is in the schema's range, but the operator refuses to start on one port for both (a crash loop).
+    The schema cannot compare two values: the template refuses them (helm lint only logs a template's fail)."""
+    result = helm("template", {"operator": {"livenessPort": 9090}}, check=False)
+    assert result.returncode != 0
+    assert "operator.livenessPort: Invalid value: 9090: must differ from operator.metricsPort (9090)" in result.stderr
+
+
+@pytest.mark.parametrize("release", ["inference-platform-prod-eu-west-1-gpu-serving-cluster",  # 53, Helm's most
+                                     "platform-tensorfleet-prod-eu-west-1-gpu-serving-teams"])  # contains the name
+def test_object_names_are_valid_for_any_release_name_helm_accepts(release: str) -> None:
+    assert len(release) == 53
+    text = run([tool("helm"), "template", release, str(CHART), "--namespace", NAMESPACE]).stdout
+    names = {doc["kind"]: doc["metadata"]["name"] for doc in yaml.safe_load_all(text) if doc}
+    # A Service's name is a DNS-1035 label: 63 characters at most (the rest: DNS subdomains, 253).
+    assert re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", names["Service"]), names["Service"]
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -250,6 +282,20 @@ def test_operator_environment_is_exactly_operator_settings(
     engine_context(settings)  # and parses the default engine store
 
 
+def test_changing_the_resource_unit_table_rolls_the_operator() -> None:
+    """The operator reads the table once, at start: only a new pod template (a rollout) makes it read a new one."""
+    def template(units: dict[str, Any]) -> dict[str, Any]:
+        values = {"metering": {"resourceUnits": units}, "operator": {"podAnnotations": {"team": "ml"}}}
+        return dict(one(render(values), "Deployment", "-operator")["spec"]["template"])
+
+    tables = [{"NVIDIA-H100-80GB-HBM3": {"fp16": 2.0}}, {"NVIDIA-H100-80GB-HBM3": {"fp16": 3.5}}, {}]
+    templates = [template(units) for units in tables]
+    checksums = {t["metadata"]["annotations"]["checksum/resource-units"] for t in templates}
+    assert len(checksums) == 3  # a changed table, and a table removed
+    assert all(t["metadata"]["annotations"]["team"] == "ml" for t in templates)
+    assert template(tables[0]) == templates[0]  # the same values: no rollout
+
+
 def _settings(docs: list[dict[str, Any]]) -> OperatorSettings:
     return config.from_env(OperatorSettings, _env(_container(docs)))
 
@@ -292,8 +338,8 @@ def test_metering_values_reach_the_operator(rendered: dict[str, list[dict[str, A
     path = env["TENSORFLEET_METERING_RU_TABLE_FILE"]
     table = next(o for o in rendered["everything"]
                  if o["kind"] == "ConfigMap" and "resource-units" in o["metadata"]["name"])
-    assert yaml.safe_load(table["data"][path.rsplit("/", 1)[1]]) == {
-        "NVIDIA-H100-80GB-HBM3": {"fp16": 2.0, "fp8": 3.6}, "NVIDIA-A100-SXM4-80GB": {"fp16": 1.0}}
+    units = VALUE_SETS["everything"]["metering"]["resourceUnits"]  # factors and tiers, as given
+    assert yaml.safe_load(table["data"][path.rsplit("/", 1)[1]]) == units
     assert any(m["mountPath"] == path.rsplit("/", 1)[0] for m in container["volumeMounts"])
     defaults = _env(_container(rendered["defaults"]))
     assert "TENSORFLEET_METERING_RU_TABLE_FILE" not in defaults
@@ -314,9 +360,29 @@ def test_no_access_to_secrets_and_no_wildcards(rendered: dict[str, list[dict[str
         assert "*" not in rule["resources"] + rule["verbs"] + rule["apiGroups"]
 
 
+AGGREGATED = ("-aggregate-edit", "-aggregate-view")
+
+
+def test_namespace_users_read_and_manage_every_tensorfleet_kind(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The built-in view, edit and admin roles cover InferenceServices and Engines (docs send users to both)."""
+    plurals = [yaml.safe_load(p.read_text())["spec"]["names"]["plural"] for p in (ROOT / "crds").glob("*.yaml")]
+    assert sorted(plurals) == ["engines", "inferenceservices"]
+    needs = {"view": ("get", "list", "watch"), "edit": ("get", "list", "watch", "create", "update", "patch", "delete"),
+             "admin": ("get", "list", "watch", "create", "update", "patch", "delete")}
+    for role, verbs in needs.items():
+        label = f"rbac.authorization.k8s.io/aggregate-to-{role}"
+        rules = [rule for d in of_kind(rendered["defaults"], "ClusterRole")
+                 if d["metadata"].get("labels", {}).get(label) == "true" for rule in d["rules"]]
+        missing = [f"{verb} {resource}" for resource in plurals + [f"{p}/status" for p in plurals]
+                   for verb in (verbs if "/" not in resource else ("get",))
+                   if not any("tensorfleet.io" in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+                              for r in rules)]
+        assert missing == [], f"{role}: {missing}"
+
+
 def test_namespaced_mode_writes_nothing_cluster_wide(rendered: dict[str, list[dict[str, Any]]]) -> None:
     docs = rendered["namespaced"]
-    operator_roles = [d for d in of_kind(docs, "ClusterRole") if "inferenceservices-" not in d["metadata"]["name"]]
+    operator_roles = [d for d in of_kind(docs, "ClusterRole") if not d["metadata"]["name"].endswith(AGGREGATED)]
     assert [verb for rule in _rules(operator_roles, "ClusterRole") for verb in rule["verbs"]
             if verb not in ("list", "watch")] == []
     assert sorted(r["metadata"]["namespace"] for r in of_kind(docs, "Role")) == ["team-a", "team-b"]

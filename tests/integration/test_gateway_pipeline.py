@@ -389,8 +389,13 @@ async def test_not_ready_until_warm_and_nothing_before_ready_is_billed(tmp_path:
         assert status == 503
         assert body["error"]["code"] == "not_ready"
         assert headers["Retry-After"] == "1"
+        # The start in progress, for the alert on slow starts (when it began; 0 once warm).
+        began = gw.state.metrics.registry.get_sample_value("tensorfleet_gateway_engine_start_timestamp_seconds")
+        assert began is not None
+        assert 0 < began <= time.time()  # the container's (here: pytest's) start
         engine.healthy = True
         await wait_until(lambda: gw.state.ready, 10, "ready")
+        assert gw.state.metrics.registry.get_sample_value("tensorfleet_gateway_engine_start_timestamp_seconds") == 0
         async with session.get(url(gw, "/readyz", admin=True)) as response:
             assert response.status == 200
         async with session.get(url(gw, "/metrics", admin=True)) as response:

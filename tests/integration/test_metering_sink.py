@@ -202,6 +202,21 @@ async def test_admission_hints_settle_records_without_waiting_for_the_horizon(tm
     await sink.close()
 
 
+async def test_without_a_sink_no_record_waits_for_export(tmp_path: Path) -> None:
+    # Before, the writer published every record ever written as waiting for export: the chart's
+    # TensorfleetUsageExportBacklog fired for ever once a service without a sink had written 10,000 of them.
+    (tmp_path / "devices").write_text("")
+    settings = MeteringSettings(**{**FAST.__dict__, "spool_max_records": 2})
+    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", tmp_path / "devices", settings=settings)
+    await sink.start()
+    await run_traffic(sink, 4)
+    await sink.close()
+    assert len(bodies(tmp_path / "usage")) == 4  # recorded in the ledger all the same
+    for gauge in ("spool_records", "spool_alert", "spool_full"):
+        assert REGISTRY.get_sample_value(f"tensorfleet_metering_{gauge}") == 0, gauge
+    assert not sink.spool_full()
+
+
 def test_open_sink_rejects_bad_settings(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="TENSORFLEET_METERING_EXPORT_BATCH_SIZE=0"):
         open_sink(CONFIG, tmp_path, "", tmp_path / "d", settings=MeteringSettings(export_batch_size=0))

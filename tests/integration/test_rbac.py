@@ -4,7 +4,9 @@ The operator runs (with kopf peering, as the chart deploys it) through a represe
 against the API emulator, which records every request as the RBAC authorizer sees it. Then:
 every request must be allowed by the rendered Role/ClusterRole rules, and every granted
 (verb, group, resource) must have been used. kopf's own needs (CRD and namespace discovery, the
-peering objects) are recorded the same way, since kopf talks to the same emulator.
+peering objects) are recorded the same way, since kopf talks to the same emulator. So are the checks of the
+OwnerReferencesPermissionEnforcement admission plugin (OpenShift's default): a write whose owner reference
+sets blockOwnerDeletion needs ``update`` on the owner's ``finalizers`` subresource.
 
 When code starts using a new resource or verb: add a step that exercises it to SCENARIO, and the
 rule to charts/tensorfleet/templates/_rbac.tpl. The test fails until both agree.

@@ -329,6 +329,22 @@ def test_the_engine_is_gone_after_a_refused_connection_or_failed_checks_in_a_row
     assert (state.phase, state.serving, state.ready) == ("draining", True, False)
 
 
+def test_an_engine_start_is_exported_from_its_beginning_until_warm() -> None:
+    state = GatewayState(GatewayMetrics())
+
+    def began() -> float | None:
+        return state.metrics.registry.get_sample_value("tensorfleet_gateway_engine_start_timestamp_seconds")
+
+    state.begin_start(1_700_000_000.0)  # the container's start
+    assert began() == 1_700_000_000.0
+    state.set_engine_up(True)
+    state.mark_warm()
+    assert began() == 0  # warm: no start in progress, whatever the pod's age
+    state.lose_engine()
+    state.begin_start(1_700_003_600.0)  # the next engine process's start: when the old one was seen gone
+    assert began() == 1_700_003_600.0
+
+
 def test_admission_hands_slots_over_in_order() -> None:
     async def scenario() -> list[str]:
         admission = Admission(GatewayMetrics(), max_in_flight=1, max_queue=1)

@@ -159,7 +159,7 @@ def test_a_request_with_a_token_time_that_is_not_finite_never_reaches_the_attrib
 GOOD = request("r1", admitted=1.0, first_token=1.1, chunks=((1.1, 1), (1.2, 3)), done=1.2)
 
 
-@pytest.mark.parametrize(("change", "field", "message"), [
+REQUEST_PROBLEMS = [
     ({"received_at": math.nan}, "received_at", "received_at=nan: must be a wall-clock time within [0, 1e+10]"),
     ({"received_at": -1.0}, "received_at", "within [0, 1e+10]"),
     ({"received": math.inf}, "received", "received=inf: must be a monotonic time within [-1e+12, 1e+12]"),
@@ -175,7 +175,18 @@ GOOD = request("r1", admitted=1.0, first_token=1.1, chunks=((1.1, 1), (1.2, 3)),
     ({"status": 1000}, "status", "status=1000: must be an HTTP status code within [0, 999]"),
     ({"error": 3}, "error", "error=3: must be a string or None"),
     ({"chunks": [(1.1, 1)]}, "chunks", "must be a tuple of TokenChunk"),
-])
+]
+CHUNK_PROBLEMS = [
+    ([1.0, math.nan], [1, 1], "chunks.at", "chunks.at=nan"),
+    ([1.0, 1e300], [1, 1], "chunks.at", "chunks.at=1e+300: must be a monotonic time within [-1e+12, 1e+12]"),
+    ([1.0, 2.0], [1, -3], "chunks.tokens", "chunks.tokens=-3: must be an integer within [0, 1000000000]"),
+    ([1.0, 2.0], [1, 0.5], "chunks.tokens", "chunks.tokens=0.5"),
+    ([1.0, 2.0], [1, "2"], "chunks", "(monotonic time, token count) pairs"),
+]
+COLD_START_FIELDS = ("started_at", "total_seconds", "pod", "stages")  # as cold_start_problem names them (below)
+
+
+@pytest.mark.parametrize(("change", "field", "message"), REQUEST_PROBLEMS)
 def test_request_problem_names_the_field_the_value_and_the_limit(change: dict[str, Any], field: str,
                                                                   message: str) -> None:
     assert events.request_problem(GOOD) is None
@@ -185,13 +196,7 @@ def test_request_problem_names_the_field_the_value_and_the_limit(change: dict[st
     assert message in problem[1]
 
 
-@pytest.mark.parametrize(("times", "tokens", "field", "message"), [
-    ([1.0, math.nan], [1, 1], "chunks.at", "chunks.at=nan"),
-    ([1.0, 1e300], [1, 1], "chunks.at", "chunks.at=1e+300: must be a monotonic time within [-1e+12, 1e+12]"),
-    ([1.0, 2.0], [1, -3], "chunks.tokens", "chunks.tokens=-3: must be an integer within [0, 1000000000]"),
-    ([1.0, 2.0], [1, 0.5], "chunks.tokens", "chunks.tokens=0.5"),
-    ([1.0, 2.0], [1, "2"], "chunks", "(monotonic time, token count) pairs"),
-])
+@pytest.mark.parametrize(("times", "tokens", "field", "message"), CHUNK_PROBLEMS)
 def test_chunks_problem_names_the_bad_value(times: list[float], tokens: list[int], field: str, message: str) -> None:
     assert events.chunks_problem([1.0, 1.5, 2.0], [1, 0, 5]) is None
     assert events.chunks_problem([], []) is None
@@ -213,3 +218,15 @@ def test_cold_start_problem_names_the_field() -> None:
     assert problem is not None
     assert problem[0] == "stages"
     assert "('engine', inf)" in problem[1]
+
+
+def test_every_field_a_problem_names_is_exported_at_zero_from_the_start() -> None:
+    """The alert on refused events takes increase() of tensorfleet_metering_events_rejected_total{field}: a series
+    that first appears at its first refusal would read as no increase, and the refusal would go unnoticed."""
+    from tensorfleet.metering import metrics
+
+    named = {p[-2] for p in REQUEST_PROBLEMS + CHUNK_PROBLEMS} | set(COLD_START_FIELDS)
+    assert named <= set(events.PROBLEM_FIELDS)
+    exported = {s.labels["field"] for m in metrics.EVENTS_REJECTED.collect() for s in m.samples
+                if s.name.endswith("_total")}
+    assert exported >= set(events.PROBLEM_FIELDS)

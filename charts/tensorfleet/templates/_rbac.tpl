@@ -45,6 +45,12 @@ exercises it to SCENARIO in that test; the test fails until both agree.
 - apiGroups: [tensorfleet.io]
   resources: [engines/status]
   verbs: [patch]
+# What the operator creates carries owner references with blockOwnerDeletion (children of InferenceServices,
+# Engines, build Jobs of Engines): with the OwnerReferencesPermissionEnforcement admission plugin (OpenShift's
+# default) that needs update on the owner's finalizers. The emulator in test_rbac.py asks as the plugin does.
+- apiGroups: [tensorfleet.io]
+  resources: [inferenceservices/finalizers, engines/finalizers]
+  verbs: [update]
 # Engine build Jobs: created per attempt, deleted once their outcome is recorded or superseded.
 - apiGroups: [batch]
   resources: [jobs]

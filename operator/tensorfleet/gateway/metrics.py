@@ -58,6 +58,9 @@ class GatewayMetrics:
         self.ready = Gauge(telemetry.READY, "1 when the pod is warm and serving.", registry=r)
         self.startup_seconds = Gauge(telemetry.STARTUP_SECONDS, "This pod's cold start, container start to ready.",
                                      registry=r)
+        self.start_began = Gauge("tensorfleet_gateway_engine_start_timestamp_seconds",
+                                 "Wall-clock time the engine start in progress began (the container's start, or the "
+                                 "previous engine process seen gone); 0 once it is warm and ready.", registry=r)
         self.warmup_state = Enum("tensorfleet_gateway_warmup_state", "Where the gateway is in its start-up.",
                                  states=WARMUP_STATES, registry=r)
         self.cold_start = Histogram("tensorfleet_gateway_cold_start_seconds",

@@ -48,9 +48,14 @@ class GatewayState:
             self.engine_up = up
             self.refresh()
 
+    def begin_start(self, started_at: float) -> None:
+        """An engine start began at wall-clock ``started_at``: the pod is cold until ``mark_warm``."""
+        self.metrics.start_began.set(started_at)
+
     def mark_warm(self) -> None:
         self.warm = True
         self.ready_since = time.monotonic()
+        self.metrics.start_began.set(0)
         self.set_phase("ready")
 
     def lose_engine(self) -> None:

@@ -81,6 +81,7 @@ class WarmupGate:
         # container's (the process's) start, or when the previous engine process was seen gone. For the first
         # start the two differ only when the gateway runs inside a longer-lived process, as in tests.
         deadline = self.created + self.config.warmup.timeout_seconds
+        self.state.begin_start(self.started_at)
         await self._wait_healthy(deadline)
         healthy = time.monotonic()
         self.state.set_engine_up(True)

@@ -86,6 +86,9 @@ class EventSink(Protocol):
 _TEXTS = ("request_id", "tenant", "model", "endpoint")
 _COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "truncated_tokens")
 _FLAGS = ("streaming", "billable", "cache_hit", "truncated", "runaway_stopped")
+# Every field a problem can name: the label values of tensorfleet_metering_events_rejected_total{field}.
+PROBLEM_FIELDS = (*(f.name for f in dataclasses.fields(RequestEvent)), "chunks.at", "chunks.tokens",
+                  *(f.name for f in dataclasses.fields(ColdStartEvent)))
 
 
 def _number(value: Any, low: float, high: float) -> bool:

@@ -154,11 +154,16 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 def update_spool_metrics(ledger: Ledger, settings: MeteringSettings) -> int:
     size = ledger.spool_size()
+    publish_spool(size, settings)
+    return size
+
+
+def publish_spool(size: int, settings: MeteringSettings) -> None:
+    """The spool gauges for ``size`` records waiting for export (0 without a sink: nothing waits)."""
     metrics.SPOOL.set(size)
     metrics.SPOOL_CAPACITY.set(settings.spool_max_records)
     metrics.SPOOL_ALERT.set(1 if size >= settings.spool_alert_ratio * settings.spool_max_records else 0)
     metrics.SPOOL_FULL.set(1 if size >= settings.spool_max_records else 0)
-    return size
 
 
 class ExporterThread(threading.Thread):

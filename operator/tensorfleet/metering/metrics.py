@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
+from tensorfleet.metering import events
+
 RECORDS = Counter("tensorfleet_metering_records", "Usage records appended to the ledger.", ["kind"])
 GPU_MS = Counter("tensorfleet_metering_gpu_milliseconds", "Measured busy GPU time by where it went: "
                  "billed (to requests), excluded (warm-up and other non-billable work), unattributed "
@@ -19,6 +21,8 @@ GPU_MS = Counter("tensorfleet_metering_gpu_milliseconds", "Measured busy GPU tim
 EVENTS_DROPPED = Counter("tensorfleet_metering_events_dropped", "Events dropped because the journal queue was full.")
 EVENTS_REJECTED = Counter("tensorfleet_metering_events_rejected", "Events refused on entry because a field is out of "
                           "range (by field); never attributed, kept in the journal's quarantine table.", ["field"])
+for _field in events.PROBLEM_FIELDS:
+    EVENTS_REJECTED.labels(_field)  # exported as 0 from the start, so increase() sees a field's first refusal
 EVENTS_QUARANTINED = Counter("tensorfleet_metering_events_quarantined", "Journalled events whose usage record could "
                              "not be made, moved to the journal's quarantine table with their GPU share.")
 PENDING = Gauge("tensorfleet_metering_pending_requests", "Requests journalled and waiting for their GPU time.")

@@ -30,7 +30,7 @@ from typing import Any
 from tensorfleet import config as settings_config
 from tensorfleet.metering import chain, events, metrics, nvml, records, units
 from tensorfleet.metering.events import ColdStartEvent, RequestEvent
-from tensorfleet.metering.export import Exporter, ExporterThread, update_spool_metrics
+from tensorfleet.metering.export import Exporter, ExporterThread, publish_spool
 from tensorfleet.metering.ledger import Ledger
 from tensorfleet.metering.settings import MeteringSettings
 from tensorfleet.metering.writer import Rejected, Submitted, UsageWriter, carry_journal, clear_journal, describe_event
@@ -210,6 +210,8 @@ class MeteringSink:
             exporter = Exporter(Ledger(ledger.path, signer), self.settings, token)
             self._exporter = ExporterThread(exporter, self.settings)
             self._threads.append(self._exporter)
+        else:  # no export: no record waits for one (the exporter publishes the spool gauges otherwise)
+            publish_spool(0, self.settings)
         for thread in self._threads:
             thread.start()
 
@@ -370,9 +372,8 @@ class MeteringSink:
         with self._journal_progress:
             self._journalled += len(taken) + len(rejected)
             self._journal_progress.notify_all()
-        self._spool_full = writer.ledger.spool_size() >= self.settings.spool_max_records if taken else self._spool_full
-        if not self.settings.sink_url:
-            update_spool_metrics(writer.ledger, self.settings)
+        if taken and self.settings.sink_url:
+            self._spool_full = writer.ledger.spool_size() >= self.settings.spool_max_records
         return 0
 
 

@@ -160,6 +160,23 @@ class EmulatedAPIServer(kmock.KubernetesEmulator):
             namespace=request.namespace, name=request.name,
             user_agent=request.headers.get("User-Agent", "")))
 
+    def _record_owner_checks(self, request: rendering.Request) -> None:
+        """What the OwnerReferencesPermissionEnforcement admission plugin (OpenShift's default) asks the RBAC
+        authorizer: an owner reference with ``blockOwnerDeletion`` needs ``update`` on the owner's finalizers."""
+        body = request.data if isinstance(request.data, dict) else {}
+        for ref in (body.get("metadata") or {}).get("ownerReferences") or ():
+            if not ref.get("blockOwnerDeletion"):
+                continue
+            group = str(ref.get("apiVersion", "")).rpartition("/")[0]
+            self.requests.append(APIRequest(
+                verb="update", group=group, resource=self._plural(group, str(ref.get("kind"))),
+                subresource="finalizers", namespace=request.namespace, name=ref.get("name"),
+                user_agent=request.headers.get("User-Agent", "")))
+
+    def _plural(self, group: str, kind: str) -> str:
+        items: Any = self.resources.items()
+        return next((str(res.plural) for res, info in items if res.group == group and info.kind == kind), kind.lower())
+
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         method = str(request.method.value).upper()
         self.requests_by_port[request.url.port] += 1
@@ -168,6 +185,8 @@ class EmulatedAPIServer(kmock.KubernetesEmulator):
             self.write_ports.append(request.url.port)
         if request.resource is not None:
             self._record(request, method)
+            if method in ("POST", "PUT", "PATCH"):
+                self._record_owner_checks(request)
         fault = self._take_fault(request)
         if fault is not None:
             reason = {409: "Conflict", 429: "TooManyRequests"}.get(fault.status, "InternalError")
