@@ -157,6 +157,28 @@ def test_panic_blocks_scale_down_for_a_stable_window() -> None:
     assert all(d.panic and d.replicas >= 8 for d in later)  # idle now, but a burst was seen: nothing removed
 
 
+def backlog(spec: int, queue: float, fall: float, seconds: float = 20.0, **signal: float) -> list[Observation]:
+    """A queue falling by ``fall`` requests a second on ``spec`` ready replicas with full KV caches."""
+    return [obs(t, spec, kv=1.0, queue=max(0.0, queue - fall * t), **signal) for t in range(0, int(seconds), 2)]
+
+
+def test_a_backlog_the_replicas_drain_within_a_startup_asks_for_no_more_of_them() -> None:
+    """A falling queue of 200 (50 replicas' worth) that 8 replicas empty in ~10 s, within the 30 s
+    startup: a replica ordered now would arrive after it is gone, and the full KV caches are the same backlog."""
+    decisions = run(CONFIG, backlog(8, 300.0, 10.0, seconds=24))
+    assert [d.replicas for d in decisions[1:]] == [8] * (len(decisions) - 1)  # the first sample shows no trend
+    assert decisions[-1].reason == "Stable"
+    assert "a backlog of 80 queued requests is falling and empties in about 8s" in decisions[-1].message
+    after = run(CONFIG, steady(8, 30, start=24, kv=0.3), decisions[-1].history)
+    assert all(d.replicas == 8 for d in after)  # the saturated samples of the drain ask for no more either
+
+
+def test_a_backlog_falling_too_slowly_or_rising_still_scales_up() -> None:
+    slow = run(CONFIG, backlog(8, 200.0, 1.0))[-1]  # 180 left at 1 a second: 180 s, not 30
+    rising = run(CONFIG, backlog(8, 200.0, -5.0))[-1]
+    assert (slow.reason, rising.reason) == ("ScaledUp", "ScaledUp")
+
+
 # ---- bounds, missing data ------------------------------------------------------------------------------
 
 

@@ -215,6 +215,22 @@ def test_constant_load_settles_and_stays(rate: float, seed: int) -> None:
     assert len(tail) == 1
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_backlog_queued_while_replicas_warm_up_is_not_read_as_lasting_demand(seed: int) -> None:
+    """A load step (1.5 -> 5 requests/s of the trace's mean request, 120 s startup) queues a backlog of
+    hundreds of requests while the first new replicas start. Read as demand (queue / targetQueueDepth),
+    it doubled the replicas again once the replicas already ordered were ready and emptying it: 2 -> 16
+    for a load that settles at 5. The backlog asks only for what the replicas there cannot drain in time."""
+    calm, busy = steady_trace(1.5, 300, 1155, 211, seed), steady_trace(5.0, 1200, 1155, 211, seed + 10)
+    load = trace.Trace((*calm.arrivals, *(300 + t for t in busy.arrivals)), (1155,) * (len(calm) + len(busy)),
+                       (211,) * (len(calm) + len(busy)))
+    slow = dataclasses.replace(A10G, startup_seconds=120.0)
+    ours = controllers.TensorfleetController(policy.PolicyConfig(max_replicas=40, target_kv_cache_usage=0.8))
+    result = runs.replay(load, slow, ours, initial_replicas=2)
+    settled, peak = result.events[-1].after, max(e.after for e in result.events)
+    assert peak <= 2 * settled, result.events
+
+
 def test_hpa_on_utilization_runs_away_while_tensorfleet_follows_the_load() -> None:
     load = steady_trace(rate=3.0, seconds=600)
     fast = dataclasses.replace(A10G, startup_seconds=30.0)

@@ -22,6 +22,13 @@ tolerance band) above the current replicas adds replicas at once, bounded by ``m
 *ready* replicas (so capacity that is still starting never multiplies). A burst that asks for ``panic_threshold`` (2) x
 the ready replicas enters panic mode, as Knative's KPA: no scale-down for a stable window.
 
+A queue is a stock, not a rate: the backlog that builds while new replicas start must not be read as
+lasting demand. When the queue fell over the panic window from a backlog (more than
+``targetQueueDepth`` x the ready replicas) fast enough to empty within a startup time (least-squares
+slope), any replica ordered now would arrive after it is gone. That observation, and every one before
+it, then asks for at most the replicas the service had (``spec.replicas``, counting those still
+starting): what they measured was the backlog, and so were the full KV caches it left behind.
+
 Scaling down is the HPA's stabilization: to the largest ask of the last scale-down window, when that
 is more than the tolerance below the current replicas; at most halving at once, and not again until
 a stable window has seen the replicas as they are now (a lightly loaded fleet under-predicts what
@@ -57,7 +64,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 from tensorfleet.api.types import AutoscalingSpec
-from tensorfleet.autoscale.signals import Observation
+from tensorfleet.autoscale.signals import LARGEST_SAMPLE, Observation
 
 SignalName = Literal["concurrency", "queueDepth", "kvCacheUsage"]
 Reason = Literal["ScaledUp", "ScaledDown", "BelowMinimum", "AboveMaximum", "Stable", "NoReadyReplicas",
@@ -138,6 +145,7 @@ class History:
     last_change: float | None = None  # when spec.replicas was last seen to change (by anyone)
     last_down: tuple[float, int, int, float] | None = None  # the last scale-down: (time, from, to, ask at from)
     undone_downs: tuple[tuple[float, int, int, float], ...] = ()  # scale-downs the next change undid
+    drained_at: float | None = None  # the last observation of a backlog that the replicas there drain in time
 
     def recorded(self, obs: Observation, keep_seconds: float) -> History:
         kept = tuple(o for o in self.observations if o.time > obs.time - keep_seconds)
@@ -204,6 +212,9 @@ def decide(config: PolicyConfig, history: History, obs: Observation) -> Decision
         why = ("no replica is ready yet" if obs.ready == 0 else
                f"none of the {obs.ready} ready replicas answered with metrics")
         return _held(config, history, obs, windows, reason, why)
+    drain = _drain_seconds(history, obs.time - windows.panic_seconds, config.target_queue_depth * obs.ready)
+    if drain is not None and drain <= windows.startup_seconds:
+        history = dataclasses.replace(history, drained_at=obs.time)
     readings = _readings(config, history, obs.time, windows)
     if not readings:
         return _held(config, history, obs, windows, "NoSignals", "the gateways report no load signal")
@@ -215,7 +226,7 @@ def decide(config: PolicyConfig, history: History, obs: Observation) -> Decision
     ask = max(stable_ask, burst_ask)
     history = history.recommended(obs.time, config.bound(_ceil(ask)), windows.scale_down_seconds)
     utilization = _window_mean(history, obs.time - windows.panic_seconds, "gpu_utilization")
-    base = Decision(current, current, "Stable", "load is within the tolerance band", history, windows,
+    base = Decision(current, current, "Stable", _steady_message(history, obs, windows, drain), history, windows,
                     tuple(readings), utilization, panic)
     up = _scale_up(config, base, obs, ask)
     # The load at this replica count over the whole scale-down window: the least noisy measure to learn from.
@@ -321,13 +332,43 @@ def _readings(config: PolicyConfig, history: History, now: float, windows: Windo
 
 
 def _asked_over(config: PolicyConfig, history: History, start: float) -> dict[SignalName, float]:
-    """Mean replicas each signal asked for over the observations after ``start`` (the latest at least)."""
+    """Mean replicas each signal asked for over the observations after ``start`` (the latest at least).
+
+    Observations up to the last one of a backlog that drains in time (``History.drained_at``) ask for
+    at most the replicas the service had then: what they measured was that backlog.
+    """
     seen: dict[SignalName, list[float]] = {}
+    drained = history.drained_at if history.drained_at is not None else -math.inf
     window = [o for o in history.observations if o.time > start and o.ready > 0 and o.scraped > 0]
     for obs in window or history.observations[-1:]:
+        cap = obs.spec_replicas if obs.time <= drained else MOST_REPLICAS
         for name, value in replicas_asked(config, obs).items():
-            seen.setdefault(name, []).append(value)
+            seen.setdefault(name, []).append(min(value, cap))
     return {name: statistics.fmean(values) for name, values in seen.items()}
+
+
+def _drain_seconds(history: History, start: float, backlog: float) -> float | None:
+    """How long the queue takes to empty at the rate it fell since ``start``; None unless it fell from a
+    backlog (at least ``backlog`` requests: more than the ready replicas' target).
+
+    The slope is a least-squares fit over the window's observations with a queue, so that one noisy
+    sample neither starts nor ends a drain.
+    """
+    points = [(o.time, min(o.queue_depth, LARGEST_SAMPLE)) for o in history.observations
+              if o.time > start and o.ready > 0 and o.scraped > 0 and o.queue_depth is not None
+              and math.isfinite(o.queue_depth)]
+    if len(points) < 2 or points[-1][0] - points[0][0] <= EPSILON or points[0][1] < backlog:
+        return None
+    slope = statistics.linear_regression([t for t, _ in points], [q for _, q in points]).slope
+    return points[-1][1] / -slope if slope < 0 else None
+
+
+def _steady_message(history: History, obs: Observation, windows: Windows, drain: float | None) -> str:
+    if history.drained_at != obs.time or drain is None:
+        return "load is within the tolerance band"
+    return (f"a backlog of {obs.queue_depth or 0:.0f} queued requests is falling and empties in about {drain:.0f}s, "
+            f"before a replica ordered now could start ({windows.startup_seconds:.0f}s): it asks for no more "
+            f"than the {obs.spec_replicas} replicas already ordered")
 
 
 def _window_mean(history: History, start: float, field: str) -> float | None:
