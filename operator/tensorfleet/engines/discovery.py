@@ -39,6 +39,7 @@ class ProductInfo:
     gpus: int
     memory_mib: int | None
     compute_capability: str | None
+    cordoned: bool = False  # every node of the product is cordoned (spec.unschedulable)
 
 
 def _int(value: Any) -> int | None:
@@ -65,7 +66,10 @@ def node_gpus(node: Mapping[str, Any]) -> NodeGPUs | None:
 
 @dataclasses.dataclass(frozen=True)
 class Inventory:
-    """The GPU products present, in a stable order (most GPUs first, then by name)."""
+    """The GPU products present, in a stable order (most GPUs first, then by name).
+
+    Cordoned nodes count: a cordon stops new pods, not the ones running there, so a product whose nodes are
+    all cordoned is still present, marked ``cordoned`` (see ``cordoned_products``)."""
 
     products: tuple[ProductInfo, ...]
 
@@ -73,8 +77,7 @@ class Inventory:
     def from_nodes(cls, nodes: Iterable[NodeGPUs]) -> Inventory:
         grouped: dict[str, list[NodeGPUs]] = {}
         for node in nodes:
-            if node.schedulable:
-                grouped.setdefault(node.product, []).append(node)
+            grouped.setdefault(node.product, []).append(node)
         infos = []
         for product, members in grouped.items():
             memories = [n.memory_mib for n in members if n.memory_mib is not None]
@@ -84,6 +87,7 @@ class Inventory:
                 memory_mib=min(memories) if memories else None,
                 # Nodes of one product report one capability; if they disagree, the lowest is the safe one.
                 compute_capability=capabilities[0] if capabilities else None,
+                cordoned=not any(n.schedulable for n in members),
             ))
         infos.sort(key=lambda i: (-i.gpus, i.product))
         return cls(tuple(infos))
@@ -92,6 +96,10 @@ class Inventory:
     def names(self) -> tuple[str, ...] | None:
         """The product names, or None when no node carries GFD labels (discovery unknown)."""
         return tuple(i.product for i in self.products) or None
+
+    def cordoned_products(self) -> tuple[str, ...]:
+        """The products none of whose nodes takes new pods: not offered to new Deployments or Engines."""
+        return tuple(i.product for i in self.products if i.cordoned)
 
     def compute_capabilities(self) -> dict[str, str]:
         return {i.product: i.compute_capability for i in self.products if i.compute_capability}
