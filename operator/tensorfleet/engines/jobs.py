@@ -167,6 +167,39 @@ def job_results(pods: Iterable[Mapping[str, Any]]) -> list[PodResult]:
     return sorted(found, key=lambda r: (r.finished_at, r.pod))
 
 
+# A container that cannot start for these reasons will not start by waiting: the attempt fails after a grace period.
+START_FAILURES = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                            "CreateContainerConfigError", "CreateContainerError"})
+
+
+@dataclasses.dataclass(frozen=True)
+class PodProblem:
+    """Why a build pod has not started: a container ``waiting`` for a reason in START_FAILURES (``fatal``), or
+    the scheduler's ``PodScheduled=False`` (Unschedulable: a node may still come, say from an autoscaler)."""
+
+    pod: str
+    reason: str
+    message: str
+    since: str  # when the pod was created (a container's start) or the scheduling condition last changed
+    fatal: bool
+
+
+def pod_problem(pod: Mapping[str, Any]) -> PodProblem | None:
+    """What keeps ``pod`` from starting, or None when nothing does (it runs, or its containers are starting)."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    name = str(meta.get("name", ""))
+    for cs in (*(status.get("initContainerStatuses") or ()), *(status.get("containerStatuses") or ())):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in START_FAILURES:
+            return PodProblem(name, str(waiting["reason"]), str(waiting.get("message") or ""),
+                              str(status.get("startTime") or meta.get("creationTimestamp") or ""), fatal=True)
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return PodProblem(name, str(cond.get("reason") or "Unschedulable"), str(cond.get("message") or ""),
+                              str(cond.get("lastTransitionTime") or meta.get("creationTimestamp") or ""), fatal=False)
+    return None
+
+
 def job_failed(job: Mapping[str, Any]) -> tuple[bool, str, str]:
     """(failed, reason, message) from the Job controller's conditions (backoff limit, deadline)."""
     for cond in (job.get("status") or {}).get("conditions") or ():
