@@ -103,3 +103,29 @@ def test_a_failed_attempt_waits_for_retry_at_after_its_job_is_gone_and_retries_a
     assert retry.create is not None
     assert retry.create["metadata"]["name"].endswith("-2")
     assert retry.status["attempts"] == 2
+
+
+# ---- where a build Job runs, and with what --------------------------------------------------------------
+
+
+def test_the_build_job_runs_where_the_service_that_created_its_engine_may_run() -> None:
+    """On a dedicated GPU pool (tainted, labelled) the service's pods schedule; so must its Engine's build."""
+    from builders import stored, triton_service
+    from tensorfleet.engines.fingerprint import key_of_body
+    from tensorfleet.reconcile import Observed, reconcile
+    from unit.test_engine_reconcile import H100, RCTX, isvc_engine
+
+    dedicated = {"key": "dedicated", "operator": "Equal", "value": "llm-inference", "effect": "NoSchedule"}
+    body = stored(triton_service(model={"uri": "hf://a/b@v1"}, nodeSelector={"pool": "llm"}, tolerations=[dedicated]))
+    plan = reconcile(body, Observed(gpu_products=(H100,), compute_capabilities={H100: "9.0"}, engines=()), RCTX, T0)
+    created = plan.engine_writes[0].body
+    assert created is not None
+    assert key_of_body(created) == key_of_body(isvc_engine(stored(triton_service(model={"uri": "hf://a/b@v1"}))))
+    engine = {**created, "metadata": {**created["metadata"], "uid": "e", "generation": 1},
+              "spec": {**created["spec"], "storeRef": {"s3": {"bucket": "engines"}}}}
+    job = reconcile_engine(engine, EngineObserved(), CTX, T0).create
+    assert job is not None
+    pod_spec = job["spec"]["template"]["spec"]
+    assert pod_spec["nodeSelector"] == {"pool": "llm", "nvidia.com/gpu.product": H100}
+    assert pod_spec["tolerations"] == [dedicated, {"key": "nvidia.com/gpu", "operator": "Exists",
+                                                   "effect": "NoSchedule"}]

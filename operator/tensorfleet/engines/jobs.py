@@ -81,7 +81,8 @@ def _container(engine: Mapping[str, Any], store: StoreRef, settings: JobSettings
 
 
 def render_job(engine: Mapping[str, Any], attempt: int, store: StoreRef, settings: JobSettings) -> dict[str, Any]:
-    """One attempt to build (or find) the engine, on a node of its GPU product, owned by the Engine."""
+    """One attempt to build (or find) the engine, on a node of its GPU product (and the Engine's nodeSelector,
+    with its tolerations: those of the service that created it), owned by the Engine."""
     meta, spec = engine["metadata"], engine["spec"]
     name = job_name(meta["name"], attempt)
     job_labels = {MANAGED: labels.MANAGER, ENGINE_LABEL: meta["name"], COMPONENT: "engine-build"}
@@ -89,8 +90,8 @@ def render_job(engine: Mapping[str, Any], attempt: int, store: StoreRef, setting
     per_attempt = int(spec["buildTimeoutSeconds"])
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "nodeSelector": {labels.NODE_GPU_PRODUCT: spec["gpu"]["product"]},
-        "tolerations": [GPU_TOLERATION],
+        "nodeSelector": {**(spec.get("nodeSelector") or {}), labels.NODE_GPU_PRODUCT: spec["gpu"]["product"]},
+        "tolerations": [*(dict(t) for t in spec.get("tolerations") or ()), GPU_TOLERATION],
         "containers": [_container(engine, store, settings)],
         "volumes": [{"name": "work", "emptyDir": {"sizeLimit": settings.work_size_limit}},
                     *store.volumes(read_only=False), *model_volumes],
