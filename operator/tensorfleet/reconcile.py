@@ -18,7 +18,7 @@ from tensorfleet.api.types import InferenceService
 from tensorfleet.api.validation import validate_body
 from tensorfleet.autoscale import status as autoscale_status
 from tensorfleet.autoscale.render import autoscaler_objects, mode_errors
-from tensorfleet.engines import serving
+from tensorfleet.engines import discovery, serving
 from tensorfleet.render import labels
 from tensorfleet.render.context import RenderContext
 from tensorfleet.render.gateway import render_config_map, render_revision_config_map
@@ -37,7 +37,8 @@ class Observed:
     and the children whose name an object this service does not control already has ('Service llama').
 
     ``gpu_products`` is None when nothing is known about the cluster's GPUs (no discovery yet);
-    ``cordoned_products``: those of them whose nodes are all cordoned (see ``present_products``).
+    ``cordoned_products``: those of them whose nodes are all cordoned, ``gpu_nodes`` their nodes (see
+    ``present_products``).
     """
 
     children: tuple[Mapping[str, Any], ...] = ()
@@ -45,6 +46,7 @@ class Observed:
     conflicts: tuple[str, ...] = ()
     gpu_products: tuple[str, ...] | None = None
     cordoned_products: tuple[str, ...] = ()
+    gpu_nodes: tuple[discovery.NodeGPUs, ...] | None = None  # None: no detail (only the product names)
     # GPU discovery and Engines (tensorfleet.engines). engines None: not observed (offline render).
     compute_capabilities: Mapping[str, str] = dataclasses.field(default_factory=dict)
     engines: tuple[Mapping[str, Any], ...] | None = None
@@ -74,14 +76,26 @@ def eligible_products(isvc: InferenceService, present: tuple[str, ...] | None) -
     return tuple(p for p in allowed if p in present)
 
 
-def present_products(observed: Observed, deployments: Sequence[Mapping[str, Any]]) -> tuple[str, ...] | None:
-    """The products the service may run on: those with a node that takes new pods, and those whose nodes are all
-    cordoned where a Deployment of the service already runs. A cordon stops new pods, not running ones: a
-    product that serves keeps its Deployment (and Engine) until its nodes are gone, evicted through the PDB."""
+def present_products(isvc: InferenceService, observed: Observed,
+                     deployments: Sequence[Mapping[str, Any]]) -> tuple[str, ...] | None:
+    """The products the service may run on: those with a node that takes new pods and could hold one replica
+    (``fitting_products``), and those where a Deployment of the service already runs. A cordon stops new pods,
+    not running ones: a product that serves keeps its Deployment (and Engine) until its nodes are gone,
+    evicted through the PDB."""
     if observed.gpu_products is None:
         return None
     served = serving.products_served(deployments)
-    return tuple(p for p in observed.gpu_products if p not in observed.cordoned_products or p in served)
+    fitting = fitting_products(isvc, observed)
+    return tuple(p for p in observed.gpu_products if p in served or p in fitting)
+
+
+def fitting_products(isvc: InferenceService, observed: Observed) -> frozenset[str]:
+    """The products with an uncordoned node that has ``spec.gpu.count`` allocatable whole GPUs and matches
+    ``spec.nodeSelector`` (without node detail: every product not only on cordoned nodes)."""
+    if observed.gpu_nodes is None:
+        return frozenset(p for p in observed.gpu_products or () if p not in observed.cordoned_products)
+    gpus, selector = isvc.spec.gpu.count, isvc.spec.node_selector
+    return frozenset(n.product for n in observed.gpu_nodes if n.schedulable and n.fits(gpus, selector))
 
 
 def split_replicas(total: int, products: tuple[str, ...]) -> dict[str, int]:
@@ -147,7 +161,7 @@ def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observe
     serve (``serving.Swap``: a product's new Engine, or the new runtime after a runtime switch) are kept as they
     are, with the Engines they fetch; the Engines of a service that no longer runs triton are released."""
     deployments = [c for c in owned if c.get("kind") == "Deployment"]
-    present = present_products(observed, deployments)
+    present = present_products(isvc, observed, deployments)
     triton = _triton_plan(isvc, observed, present, deployments, ctx)
     desired = desired_objects(isvc, ctx, present, triton)
     rendered = [d for d in desired if d["kind"] == "Deployment"]
@@ -192,7 +206,7 @@ def _waiting_conditions(isvc: InferenceService, observed: Observed, present: tup
     if triton is not None and triton.views:
         conditions = serving.waiting_conditions(triton.views)
     else:
-        conditions = _no_products_conditions(isvc, present, observed.cordoned_products)
+        conditions = _no_products_conditions(isvc, observed, present)
     write_problem = next(c for c in serving_conditions if c.type == "Degraded")
     if write_problem.reason in ("NameConflict", "ApplyFailed"):
         conditions = [write_problem if c.type == "Degraded" else c for c in conditions]
@@ -277,12 +291,20 @@ def _invalid_conditions(errors: Sequence[FieldError], deployments: Sequence[Mapp
     ]
 
 
-def _no_products_conditions(isvc: InferenceService, present: tuple[str, ...] | None,
-                            cordoned: tuple[str, ...] = ()) -> list[Condition]:
+def _no_products_conditions(isvc: InferenceService, observed: Observed,
+                            present: tuple[str, ...] | None) -> list[Condition]:
     allowed = ", ".join(isvc.spec.gpu.products) or "any"
     found = ", ".join(present) if present else "none"
-    on_cordoned = f" (and {', '.join(cordoned)} only on cordoned nodes)" if cordoned else ""
-    message = (f"no GPU product to run on: spec.gpu.products allows {allowed}, the cluster has {found}{on_cordoned}; "
+    cordoned = [p for p in observed.cordoned_products if p not in (present or ())]
+    small = [p for p in observed.gpu_products or () if p not in (present or ()) and p not in cordoned]
+    left_out = []
+    if cordoned:
+        left_out.append(f"{', '.join(cordoned)} only on cordoned nodes")
+    if small:
+        left_out.append(f"no node of {', '.join(small)} has {isvc.spec.gpu.count} allocatable nvidia.com/gpu and "
+                        "matches spec.nodeSelector")
+    usable = f"{found} ({'; '.join(left_out)})" if left_out else found
+    message = (f"no GPU product to run on: spec.gpu.products allows {allowed}, the cluster has {usable}; "
                "triton needs a product to build its engine for")
     return [
         Condition("Ready", "False", "NoGPUProducts", message),

@@ -76,3 +76,42 @@ def test_a_product_only_on_cordoned_nodes_is_not_newly_eligible_and_goes_with_it
     plan = reconcile(body, observed([gpu_node("h1", H100)], engines, tuple(children)), RCTX, T0)  # a1 removed
     assert len(deployments(plan.prune)) == 1
     assert [w.action for w in plan.engine_writes] == ["delete"]
+
+
+# ---- nodes too small for one replica -----------------------------------------------------------------------
+
+L4 = "NVIDIA-L4"
+
+
+def sized(name: str, product: str, allocatable: int, **labels: str) -> dict[str, Any]:
+    out = gpu_node(name, product, count=8 if product != L4 else 1)
+    out["metadata"]["labels"].update(labels)
+    out["status"] = {"allocatable": {"nvidia.com/gpu": str(allocatable), "cpu": "96"}}
+    return out
+
+
+def created(nodes: list[dict[str, Any]], **spec: Any) -> list[str]:
+    body = stored(triton_service(model={"uri": "hf://a/b@v1"}, replicas=2, **spec))
+    plan = reconcile(body, observed(nodes, []), RCTX, T0)
+    return [w.body["spec"]["gpu"]["product"] for w in plan.engine_writes if w.body and w.action == "create"]
+
+
+def test_a_product_no_node_of_which_can_hold_one_replica_is_not_eligible() -> None:
+    # spec.gpu.count 4 on 1-GPU L4 nodes; an A100 node whose GPUs are all MIG slices (mig.strategy mixed)
+    nodes = [sized("h1", H100, 8), sized("l4-a", L4, 1), sized("l4-b", L4, 1)]
+    assert created(nodes, gpu={"count": 4, "products": []}) == [H100]
+    assert created([sized("h1", H100, 8), sized("a1", A100, 0)], gpu={"count": 1, "products": []}) == [H100]
+    # spec.nodeSelector: L4s only in another pool
+    pools = [sized("h1", H100, 8, pool="llm"), sized("l4-a", L4, 1, pool="dev")]
+    assert created(pools, gpu={"count": 1, "products": []}, nodeSelector={"pool": "llm"}) == [H100]
+
+
+def test_an_allowed_product_that_no_node_can_hold_is_named_in_the_status() -> None:
+    from tensorfleet.status import condition
+
+    body = stored(triton_service(model={"uri": "hf://a/b@v1"}, gpu={"count": 4, "products": [L4]}))
+    plan = reconcile(body, observed([sized("l4-a", L4, 1)], []), RCTX, T0)
+    assert [w.action for w in plan.engine_writes] == []
+    degraded = condition(plan.status, "Degraded")
+    assert degraded["reason"] == "NoGPUProducts"
+    assert f"no node of {L4} has 4 allocatable nvidia.com/gpu and matches spec.nodeSelector" in degraded["message"]

@@ -123,12 +123,13 @@ async def engine_pods_idx(body: kopf.Body, namespace: str | None, memo: Any, **_
 
 def observed_for_service(indices: Mapping[str, Any], namespace: str) -> dict[str, Any]:
     """The ``Observed`` fields engines contribute: GPU products present (and those only on cordoned nodes),
-    their compute capability, Engines."""
+    their nodes, their compute capability, Engines."""
     nodes = list(indices["gpu_nodes_idx"].get("gpus", ()))
     inventory = discovery.Inventory.from_nodes(nodes)
     return {
         "gpu_products": inventory.names,
         "cordoned_products": inventory.cordoned_products(),
+        "gpu_nodes": tuple(nodes),
         "compute_capabilities": inventory.compute_capabilities(),
         "engines": tuple(indices["engines_idx"].get(namespace, ())),
     }

@@ -16,6 +16,7 @@ COUNT = "nvidia.com/gpu.count"
 MEMORY = "nvidia.com/gpu.memory"
 COMPUTE_MAJOR = "nvidia.com/gpu.compute.major"
 COMPUTE_MINOR = "nvidia.com/gpu.compute.minor"
+RESOURCE = "nvidia.com/gpu"  # the device plugin's resource: whole GPUs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,13 @@ class NodeGPUs:
     memory_mib: int | None
     compute_capability: str | None
     schedulable: bool = True
+    allocatable: int | None = None  # status.allocatable["nvidia.com/gpu"]: 0 with every GPU split by MIG (mixed)
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def fits(self, gpus: int, node_selector: Mapping[str, str]) -> bool:
+        """Whether one pod asking ``gpus`` whole GPUs, with ``node_selector``, could ever be placed here."""
+        whole = self.allocatable if self.allocatable is not None else self.count
+        return whole >= gpus and all(self.labels.get(k) == v for k, v in node_selector.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +67,11 @@ def node_gpus(node: Mapping[str, Any]) -> NodeGPUs | None:
     major, minor = _int(labels.get(COMPUTE_MAJOR)), _int(labels.get(COMPUTE_MINOR))
     capability = f"{major}.{minor}" if major is not None and minor is not None else None
     unschedulable = bool((node.get("spec") or {}).get("unschedulable"))
+    allocatable = ((node.get("status") or {}).get("allocatable") or {}).get(RESOURCE)
     return NodeGPUs(node=str(meta.get("name", "")), product=str(product), count=_int(labels.get(COUNT)) or 0,
                     memory_mib=_int(labels.get(MEMORY)), compute_capability=capability,
-                    schedulable=not unschedulable)
+                    schedulable=not unschedulable, allocatable=_int(allocatable) if allocatable is not None else None,
+                    labels={str(k): str(v) for k, v in labels.items()})
 
 
 @dataclasses.dataclass(frozen=True)
