@@ -129,3 +129,22 @@ def test_the_build_job_runs_where_the_service_that_created_its_engine_may_run() 
     assert pod_spec["nodeSelector"] == {"pool": "llm", "nvidia.com/gpu.product": H100}
     assert pod_spec["tolerations"] == [dedicated, {"key": "nvidia.com/gpu", "operator": "Exists",
                                                    "effect": "NoSchedule"}]
+
+
+def test_the_build_pod_requests_cpu_memory_and_ephemeral_storage_from_the_operators_settings() -> None:
+    """Without requests it is BestEffort (evicted first while a conversion holds the model in host memory), and
+    a namespace whose ResourceQuota covers requests.cpu/requests.memory refuses every pod of the Job."""
+    from tensorfleet.engines.controller import engine_context
+    from tensorfleet.settings import OperatorSettings
+
+    _, job = started()
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "4", "memory": "32Gi", "ephemeral-storage": "100Gi", "nvidia.com/gpu": "1"},
+        "limits": {"nvidia.com/gpu": "1"}}
+    settings = OperatorSettings(engine_store="s3://engines/x", engine_build_cpu="16", engine_build_memory="256Gi",
+                                engine_build_ephemeral_storage="800Gi")
+    assert settings.validate() == []
+    plan = reconcile_engine(stored_engine(tensorParallelSize=4), EngineObserved(), engine_context(settings), T0)
+    assert plan.create is not None
+    assert plan.create["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {
+        "cpu": "16", "memory": "256Gi", "ephemeral-storage": "800Gi", "nvidia.com/gpu": "4"}

@@ -45,8 +45,10 @@ def engine_context(settings: Any) -> EngineContext:
                                      settings.engine_store_region or "", settings.engine_store_secret or "")
     return EngineContext(
         default_store=default,
-        job_settings=jobs.JobSettings(builder_image_template=settings.engine_builder_image,
-                                      retries=settings.engine_build_retries),
+        job_settings=jobs.JobSettings(
+            builder_image_template=settings.engine_builder_image, retries=settings.engine_build_retries,
+            requests={"cpu": settings.engine_build_cpu, "memory": settings.engine_build_memory,
+                      "ephemeral-storage": settings.engine_build_ephemeral_storage}),
         retry_base_seconds=settings.engine_retry_base_seconds,
         retry_max_seconds=settings.engine_retry_max_seconds,
     )

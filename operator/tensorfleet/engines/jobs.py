@@ -29,6 +29,10 @@ class JobSettings:
     retries: int = 2  # pod-level retries of one Job (Job backoffLimit; Kubernetes backs off 10 s, 20 s, ...)
     ttl_seconds_after_finished: int = 86400  # safety net; the operator deletes finished Jobs itself
     work_size_limit: str = "500Gi"
+    # cpu, memory and ephemeral-storage requests of the build pod (besides its GPUs): without them it would be
+    # BestEffort (evicted first under memory pressure) and refused in a namespace with a ResourceQuota on requests
+    requests: Mapping[str, str] = dataclasses.field(default_factory=lambda: {
+        "cpu": "4", "memory": "32Gi", "ephemeral-storage": "100Gi"})
     namespace_pull_secrets: tuple[str, ...] = ()
 
 
@@ -72,7 +76,7 @@ def _container(engine: Mapping[str, Any], store: StoreRef, settings: JobSettings
         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                 {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"},
                 *_model_env(spec), *store.env()],
-        "resources": {"requests": {"nvidia.com/gpu": gpus}, "limits": {"nvidia.com/gpu": gpus}},
+        "resources": {"requests": {**settings.requests, "nvidia.com/gpu": gpus}, "limits": {"nvidia.com/gpu": gpus}},
         "volumeMounts": [{"name": "work", "mountPath": WORK_DIR}, *store.mounts(read_only=False), *model_mounts],
         "terminationMessagePath": TERMINATION_LOG,
         # A crash before ensure writes its message still reports the end of the log.
