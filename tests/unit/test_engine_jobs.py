@@ -148,3 +148,18 @@ def test_the_build_pod_requests_cpu_memory_and_ephemeral_storage_from_the_operat
     assert plan.create is not None
     assert plan.create["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {
         "cpu": "16", "memory": "256Gi", "ephemeral-storage": "800Gi", "nvidia.com/gpu": "4"}
+
+
+def test_a_complete_job_whose_pod_is_gone_runs_again_instead_of_building_until_its_ttl() -> None:
+    """The pod went before its report was read (its node scaled away while the operator restarted, PodGC)."""
+    body, job = started()
+    complete = {**job, "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}
+    plan = reconcile_engine(body, EngineObserved(jobs=(complete,)), CTX, at(60))
+    assert plan.create is not None
+    assert plan.create["metadata"]["name"].endswith("-2")
+    assert plan.delete == (job["metadata"]["name"],)
+    assert condition(plan.status, "Building")["reason"] == "JobStarted"
+    assert "ReportLost" in [e.reason for e in plan.events]
+    # a pod the index still shows as running (its update not seen yet) is waited for
+    running = {"metadata": {"name": "p", "labels": {"job-name": job["metadata"]["name"]}}, "status": {}}
+    assert reconcile_engine(body, EngineObserved(jobs=(complete,), pods=(running,)), CTX, at(60)).create is None

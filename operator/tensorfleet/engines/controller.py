@@ -172,7 +172,7 @@ def _observe(kwargs: Mapping[str, Any], namespace: str, name: str) -> EngineObse
     key = (namespace, name)
     pods = list(kwargs["engine_pods_idx"].get(key, ()))
     return EngineObserved(jobs=tuple(kwargs["engine_jobs_idx"].get(key, ())),
-                          pods=tuple(p for p in pods if (p["metadata"].get("labels") or {}).get("job-name")),
+                          pods=tuple(p for p in pods if jobs.job_name_of(p)),
                           corruption=_corruption_reports(pods))
 
 

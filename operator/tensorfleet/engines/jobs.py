@@ -166,6 +166,11 @@ def parse_message(terminated: Mapping[str, Any]) -> dict[str, Any]:
             "logTail": text[-2000:]}
 
 
+def job_name_of(pod: Mapping[str, Any]) -> str | None:
+    """The Job a pod belongs to (the Job controller's ``job-name`` label)."""
+    return ((pod.get("metadata") or {}).get("labels") or {}).get("job-name")
+
+
 def job_results(pods: Iterable[Mapping[str, Any]]) -> list[PodResult]:
     """Finished attempts of one Job, oldest first."""
     found = [r for r in (pod_result(p) for p in pods) if r is not None]

@@ -147,8 +147,7 @@ def _advance(body: Mapping[str, Any], observed: EngineObserved, ctx: EngineConte
     current = jobs.job_name(name, state.attempts) if state.attempts else None
     by_name = {j["metadata"]["name"]: j for j in observed.jobs}
     job = by_name.get(current) if current else None
-    results = jobs.job_results(p for p in observed.pods
-                               if (p.get("metadata", {}).get("labels") or {}).get("job-name") == current)
+    results = jobs.job_results(p for p in observed.pods if jobs.job_name_of(p) == current)
     succeeded = [r for r in results if r.report.get("result") in SUCCESS and r.report.get("fingerprint") == fingerprint]
     report = _new_corruption(state, observed.corruption)
     if report is not None:
@@ -178,6 +177,12 @@ def _advance(body: Mapping[str, Any], observed: EngineObserved, ctx: EngineConte
         _start_attempt(body, ctx, state, store, by_name, "building" if not state.attempts else "job missing: again")
     elif failed:
         _failed(body, ctx, now, state, store, by_name, results, job_reason, job_message)
+    elif jobs.job_finished(job) and not any(jobs.job_name_of(p) == current for p in observed.pods):
+        # Complete, and its pod went before its report was read (its node scaled away, PodGC): run it again,
+        # a cache hit if it built; waiting would wait for the Job's TTL
+        state.events.append(Event("Warning", "ReportLost", f"Job {current} finished but its pod is gone"))
+        _start_attempt(body, ctx, state, store, by_name, f"Job {current} finished but its pod, with its report, "
+                       "is gone: trying again", force_new=True)
     else:
         _running(body, ctx, now, state, store, by_name, observed.pods, results)
 
@@ -216,7 +221,7 @@ def _start_problem(pods: Sequence[Mapping[str, Any]], job_name: str,
     finished = {r.pod for r in results}
     for pod in pods:
         meta = pod.get("metadata") or {}
-        if (meta.get("labels") or {}).get("job-name") == job_name and meta.get("name") not in finished:
+        if jobs.job_name_of(pod) == job_name and meta.get("name") not in finished:
             problem = jobs.pod_problem(pod)
             if problem is not None:
                 return problem
@@ -258,7 +263,7 @@ def _ready(state: _State, by_name: Mapping[str, Mapping[str, Any]], observed: En
     artifact = state.artifact or {}
     # The result is recorded: finished Jobs have served their purpose (their pods go with them).
     for job_name, job in by_name.items():
-        pods = [p for p in observed.pods if (p.get("metadata", {}).get("labels") or {}).get("job-name") == job_name]
+        pods = [p for p in observed.pods if jobs.job_name_of(p) == job_name]
         if jobs.job_finished(job) or any(r.report.get("result") in SUCCESS for r in jobs.job_results(pods)):
             state.delete.append(job_name)
     source = artifact.get("source", "")
