@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -38,6 +39,14 @@ def setting(default: Any, help: str) -> Any:
     """A settings field with its help text."""
     factory_free = default if not isinstance(default, list | dict | set) else None
     return dataclasses.field(default=factory_free, metadata={"help": help})
+
+
+_QUANTITY = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[KMGTPE]i|[mkMGTPE])?")
+
+
+def positive_quantity(text: str) -> bool:
+    """Whether ``text`` is a Kubernetes quantity above zero (``4``, ``500m``, ``32Gi``), as a request must be."""
+    return bool(_QUANTITY.fullmatch(text)) and any(ch in "123456789" for ch in text.rstrip("KMGTPEimk"))
 
 
 MAX_WAIT_SECONDS = 86400  # the longest timeout, interval, retry or drain wait any setting may ask for: a day

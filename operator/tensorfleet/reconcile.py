@@ -18,7 +18,7 @@ from tensorfleet.api.types import InferenceService
 from tensorfleet.api.validation import validate_body
 from tensorfleet.autoscale import status as autoscale_status
 from tensorfleet.autoscale.render import autoscaler_objects, mode_errors
-from tensorfleet.engines import serving
+from tensorfleet.engines import discovery, serving
 from tensorfleet.render import labels
 from tensorfleet.render.context import RenderContext
 from tensorfleet.render.gateway import render_config_map, render_revision_config_map
@@ -36,13 +36,17 @@ class Observed:
     """What exists now: the children labelled as ours, the GPU products in the cluster, the last write failure,
     and the children whose name an object this service does not control already has ('Service llama').
 
-    ``gpu_products`` is None when nothing is known about the cluster's GPUs (no discovery yet).
+    ``gpu_products`` is None when nothing is known about the cluster's GPUs (no discovery yet);
+    ``cordoned_products``: those of them whose nodes are all cordoned, ``gpu_nodes`` their nodes (see
+    ``present_products``).
     """
 
     children: tuple[Mapping[str, Any], ...] = ()
     apply_error: str | None = None
     conflicts: tuple[str, ...] = ()
     gpu_products: tuple[str, ...] | None = None
+    cordoned_products: tuple[str, ...] = ()
+    gpu_nodes: tuple[discovery.NodeGPUs, ...] | None = None  # None: no detail (only the product names)
     # GPU discovery and Engines (tensorfleet.engines). engines None: not observed (offline render).
     compute_capabilities: Mapping[str, str] = dataclasses.field(default_factory=dict)
     engines: tuple[Mapping[str, Any], ...] | None = None
@@ -70,6 +74,28 @@ def eligible_products(isvc: InferenceService, present: tuple[str, ...] | None) -
     if not allowed:
         return present
     return tuple(p for p in allowed if p in present)
+
+
+def present_products(isvc: InferenceService, observed: Observed,
+                     deployments: Sequence[Mapping[str, Any]]) -> tuple[str, ...] | None:
+    """The products the service may run on: those with a node that takes new pods and could hold one replica
+    (``fitting_products``), and those where a Deployment of the service already runs. A cordon stops new pods,
+    not running ones: a product that serves keeps its Deployment (and Engine) until its nodes are gone,
+    evicted through the PDB."""
+    if observed.gpu_products is None:
+        return None
+    served = serving.products_served(deployments)
+    fitting = fitting_products(isvc, observed)
+    return tuple(p for p in observed.gpu_products if p in served or p in fitting)
+
+
+def fitting_products(isvc: InferenceService, observed: Observed) -> frozenset[str]:
+    """The products with an uncordoned node that has ``spec.gpu.count`` allocatable whole GPUs and matches
+    ``spec.nodeSelector`` (without node detail: every product not only on cordoned nodes)."""
+    if observed.gpu_nodes is None:
+        return frozenset(p for p in observed.gpu_products or () if p not in observed.cordoned_products)
+    gpus, selector = isvc.spec.gpu.count, isvc.spec.node_selector
+    return frozenset(n.product for n in observed.gpu_nodes if n.schedulable and n.fits(gpus, selector))
 
 
 def split_replicas(total: int, products: tuple[str, ...]) -> dict[str, int]:
@@ -135,8 +161,9 @@ def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observe
     serve (``serving.Swap``: a product's new Engine, or the new runtime after a runtime switch) are kept as they
     are, with the Engines they fetch; the Engines of a service that no longer runs triton are released."""
     deployments = [c for c in owned if c.get("kind") == "Deployment"]
-    triton = _triton_plan(isvc, observed, deployments, ctx)
-    desired = desired_objects(isvc, ctx, observed.gpu_products, triton)
+    present = present_products(isvc, observed, deployments)
+    triton = _triton_plan(isvc, observed, present, deployments, ctx)
+    desired = desired_objects(isvc, ctx, present, triton)
     rendered = [d for d in desired if d["kind"] == "Deployment"]
     replicated = [d for d in rendered if _spec_replicas(d)]  # one asked for 0 is complete at once, serving nothing
     switch = serving.runtime_switch(isvc, deployments, rendered, triton.views if triton else (),
@@ -146,7 +173,7 @@ def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observe
     conditions = _serving_conditions([*rendered, *kept], deployments, observed, kept if switch else (),
                                      _serving_floor(body))
     if not rendered and not kept:
-        conditions = _waiting_conditions(isvc, observed, triton, conditions)
+        conditions = _waiting_conditions(isvc, observed, present, triton, conditions)
     status = _status(body, deployments, conditions, isvc, ctx)
     status["_conditions"] = serving.swap_conditions(conditions, swaps)
     if triton is None:
@@ -172,25 +199,25 @@ def _rolled_out(rendered: Sequence[Mapping[str, Any]], observed: Sequence[Mappin
     return all(_rollout(want, by_name.get(want["metadata"]["name"])).state == "complete" for want in rendered)
 
 
-def _waiting_conditions(isvc: InferenceService, observed: Observed, triton: serving.TritonPlan | None,
-                        serving_conditions: list[Condition]) -> list[Condition]:
+def _waiting_conditions(isvc: InferenceService, observed: Observed, present: tuple[str, ...] | None,
+                        triton: serving.TritonPlan | None, serving_conditions: list[Condition]) -> list[Condition]:
     """The conditions while nothing serves or is kept serving: no GPU product to run on, or Engines that cannot
     serve yet. A name conflict or a failed write (say, a refused Engine create) is Degraded's reason over them."""
     if triton is not None and triton.views:
         conditions = serving.waiting_conditions(triton.views)
     else:
-        conditions = _no_products_conditions(isvc, observed.gpu_products)
+        conditions = _no_products_conditions(isvc, observed, present)
     write_problem = next(c for c in serving_conditions if c.type == "Degraded")
     if write_problem.reason in ("NameConflict", "ApplyFailed"):
         conditions = [write_problem if c.type == "Degraded" else c for c in conditions]
     return conditions
 
 
-def _triton_plan(isvc: InferenceService, observed: Observed, deployments: Sequence[Mapping[str, Any]],
-                 ctx: RenderContext) -> serving.TritonPlan | None:
+def _triton_plan(isvc: InferenceService, observed: Observed, present: tuple[str, ...] | None,
+                 deployments: Sequence[Mapping[str, Any]], ctx: RenderContext) -> serving.TritonPlan | None:
     if isvc.spec.runtime.name != "triton" or observed.engines is None:
         return None
-    products = eligible_products(isvc, observed.gpu_products)
+    products = eligible_products(isvc, present)
     return serving.plan_triton(isvc, ctx, products, observed.compute_capabilities, observed.engines, deployments,
                                split_replicas)
 
@@ -264,10 +291,20 @@ def _invalid_conditions(errors: Sequence[FieldError], deployments: Sequence[Mapp
     ]
 
 
-def _no_products_conditions(isvc: InferenceService, present: tuple[str, ...] | None) -> list[Condition]:
+def _no_products_conditions(isvc: InferenceService, observed: Observed,
+                            present: tuple[str, ...] | None) -> list[Condition]:
     allowed = ", ".join(isvc.spec.gpu.products) or "any"
     found = ", ".join(present) if present else "none"
-    message = (f"no GPU product to run on: spec.gpu.products allows {allowed}, the cluster has {found}; "
+    cordoned = [p for p in observed.cordoned_products if p not in (present or ())]
+    small = [p for p in observed.gpu_products or () if p not in (present or ()) and p not in cordoned]
+    left_out = []
+    if cordoned:
+        left_out.append(f"{', '.join(cordoned)} only on cordoned nodes")
+    if small:
+        left_out.append(f"no node of {', '.join(small)} has {isvc.spec.gpu.count} allocatable nvidia.com/gpu and "
+                        "matches spec.nodeSelector")
+    usable = f"{found} ({'; '.join(left_out)})" if left_out else found
+    message = (f"no GPU product to run on: spec.gpu.products allows {allowed}, the cluster has {usable}; "
                "triton needs a product to build its engine for")
     return [
         Condition("Ready", "False", "NoGPUProducts", message),

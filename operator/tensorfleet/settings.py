@@ -52,6 +52,11 @@ class OperatorSettings:
         "ghcr.io/tensorfleet/engine-builder:{trtllm_version}",
         "Builder image template for Engines without spec.builderImage ({trtllm_version} is substituted).")
     engine_build_retries: int = setting(2, "Pod retries of one build Job (its backoffLimit).")
+    engine_build_cpu: str = setting("4", "CPU request of a build Job's pod (a Kubernetes quantity).")
+    engine_build_memory: str = setting(
+        "32Gi", "Memory request of a build Job's pod (converting a checkpoint holds the model in host memory).")
+    engine_build_ephemeral_storage: str = setting(
+        "100Gi", "Ephemeral-storage request of a build Job's pod (its work volume: checkpoint, engine).")
     engine_retry_base_seconds: float = setting(300.0, "Wait before re-running a failed build Job; doubles per attempt.")
     engine_retry_max_seconds: float = setting(3600.0, "Longest wait between build Jobs of a failing Engine.")
     engine_fetch_timeout_seconds: int = setting(1800, "How long serving pods retry fetching their engine.")
@@ -95,6 +100,9 @@ class OperatorSettings:
         check("metrics_port", not self.metrics_port or self.metrics_port != self.liveness_port,
               f"different from TENSORFLEET_LIVENESS_PORT={self.liveness_port}: two endpoints cannot share a port")
         check("engine_build_retries", 0 <= self.engine_build_retries <= 20, "between 0 and 20")
+        for request in ("engine_build_cpu", "engine_build_memory", "engine_build_ephemeral_storage"):
+            check(request, config.positive_quantity(getattr(self, request)),
+                  "a positive Kubernetes quantity such as 4, 500m, 32Gi")
         check("engine_retry_base_seconds", 0 < self.engine_retry_base_seconds <= MAX_WAIT_SECONDS, wait_limit)
         check("engine_retry_max_seconds", 0 < self.engine_retry_max_seconds <= MAX_ENGINE_RETRY_SECONDS,
               f"positive, at most {MAX_ENGINE_RETRY_SECONDS}")

@@ -34,6 +34,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "imagePullSecrets": ["registry"],
         "operator": {"extraEnv": [{"name": "EXTRA", "value": "1"}], "priorityClassName": "system-cluster-critical"},
         "engines": {"builderImage": "nvcr.io/nvidia/tensorrt-llm/release:{trtllm_version}", "buildRetries": 4,
+                    "buildResources": {"cpu": "500m", "memory": "256Gi", "ephemeralStorage": 800},
                     "retryBaseSeconds": 60, "retryMaxSeconds": 900, "fetchTimeoutSeconds": 600,
                     "store": {"type": "s3", "s3": {"bucket": "engines", "endpoint": "https://s3.example.com",
                                                    "region": "eu-west-1", "credentialsSecret": "engine-store"}}},
@@ -74,6 +75,8 @@ def test_helm_lint_is_clean(value_set: str) -> None:
     ({"engines": {"store": {"type": "pvc"}}}, "/engines/store/pvc/claimName"),
     ({"engines": {"builderImage": "registry/builder:{version}"}}, "/engines/builderImage"),
     ({"engines": {"buildRetries": -1}}, "/engines/buildRetries"),
+    ({"engines": {"buildResources": {"memory": "0Gi"}}}, "/engines/buildResources/memory"),
+    ({"engines": {"buildResources": {"cpu": 0}}}, "/engines/buildResources/cpu"),
     ({"autoscaling": {"intervalSeconds": 0}}, "/autoscaling/intervalSeconds"),
     ({"autoscaling": {"keda": "yes"}}, "/autoscaling/keda"),
     ({"autoscaling": {"prometheusUrl": "prometheus:9090"}}, "/autoscaling/prometheusUrl"),
@@ -315,6 +318,7 @@ def test_engine_and_autoscaling_values_become_the_operators_settings(
         "s3://engines/engines", "https://s3.example.com", "eu-west-1", "engine-store")
     assert s3.engine_builder_image == "nvcr.io/nvidia/tensorrt-llm/release:{trtllm_version}"
     assert (s3.engine_build_retries, s3.engine_retry_base_seconds, s3.engine_retry_max_seconds) == (4, 60.0, 900.0)
+    assert (s3.engine_build_cpu, s3.engine_build_memory, s3.engine_build_ephemeral_storage) == ("500m", "256Gi", "800")
     assert (s3.engine_fetch_timeout_seconds, s3.model_fetch_timeout_seconds) == (600, 1200)
     assert (s3.autoscale_interval_seconds, s3.autoscale_scrape_timeout_seconds) == (5.0, 0.5)
     assert (s3.autoscale_hpa, s3.autoscale_keda, s3.prometheus_url) == (True, True, "http://prometheus.monitoring:9090")

@@ -103,6 +103,10 @@ def test_every_field_is_a_flag_and_an_env_var() -> None:
      "TENSORFLEET_ENGINE_FETCH_TIMEOUT_SECONDS=0: must be positive, at most 86400"),
     ("--autoscale-scrape-timeout-seconds", "inf",
      "TENSORFLEET_AUTOSCALE_SCRAPE_TIMEOUT_SECONDS=inf: must be positive, at most 60"),
+    ("--engine-build-memory", "0Gi",
+     "TENSORFLEET_ENGINE_BUILD_MEMORY='0Gi': must be a positive Kubernetes quantity such as 4, 500m, 32Gi"),
+    ("--engine-build-cpu", "four",
+     "TENSORFLEET_ENGINE_BUILD_CPU='four': must be a positive Kubernetes quantity such as 4, 500m, 32Gi"),
 ])
 def test_operator_settings_out_of_range_are_a_usage_error(flag: str, value: str, message: str) -> None:
     from tensorfleet.cli import main

@@ -131,3 +131,21 @@ def test_a_model_uri_of_no_supported_scheme_is_reported_not_a_traceback(tmp_path
     assert "model-fetch: --uri: spec.model.uri 'ftp://a/b' is not hf://" in result.stderr
     assert json.loads(log.read_text())["reason"] == "InvalidURI"
     assert not (tmp_path / "model").exists()
+
+
+def test_digest_of_a_folder_with_symbolic_links_is_a_one_line_error_naming_the_argument(
+        tmp_path: pathlib.Path) -> None:
+    """A Hugging Face cache snapshot (every file a link into ../../blobs), where a user usually has the weights."""
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "0123abcd").write_text("{}")
+    snapshot = repo / "snapshots" / "5f0b02c7"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").symlink_to("../../blobs/0123abcd")
+    result = CliRunner().invoke(main, ["engine", "digest", str(snapshot)])
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"Error: DIRECTORY: {snapshot / 'config.json'}: symbolic links are not allowed")
+    assert "--local-dir" in lines[0]

@@ -130,10 +130,13 @@ def test_inventory_of_products_from_gfd_labels() -> None:
              node("c", "NVIDIA-L4", count=1, major=8, minor=9), node("cpu", None),
              node("d", "NVIDIA-A100-SXM4-80GB", unschedulable=True)]
     inventory = discovery.Inventory.from_nodes(g for n in nodes if (g := discovery.node_gpus(n)))
-    assert inventory.names == ("NVIDIA-H100-80GB-HBM3", "NVIDIA-L4")
+    # a cordoned product is still present (its pods still run), marked as taking no new pods
+    assert inventory.names == ("NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB", "NVIDIA-L4")
+    assert inventory.cordoned_products() == ("NVIDIA-A100-SXM4-80GB",)
     h100 = inventory.products[0]
     assert (h100.nodes, h100.gpus, h100.memory_mib, h100.compute_capability) == (2, 16, 81559, "9.0")
-    assert inventory.compute_capabilities() == {"NVIDIA-H100-80GB-HBM3": "9.0", "NVIDIA-L4": "8.9"}
+    assert inventory.compute_capabilities() == {"NVIDIA-H100-80GB-HBM3": "9.0", "NVIDIA-A100-SXM4-80GB": "9.0",
+                                                "NVIDIA-L4": "8.9"}
     assert discovery.Inventory.from_nodes([]).names is None  # no GFD labels at all: unknown
 
 

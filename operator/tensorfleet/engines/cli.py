@@ -223,9 +223,15 @@ def fetch(fingerprint: str, sha256: str, dest: pathlib.Path, max_batch_size: int
 @click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=pathlib.Path))
 def digest(directory: pathlib.Path) -> None:
     """Print the digest of DIRECTORY (the value of spec.model.digest for a folder of weights)."""
-    from tensorfleet.engines.store import digest_directory
+    from tensorfleet.engines.store import StoreError, digest_directory
 
-    value, _ = digest_directory(directory, exclude=(".tensorfleet-verified", ".cache"))
+    try:
+        value, _ = digest_directory(directory, exclude=(".tensorfleet-verified", ".cache"))
+    except StoreError as exc:  # a symbolic link: a Hugging Face cache snapshot links every file into blobs/
+        raise click.ClickException(f"DIRECTORY: {exc}; digest a folder holding the files themselves, e.g. "
+                                   "huggingface-cli download ORG/NAME --revision REV --local-dir DIR") from None
+    except OSError as exc:
+        raise click.ClickException(f"DIRECTORY: {exc}") from None
     click.echo(value)
 
 

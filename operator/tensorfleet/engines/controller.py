@@ -45,8 +45,10 @@ def engine_context(settings: Any) -> EngineContext:
                                      settings.engine_store_region or "", settings.engine_store_secret or "")
     return EngineContext(
         default_store=default,
-        job_settings=jobs.JobSettings(builder_image_template=settings.engine_builder_image,
-                                      retries=settings.engine_build_retries),
+        job_settings=jobs.JobSettings(
+            builder_image_template=settings.engine_builder_image, retries=settings.engine_build_retries,
+            requests={"cpu": settings.engine_build_cpu, "memory": settings.engine_build_memory,
+                      "ephemeral-storage": settings.engine_build_ephemeral_storage}),
         retry_base_seconds=settings.engine_retry_base_seconds,
         retry_max_seconds=settings.engine_retry_max_seconds,
     )
@@ -122,11 +124,14 @@ async def engine_pods_idx(body: kopf.Body, namespace: str | None, memo: Any, **_
 
 
 def observed_for_service(indices: Mapping[str, Any], namespace: str) -> dict[str, Any]:
-    """The ``Observed`` fields engines contribute: GPU products present, their compute capability, Engines."""
+    """The ``Observed`` fields engines contribute: GPU products present (and those only on cordoned nodes),
+    their nodes, their compute capability, Engines."""
     nodes = list(indices["gpu_nodes_idx"].get("gpus", ()))
     inventory = discovery.Inventory.from_nodes(nodes)
     return {
         "gpu_products": inventory.names,
+        "cordoned_products": inventory.cordoned_products(),
+        "gpu_nodes": tuple(nodes),
         "compute_capabilities": inventory.compute_capabilities(),
         "engines": tuple(indices["engines_idx"].get(namespace, ())),
     }
@@ -167,7 +172,7 @@ def _observe(kwargs: Mapping[str, Any], namespace: str, name: str) -> EngineObse
     key = (namespace, name)
     pods = list(kwargs["engine_pods_idx"].get(key, ()))
     return EngineObserved(jobs=tuple(kwargs["engine_jobs_idx"].get(key, ())),
-                          pods=tuple(p for p in pods if (p["metadata"].get("labels") or {}).get("job-name")),
+                          pods=tuple(p for p in pods if jobs.job_name_of(p)),
                           corruption=_corruption_reports(pods))
 
 

@@ -15,7 +15,8 @@ spec that spells out a default names the engine that leaving it out names (and a
 ``builderImage: ""`` does not cause a rebuild).
 
 Its sha256 (hex) is the store path, and ``engine-<first 32 hex>`` is the Engine's name. Where the
-engine is stored and how long a build may take are not inputs and are left out. A change of this
+engine is stored, how long a build may take and where its Job runs (``nodeSelector``, ``tolerations``)
+are not inputs and are left out. A change of this
 document's layout bumps ``fingerprintVersion``, so old and new keys never collide.
 """
 
@@ -115,6 +116,10 @@ def engine_spec(isvc: InferenceService, product: str, compute_capability: str) -
         spec["buildOptions"] = dict(engine.build_options)
     if engine.store_ref:
         spec["storeRef"] = dict(engine.store_ref)
+    if isvc.spec.node_selector:  # the build runs where the service may: a dedicated (tainted) pool, say
+        spec["nodeSelector"] = dict(isvc.spec.node_selector)
+    if isvc.spec.tolerations:
+        spec["tolerations"] = [dict(t) for t in isvc.spec.tolerations]
     return spec
 
 

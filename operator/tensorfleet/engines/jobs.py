@@ -29,6 +29,10 @@ class JobSettings:
     retries: int = 2  # pod-level retries of one Job (Job backoffLimit; Kubernetes backs off 10 s, 20 s, ...)
     ttl_seconds_after_finished: int = 86400  # safety net; the operator deletes finished Jobs itself
     work_size_limit: str = "500Gi"
+    # cpu, memory and ephemeral-storage requests of the build pod (besides its GPUs): without them it would be
+    # BestEffort (evicted first under memory pressure) and refused in a namespace with a ResourceQuota on requests
+    requests: Mapping[str, str] = dataclasses.field(default_factory=lambda: {
+        "cpu": "4", "memory": "32Gi", "ephemeral-storage": "100Gi"})
     namespace_pull_secrets: tuple[str, ...] = ()
 
 
@@ -72,7 +76,7 @@ def _container(engine: Mapping[str, Any], store: StoreRef, settings: JobSettings
         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                 {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"},
                 *_model_env(spec), *store.env()],
-        "resources": {"requests": {"nvidia.com/gpu": gpus}, "limits": {"nvidia.com/gpu": gpus}},
+        "resources": {"requests": {**settings.requests, "nvidia.com/gpu": gpus}, "limits": {"nvidia.com/gpu": gpus}},
         "volumeMounts": [{"name": "work", "mountPath": WORK_DIR}, *store.mounts(read_only=False), *model_mounts],
         "terminationMessagePath": TERMINATION_LOG,
         # A crash before ensure writes its message still reports the end of the log.
@@ -81,7 +85,8 @@ def _container(engine: Mapping[str, Any], store: StoreRef, settings: JobSettings
 
 
 def render_job(engine: Mapping[str, Any], attempt: int, store: StoreRef, settings: JobSettings) -> dict[str, Any]:
-    """One attempt to build (or find) the engine, on a node of its GPU product, owned by the Engine."""
+    """One attempt to build (or find) the engine, on a node of its GPU product (and the Engine's nodeSelector,
+    with its tolerations: those of the service that created it), owned by the Engine."""
     meta, spec = engine["metadata"], engine["spec"]
     name = job_name(meta["name"], attempt)
     job_labels = {MANAGED: labels.MANAGER, ENGINE_LABEL: meta["name"], COMPONENT: "engine-build"}
@@ -89,8 +94,8 @@ def render_job(engine: Mapping[str, Any], attempt: int, store: StoreRef, setting
     per_attempt = int(spec["buildTimeoutSeconds"])
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "nodeSelector": {labels.NODE_GPU_PRODUCT: spec["gpu"]["product"]},
-        "tolerations": [GPU_TOLERATION],
+        "nodeSelector": {**(spec.get("nodeSelector") or {}), labels.NODE_GPU_PRODUCT: spec["gpu"]["product"]},
+        "tolerations": [*(dict(t) for t in spec.get("tolerations") or ()), GPU_TOLERATION],
         "containers": [_container(engine, store, settings)],
         "volumes": [{"name": "work", "emptyDir": {"sizeLimit": settings.work_size_limit}},
                     *store.volumes(read_only=False), *model_volumes],
@@ -161,10 +166,48 @@ def parse_message(terminated: Mapping[str, Any]) -> dict[str, Any]:
             "logTail": text[-2000:]}
 
 
+def job_name_of(pod: Mapping[str, Any]) -> str | None:
+    """The Job a pod belongs to (the Job controller's ``job-name`` label)."""
+    return ((pod.get("metadata") or {}).get("labels") or {}).get("job-name")
+
+
 def job_results(pods: Iterable[Mapping[str, Any]]) -> list[PodResult]:
     """Finished attempts of one Job, oldest first."""
     found = [r for r in (pod_result(p) for p in pods) if r is not None]
     return sorted(found, key=lambda r: (r.finished_at, r.pod))
+
+
+# A container that cannot start for these reasons will not start by waiting: the attempt fails after a grace period.
+START_FAILURES = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                            "CreateContainerConfigError", "CreateContainerError"})
+
+
+@dataclasses.dataclass(frozen=True)
+class PodProblem:
+    """Why a build pod has not started: a container ``waiting`` for a reason in START_FAILURES (``fatal``), or
+    the scheduler's ``PodScheduled=False`` (Unschedulable: a node may still come, say from an autoscaler)."""
+
+    pod: str
+    reason: str
+    message: str
+    since: str  # when the pod was created (a container's start) or the scheduling condition last changed
+    fatal: bool
+
+
+def pod_problem(pod: Mapping[str, Any]) -> PodProblem | None:
+    """What keeps ``pod`` from starting, or None when nothing does (it runs, or its containers are starting)."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    name = str(meta.get("name", ""))
+    for cs in (*(status.get("initContainerStatuses") or ()), *(status.get("containerStatuses") or ())):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in START_FAILURES:
+            return PodProblem(name, str(waiting["reason"]), str(waiting.get("message") or ""),
+                              str(status.get("startTime") or meta.get("creationTimestamp") or ""), fatal=True)
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return PodProblem(name, str(cond.get("reason") or "Unschedulable"), str(cond.get("message") or ""),
+                              str(cond.get("lastTransitionTime") or meta.get("creationTimestamp") or ""), fatal=False)
+    return None
 
 
 def job_failed(job: Mapping[str, Any]) -> tuple[bool, str, str]:

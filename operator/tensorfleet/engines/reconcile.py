@@ -45,6 +45,7 @@ class EngineContext:
     job_settings: jobs.JobSettings = dataclasses.field(default_factory=jobs.JobSettings)
     retry_base_seconds: float = 300.0
     retry_max_seconds: float = 3600.0
+    start_grace_seconds: float = 600.0  # a build pod that cannot start (jobs.START_FAILURES) fails past this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +147,7 @@ def _advance(body: Mapping[str, Any], observed: EngineObserved, ctx: EngineConte
     current = jobs.job_name(name, state.attempts) if state.attempts else None
     by_name = {j["metadata"]["name"]: j for j in observed.jobs}
     job = by_name.get(current) if current else None
-    results = jobs.job_results(p for p in observed.pods
-                               if (p.get("metadata", {}).get("labels") or {}).get("job-name") == current)
+    results = jobs.job_results(p for p in observed.pods if jobs.job_name_of(p) == current)
     succeeded = [r for r in results if r.report.get("result") in SUCCESS and r.report.get("fingerprint") == fingerprint]
     report = _new_corruption(state, observed.corruption)
     if report is not None:
@@ -171,18 +171,65 @@ def _advance(body: Mapping[str, Any], observed: EngineObserved, ctx: EngineConte
         _ready(state, by_name, observed)
         return
     failed, job_reason, job_message = jobs.job_failed(job) if job is not None else (False, "", "")
-    if job is None:
+    if job is None and state.failure is not None and state.failure.get("job") == current:
+        _backoff(body, ctx, now, state, store, by_name)  # recorded as failed, then deleted (TTL, by hand)
+    elif job is None:
         _start_attempt(body, ctx, state, store, by_name, "building" if not state.attempts else "job missing: again")
     elif failed:
         _failed(body, ctx, now, state, store, by_name, results, job_reason, job_message)
+    elif jobs.job_finished(job) and not any(jobs.job_name_of(p) == current for p in observed.pods):
+        # Complete, and its pod went before its report was read (its node scaled away, PodGC): run it again,
+        # a cache hit if it built; waiting would wait for the Job's TTL
+        state.events.append(Event("Warning", "ReportLost", f"Job {current} finished but its pod is gone"))
+        _start_attempt(body, ctx, state, store, by_name, f"Job {current} finished but its pod, with its report, "
+                       "is gone: trying again", force_new=True)
     else:
-        last = results[-1].report if results else None
-        note = f"; the previous try failed: {last.get('reason')}: {last.get('message')}" if last else ""
-        state.conditions = [
-            Condition("Ready", "False", "Building", f"Job {current} is building or fetching the engine"),
-            Condition("Building", "True", "JobRunning", f"attempt {state.attempts}: Job {current}{note}"),
-            _failed_condition(state),
-        ]
+        _running(body, ctx, now, state, store, by_name, observed.pods, results)
+
+
+def _running(body: Mapping[str, Any], ctx: EngineContext, now: datetime.datetime, state: _State, store: StoreRef,
+             by_name: Mapping[str, Mapping[str, Any]], pods: Sequence[Mapping[str, Any]],
+             results: Sequence[jobs.PodResult]) -> None:
+    """The current Job runs: building, or its pod cannot start (an image that cannot be pulled, no node to
+    schedule on), which status says at once; one that cannot start by waiting fails past the grace period."""
+    current = jobs.job_name(body["metadata"]["name"], state.attempts)
+    problem = _start_problem(pods, current, results)
+    if problem is not None and problem.fatal and now >= _grace_end(problem, ctx, now):
+        state.delete.append(current)  # its pods would wait until the Job's deadline, hours away
+        _failed(body, ctx, now, state, store, by_name, results, problem.reason,
+                f"pod {problem.pod} could not start: {problem.message}")
+        return
+    if problem is not None:
+        until = f"; the attempt fails at {timestamp(_grace_end(problem, ctx, now))}" if problem.fatal else ""
+        why = f"pod {problem.pod} cannot start: {problem.reason}: {problem.message}{until}"
+        state.conditions = [Condition("Ready", "False", problem.reason, f"Job {current}: {why}"[:4000]),
+                            Condition("Building", "True", problem.reason, f"attempt {state.attempts}: {why}"[:4000]),
+                            _failed_condition(state)]
+        return
+    last = results[-1].report if results else None
+    note = f"; the previous try failed: {last.get('reason')}: {last.get('message')}" if last else ""
+    state.conditions = [
+        Condition("Ready", "False", "Building", f"Job {current} is building or fetching the engine"),
+        Condition("Building", "True", "JobRunning", f"attempt {state.attempts}: Job {current}{note}"),
+        _failed_condition(state),
+    ]
+
+
+def _start_problem(pods: Sequence[Mapping[str, Any]], job_name: str,
+                   results: Sequence[jobs.PodResult]) -> jobs.PodProblem | None:
+    """What keeps the Job's unfinished pod from starting (the Job runs one pod at a time), or None."""
+    finished = {r.pod for r in results}
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        if jobs.job_name_of(pod) == job_name and meta.get("name") not in finished:
+            problem = jobs.pod_problem(pod)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _grace_end(problem: jobs.PodProblem, ctx: EngineContext, now: datetime.datetime) -> datetime.datetime:
+    return _parse_time(problem.since, now) + datetime.timedelta(seconds=ctx.start_grace_seconds)
 
 
 def _outcome(report: Mapping[str, Any]) -> BuildOutcome:
@@ -216,7 +263,7 @@ def _ready(state: _State, by_name: Mapping[str, Mapping[str, Any]], observed: En
     artifact = state.artifact or {}
     # The result is recorded: finished Jobs have served their purpose (their pods go with them).
     for job_name, job in by_name.items():
-        pods = [p for p in observed.pods if (p.get("metadata", {}).get("labels") or {}).get("job-name") == job_name]
+        pods = [p for p in observed.pods if jobs.job_name_of(p) == job_name]
         if jobs.job_finished(job) or any(r.report.get("result") in SUCCESS for r in jobs.job_results(pods)):
             state.delete.append(job_name)
     source = artifact.get("source", "")
@@ -255,8 +302,17 @@ def _failed(body: Mapping[str, Any], ctx: EngineContext, now: datetime.datetime,
     state.failure = {"job": current, "reason": reason, "message": message[:4000],
                      "logTail": str(last.get("logTail") or "")[-4000:], "finishedAt": finished_at,
                      "retryAt": timestamp(retry_at)}
+    _backoff(body, ctx, now, state, store, by_name)
+
+
+def _backoff(body: Mapping[str, Any], ctx: EngineContext, now: datetime.datetime, state: _State, store: StoreRef,
+             by_name: Mapping[str, Mapping[str, Any]]) -> None:
+    """The current attempt failed (``state.failure``): the next, a new attempt, starts at its ``retryAt``."""
+    failure = state.failure or {}
+    reason, message = failure.get("reason"), failure.get("message")
+    retry_at = _parse_time(failure.get("retryAt"), now)
     if now >= retry_at:
-        _start_attempt(body, ctx, state, store, by_name, f"retrying after: {reason}")
+        _start_attempt(body, ctx, state, store, by_name, f"retrying after: {reason}", force_new=True)
         return
     state.conditions = [
         Condition("Ready", "False", "BuildFailed", f"attempt {state.attempts} failed: {reason}: {message}"[:4000]),
@@ -273,7 +329,7 @@ def _start_attempt(body: Mapping[str, Any], ctx: EngineContext, state: _State, s
     if current is None or current in by_name or force_new:
         state.attempts += 1
     new = jobs.job_name(name, state.attempts)
-    state.delete.extend(n for n in by_name if n != new)  # superseded attempts are cancelled
+    state.delete.extend(n for n in by_name if n != new and n not in state.delete)  # superseded attempts: cancelled
     state.create = jobs.render_job(body, state.attempts, store, ctx.job_settings)
     state.conditions = [
         Condition("Ready", "False", "Building", f"Job {new} is building or fetching the engine"),
@@ -293,4 +349,6 @@ def _transition_events(previous: Sequence[Mapping[str, Any]], current: Sequence[
             events.append(Event("Normal", "EngineReady", cond.message))
         elif cond.type == "Failed" and cond.status == "True":
             events.append(Event("Warning", cond.reason, cond.message[:1024]))
+        elif cond.type == "Building" and cond.status == "True" and cond.reason not in ("JobStarted", "JobRunning"):
+            events.append(Event("Warning", cond.reason, cond.message[:1024]))  # its pod cannot start
     return events

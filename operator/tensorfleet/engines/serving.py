@@ -306,6 +306,21 @@ def product_of(deployment: Mapping[str, Any]) -> str | None:
     return ((deployment.get("metadata") or {}).get("labels") or {}).get(labels.GPU_PRODUCT_LABEL)
 
 
+def products_served(deployments: Sequence[Mapping[str, Any]]) -> frozenset[str]:
+    """The GPU products serving Deployments run on: a triton one's product label, a vLLM one's required
+    product affinity (``nvidia.com/gpu.product In [...]``)."""
+    served = {p for p in map(product_of, deployments) if p}
+    for deployment in deployments:
+        pod = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
+        required = (((pod.get("affinity") or {}).get("nodeAffinity") or {})
+                    .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+        for term in required.get("nodeSelectorTerms") or ():
+            served.update(value for expression in (term or {}).get("matchExpressions") or ()
+                          if expression.get("key") == labels.NODE_GPU_PRODUCT and expression.get("operator") == "In"
+                          for value in expression.get("values") or ())
+    return frozenset(served)
+
+
 def runtime_of(deployment: Mapping[str, Any]) -> str:
     """The runtime a serving Deployment of tensorfleet runs: triton's are pinned to one GPU product."""
     return "triton" if product_of(deployment) is not None else "vllm"
