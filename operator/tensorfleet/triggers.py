@@ -5,7 +5,9 @@ start, whenever an index sees a change that concerns the object (a poke), and ev
 a failure backs off exponentially. Pokes arriving while a reconcile runs are kept and coalesced.
 
 The daemons run without kopf's finalizer (``tensorfleet.handlers``), so an object may vanish without
-kopf stopping its daemons: its DELETED event ends them instead (``Triggers.deleted``, ``Stop``).
+kopf stopping its daemons: its DELETED event ends them instead (``Triggers.deleted``, ``Stop``), or, where
+the watch missed that event (a relist after "410 Gone" reports no deletions), the first write they try
+(``kube.KubeClient.acting_for`` finds the object gone before that write).
 """
 
 from __future__ import annotations
