@@ -199,16 +199,17 @@ async def reconcile_daemon(stopped: Any, body: kopf.Body, namespace: str | None,
     engine_indices = {index: kwargs[index] for index in engines.ENGINE_INDICES}
     runtime.metrics.services.inc()
     try:
-        with runtime.triggers.until_deleted(stopped, str(body.metadata.uid)) as stop:
+        with (runtime.triggers.until_deleted(stopped, str(body.metadata.uid)) as stop,
+              runtime.triggers.listening(namespace, name) as trigger):
             await reconcile_loop(
-                runtime.triggers.event(namespace, name), stop,
+                trigger, stop,
                 lambda: reconcile_once(runtime, body, lambda: _children(indices, (namespace, name)),
                                        lambda: engines.observed_for_service(engine_indices, namespace)),
                 resync_seconds=runtime.settings.resync_seconds, debounce_seconds=runtime.settings.debounce_seconds)
     finally:
         runtime.metrics.services.dec()
-        runtime.metrics.forget_service(namespace, name)
-        runtime.triggers.forget(namespace, name)
+        if not runtime.triggers.listened(namespace, name):  # else the series are a new object's of that name
+            runtime.metrics.forget_service(namespace, name)
 
 
 async def reconcile_once(runtime: Runtime, body: Mapping[str, Any], children: Any, cluster: Any = dict) -> bool:

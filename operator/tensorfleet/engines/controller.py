@@ -183,14 +183,12 @@ async def engine_daemon(stopped: Any, body: kopf.Body, namespace: str | None, na
     assert engines is not None
     namespace = namespace or ""
     runtime.metrics.watch_engine(namespace, str(((body.get("spec") or {}).get("gpu") or {}).get("product") or ""))
-    try:
-        with engines.triggers.until_deleted(stopped, str(body.metadata.uid)) as stop:
-            await reconcile_loop(
-                engines.triggers.event(namespace, name), stop,
-                lambda: reconcile_engine_once(runtime, engines, body, lambda: _observe(kwargs, namespace, name)),
-                resync_seconds=runtime.settings.resync_seconds, debounce_seconds=runtime.settings.debounce_seconds)
-    finally:
-        engines.triggers.forget(namespace, name)
+    with (engines.triggers.until_deleted(stopped, str(body.metadata.uid)) as stop,
+          engines.triggers.listening(namespace, name) as trigger):
+        await reconcile_loop(
+            trigger, stop,
+            lambda: reconcile_engine_once(runtime, engines, body, lambda: _observe(kwargs, namespace, name)),
+            resync_seconds=runtime.settings.resync_seconds, debounce_seconds=runtime.settings.debounce_seconds)
 
 
 async def reconcile_engine_once(runtime: Any, engines: EngineRuntime, body: Mapping[str, Any], observe: Any) -> bool:
