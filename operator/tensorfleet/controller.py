@@ -199,27 +199,43 @@ async def reconcile_daemon(stopped: Any, body: kopf.Body, namespace: str | None,
     engine_indices = {index: kwargs[index] for index in engines.ENGINE_INDICES}
     runtime.metrics.services.inc()
     try:
-        with runtime.triggers.until_deleted(stopped, str(body.metadata.uid)) as stop:
+        with (runtime.triggers.until_deleted(stopped, str(body.metadata.uid)) as stop,
+              runtime.triggers.listening(namespace, name) as trigger):
             await reconcile_loop(
-                runtime.triggers.event(namespace, name), stop,
+                trigger, stop,
                 lambda: reconcile_once(runtime, body, lambda: _children(indices, (namespace, name)),
                                        lambda: engines.observed_for_service(engine_indices, namespace)),
                 resync_seconds=runtime.settings.resync_seconds, debounce_seconds=runtime.settings.debounce_seconds)
     finally:
         runtime.metrics.services.dec()
-        runtime.metrics.forget_service(namespace, name)
-        runtime.triggers.forget(namespace, name)
+        if not runtime.triggers.listened(namespace, name):  # else the series are a new object's of that name
+            runtime.metrics.forget_service(namespace, name)
 
 
 async def reconcile_once(runtime: Runtime, body: Mapping[str, Any], children: Any, cluster: Any = dict) -> bool:
     """Observe, plan, write the difference. Returns False when a write failed (retried with backoff).
 
-    ``cluster()`` returns the other ``Observed`` fields (GPU discovery and Engines, from their indices)."""
-    started = time.monotonic()
+    ``cluster()`` returns the other ``Observed`` fields (GPU discovery and Engines, from their indices).
+    Writes only while the service still exists (``kube.KubeClient.acting_for``): once it is gone, its
+    daemons end, even when its DELETED event was lost."""
     snapshot = copy.deepcopy(dict(body))
+    try:
+        return await _reconcile_snapshot(dataclasses.replace(runtime, client=runtime.client.acting_for(snapshot)),
+                                         snapshot, body, children, cluster)
+    except kube.Vanished as exc:
+        logger.info("%s: no more reconciles for it", exc)
+        runtime.triggers.deleted(snapshot["metadata"].get("uid"))
+        return True
+
+
+async def _reconcile_snapshot(runtime: Runtime, snapshot: dict[str, Any], body: Mapping[str, Any], children: Any,
+                              cluster: Any) -> bool:
+    started = time.monotonic()
     observed = children()
     try:
         plan, writes = await _plan_and_write(runtime, snapshot, observed, cluster())
+    except kube.Vanished:
+        raise
     except Exception:  # never let one bad object take the operator down
         runtime.metrics.errors.labels(reason="exception").inc()
         logger.exception("reconcile crashed")

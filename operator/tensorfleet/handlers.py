@@ -83,7 +83,8 @@ def _without_finalizers(registry: kopf.OperatorRegistry) -> None:
     running operator removes that finalizer: with the operator uninstalled, scaled to 0 or crash-looping, deleting
     an InferenceService or Engine, its namespace or the CRD would hang, and the children would never be collected.
     tensorfleet has nothing to do on deletion (owner references collect the children), so its daemons end on
-    their object's DELETED event instead (``triggers.Triggers.deleted``), and on kopf's own stop as before:
+    their object's DELETED event instead (``triggers.Triggers.deleted``; where the watch missed it, before their
+    first write: ``kube.KubeClient.acting_for``), and on kopf's own stop as before:
     pause by a peer, shutdown, a deletion that other finalizers hold back. This flag is the only thing kopf
     reads to decide on the finalizer (``SpawningRegistry.requires_finalizer``); tests/integration/test_operator.py
     fails if a kopf upgrade moves it.

@@ -8,6 +8,7 @@ are retried with exponential backoff and jitter (``Retry-After`` is honoured).
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import datetime
 import logging
@@ -85,6 +86,10 @@ class APIError(Exception):
         self.status = status
         self.reason = reason
         self.message = message
+
+
+class Vanished(Exception):
+    """The object a client writes for (``KubeClient.acting_for``) is gone, or its name is another object's now."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,13 +221,36 @@ class KubeClient:
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
         )
         self.requests: dict[str, int] = {}  # by HTTP method, for metrics and the benchmark
+        self._owner: Mapping[str, Any] | None = None  # see acting_for
+        self._owner_confirmed = False
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    def acting_for(self, owner: Mapping[str, Any]) -> KubeClient:
+        """This client (its connection and counters) for one pass of writes on behalf of ``owner``: before the
+        first write, one read confirms that ``owner`` still exists, as the same object (its uid); ``Vanished``
+        when not. A daemon's DELETED event can be lost (a watch that relists after "410 Gone" reports no
+        deletions), and the name may be a new object's by now. A pass that writes nothing reads nothing more."""
+        view = copy.copy(self)
+        view._owner, view._owner_confirmed = owner, False
+        return view
+
+    async def _confirm_owner(self) -> None:
+        if self._owner is None or self._owner_confirmed:
+            return
+        meta = self._owner["metadata"]
+        found = await self.find(self._owner["apiVersion"], self._owner["kind"], meta.get("namespace"), meta["name"])
+        if found is None or found["metadata"].get("uid") != meta.get("uid"):
+            raise Vanished(f"{self._owner['kind']} {meta.get('namespace')}/{meta['name']} (uid {meta.get('uid')}) "
+                           "is gone" + (", its name is another object's" if found else ""))
+        self._owner_confirmed = True
+
     async def _request(self, method: str, path: str, *, json: Any = None, params: Mapping[str, str] | None = None,
                        content_type: str | None = None, retry_conflicts: bool = True) -> httpx.Response:
         headers = {"Content-Type": content_type} if content_type else None
+        if method in WRITE_METHODS:
+            await self._confirm_owner()
         for attempt in range(self.retry.attempts):
             self.requests[method] = self.requests.get(method, 0) + 1
             try:

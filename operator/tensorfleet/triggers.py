@@ -5,7 +5,9 @@ start, whenever an index sees a change that concerns the object (a poke), and ev
 a failure backs off exponentially. Pokes arriving while a reconcile runs are kept and coalesced.
 
 The daemons run without kopf's finalizer (``tensorfleet.handlers``), so an object may vanish without
-kopf stopping its daemons: its DELETED event ends them instead (``Triggers.deleted``, ``Stop``).
+kopf stopping its daemons: its DELETED event ends them instead (``Triggers.deleted``, ``Stop``), or, where
+the watch missed that event (a relist after "410 Gone" reports no deletions), the first write they try
+(``kube.KubeClient.acting_for`` finds the object gone before that write).
 """
 
 from __future__ import annotations
@@ -19,27 +21,41 @@ MAX_BACKOFF_SECONDS = 60.0
 
 
 class Triggers:
-    """One ``asyncio.Event`` per (namespace, name): set by pokes, awaited by that object's daemon."""
+    """Pokes by (namespace, name), to an ``asyncio.Event`` of each daemon serving an object of that name: one,
+    or briefly two when an object is deleted and created again under its name while the old daemon ends."""
 
     def __init__(self) -> None:
-        self._events: dict[tuple[str, str], asyncio.Event] = {}
+        self._events: dict[tuple[str, str], list[asyncio.Event]] = {}
         self._deletions: dict[str, tuple[asyncio.Event, int]] = {}  # by uid: the event and its daemons
 
-    def event(self, namespace: str, name: str) -> asyncio.Event:
-        return self._events.setdefault((namespace, name), asyncio.Event())
+    @contextlib.contextmanager
+    def listening(self, namespace: str, name: str) -> Iterator[asyncio.Event]:
+        """The trigger of one daemon of the object ``namespace/name``; leaving takes away only this one, never
+        the trigger of a new object's daemon (keyed by the name as the pokes are: children name their owner)."""
+        event, key = asyncio.Event(), (namespace, name)
+        self._events.setdefault(key, []).append(event)
+        try:
+            yield event
+        finally:
+            self._events[key].remove(event)
+            if not self._events[key]:
+                del self._events[key]
+
+    def listened(self, namespace: str, name: str) -> bool:
+        """Whether a daemon serves an object of that name (then what is kept by name is still its)."""
+        return (namespace, name) in self._events
 
     def poke(self, namespace: str | None, name: str | None) -> None:
         if namespace and name:
-            self.event(namespace, name).set()
+            for event in self._events.get((namespace, name), ()):
+                event.set()
 
     def poke_all(self, namespace: str | None = None) -> None:
         """Every object with a daemon, or every one in ``namespace``."""
-        for ns, name in list(self._events):
+        for (ns, _), events in self._events.items():
             if namespace is None or ns == namespace:
-                self._events[ns, name].set()
-
-    def forget(self, namespace: str, name: str) -> None:
-        self._events.pop((namespace, name), None)
+                for event in events:
+                    event.set()
 
     def deleted(self, uid: str | None) -> None:
         """The object with ``uid`` is gone: end its daemons (a DELETED event; a new object has a new uid)."""

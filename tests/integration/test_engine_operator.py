@@ -188,3 +188,20 @@ def test_switching_to_vllm_releases_the_engines_and_cancels_their_build(
         wait_for(lambda: cluster.jobs(name) == [], what="its build Job cancelled")
         wait_for(lambda: "engines" not in cluster.isvc("llama")["status"], what="status.engines removed")
         assert cluster.condition("llama", "EngineReady") is None
+
+
+def test_an_engine_deleted_unseen_by_the_watch_gets_no_new_job(
+        emulator: EmulatorThread, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watch that relists after "410 Gone" reports no deletion: the Engine's daemon ran on with its last
+    body and created the deleted Engine's build Job again once the garbage collector had removed it."""
+    with operator(emulator, monkeypatch):
+        manifest = engine({**engine_spec(), "storeRef": {"pvc": {"claimName": "engines"}}})
+        name = manifest["metadata"]["name"]
+        assert cluster.create(manifest).status_code == 201
+        only_job(cluster, name)
+        wait_for(lambda: (cluster.engine(name) or {}).get("status", {}).get("fingerprint"), what="status")
+        emulator.delete_unwatched(ISVC, "engines", "default", name)
+        assert cluster.engine(name) is None
+        time.sleep(2 * RESYNC)  # the Job collected (which pokes the daemon), and resyncs
+        assert cluster.jobs(name) == []
+        assert writes_during(cluster, 3 * RESYNC) == []

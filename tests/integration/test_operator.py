@@ -28,10 +28,11 @@ def cluster(emulator: EmulatorThread) -> Iterator[Cluster]:
     client.close()
 
 
-def operator(emulator: EmulatorThread, monkeypatch: pytest.MonkeyPatch) -> KopfRunner:
+def operator(emulator: EmulatorThread, monkeypatch: pytest.MonkeyPatch, resync: float = RESYNC,
+             debounce: float = 0.05) -> KopfRunner:
     monkeypatch.setenv("TENSORFLEET_SERVER", emulator.url)
-    monkeypatch.setenv("TENSORFLEET_RESYNC_SECONDS", str(RESYNC))
-    monkeypatch.setenv("TENSORFLEET_DEBOUNCE_SECONDS", "0.05")
+    monkeypatch.setenv("TENSORFLEET_RESYNC_SECONDS", str(resync))
+    monkeypatch.setenv("TENSORFLEET_DEBOUNCE_SECONDS", str(debounce))
     return KopfRunner(["run", "--standalone", "--all-namespaces", "--verbose"],
                       registry=registry_from_env(), timeout=60)
 
@@ -145,6 +146,47 @@ def test_delete_cascades_to_children(emulator: EmulatorThread, cluster: Cluster,
         wait_for(lambda: cluster.children("llama") == [], what="children garbage-collected")
         # its daemons ended with it: a resync of a daemon left behind would write the children again
         assert writes_during(cluster, 3 * RESYNC) == []
+
+
+def test_a_deletion_the_watch_missed_ends_the_daemon(emulator: EmulatorThread, cluster: Cluster,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watch that relists after "410 Gone" reports no deletion: the daemon ran on with its last body and
+    wrote the deleted service's children again (owned by a uid that no longer exists), for ever."""
+    with operator(emulator, monkeypatch):
+        cluster.create(inference_service("llama"))
+        converge(cluster, "llama")
+        emulator.delete_unwatched(ISVC, "inferenceservices", "default", "llama")
+        assert cluster.isvc("llama") is None
+        time.sleep(2 * RESYNC)  # the children collected (each pokes the daemon), and resyncs
+        children = cluster.children("llama")
+        assert children == [], f"written again: {sorted(c['kind'] + '/' + c['metadata']['name'] for c in children)}"
+        assert writes_during(cluster, 3 * RESYNC) == []
+
+
+def test_a_replaced_service_is_poked_at_once(emulator: EmulatorThread, cluster: Cluster,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """kubectl replace --force (delete, then create the same name) while the old daemon is debouncing a poke:
+    the old daemon, ending, took the name's trigger away from the new one, which then heard nothing (here:
+    its Deployments becoming ready) until its next resync."""
+    resync = 30.0
+    with operator(emulator, monkeypatch, resync=resync, debounce=1.0):
+        cluster.create(inference_service("llama"))
+        wait_for(lambda: len(cluster.children("llama")) == 5, what="5 children")
+        wait_for(lambda: cluster.condition("llama", "Progressing"), what="status")
+        time.sleep(3)  # converged and idle
+        cluster.patch(ISVC, "InferenceService", "llama", {"metadata": {"labels": {"touch": "1"}}})  # a poke
+        time.sleep(0.2)
+        assert cluster.delete(ISVC, "InferenceService", "llama").status_code == 200
+        assert cluster.create(inference_service("llama")).status_code == 201
+        uid = cluster.isvc("llama")["metadata"]["uid"]
+        wait_for(lambda: [c for c in cluster.children("llama") if c["kind"] == "Deployment"
+                          and c["metadata"]["ownerReferences"][0]["uid"] == uid], what="the new Deployment")
+        time.sleep(2)  # the old daemon has ended
+        cluster.mark_deployments_ready("llama")  # the index pokes the service
+        started = time.monotonic()
+        wait_for(lambda: (cluster.condition("llama", "Ready") or {}).get("status") == "True", timeout=resync + 10,
+                 what="Ready=True")
+        assert time.monotonic() - started < 10, f"Ready only at the next resync ({resync:g} s)"
 
 
 def test_delete_completes_once_the_operator_is_gone(emulator: EmulatorThread, cluster: Cluster,

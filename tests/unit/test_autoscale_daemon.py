@@ -25,6 +25,9 @@ class RecordingKubeClient:
         self.patches: list[tuple[str, dict[str, Any], str | None]] = []
         self.events: list[tuple[str, str]] = []
 
+    def acting_for(self, owner: Any) -> Any:
+        return self  # the owner exists: nothing is deleted here
+
     async def patch(self, api_version: str, kind: str, namespace: str | None, name: str, patch: dict[str, Any],
                     subresource: str | None = None) -> dict[str, Any]:
         self.patches.append((name, patch, subresource))

@@ -451,6 +451,9 @@ class RecordingEngineClient:
         self.writes: list[tuple[str, str]] = []
         self.live: dict[str, Any] = {}
 
+    def acting_for(self, owner: Any) -> Any:
+        return self  # the owner exists: nothing is deleted here
+
     async def patch(self, api_version: str, kind: str, namespace: str | None, name: str, patch: dict[str, Any],
                     subresource: str | None = None, **_: Any) -> dict[str, Any]:
         self.writes.append(("patch", f"{kind}/{subresource}"))

@@ -313,6 +313,21 @@ def test_simulate_reports_a_bad_trace_line(tmp_path: pathlib.Path) -> None:
     assert "bad.csv:3: column GeneratedTokens" in result.output
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n0,10,10\n1,\"" + "1" * 200_000 + "\",10\n", "big.csv:3: "),
+    ('"' + "T" * 200_000 + '",ContextTokens,GeneratedTokens\n0,10,10\n', "big.csv:1: "),
+])
+def test_simulate_refuses_a_field_over_the_csv_limit_in_one_line(tmp_path: pathlib.Path, text: str,
+                                                                  message: str) -> None:
+    """The csv module's own error (a field over its 131072-character limit) escaped as a traceback."""
+    big = tmp_path / "big.csv"
+    big.write_text(text)
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(big), "--plot", ""])
+    assert result.exit_code == 1
+    assert f"{message}field larger than field limit (131072)" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_simulate_reads_its_files_naming_the_flag(tmp_path: pathlib.Path) -> None:
     """A trace that is not UTF-8 was a UnicodeDecodeError traceback."""
     bad = tmp_path / "trace.csv"

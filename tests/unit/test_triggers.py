@@ -36,15 +36,16 @@ async def test_pokes_during_a_reconcile_are_coalesced_into_one_more() -> None:
             await release.wait()
         return True
 
-    loop = asyncio.create_task(reconcile_loop(registry.event("ns", "a"), stopped, reconcile,
-                                              resync_seconds=3600, debounce_seconds=0.01))
-    await asyncio.sleep(0.05)
-    for _ in range(5):
-        registry.poke("ns", "a")
-    release.set()
-    await asyncio.sleep(0.2)
-    stopped.set()
-    await asyncio.wait_for(loop, 1)
+    with registry.listening("ns", "a") as trigger:
+        loop = asyncio.create_task(reconcile_loop(trigger, stopped, reconcile, resync_seconds=3600,
+                                                  debounce_seconds=0.01))
+        await asyncio.sleep(0.05)
+        for _ in range(5):
+            registry.poke("ns", "a")
+        release.set()
+        await asyncio.sleep(0.2)
+        stopped.set()
+        await asyncio.wait_for(loop, 1)
     assert calls == [0, 1]  # the start, then one for all five pokes
 
 
@@ -79,13 +80,41 @@ async def test_failures_back_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 2 <= len(calls) <= 5  # every 0.1 s at most, not every resync (0.001 s)
 
 
-def test_poke_all_wakes_every_object_or_one_namespace() -> None:
+async def test_poke_all_wakes_every_object_or_one_namespace() -> None:
     registry = Triggers()
-    a, b, c = registry.event("x", "a"), registry.event("x", "b"), registry.event("y", "c")
-    registry.poke_all("x")
-    assert (a.is_set(), b.is_set(), c.is_set()) == (True, True, False)
-    registry.poke_all()
-    assert c.is_set()
-    registry.poke(None, "a")  # an object without a namespace has no daemon: ignored
-    registry.forget("x", "a")
-    assert registry.event("x", "a") is not a
+    with registry.listening("x", "a") as a, registry.listening("x", "b") as b, registry.listening("y", "c") as c:
+        registry.poke_all("x")
+        assert (a.is_set(), b.is_set(), c.is_set()) == (True, True, False)
+        registry.poke_all()
+        assert c.is_set()
+        registry.poke(None, "a")  # an object without a namespace has no daemon: ignored
+    assert not registry.listened("x", "a")
+
+
+async def test_a_daemon_that_ends_leaves_a_new_object_of_its_name_poked() -> None:
+    """kubectl replace --force: the old object's daemon ends after the new one's started. Ending, it took the
+    name's trigger (and metrics) away, and the new daemon heard no poke until its resync."""
+    registry, calls = Triggers(), []
+    old_stop, new_stop = StopFlag(), StopFlag()
+
+    async def daemon(stopped: StopFlag, which: str) -> None:
+        async def reconcile() -> bool:
+            calls.append(which)
+            return True
+
+        with registry.listening("ns", "a") as trigger:
+            await reconcile_loop(trigger, stopped, reconcile, resync_seconds=3600, debounce_seconds=0.01)
+
+    old = asyncio.create_task(daemon(old_stop, "old"))
+    new = asyncio.create_task(daemon(new_stop, "new"))
+    await asyncio.sleep(0.05)
+    old_stop.set()
+    await asyncio.wait_for(old, 1)
+    assert registry.listened("ns", "a")  # the name's series stay: they are the new object's
+    calls.clear()
+    registry.poke("ns", "a")
+    await asyncio.sleep(0.1)
+    assert calls == ["new"]
+    new_stop.set()
+    await asyncio.wait_for(new, 1)
+    assert not registry.listened("ns", "a")

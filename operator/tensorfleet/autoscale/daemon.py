@@ -97,6 +97,9 @@ async def autoscaler_daemon(stopped: Any, body: kopf.Body, namespace: str | None
                 break
             try:
                 await autoscaler.tick(body, list(pods.get((namespace, name), ())), lambda: bool(stop))
+            except kube.Vanished as exc:  # its DELETED event was lost: end with the service's other daemons
+                logger.info("%s: no more autoscaling for it", exc)
+                runtime.triggers.deleted(str(body.metadata.uid))
             except kube.APIError as exc:
                 logger.warning("autoscaling %s/%s: %s", namespace, name, exc)
             except Exception:  # one service's trouble must not end its autoscaling for good
@@ -143,31 +146,32 @@ class ServiceAutoscaler:
             return  # paused (no longer the leader) or stopping while we scraped: act on nothing
         current = (body.get("status") or {}).get("autoscaling")
         stored_reason = (current or {}).get("reason")
+        client = self.client.acting_for(body)  # writes only while the service exists (its uid)
         if decision.changed or stored_reason == "ConflictingAutoscaler":
             conflict = await self._conflicting_autoscaler(isvc)
             if conflict:
-                await self._record(body, records.blocked_status(current, "ConflictingAutoscaler", conflict))
+                await self._record(client, body, records.blocked_status(current, "ConflictingAutoscaler", conflict))
                 return
         if decision.changed:
-            await self.client.patch(ISVC, "InferenceService", self.namespace, self.name,
-                                    {"spec": {"replicas": decision.replicas}}, subresource="scale")
+            await client.patch(ISVC, "InferenceService", self.namespace, self.name,
+                               {"spec": {"replicas": decision.replicas}}, subresource="scale")
             self._written_at = generation
             logger.info("scaled %s/%s: %s", self.namespace, self.name, decision.message)
-            await self._record(body, records.decision_status(decision, current, _now()))
+            await self._record(client, body, records.decision_status(decision, current, _now()))
         elif decision.reason in BLOCKING or stored_reason in BLOCKING:
-            await self._record(body, records.blocked_status(current, decision.reason, decision.message))
+            await self._record(client, body, records.blocked_status(current, decision.reason, decision.message))
 
-    async def _record(self, body: Mapping[str, Any], wanted: dict[str, Any]) -> None:
+    async def _record(self, client: kube.KubeClient, body: Mapping[str, Any], wanted: dict[str, Any]) -> None:
         """Write status.autoscaling and post an Event, when what is stored differs (never on a steady tick)."""
         current = (body.get("status") or {}).get("autoscaling")
         if current == wanted:
             return
-        await self.client.patch(ISVC, "InferenceService", self.namespace, self.name,
-                                {"status": {"autoscaling": records.merge_patch(current, wanted)}}, subresource="status")
+        await client.patch(ISVC, "InferenceService", self.namespace, self.name,
+                           {"status": {"autoscaling": records.merge_patch(current, wanted)}}, subresource="status")
         if (current or {}).get("reason") != wanted.get("reason") or wanted.get("lastScaleTime") != (
                 current or {}).get("lastScaleTime"):
             event = records.decision_event(str(wanted.get("reason")), str(wanted.get("message")))
-            await self.client.post_event(body, event.type, event.reason, event.message, _now())
+            await client.post_event(body, event.type, event.reason, event.message, _now())
 
     async def _conflicting_autoscaler(self, isvc: InferenceService) -> str | None:
         """Why another autoscaler owns these replicas (an HPA targets the service or its Deployments), or None."""

@@ -188,38 +188,43 @@ async def engine_daemon(stopped: Any, body: kopf.Body, namespace: str | None, na
     assert engines is not None
     namespace = namespace or ""
     runtime.metrics.watch_engine(namespace, str(((body.get("spec") or {}).get("gpu") or {}).get("product") or ""))
-    try:
-        with engines.triggers.until_deleted(stopped, str(body.metadata.uid)) as stop:
-            await reconcile_loop(
-                engines.triggers.event(namespace, name), stop,
-                lambda: reconcile_engine_once(runtime, engines, body, lambda: _observe(kwargs, namespace, name)),
-                resync_seconds=runtime.settings.resync_seconds, debounce_seconds=runtime.settings.debounce_seconds)
-    finally:
-        engines.triggers.forget(namespace, name)
+    with (engines.triggers.until_deleted(stopped, str(body.metadata.uid)) as stop,
+          engines.triggers.listening(namespace, name) as trigger):
+        await reconcile_loop(
+            trigger, stop,
+            lambda: reconcile_engine_once(runtime, engines, body, lambda: _observe(kwargs, namespace, name)),
+            resync_seconds=runtime.settings.resync_seconds, debounce_seconds=runtime.settings.debounce_seconds)
 
 
 async def reconcile_engine_once(runtime: Any, engines: EngineRuntime, body: Mapping[str, Any], observe: Any) -> bool:
+    """Observe, plan, write. Writes only while the Engine still exists (``kube.KubeClient.acting_for``): once it
+    is gone, its daemon ends, even when its DELETED event was lost."""
     snapshot = copy.deepcopy(dict(body))
     meta = snapshot["metadata"]
+    client = runtime.client.acting_for(snapshot)
     try:
         plan = reconcile_engine(snapshot, observe(), engines.ctx, _now())
         current = snapshot.get("status") or {}
         changed = {k: v for k, v in plan.status.items() if current.get(k) != v}
         if changed:  # status first: a finished Job is deleted only once its outcome is recorded
-            await runtime.client.patch(_API, "Engine", meta["namespace"], meta["name"], {"status": changed},
-                                       subresource="status")
+            await client.patch(_API, "Engine", meta["namespace"], meta["name"], {"status": changed},
+                               subresource="status")
             runtime.metrics.writes.labels(kind="Engine", why="status").inc()
             product = str(((snapshot.get("spec") or {}).get("gpu") or {}).get("product") or "")
             for outcome in plan.finished:  # counted once: with the status write that records it
                 runtime.metrics.engine_build(meta["namespace"], product, outcome.result, outcome.seconds)
             for event in plan.events:
-                await runtime.client.post_event(snapshot, event.type, event.reason, event.message, _now())
+                await client.post_event(snapshot, event.type, event.reason, event.message, _now())
         if plan.create is not None and not any(
                 j["metadata"]["name"] == plan.create["metadata"]["name"] for j in observe().jobs):
-            await _create_job(runtime, plan.create)
+            await _create_job(runtime, client, plan.create)
         for job_name in plan.delete:
-            await runtime.client.delete("batch/v1", "Job", meta["namespace"], job_name)
+            await client.delete("batch/v1", "Job", meta["namespace"], job_name)
             runtime.metrics.writes.labels(kind="Job", why="prune").inc()
+    except kube.Vanished as exc:
+        logger.info("%s: no more reconciles for it", exc)
+        engines.triggers.deleted(meta.get("uid"))
+        return True
     except kube.APIError as exc:
         logger.warning("reconcile of Engine %s/%s failed: %s", meta.get("namespace"), meta.get("name"), exc)
         return False
@@ -230,9 +235,9 @@ async def reconcile_engine_once(runtime: Any, engines: EngineRuntime, body: Mapp
     return True
 
 
-async def _create_job(runtime: Any, job: Mapping[str, Any]) -> None:
+async def _create_job(runtime: Any, client: kube.KubeClient, job: Mapping[str, Any]) -> None:
     try:
-        await runtime.client.create(job)
+        await client.create(job)
         runtime.metrics.writes.labels(kind="Job", why="create").inc()
     except kube.APIError as exc:
         if exc.status != 409:  # AlreadyExists: the index had not shown it yet

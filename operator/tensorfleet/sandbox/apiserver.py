@@ -563,6 +563,21 @@ class EmulatorThread:
         """Run a coroutine on the emulator's loop (its state is not thread-safe) and return the result."""
         return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(timeout)
 
+    def delete_unwatched(self, api_version: str, plural: str, namespace: str, name: str) -> None:
+        """Delete an object as a client's DELETE would (the garbage collector removes what it owned, and watches
+        see that), but let no watch see the object's own DELETED event: what a watch that relists after
+        "410 Gone" misses (the object is simply not listed any more; kopf reports no deletion then)."""
+        group, _, version = api_version.rpartition("/")
+        resource = kmock.resource(group=group, version=version, plural=plural)
+
+        async def delete() -> None:
+            async with self.server._lock:
+                events = self.server._delete((resource, namespace, name))
+            for dependent, event in events[1:]:  # the first is the object's own
+                await self.server._buses[dependent].put(event)
+
+        self.call(delete)
+
     def objects(self, api_version: str, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
         """Snapshot of the live objects of one resource, taken on the emulator's loop."""
         group, _, version = api_version.rpartition("/")

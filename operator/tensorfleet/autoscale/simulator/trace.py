@@ -9,13 +9,14 @@ Arrival times are made relative to the first request; a trace spans at most 31 d
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
 import math
 import pathlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 MAX_TOKENS = 10_000_000
@@ -63,13 +64,13 @@ def load_trace(path: str | pathlib.Path) -> Trace:
 
 def parse_trace(lines: Iterable[str], source: str = "<trace>") -> Trace:
     reader = csv.DictReader(lines)
-    header = _header(reader)
+    header = _header(reader, source)
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise TraceError(f"{source}: missing column(s) {', '.join(missing)}; a trace needs {', '.join(COLUMNS)}")
     rows: list[tuple[float, int, int, int, str]] = []  # (time, context, generated, line, TIMESTAMP as written)
     first: tuple[bool, int] | None = None  # (written as a date-time, line) of the first row
-    for raw in reader:
+    for raw in _records(reader, source):
         line = reader.line_num  # the file's line (blank lines are skipped, a quoted field may span lines)
         row = {k: (v or "").strip() for k, v in raw.items() if k is not None}
         where = f"{source}:{line}"
@@ -92,13 +93,29 @@ _FORMATS = {True: "a date-time", False: "seconds"}
 _PAST_MICROSECONDS = re.compile(r"(\.\d{6})\d+")  # digits of a fraction past microseconds (the Azure trace has 7)
 
 
-def _header(reader: csv.DictReader[str]) -> list[str]:
+def _header(reader: csv.DictReader[str], source: str) -> list[str]:
     """The column names, stripped; without the byte-order mark that Excel's "CSV UTF-8" writes first."""
-    names = [name.strip() for name in reader.fieldnames or ()]
+    with _csv_errors(reader, source):
+        names = [name.strip() for name in reader.fieldnames or ()]
     if names:
         names[0] = names[0].removeprefix("\ufeff").strip()
     reader.fieldnames = names
     return names
+
+
+def _records(reader: csv.DictReader[str], source: str) -> Iterator[dict[str | None, str | None]]:
+    with _csv_errors(reader, source):
+        yield from reader
+
+
+@contextlib.contextmanager
+def _csv_errors(reader: csv.DictReader[str], source: str) -> Iterator[None]:
+    """What the csv module refuses (a field over its limit of ``csv.field_size_limit()`` characters) as a
+    ``TraceError`` naming the line it was reading (the reader's own count: ``reader.line_num`` counts rows read)."""
+    try:
+        yield
+    except csv.Error as exc:
+        raise TraceError(f"{source}:{reader.reader.line_num}: {exc}") from None
 
 
 def _check_span(first: tuple[float, int, int, int, str], last: tuple[float, int, int, int, str], source: str) -> None:
