@@ -425,3 +425,23 @@ def test_a_request_the_engine_failed_keeps_its_gpu_time_and_its_neighbour_pays_t
     assert failed["b"].share.gpu_ms == pytest.approx(healthy["b"].share.gpu_ms, rel=1e-6)
     assert failed["a"].share.gpu_ms == pytest.approx(healthy["a"].share.gpu_ms, rel=1e-6)
     assert collected_events(True)[0].completion_tokens == 0  # what it generated is not delivered: not billed
+
+
+def test_requests_without_gpu_work_are_settled_in_the_cycle_that_takes_them(tmp_path: Path) -> None:
+    # Before, a request with no work spans (a cache hit, a 429, an engine error with no counted prompt) was placed
+    # only when the sink closed: it stayed pending, in memory and in the journal, and its record (a cache hit's
+    # carries token prices) was not written while the gateway ran.
+    ledger = Ledger(tmp_path / "usage.db", chain.Signer(chain.generate_key()), {"namespace": "n", "service": "s"})
+    writer = UsageWriter(ledger, 1)
+    writer.measurement = "gpm"
+    ctx = records.context_from_config(CONFIG, "pod-1", "NVIDIA-H100-80GB-HBM3", units.load_table())
+    served = request("served", admitted=1.0, first_token=1.05, chunks=((1.05, 1), (1.1, 1)), done=1.1)
+    hit = request("hit", admitted=None, done=1.02, cache_hit=True, prompt=100, completion=20)
+    refused = request("refused", admitted=None, done=1.01, status=429, prompt=0, completion=0)
+    writer.cycle([(ctx, served), (ctx, hit), (ctx, refused)], [], 0.0, now=1.2)  # nothing final yet
+    ids = {r[0]: r[1] for r in ledger.conn.execute("SELECT json_extract(body, '$.requestId'), "
+                                                   "json_extract(body, '$.gpuMs') FROM records")}
+    assert ids == {"hit": 0.0, "refused": 0.0}
+    writer.cycle([], [GpuInterval(1.0, 1.2, 100.0, None, 0, 0.5, "gpm")], 1.2, now=1.2)
+    assert ledger.conn.execute("SELECT count(*) FROM pending").fetchone()[0] == 0
+    assert writer.attributor.pending() == 0

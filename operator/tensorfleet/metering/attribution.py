@@ -271,7 +271,10 @@ class Attributor:
             self.claimed.append((billable, hold))
             self.touched.add(key)
         self._requests[key] = request
-        self._unplaced[key] = request
+        if spans:
+            self._unplaced[key] = request
+        else:  # no GPU work (a cache hit, a refused request): no interval to wait for, settled at once
+            request.placed = True
         if self.steps is not None:
             self.steps.add_request(request.step_ends, request.streamed)
 
