@@ -307,7 +307,8 @@ class MeteringSink:
     def _start_measurement(self) -> None:
         try:
             # Without a devices file (the gateway outside a pod) every visible GPU is the engine's.
-            devices = (nvml.read_devices_file(self.devices_file, self.settings.devices_wait_seconds, self._stop)
+            devices = (nvml.read_devices_file(self.devices_file, self.settings.devices_wait_seconds, self._stop,
+                                                 self._ctx.gpus)
                        if self.devices_file is not None else None)
             sampler = nvml.NvmlSampler(self._nvml, devices)
             sampler.open()
