@@ -9,6 +9,8 @@ import math
 import sqlite3
 import threading
 import time
+import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,13 @@ from prometheus_client import REGISTRY
 from metering_builders import CONFIG, request
 from nvml_double import DeviceDouble, NvmlDouble
 from tensorfleet.metering import chain, verify
+from tensorfleet.metering import sink as sink_module
 from tensorfleet.metering.events import ColdStartEvent
 from tensorfleet.metering.ledger import Ledger, read_ledger
+from tensorfleet.metering.nvml import GpuInterval
 from tensorfleet.metering.settings import MeteringSettings
 from tensorfleet.metering.sink import MeteringSink, open_sink
+from tensorfleet.metering.writer import UsageWriter
 
 pytestmark = pytest.mark.integration
 
@@ -307,3 +312,56 @@ def test_close_releases_a_drain_whose_caller_stopped_waiting(tmp_path: Path) -> 
     runner.start()
     runner.join(timeout=10)
     assert not runner.is_alive()
+
+
+def drive_with_a_fake_clock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: MeteringSettings,
+                            seconds: float, step: Callable[[MeteringSink, float], None]) -> Ledger:
+    """Writer cycles of a sink every flush interval of a fake monotonic clock, a fully busy GPU sampled every 100
+    ms; ``step(sink, now)`` before each cycle. The ledger after the closing cycle."""
+    clock = [0.0]
+    monkeypatch.setattr(sink_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    sink = MeteringSink(CONFIG, tmp_path, "NVIDIA-H100-80GB-HBM3", None, settings, None)
+    ledger = Ledger(tmp_path / "usage.db", chain.Signer(chain.generate_key()), {"namespace": "n", "service": "s"})
+    sink._writer = UsageWriter(ledger, 1)
+    sink._writer.measurement = "gpm"
+    sampled = 0.0
+    while clock[0] < seconds:
+        clock[0] = round(clock[0] + settings.flush_interval_ms / 1000.0, 6)
+        while sampled + 0.1 <= clock[0]:
+            sink._intervals.append(GpuInterval(sampled, sampled + 0.1, 100.0, None, 0, 1.0, "gpm"))
+            sampled = round(sampled + 0.1, 6)
+        step(sink, clock[0])
+        sink._cycle(final=False, failures=0)
+    sink._cycle(final=True, failures=0)
+    return ledger
+
+
+def test_a_request_in_flight_past_the_settle_horizon_is_not_billed_to_its_neighbours(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before, the sink stopped waiting for a request admitted longer than settle_after_seconds ago: a 400 s stream
+    # (the gateway has no total timeout) was billed 800 GPU-ms, and a 1 s stream of another tenant beside it 1,100,
+    # the whole GPU. Now the long one holds a share while in flight and takes it over when its event comes.
+    step = 0.05  # one token per 50 ms engine step each
+    long = request("long", admitted=0.0, first_token=0.1, chunks=tuple((0.1 + step * i, 1) for i in range(799)),
+                   done=0.1 + step * 798, prompt=10, tenant="tenant-a")  # 40 s
+    short_chunks = tuple((31.0 + step * i + 0.0003, 1) for i in range(1, 21))
+    short = request("short", admitted=31.0, first_token=short_chunks[0][0], chunks=short_chunks,
+                    done=short_chunks[-1][0], prompt=10, tenant="tenant-b")  # 1 s, 31 s after the long one began
+
+    def gateway(sink: MeteringSink, now: float) -> None:
+        for event in (long, short):
+            if event.admitted is not None and event.admitted <= now and event.request_id not in sent:
+                sink.admitted(event.request_id, event.admitted)
+                sent[event.request_id] = False
+            if event.done <= now and not sent.get(event.request_id, True):
+                sink.submit(event)
+                sent[event.request_id] = True
+
+    sent: dict[str, bool] = {}
+    settings = MeteringSettings(settle_after_seconds=30)  # shorter than the long request
+    ledger = drive_with_a_fake_clock(tmp_path, monkeypatch, settings, 41.0, gateway)
+    rows = dict(ledger.conn.execute("SELECT json_extract(body, '$.requestId'), json_extract(body, '$.gpuMs') "
+                                    "FROM records"))
+    assert rows["short"] == pytest.approx(500.0, rel=0.1)  # half of each step it shared
+    assert rows["long"] == pytest.approx(40_000.0 - 500.0, rel=0.01)
+    assert ledger.get_meta("holds") == "{}"

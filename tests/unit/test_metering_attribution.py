@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from pathlib import Path
@@ -20,6 +21,7 @@ from metering_builders import (
     exact_intervals,
     request,
 )
+from tensorfleet.gateway.services import Outcome
 from tensorfleet.metering import chain, records, units
 from tensorfleet.metering.attribution import Attributor, time_shares, work_spans
 from tensorfleet.metering.events import ColdStartEvent
@@ -395,3 +397,51 @@ def test_a_request_submitted_again_is_billed_once(tmp_path: Path, caplog: pytest
     ids = [row[0] for row in ledger.conn.execute("SELECT id FROM records")]
     assert len(set(ids)) == 1201
     assert ledger.recorded([*ids[::2], "not-a-record"]) == set(ids[::2])
+
+
+def collected_events(a_failed: bool) -> list:
+    """a (collected: the gateway reads the engine's stream for one JSON answer) and b (streamed) decode side by side,
+    one token per 50 ms step each, for 10 s; a's event built as the gateway builds it, after the engine failed it
+    (relay._engine_failed) when ``a_failed``."""
+    outcome = Outcome(admitted=0.0)
+    for i in range(1, 200):
+        outcome.tokens_at(0.05 * i + 0.0002, 1)
+    if a_failed:
+        outcome.failed(502, "engine_error")
+    a = request("a", admitted=0.0, first_token=outcome.first_token, tenant="tenant-a", done=10.0, prompt=50,
+                chunks=tuple((c.at, c.tokens) for c in outcome.chunks), completion=outcome.streamed_tokens)
+    b = request("b", admitted=0.0, first_token=0.0504, chunks=tuple((0.05 * i + 0.0004, 1) for i in range(1, 200)),
+                done=10.0, prompt=50, tenant="tenant-b")
+    return [dataclasses.replace(a, streaming=False, status=outcome.status), b]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_a_request_the_engine_failed_keeps_its_gpu_time_and_its_neighbour_pays_the_same(placement: str) -> None:
+    # Before, Outcome.failed dropped the failed request's token timings: the attribution saw no decode work for it
+    # and billed its GPU time to the request beside it (b: 9,975 GPU-ms instead of 5,000).
+    intervals = [(0.1 * i, 0.1 * (i + 1), 100.0) for i in range(100)]  # 10 s, fully busy
+    healthy, _, _ = attribute(collected_events(False), intervals, placement=placement)
+    failed, _, _ = attribute(collected_events(True), intervals, placement=placement)
+    assert failed["b"].share.gpu_ms == pytest.approx(healthy["b"].share.gpu_ms, rel=1e-6)
+    assert failed["a"].share.gpu_ms == pytest.approx(healthy["a"].share.gpu_ms, rel=1e-6)
+    assert collected_events(True)[0].completion_tokens == 0  # what it generated is not delivered: not billed
+
+
+def test_requests_without_gpu_work_are_settled_in_the_cycle_that_takes_them(tmp_path: Path) -> None:
+    # Before, a request with no work spans (a cache hit, a 429, an engine error with no counted prompt) was placed
+    # only when the sink closed: it stayed pending, in memory and in the journal, and its record (a cache hit's
+    # carries token prices) was not written while the gateway ran.
+    ledger = Ledger(tmp_path / "usage.db", chain.Signer(chain.generate_key()), {"namespace": "n", "service": "s"})
+    writer = UsageWriter(ledger, 1)
+    writer.measurement = "gpm"
+    ctx = records.context_from_config(CONFIG, "pod-1", "NVIDIA-H100-80GB-HBM3", units.load_table())
+    served = request("served", admitted=1.0, first_token=1.05, chunks=((1.05, 1), (1.1, 1)), done=1.1)
+    hit = request("hit", admitted=None, done=1.02, cache_hit=True, prompt=100, completion=20)
+    refused = request("refused", admitted=None, done=1.01, status=429, prompt=0, completion=0)
+    writer.cycle([(ctx, served), (ctx, hit), (ctx, refused)], [], 0.0, now=1.2)  # nothing final yet
+    ids = {r[0]: r[1] for r in ledger.conn.execute("SELECT json_extract(body, '$.requestId'), "
+                                                   "json_extract(body, '$.gpuMs') FROM records")}
+    assert ids == {"hit": 0.0, "refused": 0.0}
+    writer.cycle([], [GpuInterval(1.0, 1.2, 100.0, None, 0, 0.5, "gpm")], 1.2, now=1.2)
+    assert ledger.conn.execute("SELECT count(*) FROM pending").fetchone()[0] == 0
+    assert writer.attributor.pending() == 0

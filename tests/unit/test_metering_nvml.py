@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 from pathlib import Path
 
@@ -165,6 +166,17 @@ def test_devices_file_missing_or_empty_means_timing_only(tmp_path: Path) -> None
         nvml.read_devices_file(tmp_path / "empty", 0.0, threading.Event())
     (tmp_path / "two").write_text("GPU-1,GPU-2")
     assert nvml.read_devices_file(tmp_path / "two", 0.0, threading.Event()) == ["GPU-1", "GPU-2"]
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("all", "NVIDIA_VISIBLE_DEVICES is 'all'"), ("GPU-1,GPU-2", "recorded 2 GPUs (GPU-1,GPU-2), not the 1 of"),
+])
+def test_devices_that_are_not_the_engines_own_mean_timing_only(tmp_path: Path, text: str, problem: str) -> None:
+    # Before, "all" made the gateway (which sees every GPU of the node) meter all of them: a 1-GPU service was billed
+    # its neighbours' busy time (710 GPU-ms for 100 ms on an 8-GPU node).
+    (tmp_path / "visible-devices").write_text(text)
+    with pytest.raises(nvml.NoGpu, match=re.escape(problem)):
+        nvml.read_devices_file(tmp_path / "visible-devices", 0.0, threading.Event(), gpus=1)
 
 
 def test_sampler_thread_samples_on_its_period_and_stops() -> None:

@@ -97,3 +97,23 @@ def test_the_step_budget_a_vllm_service_sets_reaches_the_gateways_metering(extra
 def test_triton_services_leave_the_step_budget_to_be_learned() -> None:
     env = _gateway_env(triton_service(runtime={"name": "triton", "extraArgs": ["--max-num-batched-tokens", "4096"]}))
     assert "TENSORFLEET_METERING_ENGINE_STEP_TOKENS" not in env
+
+
+@pytest.mark.parametrize(("extra_args", "precision"), [
+    ([], "fp16"), (["--quantization", "fp8"], "fp8"), (["--quantization=awq_marlin"], "int4-awq"),
+    (["--dtype", "bfloat16"], "bf16"), (["--dtype", "auto"], "fp16"), (["--quantization", "bitsandbytes"], "fp16"),
+])
+def test_a_vllm_service_is_metered_at_the_precision_vllm_is_told(extra_args: list[str], precision: str) -> None:
+    # Before, records were priced at spec.engine.precision (never passed to vLLM) and a quantisation in extraArgs
+    # was not seen: an fp8 engine was billed as fp16.
+    service = isvc(inference_service(runtime={"name": "vllm", "extraArgs": extra_args}))
+    assert gateway_config(service)["engine"]["precision"] == precision
+
+
+def test_a_vllm_service_with_a_tensorrt_precision_is_an_invalid_spec() -> None:
+    from tensorfleet.api import validation
+
+    errors = validation.validate_body(inference_service(engine={"precision": "int4-awq"}, gpu={"count": 1}))
+    assert [(e.path, e.message) for e in errors] == [(
+        "spec.engine.precision", "Invalid value: 'int4-awq': not passed to vLLM (TensorRT-LLM only); set vLLM's "
+        "quantization in spec.runtime.extraArgs (--quantization, --dtype)")]

@@ -165,3 +165,12 @@ def test_settings_come_from_the_environment_and_bad_values_name_the_variable() -
         "TENSORFLEET_METERING_SINK_URL='ftp://x': must be an http:// or https:// URL with a host"]
     assert "TENSORFLEET_METERING_SAMPLE_PERIOD_MS=5.0: must be between 10 and 10000" in \
         MeteringSettings(sample_period_ms=5.0).validate()
+
+
+def test_a_product_added_in_the_overrides_falls_back_to_its_own_fp16_factor() -> None:
+    # Before, a precision the override did not list priced such a product as unknown (1.0, a fifth of its fp16 5.0).
+    table = units.load_table({"NVIDIA-B200": {"fp16": 5.0}})
+    assert table.factor("NVIDIA-B200", "fp16") == (5.0, "override")
+    assert table.factor("NVIDIA-B200", "bf16") == (5.0, "fallback-precision")
+    assert table.factor("NVIDIA-B200", "int4-awq") == (5.0, "fallback-precision")
+    assert units.load_table({"NVIDIA-B200": {"fp8": 9.0}}).factor("NVIDIA-B200", "bf16") == (1.0, "unknown-product")

@@ -35,6 +35,18 @@ def cross_field_errors(spec: InferenceServiceSpec) -> Iterator[FieldError]:
     yield from _context_window(spec)
     yield from _warmup(spec)
     yield from _affinity(spec)
+    yield from _vllm_precision(spec)
+
+
+def _vllm_precision(spec: InferenceServiceSpec) -> Iterator[FieldError]:
+    """spec.engine.precision is TensorRT-LLM's build setting: vLLM is never told it, and records are priced at
+    the precision vLLM runs (its --quantization or --dtype in spec.runtime.extraArgs)."""
+    if spec.runtime.name == "vllm" and spec.engine is not None and spec.engine.precision != "fp16":
+        yield FieldError(
+            "spec.engine.precision",
+            f"Invalid value: {spec.engine.precision!r}: not passed to vLLM (TensorRT-LLM only); set vLLM's "
+            "quantization in spec.runtime.extraArgs (--quantization, --dtype)",
+        )
 
 
 def _context_window(spec: InferenceServiceSpec) -> Iterator[FieldError]:

@@ -65,8 +65,7 @@ class Outcome:
 
     def failed(self, status: int, error: str) -> None:
         """The engine failed the request and the client gets the error: what it generated is not delivered, so
-        none of it is billed (the prompt is, once the engine had it, as for any failure)."""
+        none of its tokens is billed (the prompt is, once the engine had it, as for any failure). Its chunks stay:
+        the GPU did that work, and metering gives its time to this request, not to the requests beside it."""
         self.status, self.error = status, error
-        self.chunks.clear()
         self.streamed_tokens = 0
-        self.first_token = None

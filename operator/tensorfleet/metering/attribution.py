@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from typing import Literal, NamedTuple
 
 from tensorfleet.metering.events import RequestEvent
+from tensorfleet.metering.holds import Hold, Holds
 from tensorfleet.metering.steps import EngineSteps, Step
 
 IntervalKind = Literal["gpm", "utilization", "timing", "gap"]
@@ -174,6 +175,7 @@ class Finalised:
     billed_ms: float
     excluded_ms: float  # taken by requests that are not billable (warm-up)
     unattributed_ms: float  # busy while no request had work
+    held_ms: float = 0.0  # held for requests still in flight (holds.py): billed or not once their events come
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +212,8 @@ class Attributor:
         self._requests: dict[str, _Request] = {}
         self._unplaced: dict[str, _Request] = {}
         self.touched: set[str] = set()  # requests whose share changed since the caller last cleared this
+        self.holds = Holds()  # requests in flight past the settle horizon, and what they received meanwhile
+        self.claimed: list[tuple[bool, Hold]] = []  # (billable, hold) taken over by events; the caller clears it
 
     # -- intervals -----------------------------------------------------------------------------
     @property
@@ -251,15 +255,26 @@ class Attributor:
         return range(max(self._final, self._base), self._base + len(self._intervals))
 
     # -- requests ------------------------------------------------------------------------------
-    def add_request(self, key: str, spans: list[WorkSpan], billable: bool, share: Share | None = None) -> None:
+    def add_request(self, key: str, spans: list[WorkSpan], billable: bool, share: Share | None = None,
+                    request_id: str | None = None) -> None:
         """Take a request; it is placed when the interval its work starts in is finalised (by then every
         request that was in flight when it was admitted is known). ``share``: progress restored from a journal;
         such a request teaches the step model no budget (the tokens of the requests settled before the restart
-        are gone, so its window of steps is not all seen)."""
+        are gone, so its window of steps is not all seen). ``request_id``: the gateway's id, whose share held
+        while it was in flight (holds.py) it takes over."""
         request = _Request(key, spans, billable, share or Share(), sum(s.tokens for s in spans),
                            journalled=share is not None)
+        if request_id is not None and (hold := self.holds.claim(request_id)) is not None:
+            request.share.gpu_ms += hold.gpu_ms
+            request.share.energy_mj += hold.energy_mj or 0.0
+            request.share.covered_tokens += hold.covered_tokens(spans)
+            self.claimed.append((billable, hold))
+            self.touched.add(key)
         self._requests[key] = request
-        self._unplaced[key] = request
+        if spans:
+            self._unplaced[key] = request
+        else:  # no GPU work (a cache hit, a refused request): no interval to wait for, settled at once
+            request.placed = True
         if self.steps is not None:
             self.steps.add_request(request.step_ends, request.streamed)
 
@@ -384,24 +399,34 @@ class Attributor:
             around = self.steps.around(interval.start, interval.end)
             self._learn_idle(interval, around)
             fractions = self.steps.kernel_fractions(interval.start, interval.end, around)
-        weights = time_shares(interval.pieces, fractions)
+        held = self.holds.pieces(interval.start, interval.end, interval.pieces) if self.holds.open else []
+        weights = time_shares(interval.pieces + held if held else interval.pieces, fractions)
         active = sum(weights.values())
-        if interval.busy_ms is None:  # timing only: busy whenever some request had work
-            busy = active * 1000.0 * self.gpus
-        else:
-            busy = interval.busy_ms
-        billed = excluded = 0.0
-        activity = 0.0
+        # Timing only (busy_ms None): busy whenever some request had work.
+        busy = active * 1000.0 * self.gpus if interval.busy_ms is None else interval.busy_ms
+        energy = None
         if interval.energy_mj is not None and interval.end > interval.start:
-            activity = min(1.0, busy / ((interval.end - interval.start) * 1000.0 * self.gpus))
+            energy = interval.energy_mj * min(1.0, busy / ((interval.end - interval.start) * 1000.0 * self.gpus))
+        held_ms = self.holds.credit(held, weights, busy, active, energy, interval.kind != "gap") if held else 0.0
+        billed, excluded = self._credit(interval, weights, busy, active, energy)
+        unattributed = busy if active <= 0 else 0.0
+        return Finalised(k, interval.start, interval.end, busy, interval.kind, billed, excluded, unattributed,
+                         held_ms)
+
+    def _credit(self, interval: _Interval, weights: dict[str, float], busy: float, active: float,
+                energy: float | None) -> tuple[float, float]:
+        """Add an interval's shares to its requests (``busy * weight / active``); the billed and excluded sums."""
+        billed = excluded = 0.0
         if active > 0:
             for key, weight in weights.items():
-                request = self._requests[key]
+                request = self._requests.get(key)
+                if request is None:  # a request still in flight: Holds.credit
+                    continue
                 part = busy * weight / active
                 request.share.gpu_ms += part
                 self.touched.add(key)
-                if interval.energy_mj is not None:
-                    request.share.energy_mj += interval.energy_mj * activity * weight / active
+                if energy is not None:
+                    request.share.energy_mj += energy * weight / active
                 if request.billable:
                     billed += part
                 else:
@@ -410,8 +435,7 @@ class Attributor:
             for key, lo, hi, density in interval.pieces:
                 self._requests[key].share.covered_tokens += density * (hi - lo)
                 self.touched.add(key)
-        unattributed = busy if active <= 0 else 0.0
-        return Finalised(k, interval.start, interval.end, busy, interval.kind, billed, excluded, unattributed)
+        return billed, excluded
 
     def _learn_idle(self, interval: _Interval, around: list[Step]) -> None:
         """An interval in which some request had work all the time: its idle GPU time is the engine's between

@@ -55,8 +55,10 @@ def gfd_product(name: str) -> str:
     return "-".join(name.split())
 
 
-def read_devices_file(path: str | Path, wait_seconds: float, stop: threading.Event) -> list[str] | None:
-    """Wait for the engine container to record its GPUs; NoGpu when it has none or never says."""
+def read_devices_file(path: str | Path, wait_seconds: float, stop: threading.Event,
+                      gpus: int | None = None) -> list[str]:
+    """Wait for the engine container to record its GPUs; NoGpu when it has none, never says, or says something that
+    does not name its own GPUs: ``all`` (the gateway sees every GPU of the node) or not ``gpus`` of them."""
     deadline = time.monotonic() + wait_seconds
     file = Path(path)
     while True:
@@ -64,6 +66,12 @@ def read_devices_file(path: str | Path, wait_seconds: float, stop: threading.Eve
             devices = parse_devices(file.read_text())
             if devices == []:
                 raise NoGpu(f"{path}: the engine has no GPU")
+            if devices is None:
+                raise NoGpu(f"{path}: the engine's NVIDIA_VISIBLE_DEVICES is 'all', which does not say which of "
+                            "the node's GPUs are its own")
+            if gpus is not None and len(devices) != gpus:
+                raise NoGpu(f"{path}: the engine recorded {len(devices)} GPUs ({','.join(devices)}), not the "
+                            f"{gpus} of gpusPerReplica")
             return devices
         if time.monotonic() >= deadline or stop.wait(0.5):
             raise NoGpu(f"{path}: the engine did not record its GPUs within {wait_seconds:g}s")

@@ -7,8 +7,9 @@ is durable once the next writer cycle has committed (within ``flush_interval_ms`
 
 Optional calls the gateway may make: ``admitted(request_id, at)`` when a request is sent to the
 engine (intervals are then final as soon as nothing earlier is in flight, instead of after
-``settle_after_seconds``), ``reconfigure(config)`` when gateway.json changes (new prices apply to
-requests submitted afterwards), ``spool_full()`` to turn not-ready while the spool is full.
+``settle_after_seconds``; a request in flight longer than that has a share held for it, holds.py),
+``reconfigure(config)`` when gateway.json changes (new prices apply to requests submitted afterwards),
+``spool_full()`` to turn not-ready while the spool is full.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import math
 import os
 import re
 import socket
@@ -221,6 +223,7 @@ class MeteringSink:
         try:
             if len(self._queue) + len(self._rejected) >= self.settings.max_queued_events:
                 metrics.EVENTS_DROPPED.inc()
+                self._ended_without_event(event)
                 return
             problem = (events.request_problem(event) if isinstance(event, RequestEvent)
                        else events.cold_start_problem(event))
@@ -229,6 +232,7 @@ class MeteringSink:
                             describe_event(event), problem[1])
                 metrics.EVENTS_REJECTED.labels(problem[0]).inc()
                 self._rejected.append((self._ctx, event, problem))
+                self._ended_without_event(event)
             else:
                 self._queue.append((self._ctx, event))
             self._submitted += 1
@@ -236,10 +240,22 @@ class MeteringSink:
             log.exception("metering could not take an event")
 
     def admitted(self, request_id: str, at: float) -> None:
-        """The gateway sent ``request_id`` to the engine at monotonic time ``at`` (optional hint)."""
+        """The gateway sent ``request_id`` to the engine at monotonic time ``at`` (optional hint). The request is
+        in flight until its event is journalled; the gateway submits an event for every request it admitted."""
         with self._lock:
             self._hints = True
+            if len(self._admissions) >= self.settings.max_queued_events:  # a bound on memory, never reached by
+                oldest = min(self._admissions, key=self._admissions.__getitem__)  # a gateway that submits them all
+                del self._admissions[oldest]
+                log.warning("metering: over %d requests in flight; no longer waiting for %s",
+                            self.settings.max_queued_events, oldest)
             self._admissions[request_id] = at
+
+    def _ended_without_event(self, event: RequestEvent | ColdStartEvent) -> None:
+        """An event that will not be attributed (refused or dropped): its request is no longer in flight."""
+        if isinstance(event, RequestEvent) and isinstance(event.request_id, str):
+            with self._lock:
+                self._admissions.pop(event.request_id, None)
 
     def reconfigure(self, config: Mapping[str, Any]) -> None:
         """gateway.json changed: prices and RU overrides apply to requests submitted from now on."""
@@ -291,7 +307,8 @@ class MeteringSink:
     def _start_measurement(self) -> None:
         try:
             # Without a devices file (the gateway outside a pod) every visible GPU is the engine's.
-            devices = (nvml.read_devices_file(self.devices_file, self.settings.devices_wait_seconds, self._stop)
+            devices = (nvml.read_devices_file(self.devices_file, self.settings.devices_wait_seconds, self._stop,
+                                                 self._ctx.gpus)
                        if self.devices_file is not None else None)
             sampler = nvml.NvmlSampler(self._nvml, devices)
             sampler.open()
@@ -327,16 +344,17 @@ class MeteringSink:
             time.sleep(period)
             failures = self._cycle(final=True, failures=failures)
 
-    def _watermark(self, now: float) -> float:
+    def _watermark(self, now: float) -> tuple[float, dict[str, float] | None]:
+        """Where intervals are final, and the requests in flight (None without admission hints). With hints,
+        an interval is final once everything admitted before its end was reported, but never later than the
+        settle horizon: a request still in flight there has a share held for it (holds.py), not dropped."""
         lag = 2 * (self.settings.flush_interval_ms + self.settings.sample_period_ms) / 1000.0
+        horizon = now - self.settings.settle_after_seconds
         with self._lock:
             if not self._hints:
-                return now - self.settings.settle_after_seconds
-            horizon = now - self.settings.settle_after_seconds
-            for request_id in [r for r, at in self._admissions.items() if at < horizon]:
-                del self._admissions[request_id]  # admitted but never reported: stop waiting for it
-            open_admissions = list(self._admissions.values())
-        return min([now - lag, *open_admissions])
+                return horizon, None
+            in_flight = dict(self._admissions)
+        return min(now - lag, max(horizon, min(in_flight.values(), default=math.inf))), in_flight
 
     def _cycle(self, final: bool, failures: int) -> int:
         writer = self._writer
@@ -352,10 +370,10 @@ class MeteringSink:
             for _, event in taken:
                 if isinstance(event, RequestEvent):
                     self._admissions.pop(event.request_id, None)
-        now = time.monotonic()
+        watermark, in_flight = self._watermark(time.monotonic())
         try:
-            writer.cycle(taken, intervals, float("inf") if final else self._watermark(now), now, final=final,
-                         rejected=rejected)
+            writer.cycle(taken, intervals, math.inf if final else watermark, time.monotonic(), final=final,
+                         rejected=rejected, open_requests=in_flight)
         except Exception:
             if failures == 0:
                 log.exception("metering writer cycle failed; will retry")

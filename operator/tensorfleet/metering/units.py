@@ -37,12 +37,12 @@ class ResourceUnitTable:
         """(RU per GPU-ms, how it was found): override, datasheet, fallback-precision or unknown-product."""
         if precision in self.overrides.get(product, {}):
             return self.overrides[product][precision], "override"
-        known = self.factors.get(product)
-        if known is None:
-            return 1.0, "unknown-product"
+        known = self.factors.get(product, {})
         if precision in known:
             return known[precision], "datasheet"
-        return known["fp16"], "fallback-precision"
+        # A precision with no entry takes the product's fp16 factor, an override's (a product added there) first.
+        fp16 = self.overrides.get(product, {}).get("fp16", known.get("fp16"))
+        return (1.0, "unknown-product") if fp16 is None else (fp16, "fallback-precision")
 
 
 def _default_document() -> dict[str, Any]:

@@ -19,13 +19,14 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tensorfleet.metering import events, metrics, records
 from tensorfleet.metering.attribution import Attributor, Finalised, Placement, Settled, Share, work_spans
 from tensorfleet.metering.events import ColdStartEvent, Problem, RequestEvent
+from tensorfleet.metering.holds import Hold
 from tensorfleet.metering.ledger import Ledger, boot_id, utc_now
 from tensorfleet.metering.nvml import GpuInterval
 from tensorfleet.metering.records import Measurement, RecordContext
@@ -45,7 +46,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
 JOURNAL_TABLES = {"pending": "key, arrival, event, context, gpu_ms, energy_mj, covered",
                   "intervals": "k, start, end, busy_ms, energy_mj, kind",
                   "quarantine": "key, request_id, event, context, gpu_ms, energy_mj, covered, problem, quarantined_at"}
-JOURNAL_META = ("boot_id", "frontier", "last_end", "step_model", "measurement")
+JOURNAL_META = ("boot_id", "frontier", "last_end", "step_model", "measurement", "holds")
 MEASUREMENTS: tuple[Measurement, ...] = ("gpm", "utilization", "timing")
 
 
@@ -86,6 +87,7 @@ class UsageWriter:
         self._pending: dict[str, Submitted] = {}
         self._last_checkpoint = time.monotonic()
         self._placements_counted: dict[str, int] = {}
+        self._dropped_ms = 0.0  # held for requests that ended without an event, since the last count
 
     def _new_attributor(self, first_k: int = 0) -> Attributor:
         return Attributor(self.gpus, first_k=first_k, placement=self.placement, step_tokens=self.step_tokens)
@@ -101,7 +103,9 @@ class UsageWriter:
         self.attributor = self._new_attributor(frontier)
         self._placements_counted = {}
         self._pending = {}
+        self._dropped_ms = 0.0
         self._restore_step_model()
+        self._restore_holds()
         rows = conn.execute("SELECT k, start, end, busy_ms, energy_mj, kind FROM intervals ORDER BY k").fetchall()
         for k, start, end, busy, energy, kind in rows:
             added = self.attributor.add_interval(start, end, busy, energy, kind)
@@ -170,6 +174,17 @@ class UsageWriter:
             return
         self.attributor.restore_learned(learned)
 
+    def _restore_holds(self) -> None:
+        """The shares held for requests in flight (holds.py); an unreadable entry holds nothing (never billed)."""
+        stored = self.ledger.get_meta("holds")
+        if not stored:
+            return
+        try:
+            self.attributor.holds.held = {str(r): Hold.from_list(v) for r, v in json.loads(stored).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("journalled holds %.200r are unreadable (%s): their requests are not billed for the time "
+                        "they were held", stored, exc)
+
     def start_timing(self, start: float, period: float) -> None:
         """No GPU: busy time is estimated from request timing on a grid of ``period`` seconds."""
         self.measurement = "timing"
@@ -180,11 +195,14 @@ class UsageWriter:
 
     # -- the cycle -------------------------------------------------------------------------------
     def cycle(self, submitted: Sequence[Submitted], intervals: Sequence[GpuInterval], watermark: float,
-              now: float | None = None, final: bool = False, rejected: Sequence[Rejected] = ()) -> CycleResult:
+              now: float | None = None, final: bool = False, rejected: Sequence[Rejected] = (),
+              open_requests: Mapping[str, float] | None = None) -> CycleResult:
         """Journal, finalise up to ``watermark`` (monotonic), settle and append, in one transaction.
 
         ``final``: closing down; every request is placed and a checkpoint is signed. ``rejected``: events the
-        sink refused on entry (already logged and counted), quarantined here.
+        sink refused on entry (already logged and counted), quarantined here. ``open_requests``: the requests
+        in flight whose events have not come (request id -> admission), when the gateway tells them: intervals
+        finalised before they end hold a share for them (holds.py).
         """
         now = time.monotonic() if now is None else now
         result = CycleResult()
@@ -196,6 +214,7 @@ class UsageWriter:
                                                 for ctx, event, problem in rejected]
             self._take_intervals(intervals, now, final)
             cold = self._take_events(submitted, set_aside)
+            self._track_open({} if final else open_requests)
             if final:
                 self.attributor.place_all()
             finalised = self.attributor.finalise(watermark)
@@ -208,6 +227,17 @@ class UsageWriter:
         result.finalised = finalised
         self._count(finalised, result, bodies)
         return result
+
+    def _track_open(self, open_requests: Mapping[str, float] | None) -> None:
+        """The requests in flight now; the holds of those that ended without an event go to nobody."""
+        if open_requests is None:
+            return
+        holds = self.attributor.holds
+        holds.set_open(open_requests)
+        for request_id, hold in holds.drop_closed():
+            log.warning("request %s ended without a metering event: the %.3f GPU-ms held for it while it was in "
+                        "flight are billed to nobody", request_id, hold.gpu_ms)
+            self._dropped_ms += hold.gpu_ms
 
     def _take_intervals(self, intervals: Sequence[GpuInterval], now: float, final: bool) -> None:
         new: list[int] = []
@@ -255,7 +285,8 @@ class UsageWriter:
             self._arrival += 1
             rows.append((key, self._arrival, records.event_to_json(event, columns), ctx.to_json()))
             self._pending[key] = (ctx, event)
-            self.attributor.add_request(key, work_spans(event, self.prefill_token_weight), event.billable)
+            self.attributor.add_request(key, work_spans(event, self.prefill_token_weight), event.billable,
+                                        request_id=event.request_id)
         self.ledger.conn.executemany("INSERT INTO pending(key, arrival, event, context) VALUES (?, ?, ?, ?)", rows)
         return new_cold
 
@@ -273,6 +304,9 @@ class UsageWriter:
             self.ledger.set_meta("step_model", json.dumps(learned, sort_keys=True))
         if self.attributor.last_end is not None:
             self.ledger.set_meta("last_end", repr(self.attributor.last_end))
+        if (holds := self.attributor.holds).changed:
+            self.ledger.set_meta("holds", json.dumps({r: h.to_list() for r, h in holds.held.items()}))
+            holds.changed = False
 
     def _settle(self, settled: list[Settled], set_aside: list[QuarantineEntry]) -> list[dict[str, Any]]:
         """The records of settled requests; the events leave ``_pending`` once ``_append`` has them."""
@@ -348,6 +382,13 @@ class UsageWriter:
             result.excluded_ms += item.excluded_ms
             result.unattributed_ms += item.unattributed_ms
             result.measured_ms += item.busy_ms
+        # A share held for a request in flight counts once its event says whether it is billed (or never comes).
+        for billable, hold in self.attributor.claimed:
+            result.billed_ms += hold.gpu_ms if billable else 0.0
+            result.excluded_ms += 0.0 if billable else hold.gpu_ms
+        result.unattributed_ms += self._dropped_ms
+        self.attributor.claimed.clear()
+        self._dropped_ms = 0.0
         metrics.GPU_MS.labels("billed").inc(result.billed_ms)
         metrics.GPU_MS.labels("excluded").inc(result.excluded_ms)
         metrics.GPU_MS.labels("unattributed").inc(result.unattributed_ms)

@@ -51,7 +51,7 @@ def gateway_config(isvc: InferenceService, ctx: c.RenderContext | None = None) -
         "runtime": spec.runtime.name,
         "gpusPerReplica": spec.gpu.count,
         "engine": {
-            "precision": spec.engine.precision if spec.engine else "fp16",
+            "precision": m.metered_precision(isvc),
             "maxInputLen": spec.engine.max_input_len if spec.engine else None,
             "maxBatchSize": spec.engine.max_batch_size if spec.engine else None,
             "fingerprint": m.engine_fingerprint(isvc, ctx),

@@ -54,16 +54,40 @@ def engine_step_tokens(isvc: InferenceService) -> int | None:
     learns it (vLLM's own default depends on the GPU and the entry point, so it is not guessed here)."""
     if isvc.spec.runtime.name != "vllm":
         return None
-    args = list(isvc.spec.runtime.extra_args)
-    value = None
-    for i, arg in enumerate(args):  # the last occurrence wins, as in argparse
-        if arg == VLLM_STEP_TOKENS_FLAG and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(VLLM_STEP_TOKENS_FLAG + "="):
-            value = arg.split("=", 1)[1]
+    value = _flag_value(isvc.spec.runtime.extra_args, VLLM_STEP_TOKENS_FLAG)
     if value is None or not value.strip().isdigit() or int(value) <= 0:
         return None  # vLLM refuses it itself; metering then learns
     return int(value)
+
+
+def _flag_value(args: tuple[str, ...], flag: str) -> str | None:
+    """The value of ``flag`` in an engine's arguments (``V`` as the next argument or after ``=``); the last
+    occurrence wins, as in argparse."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+# vLLM's --quantization methods whose precision the resource-unit table has (weights and math), and --dtype.
+VLLM_QUANTIZATION_PRECISION = {"fp8": "fp8", "fbgemm_fp8": "fp8", "awq": "int4-awq", "awq_marlin": "int4-awq"}
+VLLM_DTYPE_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+
+
+def metered_precision(isvc: InferenceService) -> str:
+    """The precision records are priced at: what the engine is told. For vLLM that is ``--quantization`` (or else
+    ``--dtype``) in ``spec.runtime.extraArgs``, never ``spec.engine.precision`` (TensorRT-LLM's, not passed to
+    vLLM); a method the table has no row for, or ``auto``, prices as fp16."""
+    spec = isvc.spec
+    if spec.runtime.name != "vllm":
+        return spec.engine.precision if spec.engine else "fp16"
+    quantization = _flag_value(spec.runtime.extra_args, "--quantization")
+    if quantization is not None:
+        return VLLM_QUANTIZATION_PRECISION.get(quantization, "fp16")
+    return VLLM_DTYPE_PRECISION.get(_flag_value(spec.runtime.extra_args, "--dtype") or "auto", "fp16")
 
 
 def metering_env(ctx: c.RenderContext, isvc: InferenceService | None = None) -> list[dict[str, Any]]:
