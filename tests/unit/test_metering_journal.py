@@ -23,9 +23,10 @@ CTX = records.context_from_config(CONFIG, "pod-1", "NVIDIA-H100-80GB-HBM3", unit
 A, B = chain.Signer(chain.generate_key()), chain.Signer(chain.generate_key())
 
 
-def measured(kind: str = "gpm") -> list[GpuInterval]:
-    """One second of GPU intervals, 80 % busy, 30 mJ each."""
-    return [GpuInterval(1.0 + 0.1 * i, 1.1 + 0.1 * i, 80.0, 30.0, 0, 0.8, kind) for i in range(10)]  # type: ignore[arg-type]
+def measured(kind: str = "gpm", energy: float | None = 30.0) -> list[GpuInterval]:
+    """One second of GPU intervals, 80 % busy, 30 mJ each (``energy`` None: a GPU without an energy counter)."""
+    return [GpuInterval(1.0 + 0.1 * i, 1.1 + 0.1 * i, 80.0, energy, 0, 0.8, kind)  # type: ignore[arg-type]
+            for i in range(10)]
 
 
 def traffic() -> list[RequestEvent]:
@@ -33,13 +34,13 @@ def traffic() -> list[RequestEvent]:
                     chunks=tuple((1.2 + 0.02 * i + 0.1 * k, 1) for k in range(4))) for i in range(3)]
 
 
-def half_measured(ledger: Ledger, kind: str = "gpm") -> UsageWriter:
+def half_measured(ledger: Ledger, kind: str = "gpm", energy: float | None = 30.0) -> UsageWriter:
     """A writer that journalled the requests and finalised the intervals up to 1.35 s: each request is pending
     with part of its share."""
     writer = UsageWriter(ledger, 1)
     writer.restore()
     writer.measurement = kind  # type: ignore[assignment]  # as the sink sets it once the sampler runs
-    writer.cycle([(CTX, e) for e in traffic()], measured(kind), watermark=1.35, now=2.0)
+    writer.cycle([(CTX, e) for e in traffic()], measured(kind, energy), watermark=1.35, now=2.0)
     assert ledger.conn.execute("SELECT COUNT(*) FROM pending WHERE gpu_ms > 0").fetchone()[0] == 3
     return writer
 
@@ -84,6 +85,70 @@ def test_requests_settled_after_a_reboot_carry_the_measurement_that_measured_the
         assert body["energyMj"] is not None
         assert body["energyMj"] > 0
         assert body["gpuMs"] <= expected[request_id]["gpuMs"]  # what was measured before the reboot, no more
+
+
+# -- energy --------------------------------------------------------------------------------------------------------
+PREVIOUS_PENDING = """CREATE TABLE pending (
+    key TEXT PRIMARY KEY, arrival INTEGER NOT NULL, event TEXT NOT NULL, context TEXT NOT NULL,
+    gpu_ms REAL NOT NULL DEFAULT 0, energy_mj REAL NOT NULL DEFAULT 0, covered REAL NOT NULL DEFAULT 0)"""
+
+
+def as_the_previous_version_journalled(path: Path) -> None:
+    """The journal of ``path`` as a writer before "not measured" energy wrote it: 0 mJ where nothing measured."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("ALTER TABLE pending RENAME TO now")
+        conn.execute(PREVIOUS_PENDING)
+        conn.execute("INSERT INTO pending SELECT key, arrival, event, context, gpu_ms, COALESCE(energy_mj, 0), "
+                     "covered FROM now")
+        conn.execute("DROP TABLE now")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("restarted", [False, True])
+def test_a_gpu_without_an_energy_counter_bills_no_energy_and_the_records_verify(tmp_path: Path,
+                                                                                restarted: bool) -> None:
+    writer = half_measured(Ledger(tmp_path / "usage.db", A), energy=None)
+    if restarted:  # the journal keeps "not measured" across a restart
+        writer.ledger.close()
+        writer = UsageWriter(Ledger(tmp_path / "usage.db", A), 1)
+        assert writer.restore() == 3
+        writer.measurement = "gpm"
+    writer.cycle([], measured(energy=None)[3:], watermark=math.inf, now=3.0, final=True)
+    found = bodies(tmp_path / "usage.db")
+    assert sorted(found) == ["r0", "r1", "r2"]
+    assert all(b["gpuMs"] > 0 and b["energyMj"] is None for b in found.values())
+    records_, points, anchors, _ = verify.from_ledger_file(tmp_path / "usage.db")
+    assert verify.verify(records_, points, chain.Verifier(A.public_key), anchors).ok
+
+
+@pytest.mark.parametrize("energy", [None, 30.0])
+def test_a_journal_the_previous_version_wrote_restores_with_its_energy(tmp_path: Path, energy: float | None) -> None:
+    control = half_measured(Ledger(tmp_path / "control.db", A), energy=energy)
+    control.cycle([], measured(energy=energy)[3:], watermark=math.inf, now=3.0, final=True)
+    half_measured(Ledger(tmp_path / "usage.db", A), energy=energy).ledger.close()
+    as_the_previous_version_journalled(tmp_path / "usage.db")
+    writer = UsageWriter(Ledger(tmp_path / "usage.db", A), 1)
+    assert writer.restore() == 3
+    writer.measurement = "gpm"
+    writer.cycle([(CTX, request("r3", admitted=2.0, first_token=2.1, chunks=((2.1, 1),)))],
+                 measured(energy=energy)[3:], watermark=math.inf, now=3.0, final=True)
+    found, expected = bodies(tmp_path / "usage.db"), bodies(tmp_path / "control.db")
+    assert {r: (b["gpuMs"], b["energyMj"]) for r, b in found.items() if r != "r3"} == {
+        r: (b["gpuMs"], b["energyMj"]) for r, b in expected.items()}
+    assert (found["r0"]["energyMj"] is None) == (energy is None)
+
+
+def test_a_journal_the_previous_version_wrote_keeps_no_energy_across_a_key_change(tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    half_measured(sink._open_ledger(path, A, LABELS), energy=None).ledger.close()
+    as_the_previous_version_journalled(path)
+    writer = UsageWriter(sink._open_ledger(path, B, LABELS), 1)
+    assert writer.restore() == 3
+    writer.measurement = "gpm"
+    writer.cycle([], measured(energy=None)[3:], watermark=math.inf, now=3.0, final=True)
+    assert [b["energyMj"] for b in bodies(path).values()] == [None, None, None]
 
 
 # -- a signing-key change -----------------------------------------------------------------------------------------

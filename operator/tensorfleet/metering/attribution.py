@@ -124,7 +124,7 @@ class Share:
     """What a request has received so far, from the intervals finalised up to now."""
 
     gpu_ms: float = 0.0
-    energy_mj: float = 0.0
+    energy_mj: float | None = None  # None while no interval it was in measured energy (a GPU without the counter)
     covered_tokens: float = 0.0  # work that fell in measured, open intervals
 
 
@@ -266,7 +266,8 @@ class Attributor:
                            journalled=share is not None)
         if request_id is not None and (hold := self.holds.claim(request_id)) is not None:
             request.share.gpu_ms += hold.gpu_ms
-            request.share.energy_mj += hold.energy_mj or 0.0
+            if hold.energy_mj is not None:
+                request.share.energy_mj = (request.share.energy_mj or 0.0) + hold.energy_mj
             request.share.covered_tokens += hold.covered_tokens(spans)
             self.claimed.append((billable, hold))
             self.touched.add(key)
@@ -426,7 +427,7 @@ class Attributor:
                 request.share.gpu_ms += part
                 self.touched.add(key)
                 if energy is not None:
-                    request.share.energy_mj += energy * weight / active
+                    request.share.energy_mj = (request.share.energy_mj or 0.0) + energy * weight / active
                 if request.billable:
                     billed += part
                 else:

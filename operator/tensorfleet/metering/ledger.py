@@ -25,16 +25,18 @@ from typing import Any
 
 from tensorfleet.metering import chain
 
-SCHEMA = """
+# The journal's unsettled events with their shares so far; ``energy_mj`` NULL while no interval measured energy.
+PENDING = """CREATE TABLE IF NOT EXISTS pending (
+    key TEXT PRIMARY KEY, arrival INTEGER NOT NULL, event TEXT NOT NULL, context TEXT NOT NULL,
+    gpu_ms REAL NOT NULL DEFAULT 0, energy_mj REAL, covered REAL NOT NULL DEFAULT 0)"""
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, time TEXT NOT NULL,
     body TEXT NOT NULL, hash TEXT NOT NULL, signature TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (
     seq INTEGER PRIMARY KEY, body TEXT NOT NULL, signature TEXT NOT NULL, exported INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS pending (
-    key TEXT PRIMARY KEY, arrival INTEGER NOT NULL, event TEXT NOT NULL, context TEXT NOT NULL,
-    gpu_ms REAL NOT NULL DEFAULT 0, energy_mj REAL NOT NULL DEFAULT 0, covered REAL NOT NULL DEFAULT 0);
+{PENDING};
 CREATE TABLE IF NOT EXISTS intervals (
     k INTEGER PRIMARY KEY, start REAL NOT NULL, end REAL NOT NULL, busy_ms REAL, energy_mj REAL, kind TEXT NOT NULL);
 CREATE TRIGGER IF NOT EXISTS records_append_only BEFORE UPDATE ON records
@@ -43,6 +45,26 @@ CREATE TRIGGER IF NOT EXISTS records_prune_only BEFORE DELETE ON records
 WHEN OLD.seq > COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'prunable_seq'), 0)
 BEGIN SELECT RAISE(ABORT, 'usage records are append-only: only exported, checkpointed records are pruned'); END;
 """
+
+
+def pending_energy(conn: sqlite3.Connection, schema: str = "main") -> str:
+    """The SQL that reads ``pending.energy_mj`` of the database ``schema``. A journal from before "not measured"
+    energy (``NOT NULL DEFAULT 0``) has 0 mJ where no interval measured energy (one that measured it while the
+    request's work ran gives the request more than 0), so its 0 reads as NULL."""
+    notnull = any(row[1] == "energy_mj" and row[3] for row in conn.execute(f"PRAGMA {schema}.table_info(pending)"))
+    return "NULLIF(energy_mj, 0)" if notnull else "energy_mj"
+
+
+def _upgrade_pending(conn: sqlite3.Connection) -> None:
+    """A journal from before "not measured" energy rebuilt with ``pending.energy_mj`` nullable (SQLite cannot
+    drop a NOT NULL in place); its 0 mJ become NULL (``pending_energy``)."""
+    if (energy := pending_energy(conn)) == "energy_mj":
+        return
+    conn.execute("ALTER TABLE pending RENAME TO pending_before")
+    conn.execute(PENDING)
+    conn.execute(f"INSERT INTO pending SELECT key, arrival, event, context, gpu_ms, {energy}, covered "
+                 "FROM pending_before")
+    conn.execute("DROP TABLE pending_before")
 
 
 def boot_id() -> str:
@@ -77,6 +99,7 @@ class Ledger:
         with self.transaction():
             if self.get_meta("ledger_id") is None:
                 self._init_meta(labels or {})
+            _upgrade_pending(self.conn)
         self.ledger_id = str(self.get_meta("ledger_id"))
         stored_key = self.get_meta("key_id")
         if stored_key != signer.key_id:

@@ -105,7 +105,8 @@ def request_record(event: RequestEvent, ctx: RecordContext, settled: Settled | N
     already (``request_record_id(ctx, event.request_id)``, a UUIDv5: it need not be hashed twice)."""
     gpu_ms = round(settled.share.gpu_ms, units.GPU_MS_DECIMALS) if settled else 0.0
     ru = round(gpu_ms * ctx.ru_per_gpu_ms, units.RU_DECIMALS)
-    energy = round(settled.share.energy_mj, 3) if settled and measurement != "timing" else None
+    measured_energy = settled.share.energy_mj if settled and measurement != "timing" else None
+    energy = None if measured_energy is None else round(measured_energy, 3)  # None: no counter measured it
     if not math.isfinite(ru + (energy or 0.0) + (settled.coverage if settled else 0.0)):  # NaN or inf in any
         raise ValueError(f"gpuMs={gpu_ms!r}, resourceUnits={ru!r}, energyMj={energy!r}, coverage="
                          f"{settled.coverage if settled else None!r}: a record's figures must be finite")

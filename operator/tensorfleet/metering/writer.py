@@ -27,7 +27,7 @@ from tensorfleet.metering import events, metrics, records
 from tensorfleet.metering.attribution import Attributor, Finalised, Placement, Settled, Share, work_spans
 from tensorfleet.metering.events import ColdStartEvent, Problem, RequestEvent
 from tensorfleet.metering.holds import Hold
-from tensorfleet.metering.ledger import Ledger, boot_id, utc_now
+from tensorfleet.metering.ledger import Ledger, boot_id, pending_energy, utc_now
 from tensorfleet.metering.nvml import GpuInterval
 from tensorfleet.metering.records import Measurement, RecordContext
 
@@ -488,7 +488,9 @@ def carry_journal(source: Path, target: Ledger) -> int:
         with target.transaction():
             for table, columns in JOURNAL_TABLES.items():
                 if table in tables:  # a ledger from before the quarantine has none
-                    conn.execute(f"INSERT INTO main.{table}({columns}) SELECT {columns} FROM source.{table}")
+                    read = columns.replace("energy_mj", pending_energy(conn, "source")) if table == "pending" \
+                        else columns
+                    conn.execute(f"INSERT INTO main.{table}({columns}) SELECT {read} FROM source.{table}")
             for key, value in conn.execute(f"SELECT key, value FROM source.meta WHERE key IN ({keys})", JOURNAL_META):
                 target.set_meta(str(key), str(value))
             row = conn.execute("SELECT value FROM source.meta WHERE key = 'ledger_id'").fetchone()
