@@ -11,6 +11,7 @@ import yaml
 from tensorfleet.api import manifest_yaml
 from tensorfleet.api.schema import InvalidSpecError
 from tensorfleet.api.types import InferenceService
+from tensorfleet.api.validation import advisories
 from tensorfleet.reconcile import desired_objects, spec_errors
 from tensorfleet.render.context import RenderContext
 
@@ -44,6 +45,7 @@ def render_text(text: str, ctx: RenderContext, gpu_product: str | None = None,
             result.errors.extend(f"InferenceService {name}: {error}" for error in errors)
             continue
         isvc = InferenceService.from_body(doc)
+        result.warnings.extend(f"InferenceService {name}: {note}" for note in advisories(isvc.spec))
         products = (gpu_product,) if gpu_product else None
         if gpu_product and isvc.spec.gpu.products and gpu_product not in isvc.spec.gpu.products:
             allowed = ", ".join(isvc.spec.gpu.products)

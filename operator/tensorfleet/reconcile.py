@@ -15,7 +15,7 @@ from tensorfleet import diff
 from tensorfleet.api.resources import request_limit_errors
 from tensorfleet.api.schema import FieldError, InvalidSpecError
 from tensorfleet.api.types import InferenceService
-from tensorfleet.api.validation import validate_body
+from tensorfleet.api.validation import advisories, validate_body
 from tensorfleet.autoscale import status as autoscale_status
 from tensorfleet.autoscale.render import autoscaler_objects, mode_errors
 from tensorfleet.engines import discovery, serving
@@ -152,7 +152,23 @@ def reconcile(body: Mapping[str, Any], observed: Observed, ctx: RenderContext, n
     status = plan.status
     status["observedGeneration"] = generation
     status["conditions"] = merge_conditions(previous, status.pop("_conditions"), generation, now)
-    return dataclasses.replace(plan, events=tuple(transitions(previous, status["conditions"])))
+    events = transitions(previous, status["conditions"]) + _new_warnings(body, status)
+    return dataclasses.replace(plan, events=tuple(events))
+
+
+def _warnings(isvc: InferenceService, body: Mapping[str, Any]) -> dict[str, Any]:
+    """``status.warnings``: the spec's advisories (removed by a merge patch once there are none)."""
+    notes = [{"field": note.path, "message": note.message} for note in advisories(isvc.spec)]
+    if notes or "warnings" in (body.get("status") or {}):
+        return {"warnings": notes or None}
+    return {}
+
+
+def _new_warnings(body: Mapping[str, Any], status: Mapping[str, Any]) -> list[Event]:
+    """A Warning event for each advisory the stored status does not have yet (once, not on every pass)."""
+    before = (body.get("status") or {}).get("warnings") or []
+    return [Event("Warning", "SpecWarning", f"{note['field']}: {note['message']}")
+            for note in status.get("warnings") or [] if note not in before]
 
 
 def _converge(body: Mapping[str, Any], isvc: InferenceService, observed: Observed, owned: list[Mapping[str, Any]],
@@ -272,6 +288,7 @@ def _status(body: Mapping[str, Any], deployments: Sequence[Mapping[str, Any]], c
         products = ",".join(isvc.spec.gpu.products) or "any"
         status["gpu"] = f"{isvc.spec.gpu.count}x {products}"
         status.update(autoscale_status.reconcile_fields(isvc, body))
+        status.update(_warnings(isvc, body))
     else:  # keep what an earlier valid spec reported
         for key in ("url", "gpu"):
             if key in (body.get("status") or {}):

@@ -82,6 +82,16 @@ def test_other_kinds_are_skipped_with_a_warning(tmp_path: pathlib.Path) -> None:
     assert "skipped Namespace" in result.stderr
 
 
+def test_a_spec_warning_is_printed_and_the_service_still_renders(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, inference_service("a", engine={"precision": "fp8"}, runtime={"name": "vllm"}))
+    result = CliRunner().invoke(main, ["render", "-f", path])
+    assert result.exit_code == 0
+    assert result.stderr == ("InferenceService a: spec.engine.precision: 'fp8' is not passed to vLLM (TensorRT-LLM "
+                             "only): vLLM runs, and records are priced at, 'fp16' from spec.runtime.extraArgs "
+                             "(--quantization, --dtype)\n")
+    assert "Deployment" in [d["kind"] for d in yaml.safe_load_all(result.stdout)]
+
+
 def test_broken_yaml_is_reported(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "in.yaml"
     path.write_text("spec: [unclosed")

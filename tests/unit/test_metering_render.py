@@ -85,6 +85,8 @@ def _gateway_env(body: dict) -> dict[str, str | None]:
     (["--max-num-batched-tokens", "lots"], None),  # vLLM refuses it itself; metering learns
     (["--max-num-batched-tokens", "0"], None),
     (["--max-num-batched-tokens"], None),
+    (["--max_num_batched_tokens", "512"], "512"),  # vLLM reads underscores in long names as dashes
+    (["--max_num_batched_tokens=768"], "768"),
     (["--max-num-seqs", "64"], None),
     ([], None),
 ])
@@ -102,6 +104,10 @@ def test_triton_services_leave_the_step_budget_to_be_learned() -> None:
 @pytest.mark.parametrize(("extra_args", "precision"), [
     ([], "fp16"), (["--quantization", "fp8"], "fp8"), (["--quantization=awq_marlin"], "int4-awq"),
     (["--dtype", "bfloat16"], "bf16"), (["--dtype", "auto"], "fp16"), (["--quantization", "bitsandbytes"], "fp16"),
+    (["--dtype=bfloat16"], "bf16"), (["--dtype", "half", "--quantization", "fp8"], "fp8"),
+    # vLLM's short alias -q (add_argument("--quantization", "-q")) in each form argparse takes
+    (["-q", "awq"], "int4-awq"), (["-q", "fp8"], "fp8"), (["-q=fp8"], "fp8"), (["-qfp8"], "fp8"),
+    (["--quantization", "awq", "-q", "fp8"], "fp8"),  # the last wins, whichever spelling
 ])
 def test_a_vllm_service_is_metered_at_the_precision_vllm_is_told(extra_args: list[str], precision: str) -> None:
     # Before, records were priced at spec.engine.precision (never passed to vLLM) and a quantisation in extraArgs
@@ -110,10 +116,33 @@ def test_a_vllm_service_is_metered_at_the_precision_vllm_is_told(extra_args: lis
     assert gateway_config(service)["engine"]["precision"] == precision
 
 
-def test_a_vllm_service_with_a_tensorrt_precision_is_an_invalid_spec() -> None:
+@pytest.mark.parametrize(("extra_args", "precision"), [
+    (["--enforce-eager", "--dtyp", "bfloat16"], "bf16"),  # argparse's abbreviation, which vLLM keeps
+    (["--dtyp=bfloat16"], "bf16"),
+])
+def test_abbreviated_vllm_flags_are_read_as_vllm_reads_them(extra_args: list[str], precision: str) -> None:
+    service = isvc(inference_service(runtime={"name": "vllm", "extraArgs": extra_args}))
+    assert gateway_config(service)["engine"]["precision"] == precision
+    assert _gateway_env(inference_service(runtime={"name": "vllm", "extraArgs": ["--max_num_batched", "64"]}))[
+        "TENSORFLEET_METERING_ENGINE_STEP_TOKENS"] == "64"
+
+
+def test_what_metering_cannot_read_is_a_warning_never_an_invalid_spec() -> None:
     from tensorfleet.api import validation
 
-    errors = validation.validate_body(inference_service(engine={"precision": "int4-awq"}, gpu={"count": 1}))
-    assert [(e.path, e.message) for e in errors] == [(
-        "spec.engine.precision", "Invalid value: 'int4-awq': not passed to vLLM (TensorRT-LLM only); set vLLM's "
-        "quantization in spec.runtime.extraArgs (--quantization, --dtype)")]
+    # vLLM is never told spec.engine.precision; flags in a --config file are not seen by the operator. Both are
+    # advisories (status.warnings, a Warning event): a spec an earlier version accepted must keep reconciling.
+    spec = inference_service(engine={"precision": "int4-awq"}, gpu={"count": 1},
+                             runtime={"name": "vllm", "extraArgs": ["--config", "/etc/vllm.yaml", "-q", "fp8"]})
+    assert validation.validate_body(spec) == []
+    assert [(e.path, e.message) for e in validation.advisories(isvc(spec).spec)] == [
+        ("spec.engine.precision", "'int4-awq' is not passed to vLLM (TensorRT-LLM only): vLLM runs, and records are "
+         "priced at, 'fp8' from spec.runtime.extraArgs (--quantization, --dtype)"),
+        ("spec.runtime.extraArgs[0]", "flags in vLLM's --config file are not read by the operator: records are "
+         "priced at 'fp8' from the other extraArgs, and the engine's step budget is learned; put --quantization, "
+         "--dtype and --max-num-batched-tokens in extraArgs"),
+    ]
+    matching = inference_service(engine={"precision": "fp8"}, runtime={"name": "vllm", "extraArgs": ["-q", "fp8"]})
+    assert validation.advisories(isvc(matching).spec) == []
+    triton = triton_service(runtime={"name": "triton", "extraArgs": ["--config", "x"]})
+    assert validation.advisories(isvc(triton).spec) == []

@@ -215,3 +215,29 @@ def test_transition_time_moves_only_when_status_flips() -> None:
     second = reconcile(body, Observed(tuple(children)), CTX, T1)
     assert condition(second.status, "Ready")["lastTransitionTime"] == "2026-11-21T12:05:00Z"
     assert condition(second.status, "Degraded")["lastTransitionTime"] == "2026-11-21T12:00:00Z"
+
+
+def test_a_vllm_service_with_a_tensorrt_precision_keeps_reconciling_and_is_warned_once() -> None:
+    # An earlier version accepted spec.engine.precision on vLLM (which is never told it); after an upgrade such a
+    # service was InvalidSpec and frozen: a replicas change was never applied. Now it is a warning, not an error.
+    body = stored(inference_service(engine={"precision": "int4-awq"}, runtime={"name": "vllm"}, replicas=1))
+    children = rolled_out(as_created(reconcile(body, Observed(), CTX, T0).desired), ready=1)
+    body["status"] = {k: v for k, v in reconcile(body, Observed(tuple(children)), CTX, T0).status.items()
+                      if k != "warnings"}  # the status an earlier version wrote
+    body["spec"]["replicas"] = 3
+    plan = reconcile(body, Observed(tuple(children)), CTX, T1)
+    deployment = next(o for o in plan.desired if o["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert condition(plan.status, "Degraded")["status"] == "False"
+    note = ("'int4-awq' is not passed to vLLM (TensorRT-LLM only): vLLM runs, and records are priced at, 'fp16' "
+            "from spec.runtime.extraArgs (--quantization, --dtype)")
+    assert plan.status["warnings"] == [{"field": "spec.engine.precision", "message": note}]
+    assert [(e.type, e.reason, e.message) for e in plan.events] == [
+        ("Warning", "SpecWarning", f"spec.engine.precision: {note}")]
+    body["status"] = plan.status
+    assert reconcile(body, Observed(tuple(children)), CTX, T1).events == ()  # once, not on every pass
+    body["spec"]["engine"]["precision"] = "fp16"
+    fixed = reconcile(body, Observed(tuple(children)), CTX, T1)
+    assert fixed.status["warnings"] is None  # a merge patch removes it
+    body["status"] = {k: v for k, v in fixed.status.items() if v is not None}
+    assert "warnings" not in reconcile(body, Observed(tuple(children)), CTX, T1).status

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from tensorfleet.api import crds, schema
+from tensorfleet.api import crds, schema, vllm_args
 from tensorfleet.api.schema import FieldError
 from tensorfleet.api.types import InferenceServiceSpec
 
@@ -35,18 +35,30 @@ def cross_field_errors(spec: InferenceServiceSpec) -> Iterator[FieldError]:
     yield from _context_window(spec)
     yield from _warmup(spec)
     yield from _affinity(spec)
-    yield from _vllm_precision(spec)
 
 
-def _vllm_precision(spec: InferenceServiceSpec) -> Iterator[FieldError]:
-    """spec.engine.precision is TensorRT-LLM's build setting: vLLM is never told it, and records are priced at
-    the precision vLLM runs (its --quantization or --dtype in spec.runtime.extraArgs)."""
-    if spec.runtime.name == "vllm" and spec.engine is not None and spec.engine.precision != "fp16":
-        yield FieldError(
-            "spec.engine.precision",
-            f"Invalid value: {spec.engine.precision!r}: not passed to vLLM (TensorRT-LLM only); set vLLM's "
-            "quantization in spec.runtime.extraArgs (--quantization, --dtype)",
-        )
+def advisories(spec: InferenceServiceSpec) -> list[FieldError]:
+    """What in a valid spec does not do what it seems to, without stopping the service: reported in
+    ``status.warnings`` and as a Warning event, never blocking a reconcile (a spec an earlier version accepted
+    keeps running and scaling after an upgrade)."""
+    notes = []
+    if spec.runtime.name == "vllm":
+        metered = vllm_args.precision(spec.runtime.extra_args)
+        if spec.engine is not None and spec.engine.precision != metered:
+            notes.append(FieldError(
+                "spec.engine.precision",
+                f"{spec.engine.precision!r} is not passed to vLLM (TensorRT-LLM only): vLLM runs, and records are "
+                f"priced at, {metered!r} from spec.runtime.extraArgs (--quantization, --dtype)",
+            ))
+        index = vllm_args.config_file_index(spec.runtime.extra_args)
+        if index is not None:
+            notes.append(FieldError(
+                f"spec.runtime.extraArgs[{index}]",
+                f"flags in vLLM's --config file are not read by the operator: records are priced at {metered!r} "
+                "from the other extraArgs, and the engine's step budget is learned; put --quantization, --dtype "
+                "and --max-num-batched-tokens in extraArgs",
+            ))
+    return notes
 
 
 def _context_window(spec: InferenceServiceSpec) -> Iterator[FieldError]:

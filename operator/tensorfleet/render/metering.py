@@ -14,6 +14,7 @@ import hashlib
 import json
 from typing import Any
 
+from tensorfleet.api import vllm_args
 from tensorfleet.api.types import InferenceService
 from tensorfleet.config import env_name
 from tensorfleet.metering.settings import MeteringSettings
@@ -24,7 +25,6 @@ VOLUME = "metering-secret"
 MOUNT_DIR = f"{c.CONFIG_DIR}/metering"
 SIGNING_KEY = "signing-key"
 SINK_TOKEN = "sink-token"
-VLLM_STEP_TOKENS_FLAG = "--max-num-batched-tokens"
 
 
 def engine_fingerprint(isvc: InferenceService, ctx: c.RenderContext) -> str:
@@ -54,40 +54,20 @@ def engine_step_tokens(isvc: InferenceService) -> int | None:
     learns it (vLLM's own default depends on the GPU and the entry point, so it is not guessed here)."""
     if isvc.spec.runtime.name != "vllm":
         return None
-    value = _flag_value(isvc.spec.runtime.extra_args, VLLM_STEP_TOKENS_FLAG)
+    value = vllm_args.flag_value(isvc.spec.runtime.extra_args, vllm_args.STEP_TOKENS)
     if value is None or not value.strip().isdigit() or int(value) <= 0:
         return None  # vLLM refuses it itself; metering then learns
     return int(value)
 
 
-def _flag_value(args: tuple[str, ...], flag: str) -> str | None:
-    """The value of ``flag`` in an engine's arguments (``V`` as the next argument or after ``=``); the last
-    occurrence wins, as in argparse."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
-# vLLM's --quantization methods whose precision the resource-unit table has (weights and math), and --dtype.
-VLLM_QUANTIZATION_PRECISION = {"fp8": "fp8", "fbgemm_fp8": "fp8", "awq": "int4-awq", "awq_marlin": "int4-awq"}
-VLLM_DTYPE_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
-
-
 def metered_precision(isvc: InferenceService) -> str:
-    """The precision records are priced at: what the engine is told. For vLLM that is ``--quantization`` (or else
-    ``--dtype``) in ``spec.runtime.extraArgs``, never ``spec.engine.precision`` (TensorRT-LLM's, not passed to
-    vLLM); a method the table has no row for, or ``auto``, prices as fp16."""
+    """The precision records are priced at: what the engine is told. For vLLM that is what its flags in
+    ``spec.runtime.extraArgs`` say (:func:`vllm_args.precision`), never ``spec.engine.precision``
+    (TensorRT-LLM's build setting, not passed to vLLM)."""
     spec = isvc.spec
     if spec.runtime.name != "vllm":
         return spec.engine.precision if spec.engine else "fp16"
-    quantization = _flag_value(spec.runtime.extra_args, "--quantization")
-    if quantization is not None:
-        return VLLM_QUANTIZATION_PRECISION.get(quantization, "fp16")
-    return VLLM_DTYPE_PRECISION.get(_flag_value(spec.runtime.extra_args, "--dtype") or "auto", "fp16")
+    return vllm_args.precision(spec.runtime.extra_args)
 
 
 def metering_env(ctx: c.RenderContext, isvc: InferenceService | None = None) -> list[dict[str, Any]]:
