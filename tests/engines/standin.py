@@ -1,12 +1,13 @@
 """A stand-in engine: a small, fast imitation of vLLM's OpenAI server, for unit-level tests and the proxy-cost
 benchmark only. The gateway's end-to-end tests run against the real vLLM and tritonserver processes.
 
-It counts whitespace-separated words as tokens, always generates exactly max_tokens tokens (like vLLM
-with ignore_eos), streams in vLLM's event format (continuous usage and the final usage event when
-asked), records what it received (parsed and as raw bytes), and counts requests whose client went away
-before the end. Each generated token is one word: " tok" by default, or the words of a given text in
-turn, starting over at its end — a short text makes it loop like a degenerate model, a long one gives
-clean prose. Run it alone with ``python -m tests.engines.standin --port 18081 [--loop "I am sorry ."]``.
+It counts whitespace-separated words as tokens, always generates exactly the output length asked for, read
+from the fields vLLM reads (``output_tokens``; like vLLM with ignore_eos), streams in vLLM's event format
+(continuous usage and the final usage event when asked), records what it received (parsed and as raw
+bytes), and counts requests whose client went away before the end. Each generated token is one word:
+" tok" by default, or the words of a given text in turn, starting over at its end — a short text makes it
+loop like a degenerate model, a long one gives clean prose. Run it alone with
+``python -m tests.engines.standin --port 18081 [--loop "I am sorry ."]``.
 """
 
 from __future__ import annotations
@@ -81,6 +82,14 @@ class StandinEngine:
         count = self.count(body)
         return web.json_response({"count": count, "max_model_len": 1024, "tokens": list(range(count))})
 
+    @staticmethod
+    def output_tokens(path: str, body: dict[str, Any]) -> int:
+        """How many tokens to generate, read as vLLM reads it: on chat ``max_completion_tokens`` when set, else
+        ``max_tokens``; on completions ``max_tokens`` only (vLLM's CompletionRequest has no
+        ``max_completion_tokens`` and ignores it); 16 when none is set."""
+        keys = ("max_completion_tokens", "max_tokens") if path == "/v1/chat/completions" else ("max_tokens",)
+        return next((int(body[key]) for key in keys if body.get(key) is not None), 16)
+
     def token(self, index: int) -> str:
         return " " + self.words[index % len(self.words)]
 
@@ -116,7 +125,7 @@ class StandinEngine:
         return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
 
     async def _plain(self, request: web.Request, body: dict[str, Any]) -> web.Response:
-        n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        n = self.output_tokens(request.path, body)
         if self.token_delay:
             await asyncio.sleep(self.token_delay * n)
         chat = "messages" in body
@@ -129,7 +138,7 @@ class StandinEngine:
             "system_fingerprint": FINGERPRINT, "usage": self._usage(body, n)}, dumps=_compact)
 
     async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        n = self.output_tokens(request.path, body)
         options = body.get("stream_options") or {}
         usage, continuous = bool(options.get("include_usage")), bool(options.get("continuous_usage_stats"))
         chat = "messages" in body

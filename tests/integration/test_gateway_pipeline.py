@@ -131,6 +131,37 @@ async def test_tenant_budget_reserves_then_settles(tmp_path: pathlib.Path) -> No
     assert "100 tokens per minute" in body["error"]["message"]
 
 
+async def test_the_budget_reserves_the_output_bound_vllm_honours(tmp_path: pathlib.Path) -> None:
+    # vLLM's chat endpoint generates max_completion_tokens when it is set, whatever max_tokens says: a burst that
+    # reserved the smaller one would overrun the tenant's budget together.
+    engine = StandinEngine(token_delay=0.02)
+    sink = RecordingSinkDouble()
+    document = gateway_document(tokenPolicy={"tenantTokensPerMinute": 200})
+    body = {**CHAT, "max_tokens": 1, "max_completion_tokens": 60}
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document, sink=sink) as gw, \
+            aiohttp.ClientSession() as session:
+        statuses = [s for s, _, _ in await asyncio.gather(*(post(session, url(gw, "/v1/chat/completions"), body)
+                                                             for _ in range(10)))]
+    served = [e for e in sink.client_requests() if e.status == 200]
+    assert {e.completion_tokens for e in served} == {60}
+    assert sum(e.prompt_tokens + e.completion_tokens for e in served) <= 200
+    assert statuses.count(429) == 10 - len(served)
+
+
+async def test_completions_take_only_max_tokens_as_the_output_bound(tmp_path: pathlib.Path) -> None:
+    # vLLM's CompletionRequest has no max_completion_tokens (it ignores it) and defaults max_tokens to 16.
+    engine = StandinEngine()
+    document = gateway_document(tokenPolicy={"maxOutputTokens": 8})
+    async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream, document) as gw, \
+            aiohttp.ClientSession() as session:
+        status, answer, _ = await post(session, url(gw, "/v1/completions"),
+                                       {"model": "tiny", "prompt": "a b", "max_completion_tokens": 4})
+    assert status == 200
+    assert engine.received[-1]["max_tokens"] == 8
+    assert engine.received[-1]["max_completion_tokens"] == 4  # not honoured there: passed on as sent
+    assert answer["usage"]["completion_tokens"] == 8
+
+
 async def test_a_refused_request_bills_no_tokens_though_its_prompt_was_counted(tmp_path: pathlib.Path) -> None:
     engine = StandinEngine()
     sink = RecordingSinkDouble()

@@ -368,8 +368,8 @@ def test_admission_hands_slots_over_in_order() -> None:
     assert asyncio.run(scenario()) == ["queued"]
 
 
-def _proxied(raw: bytes, streaming: bool = False) -> ProxyRequest:
-    return ProxyRequest(request_id="r", endpoint="/v1/completions", tenant="t", body=json.loads(raw), raw=raw,
+def _proxied(raw: bytes, streaming: bool = False, endpoint: str = "/v1/completions") -> ProxyRequest:
+    return ProxyRequest(request_id="r", endpoint=endpoint, tenant="t", body=json.loads(raw), raw=raw,
                         streaming=streaming, received=0.0, received_at=0.0, billable=True)
 
 
@@ -395,3 +395,25 @@ def test_changed_fields_or_other_encodings_send_the_body_encoded_again(raw: byte
     VLLMEngine("tiny").clamp_output(proxied, 64)
     assert proxied.modified
     assert json.loads(proxied.upstream_bytes()) == {"model": "tiny", "prompt": "x", "max_tokens": 64}
+
+
+@pytest.mark.parametrize(("endpoint", "fields", "effective", "client_max", "sent"), [
+    # chat: vLLM generates max_completion_tokens when it is set, whatever max_tokens says; both are clamped
+    ("/v1/chat/completions", {"max_tokens": 1, "max_completion_tokens": 60}, 60, 60, {}),
+    ("/v1/chat/completions", {"max_tokens": 100, "max_completion_tokens": 5}, 5, 5, {"max_tokens": 64}),
+    ("/v1/chat/completions", {"max_tokens": None, "max_completion_tokens": 100}, 64, 64,
+     {"max_completion_tokens": 64}),
+    ("/v1/chat/completions", {"max_tokens": 7}, 7, 7, {}),
+    ("/v1/chat/completions", {}, 64, None, {"max_tokens": 64}),
+    # completions: vLLM's CompletionRequest ignores max_completion_tokens and reads max_tokens only
+    ("/v1/completions", {"max_completion_tokens": 4}, 64, None, {"max_tokens": 64}),
+    ("/v1/completions", {"max_tokens": None, "max_completion_tokens": 4}, 64, None, {"max_tokens": 64}),
+    ("/v1/completions", {"max_tokens": 3, "max_completion_tokens": 100}, 3, 3, {}),
+])
+def test_the_output_bound_is_the_field_vllm_honours(endpoint: str, fields: dict[str, Any], effective: int,
+                                                     client_max: int | None, sent: dict[str, Any]) -> None:
+    body = {"model": "tiny", **fields}
+    proxied = _proxied(json.dumps(body).encode(), endpoint=endpoint)
+    assert VLLMEngine("tiny").clamp_output(proxied, 64) == effective
+    assert proxied.client_max_tokens == client_max
+    assert json.loads(proxied.upstream_bytes()) == {**body, **sent}

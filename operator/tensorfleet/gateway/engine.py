@@ -39,6 +39,10 @@ _TEMPLATE_ARGUMENTS = ("documents", "reasoning_effort")
 # Plain-request fields vLLM refuses on a stream, or whose plain answer carries what a folded stream cannot give
 # back (token ids, the prompt's text, kv-transfer parameters): such requests are not streamed instead.
 _NOT_STREAMED_INSTEAD = ("prompt_logprobs", "return_token_ids", "return_prompt_text", "kv_transfer_params")
+# The output-length fields vLLM honours per endpoint, the one it uses first when both are set: its chat endpoint
+# takes max_completion_tokens over max_tokens (ChatCompletionRequest.build_tok_params, OpenAIServingChat); its
+# CompletionRequest has no max_completion_tokens (an extra field, ignored) and reads max_tokens only.
+_OUTPUT_BOUNDS = {CHAT: ("max_completion_tokens", "max_tokens"), COMPLETIONS: ("max_tokens",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,16 +167,17 @@ class VLLMEngine:
                               "array of arrays of token ids", "prompt", "invalid_type")
 
     def clamp_output(self, request: ProxyRequest, limit: int) -> int:
-        """Clamp the client's max_tokens (or max_completion_tokens) to ``limit``, or set it; the effective value."""
+        """Clamp the output bounds vLLM honours on this endpoint to ``limit``, or set max_tokens to it when the client
+        set none; the effective value: the first of ``_OUTPUT_BOUNDS`` the client set, as vLLM reads them."""
         body = request.body
-        keys = [k for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None]
+        keys = [k for k in _OUTPUT_BOUNDS[request.endpoint] if body.get(k) is not None]
         if not keys:
             request.set_fields({"max_tokens": limit})
             return limit
         clamped = {k: min(int(body[k]), limit) for k in keys}
         if any(clamped[k] != body[k] for k in keys):
             request.set_fields(clamped)
-        request.client_max_tokens = min(clamped.values())
+        request.client_max_tokens = clamped[keys[0]]
         return request.client_max_tokens
 
     def choices(self, request: ProxyRequest) -> int:

@@ -43,7 +43,7 @@ class ProxyRequest:
     modified: bool = False
     client_wants_usage: bool = False
     prompt_tokens: int | None = None  # counted with the engine's tokenizer, when the policy needed a count
-    client_max_tokens: int | None = None  # the client's own max_tokens (or max_completion_tokens), after the clamp
+    client_max_tokens: int | None = None  # the client's output bound the engine honours, after the clamp
     response_headers: dict[str, str] = dataclasses.field(default_factory=dict)
     flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. truncated, truncated_tokens
 
