@@ -195,6 +195,7 @@ class VLLMEngine:
         if any(clamped[k] != body[k] for k in keys):
             request.set_fields(clamped)
         request.client_max_tokens = clamped[keys[0]]
+        request.output_bound = keys[0]
         return request.client_max_tokens
 
     @staticmethod
@@ -361,13 +362,14 @@ class TritonEngine:
     def clamp_output(self, request: ProxyRequest, limit: int) -> int:
         """Clamp max_tokens to ``limit`` where the client set it (top level or ``parameters``), or set it top-level
         to ``limit`` when the client set none."""
-        holder = triton_input(request.body, "max_tokens")[1]
+        field, holder = triton_input(request.body, "max_tokens")
         current = holder.get("max_tokens")
         effective = limit if current is None else min(int(current), limit)
         if effective != current:
             request.set_fields({"max_tokens": effective} if holder is request.body
                                else {"parameters": {**holder, "max_tokens": effective}})
         request.client_max_tokens = None if current is None else effective
+        request.output_bound = field
         return effective
 
     @staticmethod
