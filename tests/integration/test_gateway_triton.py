@@ -89,3 +89,29 @@ async def test_runaway_control_stops_a_looping_triton_generation(triton_url: str
     assert stream_event.completion_tokens == len(events)
     assert plain_event.runaway_stopped
     assert plain_event.completion_tokens == 300  # generated before it could be watched: produced, so billed
+
+
+async def test_fields_inside_parameters_are_read_clamped_and_counted(triton_url: str, tmp_path: pathlib.Path) -> None:
+    # Triton's generate extension makes each key of "parameters" a model input, as it does a top-level key.
+    sink = RecordingSinkDouble()
+    async with running_gateway(tmp_path, triton_url, triton_document(maxInputTokens=3), sink, runtime="triton") as gw, \
+            aiohttp.ClientSession() as session:
+        over = await post(session, url(gw, GENERATE), {"max_tokens": 2, "parameters": {"text_input": "a b c d"}})
+        fits = await post(session, url(gw, GENERATE), {"max_tokens": 2, "parameters": {"text_input": "a b c"}})
+        clamped = await post(session, url(gw, GENERATE), {"parameters": {"text_input": "a b c", "max_tokens": 50}})
+        default = await post(session, url(gw, GENERATE), {"text_input": "a", "parameters": {"temperature": 1}})
+        twice = await post(session, url(gw, GENERATE), {"text_input": "a", "max_tokens": 2,
+                                                        "parameters": {"max_tokens": 2}})
+    assert over[0] == 400
+    assert "has 4 tokens" in over[1]["error"]["message"]
+    assert over[1]["error"]["param"] == "parameters.text_input"
+    assert fits[0] == 200
+    assert clamped[0] == 200, clamped
+    assert clamped[1]["text_output"].split() == ["w0", "w1", "w2", "w3", "w4"]  # maxOutputTokens 5
+    assert default[0] == 200
+    assert len(default[1]["text_output"].split()) == 5  # the gateway's bound, top-level beside the parameters
+    assert twice[0] == 400
+    assert twice[1]["error"]["param"] == "parameters.max_tokens"
+    assert "both" in twice[1]["error"]["message"]
+    served = [(e.prompt_tokens, e.completion_tokens) for e in sink.client_requests() if e.status == 200]
+    assert served == [(3, 2), (3, 5), (1, 5)]  # each prompt counted where the client put it

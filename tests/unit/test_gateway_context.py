@@ -22,7 +22,7 @@ from tensorfleet.gateway.context import (
     fewest_turns,
     input_limit,
 )
-from tensorfleet.gateway.engine import rendered_template_kwargs
+from tensorfleet.gateway.engine import VLLMEngine, rendered_template_kwargs
 from tensorfleet.gateway.errors import GatewayError
 from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.metrics import GatewayMetrics
@@ -191,6 +191,21 @@ async def test_the_context_window_less_max_tokens_is_a_limit_too() -> None:
         await hook.before_upstream(request(chat(1), max_tokens=150), WordCounterDouble(window=150))
     assert error.value.param == "max_tokens"
     assert "leaves no room" in error.value.message
+
+
+async def test_the_errors_name_the_output_bound_the_client_set() -> None:
+    hook, _ = policy()
+    proxied = request(chat(1), max_tokens=None, max_completion_tokens=150)
+    VLLMEngine("tiny").clamp_output(proxied, 4096)  # on chat, vLLM's bound is max_completion_tokens when set
+    with pytest.raises(GatewayError) as error:
+        await hook.before_upstream(proxied, WordCounterDouble(window=150))
+    assert error.value.param == "max_completion_tokens"
+    assert error.value.message.startswith("max_completion_tokens 150 leaves no room for a prompt")
+    proxied = request(chat(5), max_tokens=1, max_completion_tokens=140)
+    VLLMEngine("tiny").clamp_output(proxied, 4096)
+    with pytest.raises(GatewayError) as error:
+        await hook.before_upstream(proxied, WordCounterDouble(window=150))
+    assert "less max_completion_tokens 140" in error.value.message
 
 
 async def test_small_requests_are_not_counted_when_only_the_window_limits_them() -> None:

@@ -21,7 +21,8 @@ from tensorfleet.config import from_env
 from tensorfleet.gateway import config as gwconfig
 from tensorfleet.gateway.auth import AuthError, KeyStore, TenantResolver
 from tensorfleet.gateway.cache import ResponseCache, cache_key, is_deterministic
-from tensorfleet.gateway.engine import VLLMEngine
+from tensorfleet.gateway.engine import TritonEngine, VLLMEngine
+from tensorfleet.gateway.errors import GatewayError
 from tensorfleet.gateway.hooks import ProxyRequest
 from tensorfleet.gateway.metrics import GatewayMetrics
 from tensorfleet.gateway.ratelimit import RateLimited, TokenRateLimiter
@@ -417,3 +418,44 @@ def test_the_output_bound_is_the_field_vllm_honours(endpoint: str, fields: dict[
     assert VLLMEngine("tiny").clamp_output(proxied, 64) == effective
     assert proxied.client_max_tokens == client_max
     assert json.loads(proxied.upstream_bytes()) == {**body, **sent}
+
+
+TRITON_GENERATE = "/v2/models/tiny/generate"
+
+
+@pytest.mark.parametrize(("body", "effective", "sent"), [
+    ({"text_input": "a", "max_tokens": 99}, 64, {"text_input": "a", "max_tokens": 64}),
+    ({"text_input": "a", "parameters": {"max_tokens": 99, "top_k": 1}}, 64,
+     {"text_input": "a", "parameters": {"max_tokens": 64, "top_k": 1}}),  # where the client put it
+    ({"text_input": "a", "parameters": {"max_tokens": 7}}, 7, {"text_input": "a", "parameters": {"max_tokens": 7}}),
+    ({"parameters": {"text_input": "a"}}, 64, {"parameters": {"text_input": "a"}, "max_tokens": 64}),
+])
+def test_triton_max_tokens_is_clamped_where_the_client_set_it(body: dict[str, Any], effective: int,
+                                                               sent: dict[str, Any]) -> None:
+    proxied = _proxied(json.dumps(body).encode(), endpoint=TRITON_GENERATE)
+    engine = TritonEngine("tiny")
+    engine.validate(proxied, "tiny")
+    assert engine.clamp_output(proxied, 64) == effective
+    assert json.loads(proxied.upstream_bytes()) == sent
+
+
+@pytest.mark.parametrize(("body", "field", "message"), [
+    ({"text_input": "a", "parameters": "max_tokens=4"}, "parameters", "'parameters' must be an object"),
+    ({"text_input": "a", "parameters": None}, "parameters", "'parameters' must be an object"),
+    ({"text_input": "a", "max_tokens": 4, "parameters": {"max_tokens": 4}}, "parameters.max_tokens",
+     "'max_tokens' is set both at the top level and in 'parameters'"),
+    ({"text_input": "a", "parameters": {"text_input": "b"}}, "parameters.text_input",
+     "'text_input' is set both at the top level and in 'parameters'"),
+    ({"parameters": {"text_input": ["a"]}}, "parameters.text_input", "'parameters.text_input' must be a string"),
+    ({"text_input": "a", "parameters": {"max_tokens": "4"}}, "parameters.max_tokens",
+     "'parameters.max_tokens' must be an integer"),
+    ({"text_input": "a", "parameters": {"max_tokens": 0}}, "parameters.max_tokens",
+     "'parameters.max_tokens' must be at least 1, got 0"),
+])
+def test_triton_inputs_are_checked_where_the_client_set_them(body: dict[str, Any], field: str,
+                                                             message: str) -> None:
+    proxied = _proxied(json.dumps(body).encode(), endpoint=TRITON_GENERATE)
+    with pytest.raises(GatewayError) as refused:
+        TritonEngine("tiny").validate(proxied, "tiny")
+    assert (refused.value.status, refused.value.param) == (400, field)
+    assert message in refused.value.message

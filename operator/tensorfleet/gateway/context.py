@@ -1,11 +1,12 @@
 """Context-window management for chat requests (``tokenPolicy.contextStrategy``).
 
 A chat prompt may use at most ``limit`` tokens: the smaller of ``tokenPolicy.maxInputTokens`` and the
-model's context window less the client's ``max_tokens`` (less one token when the client set none, so at
-least one can be generated). Tokens are counted by the engine's own tokenizer with the model's chat
-template applied (vLLM's ``/tokenize`` with the request's messages, tools and what else vLLM hands the
-template: ``documents`` and ``reasoning_effort`` go in ``chat_template_kwargs``), so the count is the one the
-engine will see.
+model's context window less the client's output bound (``max_completion_tokens`` when set, else
+``max_tokens``, as vLLM reads them; less one token when the client set none, so at least one can be
+generated). Tokens are counted by the engine's own tokenizer with the model's chat template applied
+(vLLM's ``/tokenize`` with the request's messages, tools and what else vLLM hands the template:
+``documents`` and ``reasoning_effort`` go in ``chat_template_kwargs``), so the count is the one the engine
+will see.
 
 * ``reject`` (the default): a prompt over the limit gets a 400 whose error object carries ``limit`` and
   ``count``.
@@ -52,8 +53,10 @@ class Limit:
     source: str  # what sets it, for the error message
 
 
-def input_limit(max_input_tokens: int | None, window: int | None, client_max_tokens: int | None) -> Limit | None:
-    """The most prompt tokens a chat request may have, or None when nothing limits it."""
+def input_limit(max_input_tokens: int | None, window: int | None, client_max_tokens: int | None,
+                output_bound: str = "max_tokens") -> Limit | None:
+    """The most prompt tokens a chat request may have, or None when nothing limits it; ``output_bound``: the
+    field ``client_max_tokens`` came from, for the message."""
     limits = []
     if max_input_tokens is not None:
         limits.append(Limit(max_input_tokens, "tokenPolicy.maxInputTokens"))
@@ -61,8 +64,8 @@ def input_limit(max_input_tokens: int | None, window: int | None, client_max_tok
         if client_max_tokens is None:
             limits.append(Limit(window - 1, f"the model's context window of {window} tokens less one to generate"))
         else:
-            limits.append(Limit(window - client_max_tokens,
-                                f"the model's context window of {window} tokens less max_tokens {client_max_tokens}"))
+            limits.append(Limit(window - client_max_tokens, f"the model's context window of {window} tokens less "
+                                                            f"{output_bound} {client_max_tokens}"))
     return min(limits, key=lambda limit: limit.tokens) if limits else None
 
 
@@ -158,12 +161,13 @@ class ContextWindowPolicy:
             return
         config = self.config()
         policy = config.token_policy
-        limit = input_limit(policy.max_input_tokens, await tokens.context_window(), request.client_max_tokens)
+        limit = input_limit(policy.max_input_tokens, await tokens.context_window(), request.client_max_tokens,
+                            request.output_bound)
         if limit is None:
             return
         if limit.tokens < 1:
-            raise GatewayError(400, f"max_tokens {request.client_max_tokens} leaves no room for a prompt in "
-                                    f"{limit.source}", "context_length_exceeded", "max_tokens",
+            raise GatewayError(400, f"{request.output_bound} {request.client_max_tokens} leaves no room for a "
+                                    f"prompt in {limit.source}", "context_length_exceeded", request.output_bound,
                                details={"limit": limit.tokens})
         if policy.max_input_tokens is None and await self._surely_fits(request, tokens, limit.tokens):
             return

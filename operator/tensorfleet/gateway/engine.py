@@ -43,6 +43,8 @@ _NOT_STREAMED_INSTEAD = ("prompt_logprobs", "return_token_ids", "return_prompt_t
 # takes max_completion_tokens over max_tokens (ChatCompletionRequest.build_tok_params, OpenAIServingChat); its
 # CompletionRequest has no max_completion_tokens (an extra field, ignored) and reads max_tokens only.
 _OUTPUT_BOUNDS = {CHAT: ("max_completion_tokens", "max_tokens"), COMPLETIONS: ("max_tokens",)}
+# The Triton model inputs the gateway reads: the prompt it counts and the output bound it clamps.
+_COUNTED_INPUTS = ("text_input", "max_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,16 +54,31 @@ class Route:
     generates: bool  # runs the token policy and metering; otherwise a plain pass-through
 
 
-def _int_or_none(body: Mapping[str, Any], key: str, minimum: int = 1, maximum: int | None = None) -> int | None:
+def _int_or_none(body: Mapping[str, Any], key: str, minimum: int = 1, maximum: int | None = None,
+                 field: str | None = None) -> int | None:
+    """``body[key]`` checked to be an integer in range, or None when unset; errors name ``field`` (default ``key``)."""
     value = body.get(key)
     if value is None:
         return None
+    field = field or key
     if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_request(f"'{key}' must be an integer, got {json.dumps(value)[:40]}", key, "invalid_type")
+        raise bad_request(f"'{field}' must be an integer, got {json.dumps(value)[:40]}", field, "invalid_type")
     if value < minimum or (maximum is not None and value > maximum):
         bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-        raise bad_request(f"'{key}' must be {bound}, got {value}", key, "invalid_value")
+        raise bad_request(f"'{field}' must be {bound}, got {value}", field, "invalid_value")
     return value
+
+
+def triton_input(body: Mapping[str, Any], key: str) -> tuple[str, Mapping[str, Any]]:
+    """Where a Triton generate request sets the model input ``key``: its field path and the object holding it.
+
+    Triton's generate extension makes each key of the request's ``parameters`` object a model input, as it does a
+    top-level key (and answers 400 when both set one): ``parameters.KEY`` when the client put it there, else the
+    top level, where it is also set when absent."""
+    parameters = body.get("parameters")
+    if isinstance(parameters, dict) and key in parameters:
+        return f"parameters.{key}", parameters
+    return key, body
 
 
 def rendered_template_kwargs(body: Mapping[str, Any]) -> Any:
@@ -178,7 +195,12 @@ class VLLMEngine:
         if any(clamped[k] != body[k] for k in keys):
             request.set_fields(clamped)
         request.client_max_tokens = clamped[keys[0]]
+        request.output_bound = keys[0]
         return request.client_max_tokens
+
+    @staticmethod
+    def prompt_field(request: ProxyRequest) -> str:
+        return "messages" if request.endpoint == CHAT else "prompt"
 
     def choices(self, request: ProxyRequest) -> int:
         prompts = request.body.get("prompt")
@@ -302,10 +324,18 @@ class TritonEngine:
 
     def validate(self, request: ProxyRequest, path_model: str | None) -> None:
         body = request.body
-        text = body.get("text_input")
-        if text is not None and not isinstance(text, str):
-            raise bad_request("'text_input' must be a string", "text_input", "invalid_type")
-        _int_or_none(body, "max_tokens")
+        parameters = body.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise bad_request("'parameters' must be an object", "parameters", "invalid_type")
+        for key in _COUNTED_INPUTS:
+            if key in body and key in parameters:
+                raise bad_request(f"'{key}' is set both at the top level and in 'parameters'; Triton takes each "
+                                  "input once", f"parameters.{key}", "invalid_value")
+        field, holder = triton_input(body, "text_input")
+        if holder.get("text_input") is not None and not isinstance(holder["text_input"], str):
+            raise bad_request(f"'{field}' must be a string", field, "invalid_type")
+        field, holder = triton_input(body, "max_tokens")
+        _int_or_none(holder, "max_tokens", field=field)
         request.streaming = request.endpoint == TRITON_STREAM
 
     async def ensure_model(self, client: EngineClient, path_model: str | None) -> None:
@@ -330,12 +360,21 @@ class TritonEngine:
             raise engine_unavailable(str(exc) or type(exc).__name__) from None
 
     def clamp_output(self, request: ProxyRequest, limit: int) -> int:
-        current = request.body.get("max_tokens")
+        """Clamp max_tokens to ``limit`` where the client set it (top level or ``parameters``), or set it top-level
+        to ``limit`` when the client set none."""
+        field, holder = triton_input(request.body, "max_tokens")
+        current = holder.get("max_tokens")
         effective = limit if current is None else min(int(current), limit)
         if effective != current:
-            request.set_fields({"max_tokens": effective})
+            request.set_fields({"max_tokens": effective} if holder is request.body
+                               else {"parameters": {**holder, "max_tokens": effective}})
         request.client_max_tokens = None if current is None else effective
+        request.output_bound = field
         return effective
+
+    @staticmethod
+    def prompt_field(request: ProxyRequest) -> str:
+        return triton_input(request.body, "text_input")[0]
 
     def choices(self, request: ProxyRequest) -> int:
         return 1
@@ -355,7 +394,7 @@ class TritonEngine:
         return None
 
     async def count_prompt(self, client: EngineClient, endpoint: str, body: Mapping[str, Any]) -> list[int]:
-        text = body.get("text_input")
+        text = triton_input(body, "text_input")[1].get("text_input")
         if not isinstance(text, str):
             return []
         count = await self.count_text(client, text)

@@ -44,6 +44,7 @@ class ProxyRequest:
     client_wants_usage: bool = False
     prompt_tokens: int | None = None  # counted with the engine's tokenizer, when the policy needed a count
     client_max_tokens: int | None = None  # the client's output bound the engine honours, after the clamp
+    output_bound: str = "max_tokens"  # the field of client_max_tokens, as the client set it (a field path)
     response_headers: dict[str, str] = dataclasses.field(default_factory=dict)
     flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. truncated, truncated_tokens
 

@@ -256,7 +256,7 @@ class Proxy:
         for index, count in enumerate(counts):
             if count > limit:
                 which = "the prompt" if len(counts) == 1 else f"prompt {index}"
-                param = "messages" if "messages" in proxied.body else "prompt"
+                param = self.s.engine.prompt_field(proxied)
                 raise GatewayError(400, f"{which} has {count} tokens, over the limit of {limit} input tokens "
                                         f"(tokenPolicy.maxInputTokens)", "context_length_exceeded", param,
                                    details={"limit": limit, "count": count})

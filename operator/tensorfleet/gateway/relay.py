@@ -125,8 +125,7 @@ class Relay:
         engine = self.s.engine
         if proxied.prompt_tokens is not None or not isinstance(engine, TritonEngine):
             return proxied.prompt_tokens or 0
-        text = proxied.body.get("text_input")
-        return (await engine.count_text(self.s.client, text) or 0) if isinstance(text, str) else 0
+        return sum(await engine.count_prompt(self.s.client, proxied.endpoint, proxied.body))
 
     async def _collect(self, proxied: ProxyRequest, outcome: Outcome, upstream: Exchange,
                        guard: ResponseGuard | None, key: str | None) -> Response:
