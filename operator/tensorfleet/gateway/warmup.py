@@ -86,10 +86,7 @@ class WarmupGate:
         healthy = time.monotonic()
         self.state.set_engine_up(True)
         self.state.set_phase("warming_up")
-        if isinstance(self.engine, TritonEngine):
-            await self.engine.load_models(self.client)
-        if self.config.warmup.enabled:
-            await self._warm_up(deadline)
+        await self._warm_up(deadline)
         warm = time.monotonic()
         self.state.mark_warm()
         ready = time.monotonic()
@@ -108,11 +105,10 @@ class WarmupGate:
             await asyncio.sleep(self.health_interval)
 
     async def _warm_up(self, deadline: float) -> None:
-        requests = await self._requests()
         attempt = 0
         while True:
             attempt += 1
-            result = await self._round(requests)
+            result = await self._attempt()
             if result.ok:
                 log.info("warm-up done (%d round(s)): %s", attempt, result.detail)
                 return
@@ -120,6 +116,18 @@ class WarmupGate:
             if time.monotonic() > deadline:
                 self._fail(f"warm-up did not pass within warmup.timeoutSeconds: {result.detail}")
             await asyncio.sleep(1.0)
+
+    async def _attempt(self) -> WarmupResult:
+        """One round, with every call it makes to the engine: one the engine drops or does not answer in time (a
+        restart between its health check and the warm-up, a flap) fails this round, which is tried again."""
+        try:
+            if isinstance(self.engine, TritonEngine):
+                await self.engine.load_models(self.client)
+            if not self.config.warmup.enabled:
+                return WarmupResult(True, "warmup.enabled is false: no warm-up requests")
+            return await self._round(await self._requests())
+        except GatewayError as exc:
+            return WarmupResult(False, exc.message)
 
     def _fail(self, reason: str) -> None:
         log.error("%s", reason)
@@ -150,7 +158,8 @@ class WarmupGate:
 
     async def _round(self, requests: list[WarmupRequest]) -> WarmupResult:
         bound = self.config.warmup.max_latency_ms
-        padding = await self.engine.token_for_padding(self.client)
+        needs_padding = any(item.prompt is None for item in requests)
+        padding = await self.engine.token_for_padding(self.client) if needs_padding else 0
         details = []
         for item in requests:
             prompt: str | list[int] = item.prompt if item.prompt is not None else [padding] * (item.prompt_tokens or 1)
