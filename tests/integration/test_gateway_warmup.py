@@ -76,6 +76,56 @@ async def test_a_dropped_triton_repository_index_fails_only_that_round(tmp_path:
         assert gw.engine.models == frozenset({"tiny"})
 
 
+class WindowEngine(StandinEngine):
+    """Refuses what vLLM refuses: prompt plus max_tokens over its window (1024, what /v1/models says)."""
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body: dict[str, Any] = await request.json()
+        asked = self.count(body) + int(body.get("max_tokens", 16))
+        if asked > 1024:
+            self.received.append(body)
+            return web.json_response({"object": "error", "message": "This model's maximum context length is 1024 "
+                                      f"tokens. However, you requested {asked} tokens.", "code": 400}, status=400)
+        return await super().generate(request)
+
+
+async def warm_up_against(tmp_path: pathlib.Path, engine: StandinEngine, warmup: dict[str, Any]) -> str:
+    document = gateway_document(warmup={"timeoutSeconds": 30, **warmup})
+    document["model"]["maxModelLen"] = None  # vLLM takes the window from the model: only the engine knows it
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, document, wait_ready=False) as gw:
+        await wait_until(lambda: gw.state.failed is not None, 5, "failed at once")
+        return gw.state.failed or ""
+
+
+async def test_warmup_request_over_the_learned_window_fails_at_once_naming_the_field(tmp_path: pathlib.Path) -> None:
+    engine = WindowEngine()
+    failed = await warm_up_against(tmp_path, engine, {"requests": [{"promptTokens": 8, "maxTokens": 2},
+                                                                   {"promptTokens": 2000, "maxTokens": 16}]})
+    assert engine.received == []  # nothing sent that could not pass
+    assert "spec.warmup.requests[1].promptTokens: Invalid value: 2000" in failed
+    assert "context window 1024" in failed
+
+
+async def test_warmup_request_the_engine_refuses_fails_at_once_with_its_message(tmp_path: pathlib.Path) -> None:
+    engine = WindowEngine()
+    long_text = " ".join(["word"] * 1020)  # a text prompt: its tokens are known to the engine only
+    failed = await warm_up_against(tmp_path, engine, {"requests": [{"prompt": long_text, "maxTokens": 16}]})
+    assert len(engine.received) == 1  # a refusal is not retried
+    assert "spec.warmup.requests[0]: the engine refuses it" in failed
+    assert "context window is 1024) with status 400" in failed
+    assert "(This model's maximum context length is 1024 tokens." in failed
+
+
+async def test_a_refused_default_warmup_request_is_named_as_such(tmp_path: pathlib.Path) -> None:
+    engine = StandinEngine()
+    engine.fail_status = 422
+    failed = await warm_up_against(tmp_path, engine, {"requests": []})
+    assert len(engine.received) == 1
+    assert "the default warm-up request (a short prompt): the engine refuses it" in failed
+    assert "with status 422 (engine failure)" in failed
+
+
 async def test_an_engine_error_is_retried_until_it_passes(tmp_path: pathlib.Path) -> None:
     engine = StandinEngine()
     engine.fail_status = 503
