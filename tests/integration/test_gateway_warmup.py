@@ -4,6 +4,7 @@ concurrent batch larger than the gateway's own connection pool, a warm-up reques
 from __future__ import annotations
 
 import pathlib
+import time
 from typing import Any
 
 import aiohttp
@@ -74,6 +75,36 @@ async def test_a_dropped_triton_repository_index_fails_only_that_round(tmp_path:
             running_gateway(tmp_path, upstream, document, wait_ready=False, runtime="triton") as gw:
         assert await outcome(gw) == (True, None, 200)
         assert gw.engine.models == frozenset({"tiny"})
+
+
+class PeakEngine(StandinEngine):
+    """Counts the generations it runs at once, and the longest it took."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.now = self.peak = 0
+        self.slowest = 0.0
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        started = time.monotonic()
+        try:
+            return await super().generate(request)
+        finally:
+            self.slowest = max(self.slowest, time.monotonic() - started)
+            self.now -= 1
+
+
+async def test_a_warmup_batch_larger_than_the_gateway_pool_reaches_the_engine_at_once(tmp_path: pathlib.Path) -> None:
+    engine = PeakEngine(token_delay=0.1)  # 2 tokens: ~200 ms per request, however many run at once
+    document = gateway_document(warmup={"timeoutSeconds": 10, "maxLatencyMs": 600, "requests": [
+        {"prompt": "warm up", "maxTokens": 2, "concurrency": 400}]})
+    async with serving(engine.app()) as upstream, \
+            running_gateway(tmp_path, upstream, document, wait_ready=False) as gw:
+        ready, failed, _ = await outcome(gw)
+    assert engine.peak == 400
+    assert ready, failed
 
 
 class WindowEngine(StandinEngine):
