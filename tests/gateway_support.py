@@ -94,10 +94,11 @@ def pod_gateway_files(deployment: Mapping[str, Any], config_maps: Mapping[str, M
 @contextlib.asynccontextmanager
 async def serving(app: web.Application, port: int = 0, **options: Any) -> AsyncIterator[str]:
     """Serve ``app`` on a loopback port (a free one unless given; ``options`` go to aiohttp's AppRunner);
-    yields its base URL."""
+    yields its base URL. It queues 2048 connections to be accepted, as uvicorn (vLLM's server) does: with
+    aiohttp's 128, a burst of connections beyond it waits a second for the kernel's SYN retransmit."""
     runner = web.AppRunner(app, access_log=None, **options)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=2048)
     await site.start()
     port = runner.addresses[0][1]
     try:

@@ -51,6 +51,53 @@ def process_age_seconds() -> float:
 class WarmupResult:
     ok: bool
     detail: str
+    final: bool = False  # it can never pass: another round would only repeat it
+
+
+NamedRequest = tuple[str, WarmupRequest]  # a warm-up request and what names it to the user (its field path)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineAnswer:
+    status: int
+    seconds: float
+    message: str | None  # the engine's error message, when it gave one
+
+    def said(self) -> str:
+        return f" ({self.message})" if self.message else ""
+
+
+def engine_message(answer: Any) -> str | None:
+    """The error message in an engine's answer: vLLM's ``message`` or ``error.message``, Triton's ``error``."""
+    if not isinstance(answer, dict):
+        return None
+    error = answer.get("error")
+    message = error.get("message") if isinstance(error, dict) else error if error else answer.get("message")
+    return str(message)[:500] if message else None
+
+
+def over_window(requests: list[NamedRequest], window: int | None) -> str | None:
+    """The first warm-up request the engine's context window cannot hold (every round would be refused)."""
+    if window is None:
+        return None
+    for name, item in requests:
+        if item.prompt_tokens is not None and item.prompt_tokens + item.max_tokens > window:
+            return (f"{name}.promptTokens: Invalid value: {item.prompt_tokens}: promptTokens plus maxTokens "
+                    f"({item.max_tokens}) exceeds the engine's context window {window}")
+        if item.prompt is not None and item.max_tokens >= window:
+            return (f"{name}.maxTokens: Invalid value: {item.max_tokens}: must be less than the engine's context "
+                    f"window {window}, so that the prompt has room")
+    return None
+
+
+def refused(name: str, item: WarmupRequest, answer: EngineAnswer, window: int | None) -> WarmupResult | None:
+    """A final result when the engine refused the request itself (a 4xx but 408 and 429): it always will."""
+    if not 400 <= answer.status < 500 or answer.status in (408, 429):
+        return None
+    size = f"promptTokens {item.prompt_tokens}" if item.prompt is None else f"a prompt of {len(item.prompt)} chars"
+    limit = f"; the engine's context window is {window}" if window is not None else ""
+    return WarmupResult(False, f"{name}: the engine refuses it ({size}, maxTokens {item.max_tokens}{limit}) with "
+                               f"status {answer.status}{answer.said()}", final=True)
 
 
 class WarmupGate:
@@ -86,10 +133,7 @@ class WarmupGate:
         healthy = time.monotonic()
         self.state.set_engine_up(True)
         self.state.set_phase("warming_up")
-        if isinstance(self.engine, TritonEngine):
-            await self.engine.load_models(self.client)
-        if self.config.warmup.enabled:
-            await self._warm_up(deadline)
+        await self._warm_up(deadline)
         warm = time.monotonic()
         self.state.mark_warm()
         ready = time.monotonic()
@@ -108,39 +152,59 @@ class WarmupGate:
             await asyncio.sleep(self.health_interval)
 
     async def _warm_up(self, deadline: float) -> None:
-        requests = await self._requests()
         attempt = 0
         while True:
             attempt += 1
-            result = await self._round(requests)
+            result = await self._attempt()
             if result.ok:
                 log.info("warm-up done (%d round(s)): %s", attempt, result.detail)
                 return
             log.warning("warm-up round %d did not pass: %s", attempt, result.detail)
+            if result.final:
+                self._fail(f"warm-up cannot pass: {result.detail}")
             if time.monotonic() > deadline:
                 self._fail(f"warm-up did not pass within warmup.timeoutSeconds: {result.detail}")
             await asyncio.sleep(1.0)
+
+    async def _attempt(self) -> WarmupResult:
+        """One round, with every call it makes to the engine: one the engine drops or does not answer in time (a
+        restart between its health check and the warm-up, a flap) fails this round, which is tried again."""
+        try:
+            if isinstance(self.engine, TritonEngine):
+                await self.engine.load_models(self.client)
+            if not self.config.warmup.enabled:
+                return WarmupResult(True, "warmup.enabled is false: no warm-up requests")
+            window = self.config.max_model_len or await self.engine.context_window(self.client)
+            requests = self._requests(window)
+            refusal = over_window(requests, window)
+            if refusal is not None:
+                return WarmupResult(False, refusal, final=True)
+            return await self._round(requests, window)
+        except GatewayError as exc:
+            return WarmupResult(False, exc.message)
 
     def _fail(self, reason: str) -> None:
         log.error("%s", reason)
         self.state.fail(reason)
         raise GatewayError(503, reason, "warmup_failed")
 
-    async def _requests(self) -> list[WarmupRequest]:
+    def _requests(self, window: int | None) -> list[NamedRequest]:
+        """spec.warmup.requests, each with its field path; else the defaults, named as such."""
         if self.config.warmup.requests:
-            return list(self.config.warmup.requests)
+            return [(f"spec.warmup.requests[{index}]", item) for index, item in enumerate(self.config.warmup.requests)]
         batch = min(DEFAULT_BATCH, self.config.engine_max_batch_size or DEFAULT_BATCH)
-        defaults = [WarmupRequest(SHORT_PROMPT, None, 16, 1)]
-        longest = await self._longest_prompt()
+        defaults = [("the default warm-up request (a short prompt)", WarmupRequest(SHORT_PROMPT, None, 16, 1))]
+        longest = self._longest_prompt(window)
         if longest:
-            defaults.append(WarmupRequest(None, longest, 16, 1))
-        defaults.append(WarmupRequest(SHORT_PROMPT, None, 16, batch))
+            defaults.append((f"the default warm-up request (a prompt of {longest} tokens)",
+                             WarmupRequest(None, longest, 16, 1)))
+        defaults.append((f"the default warm-up request (a batch of {batch})",
+                         WarmupRequest(SHORT_PROMPT, None, 16, batch)))
         return defaults
 
-    async def _longest_prompt(self) -> int | None:
+    def _longest_prompt(self, window: int | None) -> int | None:
         """A prompt near the max input length: maxInputTokens, else the context window less the output."""
         limit = self.config.token_policy.max_input_tokens
-        window = self.config.max_model_len or await self.engine.context_window(self.client)
         if window is not None:
             limit = min(limit or window, window - 16 - 1)
         if not limit or limit < 2:
@@ -148,34 +212,46 @@ class WarmupGate:
             return None
         return limit
 
-    async def _round(self, requests: list[WarmupRequest]) -> WarmupResult:
+    async def _round(self, requests: list[NamedRequest], window: int | None) -> WarmupResult:
+        needs_padding = any(item.prompt is None for _, item in requests)
+        padding = await self.engine.token_for_padding(self.client) if needs_padding else 0
+        # Its own pool, as wide as the widest batch (the shared session's holds 100 sockets): a batch reaches
+        # the engine at once, and the latency measured is the engine's, not time queued in the gateway.
+        width = max((item.concurrency for _, item in requests), default=1)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=width)) as session:
+            client = EngineClient(session, self.client.base_url, self.client.connections)
+            return await self._batches(client, requests, window, padding)
+
+    async def _batches(self, client: EngineClient, requests: list[NamedRequest], window: int | None,
+                       padding: int) -> WarmupResult:
         bound = self.config.warmup.max_latency_ms
-        padding = await self.engine.token_for_padding(self.client)
         details = []
-        for item in requests:
+        for name, item in requests:
             prompt: str | list[int] = item.prompt if item.prompt is not None else [padding] * (item.prompt_tokens or 1)
-            results = await asyncio.gather(*(self._one(prompt, item.max_tokens) for _ in range(item.concurrency)))
-            slowest = max(latency for _, latency in results)
-            failed = [status for status, _ in results if status != 200]
+            results = await asyncio.gather(*(self._one(client, prompt, item.max_tokens)
+                                             for _ in range(item.concurrency)))
+            slowest = max(answer.seconds for answer in results)
             size = f"{len(prompt)} tokens" if isinstance(prompt, list) else f"{len(prompt)} chars"
             details.append(f"{item.concurrency}x {size}: {slowest * 1000:.0f} ms")
+            failed = [answer for answer in results if answer.status != 200]
             if failed:
-                return WarmupResult(False, f"{len(failed)} of {item.concurrency} request(s) of {size} failed "
-                                           f"with status {failed[0]}")
+                return refused(name, item, failed[0], window) or WarmupResult(
+                    False, f"{len(failed)} of {item.concurrency} request(s) of {size} failed with status "
+                           f"{failed[0].status}{failed[0].said()}")
             if bound is not None and slowest * 1000 > bound:
                 return WarmupResult(False, f"{size} took {slowest * 1000:.0f} ms, over warmup.maxLatencyMs {bound}")
         return WarmupResult(True, "; ".join(details))
 
-    async def _one(self, prompt: str | list[int], max_tokens: int) -> tuple[int, float]:
+    async def _one(self, client: EngineClient, prompt: str | list[int], max_tokens: int) -> EngineAnswer:
         path, body = self.engine.warmup_request(prompt, max_tokens)
         received, received_at = time.monotonic(), time.time()
         try:
-            status, answer = await self.client.post_json(path, body, seconds=self.config.warmup.timeout_seconds)
+            status, answer = await client.post_json(path, body, seconds=self.config.warmup.timeout_seconds)
         except GatewayError as exc:
             status, answer = exc.status, None
         done = time.monotonic()
         self._record(path, received, received_at, done, status, answer)
-        return status, done - received
+        return EngineAnswer(status, done - received, engine_message(answer))
 
     def _record(self, path: str, received: float, received_at: float, done: float, status: int, answer: Any) -> None:
         usage = self.engine.usage_from_body(answer)
