@@ -81,6 +81,16 @@ def test_pod_has_shm_model_cache_and_gateway_sidecar() -> None:
     assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
 
 
+@pytest.mark.parametrize("timeout", [10, 60, 1800])  # 10: the CRD's minimum
+@pytest.mark.parametrize("container", ["engine", "gateway"])
+def test_startup_probes_outlast_the_warmup_timeout(timeout: int, container: str) -> None:
+    """The kubelet kills a container at its failureThreshold-th failed startup probe, and the first probe may
+    run at once: the time it is sure to get is (failureThreshold - 1) periods. That must outlast
+    warmup.timeoutSeconds, so the gateway's own deadline fires first and its reason is what the user sees."""
+    probe = containers(render_deployment(isvc(warmup={"timeoutSeconds": timeout}), CTX, 1))[container]["startupProbe"]
+    assert (probe["failureThreshold"] - 1) * probe["periodSeconds"] > timeout
+
+
 def template(service: InferenceService, ctx: RenderContext = CTX) -> dict[str, Any]:
     return render_deployment(service, ctx, 1)["spec"]["template"]
 
