@@ -91,6 +91,25 @@ def test_startup_probes_outlast_the_warmup_timeout(timeout: int, container: str)
     assert (probe["failureThreshold"] - 1) * probe["periodSeconds"] > timeout
 
 
+@pytest.mark.parametrize("body", [inference_service(), triton_service()], ids=["vllm", "triton"])
+def test_the_engine_is_stopped_only_once_the_gateway_has_drained(body: dict[str, Any]) -> None:
+    """On pod deletion the kubelet sends SIGTERM to every container at once unless a preStop hook holds it
+    back. The engine's hook waits for the gateway to exit (its admin port), at most the gateway's whole drain;
+    the grace period covers that and the engine's exit. A failed engine probe, which restarts the engine
+    alone (the gateway does not exit), bounds the hook by a short grace period of its own."""
+    body["metadata"]["uid"] = "uid-1"
+    deployment = render_deployment(InferenceService.from_body(body), CTX, 1)
+    engine, gateway = containers(deployment)["engine"], containers(deployment)["gateway"]
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    drain = int(env["TENSORFLEET_GATEWAY_DRAIN_DELAY_SECONDS"]) + int(env["TENSORFLEET_GATEWAY_DRAIN_TIMEOUT_SECONDS"])
+    hook = engine["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[0] == engine["livenessProbe"]["exec"]["command"][0] == "python3"  # what the image already needs
+    assert hook[-2:] == [env["TENSORFLEET_GATEWAY_ADMIN_PORT"], str(drain)]
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= drain + 5
+    for probe in ("startupProbe", "livenessProbe"):
+        assert engine[probe]["terminationGracePeriodSeconds"] <= 15
+
+
 def template(service: InferenceService, ctx: RenderContext = CTX) -> dict[str, Any]:
     return render_deployment(service, ctx, 1)["spec"]["template"]
 

@@ -77,6 +77,8 @@ def _exec_probe(spec: InferenceServiceSpec, failure_threshold: int) -> dict[str,
         "periodSeconds": _PROBE_PERIOD_SECONDS,
         "timeoutSeconds": 8,
         "failureThreshold": failure_threshold,
+        # Restarts the engine alone: the preStop hook would wait for a gateway that is not exiting.
+        "terminationGracePeriodSeconds": lifecycle.ENGINE_RESTART_GRACE_SECONDS,
     }
 
 
@@ -130,4 +132,5 @@ def render_engine_container(isvc: InferenceService, ctx: c.RenderContext) -> dic
         "volumeMounts": _mounts(spec),
         "startupProbe": _exec_probe(spec, lifecycle.startup_failure_threshold(spec, _PROBE_PERIOD_SECONDS)),
         "livenessProbe": _exec_probe(spec, 3),
+        "lifecycle": lifecycle.engine_lifecycle(),  # serves on until the gateway has drained
     }

@@ -136,6 +136,7 @@ def _env(isvc: InferenceService, gpu_product: str | None, ctx: c.RenderContext) 
         # NVML read access (utility capability only) to sample the GPUs the engine was given.
         {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"},
         {"name": "NVIDIA_DRIVER_CAPABILITIES", "value": "utility"},
+        *lifecycle.gateway_drain_env(),
         *m.metering_env(ctx, isvc),
     ]
     if api_keys_secret(isvc):
