@@ -6,12 +6,16 @@ import asyncio
 import contextlib
 import json
 import pathlib
+import subprocess
+import sys
+import textwrap
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from aiohttp import web
 
 from builders import deep_merge
+from engines.processes import free_port
 from tensorfleet.gateway.server import Gateway
 from tensorfleet.gateway.settings import GatewaySettings
 from tensorfleet.metering.events import ColdStartEvent, RequestEvent
@@ -163,3 +167,36 @@ def stream_chunks(raw: bytes) -> list[dict[str, Any]]:
 def streamed_text(chunks: list[dict[str, Any]]) -> str:
     return "".join(c.get("text") or (c.get("delta") or {}).get("content") or ""
                    for chunk in chunks for c in chunk.get("choices") or ())
+
+
+def start_gateway_process(folder: pathlib.Path) -> tuple[subprocess.Popen[str], int, int]:
+    """The gateway's `serve` loop in its own process, before a stand-in engine (0.05 s a token); it prints
+    "sink closed" as it exits. The process, its client port and its admin port."""
+    port, admin = free_port(), free_port()
+    script = textwrap.dedent(f"""
+        import asyncio, pathlib, sys
+        sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+        from engines.standin import StandinEngine
+        from gateway_support import gateway_document, serving, write_document
+        from tensorfleet.gateway import server
+        from tensorfleet.gateway.settings import GatewaySettings
+
+        class SinkDouble:  # test double of the metering sink
+            def submit(self, event): pass
+            def admitted(self, request_id, at): pass
+            def reconfigure(self, config): pass
+            async def start(self): pass
+            async def close(self): print("sink closed", flush=True)
+            def gpu_utilization(self): return None
+
+        async def main():
+            async with serving(StandinEngine(token_delay=0.05).app()) as upstream:
+                config = write_document(pathlib.Path({str(folder)!r}), gateway_document())
+                settings = GatewaySettings(config=config, upstream=upstream, host="127.0.0.1", port={port},
+                                           admin_port={admin}, drain_delay_seconds=0.2, health_interval_seconds=0.05)
+                return await server.serve(settings, SinkDouble())
+        sys.exit(asyncio.run(main()))
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    return process, port, admin

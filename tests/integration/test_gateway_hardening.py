@@ -10,8 +10,6 @@ import pathlib
 import signal
 import socket
 import subprocess
-import sys
-import textwrap
 import time
 from typing import Any
 
@@ -28,6 +26,7 @@ from gateway_support import (
     pod_gateway_files,
     running_gateway,
     serving,
+    start_gateway_process,
     url,
     wait_until,
     write_document,
@@ -280,34 +279,7 @@ async def test_drain_turns_not_ready_first_then_lets_in_flight_finish(tmp_path: 
 
 def test_sigterm_drains_a_real_process(tmp_path: pathlib.Path) -> None:
     """The `serve` loop in its own process: SIGTERM -> not ready -> in-flight stream completes -> exit 0."""
-    script = textwrap.dedent(f"""
-        import asyncio, sys
-        sys.path.insert(0, {str(pathlib.Path(__file__).parent.parent)!r})
-        from engines.standin import StandinEngine
-        from gateway_support import gateway_document, serving, write_document
-        from tensorfleet.gateway import server
-        from tensorfleet.gateway.settings import GatewaySettings
-
-        class SinkDouble:  # test double of the metering sink
-            def submit(self, event): pass
-            def admitted(self, request_id, at): pass
-            def reconfigure(self, config): pass
-            async def start(self): pass
-            async def close(self): print("sink closed", flush=True)
-            def gpu_utilization(self): return None
-
-        async def main():
-            async with serving(StandinEngine(token_delay=0.05).app()) as upstream:
-                config = write_document(__import__("pathlib").Path({str(tmp_path)!r}), gateway_document())
-                settings = GatewaySettings(config=config, upstream=upstream, host="127.0.0.1", port={{port}},
-                                           admin_port={{admin}}, drain_delay_seconds=0.2, health_interval_seconds=0.05)
-                return await server.serve(settings, SinkDouble())
-        sys.exit(asyncio.run(main()))
-    """)
-    port, admin = free_port(), free_port()
-    script = script.replace("{port}", str(port)).replace("{admin}", str(admin))
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    process, port, admin = start_gateway_process(tmp_path)
     try:
         asyncio.run(_drain_scenario(process, port, admin))
         output, _ = process.communicate(timeout=20)

@@ -81,6 +81,35 @@ def test_pod_has_shm_model_cache_and_gateway_sidecar() -> None:
     assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
 
 
+@pytest.mark.parametrize("timeout", [10, 60, 1800])  # 10: the CRD's minimum
+@pytest.mark.parametrize("container", ["engine", "gateway"])
+def test_startup_probes_outlast_the_warmup_timeout(timeout: int, container: str) -> None:
+    """The kubelet kills a container at its failureThreshold-th failed startup probe, and the first probe may
+    run at once: the time it is sure to get is (failureThreshold - 1) periods. That must outlast
+    warmup.timeoutSeconds, so the gateway's own deadline fires first and its reason is what the user sees."""
+    probe = containers(render_deployment(isvc(warmup={"timeoutSeconds": timeout}), CTX, 1))[container]["startupProbe"]
+    assert (probe["failureThreshold"] - 1) * probe["periodSeconds"] > timeout
+
+
+@pytest.mark.parametrize("body", [inference_service(), triton_service()], ids=["vllm", "triton"])
+def test_the_engine_is_stopped_only_once_the_gateway_has_drained(body: dict[str, Any]) -> None:
+    """On pod deletion the kubelet sends SIGTERM to every container at once unless a preStop hook holds it
+    back. The engine's hook waits for the gateway to exit (its admin port), at most the gateway's whole drain;
+    the grace period covers that and the engine's exit. A failed engine probe, which restarts the engine
+    alone (the gateway does not exit), bounds the hook by a short grace period of its own."""
+    body["metadata"]["uid"] = "uid-1"
+    deployment = render_deployment(InferenceService.from_body(body), CTX, 1)
+    engine, gateway = containers(deployment)["engine"], containers(deployment)["gateway"]
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    drain = int(env["TENSORFLEET_GATEWAY_DRAIN_DELAY_SECONDS"]) + int(env["TENSORFLEET_GATEWAY_DRAIN_TIMEOUT_SECONDS"])
+    hook = engine["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[0] == engine["livenessProbe"]["exec"]["command"][0] == "python3"  # what the image already needs
+    assert hook[-2:] == [env["TENSORFLEET_GATEWAY_ADMIN_PORT"], str(drain)]
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= drain + 5
+    for probe in ("startupProbe", "livenessProbe"):
+        assert engine[probe]["terminationGracePeriodSeconds"] <= 15
+
+
 def template(service: InferenceService, ctx: RenderContext = CTX) -> dict[str, Any]:
     return render_deployment(service, ctx, 1)["spec"]["template"]
 

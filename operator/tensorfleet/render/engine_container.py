@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from tensorfleet.api.types import InferenceService, InferenceServiceSpec
 from tensorfleet.render import context as c
+from tensorfleet.render import lifecycle
 
 # Records which GPUs the device plugin gave the engine, so the gateway's NVML sampler watches
 # exactly those (the gateway container gets no GPU of its own).
@@ -77,6 +77,8 @@ def _exec_probe(spec: InferenceServiceSpec, failure_threshold: int) -> dict[str,
         "periodSeconds": _PROBE_PERIOD_SECONDS,
         "timeoutSeconds": 8,
         "failureThreshold": failure_threshold,
+        # Restarts the engine alone: the preStop hook would wait for a gateway that is not exiting.
+        "terminationGracePeriodSeconds": lifecycle.ENGINE_RESTART_GRACE_SECONDS,
     }
 
 
@@ -119,7 +121,6 @@ def _mounts(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
 def render_engine_container(isvc: InferenceService, ctx: c.RenderContext) -> dict[str, Any]:
     spec = isvc.spec
     args = vllm_args(isvc) if spec.runtime.name == "vllm" else triton_args(isvc)
-    startup_failures = max(1, math.ceil(int(spec.warmup["timeoutSeconds"]) / _PROBE_PERIOD_SECONDS))
     return {
         "name": "engine",
         "image": engine_image(spec, ctx),
@@ -129,6 +130,7 @@ def render_engine_container(isvc: InferenceService, ctx: c.RenderContext) -> dic
         "env": _env(spec),
         "resources": _resources(spec),
         "volumeMounts": _mounts(spec),
-        "startupProbe": _exec_probe(spec, startup_failures),
+        "startupProbe": _exec_probe(spec, lifecycle.startup_failure_threshold(spec, _PROBE_PERIOD_SECONDS)),
         "livenessProbe": _exec_probe(spec, 3),
+        "lifecycle": lifecycle.engine_lifecycle(),  # serves on until the gateway has drained
     }

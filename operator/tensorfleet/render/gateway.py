@@ -14,13 +14,12 @@ start a process with an environment string over 128 KiB.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 from tensorfleet.api.types import InferenceService
 from tensorfleet.gateway import config as gwconfig
 from tensorfleet.render import context as c
-from tensorfleet.render import labels
+from tensorfleet.render import labels, lifecycle
 from tensorfleet.render import metering as m
 
 _PROBE_PERIOD_SECONDS = 5
@@ -137,6 +136,7 @@ def _env(isvc: InferenceService, gpu_product: str | None, ctx: c.RenderContext) 
         # NVML read access (utility capability only) to sample the GPUs the engine was given.
         {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"},
         {"name": "NVIDIA_DRIVER_CAPABILITIES", "value": "utility"},
+        *lifecycle.gateway_drain_env(),
         *m.metering_env(ctx, isvc),
     ]
     if api_keys_secret(isvc):
@@ -149,7 +149,7 @@ def _env(isvc: InferenceService, gpu_product: str | None, ctx: c.RenderContext) 
 
 def render_gateway_container(isvc: InferenceService, ctx: c.RenderContext,
                              gpu_product: str | None) -> dict[str, Any]:
-    startup_failures = max(1, math.ceil(int(isvc.spec.warmup["timeoutSeconds"]) / _PROBE_PERIOD_SECONDS))
+    startup_failures = lifecycle.startup_failure_threshold(isvc.spec, _PROBE_PERIOD_SECONDS)
     return {
         "name": "gateway",
         "image": ctx.gateway_image,

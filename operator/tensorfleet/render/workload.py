@@ -9,13 +9,12 @@ from typing import Any
 from tensorfleet.api.schema import FieldError, InvalidSpecError
 from tensorfleet.api.types import InferenceService, InferenceServiceSpec
 from tensorfleet.render import context as c
-from tensorfleet.render import labels
+from tensorfleet.render import labels, lifecycle
 from tensorfleet.render.engine_container import render_engine_container
 from tensorfleet.render.gateway import api_keys_volume, gateway_config_volume, render_gateway_container
 from tensorfleet.render.metering import metering_volumes
 
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-GRACE_PERIOD_SECONDS = 120  # the gateway drains in-flight requests on SIGTERM
 _NODE_AFFINITY = "spec.affinity.nodeAffinity"
 _REQUIRED = f"{_NODE_AFFINITY}.requiredDuringSchedulingIgnoredDuringExecution"
 
@@ -101,7 +100,7 @@ def _pod_spec(isvc: InferenceService, ctx: c.RenderContext, gpu_product: str | N
         "containers": [render_engine_container(isvc, ctx), render_gateway_container(isvc, ctx, gpu_product)],
         "volumes": [*_volumes(spec), *_gateway_volumes(isvc, ctx), *metering_volumes(ctx)],
         "tolerations": [*(dict(t) for t in spec.tolerations), GPU_TOLERATION],
-        "terminationGracePeriodSeconds": GRACE_PERIOD_SECONDS,
+        "terminationGracePeriodSeconds": lifecycle.GRACE_PERIOD_SECONDS,  # the drain, then the stop
         "enableServiceLinks": False,
     }
     if spec.node_selector:
