@@ -6,7 +6,10 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import pathlib
+import shutil
+import subprocess
 import sys
 from typing import Any
 
@@ -18,6 +21,7 @@ from gateway_support import gateway_document, write_document
 from tensorfleet import cli
 from tensorfleet.api.types import InferenceService
 from tensorfleet.config import from_env
+from tensorfleet.gateway import auth
 from tensorfleet.gateway import config as gwconfig
 from tensorfleet.gateway.auth import AuthError, KeyStore, TenantResolver
 from tensorfleet.gateway.cache import ResponseCache, cache_key, is_deterministic
@@ -90,6 +94,9 @@ def test_cache_keys_ignore_key_order_but_not_values() -> None:
     assert cache_key("a", "/v1/completions", {"a": 1}) != cache_key("b", "/v1/completions", {"a": 1})
 
 
+SECRET_A_SHA = hashlib.sha256(b"secret-a").hexdigest()
+
+
 def keys(folder: pathlib.Path, **tenants: str) -> KeyStore:
     folder.mkdir(exist_ok=True)
     for tenant, key in tenants.items():
@@ -135,6 +142,39 @@ def test_a_key_listed_for_two_tenants_is_refused_for_both(tmp_path: pathlib.Path
     assert store.reload()
     assert not store.problems
     assert resolver.resolve("Bearer secret-a", None, "10.1.2.3") == "alpha"
+
+
+@pytest.mark.parametrize("line", [f"{SECRET_A_SHA}  -", f"{SECRET_A_SHA} *-", f"sha256:{SECRET_A_SHA}",
+                                  SECRET_A_SHA.upper()], ids=["sha256sum", "binary-mode", "prefixed", "upper"])
+def test_a_key_hash_line_may_be_written_as_sha256sum_prints_it(tmp_path: pathlib.Path, line: str) -> None:
+    """The logged hint's command printed '<hex>  -', which the same check then refused."""
+    (tmp_path / "alpha").write_text(line + "\n")
+    store = KeyStore(str(tmp_path))
+    store.reload()
+    assert store.problems == []
+    assert store.tenant_for("secret-a") == "alpha"
+
+
+@pytest.mark.skipif(shutil.which("sha256sum") is None, reason="needs coreutils' sha256sum")
+def test_the_output_of_the_hinted_command_is_accepted(tmp_path: pathlib.Path) -> None:
+    hinted = subprocess.run(["sh", "-c", auth.HASH_COMMAND], env={**os.environ, "KEY": "secret-a"},
+                            capture_output=True, text=True, check=True).stdout
+    (tmp_path / "alpha").write_text(hinted)
+    store = KeyStore(str(tmp_path))
+    store.reload()
+    assert store.problems == []
+    assert store.tenant_for("secret-a") == "alpha"
+
+
+@pytest.mark.parametrize("line", [f"{SECRET_A_SHA}  key.txt", f"{SECRET_A_SHA} -x", f"{SECRET_A_SHA}-",
+                                  f"{SECRET_A_SHA}  {SECRET_A_SHA}"])
+def test_a_key_hash_line_with_anything_else_is_a_problem(tmp_path: pathlib.Path, line: str) -> None:
+    (tmp_path / "alpha").write_text(line + "\n")
+    store = KeyStore(str(tmp_path))
+    store.reload()
+    assert [(p.file, p.message) for p in store.problems] == [
+        ("alpha", f"each line must be the hex sha256 of an API key, e.g. from: {auth.HASH_COMMAND}")]
+    assert store.tenant_for("secret-a") is None
 
 
 def test_the_tenant_header_counts_only_from_trusted_proxies(tmp_path: pathlib.Path) -> None:

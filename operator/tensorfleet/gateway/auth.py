@@ -1,11 +1,12 @@
 """Who pays for a request: an API key checked against hashed keys, or a header set by a trusted proxy.
 
 API keys live in a Kubernetes Secret mounted as a folder: one file per tenant, named after the tenant,
-holding the hex sha256 of that tenant's key (optionally prefixed ``sha256:``; several hashes, one per
-line, allow rotation). A hash listed for two tenants is refused for both and reported as a problem of
-each file. The gateway never sees plain keys at rest and re-reads the folder when the kubelet updates
-the mount. A tenant header is honoured only from a peer address inside
-``trustedProxies``; from anyone else it is ignored, so a client can never bill another tenant.
+holding the hex sha256 of that tenant's key (optionally prefixed ``sha256:``, or as ``sha256sum`` prints it
+for standard input: ``<hex>  -``; several hashes, one per line, allow rotation). A hash listed for two
+tenants is refused for both and reported as a problem of each file. The gateway never sees plain keys at
+rest and re-reads the folder when the kubelet updates the mount. A tenant header is honoured only from a
+peer address inside ``trustedProxies``; from anyone else it is ignored, so a client can never bill another
+tenant.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from tensorfleet.gateway.config import DEFAULT_TENANT, AuthConfig
 
 log = logging.getLogger(__name__)
 
-_HEX_SHA256 = re.compile(r"^(sha256:)?([0-9a-fA-F]{64})$")
+# A line is the hex digest, optionally prefixed ``sha256:`` or followed by the `` -`` (`` *-``) with which
+# ``sha256sum`` (and ``shasum -a 256``) names standard input, so HASH_COMMAND's output can be pasted as it is.
+_HEX_SHA256 = re.compile(r"^(sha256:)?([0-9a-fA-F]{64})(?: +\*?-)?$")
+HASH_COMMAND = 'printf %s "$KEY" | sha256sum'
+
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
@@ -104,7 +109,7 @@ class KeyStore:
             match = _HEX_SHA256.match(line)
             if not match:
                 problems.append(KeyFileProblem(entry.name, "each line must be the hex sha256 of an API key, "
-                                                           "e.g. from: printf %s \"$KEY\" | sha256sum"))
+                                                           f"e.g. from: {HASH_COMMAND}"))
                 continue
             owners.setdefault(match.group(2).lower(), set()).add(entry.name)
 
