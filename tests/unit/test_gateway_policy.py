@@ -177,6 +177,35 @@ def test_a_key_hash_line_with_anything_else_is_a_problem(tmp_path: pathlib.Path,
     assert store.tenant_for("secret-a") is None
 
 
+@pytest.mark.parametrize("name", [".alpha", "_alpha", "-alpha"])
+def test_a_secret_key_that_is_not_a_tenant_name_is_logged_not_silently_ignored(
+        tmp_path: pathlib.Path, name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A key starting with '.' (Kubernetes allows '.alpha') was skipped with the kubelet's ..data: nothing logged."""
+    store = keys(tmp_path / "k", beta="secret-b")
+    (tmp_path / "k" / name).write_text(SECRET_A_SHA)
+    with caplog.at_level(logging.ERROR):
+        assert store.reload()
+    message = f"the key name must be a tenant name ({auth.TENANT_NAME_RULE})"
+    assert [(p.file, p.message) for p in store.problems] == [(name, message)]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"API key Secret, key {name}: {message} (ignored)"]
+    assert store.tenant_for("secret-a") is None
+    assert store.tenant_for("secret-b") == "beta"
+
+
+def test_the_kubelets_own_entries_are_skipped(tmp_path: pathlib.Path) -> None:
+    """The atomic writer's ..data link, ..<timestamp> folder and the key links into it, as mounted."""
+    version = tmp_path / "..2024_01_01_00_00_00.000000001"
+    version.mkdir()
+    (version / "alpha").write_text(SECRET_A_SHA)
+    (tmp_path / "..data").symlink_to(version.name)
+    (tmp_path / "alpha").symlink_to("..data/alpha")
+    store = KeyStore(str(tmp_path))
+    store.reload()
+    assert store.problems == []
+    assert store.tenant_for("secret-a") == "alpha"
+
+
 def test_the_tenant_header_counts_only_from_trusted_proxies(tmp_path: pathlib.Path) -> None:
     store = keys(tmp_path / "k", alpha="secret-a")
     config = gwconfig.parse(gateway_document(auth={"trustedTenantHeader": "X-Tenant",

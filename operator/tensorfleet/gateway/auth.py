@@ -28,6 +28,7 @@ _HEX_SHA256 = re.compile(r"^(sha256:)?([0-9a-fA-F]{64})(?: +\*?-)?$")
 HASH_COMMAND = 'printf %s "$KEY" | sha256sum'
 
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+TENANT_NAME_RULE = "a letter or digit, then letters, digits, '.', '_', ':', '@', '-'; at most 128"
 
 
 class AuthError(Exception):
@@ -69,7 +70,8 @@ class KeyStore:
     def _entries(self) -> list[os.DirEntry[str]]:
         assert self.folder is not None
         try:
-            return sorted((e for e in os.scandir(self.folder) if not e.name.startswith(".") and e.is_file()),
+            # Kubernetes refuses Secret keys starting with "..": those are the kubelet's own (..data, ..<time>).
+            return sorted((e for e in os.scandir(self.folder) if not e.name.startswith("..") and e.is_file()),
                           key=lambda e: e.name)
         except OSError as exc:
             log.warning("cannot read API keys from %s: %s", self.folder, exc)
@@ -97,7 +99,7 @@ class KeyStore:
     @staticmethod
     def _read_one(entry: os.DirEntry[str], owners: dict[str, set[str]], problems: list[KeyFileProblem]) -> None:
         if not TENANT_NAME.match(entry.name):
-            problems.append(KeyFileProblem(entry.name, "the key name must be a tenant name ([A-Za-z0-9._:@-])"))
+            problems.append(KeyFileProblem(entry.name, f"the key name must be a tenant name ({TENANT_NAME_RULE})"))
             return
         try:
             with open(entry.path, encoding="utf-8") as stream:
@@ -151,8 +153,8 @@ class TenantResolver:
             return config.anonymous_tenant or DEFAULT_TENANT
         if config.trusted_tenant_header and tenant_header is not None and self._trusted(peer):
             if not TENANT_NAME.match(tenant_header):
-                raise AuthError(f"header {config.trusted_tenant_header} must be a tenant name "
-                                "(letters, digits, '.', '_', ':', '@', '-'; at most 128)", "invalid_tenant")
+                raise AuthError(f"header {config.trusted_tenant_header} must be a tenant name ({TENANT_NAME_RULE})",
+                                "invalid_tenant")
             return tenant_header
         if authorization:
             scheme, _, key = authorization.partition(" ")
