@@ -11,6 +11,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,12 +19,12 @@ from click.testing import CliRunner
 
 from builders import inference_service
 from gateway_support import gateway_document, write_document
-from tensorfleet import cli
+from tensorfleet import cli, telemetry
 from tensorfleet.api.types import InferenceService
 from tensorfleet.config import from_env
 from tensorfleet.gateway import auth
 from tensorfleet.gateway import config as gwconfig
-from tensorfleet.gateway.auth import AuthError, KeyStore, TenantResolver
+from tensorfleet.gateway.auth import TENANT_NAME, AuthError, KeyStore, TenantResolver
 from tensorfleet.gateway.cache import ResponseCache, cache_key, is_deterministic
 from tensorfleet.gateway.engine import VLLMEngine
 from tensorfleet.gateway.hooks import ProxyRequest
@@ -32,6 +33,7 @@ from tensorfleet.gateway.ratelimit import RateLimited, TokenRateLimiter
 from tensorfleet.gateway.settings import GatewaySettings
 from tensorfleet.gateway.state import Admission, GatewayState
 from tensorfleet.gateway.warmup import EngineMonitor, Health, scrape_sum
+from tensorfleet.metering.metrics import TenantLabels
 from tensorfleet.render.context import RenderContext
 from tensorfleet.render.workload import render_deployment
 
@@ -363,7 +365,19 @@ def test_the_command_names_a_bad_field_of_the_revision_file(tmp_path: pathlib.Pa
 
 def test_tenant_labels_are_capped() -> None:
     metrics = GatewayMetrics(max_tenant_labels=2)
-    assert [metrics.tenant_label(t) for t in ("a", "b", "c", "a")] == ["a", "b", "other", "a"]
+    assert [metrics.tenant_label(t) for t in ("a", "b", "c", "a")] == ["a", "b", telemetry.OTHER_TENANT, "a"]
+
+
+@pytest.mark.parametrize("label", [GatewayMetrics(max_tenant_labels=1).tenant_label, TenantLabels(1)],
+                         ids=["gateway", "metering"])
+def test_no_tenant_shares_its_label_with_the_tenants_over_the_cap(label: Callable[[str], str]) -> None:
+    """The overflow value was 'other', a valid tenant name: the tenant 'other' was summed with those over the cap
+    in the per-tenant tokens, GPU-ms and RU. The overflow value is one that no tenant name can be."""
+    assert not TENANT_NAME.match(telemetry.OTHER_TENANT)
+    assert TENANT_NAME.match("other")
+    assert [label(t) for t in ("other", "b", "c", "other")] == [
+        "other", telemetry.OTHER_TENANT, telemetry.OTHER_TENANT, "other"]
+    assert telemetry.OTHER_TENANT != "other"
 
 
 def test_engine_metrics_are_read_without_a_full_parse() -> None:
