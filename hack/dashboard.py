@@ -12,12 +12,16 @@ import dataclasses
 import json
 from typing import Any
 
+from tensorfleet import telemetry
+
 # Gateway series get namespace and pod from the PodMonitor's target, inferenceservice and gpu_product from the
 # pod's labels; the operator's per-service series carry namespace and inferenceservice themselves.
 SVC = 'namespace=~"$namespace", inferenceservice=~"$inferenceservice"'
 NS = 'namespace=~"$namespace"'
 BY_SVC = "namespace, inferenceservice"
 RATE = "$__rate_interval"
+CAPPED = (f" Tenants past the label cap (max-tenant-labels, default 100) are summed as {telemetry.OTHER_TENANT}, "
+          "which no tenant name can be.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,15 +43,17 @@ class Panel:
 def _rows() -> list[tuple[str, list[Panel]]]:
     return [
         ("Tenants", [
-            Panel("Tokens/s by tenant", "Prompt (input) and generated (output) tokens the gateways served, per tenant.",
+            Panel("Tokens/s by tenant", "Prompt (input) and generated (output) tokens the gateways served, per tenant."
+                  + CAPPED,
                   (Query(f"sum by (tenant, kind) (rate(tensorfleet_gateway_tenant_tokens_total{{{SVC}}}[{RATE}]))",
                          "{{tenant}} {{kind}}"),), unit="short", stack=True),
-            Panel("GPU-ms/s by tenant", "GPU busy time billed to each tenant's requests (1000 = one GPU fully busy).", (
+            Panel("GPU-ms/s by tenant", "GPU busy time billed to each tenant's requests (1000 = one GPU fully busy)."
+                  + CAPPED, (
                 Query(f"sum by (tenant) (rate(tensorfleet_metering_tenant_gpu_milliseconds_total{{{SVC}}}[{RATE}]))",
                       "{{tenant}}"),
             ), stack=True),
             Panel("Resource units by tenant", "Resource units billed in the time range, per tenant and tier "
-                  "(the signed ledger and its export are the bill; this is its live view).", (
+                  "(the signed ledger and its export are the bill; this is its live view)." + CAPPED, (
                 Query("sum by (tenant, tier) "
                       f"(increase(tensorfleet_metering_tenant_resource_units_total{{{SVC}}}[$__range]))",
                       "{{tenant}} ({{tier}})"),

@@ -11,3 +11,8 @@ GPU_UTILIZATION = "tensorfleet_gpu_utilization_ratio"  # gauge 0..1 from NVML; a
 KV_CACHE_USAGE = "tensorfleet_engine_kv_cache_usage_ratio"  # gauge 0..1, re-exported from the engine
 READY = "tensorfleet_gateway_ready"  # gauge 0/1: warm and serving
 STARTUP_SECONDS = "tensorfleet_gateway_startup_seconds"  # gauge: this pod's cold start, container start -> ready
+
+# The tenant label value of every tenant past the label cap (--max-tenant-labels), in the gateway's and metering's
+# per-tenant metrics. A tenant name starts with a letter or digit (gateway.auth.TENANT_NAME, the CRD's rules), so
+# no real tenant can have this value and be summed with the overflow.
+OTHER_TENANT = "_other"

@@ -385,7 +385,7 @@ async def test_metrics_export_the_autoscaler_names_with_bounded_labels(tmp_path:
     assert 'tensorfleet_gateway_tokens_total{kind="output",model="tiny",tier="standard"} 8.0' in text
     tenants = {line.split('tenant="')[1].split('"')[0] for line in text.splitlines()
                if line.startswith("tensorfleet_gateway_tenant_tokens_total{")}
-    assert tenants == {"a", "b", "other"}
+    assert tenants == {"a", "b", telemetry.OTHER_TENANT}
     assert "tensorfleet_gateway_time_to_first_token_seconds_bucket" in text
 
 

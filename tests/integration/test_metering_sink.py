@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 
 from metering_builders import CONFIG, request
 from nvml_double import DeviceDouble, NvmlDouble
+from tensorfleet import telemetry
 from tensorfleet.metering import chain, verify
 from tensorfleet.metering import sink as sink_module
 from tensorfleet.metering.events import ColdStartEvent
@@ -235,16 +236,17 @@ async def test_per_tenant_gpu_ms_and_resource_units_are_exported_as_recorded(tmp
         return REGISTRY.get_sample_value(metric, {"tenant": tenant, "tier": "standard"}) or 0.0
 
     names = ("tensorfleet_metering_tenant_gpu_milliseconds_total", "tensorfleet_metering_tenant_resource_units_total")
-    before = {(name, tenant): counted(name, tenant) for name in names for tenant in ("acme", "other", "globex")}
+    tenants = ("acme", telemetry.OTHER_TENANT, "globex")
+    before = {(name, tenant): counted(name, tenant) for name in names for tenant in tenants}
     (tmp_path / "devices").write_text("")
     settings = MeteringSettings(**{**FAST.__dict__, "max_tenant_labels": 1})
     sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-L4", tmp_path / "devices", settings=settings)
     await sink.start()
     await run_traffic(sink, 3)
-    await run_traffic(sink, 2, tenant="globex")  # over the cap of one tenant label: counted as "other"
+    await run_traffic(sink, 2, tenant="globex")  # over the cap of one tenant label: counted as _other
     await sink.close()
     billed = [b for b in bodies(tmp_path / "usage") if b["kind"] == "request"]
-    for tenant, label in (("acme", "acme"), ("globex", "other")):
+    for tenant, label in (("acme", "acme"), ("globex", telemetry.OTHER_TENANT)):
         mine = [b for b in billed if b["tenant"] == tenant]
         assert len(mine) == (3 if tenant == "acme" else 2)
         for name, field in zip(names, ("gpuMs", "resourceUnits"), strict=True):

@@ -6,8 +6,12 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import pathlib
+import shutil
+import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,11 +19,12 @@ from click.testing import CliRunner
 
 from builders import inference_service
 from gateway_support import gateway_document, write_document
-from tensorfleet import cli
+from tensorfleet import cli, telemetry
 from tensorfleet.api.types import InferenceService
 from tensorfleet.config import from_env
+from tensorfleet.gateway import auth
 from tensorfleet.gateway import config as gwconfig
-from tensorfleet.gateway.auth import AuthError, KeyStore, TenantResolver
+from tensorfleet.gateway.auth import TENANT_NAME, AuthError, KeyStore, TenantResolver
 from tensorfleet.gateway.cache import ResponseCache, cache_key, is_deterministic
 from tensorfleet.gateway.engine import TritonEngine, VLLMEngine
 from tensorfleet.gateway.errors import GatewayError
@@ -29,6 +34,7 @@ from tensorfleet.gateway.ratelimit import RateLimited, TokenRateLimiter
 from tensorfleet.gateway.settings import GatewaySettings
 from tensorfleet.gateway.state import Admission, GatewayState
 from tensorfleet.gateway.warmup import EngineMonitor, Health, scrape_sum
+from tensorfleet.metering.metrics import TenantLabels
 from tensorfleet.render.context import RenderContext
 from tensorfleet.render.workload import render_deployment
 
@@ -91,6 +97,9 @@ def test_cache_keys_ignore_key_order_but_not_values() -> None:
     assert cache_key("a", "/v1/completions", {"a": 1}) != cache_key("b", "/v1/completions", {"a": 1})
 
 
+SECRET_A_SHA = hashlib.sha256(b"secret-a").hexdigest()
+
+
 def keys(folder: pathlib.Path, **tenants: str) -> KeyStore:
     folder.mkdir(exist_ok=True)
     for tenant, key in tenants.items():
@@ -136,6 +145,68 @@ def test_a_key_listed_for_two_tenants_is_refused_for_both(tmp_path: pathlib.Path
     assert store.reload()
     assert not store.problems
     assert resolver.resolve("Bearer secret-a", None, "10.1.2.3") == "alpha"
+
+
+@pytest.mark.parametrize("line", [f"{SECRET_A_SHA}  -", f"{SECRET_A_SHA} *-", f"sha256:{SECRET_A_SHA}",
+                                  SECRET_A_SHA.upper()], ids=["sha256sum", "binary-mode", "prefixed", "upper"])
+def test_a_key_hash_line_may_be_written_as_sha256sum_prints_it(tmp_path: pathlib.Path, line: str) -> None:
+    """The logged hint's command printed '<hex>  -', which the same check then refused."""
+    (tmp_path / "alpha").write_text(line + "\n")
+    store = KeyStore(str(tmp_path))
+    store.reload()
+    assert store.problems == []
+    assert store.tenant_for("secret-a") == "alpha"
+
+
+@pytest.mark.skipif(shutil.which("sha256sum") is None, reason="needs coreutils' sha256sum")
+def test_the_output_of_the_hinted_command_is_accepted(tmp_path: pathlib.Path) -> None:
+    hinted = subprocess.run(["sh", "-c", auth.HASH_COMMAND], env={**os.environ, "KEY": "secret-a"},
+                            capture_output=True, text=True, check=True).stdout
+    (tmp_path / "alpha").write_text(hinted)
+    store = KeyStore(str(tmp_path))
+    store.reload()
+    assert store.problems == []
+    assert store.tenant_for("secret-a") == "alpha"
+
+
+@pytest.mark.parametrize("line", [f"{SECRET_A_SHA}  key.txt", f"{SECRET_A_SHA} -x", f"{SECRET_A_SHA}-",
+                                  f"{SECRET_A_SHA}  {SECRET_A_SHA}"])
+def test_a_key_hash_line_with_anything_else_is_a_problem(tmp_path: pathlib.Path, line: str) -> None:
+    (tmp_path / "alpha").write_text(line + "\n")
+    store = KeyStore(str(tmp_path))
+    store.reload()
+    assert [(p.file, p.message) for p in store.problems] == [
+        ("alpha", f"each line must be the hex sha256 of an API key, e.g. from: {auth.HASH_COMMAND}")]
+    assert store.tenant_for("secret-a") is None
+
+
+@pytest.mark.parametrize("name", [".alpha", "_alpha", "-alpha"])
+def test_a_secret_key_that_is_not_a_tenant_name_is_logged_not_silently_ignored(
+        tmp_path: pathlib.Path, name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A key starting with '.' (Kubernetes allows '.alpha') was skipped with the kubelet's ..data: nothing logged."""
+    store = keys(tmp_path / "k", beta="secret-b")
+    (tmp_path / "k" / name).write_text(SECRET_A_SHA)
+    with caplog.at_level(logging.ERROR):
+        assert store.reload()
+    message = f"the key name must be a tenant name ({auth.TENANT_NAME_RULE})"
+    assert [(p.file, p.message) for p in store.problems] == [(name, message)]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"API key Secret, key {name}: {message} (ignored)"]
+    assert store.tenant_for("secret-a") is None
+    assert store.tenant_for("secret-b") == "beta"
+
+
+def test_the_kubelets_own_entries_are_skipped(tmp_path: pathlib.Path) -> None:
+    """The atomic writer's ..data link, ..<timestamp> folder and the key links into it, as mounted."""
+    version = tmp_path / "..2024_01_01_00_00_00.000000001"
+    version.mkdir()
+    (version / "alpha").write_text(SECRET_A_SHA)
+    (tmp_path / "..data").symlink_to(version.name)
+    (tmp_path / "alpha").symlink_to("..data/alpha")
+    store = KeyStore(str(tmp_path))
+    store.reload()
+    assert store.problems == []
+    assert store.tenant_for("secret-a") == "alpha"
 
 
 def test_the_tenant_header_counts_only_from_trusted_proxies(tmp_path: pathlib.Path) -> None:
@@ -295,7 +366,19 @@ def test_the_command_names_a_bad_field_of_the_revision_file(tmp_path: pathlib.Pa
 
 def test_tenant_labels_are_capped() -> None:
     metrics = GatewayMetrics(max_tenant_labels=2)
-    assert [metrics.tenant_label(t) for t in ("a", "b", "c", "a")] == ["a", "b", "other", "a"]
+    assert [metrics.tenant_label(t) for t in ("a", "b", "c", "a")] == ["a", "b", telemetry.OTHER_TENANT, "a"]
+
+
+@pytest.mark.parametrize("label", [GatewayMetrics(max_tenant_labels=1).tenant_label, TenantLabels(1)],
+                         ids=["gateway", "metering"])
+def test_no_tenant_shares_its_label_with_the_tenants_over_the_cap(label: Callable[[str], str]) -> None:
+    """The overflow value was 'other', a valid tenant name: the tenant 'other' was summed with those over the cap
+    in the per-tenant tokens, GPU-ms and RU. The overflow value is one that no tenant name can be."""
+    assert not TENANT_NAME.match(telemetry.OTHER_TENANT)
+    assert TENANT_NAME.match("other")
+    assert [label(t) for t in ("other", "b", "c", "other")] == [
+        "other", telemetry.OTHER_TENANT, telemetry.OTHER_TENANT, "other"]
+    assert telemetry.OTHER_TENANT != "other"
 
 
 def test_engine_metrics_are_read_without_a_full_parse() -> None:

@@ -7,10 +7,13 @@ import pathlib
 import click
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from tensorfleet import cli
 from tensorfleet.sandbox import quickstart
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+EXAMPLE_HEAD = "apiVersion: tensorfleet.io/v1alpha1\nkind: InferenceService\nmetadata:\n  name: a\n"
 
 
 def test_without_example_the_packaged_copy_of_the_repositorys_example_is_used(
@@ -40,5 +43,34 @@ def test_an_example_that_cannot_be_read_names_the_flag(tmp_path: pathlib.Path, c
 
 def test_dates_in_the_example_stay_strings(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "svc.yaml"
-    path.write_text("kind: InferenceService\nspec:\n  model:\n    servedName: 2020-01-01\n")
+    path.write_text(EXAMPLE_HEAD + "spec:\n  model:\n    servedName: 2020-01-01\n")
     assert quickstart.example_manifests(str(path))[0]["spec"]["model"]["servedName"] == "2020-01-01"
+
+
+@pytest.mark.parametrize(("content", "named"), [
+    ("- a\n- b\n", "document 0: a list, expected a Kubernetes object"),
+    ("hello\n", "document 0: the scalar 'hello', expected a Kubernetes object"),
+    ("kind: InferenceService\nmetadata:\n  name: a\n", "document 0: expected a Kubernetes object (a mapping "
+                                                          "with apiVersion, kind and metadata.name)"),
+    ("apiVersion: example.com/v1\nkind: Widget\nmetadata:\n  name: a\n",
+     "document 0: tensorfleet does not manage Widget of example.com/v1"),
+    (EXAMPLE_HEAD + "---\nmetadata: 5\n", "document 1: expected a Kubernetes object"),
+], ids=["list", "scalar", "no-apiVersion", "unknown-kind", "second-document"])
+def test_an_example_document_that_is_not_an_object_names_the_flag(tmp_path: pathlib.Path, content: str,
+                                                                  named: str) -> None:
+    """A list or scalar document was an AttributeError traceback after the emulator and operator had started."""
+    path = tmp_path / "svc.yaml"
+    path.write_text(content)
+    with pytest.raises(click.BadParameter) as raised:
+        quickstart.example_manifests(str(path))
+    assert raised.value.param_hint == "--example (TENSORFLEET_EXAMPLE)"
+    assert f"{path}: {named}" in raised.value.message
+
+
+def test_tensorfleet_run_with_a_list_example_is_a_usage_error(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    result = CliRunner().invoke(cli.main, ["run", "--cluster", "emulator", "--example", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for --example (TENSORFLEET_EXAMPLE): {path}: document 0: a list" in result.output
+    assert "emulator at" not in result.output  # refused before anything started

@@ -1,11 +1,12 @@
 """Who pays for a request: an API key checked against hashed keys, or a header set by a trusted proxy.
 
 API keys live in a Kubernetes Secret mounted as a folder: one file per tenant, named after the tenant,
-holding the hex sha256 of that tenant's key (optionally prefixed ``sha256:``; several hashes, one per
-line, allow rotation). A hash listed for two tenants is refused for both and reported as a problem of
-each file. The gateway never sees plain keys at rest and re-reads the folder when the kubelet updates
-the mount. A tenant header is honoured only from a peer address inside
-``trustedProxies``; from anyone else it is ignored, so a client can never bill another tenant.
+holding the hex sha256 of that tenant's key (optionally prefixed ``sha256:``, or as ``sha256sum`` prints it
+for standard input: ``<hex>  -``; several hashes, one per line, allow rotation). A hash listed for two
+tenants is refused for both and reported as a problem of each file. The gateway never sees plain keys at
+rest and re-reads the folder when the kubelet updates the mount. A tenant header is honoured only from a
+peer address inside ``trustedProxies``; from anyone else it is ignored, so a client can never bill another
+tenant.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ from tensorfleet.gateway.config import DEFAULT_TENANT, AuthConfig
 
 log = logging.getLogger(__name__)
 
-_HEX_SHA256 = re.compile(r"^(sha256:)?([0-9a-fA-F]{64})$")
+# A line is the hex digest, optionally prefixed ``sha256:`` or followed by the `` -`` (`` *-``) with which
+# ``sha256sum`` (and ``shasum -a 256``) names standard input, so HASH_COMMAND's output can be pasted as it is.
+_HEX_SHA256 = re.compile(r"^(sha256:)?([0-9a-fA-F]{64})(?: +\*?-)?$")
+HASH_COMMAND = 'printf %s "$KEY" | sha256sum'
+
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+TENANT_NAME_RULE = "a letter or digit, then letters, digits, '.', '_', ':', '@', '-'; at most 128"
 
 
 class AuthError(Exception):
@@ -64,7 +70,8 @@ class KeyStore:
     def _entries(self) -> list[os.DirEntry[str]]:
         assert self.folder is not None
         try:
-            return sorted((e for e in os.scandir(self.folder) if not e.name.startswith(".") and e.is_file()),
+            # Kubernetes refuses Secret keys starting with "..": those are the kubelet's own (..data, ..<time>).
+            return sorted((e for e in os.scandir(self.folder) if not e.name.startswith("..") and e.is_file()),
                           key=lambda e: e.name)
         except OSError as exc:
             log.warning("cannot read API keys from %s: %s", self.folder, exc)
@@ -92,7 +99,7 @@ class KeyStore:
     @staticmethod
     def _read_one(entry: os.DirEntry[str], owners: dict[str, set[str]], problems: list[KeyFileProblem]) -> None:
         if not TENANT_NAME.match(entry.name):
-            problems.append(KeyFileProblem(entry.name, "the key name must be a tenant name ([A-Za-z0-9._:@-])"))
+            problems.append(KeyFileProblem(entry.name, f"the key name must be a tenant name ({TENANT_NAME_RULE})"))
             return
         try:
             with open(entry.path, encoding="utf-8") as stream:
@@ -104,7 +111,7 @@ class KeyStore:
             match = _HEX_SHA256.match(line)
             if not match:
                 problems.append(KeyFileProblem(entry.name, "each line must be the hex sha256 of an API key, "
-                                                           "e.g. from: printf %s \"$KEY\" | sha256sum"))
+                                                           f"e.g. from: {HASH_COMMAND}"))
                 continue
             owners.setdefault(match.group(2).lower(), set()).add(entry.name)
 
@@ -146,8 +153,8 @@ class TenantResolver:
             return config.anonymous_tenant or DEFAULT_TENANT
         if config.trusted_tenant_header and tenant_header is not None and self._trusted(peer):
             if not TENANT_NAME.match(tenant_header):
-                raise AuthError(f"header {config.trusted_tenant_header} must be a tenant name "
-                                "(letters, digits, '.', '_', ':', '@', '-'; at most 128)", "invalid_tenant")
+                raise AuthError(f"header {config.trusted_tenant_header} must be a tenant name ({TENANT_NAME_RULE})",
+                                "invalid_tenant")
             return tenant_header
         if authorization:
             scheme, _, key = authorization.partition(" ")

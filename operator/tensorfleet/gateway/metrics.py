@@ -4,7 +4,8 @@
 GPU-ms and RU per tenant, the export spool, ledger verification) and the process collector live.
 
 Cardinality stays bounded: labels are the served model, the billing tier, the endpoint, a status class
-and a tenant label capped at ``max_tenant_labels`` distinct values (the rest count as ``other``).
+and a tenant label capped at ``max_tenant_labels`` distinct values (the rest count as ``_other``,
+telemetry.OTHER_TENANT, which no tenant name can be).
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tensorfleet import telemetry
-from tensorfleet.metering import metrics as _metering  # noqa: F401  (its families, in the default registry, are served)
+from tensorfleet.metering import metrics as _metering  # its families, in the default registry, are served
 
 WARMUP_STATES = ["waiting_for_engine", "warming_up", "ready", "failed", "draining"]
 COLD_START_STAGES = ("engine_healthy", "warmed_up", "ready")  # warmup.WarmupGate reports these, once per start
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _COLD_START_BUCKETS = (1, 5, 10, 20, 30, 60, 120, 180, 300, 600, 900, 1200, 1800, 3600)
-OTHER_TENANT = "other"
 
 
 class _GPUUtilization(Collector):
@@ -46,8 +46,7 @@ class _GPUUtilization(Collector):
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, max_tenant_labels: int = 100) -> None:
         self.registry = registry or CollectorRegistry()
-        self.max_tenant_labels = max_tenant_labels
-        self._tenants: set[str] = set()
+        self.tenant_label = _metering.TenantLabels(max_tenant_labels)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.queue_depth = Gauge(telemetry.QUEUE_DEPTH, "Requests waiting in the gateway for admission.", registry=r)
@@ -71,7 +70,8 @@ class GatewayMetrics:
         self.tokens = Counter("tensorfleet_gateway_tokens_total", "Tokens served, by model, tier and kind.",
                               ["model", "tier", "kind"], registry=r)
         self.tenant_tokens = Counter("tensorfleet_gateway_tenant_tokens_total",
-                                     "Tokens by tenant (capped label set) and kind.", ["tenant", "kind"], registry=r)
+                                     f"Tokens by tenant ({_metering.CAPPED_TENANTS}) and kind.", ["tenant", "kind"],
+                                     registry=r)
         self.requests = Counter("tensorfleet_gateway_requests_total", "Requests by model, endpoint and status class.",
                                 ["model", "endpoint", "code"], registry=r)
         self.ttft = Histogram("tensorfleet_gateway_time_to_first_token_seconds",
@@ -79,7 +79,8 @@ class GatewayMetrics:
                               buckets=_TTFT_BUCKETS, registry=r)
         self.latency = Histogram("tensorfleet_gateway_request_duration_seconds", "Time from receipt to the end.",
                                  ["model", "endpoint", "streaming"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.rate_limited = Counter("tensorfleet_gateway_rate_limited_total", "Requests refused with 429.",
+        self.rate_limited = Counter("tensorfleet_gateway_rate_limited_total",
+                                    f"Requests refused with 429, by tenant ({_metering.CAPPED_TENANTS}).",
                                     ["tenant"], registry=r)
         self.cache_lookups = Counter("tensorfleet_gateway_response_cache_total", "Response cache lookups by result.",
                                      ["result"], registry=r)
@@ -121,11 +122,3 @@ class GatewayMetrics:
 
     def watch_gpu(self, read: Callable[[], float | None]) -> None:
         self.registry.register(_GPUUtilization(read))
-
-    def tenant_label(self, tenant: str) -> str:
-        if tenant in self._tenants:
-            return tenant
-        if len(self._tenants) < self.max_tenant_labels:
-            self._tenants.add(tenant)
-            return tenant
-        return OTHER_TENANT

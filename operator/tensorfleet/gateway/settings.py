@@ -6,6 +6,7 @@ import dataclasses
 import urllib.parse
 from typing import ClassVar, Literal
 
+from tensorfleet import telemetry
 from tensorfleet.config import MAX_PORT, MAX_WAIT_SECONDS, Checks, http_url, setting
 
 DEFAULT_MAX_BATCH_PROMPTS = 1024  # vLLM's own bound, VLLM_MAX_COMPLETION_PROMPTS, defaults to the same
@@ -66,7 +67,8 @@ class GatewaySettings:
     health_interval_seconds: float = setting(0.5, "How often the engine's health is polled before it is up.")
     engine_poll_seconds: float = setting(2.0, "How often engine health and metrics are read once up.")
     reload_seconds: float = setting(10.0, "How often the configuration file and the API keys are checked for changes.")
-    max_tenant_labels: int = setting(100, "Distinct tenant label values in metrics; others are counted as 'other'.")
+    max_tenant_labels: int = setting(100, "Distinct tenant label values in metrics; others are counted as "
+                                          f"'{telemetry.OTHER_TENANT}'.")
     log_level: Literal["debug", "info", "warning", "error"] = setting("info", "Log level.")
     access_log: bool = setting(False, "Log one line per request.")
 

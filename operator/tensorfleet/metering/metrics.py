@@ -1,7 +1,8 @@
 """Prometheus metrics of metering, in the default registry the gateway serves on /metrics.
 
 No per-request labels; the per-tenant counters cap their tenant label at ``max_tenant_labels`` values (the rest
-count as ``other``), as the gateway's do, so cardinality stays bounded. Suggested alerts (docs/metering.md):
+count as ``_other``, telemetry.OTHER_TENANT), as the gateway's do, so cardinality stays bounded. Suggested alerts
+(docs/metering.md):
 ``tensorfleet_metering_spool_alert == 1`` for 15m, ``increase(tensorfleet_metering_events_dropped_total[5m]) > 0``,
 ``increase(tensorfleet_metering_events_rejected_total[1h]) > 0``,
 ``increase(tensorfleet_metering_events_quarantined_total[1h]) > 0``,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
+from tensorfleet import telemetry
 from tensorfleet.metering import events
 
 RECORDS = Counter("tensorfleet_metering_records", "Usage records appended to the ledger.", ["kind"])
@@ -38,11 +40,12 @@ SAMPLER_UP = Gauge("tensorfleet_metering_sampler_up", "1 while NVML sampling run
 GPU_MEMORY_USED = Gauge("tensorfleet_metering_gpu_memory_used_bytes", "Memory used on the engine's GPUs (NVML).")
 SIGNING_KEY = Gauge("tensorfleet_metering_signing_key_configured",
                     "1 when records are signed with the cluster's key, 0 with a pod-local one.")
+CAPPED_TENANTS = f"capped label set: the rest count as {telemetry.OTHER_TENANT}"
 TENANT_GPU_MS = Counter("tensorfleet_metering_tenant_gpu_milliseconds",
-                        "GPU time billed to requests, by tenant (capped label set) and billing tier.",
+                        f"GPU time billed to requests, by tenant ({CAPPED_TENANTS}) and billing tier.",
                         ["tenant", "tier"])
 TENANT_RESOURCE_UNITS = Counter("tensorfleet_metering_tenant_resource_units",
-                                "Resource units billed to requests, by tenant (capped label set) and billing tier.",
+                                f"Resource units billed to requests, by tenant ({CAPPED_TENANTS}) and billing tier.",
                                 ["tenant", "tier"])
 LEDGER_VERIFICATION_FAILURES = Counter(
     "tensorfleet_metering_ledger_verification_failures",
@@ -58,11 +61,9 @@ PROMPT_PLACEMENTS = Counter("tensorfleet_metering_prompt_placements", "Prompts p
                             "replay of the scheduler agreed with the first token: replayed, started-earlier, "
                             "started-later, over-budget, filled-back, not-streamed, unseen.", ["outcome"])
 
-OTHER_TENANT = "other"
-
-
 class TenantLabels:
-    """The tenant label value: the tenant itself for the first ``limit`` distinct tenants, ``other`` after that."""
+    """The tenant label value: the tenant itself for the first ``limit`` distinct tenants, then
+    ``telemetry.OTHER_TENANT`` (which no tenant name can be)."""
 
     def __init__(self, limit: int = 100) -> None:
         self.limit = limit
@@ -75,4 +76,4 @@ class TenantLabels:
         if len(self._seen) < self.limit:
             self._seen.add(name)
             return name
-        return OTHER_TENANT
+        return telemetry.OTHER_TENANT

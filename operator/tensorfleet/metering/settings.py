@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from tensorfleet import telemetry
 from tensorfleet.config import MAX_WAIT_SECONDS, Checks, http_url, setting
 
 MAX_RETENTION_SECONDS = 365 * 86400  # a year in the pod's ledger; the sink is the long-term store
@@ -60,7 +61,8 @@ class MeteringSettings:
     max_queued_events: int = setting(100_000, "Events waiting to be journalled; beyond it new ones are dropped "
                                               "and counted in tensorfleet_metering_events_dropped_total.")
     max_tenant_labels: int = setting(100, "Distinct tenant label values of the per-tenant GPU-ms and RU metrics; "
-                                          "later tenants are counted as 'other' (the ledger keeps every tenant).")
+                                          f"later tenants are counted as '{telemetry.OTHER_TENANT}' (the ledger "
+                                          "keeps every tenant).")
     ledger_file: str = setting("usage.db", "File name of the ledger in the usage directory.")
 
     def validate(self) -> list[str]:

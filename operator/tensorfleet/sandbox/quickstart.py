@@ -56,9 +56,31 @@ def example_manifests(path: str | None) -> list[dict[str, Any]]:
     else:
         text = cli_files.read_text(path, EXAMPLE_FLAG)
     try:
-        return [doc for doc in manifest_yaml.load_all(text) if doc]
+        docs = [doc for doc in manifest_yaml.load_all(text) if doc]
     except yaml.YAMLError as exc:
         raise click.BadParameter(f"{path}: not valid YAML: {exc}", param_hint=EXAMPLE_FLAG) from None
+    for index, doc in enumerate(docs):
+        problem = _object_problem(doc)
+        if problem:
+            raise click.BadParameter(f"{path}: document {index}: {problem}", param_hint=EXAMPLE_FLAG)
+    return docs
+
+
+def _object_problem(doc: Any) -> str | None:
+    """Why ``doc`` is not an object the quickstart can create and watch, or None."""
+    expected = "expected a Kubernetes object (a mapping with apiVersion, kind and metadata.name)"
+    if not isinstance(doc, dict):
+        shape = "a list" if isinstance(doc, list) else f"the scalar {doc!r:.40}"
+        return f"{shape}, {expected}"
+    metadata = doc.get("metadata")
+    if not all(isinstance(doc.get(field), str) for field in ("apiVersion", "kind")) or not (
+            isinstance(metadata, dict) and isinstance(metadata.get("name"), str)):
+        return expected
+    try:
+        kube.resource_for(doc["apiVersion"], doc["kind"])
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _describe(obj: Mapping[str, Any]) -> str:
@@ -127,22 +149,23 @@ def _start_operator(settings: OperatorSettings, metrics: OperatorMetrics) -> tup
 
 
 def _apply(emulator: EmulatorThread, docs: list[dict[str, Any]], narrator: Narrator) -> list[tuple[str, str]]:
-    async def create_all() -> list[tuple[str, str]]:
+    """Create ``docs``; the namespace and name of each InferenceService among them (those are watched)."""
+    async def create_all() -> list[tuple[str, str, str]]:
         client = kube.KubeClient(kube.Connection(server=emulator.url))
         created = []
         try:
             for doc in docs:
-                doc.setdefault("metadata", {}).setdefault("namespace", "default")
+                doc["metadata"].setdefault("namespace", "default")
                 await client.create(doc)
-                created.append((doc["metadata"]["namespace"], doc["metadata"]["name"]))
+                created.append((doc["kind"], doc["metadata"]["namespace"], doc["metadata"]["name"]))
         finally:
             await client.aclose()
         return created
 
     created = asyncio.run(create_all())
-    for namespace, name in created:
-        narrator.say(f"applied InferenceService {namespace}/{name}")
-    return created
+    for kind, namespace, name in created:
+        narrator.say(f"applied {kind} {namespace}/{name}")
+    return [(namespace, name) for kind, namespace, name in created if kind == "InferenceService"]
 
 
 def _simulate(emulator: EmulatorThread, startup_seconds: float) -> Callable[[], None]:
@@ -171,11 +194,11 @@ class _NotInMainThread(logging.Filter):
 
 
 def run(settings: OperatorSettings, out: TextIO = sys.stdout, startup_seconds: float = 2.0) -> int:
+    docs = example_manifests(settings.example)
     out.write(f"tensorfleet {__version__}: no cluster configured (no kubeconfig, not in a pod).\n"
               "Running the operator end to end against an embedded Kubernetes API emulator\n"
               "(kmock KubernetesEmulator; GPU nodes and kubelets are simulated). With a kubeconfig,\n"
               "`tensorfleet run` is the real operator.\n\n")
-    docs = example_manifests(settings.example)
     narrator = Narrator(out)
     for handler in logging.getLogger().handlers:  # the operator runs in a thread here, by design
         handler.addFilter(_NotInMainThread())
