@@ -87,11 +87,14 @@ async def test_max_tokens_is_clamped_and_set(tmp_path: pathlib.Path) -> None:
     async with serving(engine.app()) as upstream, running_gateway(tmp_path, upstream) as gw, \
             aiohttp.ClientSession() as session:
         await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a b"})
+        await post(session, url(gw, "/v1/chat/completions"), {"model": "tiny", "messages": [
+            {"role": "user", "content": "a b"}]})
         await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a b", "max_tokens": 5000})
         await post(session, url(gw, "/v1/completions"), {"model": "tiny", "prompt": "a b", "max_tokens": 7})
         raw = b'{"model": "tiny", "prompt": "a b", "max_tokens": 9}'
         await post(session, url(gw, "/v1/completions"), raw)
-    assert [r["max_tokens"] for r in engine.received[-4:]] == [64, 64, 7, 9]
+    # unset: vLLM's own 16 on completions, the ceiling (64) on chat, where vLLM's default is the rest of the window
+    assert [r["max_tokens"] for r in engine.received[-5:]] == [16, 64, 64, 7, 9]
     assert engine.headers[-1]["Content-Length"] == str(len(raw))  # an untouched request goes up byte for byte
 
 

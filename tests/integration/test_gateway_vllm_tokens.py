@@ -129,6 +129,22 @@ async def test_output_stops_at_the_ceiling_when_the_client_sets_no_limit(
     assert event.completion_tokens == 7
 
 
+async def test_completions_without_a_limit_keep_vllms_default_under_a_higher_ceiling(
+        vllm_url: str, tmp_path: pathlib.Path) -> None:
+    # vLLM (and OpenAI's API) generate at most 16 tokens on /v1/completions without max_tokens; before, the
+    # gateway set max_tokens to the ceiling (4096 by default), so the client got and paid for up to 256x that.
+    sink = RecordingSinkDouble()
+    document = gateway_document(tokenPolicy={"maxOutputTokens": 40})
+    body = {"model": "tiny", "temperature": 0, "ignore_eos": True, "prompt": "hello world"}
+    async with running_gateway(tmp_path, vllm_url, document, sink) as gw, aiohttp.ClientSession() as session:
+        status, answer, _ = await post(session, url(gw, "/v1/completions"), body)
+        direct_status, direct, _ = await post(session, f"{vllm_url}/v1/completions", body)
+    assert (status, direct_status) == (200, 200), answer
+    assert answer["usage"]["completion_tokens"] == direct["usage"]["completion_tokens"] == 16
+    (event,) = sink.client_requests()
+    assert event.completion_tokens == 16
+
+
 async def aborted_in_vllm(session: aiohttp.ClientSession, vllm_url: str,
                           send: Callable[[], Awaitable[T]]) -> T:
     """What ``send`` returned, for a request of 900 tokens that vLLM did not run to its end.

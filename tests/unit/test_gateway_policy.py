@@ -461,24 +461,24 @@ def test_fields_the_client_did_not_send_are_appended_to_its_own_bytes() -> None:
     raw = b'{ "model": "tiny", "prompt": "caf\\u00e9 \xc3\xa9", "stream": true }\n'
     proxied = _proxied(raw, streaming=True)
     engine = VLLMEngine("tiny")
-    assert engine.clamp_output(proxied, 64) == 64
+    assert engine.clamp_output(proxied, 64) == 16  # vLLM's own default on completions, within the ceiling
     engine.prepare_upstream(proxied)
     sent = proxied.upstream_bytes()
     assert sent.startswith(raw.rstrip()[:-1])  # the client's bytes, unchanged, then the new fields
-    assert json.loads(sent) == {**json.loads(raw), "max_tokens": 64,
+    assert json.loads(sent) == {**json.loads(raw), "max_tokens": 16,
                                 "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     assert not proxied.modified
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"model":"tiny","prompt":"x","max_tokens":9999}',  # a field the client sent changes
-    '{"model":"tiny","prompt":"x"}'.encode("utf-16"),  # bytes that are not UTF-8 JSON text
+@pytest.mark.parametrize(("raw", "max_tokens"), [
+    (b'{"model":"tiny","prompt":"x","max_tokens":9999}', 64),  # a field the client sent changes
+    ('{"model":"tiny","prompt":"x"}'.encode("utf-16"), 16),  # bytes that are not UTF-8 JSON text
 ])
-def test_changed_fields_or_other_encodings_send_the_body_encoded_again(raw: bytes) -> None:
+def test_changed_fields_or_other_encodings_send_the_body_encoded_again(raw: bytes, max_tokens: int) -> None:
     proxied = _proxied(raw)
     VLLMEngine("tiny").clamp_output(proxied, 64)
     assert proxied.modified
-    assert json.loads(proxied.upstream_bytes()) == {"model": "tiny", "prompt": "x", "max_tokens": 64}
+    assert json.loads(proxied.upstream_bytes()) == {"model": "tiny", "prompt": "x", "max_tokens": max_tokens}
 
 
 @pytest.mark.parametrize(("endpoint", "fields", "effective", "client_max", "sent"), [
@@ -489,9 +489,11 @@ def test_changed_fields_or_other_encodings_send_the_body_encoded_again(raw: byte
      {"max_completion_tokens": 64}),
     ("/v1/chat/completions", {"max_tokens": 7}, 7, 7, {}),
     ("/v1/chat/completions", {}, 64, None, {"max_tokens": 64}),
-    # completions: vLLM's CompletionRequest ignores max_completion_tokens and reads max_tokens only
-    ("/v1/completions", {"max_completion_tokens": 4}, 64, None, {"max_tokens": 64}),
-    ("/v1/completions", {"max_tokens": None, "max_completion_tokens": 4}, 64, None, {"max_tokens": 64}),
+    # completions: vLLM's CompletionRequest ignores max_completion_tokens and reads max_tokens only, 16 when unset
+    # (before, the gateway set the ceiling: up to 256x the output the client would get from vLLM)
+    ("/v1/completions", {"max_completion_tokens": 4}, 16, None, {"max_tokens": 16}),
+    ("/v1/completions", {"max_tokens": None, "max_completion_tokens": 4}, 16, None, {"max_tokens": 16}),
+    ("/v1/completions", {}, 16, None, {"max_tokens": 16}),
     ("/v1/completions", {"max_tokens": 3, "max_completion_tokens": 100}, 3, 3, {}),
 ])
 def test_the_output_bound_is_the_field_vllm_honours(endpoint: str, fields: dict[str, Any], effective: int,
@@ -501,6 +503,12 @@ def test_the_output_bound_is_the_field_vllm_honours(endpoint: str, fields: dict[
     assert VLLMEngine("tiny").clamp_output(proxied, 64) == effective
     assert proxied.client_max_tokens == client_max
     assert json.loads(proxied.upstream_bytes()) == {**body, **sent}
+
+
+def test_a_ceiling_under_vllms_default_bounds_completions_without_a_limit() -> None:
+    proxied = _proxied(b'{"model":"tiny","prompt":"x"}')
+    assert VLLMEngine("tiny").clamp_output(proxied, 7) == 7
+    assert json.loads(proxied.upstream_bytes())["max_tokens"] == 7
 
 
 TRITON_GENERATE = "/v2/models/tiny/generate"

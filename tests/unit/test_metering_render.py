@@ -87,6 +87,8 @@ def _gateway_env(body: dict) -> dict[str, str | None]:
     (["--max-num-batched-tokens"], None),
     (["--max_num_batched_tokens", "512"], "512"),  # vLLM reads underscores in long names as dashes
     (["--max_num_batched_tokens=768"], "768"),
+    (["--max-num-batched-tokens", "8k"], "8000"), (["--max-num-batched-tokens=2K"], "2048"),  # vLLM's human ints
+    (["--max-num-batched-tokens", "1.5K"], None),  # vLLM refuses decimals with binary suffixes
     (["--max-num-seqs", "64"], None),
     ([], None),
 ])
@@ -94,6 +96,17 @@ def test_the_step_budget_a_vllm_service_sets_reaches_the_gateways_metering(extra
                                                                            step_tokens: str | None) -> None:
     env = _gateway_env(inference_service(runtime={"name": "vllm", "extraArgs": extra_args}))
     assert env.get("TENSORFLEET_METERING_ENGINE_STEP_TOKENS") == step_tokens
+
+
+@pytest.mark.parametrize(("extra_args", "window"), [
+    ([], 8192), (["--max-model-len", "1024"], 1024), (["--max_model_len=4k"], 4000),
+    (["--max-model-len", "auto"], None),
+])
+def test_the_gateway_gets_the_window_vllm_is_told(extra_args: list[str], window: int | None) -> None:
+    # vLLM takes --max-model-len in extraArgs (after the operator's) over spec.model.maxModelLen: the gateway's
+    # warm-up sized its long prompt by the spec's window, and the engine refused it on every round.
+    service = isvc(inference_service(model={"maxModelLen": 8192}, runtime={"name": "vllm", "extraArgs": extra_args}))
+    assert gateway_config(service)["model"]["maxModelLen"] == window
 
 
 def test_triton_services_leave_the_step_budget_to_be_learned() -> None:
@@ -144,5 +157,10 @@ def test_what_metering_cannot_read_is_a_warning_never_an_invalid_spec() -> None:
     ]
     matching = inference_service(engine={"precision": "fp8"}, runtime={"name": "vllm", "extraArgs": ["-q", "fp8"]})
     assert validation.advisories(isvc(matching).spec) == []
+    # spec.engine.precision defaults to fp16 in the CRD: a vLLM service that uses spec.engine for its gateway
+    # limits only, and runs bf16, is not warned about a field it never set
+    defaulted = inference_service(engine={"precision": "fp16", "maxBatchSize": 32},
+                                  runtime={"name": "vllm", "extraArgs": ["--dtype", "bfloat16"]})
+    assert validation.advisories(isvc(defaulted).spec) == []
     triton = triton_service(runtime={"name": "triton", "extraArgs": ["--config", "x"]})
     assert validation.advisories(isvc(triton).spec) == []

@@ -132,8 +132,13 @@ def errors_of(**spec: Any) -> list[tuple[str, str]]:
     ({"model": {"maxModelLen": 2048}, "tokenPolicy": {"maxOutputTokens": 512},
       "warmup": {"requests": [{"prompt": "hi"}, {"prompt": "hello", "maxTokens": 4096}]}},
      "spec.warmup.requests[1].maxTokens", "the context window 2048 (spec.model.maxModelLen)"),
+    # vLLM takes a --max-model-len in extraArgs (after the operator's) over spec.model.maxModelLen
+    ({"model": {"maxModelLen": 8192}, "runtime": {"name": "vllm", "extraArgs": ["--max-model-len", "1k"]},
+      "tokenPolicy": {"maxOutputTokens": 1000}}, "spec.tokenPolicy.maxOutputTokens",
+     "Invalid value: 1000: must be less than the context window 1000 (spec.runtime.extraArgs[0])"),
 ], ids=["default ceiling over maxModelLen", "ceiling equal to maxModelLen", "ceiling equal to the window",
-        "warm-up prompt max tokens equal to the window", "warm-up prompt max tokens over maxModelLen"])
+        "warm-up prompt max tokens equal to the window", "warm-up prompt max tokens over maxModelLen",
+        "ceiling over the window of --max-model-len in extraArgs"])
 def test_token_ceilings_the_context_window_cannot_hold_are_rejected(spec: dict[str, Any], field: str,
                                                                     shown: str) -> None:
     errors = errors_of(**spec)
@@ -148,6 +153,12 @@ def test_token_ceilings_the_context_window_cannot_hold_are_rejected(spec: dict[s
 ], ids=["ceiling one under maxModelLen", "warm-up one under the window"])
 def test_token_ceilings_within_the_context_window_are_accepted(spec: dict[str, Any]) -> None:
     assert errors_of(**spec) == []
+
+
+@pytest.mark.parametrize("extra_args", [["--max-model-len", "auto"], ["--max_model_len=-1"]])
+def test_a_max_model_len_left_to_vllm_in_extra_args_leaves_it_the_ceilings(extra_args: list[str]) -> None:
+    assert errors_of(model={"maxModelLen": 2048}, tokenPolicy={"maxOutputTokens": 4096},
+                     runtime={"name": "vllm", "extraArgs": extra_args}) == []
 
 
 def test_without_max_model_len_vllm_judges_the_ceilings_itself() -> None:

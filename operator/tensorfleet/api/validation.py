@@ -44,7 +44,7 @@ def advisories(spec: InferenceServiceSpec) -> list[FieldError]:
     notes = []
     if spec.runtime.name == "vllm":
         metered = vllm_args.precision(spec.runtime.extra_args)
-        if spec.engine is not None and spec.engine.precision != metered:
+        if spec.engine is not None and spec.engine.precision not in ("fp16", metered):  # fp16: also the default
             notes.append(FieldError(
                 "spec.engine.precision",
                 f"{spec.engine.precision!r} is not passed to vLLM (TensorRT-LLM only): vLLM runs, and records are "
@@ -180,13 +180,26 @@ def _within_window(spec: InferenceServiceSpec, path: str, tokens: int, why: str)
                                f"({_context_source(spec)}) {why}")
 
 
-def _context_limit(spec: InferenceServiceSpec) -> int | None:
+def model_max_len(spec: InferenceServiceSpec) -> tuple[int | None, str | None]:
+    """The max model length the engine is told and the field it comes from: a vLLM ``--max-model-len`` in
+    ``spec.runtime.extraArgs`` (they follow the operator's arguments, so vLLM takes it over
+    ``spec.model.maxModelLen``; ``auto`` or ``-1`` leave it to vLLM: None), else ``spec.model.maxModelLen``."""
+    if spec.runtime.name == "vllm":
+        found = vllm_args.flag(spec.runtime.extra_args, vllm_args.MAX_MODEL_LEN)
+        if found is not None:
+            tokens = vllm_args.human_int(found[1]) if found[1].strip().lower() != "auto" else None
+            return (tokens if tokens is not None and tokens > 0 else None), f"spec.runtime.extraArgs[{found[0]}]"
     if spec.model.max_model_len is not None:
-        return spec.model.max_model_len
-    if spec.engine is not None:
-        return spec.engine.max_seq_len
-    return None
+        return spec.model.max_model_len, "spec.model.maxModelLen"
+    return None, None
+
+
+def _context_limit(spec: InferenceServiceSpec) -> int | None:
+    tokens, source = model_max_len(spec)
+    if source is not None:
+        return tokens
+    return spec.engine.max_seq_len if spec.engine is not None else None
 
 
 def _context_source(spec: InferenceServiceSpec) -> str:
-    return "spec.model.maxModelLen" if spec.model.max_model_len is not None else "spec.engine.maxSeqLen"
+    return model_max_len(spec)[1] or "spec.engine.maxSeqLen"

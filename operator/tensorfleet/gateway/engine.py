@@ -43,6 +43,9 @@ _NOT_STREAMED_INSTEAD = ("prompt_logprobs", "return_token_ids", "return_prompt_t
 # takes max_completion_tokens over max_tokens (ChatCompletionRequest.build_tok_params, OpenAIServingChat); its
 # CompletionRequest has no max_completion_tokens (an extra field, ignored) and reads max_tokens only.
 _OUTPUT_BOUNDS = {CHAT: ("max_completion_tokens", "max_tokens"), COMPLETIONS: ("max_tokens",)}
+# What vLLM generates at most when the client sets no bound: 16 on completions (CompletionRequest.max_tokens, as
+# OpenAI's API); the rest of the context window on chat (no default here: the ceiling applies).
+_DEFAULT_OUTPUT = {COMPLETIONS: 16}
 # The Triton model inputs the gateway reads: the prompt it counts and the output bound it clamps.
 _COUNTED_INPUTS = ("text_input", "max_tokens")
 
@@ -184,13 +187,15 @@ class VLLMEngine:
                               "array of arrays of token ids", "prompt", "invalid_type")
 
     def clamp_output(self, request: ProxyRequest, limit: int) -> int:
-        """Clamp the output bounds vLLM honours on this endpoint to ``limit``, or set max_tokens to it when the client
-        set none; the effective value: the first of ``_OUTPUT_BOUNDS`` the client set, as vLLM reads them."""
+        """Clamp the output bounds vLLM honours on this endpoint to ``limit``; when the client set none, set
+        max_tokens to what vLLM would generate at most, within ``limit`` (so the budget reserves what can run).
+        The effective value: the first of ``_OUTPUT_BOUNDS`` the client set, as vLLM reads them."""
         body = request.body
         keys = [k for k in _OUTPUT_BOUNDS[request.endpoint] if body.get(k) is not None]
         if not keys:
-            request.set_fields({"max_tokens": limit})
-            return limit
+            effective = min(_DEFAULT_OUTPUT.get(request.endpoint, limit), limit)
+            request.set_fields({"max_tokens": effective})
+            return effective
         clamped = {k: min(int(body[k]), limit) for k in keys}
         if any(clamped[k] != body[k] for k in keys):
             request.set_fields(clamped)

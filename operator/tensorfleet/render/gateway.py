@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 from tensorfleet.api.types import InferenceService
+from tensorfleet.api.validation import model_max_len
 from tensorfleet.gateway import config as gwconfig
 from tensorfleet.render import context as c
 from tensorfleet.render import labels, lifecycle
@@ -45,7 +46,7 @@ def gateway_config(isvc: InferenceService, ctx: c.RenderContext | None = None) -
             "servedName": spec.model.served_name,
             "uri": spec.model.uri,
             "digest": spec.model.digest,
-            "maxModelLen": spec.model.max_model_len,
+            "maxModelLen": model_max_len(spec)[0],  # what vLLM is told, extraArgs included; None: learned
         },
         "runtime": spec.runtime.name,
         "gpusPerReplica": spec.gpu.count,

@@ -50,14 +50,16 @@ def metering_config(ctx: c.RenderContext) -> dict[str, Any]:
 
 def engine_step_tokens(isvc: InferenceService) -> int | None:
     """The engine's step budget where the service sets it: vLLM's ``--max-num-batched-tokens`` in
-    ``spec.runtime.extraArgs`` (``N`` as the next argument or after ``=``). None otherwise: the gateway
-    learns it (vLLM's own default depends on the GPU and the entry point, so it is not guessed here)."""
+    ``spec.runtime.extraArgs`` (``N`` as the next argument or after ``=``, ``8k`` as vLLM reads it). None
+    otherwise: the gateway learns it (vLLM's own default depends on the GPU and the entry point, so it is not
+    guessed here)."""
     if isvc.spec.runtime.name != "vllm":
         return None
     value = vllm_args.flag_value(isvc.spec.runtime.extra_args, vllm_args.STEP_TOKENS)
-    if value is None or not value.strip().isdigit() or int(value) <= 0:
+    tokens = None if value is None else vllm_args.human_int(value)
+    if tokens is None or tokens <= 0:
         return None  # vLLM refuses it itself; metering then learns
-    return int(value)
+    return tokens
 
 
 def metered_precision(isvc: InferenceService) -> str:
