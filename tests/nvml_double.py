@@ -29,7 +29,8 @@ class DeviceDouble:
     energy_mj: int = 1_000_000
     energy_supported: bool = True
     energy_error: int | None = None  # an NVML error the energy counter's next reads raise
-    lost: bool = False
+    error: int | None = None  # an NVML error every read of the device raises (a failed read, a gap)
+    lost: bool = False  # every read raises NVML_ERROR_GPU_IS_LOST (XID 79: the GPU fell off the bus)
 
 
 class NvmlDouble:
@@ -37,6 +38,7 @@ class NvmlDouble:
 
     NVML_SUCCESS = 0
     NVML_ERROR_NOT_SUPPORTED = NOT_SUPPORTED
+    NVML_ERROR_GPU_IS_LOST = GPU_IS_LOST
     NVML_GPM_METRICS_GET_VERSION = pynvml.NVML_GPM_METRICS_GET_VERSION
     NVML_GPM_METRIC_GRAPHICS_UTIL = pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL
     NVMLError = NVMLError
@@ -59,6 +61,8 @@ class NvmlDouble:
     def _device(self, handle: DeviceDouble) -> DeviceDouble:
         if handle.lost:
             raise NVMLError(GPU_IS_LOST)
+        if handle.error is not None:
+            raise NVMLError(handle.error)
         return handle
 
     def nvmlInit(self) -> None:

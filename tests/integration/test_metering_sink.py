@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import math
 import sqlite3
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from gateway_support import wait_until
 from metering_builders import CONFIG, request
 from nvml_double import DeviceDouble, NvmlDouble
 from tensorfleet import telemetry
@@ -367,3 +369,102 @@ def test_a_request_in_flight_past_the_settle_horizon_is_not_billed_to_its_neighb
     assert rows["short"] == pytest.approx(500.0, rel=0.1)  # half of each step it shared
     assert rows["long"] == pytest.approx(40_000.0 - 500.0, rel=0.01)
     assert ledger.get_meta("holds") == "{}"
+
+
+def requests_billed(usage_dir: Path) -> list[dict]:
+    return [b for b in bodies(usage_dir) if b["kind"] == "request"]
+
+
+async def settled_within(usage_dir: Path, count: int, seconds: float) -> list[dict]:
+    await wait_until(lambda: len(requests_billed(usage_dir)) >= count, seconds, f"{count} request records")
+    return requests_billed(usage_dir)
+
+
+async def test_a_gpu_lost_mid_run_falls_back_to_timing_and_requests_settle_within_the_horizon(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Before, a lost GPU (every read NVML_ERROR_GPU_IS_LOST) made no interval, so no later request settled while the
+    # pod ran; at close they were written as measured ("gpm", estimated false) with 0 GPU-ms; sampler_up stayed 1,
+    # the last reading was reported as the GPU's utilization forever and a warning was logged every period.
+    (tmp_path / "devices").write_text("GPU-engine")
+    device = DeviceDouble("GPU-engine", gpm_activity=50.0)
+    sink = open_sink(CONFIG, tmp_path / "usage", "", tmp_path / "devices", settings=FAST,
+                     nvml_module=NvmlDouble([device]))
+    await sink.start()
+    await asyncio.sleep(0.2)
+    await run_traffic(sink, 3)
+    measured = await settled_within(tmp_path / "usage", 3, 3.0)
+    assert [(b["measurement"], b["estimated"]) for b in measured] == [("gpm", False)] * 3
+    device.lost = True
+    await run_traffic(sink, 5, tenant="globex")
+    billed = await settled_within(tmp_path / "usage", 8, 3.0)  # 10x the settle horizon
+    assert REGISTRY.get_sample_value("tensorfleet_metering_sampler_up") == 0
+    assert sink.gpu_utilization() is None
+    await sink.close()
+    after = [b for b in billed if b["tenant"] == "globex"]
+    assert len(after) == 5
+    assert all(b["measurement"] == "timing" and b["estimated"] and 40 <= b["gpuMs"] <= 61 for b in after), after
+    assert len([r for r in caplog.records if "lost" in r.getMessage()]) == 1  # once, not every period
+
+
+class HangingNvml(NvmlDouble):
+    """An NVML whose memory reads stop answering once ``hang`` is set (a GPU falling off the bus, a reset)."""
+
+    def __init__(self, devices: list[DeviceDouble]) -> None:
+        super().__init__(devices)
+        self.hang, self.release = threading.Event(), threading.Event()
+
+    def nvmlDeviceGetMemoryInfo(self, handle: DeviceDouble) -> Any:
+        if self.hang.is_set():
+            self.release.wait()
+        return super().nvmlDeviceGetMemoryInfo(handle)
+
+
+async def test_close_settles_by_timing_when_an_nvml_call_hangs(tmp_path: Path) -> None:
+    # Before, close() joined the sampler without a bound before the writer's last cycle: a hung NVML call held the
+    # final settle, sign and export until the pod was killed, and the requests of its last moments were lost.
+    (tmp_path / "devices").write_text("GPU-engine")
+    double = HangingNvml([DeviceDouble("GPU-engine", gpm_activity=50.0)])
+    slow = dataclasses.replace(FAST, settle_after_seconds=3600)  # nothing settles before close
+    sink = open_sink(CONFIG, tmp_path / "usage", "", tmp_path / "devices", settings=slow, nvml_module=double)
+    try:
+        await sink.start()
+        await asyncio.sleep(0.2)
+        await run_traffic(sink, 3)
+        double.hang.set()
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await asyncio.wait_for(sink.close(), timeout=10)
+        assert time.monotonic() - started < 5
+        billed = requests_billed(tmp_path / "usage")
+        assert len(billed) == 3
+        # What the sampler never delivered is estimated, not claimed as measured with 0 GPU-ms.
+        assert all(b["measurement"] == "timing" and b["estimated"] and b["gpuMs"] >= 25 for b in billed), billed
+    finally:
+        double.release.set()
+
+
+async def test_an_unreadable_devices_file_falls_back_to_timing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    # Before, the PermissionError killed the thread that starts metering: nothing settled while the pod ran, and at
+    # close every request was written as a timing estimate of 0 GPU-ms.
+    devices = tmp_path / "devices"
+    devices.write_text("GPU-engine")
+    read_text = Path.read_text
+
+    def unreadable(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self == devices:  # a root-owned 0600 file, as an engine running as root with umask 077 writes it
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    sink = open_sink(CONFIG, tmp_path / "usage", "NVIDIA-H100-80GB-HBM3", devices, settings=FAST,
+                     nvml_module=NvmlDouble([DeviceDouble("GPU-engine", gpm_activity=50.0)]))
+    await sink.start()
+    await run_traffic(sink, 3)
+    billed = await settled_within(tmp_path / "usage", 3, 3.0)
+    await sink.close()
+    assert len(billed) == 3
+    assert all(b["measurement"] == "timing" and b["estimated"] and 40 <= b["gpuMs"] <= 61 for b in billed), billed
+    assert REGISTRY.get_sample_value("tensorfleet_metering_sampler_up") == 0
+    assert any(f"{devices}: cannot read it" in r.getMessage() and "Permission denied" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)

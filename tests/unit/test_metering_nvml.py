@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 import threading
 from pathlib import Path
@@ -61,10 +62,10 @@ def test_without_gpm_the_utilization_rate_is_used() -> None:
 def test_an_unreadable_device_yields_no_interval_rather_than_a_guess() -> None:
     device = DeviceDouble("GPU-a", gpm_activity=90.0)
     sampler, _, clock = sampler_on([device], None)
-    device.lost = True
+    device.error = UNKNOWN
     clock.now += 0.1
     assert sampler.sample() is None
-    device.lost = False
+    device.error = None
     clock.now += 0.1
     assert sampler.sample() is None  # the read after the gap primes the counters again
     clock.now += 0.1
@@ -86,7 +87,7 @@ def test_the_energy_and_activity_of_a_gap_are_not_billed_into_the_interval_after
         for device, used in zip(devices, energy, strict=True):
             device.energy_mj += used
             device.gpm_activity = activity
-        devices[1].lost = lost
+        devices[1].error = UNKNOWN if lost else None
         return sampler.sample()
 
     before = period()
@@ -115,6 +116,60 @@ def test_a_failed_energy_read_is_a_gap_and_energy_comes_back_after_it() -> None:
     assert period(error=UNKNOWN) is None
     assert period() is None  # priming again
     assert [i.energy_mj for i in (period(), period()) if i is not None] == [100, 100]
+
+
+def test_a_lost_gpu_is_reported_at_once_not_sampled_as_gaps_forever() -> None:
+    # Before, NVML_ERROR_GPU_IS_LOST (XID 79) was a gap like any failed read, every period for the pod's life: no
+    # interval came, no request after it settled, and a warning was logged every 100 ms.
+    device = DeviceDouble("GPU-a", gpm_activity=50.0)
+    sampler, _, clock = sampler_on([device], None)
+    device.lost = True
+    clock.now += 0.1
+    with pytest.raises(nvml.GpuLost, match="lost"):
+        sampler.sample()
+
+
+def test_reads_failing_past_the_bound_mean_the_gpu_is_lost_and_are_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    device = DeviceDouble("GPU-a", gpm_activity=50.0, error=None)
+    sampler, _, clock = sampler_on([device], None)
+    device.error = UNKNOWN
+    with caplog.at_level(logging.WARNING, logger=nvml.__name__):
+        for _ in range(nvml.LOST_AFTER_FAILED_READS + 5):  # many reads, but within the time bound: gaps
+            clock.now += 0.1
+            assert sampler.sample() is None
+        clock.now += nvml.LOST_AFTER_SECONDS
+        with pytest.raises(nvml.GpuLost, match=r"reads in a row failed over 5\.\ds"):
+            sampler.sample()
+    assert len(caplog.records) == 1  # once when the reads began to fail, not once per period
+
+
+def test_the_latest_activity_is_no_signal_once_older_than_its_bound() -> None:
+    device = DeviceDouble("GPU-a", gpm_activity=50.0)
+    sampler, _, clock = sampler_on([device], None)
+    clock.now += 0.1
+    assert sampler.sample() is not None
+    assert sampler.activity(max_age=1.0) == pytest.approx(0.5)
+    device.error = UNKNOWN
+    clock.now += 1.1
+    assert sampler.sample() is None
+    assert sampler.activity(max_age=1.0) is None  # not the last good reading, indefinitely
+
+
+def test_the_sampler_thread_reports_a_lost_gpu_and_stops() -> None:
+    device = DeviceDouble("GPU-a", gpm_activity=40.0)
+    double = NvmlDouble([device])
+    sampler = nvml.NvmlSampler(double, None)
+    sampler.open()
+    device.lost = True
+    reasons: list[str] = []
+    thread = nvml.SamplerThread(sampler, 0.01, lambda interval: None, reasons.append)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert len(reasons) == 1
+    assert "lost" in reasons[0]
+    assert not double.initialised
 
 
 def test_energy_is_absent_where_the_gpu_has_no_counter() -> None:
@@ -168,6 +223,26 @@ def test_devices_file_missing_or_empty_means_timing_only(tmp_path: Path) -> None
     assert nvml.read_devices_file(tmp_path / "two", 0.0, threading.Event()) == ["GPU-1", "GPU-2"]
 
 
+@pytest.mark.parametrize(("error", "problem"), [
+    (PermissionError(13, "Permission denied"), "Permission denied"),
+    (OSError(5, "Input/output error"), "Input/output error"),
+    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "invalid start byte"),
+])
+def test_a_devices_file_that_cannot_be_read_means_timing_only_naming_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, problem: str) -> None:
+    # Before, the error escaped (an engine running as root with umask 077 writes the file 0600; the gateway runs as
+    # uid 65532) and killed the thread that starts metering: neither NVML nor timing-only metering ran.
+    devices = tmp_path / "visible-devices"
+    devices.write_text("GPU-1")
+
+    def read_text(self: Path, *args: object, **kwargs: object) -> str:
+        raise error
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(nvml.NoGpu, match=f"{re.escape(str(devices))}: cannot read it: .*{problem}"):
+        nvml.read_devices_file(devices, 0.0, threading.Event(), gpus=1)
+
+
 @pytest.mark.parametrize(("text", "problem"), [
     ("all", "NVIDIA_VISIBLE_DEVICES is 'all'"), ("GPU-1,GPU-2", "recorded 2 GPUs (GPU-1,GPU-2), not the 1 of"),
 ])
@@ -192,7 +267,7 @@ def test_sampler_thread_samples_on_its_period_and_stops() -> None:
         if len(got) >= 3:
             done.set()
 
-    thread = nvml.SamplerThread(sampler, 0.01, deliver)
+    thread = nvml.SamplerThread(sampler, 0.01, deliver, lambda reason: None)
     thread.start()
     assert done.wait(5)
     thread.stop()

@@ -36,7 +36,8 @@ EXPORTED = Counter("tensorfleet_metering_exported_records", "Records the sink ac
 EXPORT_FAILURES = Counter("tensorfleet_metering_export_failures", "Failed export attempts.")
 EXPORT_LAST_SUCCESS = Gauge("tensorfleet_metering_export_last_success_timestamp_seconds",
                             "Wall-clock time of the last accepted batch.")
-SAMPLER_UP = Gauge("tensorfleet_metering_sampler_up", "1 while NVML sampling runs; 0 in timing-only mode.")
+SAMPLER_UP = Gauge("tensorfleet_metering_sampler_up", "1 while NVML sampling runs; 0 in timing-only mode "
+                   "(no GPU, or its GPUs could not be read: the gateway's log says why).")
 GPU_MEMORY_USED = Gauge("tensorfleet_metering_gpu_memory_used_bytes", "Memory used on the engine's GPUs (NVML).")
 SIGNING_KEY = Gauge("tensorfleet_metering_signing_key_configured",
                     "1 when records are signed with the cluster's key, 0 with a pod-local one.")

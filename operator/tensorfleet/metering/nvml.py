@@ -6,7 +6,9 @@ utilization rate, the share of the driver's own last sample period (1/6 s to 1 s
 a kernel ran. Busy time is ``interval x activity`` summed over the devices. A device that cannot be
 read yields no interval: the attribution sees a gap and bills nothing for it, never a made-up value.
 The read after a gap only primes the counters again (energy, GPM samples), so the gap's energy and
-activity are never billed into the interval after it.
+activity are never billed into the interval after it. A GPU that NVML reports lost, or reads that keep
+failing (``LOST_AFTER_FAILED_READS`` in a row over ``LOST_AFTER_SECONDS``), raise ``GpuLost``: the sink then
+meters by timing only (docs/metering.md, "A GPU that cannot be read").
 
 The ``nvml`` argument is the ``pynvml`` module (nvidia-ml-py); tests pass a test double.
 """
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 log = logging.getLogger(__name__)
+LOST_AFTER_FAILED_READS = 3  # reads in a row that failed, and
+LOST_AFTER_SECONDS = 5.0  # how long they kept failing, before the GPU counts as lost (GPU_IS_LOST: at once)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +42,14 @@ class GpuInterval:
 
 class NoGpu(Exception):
     """NVML is absent, or the engine has no GPU: metering falls back to timing only."""
+
+
+class DevicesFileUnreadable(NoGpu):
+    """The engine's devices file exists but cannot be read (permissions, I/O, not text): a misconfiguration."""
+
+
+class GpuLost(Exception):
+    """The engine's GPUs cannot be read any more: metering falls back to timing only for the pod's life."""
 
 
 def parse_devices(text: str) -> list[str] | None:
@@ -62,8 +74,12 @@ def read_devices_file(path: str | Path, wait_seconds: float, stop: threading.Eve
     deadline = time.monotonic() + wait_seconds
     file = Path(path)
     while True:
-        if file.exists():
-            devices = parse_devices(file.read_text())
+        try:
+            text = file.read_text() if file.exists() else None
+        except (OSError, UnicodeDecodeError) as exc:  # EACCES on a 0600 file of another uid, EIO, not UTF-8
+            raise DevicesFileUnreadable(f"{path}: cannot read it: {exc}") from None
+        if text is not None:
+            devices = parse_devices(text)
             if devices == []:
                 raise NoGpu(f"{path}: the engine has no GPU")
             if devices is None:
@@ -133,9 +149,13 @@ class _Device:
 class NvmlSampler:
     """Reads the devices; ``sample()`` returns the interval since the previous call (None the first time)."""
 
-    def __init__(self, nvml: Any, devices: list[str] | None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, nvml: Any, devices: list[str] | None, clock: Callable[[], float] = time.monotonic,
+                 lost_after_seconds: float = LOST_AFTER_SECONDS) -> None:
         self.nvml, self.clock = nvml, clock
+        self.lost_after_seconds = lost_after_seconds
         self._wanted = devices
+        self._failed_reads = 0  # in a row, since _failing_since
+        self._failing_since = 0.0
         self._devices: list[_Device] = []
         self._last: float | None = None
         self.latest: GpuInterval | None = None
@@ -155,11 +175,10 @@ class NvmlSampler:
             name = nvml.nvmlDeviceGetName(handles[0])
             self.product = gfd_product(name.decode() if isinstance(name, bytes) else str(name))
             self._read_all()  # prime GPM and energy counters; fails early on an unreadable device
-        except nvml.NVMLError as exc:
+        except Exception as exc:
             self.close()
-            raise NoGpu(f"NVML cannot read the engine's GPUs: {exc}") from None
-        except NoGpu:
-            self.close()
+            if isinstance(exc, nvml.NVMLError):
+                raise NoGpu(f"NVML cannot read the engine's GPUs: {exc}") from None
             raise
         self._last = self.clock()
 
@@ -197,18 +216,19 @@ class NvmlSampler:
 
     def sample(self) -> GpuInterval | None:
         """The interval since the last call; None when a device could not be read (a gap, not a guess), and
-        for the read after a gap, which only primes the energy counters and GPM samples again."""
+        for the read after a gap, which only primes the energy counters and GPM samples again. GpuLost when the
+        GPU is lost or the reads have kept failing (``_read_failed``)."""
         if self._last is None:
             raise RuntimeError("NvmlSampler.sample() before open()")
         priming = any(device.unprimed for device in self._devices)
         try:
             gpm, util, energy, memory = self._read_all()
         except self.nvml.NVMLError as exc:
-            log.warning("NVML read failed, interval skipped: %s", exc)
-            for device in self._devices:  # some may have been read: their baselines would span the gap
-                device.forget_readings()
-            self._last = self.clock()
+            self._read_failed(exc)
             return None
+        if self._failed_reads:
+            log.info("NVML reads the engine's GPUs again, after %d failed reads", self._failed_reads)
+            self._failed_reads = 0
         if priming:
             self._last = self.clock()
             return None
@@ -222,6 +242,32 @@ class NvmlSampler:
         self.latest = interval
         return interval
 
+    def _read_failed(self, exc: Exception) -> None:
+        """A gap; logged when the reads begin to fail (not every period). GpuLost when NVML says the GPU is lost,
+        or ``LOST_AFTER_FAILED_READS`` reads in a row failed over at least ``lost_after_seconds``."""
+        for device in self._devices:  # some may have been read: their baselines would span the gap
+            device.forget_readings()
+        now = self._last = self.clock()
+        if self._failed_reads == 0:
+            self._failing_since = now
+        self._failed_reads += 1
+        if getattr(exc, "value", None) == self.nvml.NVML_ERROR_GPU_IS_LOST:
+            raise GpuLost(f"NVML reports the GPU lost ({exc})")
+        failing = now - self._failing_since
+        if self._failed_reads >= LOST_AFTER_FAILED_READS and failing >= self.lost_after_seconds:
+            raise GpuLost(f"{self._failed_reads} NVML reads in a row failed over {failing:.1f}s, the last: {exc}")
+        if self._failed_reads == 1:
+            log.warning("NVML read failed: intervals are skipped (gaps, billed to nobody) until it reads again, or "
+                        "metering falls back to timing after %gs of failed reads: %s", self.lost_after_seconds, exc)
+
+    def activity(self, max_age: float) -> float | None:
+        """The latest mean activity (0..1); None when no interval ended in the last ``max_age`` seconds (reads
+        failing or hung): no signal rather than a stale one."""
+        latest = self.latest
+        if latest is None or self.clock() - latest.end > max_age:
+            return None
+        return latest.activity
+
     def close(self) -> None:
         for device in self._devices:
             with contextlib.suppress(self.nvml.NVMLError):
@@ -232,11 +278,15 @@ class NvmlSampler:
 
 
 class SamplerThread(threading.Thread):
-    """Calls ``sampler.sample()`` every period on the period's grid and hands intervals on."""
+    """Calls ``sampler.sample()`` every period on the period's grid and hands intervals on; when the GPU is lost
+    (or sampling fails in a way NVML's errors do not cover) calls ``lost(reason)`` once and stops.
 
-    def __init__(self, sampler: NvmlSampler, period: float, deliver: Callable[[GpuInterval], None]) -> None:
+    A daemon thread: one stuck in an NVML call that does not return can be abandoned (the sink's ``close``)."""
+
+    def __init__(self, sampler: NvmlSampler, period: float, deliver: Callable[[GpuInterval], None],
+                 lost: Callable[[str], None]) -> None:
         super().__init__(name="tensorfleet-nvml-sampler", daemon=True)
-        self.sampler, self.period, self.deliver = sampler, period, deliver
+        self.sampler, self.period, self.deliver, self.lost = sampler, period, deliver, lost
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -248,12 +298,24 @@ class SamplerThread(threading.Thread):
             if delay < 0:  # fell behind (a stall): skip to the next tick rather than sampling in a burst
                 ticks += int(-delay // self.period) + 1
                 delay = origin + ticks * self.period - time.monotonic()
-            if self.stop_event.wait(max(0.0, delay)):
+            if self.stop_event.wait(max(0.0, delay)) or not self._sample():
                 break
-            interval = self.sampler.sample()
-            if interval is not None:
-                self.deliver(interval)
         self.sampler.close()
+
+    def _sample(self) -> bool:
+        """One sample handed on; False once the GPU is lost."""
+        try:
+            interval = self.sampler.sample()
+        except GpuLost as exc:
+            self.lost(str(exc))
+            return False
+        except Exception as exc:  # not an NVML error (a bug, a broken binding): sampling cannot go on
+            log.exception("NVML sampling failed")
+            self.lost(f"NVML sampling failed: {exc!r}")
+            return False
+        if interval is not None:
+            self.deliver(interval)
+        return True
 
     def stop(self) -> None:
         self.stop_event.set()

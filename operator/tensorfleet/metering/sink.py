@@ -40,6 +40,7 @@ from tensorfleet.metering.writer import Rejected, Submitted, UsageWriter, carry_
 log = logging.getLogger(__name__)
 LOCAL_KEY_FILE = "signing-key.pem"
 MAX_FAILED_CYCLES = 5
+STALE_AFTER_PERIODS = 10  # gpu_utilization() is no signal once the latest interval is this many periods old
 
 
 def open_sink(config: Mapping[str, Any], usage_dir: str | Path, gpu_product: str | None,
@@ -177,8 +178,10 @@ class MeteringSink:
         self._hints = False
         self._submitted = self._journalled = 0
         self._stop = threading.Event()
+        self._stop_measuring = threading.Event()
+        self._opener: threading.Thread | None = None
         self._sampler: nvml.SamplerThread | None = None
-        self._timing_from: float | None = None
+        self._timing_from: float | None = None  # set (under _lock) once metering is by timing: never unset
         self._writer: UsageWriter | None = None
         self._threads: list[threading.Thread] = []
         self._exporter: ExporterThread | None = None
@@ -204,8 +207,9 @@ class MeteringSink:
         if restored:
             log.info("restored %d journalled requests", restored)
         self._writer = writer
+        self._opener = threading.Thread(target=self._start_measurement, name="tensorfleet-nvml-open", daemon=True)
         self._threads = [threading.Thread(target=self._write_loop, name="tensorfleet-usage-writer", daemon=True),
-                         threading.Thread(target=self._start_measurement, name="tensorfleet-nvml-open", daemon=True)]
+                         self._opener]
         if self.settings.sink_url:
             token = Path(self.settings.sink_token_file).read_text().strip() if self.settings.sink_token_file \
                 and Path(self.settings.sink_token_file).exists() else None
@@ -264,11 +268,12 @@ class MeteringSink:
         self._ctx = records.context_from_config(config, self.pod, self._ctx.gpu_product, table)
 
     def gpu_utilization(self) -> float | None:
-        """Latest mean activity of the engine's GPUs (0..1); None without a GPU."""
+        """Latest mean activity of the engine's GPUs (0..1); None without a GPU, once metering is by timing, and
+        while no reading is younger than ``STALE_AFTER_PERIODS`` sample periods (the autoscaler sees no signal)."""
         sampler = self._sampler
-        if sampler is None or sampler.sampler.latest is None:
+        if sampler is None or self._timing_from is not None:
             return None
-        return sampler.sampler.latest.activity
+        return sampler.sampler.activity(STALE_AFTER_PERIODS * self.settings.sample_period_ms / 1000.0)
 
     def spool_full(self) -> bool:
         return self._spool_full
@@ -288,14 +293,12 @@ class MeteringSink:
         await asyncio.to_thread(self._close)
 
     def _close(self) -> None:
-        if self._sampler is not None:
-            self._sampler.stop()
-            self._sampler.join()
+        self._stop_measurement()
         self._stop.set()
         with self._journal_progress:  # a drain() still waiting (its caller's timeout passed) sees the stop
             self._journal_progress.notify_all()
         for thread in self._threads:
-            if thread is not self._exporter:
+            if thread is not self._exporter and thread is not self._opener:
                 thread.join()
         if self._exporter is not None:  # stopped after the writer's last cycle, so it ships the final records
             self._exporter.stop()
@@ -306,29 +309,76 @@ class MeteringSink:
     # -- measurement -----------------------------------------------------------------------------
     def _start_measurement(self) -> None:
         try:
-            # Without a devices file (the gateway outside a pod) every visible GPU is the engine's.
-            devices = (nvml.read_devices_file(self.devices_file, self.settings.devices_wait_seconds, self._stop,
-                                                 self._ctx.gpus)
-                       if self.devices_file is not None else None)
-            sampler = nvml.NvmlSampler(self._nvml, devices)
-            sampler.open()
+            sampler = self._open_sampler()
         except nvml.NoGpu as exc:
-            log.info("metering by timing only (records are marked estimated): %s", exc)
-            metrics.SAMPLER_UP.set(0)
-            self._timing_from = self._started
+            unreadable = isinstance(exc, nvml.DevicesFileUnreadable)
+            self._fall_back_to_timing(str(exc), logging.WARNING if unreadable else logging.INFO)
+            return
+        except Exception as exc:  # not foreseen: still meter, by timing, rather than not at all
+            log.exception("metering could not start NVML sampling")
+            self._fall_back_to_timing(f"NVML sampling could not start: {exc!r}")
             return
         if not self._gpu_product and sampler.product:
             self._gpu_product = sampler.product
             self._ctx = records.context_from_config(self._config, self.pod, sampler.product, self._table)
-        self._sampler = nvml.SamplerThread(sampler, self.settings.sample_period_ms / 1000.0, self._take_interval)
-        if self._stop.is_set():
+        thread = nvml.SamplerThread(sampler, self.settings.sample_period_ms / 1000.0, self._take_interval,
+                                    self._sampler_lost)
+        with self._lock:  # against _stop_measurement: a sampler is either started and stopped there, or not started
+            started = not self._stop_measuring.is_set() and self._timing_from is None
+            if started:
+                self._sampler = thread
+                metrics.SAMPLER_UP.set(1)
+        if started:
+            thread.start()
+        else:
             sampler.close()
-            return
-        metrics.SAMPLER_UP.set(1)
-        self._sampler.start()
+
+    def _open_sampler(self) -> nvml.NvmlSampler:
+        # Without a devices file (the gateway outside a pod) every visible GPU is the engine's.
+        devices = (nvml.read_devices_file(self.devices_file, self.settings.devices_wait_seconds, self._stop_measuring,
+                                          self._ctx.gpus)
+                   if self.devices_file is not None else None)
+        sampler = nvml.NvmlSampler(self._nvml, devices)
+        sampler.open()
+        return sampler
+
+    def _fall_back_to_timing(self, reason: str, level: int = logging.WARNING) -> None:
+        """Meter by timing from now on, for the pod's life: the writer estimates every interval from the last one
+        delivered (or from the sink's start) and marks the records estimated. Logged once, with the reason."""
+        with self._lock:
+            if self._timing_from is not None:
+                return
+            self._timing_from = self._started  # where timing starts when no interval was ever delivered
+            metrics.SAMPLER_UP.set(0)
+        log.log(level, "metering by timing only (records are marked estimated): %s", reason)
+
+    def _sampler_lost(self, reason: str) -> None:
+        self._fall_back_to_timing(f"the engine's GPUs cannot be read any more ({reason}); NVML is not read again "
+                                  "until the gateway restarts")
+
+    def _stop_measurement(self) -> None:
+        """Stop opening and sampling NVML, waiting a bounded time: an NVML call that does not return (a GPU falling
+        off the bus) must not hold the final settle. A thread still in NVML is abandoned (a daemon) and what it did
+        not measure is estimated by timing."""
+        bound = 2 * self.settings.sample_period_ms / 1000.0 + 1.0
+        self._stop_measuring.set()
+        if self._opener is not None and self._opener.is_alive():
+            self._opener.join(bound)
+            if self._opener.is_alive():
+                self._fall_back_to_timing(f"NVML did not open the engine's GPUs within {bound:g}s of shutting down")
+        sampler = self._sampler
+        if sampler is not None:
+            sampler.stop()
+            sampler.join(bound)
+            if sampler.is_alive():
+                self._fall_back_to_timing(f"an NVML call did not return within {bound:g}s of shutting down: the "
+                                          "time since the last interval is estimated")
 
     def _take_interval(self, interval: nvml.GpuInterval) -> None:
-        self._intervals.append(interval)
+        with self._lock:
+            if self._timing_from is not None:  # from a sampler abandoned in a hung call: timing covers its time
+                return
+            self._intervals.append(interval)
         metrics.GPU_MEMORY_USED.set(interval.memory_used)
 
     # -- the writer thread -----------------------------------------------------------------------
@@ -359,7 +409,7 @@ class MeteringSink:
     def _cycle(self, final: bool, failures: int) -> int:
         writer = self._writer
         assert writer is not None
-        if self._timing_from is not None and writer.measurement is None:
+        if self._timing_from is not None and writer.measurement != "timing":  # no GPU, or no longer readable
             writer.start_timing(self._timing_from, self.settings.sample_period_ms / 1000.0)
         if self._sampler is not None and writer.measurement is None:
             writer.measurement = self._sampler.sampler.kind
