@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 
 bench_main = importlib.import_module("bench.__main__")
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+DOCS = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]  # the CHANGELOG quotes what was wrong
 
 
 @pytest.mark.parametrize("name", bench_main.available())
@@ -24,3 +26,11 @@ def test_every_listed_benchmark_answers_help_and_writes_nothing(name: str, tmp_p
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage:"), done.stdout
     assert {p: p.stat().st_mtime_ns for p in (ROOT / "bench" / "results").glob("*")} == before
+
+
+def test_every_documented_make_bench_names_a_benchmark() -> None:
+    """A bare `make bench` only lists the benchmarks: a doc that means one must say `make bench BENCH=NAME`."""
+    found = [(path.name, match.group(1)) for path in DOCS
+             for match in re.finditer(r"make\s+bench\b(?:\s+BENCH=(\w+))?", path.read_text())]
+    assert len(found) >= 5
+    assert [(doc, name) for doc, name in found if name not in bench_main.available()] == []
