@@ -31,4 +31,5 @@ def main() -> None:
         importlib.import_module(f"bench.{name}").main()
 
 
-main()
+if __name__ == "__main__":
+    main()

@@ -2,16 +2,18 @@
 the oracle, for startup delays of 30 s and 120 s; plus how the KV-cache target trades GPU-hours for SLO.
 
     .venv/bin/python -m bench.autoscaling            # writes bench/results/autoscaling.{json,md} and figures
+    .venv/bin/python -m bench.autoscaling --help     # options; runs nothing
 
 Trace: Azure LLM inference trace 2023, conversation, one hour (Patel et al., "Splitwise: Efficient
 generative LLM inference using phase splitting", ISCA 2024; CC-BY 4.0). It is read from
-../shared/data (or $TENSORFLEET_TRACE); nothing of it is copied into the repository.
+../shared/data (or --trace, or $TENSORFLEET_TRACE); nothing of it is copied into the repository.
 
 All figures are ratios within one run of the same simulator, never absolute times of this machine.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -133,18 +135,26 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def find_trace() -> pathlib.Path | None:
-    """$TENSORFLEET_TRACE, else the Azure trace in ../shared/data; None (and a line on stderr) without one."""
-    given = os.environ.get("TENSORFLEET_TRACE")
-    found = [pathlib.Path(given)] if given else [p for p in TRACE_CANDIDATES if p.exists()]
+def trace_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of the trace-replay benchmarks: ``--help`` and where the trace is."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", type=pathlib.Path, default=os.environ.get("TENSORFLEET_TRACE"),
+                        help=f"the {TRACE_NAME} to replay (default: $TENSORFLEET_TRACE, else ../shared/data)")
+    return parser
+
+
+def find_trace(given: pathlib.Path | None) -> pathlib.Path | None:
+    """``given``, else the Azure trace in ../shared/data; None (and a line on stderr) without one."""
+    found = [given] if given else [p for p in TRACE_CANDIDATES if p.exists()]
     if not found or not found[0].exists():
-        print(f"skipping the benchmark: no {TRACE_NAME} in ../shared/data (set TENSORFLEET_TRACE)", file=sys.stderr)
+        where = f"no trace at {given}" if given else f"no {TRACE_NAME} in ../shared/data (set --trace)"
+        print(f"skipping the benchmark: {where}", file=sys.stderr)
         return None
     return found[0]
 
 
 def main() -> int:
-    path = find_trace()
+    path = find_trace(trace_parser(__doc__ or "").parse_args().trace)
     if path is None:
         return 0
     started = time.monotonic()

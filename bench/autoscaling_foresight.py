@@ -1,6 +1,7 @@
 """How far the autoscaling goal is from what foresight can do once replicas take time to start.
 
     .venv/bin/python -m bench.autoscaling_foresight      # writes bench/results/autoscaling_foresight.json
+    .venv/bin/python -m bench.autoscaling_foresight --help   # options; runs nothing
 
 The issue's oracle knows the future *and* starts replicas instantly. This benchmark separates the two:
 a clairvoyant controller (a reference for the benchmark, not a policy anyone can run) is handed the
@@ -22,7 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bench.autoscaling import RESULTS, SLO_SECONDS, STARTUPS, autoscaling_spec, find_trace
+from bench.autoscaling import RESULTS, SLO_SECONDS, STARTUPS, autoscaling_spec, find_trace, trace_parser
 from tensorfleet.autoscale import policy
 from tensorfleet.autoscale.signals import PodMetrics, PodTarget
 from tensorfleet.autoscale.simulator import compare, model, report, trace
@@ -55,7 +56,7 @@ def row(name: str, run: Any, requests: trace.Trace, oracle_hours: float) -> dict
 
 
 def main() -> int:
-    path = find_trace()
+    path = find_trace(trace_parser(__doc__ or "").parse_args().trace)
     if path is None:
         return 0
     started = time.monotonic()

@@ -14,8 +14,8 @@ from typing import Any
 
 from tensorfleet import telemetry
 
-# Gateway series get namespace and pod from the PodMonitor's target, inferenceservice and gpu_product from the
-# pod's labels; the operator's per-service series carry namespace and inferenceservice themselves.
+# Gateway series get namespace and pod from the PodMonitor's target, inferenceservice from the pod's labels and
+# gpu_product from its node's; the operator's per-service series carry namespace and inferenceservice themselves.
 SVC = 'namespace=~"$namespace", inferenceservice=~"$inferenceservice"'
 NS = 'namespace=~"$namespace"'
 BY_SVC = "namespace, inferenceservice"

@@ -576,6 +576,37 @@ def test_podmonitor_selects_the_serving_pods_on_the_gateway_admin_port(
         assert "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label) in sources
 
 
+def _relabel(rules: list[dict[str, Any]], target: dict[str, str]) -> dict[str, str]:
+    """Prometheus's `replace` relabelling (its defaults: regex (.*), replacement $1; an empty result drops)."""
+    labels_ = dict(target)
+    for rule in rules:
+        value = ";".join(labels_.get(name, "") for name in rule["sourceLabels"])
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        if match:
+            labels_[rule["targetLabel"]] = match.expand(rule.get("replacement", "$1").replace("$1", r"\1"))
+    return {name: value for name, value in labels_.items() if value}
+
+
+@pytest.mark.parametrize("gpu_product", [None, "NVIDIA-H100-80GB-HBM3"])
+def test_podmonitor_labels_every_serving_pod_with_its_gpu_product(
+        rendered: dict[str, list[dict[str, Any]]], gpu_product: str | None) -> None:
+    """vLLM's one Deployment (no product of its own) runs on nodes of several products: the node's
+    nvidia.com/gpu.product (GPU feature discovery) names the product of each pod, as the dashboard expects."""
+    from builders import inference_service
+    from tensorfleet.api.types import InferenceService
+
+    monitor = one(rendered["everything"], "PodMonitor")
+    assert monitor["spec"]["attachMetadata"] == {"node": True}
+    isvc = InferenceService.from_body(inference_service("x", "d"))
+    pod = render_deployment(isvc, RenderContext(), 1, gpu_product=gpu_product)["spec"]["template"]["metadata"]
+    meta = {f"__meta_kubernetes_pod_label_{k}": v for k, v in pod["labels"].items()}
+    meta[f"__meta_kubernetes_node_label_{labels.NODE_GPU_PRODUCT}"] = "NVIDIA-H100-80GB-HBM3"
+    target = {re.sub(r"[^a-zA-Z0-9_]", "_", k): v for k, v in meta.items()}  # as Prometheus names them
+    relabelled = _relabel(monitor["spec"]["podMetricsEndpoints"][0]["relabelings"], target)
+    assert relabelled["gpu_product"] == "NVIDIA-H100-80GB-HBM3"
+    assert relabelled["inferenceservice"] == "x"
+
+
 def test_servicemonitor_scrapes_the_operator_metrics_service(rendered: dict[str, list[dict[str, Any]]]) -> None:
     docs = rendered["everything"]
     monitor, service = one(docs, "ServiceMonitor"), one(docs, "Service", "-metrics")

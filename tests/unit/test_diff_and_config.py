@@ -141,3 +141,29 @@ async def test_operator_settings_are_checked_at_startup_without_the_cli() -> Non
     memo = kopf.Memo(settings=config.from_env(OperatorSettings, {"TENSORFLEET_RESYNC_SECONDS": "0"}))
     with pytest.raises(kopf.PermanentError, match=r"^TENSORFLEET_RESYNC_SECONDS=0.0: must be positive"):
         await controller.startup(settings=kopf.OperatorSettings(), memo=memo)
+
+
+def test_the_readme_names_the_commands_whose_every_flag_is_an_environment_variable() -> None:
+    """The long-running processes take every flag from TENSORFLEET_*; the offline tools' per-invocation flags
+    (a file to read, a trace to replay, `usage verify --trust-embedded-key`) are flags only, and the README says so."""
+    import pathlib
+    import re
+
+    import click
+
+    from tensorfleet.cli import main
+
+    def leaves(command: click.Command, path: str) -> dict[str, list[click.Option]]:
+        if not isinstance(command, click.Group):
+            return {path: [p for p in command.params if isinstance(p, click.Option) and p.name != "help"]}
+        ctx = click.Context(command)
+        return {name: options for sub in command.list_commands(ctx)
+                for name, options in leaves(command.get_command(ctx, sub), f"{path} {sub}".strip()).items()}
+
+    everyone = {name for name, options in leaves(main, "").items()
+                if options and all(str(o.envvar or "").startswith("TENSORFLEET_") for o in options)}
+    assert everyone == {"run", "gateway"}
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    claim = re.search(r"Every flag of (.+?) is also a `TENSORFLEET_\*`", readme.replace("\n", " "))
+    assert claim is not None, "README: which commands take every flag from the environment?"
+    assert set(re.findall(r"`tensorfleet (\w+)`", claim.group(1))) == everyone
