@@ -9,9 +9,11 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from builders import deep_merge
@@ -200,3 +202,17 @@ def start_gateway_process(folder: pathlib.Path) -> tuple[subprocess.Popen[str], 
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     return process, port, admin
+
+
+async def wait_ready(session: aiohttp.ClientSession, admin: int, seconds: float = 30) -> None:
+    """Until a gateway process's /readyz on its admin port answers 200."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            async with session.get(f"http://127.0.0.1:{admin}/readyz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        assert time.monotonic() < deadline, "the gateway did not become ready"
+        await asyncio.sleep(0.1)

@@ -28,6 +28,7 @@ from gateway_support import (
     serving,
     start_gateway_process,
     url,
+    wait_ready,
     wait_until,
     write_document,
 )
@@ -292,16 +293,7 @@ def test_sigterm_drains_a_real_process(tmp_path: pathlib.Path) -> None:
 
 async def _drain_scenario(process: subprocess.Popen[str], port: int, admin: int) -> None:
     async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                async with session.get(f"http://127.0.0.1:{admin}/readyz") as response:
-                    if response.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, "the gateway did not become ready"
-            await asyncio.sleep(0.1)
+        await wait_ready(session, admin)
         body = {**CHAT, "max_tokens": 30, "stream": True}
         request = asyncio.create_task(post(session, f"http://127.0.0.1:{port}/v1/chat/completions", body))
         await asyncio.sleep(0.3)

@@ -19,7 +19,7 @@ import pytest
 
 from builders import inference_service
 from engines.processes import free_port
-from gateway_support import start_gateway_process
+from gateway_support import start_gateway_process, wait_ready
 from integration.test_gateway_pipeline import CHAT, post
 from tensorfleet.api.types import InferenceService
 from tensorfleet.render import context as c
@@ -57,7 +57,7 @@ async def _terminate_pod(process: subprocess.Popen[str], port: int, admin: int,
                          hook: list[str]) -> tuple[bool, int]:
     """Whether the hook still held the engine while a stream was in flight; its exit status."""
     async with aiohttp.ClientSession() as session:
-        await _ready(session, admin)
+        await wait_ready(session, admin)
         body = {**CHAT, "max_tokens": 30, "stream": True}  # 1.5 s at 0.05 s a token
         request = asyncio.create_task(post(session, f"http://127.0.0.1:{port}/v1/chat/completions", body))
         await asyncio.sleep(0.3)
@@ -68,19 +68,6 @@ async def _terminate_pod(process: subprocess.Popen[str], port: int, admin: int,
         status, raw, _ = await request
         assert (status, raw.endswith(b"data: [DONE]\n\n")) == (200, True)
         return held, await asyncio.wait_for(pre_stop.wait(), 10)  # ends with the gateway, not at its limit
-
-
-async def _ready(session: aiohttp.ClientSession, admin: int) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            async with session.get(f"http://127.0.0.1:{admin}/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        assert time.monotonic() < deadline, "the gateway did not become ready"
-        await asyncio.sleep(0.1)
 
 
 def test_the_hook_gives_up_on_a_gateway_that_does_not_exit() -> None:
