@@ -11,8 +11,10 @@ import sys
 
 import pytest
 
-bench_main = importlib.import_module("bench.__main__")
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # bench/ is not installed: `python -m bench` runs from the checkout's root
+    sys.path.insert(0, str(ROOT))
+bench_main = importlib.import_module("bench.__main__")
 DOCS = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]  # the CHANGELOG quotes what was wrong
 
 
