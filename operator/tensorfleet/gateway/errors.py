@@ -47,6 +47,14 @@ def engine_unavailable(detail: str) -> GatewayError:
                         headers={"Retry-After": "1"})
 
 
+def engine_error_message(body: Any) -> str | None:
+    """The message of an engine's error answer: vLLM's ``error.message``, Triton's ``error`` string; None when it
+    carries none."""
+    error = body.get("error") if isinstance(body, Mapping) else None
+    message = error.get("message") if isinstance(error, Mapping) else error
+    return str(message) if message else None
+
+
 def not_ready(phase: str) -> GatewayError:
     """A client request on a pod whose warm-up has not passed (or failed): refused, so the engine never sees it."""
     return GatewayError(503, f"this replica is not ready to serve (phase {phase}); another replica may serve "

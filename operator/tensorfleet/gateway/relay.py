@@ -26,7 +26,7 @@ from typing import Any
 from tensorfleet.gateway import sse
 from tensorfleet.gateway.assemble import ResponseAssembler
 from tensorfleet.gateway.engine import TritonEngine
-from tensorfleet.gateway.errors import GatewayError, engine_unavailable, error_response
+from tensorfleet.gateway.errors import GatewayError, engine_error_message, engine_unavailable, error_response
 from tensorfleet.gateway.hooks import ProxyRequest, ResponseGuard, Stop, compact
 from tensorfleet.gateway.messages import Request, Response, StreamResponse
 from tensorfleet.gateway.services import CLIENT_CLOSED, Outcome, Services
@@ -306,8 +306,5 @@ def client_status(engine_status: int) -> int:
 
 
 def _engine_message(body: Any, status: int) -> str:
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return f"the engine failed: {body['error'].get('message', status)}"
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return f"the engine failed: {body['error']}"
-    return f"the engine failed with status {status}"
+    message = engine_error_message(body)
+    return f"the engine failed: {message}" if message else f"the engine failed with status {status}"

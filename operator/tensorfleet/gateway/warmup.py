@@ -22,7 +22,7 @@ import aiohttp
 
 from tensorfleet.gateway.config import GatewayConfig, WarmupRequest
 from tensorfleet.gateway.engine import Engine, EngineClient, TritonEngine
-from tensorfleet.gateway.errors import GatewayError
+from tensorfleet.gateway.errors import GatewayError, engine_error_message
 from tensorfleet.gateway.metrics import GatewayMetrics
 from tensorfleet.gateway.state import GatewayState
 from tensorfleet.metering.events import ColdStartEvent, EventSink, RequestEvent, TokenChunk
@@ -68,11 +68,9 @@ class EngineAnswer:
 
 
 def engine_message(answer: Any) -> str | None:
-    """The error message in an engine's answer: vLLM's ``message`` or ``error.message``, Triton's ``error``."""
-    if not isinstance(answer, dict):
-        return None
-    error = answer.get("error")
-    message = error.get("message") if isinstance(error, dict) else error if error else answer.get("message")
+    """The error message in an engine's answer (:func:`engine_error_message`, or an older vLLM's top-level
+    ``message``), at most 500 characters."""
+    message = engine_error_message(answer) or (answer.get("message") if isinstance(answer, dict) else None)
     return str(message)[:500] if message else None
 
 
