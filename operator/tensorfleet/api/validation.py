@@ -187,7 +187,7 @@ def model_max_len(spec: InferenceServiceSpec) -> tuple[int | None, str | None]:
     if spec.runtime.name == "vllm":
         found = vllm_args.flag(spec.runtime.extra_args, vllm_args.MAX_MODEL_LEN)
         if found is not None:
-            tokens = vllm_args.human_int(found[1]) if found[1].strip().lower() != "auto" else None
+            tokens = vllm_args.human_int(found[1])  # None for "auto", -1 for vLLM's other spelling of it
             return (tokens if tokens is not None and tokens > 0 else None), f"spec.runtime.extraArgs[{found[0]}]"
     if spec.model.max_model_len is not None:
         return spec.model.max_model_len, "spec.model.maxModelLen"
