@@ -24,6 +24,14 @@ def test_without_example_the_packaged_copy_of_the_repositorys_example_is_used(
     assert quickstart.example_manifests(None) == expected
 
 
+def _refused_example(path: pathlib.Path) -> str:
+    """The message of the usage error ``--example path`` gets, which names the flag."""
+    with pytest.raises(click.BadParameter) as raised:
+        quickstart.example_manifests(str(path))
+    assert raised.value.param_hint == "--example (TENSORFLEET_EXAMPLE)"
+    return raised.value.message
+
+
 @pytest.mark.parametrize(("content", "named"), [
     (None, "No such file or directory"),
     (b"\xff\xfekind: InferenceService\n", "not UTF-8 text"),
@@ -35,10 +43,7 @@ def test_an_example_that_cannot_be_read_names_the_flag(tmp_path: pathlib.Path, c
     path = tmp_path / "svc.yaml"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(click.BadParameter) as raised:
-        quickstart.example_manifests(str(path))
-    assert raised.value.param_hint == "--example (TENSORFLEET_EXAMPLE)"
-    assert f"{path}: {named}" in raised.value.message
+    assert f"{path}: {named}" in _refused_example(path)
 
 
 def test_dates_in_the_example_stay_strings(tmp_path: pathlib.Path) -> None:
@@ -61,10 +66,7 @@ def test_an_example_document_that_is_not_an_object_names_the_flag(tmp_path: path
     """A list or scalar document was an AttributeError traceback after the emulator and operator had started."""
     path = tmp_path / "svc.yaml"
     path.write_text(content)
-    with pytest.raises(click.BadParameter) as raised:
-        quickstart.example_manifests(str(path))
-    assert raised.value.param_hint == "--example (TENSORFLEET_EXAMPLE)"
-    assert f"{path}: {named}" in raised.value.message
+    assert f"{path}: {named}" in _refused_example(path)
 
 
 def test_tensorfleet_run_with_a_list_example_is_a_usage_error(tmp_path: pathlib.Path) -> None:
